@@ -1,0 +1,1 @@
+"""One script per question; JSON lines out, plots drawn from the JSON."""

@@ -1,0 +1,1 @@
+"""Runs on each device: measure it, derive the training budget, train the selected experts."""

@@ -1,0 +1,270 @@
+"""Typed configuration: frozen dataclasses validated on construction, loaded from TOML.
+
+Unknown keys are rejected with the full dotted path of the offending key; ``--set a.b=value``
+overrides are parsed as TOML values (``--set method.beta=0.2``, ``--set model.name="qwen3-moe-tiny"``)
+and fall back to a plain string when they are not valid TOML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from hfedmoe.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which MoE model to build and how.
+
+    ``name`` is a registered model name (``hfedmoe models``) or a local checkpoint directory.
+    """
+
+    name: str = "minilm-moe"
+    num_experts: int = 8  # upcycling: experts per converted FFN
+    top_k: int = 2
+    num_labels: int = 0  # 0: taken from the dataset
+    upcycle: Literal["copy", "split"] = "copy"
+    router_jitter: float = 0.01  # std of the noise added to a fresh router's init (breaks ties)
+    expert_impl: str = "grouped"  # name of a registered expert path (hfedmoe.experts)
+    max_length: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "model.name must not be empty")
+        _check(self.num_experts >= 1, f"model.num_experts must be >= 1, got {self.num_experts}")
+        _check(1 <= self.top_k <= self.num_experts,
+               f"model.top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+        _check(self.num_labels >= 0, "model.num_labels must be >= 0")
+        _check(self.router_jitter >= 0, "model.router_jitter must be >= 0")
+        _check(8 <= self.max_length <= 4096, "model.max_length must be in [8, 4096]")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Dataset source and its federated partition."""
+
+    source: str = "chatterbot"  # "chatterbot" or a path to .jsonl/.csv/.parquet/a save_to_disk dir
+    task: Literal["classification", "causal-lm"] = "classification"
+    text_column: str = "text"
+    label_column: str = "label"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    partition: Literal["dirichlet", "iid", "labels"] = "dirichlet"
+    alpha: float = 0.5
+    labels_per_client: int = 2
+    test_fraction: float = 0.2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.alpha > 0, f"data.alpha must be > 0, got {self.alpha}")
+        _check(self.labels_per_client >= 1, "data.labels_per_client must be >= 1")
+        _check(0.0 < self.test_fraction < 1.0, "data.test_fraction must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """HFedMoE hyper-parameters (METHOD.md; defaults are the paper's)."""
+
+    strategy: str = "hfedmoe"
+    lam: float = 0.5  # Eq. 5
+    beta: float = 0.1  # Eq. 14
+    tau: float = 0.01  # Eq. 16-18 usage threshold
+    selection_key: Literal["ib", "importance"] = "ib"
+    budget_scope: Literal["global", "per-layer"] = "global"
+    per_layer_cap: int = 0  # 0: no cap
+    eps: float = 1e-12
+    dp_clip: float = 0.0  # 0: differential privacy off
+    dp_noise_multiplier: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.lam <= 1.0, f"method.lam must be in [0, 1], got {self.lam}")
+        _check(self.beta >= 0.0, f"method.beta must be >= 0, got {self.beta}")
+        _check(0.0 <= self.tau <= 1.0, f"method.tau must be in [0, 1], got {self.tau}")
+        _check(self.per_layer_cap >= 0, "method.per_layer_cap must be >= 0")
+        _check(self.eps > 0, "method.eps must be > 0")
+        _check(self.dp_clip >= 0 and self.dp_noise_multiplier >= 0,
+               "method.dp_clip and method.dp_noise_multiplier must be >= 0")
+        _check(not (self.dp_noise_multiplier > 0 and self.dp_clip == 0),
+               "method.dp_noise_multiplier needs method.dp_clip > 0 (noise is scaled by the clip norm)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The local fine-tuning recipe."""
+
+    batch_size: int = 8
+    lr: float = 1e-4
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = 0.0
+    local_epochs: int = 1
+    max_steps: int = 0  # 0: no limit besides epochs and the deadline
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    detach_frozen: bool = False
+    device: str = "auto"
+    threads: int = 0  # 0: what was measured / torch default
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "train.batch_size must be >= 1")
+        _check(self.lr > 0, "train.lr must be > 0")
+        _check(self.local_epochs >= 1, "train.local_epochs must be >= 1")
+        _check(self.max_steps >= 0, "train.max_steps must be >= 0")
+        _check(self.threads >= 0, "train.threads must be >= 0")
+
+
+@dataclass(frozen=True)
+class KitConfig:
+    """Top-level configuration shared by the CLIs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generic loading
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert where lossless."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a table, got {type(value).__name__}")
+        return from_dict(tp, value, prefix=path)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{path}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError("; ".join(errors))
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
+        args = typing.get_args(tp)
+        item_tp = args[0] if args else Any
+        items = [_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a table, got {type(value).__name__}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
+    """Build the dataclass ``cls`` from a mapping, rejecting unknown keys."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f" in [{prefix}]" if prefix else ""
+        raise ConfigError(f"unknown config key(s){where}: {', '.join(unknown)}; "
+                          f"known: {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - guarded by the key check above
+        raise ConfigError(str(exc)) from exc
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The plain-dict form of a config dataclass (for logging and for the wire)."""
+    return dataclasses.asdict(cfg)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``a.b=value``; the value is read as TOML, else taken as a string."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``a.b=value`` override applied."""
+    out: dict[str, Any] = _deepcopy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {p} is not a table")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _deepcopy(d: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deepcopy(v) if isinstance(v, Mapping) else v for k, v in d.items()}
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {p}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: invalid TOML: {exc}") from exc
+
+
+def load_config(cls: type[T], path: str | Path | None = None,
+                overrides: Iterable[str] = ()) -> T:
+    """Load ``cls`` from an optional TOML file plus ``--set`` overrides."""
+    data = read_toml(path) if path is not None else {}
+    return from_dict(cls, apply_overrides(data, overrides))

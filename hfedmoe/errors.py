@@ -1,0 +1,106 @@
+"""The kit's one exception tree.
+
+Every error the kit raises on purpose derives from :class:`HFedMoEError`, so a CLI or a
+server loop can catch the whole family in one place and map it to an exit code or an
+error message on the wire::
+
+    HFedMoEError
+    ├── ConfigError              bad or unknown configuration keys/values
+    ├── ModelError               unsupported model, bad expert/layer index, bad parameter name
+    ├── DataError                unreadable dataset file, missing column, bad label
+    ├── AlgorithmError           inconsistent inputs to the paper's equations (shapes, budgets)
+    ├── WireError                a payload that fails validation (never unpickled)
+    │   ├── SchemaError          wrong schema version / missing or malformed header fields
+    │   ├── PayloadTooLarge      over the configured size limit
+    │   ├── UnknownKeyError      a tensor key the model does not have
+    │   ├── ShapeError           shape or dtype does not match the model
+    │   ├── NonFiniteError       NaN or Inf in a tensor
+    │   └── MismatchError        wrong run/round/client/base-model hash
+    ├── TransportError           broker unreachable, transfer failed or timed out
+    │   └── TransferError        chunk manifest/hash verification failed
+    ├── DeviceError              probing or budgeting the device failed
+    ├── StoreError               durable state is unreadable or inconsistent
+    └── ExportError              ExecuTorch/ONNX export or parity failure
+"""
+
+from __future__ import annotations
+
+
+class HFedMoEError(Exception):
+    """Base class of every error raised on purpose by the kit."""
+
+    exit_code = 1
+
+
+class ConfigError(HFedMoEError, ValueError):
+    """A configuration value or key is invalid."""
+
+    exit_code = 2
+
+
+class ModelError(HFedMoEError):
+    """A model is unsupported, or an expert/layer/parameter reference is invalid."""
+
+    exit_code = 3
+
+
+class DataError(HFedMoEError):
+    """A dataset file cannot be used; the message names the file and row."""
+
+    exit_code = 4
+
+
+class AlgorithmError(HFedMoEError, ValueError):
+    """Inputs to the method's equations are inconsistent (shapes, budgets, empty sets)."""
+
+
+class WireError(HFedMoEError):
+    """A payload from the network failed validation."""
+
+    exit_code = 5
+
+
+class SchemaError(WireError):
+    """Schema version unknown, or a header field missing/malformed."""
+
+
+class PayloadTooLarge(WireError):
+    """A payload exceeds the configured size limit."""
+
+
+class UnknownKeyError(WireError):
+    """A tensor key does not exist in the model."""
+
+
+class ShapeError(WireError):
+    """A tensor's shape or dtype does not match the model."""
+
+
+class NonFiniteError(WireError):
+    """A tensor holds NaN or Inf."""
+
+
+class MismatchError(WireError):
+    """A header names the wrong run, round, client or base model."""
+
+
+class TransportError(HFedMoEError):
+    """The broker cannot be reached or a transfer failed."""
+
+    exit_code = 6
+
+
+class TransferError(TransportError):
+    """A chunked transfer failed verification or timed out."""
+
+
+class DeviceError(HFedMoEError):
+    """Probing the device or deriving its budget failed."""
+
+
+class StoreError(HFedMoEError):
+    """Durable state is unreadable or inconsistent."""
+
+
+class ExportError(HFedMoEError):
+    """ExecuTorch/ONNX export failed or did not match PyTorch."""

@@ -1,0 +1,1 @@
+"""Coordinates federated rounds over MQTT and aggregates sparse updates."""
