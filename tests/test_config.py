@@ -1,0 +1,57 @@
+"""Typed config: validation on construction, TOML loading, unknown keys, --set overrides."""
+
+import pytest
+
+from hfedmoe.config import KitConfig, MethodConfig, ModelConfig, load_config, parse_override
+from hfedmoe.errors import ConfigError, HFedMoEError
+
+
+def test_defaults_are_the_papers():
+    m = MethodConfig()
+    assert (m.lam, m.beta, m.tau, m.selection_key) == (0.5, 0.1, 0.01, "ib")
+    assert KitConfig().train.batch_size == 8 and KitConfig().train.lr == 1e-4
+
+
+def test_toml_with_overrides(tmp_path):
+    path = tmp_path / "kit.toml"
+    path.write_text('[method]\nbeta = 0.2\nselection_key = "importance"\n[model]\ntop_k = 1\n')
+    cfg = load_config(KitConfig, path, ["method.tau=0.125", 'model.name="qwen3-moe-tiny"',
+                                        "train.optimizer=sgd"])
+    assert cfg.method.beta == 0.2 and cfg.method.selection_key == "importance"
+    assert cfg.method.tau == 0.125 and cfg.model.top_k == 1
+    assert cfg.model.name == "qwen3-moe-tiny" and cfg.train.optimizer == "sgd"
+
+
+@pytest.mark.parametrize("text,match", [
+    ("[method]\nbetaa = 1\n", r"unknown config key\(s\) in \[method\]: betaa"),
+    ("[nope]\nx = 1\n", r"unknown config key\(s\): nope"),
+    ("[method]\nlam = 1.5\n", r"method.lam must be in \[0, 1\]"),
+    ("[method]\nselection_key = 'x'\n", r"method.selection_key: 'x' is not one of"),
+    ("[train]\nbatch_size = 'eight'\n", r"train.batch_size: expected an integer"),
+    ("[train]\ndetach_frozen = 1\n", r"train.detach_frozen: expected true/false"),
+    ("[model]\ntop_k = 9\n", r"model.top_k must be in \[1, num_experts=8\]"),
+    ("[method]\ndp_noise_multiplier = 1.0\n", r"needs method.dp_clip > 0"),
+    ("[method\n", r"invalid TOML"),
+])
+def test_bad_config_is_a_clear_typed_error(tmp_path, text, match):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(KitConfig, path)
+
+
+def test_override_parsing_and_errors():
+    assert parse_override("a.b=3") == (["a", "b"], 3)
+    assert parse_override("a.b=hello") == (["a", "b"], "hello")
+    assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("novalue")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(KitConfig, "/nonexistent/kit.toml")
+
+
+def test_frozen_and_in_the_tree():
+    cfg = ModelConfig()
+    with pytest.raises(AttributeError):
+        cfg.top_k = 3  # type: ignore[misc]
+    assert issubclass(ConfigError, HFedMoEError)
