@@ -39,7 +39,7 @@ class ModelConfig:
     num_labels: int = 0  # 0: taken from the dataset
     upcycle: Literal["copy", "split"] = "copy"
     router_jitter: float = 0.01  # std of the noise added to a fresh router's init (breaks ties)
-    expert_impl: str = "grouped"  # name of a registered expert path (hfedmoe.experts)
+    expert_impl: str = "eager"  # name of a registered expert path (hfedmoe.experts)
     max_length: int = 128
     seed: int = 0
 
