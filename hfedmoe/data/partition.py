@@ -2,8 +2,9 @@
 
 All functions are pure: labels and a seed in, index arrays out (``numpy.random.default_rng``).
 
-* :func:`stratified_split` takes the server-side test split *before* partitioning: in every
-  class, ``round(n_c * test_fraction)`` examples (capped so one stays in training) go to test.
+* :func:`stratified_split` takes the server-side test split *before* partitioning: the test
+  size ``round(n * test_fraction)`` (at least 1) is apportioned over the classes by largest
+  remainder of ``n_c * test_fraction``, and every class keeps at least one training example.
 * :func:`partition` spreads the training examples over clients in one of three modes:
 
   - ``"dirichlet"`` (Hsu et al., 2019): for every class ``c``, client proportions
@@ -51,9 +52,9 @@ def stratified_split(labels: Sequence[int] | np.ndarray, test_fraction: float,
                      seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Split example indices into train and test, keeping class proportions.
 
-    In each class of ``n_c`` examples, ``min(round(n_c * test_fraction), n_c - 1)`` go to test
-    (a single-example class stays in training). If that leaves the test split empty, one example
-    of the largest class is moved to it.
+    The test split has ``round(n * test_fraction)`` examples (at least one), apportioned over the
+    classes by the largest remainder of ``n_c * test_fraction``; a class never gives up its last
+    training example (so a single-example class stays in training).
 
     Args:
         labels: Class id of every example.
@@ -69,19 +70,27 @@ def stratified_split(labels: Sequence[int] | np.ndarray, test_fraction: float,
     if y.size < 2:
         raise DataError(f"{y.size} example(s) cannot be split into train and test")
     rng = np.random.default_rng(seed)
-    test: list[np.ndarray] = []
-    classes = np.unique(y)
-    for c in classes:
-        idx = rng.permutation(np.flatnonzero(y == c))
-        n_test = min(int(round(idx.size * test_fraction)), idx.size - 1)
-        test.append(idx[:n_test])
-    test_idx = np.concatenate(test)
-    if test_idx.size == 0:
-        largest = classes[np.argmax([np.sum(y == c) for c in classes])]
-        test_idx = rng.permutation(np.flatnonzero(y == largest))[:1]
-    test_idx = np.sort(test_idx)
+    classes, counts = np.unique(y, return_counts=True)
+    n_test = _test_counts(counts, test_fraction)
+    test = [rng.permutation(np.flatnonzero(y == c))[:k] for c, k in zip(classes, n_test,
+                                                                        strict=True)]
+    test_idx = np.sort(np.concatenate(test))
     train_idx = np.setdiff1d(np.arange(y.size), test_idx)
     return train_idx, test_idx
+
+
+def _test_counts(counts: np.ndarray, test_fraction: float) -> np.ndarray:
+    """Per-class test sizes: largest-remainder apportionment of the total, capped at n_c - 1."""
+    total = max(1, int(np.floor(counts.sum() * test_fraction + 0.5)))
+    exact = counts * test_fraction
+    n_test = np.minimum(np.floor(exact).astype(np.int64), counts - 1)
+    order = np.argsort(-(exact - np.floor(exact)), kind="stable")  # largest remainder first
+    for c in [*order, *np.argsort(-counts, kind="stable")]:
+        if n_test.sum() >= total:
+            break
+        if n_test[c] < counts[c] - 1:
+            n_test[c] += 1
+    return n_test
 
 
 def _dirichlet(y: np.ndarray, num_clients: int, alpha: float,
