@@ -322,6 +322,8 @@ def test_stratified_split_keeps_class_proportions():
     a, b = stratified_split(y, 0.2, seed=0)
     assert np.array_equal(a, train) and np.array_equal(b, test)
     assert stratified_split([0, 0], 0.1)[1].size == 1  # never an empty test split
+    with pytest.raises(DataError, match="single example"):
+        stratified_split([0, 1, 2], 0.5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -58,11 +58,14 @@ def stratified_split(labels: Sequence[int] | np.ndarray, test_fraction: float,
 
     Args:
         labels: Class id of every example.
-        test_fraction: Fraction of every class held out, in ``(0, 1)``.
+        test_fraction: Fraction of the examples held out, in ``(0, 1)``.
         seed: Seed of the shuffle inside each class.
 
     Returns:
         ``(train_idx, test_idx)``: disjoint sorted index arrays covering every example.
+
+    Raises:
+        DataError: Fewer than two examples, or every class has a single example.
     """
     if not 0.0 < test_fraction < 1.0:
         raise DataError(f"test_fraction must be in (0, 1), got {test_fraction}")
@@ -71,6 +74,9 @@ def stratified_split(labels: Sequence[int] | np.ndarray, test_fraction: float,
         raise DataError(f"{y.size} example(s) cannot be split into train and test")
     rng = np.random.default_rng(seed)
     classes, counts = np.unique(y, return_counts=True)
+    if counts.max() < 2:
+        raise DataError("every class has a single example; no stratified test split is "
+                        "possible without losing a class from training")
     n_test = _test_counts(counts, test_fraction)
     test = [rng.permutation(np.flatnonzero(y == c))[:k] for c, k in zip(classes, n_test,
                                                                         strict=True)]
