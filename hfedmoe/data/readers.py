@@ -7,6 +7,9 @@ line (bad JSON, bad UTF-8, a record that is not an object, a CSV row with the wr
 fields), empty file, missing column, missing/NaN/non-integral label, a label of an unknown type
 (bool, list, object) and labels of mixed types (``int`` in one row, ``str`` in another).
 
+Files are chosen by suffix: ``.jsonl``/``.ndjson``/``.json`` (all read as JSON Lines: one object
+per line, blank lines skipped), ``.csv`` (UTF-8, header row), ``.parquet``/``.pq``.
+
 Labels are ``int`` or ``str``. CSV has no types, so a CSV label column whose every value is an
 integer literal is read as integers, otherwise as strings; ``nan``/``NaN`` in CSV is a NaN label.
 Integral floats (Parquet written from a pandas column that once held NaN) are read as integers.
