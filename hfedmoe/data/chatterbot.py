@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import yaml
@@ -91,10 +92,15 @@ def read_conversations(directory: str | Path | None = None) -> list[Conversation
         The conversations (topic, first utterance, reply).
     """
     d = Path(directory) if directory is not None else corpus_dir()
+    return list(_read_dir(d.resolve()))
+
+
+@lru_cache(maxsize=4)
+def _read_dir(d: Path) -> tuple[Conversation, ...]:
     files = sorted(d.glob("*.yml"))
     if not files:
         raise DataError(f"{d}: no corpus *.yml files")
-    return [c for f in files for c in _read_file(f)]
+    return tuple(c for f in files for c in _read_file(f))
 
 
 def chatterbot_classification(min_examples: int = MIN_EXAMPLES,
