@@ -75,14 +75,15 @@ class RoundAccumulator:
         for e in selected:
             if e.layer_idx not in stats.s_b or not 0 <= e.expert_idx < stats.num_experts(e.layer_idx):
                 raise AlgorithmError(f"selected expert {e} is not in the batch's layers")
+        for layer_idx in stats.layers:  # validate every layer before changing any sum
+            known = self._gate_sum.get(layer_idx)
+            if known is not None and known.shape[0] != stats.num_experts(layer_idx):
+                raise AlgorithmError(f"layer {layer_idx}: {stats.num_experts(layer_idx)} experts, "
+                                     f"earlier batches had {known.shape[0]}")
         for layer_idx in stats.layers:
             gate_sum = stats.gate_sum[layer_idx].detach().to(torch.float64)  # (num_experts,)
             s_b = stats.s_b[layer_idx].detach().to(torch.float64)  # (num_experts,)
             if layer_idx in self._gate_sum:
-                if self._gate_sum[layer_idx].shape != gate_sum.shape:
-                    raise AlgorithmError(
-                        f"layer {layer_idx}: {gate_sum.shape[0]} experts, earlier batches had "
-                        f"{self._gate_sum[layer_idx].shape[0]}")
                 self._gate_sum[layer_idx] += gate_sum
                 self._s_b_sum[layer_idx] += s_b
             else:
