@@ -102,6 +102,7 @@ def summarize(update: SparseUpdate, tau: float) -> ClientSummary:
     Raises:
         AlgorithmError: ``num_examples < 1``, a non-float delta, or a delta for an expert that is
             not in ``update.updated``.
+        ModelError: a delta key is not a canonical parameter name.
     """
     if update.num_examples < 1:
         raise AlgorithmError(f"client {update.client_id}: num_examples must be >= 1, "

@@ -81,6 +81,7 @@ class Aggregator:
 
     @property
     def num_clients(self) -> int:
+        """Updates added so far."""
         return len(self._summaries)
 
     @property

@@ -134,6 +134,7 @@ class BatchStats:
         return tuple(sorted(self.s_b))
 
     def num_experts(self, layer_idx: int) -> int:
+        """Number of experts S of MoE layer ``layer_idx``."""
         return int(self.s_b[layer_idx].shape[0])
 
     def all_experts(self) -> tuple[ExpertId, ...]:

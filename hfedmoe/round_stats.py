@@ -97,6 +97,7 @@ class RoundAccumulator:
 
     @property
     def num_batches(self) -> int:
+        """Batches added so far."""
         return self._num_batches
 
     def result(self) -> RoundStats:

@@ -55,6 +55,7 @@ class Selection:
         return {layer: tuple(ids) for layer, ids in out.items()}
 
     def __len__(self) -> int:
+        """Number of selected experts, |E_active|."""
         return len(self.experts)
 
 
