@@ -202,11 +202,12 @@ def compute_batch_stats(gate_scores: Mapping[int, Tensor], routed_indices: Mappi
     for layer_idx in sorted(gate_scores):
         mask = token_mask[layer_idx] if token_mask is not None else None
         g, routed = _layer_inputs(layer_idx, gate_scores[layer_idx], routed_indices[layer_idx], mask)
-        cumul = g.mean(dim=0)  # (num_experts,)
-        s_b = cfg.lam * cumul + (1.0 - cfg.lam) * g.amax(dim=0)  # (num_experts,)
-        kl = kl_term(g, cfg.eps)  # (num_experts,)
+        cumul = g.mean(dim=0)  # (num_experts,)  Eq. 3 = Eq. 10
+        specific = g.amax(dim=0)  # (num_experts,)  Eq. 4
+        s_b = cfg.lam * cumul + (1.0 - cfg.lam) * specific  # (num_experts,)  Eq. 5
+        kl = kl_term(g, cfg.eps)  # (num_experts,)  Eq. 11
         out["s_cumul"][layer_idx] = cumul
-        out["s_specific"][layer_idx] = g.amax(dim=0)
+        out["s_specific"][layer_idx] = specific
         out["s_b"][layer_idx] = s_b
         out["kl"][layer_idx] = kl
         out["ib"][layer_idx] = s_b - cfg.beta * kl

@@ -111,7 +111,12 @@ class Strategy:
         return select_fixed(stats, assignment)
 
     def assign(self, usage: Mapping[ExpertId, float], budget: int) -> frozenset[ExpertId] | None:
-        """The fixed per-client sub-model for fedmoe (top ``budget`` by usage); None otherwise."""
+        """The fixed per-client sub-model for fedmoe (top ``budget`` by usage); None otherwise.
+
+        ``usage`` is u_c(e) (Eq. 16) measured on the client's data before its first round, e.g.
+        a :class:`~hfedmoe.round_stats.RoundAccumulator` over forward passes without training.
+        The client computes it once and passes the result to every :meth:`select`.
+        """
         return fedmoe_assignment(usage, budget) if self.needs_assignment else None
 
     def make_aggregator(self) -> Aggregator:
