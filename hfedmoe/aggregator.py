@@ -1,0 +1,151 @@
+"""Streaming aggregation: consume one :class:`SparseUpdate` at a time, then ``finalize``.
+
+The result equals :func:`hfedmoe.aggregation.aggregate` (up to float rounding) while peak
+memory does not grow with the number of clients: per tensor key the aggregator keeps one
+running weighted sum and its total weight, plus per client only a few scalars and expert-id
+sets (:class:`~hfedmoe.aggregation.ClientSummary`).
+
+Why every weight is known on arrival:
+
+- expert keys (Eq. 17) need only ``|D_c|`` and whether the client qualifies for the expert
+  (updated it and ``u_c(e) >= tau``), both in the update itself;
+- gate keys (Eq. 20-21): the normalised ``alpha(c) = P(c) / sum_c' P(c')`` with the gate mass
+  ``P(c) = sum_{e in S_c} u_c(e) s^c(e)``. The ``1/|S_global|`` factor of Eq. 20, which depends on
+  all clients, cancels in the normalisation, so each gate delta is added with weight ``P(c)``
+  and the sum divided by the senders' total ``P`` at the end. For the data-size fallback (all
+  senders of a key have ``P = 0``) a second sum is kept for a gate key only until its first
+  sender with ``P > 0`` arrives, then dropped;
+- shared keys: ``|D_c|``.
+
+r(c) of Eq. 18 needs S_global, so :meth:`Aggregator.report` computes it from the stored
+per-client sets at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from hfedmoe.aggregation import (
+    ALL_KINDS,
+    AggregationRule,
+    ClientReport,
+    ClientSummary,
+    KeyKind,
+    acc_dtype,
+    build_report,
+    check_against_global,
+    raw_weight,
+    summarize,
+)
+from hfedmoe.errors import AlgorithmError
+from hfedmoe.names import parse_key
+from hfedmoe.update import SparseUpdate
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class _KeySum:
+    """Running sums of one key: primary weights and (gates only) the data-size fallback."""
+
+    total: Tensor | None = None  # (*param_shape) sum_c w_c * delta_c
+    weight: float = 0.0
+    fb_total: Tensor | None = None  # (*param_shape) sum_c |D_c| * delta_c while all P(c) = 0
+    fb_weight: float = 0.0
+
+
+def _add_into(total: Tensor | None, w: float, delta: Tensor) -> Tensor:
+    term = delta.detach().to(acc_dtype(delta)) * w  # (*param_shape)
+    if total is None:
+        return term
+    return total.add_(term.to(device=total.device))
+
+
+class Aggregator:
+    """Streaming form of :func:`hfedmoe.aggregation.aggregate` (Eq. 17-21, FedAvg for shared).
+
+    Args:
+        rule: the weighting (:class:`~hfedmoe.aggregation.AggregationRule`).
+        kinds: key kinds to aggregate; keys of other kinds keep their global value.
+    """
+
+    def __init__(self, rule: AggregationRule, kinds: Iterable[KeyKind] = ALL_KINDS) -> None:
+        self.rule = rule
+        self.kinds = frozenset(kinds)
+        self._sums: dict[str, _KeySum] = {}
+        self._shapes: dict[str, torch.Size] = {}
+        self._summaries: dict[str, ClientSummary] = {}
+
+    @property
+    def num_clients(self) -> int:
+        """Updates added so far."""
+        return len(self._summaries)
+
+    @property
+    def summaries(self) -> Mapping[str, ClientSummary]:
+        """client_id -> :class:`~hfedmoe.aggregation.ClientSummary` of every update added."""
+        return dict(self._summaries)
+
+    def add(self, update: SparseUpdate) -> None:
+        """Fold one client's update into the running sums.
+
+        Raises:
+            AlgorithmError: duplicate client, inconsistent update, or a delta shaped differently
+                from an earlier client's delta for the same key.
+        """
+        if update.client_id in self._summaries:
+            raise AlgorithmError(f"two updates from client {update.client_id!r}")
+        summary = summarize(update, self.rule.tau)
+        for key, delta in update.deltas.items():
+            known = self._shapes.get(key)
+            if known is not None and known != delta.shape:
+                raise AlgorithmError(f"{key}: client {update.client_id} sent shape "
+                                     f"{tuple(delta.shape)}, earlier clients {tuple(known)}")
+        for key in sorted(update.deltas):
+            delta = update.deltas[key]
+            self._shapes[key] = delta.shape
+            parsed = parse_key(key)
+            if parsed.kind not in self.kinds:
+                continue
+            slot = self._sums.setdefault(key, _KeySum())
+            w, fallback = raw_weight(summary, parsed, self.rule)
+            if w > 0:
+                slot.total = _add_into(slot.total, w, delta)
+                slot.weight += w
+                slot.fb_total, slot.fb_weight = None, 0.0
+            elif fallback is not None and fallback > 0 and slot.weight == 0:
+                slot.fb_total = _add_into(slot.fb_total, fallback, delta)
+                slot.fb_weight += fallback
+        self._summaries[update.client_id] = summary
+
+    def finalize(self, global_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The new global state: ``global[key] + sum_c w_c delta_c[key] / sum_c w_c`` per key.
+
+        Keys nobody qualified for hold the very same tensors as ``global_state``. The
+        aggregator's sums are not modified, so ``finalize`` may be called again.
+
+        Raises:
+            AlgorithmError: a sent key is missing from ``global_state`` or shaped differently.
+        """
+        for key, shape in self._shapes.items():
+            check_against_global(key, shape, global_state)
+        new_state = dict(global_state)
+        for key, slot in self._sums.items():
+            if slot.weight > 0 and slot.total is not None:
+                total, weight = slot.total, slot.weight
+            elif slot.fb_weight > 0 and slot.fb_total is not None:
+                total, weight = slot.fb_total, slot.fb_weight
+            else:
+                continue
+            ref = global_state[key]
+            acc = ref.detach().to(acc_dtype(ref))  # (*param_shape)
+            mean_delta = total.to(device=acc.device, dtype=acc.dtype) / weight  # (*param_shape)
+            new_state[key] = (acc + mean_delta).to(ref.dtype)
+        return new_state
+
+    def report(self) -> dict[str, ClientReport]:
+        """Per-client routed / updated / aggregated sets, r(c) (Eq. 18) and alpha(c) (Eq. 20)."""
+        return build_report(self._summaries.values())

@@ -1,0 +1,188 @@
+"""Strategies by name: HFedMoE, its ablations and the baselines behind one interface.
+
+A :class:`Strategy` pairs a client-side selection rule (which experts to train on a batch) with
+a server-side aggregation rule, so the server, the device agent and the simulator can run any
+of them side by side (METHOD.md section 7):
+
+==================== ================================= =========================================
+name                 selection per batch                aggregation
+==================== ================================= =========================================
+hfedmoe              top C_budget routed by I_b (Eq.    Eq. 17 (tau) experts, Eq. 18-21 (alpha)
+                     15), or s_b if selection_key says  gates, FedAvg shared
+hfedmoe-importance   top C_budget routed by s_b         as hfedmoe
+hfedmoe-uniform      as hfedmoe                         per-key data-size mean of what was sent
+fedavg-full          every expert (budget ignored)      per-key data-size mean (dense: all sent)
+fedavg-random        C_budget experts drawn from the    per-key data-size mean of what was sent
+                     whole pool (seeded generator)
+fedmoe               fixed per-client assignment (top   per-key data-size mean: an expert is
+                     C_budget by pre-training usage),   averaged among the clients that hold it
+                     restricted to the routed experts   (modular aggregation)
+==================== ================================= =========================================
+
+"Per-key data-size mean" is FedAvg over the senders of each key, with no tau and no alpha;
+``hfedmoe-uniform`` uses it so that the ablation differs from ``hfedmoe`` only in sections 5-6.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from hfedmoe.aggregation import PLAIN_RULE, AggregationRule, aggregate
+from hfedmoe.aggregator import Aggregator
+from hfedmoe.config import MethodConfig
+from hfedmoe.errors import AlgorithmError, ConfigError
+from hfedmoe.importance import BatchStats
+from hfedmoe.names import ExpertId
+from hfedmoe.selection import (
+    Selection,
+    fedmoe_assignment,
+    select_all,
+    select_experts,
+    select_fixed,
+    select_random,
+)
+from hfedmoe.update import SparseUpdate
+
+SelectorKind = Literal["budgeted", "random", "all", "fixed"]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One federated strategy: client-side selection plus server-side aggregation.
+
+    Attributes:
+        name: registry name.
+        cfg: the method config it runs with (``cfg.strategy == name``).
+        selector: "budgeted" (Eq. 15), "random", "all" or "fixed".
+        rule: the aggregation weighting.
+        description: one line for logs and ``--help``.
+    """
+
+    name: str
+    cfg: MethodConfig
+    selector: SelectorKind
+    rule: AggregationRule
+    description: str = ""
+
+    @property
+    def uses_budget(self) -> bool:
+        """False when every client trains every expert (fedavg-full)."""
+        return self.selector != "all"
+
+    @property
+    def needs_assignment(self) -> bool:
+        """True when the client must compute a fixed assignment once (fedmoe)."""
+        return self.selector == "fixed"
+
+    @property
+    def needs_generator(self) -> bool:
+        """True when selection draws random numbers (fedavg-random)."""
+        return self.selector == "random"
+
+    def select(self, stats: BatchStats, budget: int, *, generator: torch.Generator | None = None,
+               assignment: Iterable[ExpertId] | None = None) -> Selection:
+        """Experts to train on this batch (Eq. 15 for the HFedMoE family).
+
+        Args:
+            stats: the batch's statistics.
+            budget: the client's C_budget (ignored by fedavg-full).
+            generator: required by fedavg-random (see
+                :func:`hfedmoe.selection.selection_generator`).
+            assignment: required by fedmoe (see :meth:`assign`).
+
+        Raises:
+            AlgorithmError: a required generator or assignment is missing, or a bad budget.
+        """
+        if self.selector == "budgeted":
+            return select_experts(stats, budget, self.cfg)
+        if self.selector == "all":
+            return select_all(stats)
+        if self.selector == "random":
+            if generator is None:
+                raise AlgorithmError(f"strategy {self.name} needs a seeded generator")
+            return select_random(stats, budget, generator)
+        if assignment is None:
+            raise AlgorithmError(f"strategy {self.name} needs the client's fixed assignment")
+        return select_fixed(stats, assignment)
+
+    def assign(self, usage: Mapping[ExpertId, float], budget: int) -> frozenset[ExpertId] | None:
+        """The fixed per-client sub-model for fedmoe (top ``budget`` by usage); None otherwise.
+
+        ``usage`` is u_c(e) (Eq. 16) measured on the client's data before its first round, e.g.
+        a :class:`~hfedmoe.round_stats.RoundAccumulator` over forward passes without training.
+        The client computes it once and passes the result to every :meth:`select`.
+        """
+        return fedmoe_assignment(usage, budget) if self.needs_assignment else None
+
+    def make_aggregator(self) -> Aggregator:
+        """A fresh streaming :class:`~hfedmoe.aggregator.Aggregator` for one round."""
+        return Aggregator(self.rule)
+
+    def aggregate(self, global_state: Mapping[str, torch.Tensor],
+                  updates: Sequence[SparseUpdate]) -> dict[str, torch.Tensor]:
+        """Batch aggregation of one round (same result as the streaming aggregator)."""
+        return aggregate(global_state, updates, self.rule)
+
+
+def _hfedmoe_rule(cfg: MethodConfig) -> AggregationRule:
+    return AggregationRule("usage-threshold", "importance", cfg.tau)
+
+
+def _hfedmoe(cfg: MethodConfig) -> Strategy:
+    return Strategy("hfedmoe", cfg, "budgeted", _hfedmoe_rule(cfg),
+                    "IB-ranked budgeted selection; tau-filtered experts, importance-weighted gates")
+
+
+def _hfedmoe_importance(cfg: MethodConfig) -> Strategy:
+    cfg = dataclasses.replace(cfg, selection_key="importance")
+    return Strategy("hfedmoe-importance", cfg, "budgeted", _hfedmoe_rule(cfg),
+                    "ablation: rank by s_b (no IB term); HFedMoE aggregation")
+
+
+def _hfedmoe_uniform(cfg: MethodConfig) -> Strategy:
+    return Strategy("hfedmoe-uniform", cfg, "budgeted", PLAIN_RULE,
+                    "ablation: HFedMoE selection; per-key data-size mean of what was sent")
+
+
+def _fedavg_full(cfg: MethodConfig) -> Strategy:
+    return Strategy("fedavg-full", cfg, "all", PLAIN_RULE,
+                    "baseline: every client trains every expert; dense FedAvg")
+
+
+def _fedavg_random(cfg: MethodConfig) -> Strategy:
+    return Strategy("fedavg-random", cfg, "random", PLAIN_RULE,
+                    "baseline: C_budget random experts per batch; FedAvg of what was sent")
+
+
+def _fedmoe(cfg: MethodConfig) -> Strategy:
+    return Strategy("fedmoe", cfg, "fixed", PLAIN_RULE,
+                    "baseline (Mei et al. 2024): fixed sub-model by usage; modular aggregation")
+
+
+REGISTRY: dict[str, Callable[[MethodConfig], Strategy]] = {
+    "hfedmoe": _hfedmoe,
+    "hfedmoe-importance": _hfedmoe_importance,
+    "hfedmoe-uniform": _hfedmoe_uniform,
+    "fedavg-full": _fedavg_full,
+    "fedavg-random": _fedavg_random,
+    "fedmoe": _fedmoe,
+}
+
+
+def get_strategy(name: str | None = None, cfg: MethodConfig | None = None) -> Strategy:
+    """The strategy ``name`` (default ``cfg.strategy``) configured with ``cfg``.
+
+    Raises:
+        ConfigError: unknown name; the message lists the valid ones.
+    """
+    cfg = cfg if cfg is not None else MethodConfig()
+    name = name if name is not None else cfg.strategy
+    factory = REGISTRY.get(name)
+    if factory is None:
+        raise ConfigError(f"unknown strategy {name!r}; valid: {', '.join(sorted(REGISTRY))}")
+    return factory(dataclasses.replace(cfg, strategy=name))

@@ -1,0 +1,163 @@
+"""Budgeted selection (Eq. 15), its tie-breaking and budget scopes, and the baselines' rules.
+
+Worked example (see tests/test_importance.py for the numbers): routed experts and their scores
+
+    expert   I_b (Eq. 14)      s_b (Eq. 5)
+    (0,0)    0.43537626        0.4375
+    (0,1)    0.5               0.5
+    (0,2)    0.17883566        0.1875     <- not routed: never a candidate
+    (1,0)    0.69660202        0.7
+    (1,1)    0.49476752        0.5
+
+I_b order: (1,0) > (0,1) > (1,1) > (0,0).  s_b order: (1,0) > (0,1) = (1,1) > (0,0), and the tie
+(0,1) = (1,1) goes to the lower layer, (0,1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hfedmoe.config import MethodConfig
+from hfedmoe.errors import AlgorithmError
+from hfedmoe.importance import BatchStats, compute_batch_stats
+from hfedmoe.names import ExpertId
+from hfedmoe.selection import (
+    fedmoe_assignment,
+    rank_experts,
+    select_all,
+    select_experts,
+    select_fixed,
+    select_random,
+    selection_generator,
+)
+
+CFG = MethodConfig(lam=0.5, beta=0.1)
+E = ExpertId
+
+
+def _stats() -> BatchStats:
+    g0 = torch.tensor([[0.5, 0.5, 0.0], [0.25, 0.5, 0.25]], dtype=torch.float64)
+    g1 = torch.tensor([[0.8, 0.2], [0.4, 0.6]], dtype=torch.float64)
+    return compute_batch_stats({0: g0, 1: g1}, {0: torch.tensor([[0], [1]]),
+                                                1: torch.tensor([[0], [1]])}, CFG)
+
+
+@pytest.mark.parametrize("budget, expected", [
+    (0, set()),
+    (1, {E(1, 0)}),
+    (2, {E(1, 0), E(0, 1)}),
+    (3, {E(1, 0), E(0, 1), E(1, 1)}),
+    (4, {E(1, 0), E(0, 1), E(1, 1), E(0, 0)}),
+    (99, {E(1, 0), E(0, 1), E(1, 1), E(0, 0)}),  # budget >= |E_union|: all routed
+])
+def test_select_by_ib(budget, expected):
+    sel = select_experts(_stats(), budget, CFG)
+    assert sel.experts == expected
+    assert sel.key == "ib" and sel.budget == budget
+    assert set(sel.scores) == {E(0, 0), E(0, 1), E(1, 0), E(1, 1)}
+    assert sel.scores[E(0, 1)] == pytest.approx(0.5)
+
+
+def test_select_by_importance_breaks_ties_by_layer():
+    cfg = dataclasses.replace(CFG, selection_key="importance")
+    assert select_experts(_stats(), 2, cfg).experts == {E(1, 0), E(0, 1)}
+
+
+def test_ties_are_deterministic_whatever_the_insertion_order():
+    scores = {E(2, 0): 0.5, E(0, 3): 0.5, E(1, 1): 0.9, E(0, 1): 0.5}
+    reversed_scores = dict(reversed(list(scores.items())))
+    expected = [E(1, 1), E(0, 1), E(0, 3), E(2, 0)]
+    assert rank_experts(scores) == expected
+    assert rank_experts(reversed_scores) == expected
+
+
+def test_per_layer_cap_in_global_scope():
+    # cap 1, budget 3: (1,0) kept, (0,1) kept, (1,1) and (0,0) skipped (their layers are full).
+    cfg = dataclasses.replace(CFG, per_layer_cap=1)
+    assert select_experts(_stats(), 3, cfg).experts == {E(1, 0), E(0, 1)}
+
+
+def test_per_layer_scope_splits_the_budget():
+    # budget 3 over 2 layers: quotas layer 0 -> 2, layer 1 -> 1.
+    cfg = dataclasses.replace(CFG, budget_scope="per-layer")
+    assert select_experts(_stats(), 3, cfg).experts == {E(0, 1), E(0, 0), E(1, 0)}
+    assert select_experts(_stats(), 1, cfg).experts == {E(0, 1)}
+    capped = dataclasses.replace(cfg, per_layer_cap=1)
+    assert select_experts(_stats(), 4, capped).experts == {E(0, 1), E(1, 0)}
+
+
+def test_selection_per_layer_view():
+    sel = select_experts(_stats(), 3, CFG)
+    assert sel.per_layer() == {0: (1,), 1: (0, 1)}
+    assert len(sel) == 3
+
+
+@pytest.mark.parametrize("budget", [-1, 1.5, True])
+def test_bad_budget_raises(budget):
+    with pytest.raises(AlgorithmError):
+        select_experts(_stats(), budget, CFG)
+
+
+def test_select_all_and_fixed_and_random():
+    stats = _stats()
+    assert select_all(stats).experts == {E(0, 0), E(0, 1), E(0, 2), E(1, 0), E(1, 1)}
+    assert select_fixed(stats, {E(0, 2), E(1, 1)}).experts == {E(1, 1)}  # (0,2) not routed
+    a = select_random(stats, 2, selection_generator(0, "phone-1", 3))
+    b = select_random(stats, 2, selection_generator(0, "phone-1", 3))
+    assert a.experts == b.experts and len(a) == 2
+    assert a.experts <= set(stats.all_experts())
+    assert select_random(stats, 0, selection_generator(0, "x", 0)).experts == frozenset()
+
+
+def test_fedmoe_assignment_top_usage_with_ties():
+    usage = {E(0, 0): 0.5, E(0, 1): 0.2, E(1, 0): 0.5, E(1, 1): 0.1}
+    assert fedmoe_assignment(usage, 2) == {E(0, 0), E(1, 0)}
+    assert fedmoe_assignment(usage, 1) == {E(0, 0)}
+    assert fedmoe_assignment(usage, 0) == frozenset()
+
+
+# ---------------------------------------------------------------------------------------------
+# Properties
+
+
+@st.composite
+def batches(draw):
+    num_layers = draw(st.integers(1, 3))
+    num_experts = draw(st.integers(1, 5))
+    tokens = draw(st.integers(1, 6))
+    top_k = draw(st.integers(1, num_experts))
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    gates, routed = {}, {}
+    for layer in range(num_layers):
+        logits = torch.randn(tokens, num_experts, generator=gen)  # (tokens, num_experts)
+        if draw(st.booleans()):
+            logits = logits.round()  # many exact ties
+        probs = logits.softmax(dim=-1)  # (tokens, num_experts)
+        gates[layer] = probs
+        routed[layer] = probs.topk(top_k, dim=-1).indices  # (tokens, top_k)
+    return compute_batch_stats(gates, routed, CFG)
+
+
+@settings(max_examples=50, deadline=None)
+@given(stats=batches(), budget=st.integers(0, 12), key=st.sampled_from(["ib", "importance"]),
+       cap=st.integers(0, 3), scope=st.sampled_from(["global", "per-layer"]))
+def test_selection_respects_budget_and_routing(stats, budget, key, cap, scope):
+    cfg = dataclasses.replace(CFG, selection_key=key, per_layer_cap=cap, budget_scope=scope)
+    sel = select_experts(stats, budget, cfg)
+    assert len(sel.experts) <= budget
+    assert sel.experts <= stats.routed
+    if cap:
+        assert all(len(ids) <= cap for ids in sel.per_layer().values())
+    if scope == "global" and not cap:
+        assert len(sel.experts) == min(budget, len(stats.routed))
+        scores = stats.scores(key)
+        left = stats.routed - sel.experts
+        if sel.experts and left:  # optimality of the sort: no better expert was left out
+            assert min(scores[e] for e in sel.experts) >= max(scores[e] for e in left)
+    assert select_experts(stats, budget, cfg) == sel  # deterministic
