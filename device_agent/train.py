@@ -146,22 +146,23 @@ def train_round(model: MoEModel, data: TextDataset | PairDataset, *, strategy: S
             model.module(**{k: v for k, v in batch.items() if k != "labels"})
         stats = compute_batch_stats(cap.scores, cap.routed, mcfg)
         selection = strategy.select(stats, budget, generator=generator, assignment=assignment)
-        model.set_trainable(selection.experts)
+        active = selection.experts & stats.routed  # an expert no token reached gets no gradient
+        model.set_trainable(active)
         with autocast_for(train_cfg, device):
             loss = model.module(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        acc.add(stats, selection.experts)
+        acc.add(stats, active)
         losses.append(float(loss.detach()))
-        selections.append(sorted(str(e) for e in selection.experts))
+        selections.append(sorted(str(e) for e in active))
         steps += 1
         examples += len(idx)
         tokens += int(mask.sum())
         dt = clock() - t0
         step_time = dt if steps == 1 else 0.8 * step_time + 0.2 * dt  # smoothed step time
         if on_step is not None:
-            on_step({"step": steps, "loss": losses[-1], "experts": len(selection.experts),
+            on_step({"step": steps, "loss": losses[-1], "experts": len(active),
                      "budget": budget, "tokens_per_s": int(mask.sum()) / max(dt, 1e-9),
                      "elapsed": clock() - start})
     model.set_trainable(())

@@ -1,0 +1,105 @@
+"""The local recipe: only selected experts train, budgets and deadlines hold, updates are sparse."""
+
+import itertools
+
+import pytest
+import torch
+
+from device_agent.train import train_round
+from hfedmoe.config import MethodConfig, TrainConfig
+from hfedmoe.data import PairDataset, TextDataset
+from hfedmoe.models.hf import build_hf_model
+from hfedmoe.names import parse_key
+from hfedmoe.strategies import get_strategy
+
+TEXTS = ["how do I reset my router", "what is a neural network", "tell me about football",
+         "who wrote hamlet", "my laptop will not start", "explain gradient descent",
+         "best goalkeeper ever", "a poem about the sea", "the wifi keeps dropping",
+         "what is backpropagation", "rules of cricket", "who is the author of dune"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(minilm_available):
+    if not minilm_available:
+        pytest.skip("assets extra not installed")
+    from hfedmoe.models.minilm import load_minilm
+
+    _, tok = load_minilm()
+    return tok
+
+
+def tiny(tokenizer, task="classification"):
+    model = build_hf_model("qwen3-moe", task, num_labels=3, vocab_size=tokenizer.vocab_size)
+    model.tokenizer = tokenizer
+    return model
+
+
+def text_data():
+    return TextDataset(tuple(TEXTS), tuple(i % 3 for i in range(len(TEXTS))),
+                       ("tech", "science", "culture"))
+
+
+@pytest.mark.parametrize("strategy", ["hfedmoe", "hfedmoe-importance", "fedavg-random"])
+def test_only_selected_experts_change_and_budget_holds(tokenizer, strategy):
+    model = tiny(tokenizer)
+    before = model.state()
+    res = train_round(model, text_data(), strategy=get_strategy(strategy), budget=2,
+                      train_cfg=TrainConfig(batch_size=4, lr=1e-2), client_id="c1")
+    assert res.steps == 3 and res.stopped_by == "data"
+    assert all(len(sel) <= 2 for sel in res.selections)
+    after = model.state()
+    changed = {parse_key(k).expert for k in before
+               if parse_key(k).kind == "expert" and not torch.equal(before[k], after[k])}
+    # nothing outside the union of E_active moved (an active expert whose tokens do not reach
+    # the loss, e.g. non-final tokens in the last layer, may get an exactly-zero gradient)
+    assert changed <= set(res.update.updated) and len(changed) >= 1
+    sent = {parse_key(k).expert for k in res.update.deltas if parse_key(k).kind == "expert"}
+    assert sent == set(res.update.updated)
+    for key, delta in res.update.deltas.items():
+        torch.testing.assert_close(before[key] + delta, after[key])
+    assert res.update.updated <= res.update.routed
+    usage_total = sum(u for e, u in res.update.usage.items() if e.layer_idx == 0)
+    assert usage_total == pytest.approx(1.0, abs=1e-5)  # u_c(e) sums to 1 over a layer
+
+
+def test_fedavg_full_trains_every_routed_expert(tokenizer):
+    model = tiny(tokenizer)
+    res = train_round(model, text_data(), strategy=get_strategy("fedavg-full"), budget=1,
+                      train_cfg=TrainConfig(batch_size=6, lr=1e-2))
+    assert len(res.update.updated) == 8  # 2 layers x 4 experts, budget ignored
+
+
+def test_deadline_stops_before_the_step_that_would_overrun(tokenizer):
+    ticks = itertools.count()
+    res = train_round(tiny(tokenizer), text_data(), strategy=get_strategy("hfedmoe"), budget=2,
+                      train_cfg=TrainConfig(batch_size=2), deadline_s=2.5,
+                      clock=lambda: float(next(ticks)))
+    # each step reads the clock 3 times (1 s apart); the third step would end past 2.5 s
+    assert res.stopped_by == "deadline" and res.steps == 1
+
+
+def test_causal_lm_round_sends_sparse_update(tokenizer):
+    data = PairDataset(("hi there", "what is up", "reset router"),
+                       ("hello", "not much", "unplug it"), (0, 0, 0), ("all",))
+    model = tiny(tokenizer, "causal-lm")
+    res = train_round(model, data, strategy=get_strategy("hfedmoe"), budget=1,
+                      train_cfg=TrainConfig(batch_size=3, lr=1e-2, optimizer="sgd"))
+    assert res.steps == 1 and len(res.update.updated) == 1
+    kinds = {parse_key(k).kind for k in res.update.deltas}
+    assert kinds == {"expert", "gate"}  # causal-LM has no shared head
+
+
+def test_dp_clips_the_update(tokenizer):
+    cfg = MethodConfig(dp_clip=1e-3, dp_noise_multiplier=0.0)
+    res = train_round(tiny(tokenizer), text_data(), strategy=get_strategy("hfedmoe", cfg),
+                      budget=2, train_cfg=TrainConfig(batch_size=4, lr=1e-1))
+    norm = sum(float(d.pow(2).sum()) for d in res.update.deltas.values()) ** 0.5
+    assert norm == pytest.approx(1e-3, rel=1e-4)
+    assert res.update.meta["dp_norm"] > 1e-3
+
+
+def test_bf16_autocast_trains(tokenizer):
+    res = train_round(tiny(tokenizer), text_data(), strategy=get_strategy("hfedmoe"), budget=2,
+                      train_cfg=TrainConfig(batch_size=4, dtype="bfloat16", max_steps=2))
+    assert res.steps == 2 and res.stopped_by == "max_steps"
+    assert all(d.dtype == torch.float32 for d in res.update.deltas.values())
