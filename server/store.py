@@ -1,0 +1,250 @@
+"""Durable server state: SQLite (WAL) plus spooled update blobs and global checkpoints.
+
+Layout of a run directory::
+
+    run.db                         runs, rounds, devices, updates, rejections, checkpoints
+    updates/r{round}/{client}.bin  accepted update blobs exactly as received (wire format)
+    checkpoints/global_r{round}.safetensors
+
+Write order is what makes a SIGKILL at any point harmless:
+
+- an update blob is written to a temporary file, fsynced and renamed, *then* its row is
+  committed, *then* the device is acknowledged; a device never resends an acknowledged update,
+  and a row always points at a complete file;
+- a checkpoint is written and renamed before the round is marked done, so the global model is
+  either the previous checkpoint or the new one, never half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from hfedmoe.errors import StoreError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY, report TEXT NOT NULL, budget INTEGER NOT NULL,
+    status TEXT NOT NULL, registered_at REAL NOT NULL, last_seen REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS rounds (
+    round_idx INTEGER PRIMARY KEY, state TEXT NOT NULL, started_at REAL NOT NULL,
+    deadline REAL NOT NULL, participants TEXT NOT NULL, base_hash TEXT NOT NULL,
+    new_hash TEXT, metrics TEXT);
+CREATE TABLE IF NOT EXISTS updates (
+    round_idx INTEGER NOT NULL, client_id TEXT NOT NULL, path TEXT NOT NULL,
+    sha256 TEXT NOT NULL, num_bytes INTEGER NOT NULL, num_examples INTEGER NOT NULL,
+    late INTEGER NOT NULL DEFAULT 0, accepted_at REAL NOT NULL,
+    PRIMARY KEY (round_idx, client_id));
+CREATE TABLE IF NOT EXISTS rejections (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, round_idx INTEGER, client_id TEXT NOT NULL,
+    error TEXT NOT NULL, reason TEXT NOT NULL, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    round_idx INTEGER PRIMARY KEY, path TEXT NOT NULL, sha256 TEXT NOT NULL,
+    created_at REAL NOT NULL);
+"""
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def state_bytes(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+                ) -> bytes:
+    """A canonical state as safetensors bytes (sorted keys, contiguous CPU tensors)."""
+    tensors = {k: state[k].detach().contiguous().cpu() for k in sorted(state)}
+    return st_save(tensors, metadata=dict(metadata or {}))
+
+
+@dataclass(frozen=True)
+class StoredUpdate:
+    round_idx: int
+    client_id: str
+    path: Path
+    sha256: str
+    num_bytes: int
+    num_examples: int
+    late: bool
+
+
+class Store:
+    """The run directory's durable state; one writer (the coordinator) at a time."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        (self.run_dir / "updates").mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(self.run_dir / "run.db", isolation_level=None,
+                                      check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.run_dir / 'run.db'}: {exc}") from exc
+
+    def close(self) -> None:
+        self.db.close()
+
+    # --- meta ------------------------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    # --- devices ---------------------------------------------------------------------------
+    def upsert_device(self, device_id: str, report: Mapping[str, Any], budget: int,
+                      status: str = "online", now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        self.db.execute(
+            "INSERT INTO devices(device_id, report, budget, status, registered_at, last_seen) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(device_id) DO UPDATE SET "
+            "report=excluded.report, budget=excluded.budget, status=excluded.status, "
+            "last_seen=excluded.last_seen",
+            (device_id, json.dumps(report), budget, status, now, now))
+
+    def set_device_status(self, device_id: str, status: str, now: float | None = None) -> None:
+        self.db.execute("UPDATE devices SET status=?, last_seen=? WHERE device_id=?",
+                        (status, time.time() if now is None else now, device_id))
+
+    def devices(self) -> dict[str, dict[str, Any]]:
+        rows = self.db.execute("SELECT device_id, report, budget, status, last_seen FROM devices")
+        return {r[0]: {"report": json.loads(r[1]), "budget": r[2], "status": r[3],
+                       "last_seen": r[4]} for r in rows}
+
+    # --- rounds ----------------------------------------------------------------------------
+    def open_round(self, round_idx: int, deadline: float, participants: list[str],
+                   base_hash: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO rounds(round_idx, state, started_at, deadline, "
+                        "participants, base_hash) VALUES (?, 'open', ?, ?, ?, ?)",
+                        (round_idx, time.time(), deadline, json.dumps(participants), base_hash))
+
+    def set_round_state(self, round_idx: int, state: str) -> None:
+        self.db.execute("UPDATE rounds SET state=? WHERE round_idx=?", (state, round_idx))
+
+    def round_info(self, round_idx: int) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT state, started_at, deadline, participants, base_hash, "
+                              "new_hash, metrics FROM rounds WHERE round_idx=?",
+                              (round_idx,)).fetchone()
+        if row is None:
+            return None
+        return {"state": row[0], "started_at": row[1], "deadline": row[2],
+                "participants": json.loads(row[3]), "base_hash": row[4], "new_hash": row[5],
+                "metrics": json.loads(row[6]) if row[6] else None}
+
+    def last_round(self) -> int | None:
+        row = self.db.execute("SELECT MAX(round_idx) FROM rounds").fetchone()
+        return row[0]
+
+    # --- updates ---------------------------------------------------------------------------
+    def spool_update(self, round_idx: int, client_id: str, blob: bytes, num_examples: int,
+                     late: bool = False) -> StoredUpdate:
+        """Persist an accepted update (file, then row); idempotent per (round, client)."""
+        existing = self.update(round_idx, client_id)
+        if existing is not None:
+            return existing
+        folder = self.run_dir / "updates" / f"r{round_idx}"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{client_id}.bin"
+        _fsync_write(path, blob)
+        digest = hashlib.sha256(blob).hexdigest()
+        self.db.execute("INSERT INTO updates(round_idx, client_id, path, sha256, num_bytes, "
+                        "num_examples, late, accepted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (round_idx, client_id, str(path.relative_to(self.run_dir)), digest,
+                         len(blob), num_examples, int(late), time.time()))
+        return StoredUpdate(round_idx, client_id, path, digest, len(blob), num_examples, late)
+
+    def update(self, round_idx: int, client_id: str) -> StoredUpdate | None:
+        row = self.db.execute("SELECT path, sha256, num_bytes, num_examples, late FROM updates "
+                              "WHERE round_idx=? AND client_id=?",
+                              (round_idx, client_id)).fetchone()
+        if row is None:
+            return None
+        return StoredUpdate(round_idx, client_id, self.run_dir / row[0], row[1], row[2], row[3],
+                            bool(row[4]))
+
+    def updates(self, round_idx: int) -> list[StoredUpdate]:
+        rows = self.db.execute("SELECT client_id FROM updates WHERE round_idx=? "
+                               "ORDER BY accepted_at, client_id", (round_idx,)).fetchall()
+        return [u for (c,) in rows if (u := self.update(round_idx, c)) is not None]
+
+    def read_update(self, stored: StoredUpdate) -> bytes:
+        data = stored.path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != stored.sha256:
+            raise StoreError(f"{stored.path}: content does not match its recorded sha256")
+        return data
+
+    def reject(self, round_idx: int | None, client_id: str, error: str, reason: str) -> None:
+        self.db.execute("INSERT INTO rejections(round_idx, client_id, error, reason, at) "
+                        "VALUES (?, ?, ?, ?, ?)", (round_idx, client_id, error, reason,
+                                                   time.time()))
+
+    def rejections(self, round_idx: int | None = None) -> list[dict[str, Any]]:
+        q = "SELECT round_idx, client_id, error, reason FROM rejections"
+        rows = (self.db.execute(q + " WHERE round_idx=?", (round_idx,)) if round_idx is not None
+                else self.db.execute(q))
+        return [{"round": r[0], "client": r[1], "error": r[2], "reason": r[3]} for r in rows]
+
+    # --- checkpoints -----------------------------------------------------------------------
+    def save_checkpoint(self, round_idx: int, state: Mapping[str, torch.Tensor],
+                        metrics: Mapping[str, Any], state_hash: str) -> Path:
+        """Write the global model after ``round_idx`` and mark the round done, atomically."""
+        path = self.run_dir / "checkpoints" / f"global_r{round_idx}.safetensors"
+        blob = state_bytes(state, {"round": str(round_idx), "state_hash": state_hash})
+        _fsync_write(path, blob)
+        digest = hashlib.sha256(blob).hexdigest()
+        with self._tx():
+            self.db.execute("INSERT OR REPLACE INTO checkpoints(round_idx, path, sha256, "
+                            "created_at) VALUES (?, ?, ?, ?)",
+                            (round_idx, str(path.relative_to(self.run_dir)), digest, time.time()))
+            self.db.execute("UPDATE rounds SET state='done', new_hash=?, metrics=? "
+                            "WHERE round_idx=?", (state_hash, json.dumps(dict(metrics)),
+                                                  round_idx))
+        return path
+
+    def latest_checkpoint(self) -> tuple[int, dict[str, torch.Tensor]] | None:
+        row = self.db.execute("SELECT round_idx, path, sha256 FROM checkpoints "
+                              "ORDER BY round_idx DESC LIMIT 1").fetchone()
+        if row is None:
+            return None
+        data = (self.run_dir / row[1]).read_bytes()
+        if hashlib.sha256(data).hexdigest() != row[2]:
+            raise StoreError(f"{row[1]}: checkpoint does not match its recorded sha256")
+        return row[0], dict(st_load(data))
+
+    def _tx(self) -> Iterator[None]:
+        return _Transaction(self.db)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
