@@ -89,6 +89,10 @@ class Transport(ABC):
         if last:
             self._do_unsubscribe(topic_filter)
 
+    def wait_subscribed(self, timeout: float = 5.0) -> bool:
+        """Block until the broker acknowledged every subscription (immediate in memory)."""
+        return True
+
     def filters(self) -> list[str]:
         with self._lock:
             return list(self._handlers)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -48,6 +49,9 @@ class MqttTransport(Transport):
         self._connected = threading.Event()
         self._failure: str | None = None
         self._subs: dict[str, int] = {}
+        self._sub_pending: set[int] = set()
+        self._sub_acked: set[int] = set()
+        self._sub_lock = threading.Lock()
         self._closed = False
         self.connects = 0
         v5 = cfg.protocol == "5"
@@ -69,6 +73,7 @@ class MqttTransport(Transport):
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
+        c.on_subscribe = self._on_subscribe
         self._connect()
 
     # -- paho callbacks (network thread): bookkeeping and enqueueing only ------------------
@@ -81,7 +86,7 @@ class MqttTransport(Transport):
         self._failure = None
         self.connects += 1
         for topic_filter, qos in list(self._subs.items()):
-            client.subscribe(topic_filter, qos)
+            self._track(client.subscribe(topic_filter, qos))
         if self.status_topic:
             client.publish(self.status_topic, status_payload("online"), qos=1, retain=True)
         self._connected.set()
@@ -90,6 +95,31 @@ class MqttTransport(Transport):
         self._connected.clear()
         if not self._closed:
             log.info("%s: disconnected (%s), reconnecting", self.client_id, reason_code)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # noqa: ANN001
+        with self._sub_lock:  # the SUBACK may beat _track to the lock
+            if mid in self._sub_pending:
+                self._sub_pending.discard(mid)
+            else:
+                self._sub_acked.add(mid)
+
+    def _track(self, result: tuple[int, int | None]) -> None:
+        rc, mid = result
+        if rc == mqtt.MQTT_ERR_SUCCESS and mid is not None:
+            with self._sub_lock:
+                if mid in self._sub_acked:
+                    self._sub_acked.discard(mid)
+                else:
+                    self._sub_pending.add(mid)
+
+    def wait_subscribed(self, timeout: float = 5.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._sub_lock:
+                if not self._sub_pending and self.connected:
+                    return True
+            time.sleep(0.01)
+        return False
 
     def _on_message(self, client, userdata, msg) -> None:  # noqa: ANN001
         self._enqueue(Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain)))
@@ -142,7 +172,7 @@ class MqttTransport(Transport):
 
     def _do_subscribe(self, topic_filter: str, qos: int) -> None:
         self._subs[topic_filter] = qos
-        self._client.subscribe(topic_filter, qos)  # NO_CONN is fine: re-sent on connect
+        self._track(self._client.subscribe(topic_filter, qos))  # NO_CONN: re-sent on connect
 
     def _do_unsubscribe(self, topic_filter: str) -> None:
         self._subs.pop(topic_filter, None)
