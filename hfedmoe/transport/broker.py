@@ -72,20 +72,42 @@ class EmbeddedBroker:
         log.info("embedded MQTT broker on %s", self.url)
         return self
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the broker: listeners closed, client connections dropped, loop thread joined."""
         loop, thread = self._loop, self._thread
         if loop is None or thread is None:
             return
         if self._broker is not None and loop.is_running():
-            fut = asyncio.run_coroutine_threadsafe(self._broker.shutdown(), loop)
+            fut = asyncio.run_coroutine_threadsafe(self._halt(timeout), loop)
             try:
-                fut.result(timeout)
-            except Exception as exc:  # shutting down anyway
-                log.warning("embedded broker shutdown: %s", exc)
+                fut.result(timeout + 2)
+            except Exception as exc:  # stopping anyway
+                log.warning("embedded broker shutdown: %r", exc)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout)
-        loop.close()
+        if not loop.is_running():
+            loop.close()
         self._loop = self._thread = self._broker = None
+
+    async def _halt(self, timeout: float) -> None:
+        broker = self._broker
+        # Free the port and drop clients first, so shutdown cannot hang on a busy connection.
+        for server in list(getattr(broker, "_servers", {}).values()):
+            if getattr(server, "instance", None) is not None:
+                server.instance.close()
+        for _session, handler in list(getattr(broker, "_sessions", {}).values()):
+            writer = getattr(getattr(handler, "writer", None), "_writer", None)
+            if writer is not None:
+                writer.transport.abort()
+        try:
+            await asyncio.wait_for(broker.shutdown(), timeout)
+        except Exception as exc:  # amqtt may complain about half-closed sessions
+            log.debug("embedded broker shutdown: %r", exc)
+        current = asyncio.current_task()
+        tasks = [t for t in asyncio.all_tasks() if t is not current]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def __enter__(self) -> EmbeddedBroker:
         return self.start()
