@@ -141,6 +141,15 @@ class WireHeader:
 # Encoding
 
 
+def _finite(t: torch.Tensor) -> bool:
+    """True if ``t`` holds no NaN/Inf. min/max propagate NaN and expose +-Inf, and one
+    ``aminmax`` pass is several times faster than ``isfinite(t).all()`` on CPU."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return math.isfinite(lo.item()) and math.isfinite(hi.item())
+
+
 def _ids(ids: Any) -> list[str]:
     return sorted(str(e) for e in ids)
 
@@ -157,7 +166,7 @@ def encode(update: SparseUpdate, tau: float, cfg: WireConfig = WireConfig()) -> 
     tensors: dict[str, torch.Tensor] = {}
     for key, value in update.deltas.items():
         t = value.detach().to("cpu", wire_dtype).contiguous()
-        if not bool(torch.isfinite(t).all()):
+        if not _finite(t):
             raise NonFiniteError(f"{key}: NaN/Inf in delta (in {cfg.dtype})")
         tensors[key] = t
     header = {
@@ -186,10 +195,17 @@ def encode(update: SparseUpdate, tau: float, cfg: WireConfig = WireConfig()) -> 
 
 
 def _decompress(data: bytes, limit: int) -> bytes:
+    frame = data[len(ZSTD_MAGIC):]
+    try:
+        declared = zstandard.frame_content_size(frame)
+    except zstandard.ZstdError as exc:
+        raise SchemaError(f"corrupt zstd frame: {exc}") from exc
+    if declared > limit:
+        raise PayloadTooLarge(f"zstd frame declares {declared} bytes > {limit}")
     out = io.BytesIO()
     try:
-        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data[len(ZSTD_MAGIC):]))
-        while chunk := reader.read(1 << 20):
+        reader = zstandard.ZstdDecompressor().stream_reader(frame, read_size=4 << 20)
+        while chunk := reader.read(8 << 20):
             out.write(chunk)
             if out.tell() > limit:
                 raise PayloadTooLarge(f"decompressed update exceeds {limit} bytes")
@@ -353,7 +369,7 @@ def decode_full(data: bytes, spec: ModelSpec, cfg: WireConfig = WireConfig(), *,
         if key not in spec.params or tuple(t.shape) != spec.params[key].shape:
             raise ShapeError(f"{key}: unexpected tensor after parsing")
         t = t.to(torch.float32)
-        if not bool(torch.isfinite(t).all()):
+        if not _finite(t):
             raise NonFiniteError(f"{key}: NaN/Inf in delta")
         deltas[key] = t
     update = SparseUpdate(
