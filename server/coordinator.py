@@ -1,0 +1,454 @@
+"""The round state machine: register devices, announce rounds, collect, aggregate, evaluate.
+
+All work happens on one thread that pumps the transport; transport callbacks only enqueue.
+Every update is validated against the model (:func:`hfedmoe.wire.decode_full`) and by the
+aggregator before it is spooled, and spooled before it is acknowledged (:mod:`server.store`).
+A rejected update gets an error on the device's ack topic and a row in ``rejections``; the
+global model is untouched. A SIGKILL at any point is recovered by :meth:`Coordinator.resume`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hfedmoe.data import PairDataset, TextDataset
+from hfedmoe.errors import AlgorithmError, HFedMoEError, MismatchError, SchemaError, WireError
+from hfedmoe.modelsync import ModelManifest, build_shards
+from hfedmoe.models.base import MoEModel
+from hfedmoe.strategies import get_strategy
+from hfedmoe.transport.base import Message, Transport
+from hfedmoe.transport.chunks import BlobReceiver, ChunkSender
+from hfedmoe.transport.topics import Topics
+from hfedmoe.wire import decode_full, spec_from_state
+from server.config import ServerConfig
+from server.evaluate import evaluate
+from server.store import Store
+
+log = logging.getLogger("hfedmoe.server")
+
+
+class UnknownClientError(WireError):
+    """An update or request from a device that is not registered (or not allowed)."""
+
+
+@dataclass
+class RoundState:
+    """The open round."""
+
+    round_idx: int
+    participants: list[str]
+    deadline: float  # time.time() seconds
+    base_hash: str
+    manifest: ModelManifest
+    expected: int
+    accepted: dict[str, int] = field(default_factory=dict)  # client -> bytes
+    rejected: int = 0
+    late: int = 0
+    bytes_out: int = 0
+    started: float = field(default_factory=time.time)
+
+
+class Coordinator:
+    """Runs federated rounds for one run directory.
+
+    Args:
+        cfg: the server config.
+        transport: a connected transport (MQTT or in-memory).
+        model: the server's model (global state lives in it between rounds).
+        test_data: the held-out split for evaluation.
+        clock: wall clock (``time.time``); injectable for tests.
+    """
+
+    def __init__(self, cfg: ServerConfig, transport: Transport, model: MoEModel,
+                 test_data: TextDataset | PairDataset | None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self.transport = transport
+        self.model = model
+        self.test_data = test_data
+        self.clock = clock
+        self.topics = Topics(cfg.run_id)
+        self.store = Store(cfg.run_dir)
+        self.strategy = get_strategy(cfg.method.strategy, cfg.method)
+        self.spec = spec_from_state(model.state())
+        self.global_state = model.state()
+        self.blobs: dict[str, bytes] = {}  # shard sha -> blob, current and previous round
+        self.senders: dict[str, ChunkSender] = {}
+        self.round: RoundState | None = None
+        self.next_round = 0
+        self.aggregator = self.strategy.make_aggregator()
+        self.fold: list[tuple[int, str]] = []  # late updates to fold into the next round
+        self.metrics_path = Path(cfg.run_dir) / "metrics.jsonl"
+        self._receiver: BlobReceiver | None = None
+        self._prom = _Prometheus(cfg.prometheus_port)
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Subscribe and recover state from the run directory."""
+        t = self.transport
+        t.subscribe(self.topics.all_register(), self._on_register)
+        t.subscribe(self.topics.all_status(), self._on_status)
+        t.subscribe(self.topics.all_fetches(), self._on_fetch)
+        self._receiver = BlobReceiver(
+            t, self.topics.all_updates(), self._on_update_blob,
+            request_topic=self.topics.update_request_for,
+            on_error=lambda prefix, exc: log.warning("update transfer %s failed: %s", prefix, exc),
+            retry_after=self.cfg.transport.retry_after, timeout=self.cfg.transport.transfer_timeout,
+            max_bytes=self.cfg.wire.max_payload_bytes)
+        t.wait_subscribed()
+        self.store.set_meta("config", json.dumps(_jsonable(self.cfg)))
+        self.resume()
+
+    def resume(self) -> None:
+        """Load the latest checkpoint; reopen an interrupted round with its spooled updates."""
+        latest = self.store.latest_checkpoint()
+        if latest is not None:
+            done_round, state = latest
+            self.global_state = {k: state[k] for k in self.global_state}
+            self.model.load_state(self.global_state)
+            self.next_round = done_round + 1
+            log.info("resumed from checkpoint of round %d", done_round)
+        last = self.store.last_round()
+        if last is not None and last >= self.next_round:
+            info = self.store.round_info(last)
+            if info is not None and info["state"] != "done":
+                self._open_round(last, info["participants"], info["deadline"], announce=True)
+                for stored in self.store.updates(last):
+                    update = self._decode(self.store.read_update(stored), stored.client_id,
+                                          None)
+                    self.aggregator.add(update)
+                    self.round.accepted[stored.client_id] = stored.num_bytes
+                log.info("round %d reopened with %d acknowledged update(s)", last,
+                         len(self.round.accepted))
+
+    def run(self) -> list[dict[str, Any]]:
+        """Run the configured rounds; returns the metrics rows written."""
+        self.start()
+        rows = []
+        if self.next_round == 0 and self.round is None and not self.metrics_path.exists():
+            rows.append(self._write_metrics({"round": -1, "phase": "initial",
+                                             **self._evaluate()}))
+        while self.next_round < self.cfg.rounds.rounds or self.round is not None:
+            if self.round is None:
+                participants = self._choose_participants()
+                deadline = self.clock() + self.cfg.rounds.deadline_s
+                self._open_round(self.next_round, participants, deadline, announce=True)
+            self._collect()
+            rows.append(self._close_round())
+        self._announce({"type": "done", "rounds": self.cfg.rounds.rounds})
+        return rows
+
+    def close(self) -> None:
+        for sender in self.senders.values():
+            sender.close()
+        if self._receiver is not None:
+            self._receiver.close()
+        self.store.close()
+
+    # --- rounds ------------------------------------------------------------------------------
+    def online_devices(self) -> dict[str, dict[str, Any]]:
+        return {d: info for d, info in self.store.devices().items() if info["status"] == "online"}
+
+    def _choose_participants(self) -> list[str]:
+        rc = self.cfg.rounds
+        ok = self.transport.run_until(lambda: len(self.online_devices()) >= rc.min_devices,
+                                      timeout=rc.registration_timeout_s)
+        online = sorted(self.online_devices())
+        if not ok:
+            log.warning("only %d of %d devices online after %.0fs; starting anyway",
+                        len(online), rc.min_devices, rc.registration_timeout_s)
+        n = max(1, math.ceil(rc.fraction * len(online)))
+        n_sel = min(len(online), math.ceil(n * (1 + rc.over_select)))
+        rng = random.Random(f"{rc.seed}:{self.next_round}")
+        return sorted(rng.sample(online, n_sel)) if online else []
+
+    def _open_round(self, round_idx: int, participants: list[str], deadline: float,
+                    announce: bool) -> None:
+        manifest, blobs = build_shards(self.global_state)
+        self.blobs = {**{s: b for s, b in self.blobs.items() if s in set(blobs)}, **blobs}
+        expected = self.cfg.rounds.min_updates or len(participants)
+        if self.cfg.rounds.over_select and not self.cfg.rounds.min_updates:
+            expected = max(1, math.ceil(len(participants) / (1 + self.cfg.rounds.over_select)))
+        self.round = RoundState(round_idx, participants, deadline, manifest.state_hash, manifest,
+                                min(expected, max(len(participants), 1)))
+        self.aggregator = self.strategy.make_aggregator()
+        self.store.open_round(round_idx, deadline, participants, manifest.state_hash)
+        for late_round, client in self.fold:
+            stored = self.store.update(late_round, client)
+            if stored is not None:
+                self.aggregator.add(self._decode(self.store.read_update(stored), client, None))
+        self.fold.clear()
+        if announce:
+            devices = self.store.devices()
+            self._announce({
+                "type": "round", "round": round_idx, "deadline": deadline,
+                "deadline_s": max(0.0, deadline - self.clock()),
+                "strategy": self.strategy.name, "method": _jsonable(self.cfg.method),
+                "train": _jsonable(self.cfg.train), "max_length": self.cfg.model.max_length,
+                "participants": participants,
+                "budgets": {d: devices.get(d, {}).get("budget", 0) for d in participants},
+                "model": manifest.to_dict()})
+        self._prom.set_round(round_idx)
+        log.info("round %d open: %d participant(s), wait for %d, deadline in %.0fs", round_idx,
+                 len(participants), self.round.expected, deadline - self.clock())
+
+    def _collect(self) -> None:
+        r = self.round
+        assert r is not None
+
+        def finished() -> bool:
+            if len(r.accepted) >= r.expected:
+                return True
+            online = self.online_devices()
+            waiting = [p for p in r.participants if p not in r.accepted and p in online]
+            return not waiting or self.clock() >= r.deadline
+
+        while not finished():
+            self.transport.pump(timeout=0.1)
+            if self._receiver is not None:
+                self._receiver.poll()
+
+    def _close_round(self) -> dict[str, Any]:
+        r = self.round
+        assert r is not None
+        self.store.set_round_state(r.round_idx, "aggregating")
+        t0 = time.perf_counter()
+        report = self.aggregator.report()
+        if self.aggregator.num_clients:
+            new_state = self.aggregator.finalize(self.global_state)
+        else:
+            new_state = self.global_state
+        agg_s = time.perf_counter() - t0
+        self.model.load_state(new_state)
+        self.global_state = self.model.state()
+        metrics = self._evaluate()
+        new_hash, _ = build_shards(self.global_state)
+        row = {
+            "round": r.round_idx, "phase": "round", "participants": len(r.participants),
+            "accepted": len(r.accepted), "rejected": r.rejected, "late": r.late,
+            "experts_updated": len({e for rep in report.values() for e in rep.aggregated}),
+            "bytes_in": sum(r.accepted.values()), "bytes_out": r.bytes_out,
+            "aggregation_s": agg_s, "round_s": self.clock() - r.started, **metrics,
+            "devices": {c: _device_row(rep, self.store, r.round_idx, c)
+                        for c, rep in report.items()},
+            "budgets": {d: info["budget"] for d, info in self.store.devices().items()
+                        if d in r.participants},
+        }
+        self.store.save_checkpoint(r.round_idx, self.global_state, {
+            k: v for k, v in row.items() if k not in ("devices",)}, new_hash.state_hash)
+        self._write_metrics(row)
+        log.info("round %d: participants=%d accepted=%d rejected=%d late=%d experts=%d "
+                 "in=%.1fMB out=%.1fMB agg=%.2fs %s", r.round_idx, len(r.participants),
+                 len(r.accepted), r.rejected, r.late, row["experts_updated"],
+                 row["bytes_in"] / 1e6, r.bytes_out / 1e6, agg_s,
+                 " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+        self._prom.observe(row)
+        self.next_round = r.round_idx + 1
+        self.round = None
+        return row
+
+    def _evaluate(self) -> dict[str, float]:
+        if self.test_data is None or len(self.test_data) == 0:
+            return {}
+        return evaluate(self.model, self.test_data, self.cfg.eval_batch_size,
+                        self.cfg.model.max_length, self.cfg.max_eval_examples)
+
+    def _write_metrics(self, row: dict[str, Any]) -> dict[str, Any]:
+        row = {"time": self.clock(), **row}
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        return row
+
+    # --- messages ----------------------------------------------------------------------------
+    def _announce(self, body: dict[str, Any]) -> None:
+        self.transport.publish(self.topics.round(), json.dumps(body).encode(), retain=True)
+
+    def _ack(self, device: str, body: dict[str, Any]) -> None:
+        self.transport.publish(self.topics.ack(device), json.dumps(body).encode())
+
+    def _on_register(self, message: Message) -> None:
+        device = self.topics.parse(message.topic)[-1]
+        try:
+            if len(message.payload) > self.cfg.max_register_bytes:
+                raise SchemaError(f"registration is {len(message.payload)} bytes")
+            body = json.loads(message.payload)
+            if not isinstance(body, dict) or not isinstance(body.get("budget"), int) \
+                    or body["budget"] < 0 or not isinstance(body.get("report", {}), dict):
+                raise SchemaError("registration needs an integer 'budget' >= 0 and a 'report'")
+            allowed = self.cfg.rounds.allowed_devices
+            if allowed and device not in allowed:
+                raise UnknownClientError(f"device {device!r} is not allowed in this run")
+        except (ValueError, HFedMoEError) as exc:
+            self._reject(device, None, exc)
+            return
+        self.store.upsert_device(device, body.get("report", {}), body["budget"])
+        log.info("device %s registered (budget %d)", device, body["budget"])
+        self._ack(device, {"type": "registered", "run_id": self.cfg.run_id})
+
+    def _on_status(self, message: Message) -> None:
+        device = self.topics.parse(message.topic)[-1]
+        try:
+            state = json.loads(message.payload).get("state")
+        except (ValueError, AttributeError):
+            return
+        if state in ("online", "offline") and device in self.store.devices():
+            self.store.set_device_status(device, state)
+
+    def _on_fetch(self, message: Message) -> None:
+        parts = self.topics.parse(message.topic)  # update/{device}/fetch/{sha}
+        device, sha = parts[1], parts[3]
+        blob = self.blobs.get(sha)
+        if blob is None or device not in self.store.devices():
+            return
+        sender = self.senders.get(sha)
+        if sender is None:
+            sender = self.senders[sha] = ChunkSender(self.transport, self.topics.model(sha), blob,
+                                                     self.cfg.transport.chunk_size)
+        try:
+            want = json.loads(message.payload)
+            chunks = want.get("chunks") or []
+        except (ValueError, AttributeError):
+            return
+        if want.get("manifest"):
+            sender.publish_manifest()
+            sender.resend(range(len(sender.manifest.chunks)))
+            sent = len(blob)
+        else:
+            sender.handle_request(message)
+            sent = sum(sender.manifest.chunk_len(i) for i in chunks
+                       if isinstance(i, int) and 0 <= i < len(sender.manifest.chunks))
+        if self.round is not None:
+            self.round.bytes_out += sent
+
+    def _decode(self, blob: bytes, device: str, base_hash: str | None):
+        header, update = decode_full(blob, self.spec, self.cfg.wire, run_id=self.cfg.run_id,
+                                     client_id=device, base_model_hash=base_hash)
+        return update
+
+    def _on_update_blob(self, prefix: str, blob: bytes) -> None:
+        device, sha = self.topics.parse_update_prefix(prefix)
+        r = self.round
+        round_idx = None
+        try:
+            if device not in self.store.devices():
+                raise UnknownClientError(f"device {device!r} is not registered")
+            header, update = decode_full(blob, self.spec, self.cfg.wire, run_id=self.cfg.run_id,
+                                         client_id=device)
+            round_idx = header.round_idx
+            stored = self.store.update(round_idx, device)
+            if stored is not None:  # a resend of an acknowledged update
+                self._ack(device, {"type": "ack", "round": round_idx, "sha": sha,
+                                   "status": "accepted"})
+                return
+            if r is not None and round_idx == r.round_idx:
+                if device not in r.participants:
+                    raise UnknownClientError(f"{device} is not a participant of round "
+                                             f"{round_idx}")
+                if update.base_model_hash != r.base_hash:
+                    raise MismatchError(f"base_model_hash: got {update.base_model_hash[:12]}, "
+                                        f"expected {r.base_hash[:12]}")
+                self.aggregator.add(update)  # validates consistency before anything is kept
+                self.store.spool_update(round_idx, device, blob, update.num_examples)
+                r.accepted[device] = len(blob)
+                self._prom.count("accepted")
+                self._ack(device, {"type": "ack", "round": round_idx, "sha": sha,
+                                   "status": "accepted"})
+            elif round_idx < (r.round_idx if r is not None else self.next_round):
+                self._late(device, round_idx, sha, blob, update)
+            else:
+                raise MismatchError(f"round: got {round_idx}, no such round is open")
+        except (HFedMoEError, AlgorithmError) as exc:
+            self._reject(device, round_idx, exc, sha)
+
+    def _late(self, device: str, round_idx: int, sha: str, blob: bytes, update: Any) -> None:
+        r = self.round
+        if r is not None:
+            r.late += 1
+        self._prom.count("late")
+        fold = (self.cfg.rounds.late_policy == "fold" and r is not None
+                and round_idx == r.round_idx - 1)
+        if fold:
+            try:
+                self.aggregator.add(update)
+            except AlgorithmError as exc:
+                self._reject(device, round_idx, exc, sha)
+                return
+            self.store.spool_update(round_idx, device, blob, update.num_examples, late=True)
+        self._ack(device, {"type": "ack", "round": round_idx, "sha": sha,
+                           "status": "late-folded" if fold else "late-dropped"})
+        log.info("late update from %s for round %d %s", device, round_idx,
+                 "folded into the open round" if fold else "dropped")
+
+    def _reject(self, device: str, round_idx: int | None, exc: Exception,
+                sha: str = "") -> None:
+        if self.round is not None:
+            self.round.rejected += 1
+        self._prom.count("rejected")
+        self.store.reject(round_idx, device, type(exc).__name__, str(exc)[:500])
+        log.warning("rejected %s from %s: %s: %s", "update" if sha else "message", device,
+                    type(exc).__name__, exc)
+        try:
+            self._ack(device, {"type": "error", "round": round_idx, "sha": sha,
+                               "status": "rejected", "error": type(exc).__name__,
+                               "reason": str(exc)[:500]})
+        except HFedMoEError:  # an id that cannot even form a topic
+            pass
+
+
+def _device_row(rep: Any, store: Store, round_idx: int, client: str) -> dict[str, Any]:
+    return {"routed": sorted(map(str, rep.routed)), "updated": sorted(map(str, rep.updated)),
+            "aggregated": sorted(map(str, rep.aggregated)), "alpha": rep.alpha,
+            "overlap": rep.overlap_ratio}
+
+
+def _jsonable(cfg: Any) -> Any:
+    import dataclasses
+
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: _jsonable(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+                if f.name not in ("password",)}
+    if isinstance(cfg, (list, tuple)):
+        return [_jsonable(v) for v in cfg]
+    return cfg
+
+
+class _Prometheus:
+    """Optional Prometheus endpoint (prometheus-client); a no-op when the port is 0."""
+
+    def __init__(self, port: int) -> None:
+        self.enabled = port > 0
+        if not self.enabled:
+            return
+        from prometheus_client import Counter, Gauge, start_http_server
+
+        start_http_server(port)
+        self.round = Gauge("hfedmoe_round", "current round")
+        self.accuracy = Gauge("hfedmoe_eval_accuracy", "held-out accuracy")
+        self.loss = Gauge("hfedmoe_eval_loss", "held-out loss")
+        self.updates = Counter("hfedmoe_updates_total", "updates by outcome", ["outcome"])
+
+    def set_round(self, r: int) -> None:
+        if self.enabled:
+            self.round.set(r)
+
+    def count(self, outcome: str) -> None:
+        if self.enabled:
+            self.updates.labels(outcome).inc()
+
+    def observe(self, row: dict[str, Any]) -> None:
+        if self.enabled:
+            if "accuracy" in row:
+                self.accuracy.set(row["accuracy"])
+            if "loss" in row:
+                self.loss.set(row["loss"])
+
+
+__all__ = ["Coordinator", "UnknownClientError"]
