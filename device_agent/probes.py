@@ -268,7 +268,8 @@ def jtop_sample() -> dict[str, Any]:
     from jtop import jtop  # lazy: jetson-stats is an optional dependency
 
     with jtop() as jetson:
-        out: dict[str, Any] = {"name": str(jetson.nvpmodel) if jetson.nvpmodel else None}
+        mode = jetson.nvpmodel  # None where nvpmodel is not installed
+        out: dict[str, Any] = {"name": getattr(mode, "name", None), "id": getattr(mode, "id", None)}
         stats = dict(jetson.stats)
     out["gpu_load_percent"] = stats.get("GPU")
     return out

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import threading
+import types
 from pathlib import Path
 
 import pytest
@@ -115,6 +117,25 @@ def test_jtop_unavailable_is_recorded(jetson_root: Path) -> None:
 
     assert report.probes["jtop"]["ok"] is False  # no jetson-stats or no jtop service here
     assert report.power_mode == "MAXN"
+
+
+def test_jtop_service_gives_power_mode(jetson_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    class FakeJtop:
+        nvpmodel = types.SimpleNamespace(name="25W", id=1)
+        stats = {"GPU": 12.5}
+
+        def __enter__(self) -> FakeJtop:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+    monkeypatch.setitem(sys.modules, "jtop", types.SimpleNamespace(jtop=FakeJtop))
+    report = probe_device(jetson_root, live=True, env={}, system="Linux", runner=no_command,
+                          first_line=lambda argv: TEGRASTATS, matmul_seconds=0)
+
+    assert report.power_mode == "25W"
+    assert report.probes["jtop"]["value"] == {"name": "25W", "id": 1, "gpu_load_percent": 12.5}
 
 
 def test_fake_android_tree_parses(android_root: Path) -> None:
@@ -331,3 +352,14 @@ def test_cli_live_and_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     args = _parser().parse_args(["profile", "--list-profiles"])
     assert args.func(args) == 0
     assert "raspberry-pi-5-8gb" in capsys.readouterr().out
+
+
+def test_profile_command_is_registered_and_light() -> None:
+    import subprocess
+
+    from hfedmoe.cli import COMMANDS
+
+    assert COMMANDS["profile"] == "device_agent.cli"
+    code = "import sys, device_agent.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
