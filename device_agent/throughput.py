@@ -10,7 +10,7 @@ Two measurements feed the budget (METHOD.md section 4):
   come from the model code; this module knows nothing of the model.
 
 Peak memory on CPU is the largest resident-set size seen by a background sampler thread minus
-the resident size before the call: ``ru_maxrss`` cannot be reset between calls, and the CPU
+the resident size before the first (warm-up) call: ``ru_maxrss`` cannot be reset between calls, and the CPU
 allocator has no peak counter. Memory that is allocated and freed between two samples is missed,
 and memory the C allocator keeps after a free is counted by later calls only if it grows, so the
 CPU figure is an estimate. On CUDA the allocator's own peak counter is exact.
@@ -211,12 +211,17 @@ class PeakRSSSampler:
 
 def _time_calls(fn: Callable[[], None], dev: torch.device, repeats: int,
                 warmup: int) -> tuple[list[float], int]:
-    """Run ``fn`` ``warmup`` + ``repeats`` times; return the timed durations and peak bytes."""
-    for _ in range(warmup):
-        fn()
-    _sync(dev)
+    """Run ``fn`` ``warmup`` + ``repeats`` times; return the timed durations and peak bytes.
+
+    On CPU the RSS sampler also covers the warm-up calls: memory the C allocator keeps after
+    the first call is reused by later ones without raising RSS, so only the first call shows
+    the peak (one-time initialisation is counted too, which errs on the safe side).
+    """
     samples: list[float] = []
     if dev.type == "cuda":
+        for _ in range(warmup):
+            fn()
+        _sync(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)
         for _ in range(repeats):
@@ -226,6 +231,8 @@ def _time_calls(fn: Callable[[], None], dev: torch.device, repeats: int,
             samples.append(time.perf_counter() - start)
         return samples, max(0, torch.cuda.max_memory_allocated(dev) - base)
     with PeakRSSSampler() as sampler:
+        for _ in range(warmup):
+            fn()
         for _ in range(repeats):
             start = time.perf_counter()
             fn()

@@ -363,3 +363,18 @@ def test_profile_command_is_registered_and_light() -> None:
     code = "import sys, device_agent.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matmul_and_step_costs() -> None:
+    assert "float16" in supported_dtypes("cuda")
+    result = measure_matmul("float16", "cuda", n=256, seconds=0.05)
+    assert result.device.startswith("cuda") and result.iterations >= 1
+
+    def run_expert() -> None:
+        torch.ones(1024, 1024, device="cuda").sum()
+
+    costs = measure_step_costs(run_expert, run_expert, "cuda", repeats=2)
+    assert costs.memory_method == "cuda-max-allocated"
+    assert costs.expert_peak_bytes >= 4 * 1024 * 1024
