@@ -82,6 +82,12 @@ def _psutil_cpufreq() -> dict[str, Any]:
             "ratio": freq.current / freq.max, "capped": None}
 
 
+def _psutil_counts() -> dict[str, int | None]:
+    import psutil
+
+    return {"logical": psutil.cpu_count(logical=True), "physical": psutil.cpu_count(logical=False)}
+
+
 def _cuda_info() -> dict[str, Any]:
     import torch
 
@@ -94,11 +100,7 @@ def _cuda_info() -> dict[str, Any]:
 def _cores(log: pr.ProbeLog, live: bool, cpu: Mapping[str, Any]) -> tuple[int | None, int | None]:
     logical, physical = cpu.get("logical"), cpu.get("physical")
     if live:
-        import psutil
-
-        counts = log.run("psutil.cpu_count", lambda: {
-            "logical": psutil.cpu_count(logical=True),
-            "physical": psutil.cpu_count(logical=False)})
+        counts = log.run("psutil.cpu_count", _psutil_counts)
         if counts:
             logical = counts["logical"] or logical
             physical = counts["physical"] or physical
