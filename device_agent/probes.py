@@ -12,6 +12,7 @@ choice (``live``); commands go through an injected runner.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import threading
@@ -42,7 +43,12 @@ class ProbeLog:
         except Exception as exc:  # a probe failing must never fail the report
             self.results[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
             return None
-        self.results[name] = {"ok": True, "value": value}
+        try:
+            json.dumps(value)
+            shown = value
+        except (TypeError, ValueError):
+            shown = repr(value)  # keep the report JSON-able whatever a probe returns
+        self.results[name] = {"ok": True, "value": shown}
         return value
 
     def skip(self, name: str, why: str) -> None:

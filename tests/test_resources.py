@@ -191,6 +191,15 @@ def test_empty_root_reports_every_probe_unavailable(tmp_path: Path) -> None:
     assert all("error" in report.probes[k] for k in failed)
 
 
+def test_probe_log_records_errors_and_keeps_values_json_able() -> None:
+    log = pr.ProbeLog()
+    assert log.run("boom", lambda: 1 / 0) is None
+    value = log.run("obj", lambda: {1, 2})
+
+    assert log.results["boom"] == {"ok": False, "error": "ZeroDivisionError: division by zero"}
+    assert value == {1, 2} and log.results["obj"] == {"ok": True, "value": "{1, 2}"}
+
+
 def test_parsers() -> None:
     assert pr.parse_meminfo("MemTotal: 100 kB\nMemFree: 10 kB\nBuffers: 5 kB\nCached: 20 kB\n") \
         == {"total": 102400, "available": 35 * 1024}
