@@ -222,7 +222,8 @@ def time_max_experts(cost: CostModel, limits: Limits) -> int:
     if extra == 0:
         return cost.num_experts
     per_step = limits.deadline_seconds / limits.steps_per_round
-    c = min(cost.num_experts, int((per_step - cost.step_seconds(0)) / extra))
+    estimate = (per_step - cost.step_seconds(0)) / extra  # may overflow to inf for tiny extra
+    c = cost.num_experts if estimate >= cost.num_experts else int(estimate)
     while c > 0 and not _round_fits(cost, limits, c):
         c -= 1
     while c < cost.num_experts and _round_fits(cost, limits, c + 1):
