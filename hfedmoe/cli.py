@@ -19,6 +19,7 @@ from hfedmoe.errors import HFedMoEError
 COMMANDS: dict[str, str] = {
     "models": "hfedmoe.models.cli",
     "certs": "hfedmoe.transport.cli",
+    "profile": "device_agent.cli",
 }
 
 

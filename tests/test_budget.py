@@ -1,0 +1,238 @@
+"""C_budget from the cost model, and the re-measure monitor, on hand-computed cases.
+
+The reference case: 8 experts; base memory = 1000 (non-expert weights) + 8 x 100 (expert
+weights) + 200 (non-expert activations) = 2000 B; each trained expert adds 300 + 200 = 500 B.
+Step time with c trained = 0.5 + (8 - c) x 0.25 + c x 1.0 = 2.5 + 0.75 c seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from device_agent.budget import (
+    Budget,
+    CostModel,
+    Limits,
+    budget_from_report,
+    compute_budget,
+    expert_activation_bytes,
+    expert_state_bytes,
+    tokens_per_expert,
+)
+from device_agent.monitor import BudgetMonitor, MonitorConfig, Observation
+from device_agent.profiles import load_profile
+from hfedmoe.errors import DeviceError
+
+COST = CostModel(num_experts=8, non_expert_weight_bytes=1000, expert_weight_bytes=100,
+                 expert_state_bytes=300, expert_activation_bytes=200,
+                 non_expert_activation_bytes=200, rest_step_seconds=0.5,
+                 expert_frozen_seconds=0.25, expert_trained_seconds=1.0)
+
+
+def limits(**kw: object) -> Limits:
+    base = {"available_bytes": 5000, "deadline_seconds": 60.0, "steps_per_round": 10,
+            "margin_fraction": 0.1}
+    return Limits(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def test_time_bound() -> None:
+    # usable 4500 -> (4500 - 2000) // 500 = 5 by memory; 6 s per step -> (6 - 2.5) / 0.75 = 4.67
+    budget = compute_budget(COST, limits())
+
+    assert (budget.c_budget, budget.limit) == (4, "time")
+    assert (budget.memory_max, budget.time_max) == (5, 4)
+    assert budget.step_seconds == pytest.approx(5.5)
+    assert budget.round_seconds == pytest.approx(55.0)
+    assert budget.peak_bytes == 4000
+
+
+def test_memory_bound_inclusive_at_the_limit() -> None:
+    # 10 s per step -> time allows all 8; memory 5 exactly fills the 4500 usable bytes.
+    budget = compute_budget(COST, limits(deadline_seconds=100.0))
+
+    assert (budget.c_budget, budget.limit) == (5, "memory")
+    assert budget.peak_bytes == 4500
+
+
+def test_deadline_boundary() -> None:
+    assert compute_budget(COST, limits(deadline_seconds=55.0)).c_budget == 4
+    assert compute_budget(COST, limits(deadline_seconds=54.99)).c_budget == 3
+
+
+def test_everything_fits() -> None:
+    budget = compute_budget(COST, limits(available_bytes=100_000, deadline_seconds=1000.0))
+
+    assert (budget.c_budget, budget.limit) == (8, "all-experts")
+    assert budget.peak_bytes == 6000
+
+
+def test_nothing_fits_memory() -> None:
+    budget = compute_budget(COST, limits(available_bytes=2000))  # usable 1800 < 2000
+
+    assert (budget.c_budget, budget.limit, budget.memory_max) == (0, "memory", -1)
+    assert "nothing fits" in budget.reason and "memory" in budget.reason
+
+
+def test_nothing_fits_time() -> None:
+    budget = compute_budget(COST, limits(deadline_seconds=20.0))  # 10 x 2.5 s = 25 s
+
+    assert (budget.c_budget, budget.limit, budget.time_max) == (0, "time", -1)
+
+
+def test_cap_lowers_never_raises() -> None:
+    lower = compute_budget(COST, limits(cap=2))
+    assert (lower.c_budget, lower.limit) == (2, "cap")
+    assert lower.step_seconds == pytest.approx(4.0)
+
+    higher = compute_budget(COST, limits(cap=7))
+    assert (higher.c_budget, higher.limit) == (4, "time")
+    assert "ignored" in higher.reason
+
+    assert compute_budget(COST, limits(cap=0)).c_budget == 0
+
+
+def test_margin_bytes_add_to_the_fraction() -> None:
+    budget = compute_budget(COST, limits(margin_fraction=0.0, margin_bytes=1000,
+                                         deadline_seconds=100.0))
+    assert (budget.c_budget, budget.limit) == (4, "memory")  # (4000 - 2000) // 500
+
+
+def test_state_and_activation_estimates() -> None:
+    assert expert_state_bytes(1000, "adamw") == 4000 + 8000
+    assert expert_state_bytes(1000, "sgd") == 4000
+    assert expert_state_bytes(1000, "sgd", momentum=True) == 8000
+    assert expert_state_bytes(1000, "adamw", param_dtype_bytes=2) == 2000 + 8000
+    assert tokens_per_expert(8, 128, 2, 8) == 256
+    assert tokens_per_expert(3, 5, 1, 4) == 4
+    assert expert_activation_bytes(256, 32, 64) == 256 * (32 + 3 * 64) * 4
+    assert expert_activation_bytes(10, 32, 64, dtype_bytes=2, gated=False) == 10 * 160 * 2
+    with pytest.raises(DeviceError):
+        expert_state_bytes(10, "lion")
+
+
+def test_invalid_inputs_raise() -> None:
+    with pytest.raises(DeviceError):
+        dataclasses.replace(COST, expert_trained_seconds=0.1)
+    with pytest.raises(DeviceError):
+        dataclasses.replace(COST, expert_weight_bytes=-1)
+    with pytest.raises(DeviceError):
+        limits(steps_per_round=0)
+    with pytest.raises(DeviceError):
+        limits(cap=-1)
+
+
+def test_budget_json_round_trip() -> None:
+    budget = compute_budget(COST, limits(cap=3))
+    assert Budget.from_dict(json.loads(json.dumps(budget.to_dict()))) == budget
+
+
+def test_budget_from_emulated_report() -> None:
+    phone = load_profile("phone-midrange-6gb")
+    gib = 1024**3
+    cost = dataclasses.replace(COST, non_expert_weight_bytes=gib // 2, expert_weight_bytes=gib // 32,
+                               expert_state_bytes=gib // 16, expert_activation_bytes=gib // 16)
+    budget = budget_from_report(phone, cost, deadline_seconds=1000.0, steps_per_round=10)
+
+    # usable 1.8 GiB; base 0.75 GiB + 200 B; each trained expert 0.125 GiB -> all 8 fit
+    assert budget.limits.available_bytes == 2 * gib
+    assert budget.c_budget == 8 and budget.limit == "all-experts"
+    tight = budget_from_report(phone, cost, 1000.0, 10, margin_fraction=0.5)
+    # usable 1 GiB; free = 0.25 GiB - 200 B -> 1 trained expert of 0.125 GiB
+    assert (tight.c_budget, tight.limit) == (1, "memory")
+
+
+@given(
+    n=st.integers(1, 64), base=st.integers(0, 10_000), per=st.integers(0, 1_000),
+    avail=st.integers(0, 100_000), rest=st.floats(0, 5), frozen=st.floats(0, 1),
+    extra=st.floats(0, 2), steps=st.integers(1, 50), deadline=st.floats(0.1, 2000),
+)
+def test_budget_is_the_largest_that_fits(n: int, base: int, per: int, avail: int, rest: float,
+                                         frozen: float, extra: float, steps: int,
+                                         deadline: float) -> None:
+    cost = CostModel(num_experts=n, non_expert_weight_bytes=base, expert_weight_bytes=0,
+                     expert_state_bytes=per, expert_activation_bytes=0,
+                     rest_step_seconds=rest, expert_frozen_seconds=frozen,
+                     expert_trained_seconds=frozen + extra)
+    lim = Limits(available_bytes=avail, deadline_seconds=deadline, steps_per_round=steps)
+    budget = compute_budget(cost, lim)
+
+    def fits(c: int) -> bool:
+        return (cost.peak_bytes(c) <= lim.usable_bytes
+                and steps * cost.step_seconds(c) <= deadline * (1 + 1e-9))
+
+    c = budget.c_budget
+    assert 0 <= c <= n
+    if c > 0:
+        assert fits(c)
+    if c < n:
+        assert not fits(c + 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Monitor
+
+
+def monitor() -> BudgetMonitor:
+    return BudgetMonitor(compute_budget(COST, limits()), MonitorConfig())
+
+
+def test_no_change_no_remeasure() -> None:
+    mon = monitor()
+    decision = mon.observe(Observation(available_bytes=4600, cpufreq_ratio=0.95,
+                                       temperature_c=60.0, step_seconds=6.0))
+    assert not decision.remeasure and decision.budget.c_budget == 4
+
+
+def test_memory_drop_triggers_and_lowers_budget() -> None:
+    decision = monitor().observe(Observation(available_bytes=4000))
+
+    assert decision.remeasure and decision.reasons[0].startswith("memory")
+    # usable 3600 -> (3600 - 2000) // 500 = 3
+    assert (decision.budget.c_budget, decision.budget.limit) == (3, "memory")
+
+
+def test_throttling_triggers_once_and_recovers() -> None:
+    mon = monitor()
+    first = mon.observe(Observation(cpufreq_ratio=0.5))
+    assert first.remeasure and "thermal" in first.reasons[0]
+    # times doubled: 2 x (2.5 + 0.75 c) <= 6 -> c = 0
+    assert first.budget.c_budget == 0 and first.budget.step_seconds == pytest.approx(5.0)
+
+    assert not mon.observe(Observation(cpufreq_ratio=0.5)).remeasure
+    assert not mon.observe(Observation()).remeasure  # nothing thermal observed: no change
+
+    ended = mon.observe(Observation(cpufreq_ratio=1.0, temperature_c=50.0))
+    assert ended.remeasure and ended.reasons == ("thermal: throttling ended",)
+    assert ended.budget.c_budget == 4
+
+
+def test_temperature_and_capped_policy_trigger() -> None:
+    assert monitor().check(Observation(temperature_c=85.0))[0].startswith("thermal")
+    assert monitor().check(Observation(throttled=True))[0].startswith("thermal")
+
+
+def test_step_time_drift_rescales_times() -> None:
+    mon = monitor()
+    assert mon.check(Observation(step_seconds=6.0)) == ()  # 9 % off the predicted 5.5 s
+
+    decision = mon.observe(Observation(step_seconds=8.25))  # 1.5x the prediction
+    # times x1.5: step(c) = 3.75 + 1.125 c; 10 steps <= 60 s -> c = 2
+    assert decision.remeasure and decision.reasons[0].startswith("drift")
+    assert decision.budget.c_budget == 2
+
+    # the new prediction matches: no further trigger, and no compounding
+    assert not mon.observe(Observation(step_seconds=decision.budget.step_seconds)).remeasure
+
+
+def test_reset_after_remeasure() -> None:
+    mon = monitor()
+    mon.observe(Observation(available_bytes=4000))
+    fresh = compute_budget(COST, limits(available_bytes=4000))
+    mon.reset(fresh)
+    assert mon.budget is fresh
+    assert not mon.observe(Observation(available_bytes=4000)).remeasure
