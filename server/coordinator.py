@@ -21,8 +21,8 @@ from typing import Any
 
 from hfedmoe.data import PairDataset, TextDataset
 from hfedmoe.errors import AlgorithmError, HFedMoEError, MismatchError, SchemaError, WireError
-from hfedmoe.modelsync import ModelManifest, build_shards
 from hfedmoe.models.base import MoEModel
+from hfedmoe.modelsync import ModelManifest, build_shards
 from hfedmoe.strategies import get_strategy
 from hfedmoe.transport.base import Message, Transport
 from hfedmoe.transport.chunks import BlobReceiver, ChunkSender

@@ -1,0 +1,142 @@
+"""Measure the real model's step costs on this device and turn them into a budget.
+
+The closures time *one expert of the actual model shape* at the configured batch and sequence
+length (its share of the routed tokens: B x S x top_k / experts per layer), trained and frozen,
+and the non-expert part of a training step (attention, embeddings, routers, head) with the
+experts' compute removed. :func:`cost_model` combines them with the model's parameter counts;
+:func:`decide_budget` applies the device's memory and the round deadline
+(:func:`device_agent.budget.compute_budget`), scaling times when a profile emulates another
+device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from device_agent.budget import (
+    Budget,
+    CostModel,
+    budget_from_report,
+    expert_activation_bytes,
+    expert_state_bytes,
+    tokens_per_expert,
+)
+from device_agent.report import DeviceReport, time_scale
+from device_agent.throughput import StepCosts, measure_step_costs
+from hfedmoe.experts import Expert
+from hfedmoe.models.base import MoEModel
+
+
+def _skip_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """No expert compute; the product keeps autograd's paths to the input and to the routing
+    weights (gates), so the backward still runs through the whole network as in training."""
+    return x * weights.sum(-1, keepdim=True) * 0
+
+
+@contextlib.contextmanager
+def _experts_skipped(model: MoEModel) -> Iterator[None]:
+    for layer in model.layers:
+        layer.bank.forward = _skip_experts  # instance attribute shadows the method
+    try:
+        yield
+    finally:
+        for layer in model.layers:
+            del layer.bank.forward
+
+
+@dataclass(frozen=True)
+class MeasuredCosts:
+    cost: CostModel
+    steps: StepCosts
+    tokens_per_expert: int
+
+
+def _sample_batch(model: MoEModel, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
+    vocab = getattr(model.tokenizer, "vocab_size", None) or 512
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(min(1000, vocab - 1), vocab, (batch_size, seq_len), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if model.task == "classification":
+        batch["labels"] = torch.zeros(batch_size, dtype=torch.long)
+    else:
+        batch["labels"] = ids.clone()
+    return batch
+
+
+def measure_costs(model: MoEModel, batch_size: int, seq_len: int, optimizer: str = "adamw",
+                  detach_frozen: bool = False, repeats: int = 3) -> MeasuredCosts:
+    """Time one expert (trained and frozen) and the non-expert step of ``model`` here."""
+    layer = model.layers[0]
+    shape = layer.bank.shape
+    tokens = tokens_per_expert(batch_size, seq_len, layer.top_k, layer.num_experts)
+    expert = Expert(shape)
+    x = torch.randn(tokens, shape.d_model)
+
+    def run_expert() -> None:
+        expert.requires_grad_(True)
+        xin = x.clone().requires_grad_(True)
+        expert(xin).sum().backward()
+        expert.zero_grad(set_to_none=True)
+
+    def run_frozen() -> None:
+        expert.requires_grad_(False)
+        if detach_frozen:
+            with torch.no_grad():
+                expert(x)
+        else:  # exact path: no weight gradient, but the input gradient flows through
+            xin = x.clone().requires_grad_(True)
+            expert(xin).sum().backward()
+
+    batch = _sample_batch(model, batch_size, seq_len)
+
+    def run_rest() -> None:
+        with _experts_skipped(model):
+            model.module(**batch).loss.backward()
+        model.module.zero_grad(set_to_none=True)
+
+    model.set_trainable(())  # gates and head train, as in every step
+    steps = measure_step_costs(run_expert, run_rest, "cpu", repeats,
+                               run_expert_frozen=run_frozen)
+    return MeasuredCosts(cost_model(model, steps, tokens, optimizer), steps, tokens)
+
+
+def cost_model(model: MoEModel, steps: StepCosts, tokens: int, optimizer: str) -> CostModel:
+    """Bytes from the model's parameter counts, seconds from the measured closures."""
+    shape = model.layers[0].bank.shape
+    per_expert = shape.params_per_expert
+    total = sum(p.numel() for p in model.module.parameters())
+    num_experts = sum(layer.num_experts for layer in model.layers)
+    trainable_rest = sum(p.numel() for k, p in model.trainable_parameters().items()
+                         if not k.startswith("layers.") or ".gate." in k)
+    return CostModel(
+        num_experts=num_experts,
+        non_expert_weight_bytes=4 * (total - num_experts * per_expert),
+        expert_weight_bytes=4 * per_expert,
+        expert_state_bytes=expert_state_bytes(per_expert, optimizer),
+        expert_activation_bytes=expert_activation_bytes(tokens, shape.d_model, shape.d_ff,
+                                                        gated=shape.gated),
+        non_expert_activation_bytes=steps.rest_peak_bytes
+        + expert_state_bytes(trainable_rest, optimizer),
+        rest_step_seconds=steps.rest_seconds,
+        expert_frozen_seconds=min(steps.expert_frozen_seconds or 0.0, steps.expert_seconds),
+        expert_trained_seconds=steps.expert_seconds)
+
+
+def decide_budget(report: DeviceReport, cost: CostModel, deadline_s: float, steps_per_round: int,
+                  host: DeviceReport | None = None, cap: int | None = None,
+                  margin_fraction: float = 0.1) -> Budget:
+    """C_budget for ``report``'s device; times are scaled from ``host`` when emulating."""
+    if report.emulated and host is not None:
+        cost = cost.scaled_time(time_scale(host, report))
+    return budget_from_report(report, cost, deadline_s, max(1, steps_per_round), cap=cap,
+                              margin_fraction=margin_fraction)
+
+
+def steps_per_round(num_examples: int, batch_size: int, epochs: int, max_steps: int = 0) -> int:
+    steps = math.ceil(num_examples / max(batch_size, 1)) * max(epochs, 1)
+    return min(steps, max_steps) if max_steps else steps
