@@ -33,7 +33,70 @@ def register(sub: Any) -> None:
                    help="matrix size (default 1024 on CPU, 4096 on CUDA)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.add_argument("--list-profiles", action="store_true", help="list shipped profiles and exit")
+    p.add_argument("--model", default="minilm-moe",
+                   help="time one expert and the non-expert step of this model ('none': skip)")
+    p.add_argument("--batch", type=int, default=8, help="batch size of the model timing")
+    p.add_argument("--seq", type=int, default=128, help="sequence length of the model timing")
+    p.add_argument("--deadline", type=float, default=60.0,
+                   help="round deadline (s) the printed budget is computed for")
+    p.add_argument("--steps", type=int, default=10, help="local steps per round for the budget")
     p.set_defaults(func=run)
+
+    a = sub.add_parser("agent", help="run a device agent: register, train rounds, send updates")
+    from hfedmoe.cli import add_config_args
+
+    add_config_args(a)
+    a.set_defaults(func=run_agent)
+
+
+def run_agent(args: argparse.Namespace) -> int:
+    """Handler of ``hfedmoe agent``."""
+    from device_agent.agent import DeviceAgent, load_agent_config
+
+    cfg = load_agent_config(args.config, args.overrides)
+    return DeviceAgent(cfg).run()
+
+
+def model_costs(report: DeviceReport, args: argparse.Namespace) -> dict[str, Any]:
+    """Time the real expert shape and the rest of a step, and the budget that follows."""
+    import dataclasses
+
+    from device_agent.costs import decide_budget, measure_costs
+    from hfedmoe.config import ModelConfig
+    from hfedmoe.models.registry import build_model
+
+    model = build_model(ModelConfig(name=args.model), "classification", 4)
+    measured = measure_costs(model, args.batch, args.seq)
+    budget = decide_budget(report, measured.cost, args.deadline, args.steps,
+                           host=None if not report.emulated else _host(args))
+    return {"model": args.model, "batch": args.batch, "seq": args.seq,
+            "tokens_per_expert": measured.tokens_per_expert,
+            "steps": dataclasses.asdict(measured.steps), "budget": budget.to_dict()}
+
+
+def _host(args: argparse.Namespace) -> DeviceReport:
+    from device_agent.resources import probe_device
+
+    return probe_device(device=args.device, matmul_seconds=max(args.matmul_seconds, 0.3))
+
+
+def print_costs(costs: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    s, b = costs["steps"], costs["budget"]
+    table = Table(title=f"{costs['model']}: batch {costs['batch']} x seq {costs['seq']} "
+                        f"({costs['tokens_per_expert']} tokens per expert)", show_header=False)
+    table.add_row("one expert fwd+bwd (trained)", f"{s['expert_seconds'] * 1e3:.2f} ms, peak "
+                  f"{s['expert_peak_bytes'] / 2**20:.1f} MiB")
+    table.add_row("one expert frozen", f"{(s['expert_frozen_seconds'] or 0) * 1e3:.2f} ms")
+    table.add_row("non-expert fwd+bwd", f"{s['rest_seconds'] * 1e3:.1f} ms, peak "
+                  f"{s['rest_peak_bytes'] / 2**20:.1f} MiB")
+    table.add_row("C_budget", f"{b['c_budget']} of {b['cost']['num_experts']} experts "
+                  f"({b['limit']}: {b['reason']})")
+    table.add_row("predicted step / peak", f"{b['step_seconds']:.3f} s / "
+                  f"{b['peak_bytes'] / 2**30:.2f} GiB")
+    Console().print(table)
 
 
 def _gib(value: int | None) -> str:
@@ -109,6 +172,18 @@ def run(args: argparse.Namespace) -> int:
         report = probe_device(device=args.device, matmul_seconds=args.matmul_seconds,
                               matmul_n=args.matmul_size)
     print_report(report)
+    costs = None
+    if args.model and args.model != "none":
+        costs = model_costs(report, args)
+        print_costs(costs)
     if args.out and args.out != "-":
-        print(f"saved {report.save(args.out)}")
+        path = report.save(args.out)
+        print(f"saved {path}")
+        if costs is not None:
+            import json
+            from pathlib import Path
+
+            cpath = Path(args.out).with_suffix(".costs.json")
+            cpath.write_text(json.dumps(costs, indent=2, default=str) + "\n")
+            print(f"saved {cpath}")
     return 0

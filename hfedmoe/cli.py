@@ -20,6 +20,11 @@ COMMANDS: dict[str, str] = {
     "models": "hfedmoe.models.cli",
     "certs": "hfedmoe.transport.cli",
     "profile": "device_agent.cli",
+    "agent": "device_agent.cli",
+    "server": "server.cli",
+    "demo": "server.cli",
+    "simulate": "server.cli",
+    "report": "server.cli",
 }
 
 
@@ -34,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hfedmoe", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in COMMANDS.values():
+    for module in dict.fromkeys(COMMANDS.values()):  # a module may provide several commands
         importlib.import_module(module).register(sub)
     return parser
 

@@ -19,6 +19,8 @@ class RoundConfig:
     Attributes:
         rounds: federated rounds to run.
         deadline_s: seconds a round stays open for updates (devices also train within it).
+        train_time_s: local compute window each device budgets its experts for (0: the
+            deadline minus the device's upload margin).
         min_updates: close the round early once this many updates are in (k of n; 0: all).
         fraction: fraction of online devices chosen each round.
         over_select: extra fraction chosen on top, so that k of n can close without stragglers.
@@ -32,6 +34,7 @@ class RoundConfig:
 
     rounds: int = 3
     deadline_s: float = 120.0
+    train_time_s: float = 0.0
     min_updates: int = 0
     fraction: float = 1.0
     over_select: float = 0.0
@@ -44,6 +47,8 @@ class RoundConfig:
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise ConfigError("rounds.rounds must be >= 1")
+        if self.train_time_s < 0 or self.train_time_s > self.deadline_s:
+            raise ConfigError("rounds.train_time_s must be in [0, deadline_s]")
         if self.deadline_s <= 0 or self.registration_timeout_s < 0:
             raise ConfigError("rounds.deadline_s must be > 0 and registration_timeout_s >= 0")
         if self.min_updates < 0 or self.min_devices < 1:

@@ -191,6 +191,8 @@ class Coordinator:
             self._announce({
                 "type": "round", "round": round_idx, "deadline": deadline,
                 "deadline_s": max(0.0, deadline - self.clock()),
+                **({"train_time_s": self.cfg.rounds.train_time_s}
+                   if self.cfg.rounds.train_time_s else {}),
                 "strategy": self.strategy.name, "method": _jsonable(self.cfg.method),
                 "train": _jsonable(self.cfg.train), "max_length": self.cfg.model.max_length,
                 "participants": participants,

@@ -1,0 +1,407 @@
+"""The device agent loop: measure, register, and take part in rounds until the run is done.
+
+One thread owns everything: it pumps the transport (paho only enqueues), fetches the global
+model's missing shards, trains with :func:`device_agent.train.train_round`, sends the sparse
+update as a chunked transfer and waits for the server's ack, re-sending the manifest until it
+comes. State that must survive a restart (last acknowledged round, a pending update, the fedmoe
+assignment) lives in ``work_dir``; the MQTT client id is the device id, so the broker keeps its
+session. SIGTERM stops cleanly between steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from hfedmoe.config import (
+    DataConfig,
+    MethodConfig,
+    ModelConfig,
+    TrainConfig,
+    from_dict,
+)
+from hfedmoe.errors import ConfigError, HFedMoEError, TransportError
+from hfedmoe.modelsync import ModelManifest, ShardCache, manifest_hash
+from hfedmoe.transport.base import Message, Transport
+from hfedmoe.transport.chunks import BlobReceiver, send_blob
+from hfedmoe.transport.config import TransportConfig
+from hfedmoe.transport.topics import Topics, check_id
+from hfedmoe.wire import WireConfig, encode
+
+log = logging.getLogger("hfedmoe.agent")
+
+# Hyper-parameters the server decides for every device; the rest of [train] stays local.
+SERVER_TRAIN_KEYS = ("batch_size", "lr", "optimizer", "weight_decay", "local_epochs", "max_steps")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything ``hfedmoe agent`` needs.
+
+    Attributes:
+        device_id: stable identity (also the MQTT client id).
+        emulate: a device profile (name or file) standing in for live measurement.
+        budget_cap: configured maximum experts per batch (0: none); never raises the budget.
+        shard, num_shards: this device's part of ``data.source`` (simulation); with
+            ``num_shards = 1`` the whole file is the device's data.
+        upload_margin_s: training stops this long before the round deadline.
+        measure_seq_len: sequence length of the cost measurement.
+    """
+
+    device_id: str = "device-0"
+    run_id: str = "hfedmoe"
+    work_dir: str = ""
+    emulate: str = ""
+    budget_cap: int = 0
+    shard: int = 0
+    num_shards: int = 1
+    upload_margin_s: float = 5.0
+    ack_timeout_s: float = 10.0
+    measure_seq_len: int = 64
+    matmul_seconds: float = 0.5
+    max_rounds: int = 0
+    runtime: Literal["eager", "executorch"] = "eager"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    wire: WireConfig = field(default_factory=WireConfig)
+
+    def __post_init__(self) -> None:
+        check_id(self.device_id, "device id")
+        check_id(self.run_id, "run id")
+        if not 0 <= self.shard < self.num_shards:
+            raise ConfigError(f"agent.shard must be in [0, num_shards={self.num_shards})")
+        if self.budget_cap < 0 or self.upload_margin_s < 0 or self.ack_timeout_s <= 0:
+            raise ConfigError("budget_cap and upload_margin_s must be >= 0, ack_timeout_s > 0")
+
+    @property
+    def directory(self) -> Path:
+        return Path(self.work_dir or f"runs/agents/{self.device_id}")
+
+
+class AgentStopped(Exception):
+    """Raised inside training when SIGTERM asked the agent to stop."""
+
+
+class DeviceAgent:
+    """One device taking part in a federated run."""
+
+    def __init__(self, cfg: AgentConfig, transport: Transport | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.topics = Topics(cfg.run_id)
+        self.dir = cfg.directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.state_path = self.dir / "agent_state.json"
+        self.local = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+        self.transport = transport
+        self._owns_transport = transport is None
+        self._broker = None
+        self.stop_requested = False
+        self.announcement: dict[str, Any] | None = None
+        self.acks: dict[str, dict[str, Any]] = {}
+        self.done = False
+        self.rounds_done = 0
+
+    # --- setup -------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Measure the device, load data and model, measure the model's costs."""
+        from device_agent.costs import measure_costs
+        from device_agent.profiles import load_profile
+        from device_agent.resources import probe_device
+        from hfedmoe.data import load_dataset, load_task
+        from hfedmoe.models.registry import build_model
+
+        cfg = self.cfg
+        if cfg.train.threads:
+            import torch
+
+            torch.set_num_threads(cfg.train.threads)
+        self.host = probe_device(matmul_seconds=cfg.matmul_seconds)  # before the model loads
+        self.report = load_profile(cfg.emulate) if cfg.emulate else self.host
+        if cfg.num_shards > 1:
+            task = load_task(cfg.data)
+            self.data = task.client_datasets(cfg.num_shards)[cfg.shard]
+            num_labels = task.num_labels
+        else:
+            self.data = load_dataset(cfg.data)
+            num_labels = self.data.num_labels
+        self.model = build_model(cfg.model, cfg.data.task, num_labels)
+        self.cache = ShardCache(self.model.spec())
+        self.base_manifest = self.cache.add_state(self.model.state())
+        self.costs = measure_costs(self.model, cfg.train.batch_size, cfg.measure_seq_len,
+                                   cfg.train.optimizer, cfg.train.detach_frozen)
+        self.budget = self._decide(deadline_s=60.0, train=cfg.train)
+        log.info("%s: %d local examples, budget %d experts (%s; %s)", cfg.device_id,
+                 len(self.data), self.budget.c_budget, self.budget.limit,
+                 "emulated " + self.report.source if self.report.emulated else "measured")
+
+    def _decide(self, deadline_s: float, train: TrainConfig) -> Any:
+        from device_agent.costs import decide_budget, steps_per_round
+
+        steps = steps_per_round(len(self.data), train.batch_size, train.local_epochs,
+                                train.max_steps)
+        return decide_budget(self.report, self.costs.cost, max(deadline_s, 1e-3), steps,
+                             host=self.host, cap=self.cfg.budget_cap or None)
+
+    def connect(self) -> None:
+        if self.transport is None:
+            from hfedmoe.transport.mqtt import open_transport
+
+            self.transport, self._broker = open_transport(
+                self.cfg.transport, self.cfg.device_id, self.topics.status(self.cfg.device_id))
+        t = self.transport
+        t.subscribe(self.topics.round(), self._on_round)
+        t.subscribe(self.topics.ack_tree(self.cfg.device_id), self._on_ack)
+        self.models = BlobReceiver(
+            t, self.topics.all_models(), self._on_shard,
+            request_topic=lambda prefix: self.topics.model_fetch(self.cfg.device_id,
+                                                                 prefix.rsplit("/", 1)[-1]),
+            retry_after=self.cfg.transport.retry_after,
+            timeout=self.cfg.transport.transfer_timeout)
+        t.wait_subscribed()
+        t.publish(self.topics.status(self.cfg.device_id), json.dumps({"state": "online"}).encode(),
+                  retain=True)
+        self.register()
+
+    def register(self) -> None:
+        body = {"device_id": self.cfg.device_id, "budget": self.budget.c_budget,
+                "report": {**self.report.to_dict(), "budget": self.budget.to_dict(),
+                           "local_examples": len(self.data),
+                           "measured_step": dataclasses.asdict(self.costs.steps)}}
+        self.transport.publish(self.topics.register(self.cfg.device_id),
+                               json.dumps(body, default=str).encode())
+
+    def close(self) -> None:
+        if self.transport is not None and self._owns_transport:
+            try:
+                self.transport.publish(self.topics.status(self.cfg.device_id),
+                                       json.dumps({"state": "offline"}).encode(), retain=True)
+                self.transport.close()
+            except TransportError:
+                pass
+        if self._broker is not None:
+            self._broker.stop()
+
+    # --- messages ----------------------------------------------------------------------------
+    def _on_round(self, message: Message) -> None:
+        try:
+            body = json.loads(message.payload)
+        except ValueError:
+            return
+        if isinstance(body, dict) and body.get("type") == "done":
+            self.done = True
+        elif isinstance(body, dict) and body.get("type") == "round":
+            self.announcement = body
+
+    def _on_ack(self, message: Message) -> None:
+        try:
+            body = json.loads(message.payload)
+        except ValueError:
+            return
+        if isinstance(body, dict) and body.get("sha"):
+            self.acks[body["sha"]] = body
+        elif isinstance(body, dict) and body.get("type") == "error":
+            log.warning("server rejected a message: %s: %s", body.get("error"), body.get("reason"))
+
+    def _on_shard(self, prefix: str, blob: bytes) -> None:
+        sha = prefix.rsplit("/", 1)[-1]
+        try:
+            self.cache.add_blob(blob, sha)
+        except HFedMoEError as exc:
+            log.warning("dropping model shard %s: %s", sha[:12], exc)
+            self.models.forget(prefix)
+
+    # --- the loop ----------------------------------------------------------------------------
+    def run(self) -> int:
+        """Take part in rounds until the server says done (or ``max_rounds``); exit code."""
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._sigterm)
+        try:
+            self.setup()
+            self.connect()
+            while not (self.done or self.stop_requested):
+                self.transport.pump(timeout=0.2)
+                ann = self.announcement
+                if ann is not None and self._should_join(ann):
+                    self.play_round(ann)
+                    if self.cfg.max_rounds and self.rounds_done >= self.cfg.max_rounds:
+                        break
+        except AgentStopped:
+            log.info("%s: stopped by SIGTERM", self.cfg.device_id)
+        finally:
+            self.close()
+        return 0
+
+    def _sigterm(self, *_: Any) -> None:
+        self.stop_requested = True
+
+    def _should_join(self, ann: dict[str, Any]) -> bool:
+        return (self.cfg.device_id in ann.get("participants", [])
+                and ann.get("round", -1) > self.local.get("last_round", -1)
+                and ann.get("deadline", 0) > self.clock())
+
+    def _pump_until(self, predicate: Callable[[], bool], deadline: float) -> bool:
+        while not predicate():
+            if self.stop_requested:
+                raise AgentStopped
+            if self.clock() >= deadline:
+                return False
+            self.transport.pump(timeout=0.1)
+            self.models.poll()
+        return True
+
+    def fetch_model(self, manifest: ModelManifest, deadline: float) -> int:
+        """Fetch the shards this device lacks; returns the bytes downloaded."""
+        missing = self.cache.missing(manifest)
+        for sha in missing:
+            self.transport.publish(self.topics.model_fetch(self.cfg.device_id, sha),
+                                   json.dumps({"manifest": True, "chunks": []}).encode())
+        if not self._pump_until(lambda: not self.cache.missing(manifest), deadline):
+            raise TransportError(f"{len(self.cache.missing(manifest))} model shard(s) did not "
+                                 f"arrive before the deadline")
+        return _shard_bytes(self.cache, missing)
+
+    def play_round(self, ann: dict[str, Any]) -> None:
+        """One round: fetch, train within the deadline, send, wait for the ack."""
+        from device_agent.train import train_round
+        from hfedmoe.strategies import get_strategy
+
+        round_idx = int(ann["round"])
+        deadline = float(ann["deadline"])
+        t0 = self.clock()
+        manifest = ModelManifest.from_dict(ann["model"])
+        if manifest_hash(manifest.shards) != manifest.state_hash:
+            raise HFedMoEError("round announcement: model manifest hash mismatch")
+        pending = self.dir / f"pending_r{round_idx}.bin"
+        if pending.exists():  # trained before a restart; send it again
+            blob = pending.read_bytes()
+            result = None
+            down = 0
+        else:
+            down = self.fetch_model(manifest, deadline)
+            self.model.load_state(self.cache.assemble(manifest))
+            method = from_dict(MethodConfig, ann["method"])
+            strategy = get_strategy(ann["strategy"], method)
+            server_train = {k: ann["train"][k] for k in SERVER_TRAIN_KEYS if k in ann["train"]}
+            train = dataclasses.replace(self.cfg.train, **server_train)
+            train_window = deadline - self.clock() - self.cfg.upload_margin_s
+            window = float(ann.get("train_time_s") or train_window)
+            self.budget = self._decide(window, train)
+            if not self.report.emulated:  # an emulated device's window is in its own time
+                train_window = min(train_window, window)
+            assignment = self._assignment(strategy, train) if strategy.needs_assignment else None
+            log.info("%s: round %d, budget %d (%s), %.1fs to train", self.cfg.device_id,
+                     round_idx, self.budget.c_budget, self.budget.limit, train_window)
+            result = train_round(
+                self.model, self.data, strategy=strategy, budget=self.budget.c_budget,
+                train_cfg=train, method_cfg=method, run_id=self.cfg.run_id, round_idx=round_idx,
+                client_id=self.cfg.device_id, max_length=int(ann.get("max_length", 128)),
+                deadline_s=max(train_window, 0.0), assignment=assignment,
+                base_hash=manifest.state_hash, on_step=self._on_step)
+            update = dataclasses.replace(result.update, meta={
+                **result.update.meta, "budget_limit": self.budget.limit,
+                "predicted_step_s": self.budget.step_seconds,
+                "emulated": self.report.emulated, "bytes_down": down})
+            blob = encode(update, method.tau, self.cfg.wire)
+            _atomic_write(pending, blob)
+        status = self.send_update(round_idx, blob, deadline)
+        pending.unlink(missing_ok=True)
+        self.local["last_round"] = round_idx
+        _atomic_write(self.state_path, json.dumps(self.local).encode())
+        self.rounds_done += 1
+        row = {"round": round_idx, "status": status, "bytes_up": len(blob), "bytes_down": down,
+               "budget": self.budget.c_budget, "seconds": self.clock() - t0}
+        if result is not None:
+            row.update(steps=result.steps, loss=result.mean_loss, stopped_by=result.stopped_by,
+                       experts=len(result.update.updated))
+        with open(self.dir / "agent.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        log.info("%s: round %d %s: %s", self.cfg.device_id, round_idx, status,
+                 ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in row.items() if k not in ("round", "status")))
+
+    def send_update(self, round_idx: int, blob: bytes, deadline: float) -> str:
+        """Chunked upload, re-announced until the server acks it (or the round is long gone)."""
+        sha = hashlib.sha256(blob).hexdigest()
+        sender = send_blob(self.transport, self.topics.update(self.cfg.device_id, sha), blob,
+                           chunk_size=self.cfg.transport.chunk_size)
+        give_up = max(deadline, self.clock()) + 3 * self.cfg.ack_timeout_s
+        try:
+            while not self._pump_until(lambda: sha in self.acks,
+                                       min(self.clock() + self.cfg.ack_timeout_s, give_up)):
+                if self.clock() >= give_up:
+                    log.warning("%s: no ack for round %d update", self.cfg.device_id, round_idx)
+                    return "unacknowledged"
+                sender.publish_manifest()  # the server may have restarted: announce again
+                sender.resend(range(len(sender.manifest.chunks)), count=False)
+        finally:
+            sender.close()
+        ack = self.acks.pop(sha)
+        if ack.get("status") == "rejected":
+            log.warning("%s: update rejected: %s: %s", self.cfg.device_id, ack.get("error"),
+                        ack.get("reason"))
+        return str(ack.get("status"))
+
+    def _assignment(self, strategy: Any, train: TrainConfig) -> frozenset:
+        """fedmoe: the fixed sub-model from a forward-only usage pass over the local data."""
+        saved = self.local.get("assignment")
+        if saved is not None:
+            from hfedmoe.names import ExpertId
+
+            return frozenset(ExpertId.parse(s) for s in saved)
+        import torch
+
+        from hfedmoe.data import collate, iter_minibatches
+        from hfedmoe.importance import compute_batch_stats
+        from hfedmoe.round_stats import RoundAccumulator
+
+        acc = RoundAccumulator()
+        with torch.no_grad():
+            for idx in iter_minibatches(len(self.data), train.batch_size, shuffle=False):
+                batch = collate(self.data, idx, self.model.tokenizer, self.cfg.model.max_length)
+                with self.model.capture(batch["attention_mask"]) as cap:
+                    self.model.module(input_ids=batch["input_ids"],
+                                      attention_mask=batch["attention_mask"])
+                acc.add(compute_batch_stats(cap.scores, cap.routed, strategy.cfg))
+        chosen = strategy.assign(acc.result().usage, self.budget.c_budget)
+        self.local["assignment"] = sorted(str(e) for e in chosen)
+        return chosen
+
+    def _on_step(self, info: dict[str, Any]) -> None:
+        if self.stop_requested:
+            raise AgentStopped
+        self.transport.pump(timeout=0)  # keep acks and announcements flowing during training
+        if sys.stderr.isatty() and info["step"] % 5 == 0:
+            print(f"\r{self.cfg.device_id} step {info['step']} loss {info['loss']:.3f} "
+                  f"experts {info['experts']}/{info['budget']} "
+                  f"{info['tokens_per_s']:.0f} tok/s", end="", file=sys.stderr)
+
+
+def _shard_bytes(cache: ShardCache, shas: list[str]) -> int:
+    return sum(t.numel() * t.element_size() for s in shas for t in cache._shards[s].values())
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def load_agent_config(path: str | None, overrides: list[str]) -> AgentConfig:
+    from hfedmoe.config import load_config
+
+    return load_config(AgentConfig, path, overrides)

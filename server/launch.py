@@ -1,0 +1,202 @@
+"""``hfedmoe demo``: a broker, the server and emulated devices as separate processes, end to end.
+
+Each device runs ``hfedmoe agent`` in its own process with its own config file, emulating a
+shipped device profile (phone, Jetson, Raspberry Pi, laptop), so budgets differ; everything is
+stated as emulated in the output. The demo shows progress as rounds finish and ends with a
+summary and the path of the HTML report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+DEMO_PROFILES = ("phone-midrange-6gb", "jetson-orin-nano-8gb", "phone-flagship-12gb",
+                 "raspberry-pi-5-8gb", "laptop-cpu-16gb", "jetson-agx-orin-32gb",
+                 "phone-midrange-6gb", "jetson-orin-nano-8gb")
+
+# Demo defaults: short questions, a learning rate that moves a fresh head in a few rounds.
+DEMO_SERVER = {
+    "model": {"max_length": 64},
+    "train": {"lr": 1e-3, "batch_size": 8, "local_epochs": 1, "threads": 1},
+    # Devices budget their experts for a 12 s local compute window (in their own, emulated time):
+    # slow phones then train a subset of experts per batch, Jetson-class boards all of them.
+    "rounds": {"registration_timeout_s": 300.0, "train_time_s": 12.0},
+}
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _spawn(args: list[str], log_path: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    log = open(log_path, "w")  # noqa: SIM115 - lives as long as the process
+    return subprocess.Popen([sys.executable, "-m", "hfedmoe.cli", *args], stdout=log,
+                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def write_configs(run_dir: Path, broker_url: str, args: argparse.Namespace,
+                  run_id: str) -> tuple[Path, list[Path]]:
+    """The server's and every device's TOML config, written into the run directory."""
+    from hfedmoe.config import apply_overrides
+
+    server = _merge(DEMO_SERVER, {
+        "run_id": run_id, "run_dir": str(run_dir), "transport": {"url": broker_url},
+        "method": {"strategy": args.strategy},
+        "rounds": {"rounds": args.rounds, "deadline_s": args.deadline,
+                   "min_devices": args.devices}})
+    server = apply_overrides(server, args.overrides)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    server_path = run_dir / "server.toml"
+    server_path.write_text(tomli_w.dumps(server))
+    agents = []
+    for i in range(args.devices):
+        profile = DEMO_PROFILES[i % len(DEMO_PROFILES)]
+        device = f"dev{i}-{profile.split('-')[0]}"
+        agent = {"device_id": device, "run_id": run_id, "emulate": profile,
+                 "work_dir": str(run_dir / "agents" / device), "shard": i,
+                 "num_shards": args.devices, "upload_margin_s": 10.0,
+                 "model": server.get("model", {}), "data": server.get("data", {}),
+                 "train": {"threads": 1, "batch_size": server["train"]["batch_size"]},
+                 "transport": {"url": broker_url}}
+        path = run_dir / "agents" / f"{device}.toml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(tomli_w.dumps(agent))
+        agents.append(path)
+    return server_path, agents
+
+
+def _rows(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def demo(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from hfedmoe.transport.broker import EmbeddedBroker
+
+    console = Console()
+    run_dir = Path(args.run_dir)
+    if (run_dir / "run.db").exists():
+        import shutil
+
+        shutil.rmtree(run_dir)  # a demo always starts fresh
+    run_id = f"demo-{int(time.time())}"
+    broker = None
+    url = args.broker
+    if not url:
+        broker = EmbeddedBroker().start()
+        url = broker.url
+        console.print(f"embedded MQTT broker (amqtt) on {url}")
+    server_cfg, agent_cfgs = write_configs(run_dir, url, args, run_id)
+    console.print(f"run directory {run_dir}; server config {server_cfg}")
+    procs: list[subprocess.Popen] = []
+    start = time.time()
+    try:
+        server = _spawn(["server", "--config", str(server_cfg)], run_dir / "server.log")
+        procs.append(server)
+        for path in agent_cfgs:
+            procs.append(_spawn(["agent", "--config", str(path)],
+                                path.with_suffix(".log")))
+        console.print(f"{len(agent_cfgs)} device agents started (budgets come from emulated "
+                      f"device profiles: {', '.join(DEMO_PROFILES[:len(agent_cfgs)])})")
+        seen = 0
+        while server.poll() is None:
+            time.sleep(1.0)
+            rows = _rows(run_dir)
+            for r in rows[seen:]:
+                what = ("initial model" if r.get("phase") == "initial"
+                        else f"round {r['round'] + 1}/{args.rounds}")
+                acc = f"accuracy {r['accuracy']:.3f}" if "accuracy" in r else \
+                    f"loss {r.get('loss', float('nan')):.3f}"
+                extra = "" if r.get("phase") == "initial" else (
+                    f", {r['accepted']}/{r['participants']} updates, "
+                    f"{r['experts_updated']} experts updated, "
+                    f"{(r['bytes_in'] + r['bytes_out']) / 1e6:.1f} MB moved")
+                console.print(f"[{time.time() - start:6.1f}s] {what}: {acc}{extra}")
+            seen = len(rows)
+            if time.time() - start > 3600:
+                console.print("[red]demo did not finish within an hour; stopping[/red]")
+                break
+        code = server.wait(timeout=60) if server.poll() is None else server.returncode
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        if broker is not None:
+            broker.stop()
+    if code != 0:
+        console.print(f"[red]server exited with {code}; see {run_dir / 'server.log'}[/red]")
+        return 1
+    _summary(console, Table, run_dir, time.time() - start)
+    return 0
+
+
+def _summary(console: Any, table_cls: Any, run_dir: Path, seconds: float) -> None:
+    from server.report import write_report
+    from server.store import Store
+
+    rows = _rows(run_dir)
+    t = table_cls(title="Rounds")
+    for col in ("round", "accuracy", "loss", "participants", "accepted", "MB in", "MB out",
+                "seconds"):
+        t.add_column(col)
+    for r in rows:
+        initial = r.get("phase") == "initial"
+        t.add_row("initial" if initial else str(r["round"] + 1),
+                  f"{r.get('accuracy', float('nan')):.3f}", f"{r.get('loss', float('nan')):.3f}",
+                  "" if initial else str(r["participants"]), "" if initial else str(r["accepted"]),
+                  "" if initial else f"{r['bytes_in'] / 1e6:.1f}",
+                  "" if initial else f"{r['bytes_out'] / 1e6:.1f}",
+                  "" if initial else f"{r['round_s']:.1f}")
+    console.print(t)
+    store = Store(run_dir)
+    devices = store.devices()
+    store.close()
+    d = table_cls(title="Devices (emulated profiles)")
+    for col in ("device", "profile", "budget", "limited by", "experts trained", "steps",
+                "last loss"):
+        d.add_column(col)
+    for name, info in sorted(devices.items()):
+        agent_rows = []
+        log = run_dir / "agents" / name / "agent.jsonl"
+        if log.exists():
+            agent_rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
+        trained = {e for r in rows if r.get("phase") == "round"
+                   for e in r.get("devices", {}).get(name, {}).get("updated", [])}
+        rep = info["report"]
+        d.add_row(name, str(rep.get("source", "")), str(info["budget"]),
+                  str(rep.get("budget", {}).get("limit", "")), str(len(trained)),
+                  str(sum(r.get("steps", 0) for r in agent_rows)),
+                  f"{agent_rows[-1]['loss']:.3f}" if agent_rows and "loss" in agent_rows[-1]
+                  else "-")
+    console.print(d)
+    console.print(f"finished in {seconds:.0f} s; report: {write_report(run_dir)}")
+
+
+def simulate(args: argparse.Namespace) -> int:
+    from server.simulate import run_simulation
+
+    return run_simulation(args)

@@ -1,0 +1,173 @@
+"""``hfedmoe report RUN_DIR``: a self-contained HTML report with PNG plots (matplotlib).
+
+Reads ``metrics.jsonl`` (one row per round, plus the initial evaluation) and ``run.db``
+(devices with their reports and budgets, rejections). Plots: accuracy/loss per round and per
+wall-clock second, bytes per round, per-device budgets and measured step times, a heatmap of
+the experts each device trained, and accepted/rejected/late counts.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from hfedmoe.errors import StoreError
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise StoreError(f"{path} not found: not a run directory, or no round finished yet")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _plots(rows: list[dict[str, Any]], devices: dict[str, Any]) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r for r in rows if r.get("phase") == "round"]
+    initial = [r for r in rows if r.get("phase") == "initial"]
+    t0 = (initial or rows)[0]["time"]
+    out: dict[str, str] = {}
+    metric = "accuracy" if any("accuracy" in r for r in rows) else "loss"
+    xs = [r["round"] + 1 for r in initial + rounds]
+    ts = [r["time"] - t0 for r in initial + rounds]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    for ax, x, label in ((axes[0], xs, "round"), (axes[1], ts, "wall-clock seconds")):
+        ax.plot(x, [r.get(metric) for r in initial + rounds], "o-", label=metric)
+        if metric == "accuracy":
+            ax2 = ax.twinx()
+            ax2.plot(x, [r.get("loss") for r in initial + rounds], "s--", color="tab:red",
+                     label="loss")
+            ax2.set_ylabel("loss")
+        ax.set_xlabel(label)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    fig.suptitle("held-out evaluation (round 0 = before training)")
+    out["evaluation"] = _png(fig)
+
+    if rounds:
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        idx = [r["round"] for r in rounds]
+        ax.bar([i - 0.2 for i in idx], [r["bytes_in"] / 1e6 for r in rounds], 0.4,
+               label="updates in")
+        ax.bar([i + 0.2 for i in idx], [r["bytes_out"] / 1e6 for r in rounds], 0.4,
+               label="model out")
+        ax.set_xlabel("round")
+        ax.set_ylabel("MB")
+        ax.legend()
+        out["bytes"] = _png(fig)
+
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        for key, color in (("accepted", "tab:green"), ("rejected", "tab:red"),
+                           ("late", "tab:orange")):
+            ax.plot(idx, [r.get(key, 0) for r in rounds], "o-", label=key, color=color)
+        ax.set_xlabel("round")
+        ax.set_ylabel("updates")
+        ax.legend()
+        out["outcomes"] = _png(fig)
+
+        names = sorted({d for r in rounds for d in r.get("devices", {})})
+        experts = sorted({e for r in rounds for d in r.get("devices", {}).values()
+                          for e in d["updated"]}, key=lambda s: tuple(map(int, s.split(":"))))
+        if names and experts:
+            grid = [[sum(e in r.get("devices", {}).get(n, {}).get("updated", [])
+                         for r in rounds) for e in experts] for n in names]
+            fig, ax = plt.subplots(figsize=(max(6, len(experts) * 0.16), 0.4 * len(names) + 1.5))
+            im = ax.imshow(grid, aspect="auto", cmap="viridis")
+            ax.set_yticks(range(len(names)), names)
+            step = max(1, len(experts) // 16)
+            ax.set_xticks(range(0, len(experts), step), experts[::step], rotation=90)
+            ax.set_xlabel("expert (layer:index)")
+            fig.colorbar(im, ax=ax, label="rounds trained")
+            out["experts"] = _png(fig)
+
+    if devices:
+        names = sorted(devices)
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+        axes[0].bar(names, [devices[n]["budget"] for n in names])
+        axes[0].set_ylabel("C_budget (experts)")
+        steps = [devices[n]["report"].get("budget", {}).get("step_seconds", 0) for n in names]
+        axes[1].bar(names, steps)
+        axes[1].set_ylabel("predicted step time (s)")
+        for ax in axes:
+            ax.tick_params(axis="x", rotation=45)
+        out["devices"] = _png(fig)
+    return out
+
+
+def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = ""
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c, "")
+            cells.append(f"<td>{v:.4f}</td>" if isinstance(v, float) else
+                         f"<td>{html.escape(str(v))}</td>")
+        body += "<tr>" + "".join(cells) + "</tr>"
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``RUN_DIR/report.html``; returns its path."""
+    from server.store import Store
+
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir)
+    store = Store(run_dir)
+    try:
+        devices = store.devices()
+        rejections = store.rejections()
+    finally:
+        store.close()
+    plots = _plots(rows, devices)
+    round_cols = ["round", "participants", "accepted", "rejected", "late", "experts_updated",
+                  "bytes_in", "bytes_out", "aggregation_s", "round_s", "accuracy", "loss",
+                  "perplexity"]
+    present = [c for c in round_cols if any(c in r for r in rows)]
+    dev_rows = [{"device": n, "budget": d["budget"], "status": d["status"],
+                 "limit": d["report"].get("budget", {}).get("limit", ""),
+                 "emulated": d["report"].get("source", "") if d["report"].get("emulated")
+                 else "measured",
+                 "trained experts (all rounds)": len({e for r in rows if r.get("phase") == "round"
+                                                      for e in r.get("devices", {})
+                                                      .get(n, {}).get("updated", [])})}
+                for n, d in sorted(devices.items())]
+    parts = ["<html><head><meta charset='utf-8'><title>HFedMoE run report</title><style>",
+             "body{font-family:sans-serif;margin:2em;max-width:1100px}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
+             "padding:3px 8px;font-size:13px}img{max-width:100%}",
+             "</style></head><body>",
+             f"<h1>HFedMoE run: {html.escape(run_dir.name)}</h1>",
+             "<h2>Rounds</h2>", _table(rows, present)]
+    titles = {"evaluation": "Held-out evaluation", "bytes": "Bytes per round",
+              "outcomes": "Accepted / rejected / late updates", "devices": "Devices",
+              "experts": "Experts trained per device"}
+    for key, title in titles.items():
+        if key in plots:
+            parts.append(f"<h2>{title}</h2><img src='data:image/png;base64,{plots[key]}'>")
+        if key == "devices" and dev_rows:
+            parts.append(_table(dev_rows, list(dev_rows[0])))
+    if rejections:
+        parts += ["<h2>Rejected messages</h2>", _table(rejections[:200],
+                                                       ["round", "client", "error", "reason"])]
+    parts.append("</body></html>")
+    out = run_dir / "report.html"
+    out.write_text("\n".join(parts))
+    return out
