@@ -113,6 +113,7 @@ class DeviceAgent:
         self.acks: dict[str, dict[str, Any]] = {}
         self.done = False
         self.rounds_done = 0
+        self.receivers: list[BlobReceiver] = []  # open model-shard transfers
 
     # --- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -164,12 +165,6 @@ class DeviceAgent:
         t = self.transport
         t.subscribe(self.topics.round(), self._on_round)
         t.subscribe(self.topics.ack_tree(self.cfg.device_id), self._on_ack)
-        self.models = BlobReceiver(
-            t, self.topics.all_models(), self._on_shard,
-            request_topic=lambda prefix: self.topics.model_fetch(self.cfg.device_id,
-                                                                 prefix.rsplit("/", 1)[-1]),
-            retry_after=self.cfg.transport.retry_after,
-            timeout=self.cfg.transport.transfer_timeout)
         t.wait_subscribed()
         t.publish(self.topics.status(self.cfg.device_id), json.dumps({"state": "online"}).encode(),
                   retain=True)
@@ -221,7 +216,8 @@ class DeviceAgent:
             self.cache.add_blob(blob, sha)
         except HFedMoEError as exc:
             log.warning("dropping model shard %s: %s", sha[:12], exc)
-            self.models.forget(prefix)
+            for receiver in self.receivers:
+                receiver.forget(prefix)
 
     # --- the loop ----------------------------------------------------------------------------
     def run(self) -> int:
@@ -261,18 +257,32 @@ class DeviceAgent:
             if self.clock() >= deadline:
                 return False
             self.transport.pump(timeout=0.1)
-            self.models.poll()
+            for receiver in self.receivers:
+                receiver.poll()
         return True
 
     def fetch_model(self, manifest: ModelManifest, deadline: float) -> int:
         """Fetch the shards this device lacks; returns the bytes downloaded."""
         missing = self.cache.missing(manifest)
-        for sha in missing:
-            self.transport.publish(self.topics.model_fetch(self.cfg.device_id, sha),
-                                   json.dumps({"manifest": True, "chunks": []}).encode())
-        if not self._pump_until(lambda: not self.cache.missing(manifest), deadline):
-            raise TransportError(f"{len(self.cache.missing(manifest))} model shard(s) did not "
-                                 f"arrive before the deadline")
+        t, device = self.transport, self.cfg.device_id
+        # one subscription per needed shard: shards this device has never reach it
+        self.receivers = [BlobReceiver(
+            t, f"{self.topics.model(sha).prefix}/#", self._on_shard,
+            request_topic=lambda prefix: self.topics.model_fetch(device, prefix.rsplit("/", 1)[-1]),
+            retry_after=self.cfg.transport.retry_after,
+            timeout=self.cfg.transport.transfer_timeout) for sha in missing]
+        try:
+            t.wait_subscribed()
+            for sha in missing:
+                t.publish(self.topics.model_fetch(device, sha),
+                          json.dumps({"manifest": True, "chunks": []}).encode())
+            if not self._pump_until(lambda: not self.cache.missing(manifest), deadline):
+                raise TransportError(f"{len(self.cache.missing(manifest))} model shard(s) did "
+                                     f"not arrive before the deadline")
+        finally:
+            for receiver in self.receivers:
+                receiver.close()
+            self.receivers = []
         return _shard_bytes(self.cache, missing)
 
     def play_round(self, ann: dict[str, Any]) -> None:
@@ -300,7 +310,10 @@ class DeviceAgent:
             train = dataclasses.replace(self.cfg.train, **server_train)
             train_window = deadline - self.clock() - self.cfg.upload_margin_s
             window = float(ann.get("train_time_s") or train_window)
+            registered = self.budget.c_budget
             self.budget = self._decide(window, train)
+            if self.budget.c_budget != registered:  # tell the server the new budget
+                self.register()
             if not self.report.emulated:  # an emulated device's window is in its own time
                 train_window = min(train_window, window)
             assignment = self._assignment(strategy, train) if strategy.needs_assignment else None
@@ -363,21 +376,11 @@ class DeviceAgent:
             from hfedmoe.names import ExpertId
 
             return frozenset(ExpertId.parse(s) for s in saved)
-        import torch
+        from device_agent.train import usage_profile
 
-        from hfedmoe.data import collate, iter_minibatches
-        from hfedmoe.importance import compute_batch_stats
-        from hfedmoe.round_stats import RoundAccumulator
-
-        acc = RoundAccumulator()
-        with torch.no_grad():
-            for idx in iter_minibatches(len(self.data), train.batch_size, shuffle=False):
-                batch = collate(self.data, idx, self.model.tokenizer, self.cfg.model.max_length)
-                with self.model.capture(batch["attention_mask"]) as cap:
-                    self.model.module(input_ids=batch["input_ids"],
-                                      attention_mask=batch["attention_mask"])
-                acc.add(compute_batch_stats(cap.scores, cap.routed, strategy.cfg))
-        chosen = strategy.assign(acc.result().usage, self.budget.c_budget)
+        usage = usage_profile(self.model, self.data, strategy, train.batch_size,
+                              self.cfg.model.max_length)
+        chosen = strategy.assign(usage, self.budget.c_budget)
         self.local["assignment"] = sorted(str(e) for e in chosen)
         return chosen
 

@@ -204,3 +204,16 @@ def _deltas(model: MoEModel, initial: dict[str, torch.Tensor], updated: frozense
             continue
         out[key] = value - initial[key]
     return out
+
+
+def usage_profile(model: MoEModel, data: TextDataset | PairDataset, strategy: Strategy,
+                  batch_size: int, max_length: int) -> dict[ExpertId, float]:
+    """u_c(e) (Eq. 16) of a device's data from forward passes only (fedmoe's assignment)."""
+    acc = RoundAccumulator()
+    with torch.no_grad():
+        for idx in iter_minibatches(len(data), batch_size, shuffle=False):
+            batch = collate(data, idx, model.tokenizer, max_length)
+            with model.capture(batch["attention_mask"]) as cap:
+                model.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            acc.add(compute_batch_stats(cap.scores, cap.routed, strategy.cfg))
+    return dict(acc.result().usage)

@@ -82,6 +82,7 @@ class Coordinator:
         self.global_state = model.state()
         self.blobs: dict[str, bytes] = {}  # shard sha -> blob, current and previous round
         self.senders: dict[str, ChunkSender] = {}
+        self.sent_full: dict[str, float] = {}  # shard sha -> when it was last sent whole
         self.round: RoundState | None = None
         self.next_round = 0
         self.aggregator = self.strategy.make_aggregator()
@@ -319,9 +320,16 @@ class Coordinator:
             chunks = want.get("chunks") or []
         except (ValueError, AttributeError):
             return
-        if want.get("manifest"):
+        recently = time.monotonic() - self.sent_full.get(sha, -1e9) < self.cfg.transport.retry_after
+        if want.get("manifest") and recently:
+            # every device asks at the start of a round; one broadcast serves all of them,
+            # and a device that subscribed late asks for the chunks it lacks
+            sender.publish_manifest()
+            sent = 0
+        elif want.get("manifest"):
             sender.publish_manifest()
             sender.resend(range(len(sender.manifest.chunks)))
+            self.sent_full[sha] = time.monotonic()
             sent = len(blob)
         else:
             sender.handle_request(message)

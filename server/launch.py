@@ -29,7 +29,9 @@ DEMO_SERVER = {
     "train": {"lr": 1e-3, "batch_size": 8, "local_epochs": 1, "threads": 1},
     # Devices budget their experts for a 12 s local compute window (in their own, emulated time):
     # slow phones then train a subset of experts per batch, Jetson-class boards all of them.
-    "rounds": {"registration_timeout_s": 300.0, "train_time_s": 12.0},
+    "rounds": {"registration_timeout_s": 300.0, "train_time_s": 8.0},
+    # bf16 deltas on the wire: half the upload of fp32 (decoded back to fp32 on the server)
+    "wire": {"dtype": "bfloat16"},
 }
 
 
@@ -71,7 +73,7 @@ def write_configs(run_dir: Path, broker_url: str, args: argparse.Namespace,
                  "num_shards": args.devices, "upload_margin_s": 10.0,
                  "model": server.get("model", {}), "data": server.get("data", {}),
                  "train": {"threads": 1, "batch_size": server["train"]["batch_size"]},
-                 "transport": {"url": broker_url}}
+                 "transport": {"url": broker_url}, "wire": server.get("wire", {})}
         path = run_dir / "agents" / f"{device}.toml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(tomli_w.dumps(agent))

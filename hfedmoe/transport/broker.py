@@ -14,6 +14,8 @@ import threading
 from hfedmoe.errors import TransportError
 
 log = logging.getLogger(__name__)
+for _noisy in ("amqtt", "transitions"):  # per-connection INFO lines drown a demo's output
+    logging.getLogger(_noisy).setLevel(logging.WARNING)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
