@@ -114,6 +114,7 @@ class DeviceAgent:
         self.done = False
         self.rounds_done = 0
         self.receivers: list[BlobReceiver] = []  # open model-shard transfers
+        self.registered = False
 
     # --- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -168,9 +169,12 @@ class DeviceAgent:
         t.wait_subscribed()
         t.publish(self.topics.status(self.cfg.device_id), json.dumps({"state": "online"}).encode(),
                   retain=True)
-        self.register()
+        # the server may start after this device: register until it answers
+        while not self._pump_until(lambda: self.registered, self.clock() + 5.0):
+            self.register()
 
     def register(self) -> None:
+        self.registered = False
         body = {"device_id": self.cfg.device_id, "budget": self.budget.c_budget,
                 "report": {**self.report.to_dict(), "budget": self.budget.to_dict(),
                            "local_examples": len(self.data),
@@ -205,7 +209,9 @@ class DeviceAgent:
             body = json.loads(message.payload)
         except ValueError:
             return
-        if isinstance(body, dict) and body.get("sha"):
+        if isinstance(body, dict) and body.get("type") == "registered":
+            self.registered = True
+        elif isinstance(body, dict) and body.get("sha"):
             self.acks[body["sha"]] = body
         elif isinstance(body, dict) and body.get("type") == "error":
             log.warning("server rejected a message: %s: %s", body.get("error"), body.get("reason"))

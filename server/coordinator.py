@@ -50,6 +50,7 @@ class RoundState:
     manifest: ModelManifest
     expected: int
     accepted: dict[str, int] = field(default_factory=dict)  # client -> bytes
+    refused: set[str] = field(default_factory=set)  # participants whose update was rejected
     rejected: int = 0
     late: int = 0
     bytes_out: int = 0
@@ -101,7 +102,7 @@ class Coordinator:
         self._receiver = BlobReceiver(
             t, self.topics.all_updates(), self._on_update_blob,
             request_topic=self.topics.update_request_for,
-            on_error=lambda prefix, exc: log.warning("update transfer %s failed: %s", prefix, exc),
+            on_error=self._on_transfer_error,
             retry_after=self.cfg.transport.retry_after, timeout=self.cfg.transport.transfer_timeout,
             max_bytes=self.cfg.wire.max_payload_bytes)
         t.wait_subscribed()
@@ -162,6 +163,9 @@ class Coordinator:
         rc = self.cfg.rounds
         ok = self.transport.run_until(lambda: len(self.online_devices()) >= rc.min_devices,
                                       timeout=rc.registration_timeout_s)
+        while not self.online_devices():  # a round without devices is pointless: keep waiting
+            log.info("waiting for a device to register")
+            self.transport.run_until(lambda: bool(self.online_devices()), timeout=30.0)
         online = sorted(self.online_devices())
         if not ok:
             log.warning("only %d of %d devices online after %.0fs; starting anyway",
@@ -211,7 +215,8 @@ class Coordinator:
             if len(r.accepted) >= r.expected:
                 return True
             online = self.online_devices()
-            waiting = [p for p in r.participants if p not in r.accepted and p in online]
+            waiting = [p for p in r.participants
+                       if p not in r.accepted and p not in r.refused and p in online]
             return not waiting or self.clock() >= r.deadline
 
         while not finished():
@@ -397,10 +402,21 @@ class Coordinator:
         log.info("late update from %s for round %d %s", device, round_idx,
                  "folded into the open round" if fold else "dropped")
 
+    def _on_transfer_error(self, prefix: str, exc: Exception) -> None:
+        """A transfer that cannot complete (too large, corrupt, timed out): tell the device."""
+        try:
+            device, sha = self.topics.parse_update_prefix(prefix)
+        except HFedMoEError:
+            return
+        if device in self.store.devices():
+            self._reject(device, None if self.round is None else self.round.round_idx, exc, sha)
+
     def _reject(self, device: str, round_idx: int | None, exc: Exception,
                 sha: str = "") -> None:
         if self.round is not None:
             self.round.rejected += 1
+            if sha and round_idx == self.round.round_idx:
+                self.round.refused.add(device)
         self._prom.count("rejected")
         self.store.reject(round_idx, device, type(exc).__name__, str(exc)[:500])
         log.warning("rejected %s from %s: %s: %s", "update" if sha else "message", device,
