@@ -1,0 +1,55 @@
+"""The main job end to end: ``hfedmoe demo`` over a real Mosquitto, and ``hfedmoe simulate``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import tomli_w
+
+from tests.integration.conftest import SMALL, merge, metrics
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_short_demo_over_mosquitto_raises_accuracy(tmp_path, mosquitto):
+    run_dir = tmp_path / "demo"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "hfedmoe.cli", "demo", "--broker", mosquitto, "--devices", "3",
+         "--rounds", "2", "--run-dir", str(run_dir)],
+        capture_output=True, text=True, env=env, timeout=880)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = metrics(run_dir)
+    initial = [r for r in rows if r["phase"] == "initial"][0]
+    rounds = [r for r in rows if r["phase"] == "round"]
+    assert len(rounds) == 2 and all(r["accepted"] == 3 for r in rounds)
+    assert rounds[-1]["accuracy"] > initial["accuracy"]
+    assert (run_dir / "report.html").exists() and "report:" in proc.stdout
+    for device in (run_dir / "agents").glob("*/agent.jsonl"):
+        statuses = [json.loads(x)["status"] for x in device.read_text().splitlines()]
+        assert statuses == ["accepted", "accepted"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_simulate_writes_a_run_directory_the_report_reads(tmp_path):
+    cfg = merge(SMALL, {"run_dir": str(tmp_path / "sim"), "max_eval_examples": 32,
+                        "rounds": {"rounds": 2, "train_time_s": 5.0},
+                        "train": {"max_steps": 3}, "method": {"strategy": "fedmoe"}})
+    path = tmp_path / "sim.toml"
+    path.write_text(tomli_w.dumps(cfg))
+    proc = subprocess.run(
+        [sys.executable, "-m", "hfedmoe.cli", "simulate", "--config", str(path), "--devices", "3",
+         "--profiles", "phone-midrange-6gb,jetson-orin-nano-8gb"],
+        capture_output=True, text=True, timeout=580, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [r for r in metrics(tmp_path / "sim") if r["phase"] == "round"]
+    assert [r["round"] for r in rows] == [0, 1] and all(r["accepted"] == 3 for r in rows)
+    assert rows[0]["bytes_in"] > 0 and rows[0]["bytes_out"] == 0  # devices start from the base
+    report = (tmp_path / "sim" / "report.html").read_text()
+    assert "Held-out evaluation" in report and "data:image/png;base64" in report
