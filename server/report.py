@@ -47,7 +47,7 @@ def _plots(rows: list[dict[str, Any]], devices: dict[str, Any]) -> dict[str, str
     metric = "accuracy" if any("accuracy" in r for r in rows) else "loss"
     xs = [r["round"] + 1 for r in initial + rounds]
     ts = [r["time"] - t0 for r in initial + rounds]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), layout="constrained")
     for ax, x, label in ((axes[0], xs, "round"), (axes[1], ts, "wall-clock seconds")):
         ax.plot(x, [r.get(metric) for r in initial + rounds], "o-", label=metric)
         if metric == "accuracy":
