@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from device_agent.monitor import BudgetMonitor, Observation
 from hfedmoe.config import (
     DataConfig,
     MethodConfig,
@@ -140,11 +141,13 @@ class DeviceAgent:
             self.data = load_dataset(cfg.data)
             num_labels = self.data.num_labels
         self.model = build_model(cfg.model, cfg.data.task, num_labels)
+        self.model.module.to(resolve_device(cfg.train.device))
         self.cache = ShardCache(self.model.spec())
         self.base_manifest = self.cache.add_state(self.model.state())
         self.costs = measure_costs(self.model, cfg.train.batch_size, cfg.measure_seq_len,
                                    cfg.train.optimizer, cfg.train.detach_frozen)
         self.budget = self._decide(deadline_s=60.0, train=cfg.train)
+        self.monitor = BudgetMonitor(self.budget)
         log.info("%s: %d local examples, budget %d experts (%s; %s)", cfg.device_id,
                  len(self.data), self.budget.c_budget, self.budget.limit,
                  "emulated " + self.report.source if self.report.emulated else "measured")
@@ -338,6 +341,8 @@ class DeviceAgent:
             blob = encode(update, method.tau, self.cfg.wire)
             _atomic_write(pending, blob)
         status = self.send_update(round_idx, blob, deadline)
+        if result is not None and result.steps:
+            self._watch(result)
         pending.unlink(missing_ok=True)
         self.local["last_round"] = round_idx
         _atomic_write(self.state_path, json.dumps(self.local).encode())
@@ -352,6 +357,27 @@ class DeviceAgent:
         log.info("%s: round %d %s: %s", self.cfg.device_id, round_idx, status,
                  ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in row.items() if k not in ("round", "status")))
+
+    def _watch(self, result: Any) -> None:
+        """Re-measure when the device changed: memory pressure, throttling, drifting steps."""
+        if self.report.emulated:  # host timings say nothing about the emulated device
+            return
+        from device_agent.costs import measure_costs
+        from device_agent.resources import probe_device
+
+        live = probe_device(matmul_seconds=0)
+        self.monitor.reset(self.budget)
+        decision = self.monitor.observe(Observation(
+            available_bytes=live.budget_memory_bytes, cpufreq_ratio=live.cpufreq_ratio,
+            temperature_c=live.temperature_c, throttled=live.throttled,
+            step_seconds=result.seconds / result.steps,
+            trained_experts=round(sum(map(len, result.selections)) / result.steps)))
+        if decision.remeasure:
+            log.info("%s: re-measuring: %s", self.cfg.device_id, "; ".join(decision.reasons))
+            self.report = self.host = probe_device(matmul_seconds=self.cfg.matmul_seconds)
+            self.costs = measure_costs(self.model, self.cfg.train.batch_size,
+                                       self.cfg.measure_seq_len, self.cfg.train.optimizer,
+                                       self.cfg.train.detach_frozen)
 
     def send_update(self, round_idx: int, blob: bytes, deadline: float) -> str:
         """Chunked upload, re-announced until the server acks it (or the round is long gone)."""
@@ -398,6 +424,15 @@ class DeviceAgent:
             print(f"\r{self.cfg.device_id} step {info['step']} loss {info['loss']:.3f} "
                   f"experts {info['experts']}/{info['budget']} "
                   f"{info['tokens_per_s']:.0f} tok/s", end="", file=sys.stderr)
+
+
+def resolve_device(name: str) -> str:
+    """``"auto"``: CUDA when present (Jetson included), else the CPU."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
 
 
 def _shard_bytes(cache: ShardCache, shas: list[str]) -> int:

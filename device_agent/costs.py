@@ -73,9 +73,10 @@ def measure_costs(model: MoEModel, batch_size: int, seq_len: int, optimizer: str
     """Time one expert (trained and frozen) and the non-expert step of ``model`` here."""
     layer = model.layers[0]
     shape = layer.bank.shape
+    device = next(model.module.parameters()).device
     tokens = tokens_per_expert(batch_size, seq_len, layer.top_k, layer.num_experts)
-    expert = Expert(shape)
-    x = torch.randn(tokens, shape.d_model)
+    expert = Expert(shape).to(device)
+    x = torch.randn(tokens, shape.d_model, device=device)
 
     def run_expert() -> None:
         expert.requires_grad_(True)
@@ -92,7 +93,7 @@ def measure_costs(model: MoEModel, batch_size: int, seq_len: int, optimizer: str
             xin = x.clone().requires_grad_(True)
             expert(xin).sum().backward()
 
-    batch = _sample_batch(model, batch_size, seq_len)
+    batch = {k: v.to(device) for k, v in _sample_batch(model, batch_size, seq_len).items()}
 
     def run_rest() -> None:
         with _experts_skipped(model):
@@ -100,7 +101,7 @@ def measure_costs(model: MoEModel, batch_size: int, seq_len: int, optimizer: str
         model.module.zero_grad(set_to_none=True)
 
     model.set_trainable(())  # gates and head train, as in every step
-    steps = measure_step_costs(run_expert, run_rest, "cpu", repeats,
+    steps = measure_step_costs(run_expert, run_rest, device, repeats,
                                run_expert_frozen=run_frozen)
     return MeasuredCosts(cost_model(model, steps, tokens, optimizer), steps, tokens)
 

@@ -153,6 +153,7 @@ class Coordinator:
             sender.close()
         if self._receiver is not None:
             self._receiver.close()
+        self._prom.close()
         self.store.close()
 
     # --- rounds ------------------------------------------------------------------------------
@@ -453,13 +454,19 @@ class _Prometheus:
         self.enabled = port > 0
         if not self.enabled:
             return
-        from prometheus_client import Counter, Gauge, start_http_server
+        from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-        start_http_server(port)
-        self.round = Gauge("hfedmoe_round", "current round")
-        self.accuracy = Gauge("hfedmoe_eval_accuracy", "held-out accuracy")
-        self.loss = Gauge("hfedmoe_eval_loss", "held-out loss")
-        self.updates = Counter("hfedmoe_updates_total", "updates by outcome", ["outcome"])
+        reg = CollectorRegistry()  # one per server, so several can live in one process
+        self.server, self.thread = start_http_server(port, registry=reg)
+        self.round = Gauge("hfedmoe_round", "current round", registry=reg)
+        self.accuracy = Gauge("hfedmoe_eval_accuracy", "held-out accuracy", registry=reg)
+        self.loss = Gauge("hfedmoe_eval_loss", "held-out loss", registry=reg)
+        self.updates = Counter("hfedmoe_updates_total", "updates by outcome", ["outcome"],
+                               registry=reg)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.server.shutdown()
 
     def set_round(self, r: int) -> None:
         if self.enabled:
