@@ -60,7 +60,7 @@ def test_round_over_memory_transport_with_prometheus(tmp_path):
             blob = encode(up, 0.01)
             sha = hashlib.sha256(blob).hexdigest()
             send_blob(t, topics.update(d, sha), blob)
-            t.run_until(lambda d=d: any(a.get("sha") == sha for a in acks[d]), 30)
+            t.run_until(lambda d=d, sha=sha: any(a.get("sha") == sha for a in acks[d]), 30)
             assert [a for a in acks[d] if a.get("sha") == sha][0]["status"] == "accepted"
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
         assert 'hfedmoe_updates_total{outcome="accepted"} 2.0' in body
