@@ -52,16 +52,24 @@ Backend = Literal["portable", "xnnpack"]
 INFERENCE_TOL = 1e-4  # .pte vs eager logits (float32; XNNPACK reorders sums)
 
 
-def _lower(ep: Any, backend: Backend) -> bytes:
+def _lower(ep: Any, backend: Backend, training: bool = False) -> bytes:
     from executorch.exir import to_edge, to_edge_transform_and_lower
 
     if backend == "portable":
         return to_edge(ep).to_executorch().buffer
     if backend == "xnnpack":
+        from executorch.backends.xnnpack.partition import config as xnn_config
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
-        return to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]
-                                           ).to_executorch().buffer
+        configs = None
+        if training:
+            # The joint graph returns the router softmax (saved for backward) as an output; a
+            # delegate whose output is also its input is rejected ("Output node ... is already
+            # in the inputs"), so softmax stays on portable kernels in training programs.
+            configs = [c for c in xnn_config.ALL_PARTITIONER_CONFIGS
+                       if c is not xnn_config.SoftmaxConfig]
+        partitioner = XnnpackPartitioner(configs=configs)
+        return to_edge_transform_and_lower(ep, partitioner=[partitioner]).to_executorch().buffer
     raise ExportError(f"unknown ExecuTorch backend {backend!r} (portable, xnnpack)")
 
 
@@ -162,7 +170,7 @@ def export_training_program(model: MoEModel, bucket: int, batch: int, seq: int,
             with program.without_dropped_experts():
                 ep = torch.export.export(program, args)
             ep = _export_forward_backward(ep)
-            buffer = _lower(ep, backend)
+            buffer = _lower(ep, backend, training=True)
             by_id = {id(model.parameter(k)): k for k in model.keys()}
             canonical = {name: by_id[id(p)] for name, p in program.named_parameters()
                          if p.requires_grad and id(p) in by_id}

@@ -18,6 +18,7 @@ from hfedmoe.errors import HFedMoEError
 # name -> module providing ``register(subparsers)``; later workflows add themselves here.
 COMMANDS: dict[str, str] = {
     "models": "hfedmoe.models.cli",
+    "export": "export.cli",
 }
 
 
