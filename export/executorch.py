@@ -100,7 +100,7 @@ def export_inference_pte(model: MoEModel, batch: int = 1, seq: int = 64,
     t0 = time.perf_counter()
     try:
         with export_mode(model), torch.no_grad():
-            ep = torch.export.export(InferenceProgram(model),
+            ep = torch.export.export(InferenceProgram(model).eval(),
                                      (inputs["input_ids"], inputs["attention_mask"]))
             buffer = _lower(ep, backend)
     except ExportError:
@@ -167,7 +167,7 @@ def export_training_program(model: MoEModel, bucket: int, batch: int, seq: int,
         with export_mode(model, attn="eager"):
             program = TrainingProgram(model, bucket, mode, gates, shared)
             args = _example_train_args(model, program, batch, seq, [])
-            with program.without_dropped_experts():
+            with program.without_expert_tensors():
                 ep = torch.export.export(program, args)
             ep = _export_forward_backward(ep)
             buffer = _lower(ep, backend, training=True)

@@ -34,7 +34,7 @@ OPSET = 18
 
 def _export(model: MoEModel, path: Path, inputs: dict[str, torch.Tensor],
             dynamic_seq: bool) -> None:
-    program = InferenceProgram(model)
+    program = InferenceProgram(model).eval()
     dynamic: Any = None
     if dynamic_seq:
         seq = torch.export.Dim("seq", min=2, max=4096)

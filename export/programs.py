@@ -203,6 +203,12 @@ class TrainingProgram(nn.Module):
         for name, p in first.named_parameters():
             slot = torch.zeros(bucket, *p.shape, dtype=p.dtype)
             self.register_parameter(f"slot_{name}", nn.Parameter(slot))
+        if mode == "frozen":  # the experts' weights as one (E, numel) constant per layer/param
+            for l_idx, layer in enumerate(model.layers):
+                for name in self.param_names:
+                    base = torch.stack([getattr(ex, name).detach().reshape(-1)
+                                        for ex in layer.bank.experts])
+                    self.register_buffer(f"base_{l_idx}_{name}", base.clone())
         self._mask: list[torch.Tensor] | None = None
 
     def slot(self, name: str) -> nn.Parameter:
@@ -232,20 +238,19 @@ class TrainingProgram(nn.Module):
         sel = (slot_expert_index[:, None] == ids[None, :]).to(dtype)  # (bucket, L*E)
         out: dict[str, torch.Tensor] = {}
         masks = []
-        for l_idx, layer in enumerate(self.model.layers):
+        for l_idx in range(self.num_layers):
             lsel = sel[:, l_idx * self.num_experts:(l_idx + 1) * self.num_experts]  # (bucket, E)
             chosen = lsel.sum(0)  # (E,)
             masks.append(torch.where(chosen > 0, 0.0, float("-inf")).to(dtype))
+            keep = (1 - chosen)[:, None]  # (E, 1)
             for name in self.param_names:
                 slot = self.slot(name)
-                mixed = (lsel.t() @ slot.reshape(self.bucket, -1)).reshape(
-                    self.num_experts, *slot.shape[1:])  # (E, *param shape)
-                for e, expert in enumerate(layer.bank.experts):
-                    if self.mode == "frozen":
-                        base = getattr(expert, name)
-                        out[self.paths[l_idx][e][name]] = base * (1 - chosen[e]) + mixed[e]
-                    else:
-                        out[self.paths[l_idx][e][name]] = mixed[e]
+                mixed = lsel.t() @ slot.reshape(self.bucket, -1)  # (E, numel)
+                if self.mode == "frozen":
+                    mixed = getattr(self, f"base_{l_idx}_{name}") * keep + mixed
+                per_expert = mixed.reshape(self.num_experts, *slot.shape[1:]).unbind(0)
+                for e, value in enumerate(per_expert):
+                    out[self.paths[l_idx][e][name]] = value
         self._mask = masks
         return out
 
@@ -277,12 +282,9 @@ class TrainingProgram(nn.Module):
                 del router.forward
 
     @contextlib.contextmanager
-    def without_dropped_experts(self) -> Iterator[None]:
-        """While inside (dropped mode), the bank's own expert tensors are empty placeholders,
-        so exporting leaves them out of the program."""
-        if self.mode != "dropped":
-            yield
-            return
+    def without_expert_tensors(self) -> Iterator[None]:
+        """While inside, the banks' own expert tensors are empty placeholders, so exporting
+        leaves them out of the program (the forward uses the slots and ``base_*`` buffers)."""
         saved = []
         for layer in self.model.layers:
             for expert in layer.bank.experts:
