@@ -43,13 +43,15 @@ def _export(model: MoEModel, path: Path, inputs: dict[str, torch.Tensor],
     levels = [q.level for q in quiet]
     for q in quiet:  # the graph optimiser logs every rewrite at INFO
         q.setLevel(logging.WARNING)
-    with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress lines
-        torch.onnx.export(program, (inputs["input_ids"], inputs["attention_mask"]), str(path),
-                          dynamo=True, opset_version=OPSET,
-                          input_names=["input_ids", "attention_mask"], output_names=["logits"],
-                          dynamic_shapes=dynamic)
-    for q, level in zip(quiet, levels, strict=True):
-        q.setLevel(level)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress lines
+            torch.onnx.export(program, (inputs["input_ids"], inputs["attention_mask"]),
+                              str(path), dynamo=True, opset_version=OPSET,
+                              input_names=["input_ids", "attention_mask"],
+                              output_names=["logits"], dynamic_shapes=dynamic)
+    finally:
+        for q, level in zip(quiet, levels, strict=True):
+            q.setLevel(level)
 
 
 def session(path: str | Path) -> Any:
