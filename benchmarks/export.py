@@ -184,9 +184,11 @@ def main(argv: Sequence[str] | None = None) -> int:
            "repeats": repeats}
     print(json.dumps(env))
     rows = bench_inference(model, batch, seq, backends, warmup, repeats)
+    print(json.dumps(rows), flush=True)  # progress: full mode runs for many minutes
     if not args.skip_training:
         for k in (int(x) for x in args.experts.split(",")):
             rows += bench_training(model, batch, seq, k, backends, warmup, repeats)
+            print(json.dumps(rows[-len(backends) - 1:]), flush=True)
     rows = _with_ratios(rows)
     _print(rows, f"{name} batch {batch} x seq {seq}: median of {repeats} after {warmup} warm-up")
     if args.out:

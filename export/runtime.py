@@ -8,7 +8,13 @@ returns ``trained - initial`` under canonical names (``layers.{l}.experts.{e}.w_
 parameters, like an eager device would send.
 
 Programs are keyed by (model state hash, bucket, batch shape, mode, backend): one program serves
-every device of that bucket in a round, whatever its experts (see :mod:`export.programs`).
+every device of that bucket in a round, whatever its experts (see :mod:`export.programs`). A
+device with budget ``n`` selects at most ``bucket_for(n)`` experts (budget 3 -> bucket 2: round
+down, never above the budget).
+
+Cost of the generic slots: the program builds every layer's expert weights from the slots each
+step (one (E, bucket) x (bucket, numel) matmul per layer and parameter), small next to the dense
+expert compute.
 """
 
 from __future__ import annotations
