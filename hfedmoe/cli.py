@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "demo": "server.cli",
     "simulate": "server.cli",
     "report": "server.cli",
+    "export": "export.cli",
 }
 
 

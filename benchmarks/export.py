@@ -1,0 +1,202 @@
+"""Eager PyTorch vs ExecuTorch (portable and XNNPACK kernels): latency and memory per step.
+
+Inference: one forward at (batch, seq). Training: one SGD step (forward, backward, update) with
+1, 2 and 4 trainable experts (plus gates and head) — eager with ``set_trainable`` and the
+model's own expert path, ExecuTorch with the bucket's training program (frozen mode).
+Median and spread of ``--repeats`` timed runs after ``--warmup`` runs; ratios to eager side by
+side. Memory: program size, and the process RSS growth from before loading the program to after
+the timed runs (an upper bound on what the runtime holds; the eager rows measure the growth
+during their runs only).
+
+    python -m benchmarks.export --quick --out results.jsonl   # tiny model, seconds
+    python -m benchmarks.export                               # minilm-moe, batch 8 x seq 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import psutil
+import torch
+
+
+def _env() -> dict[str, Any]:
+    import executorch.version
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, check=False).stdout.strip()
+    except OSError:
+        sha = ""
+    return {"git": sha, "torch": torch.__version__, "executorch": executorch.version.__version__,
+            "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(), "threads": torch.get_num_threads()}
+
+
+def _rss() -> float:
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _time(fn: Callable[[], Any], warmup: int, repeats: int) -> dict[str, float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
+            "stdev_ms": statistics.stdev(times) if len(times) > 1 else 0.0}
+
+
+def _experts(model: Any, k: int) -> list[Any]:
+    from hfedmoe.names import ExpertId
+
+    n = model.layers[0].num_experts
+    return [ExpertId(i % model.num_layers, (i // model.num_layers) % n) for i in range(k)]
+
+
+def bench_inference(model: Any, batch: int, seq: int, backends: Sequence[str], warmup: int,
+                    repeats: int) -> list[dict[str, Any]]:
+    from export.common import example_inputs
+    from export.executorch import export_inference_pte, load_inference, run_inference
+
+    b = example_inputs(model, batch, seq)
+    ids, mask = b["input_ids"], b["attention_mask"]
+    rows = []
+    rss0 = _rss()
+    with torch.no_grad():
+        stats = _time(lambda: model.module(input_ids=ids, attention_mask=mask), warmup, repeats)
+    rows.append({"task": "inference", "runtime": "eager", **stats, "rss_growth_mib": _rss() - rss0})
+    for backend in backends:
+        buffer, report = export_inference_pte(model, batch, seq, backend)  # type: ignore[arg-type]
+        rss0 = _rss()
+        module = load_inference(buffer)
+        stats = _time(lambda m=module: run_inference(m, ids, mask), warmup, repeats)
+        rows.append({"task": "inference", "runtime": f"executorch-{backend}", **stats,
+                     "rss_growth_mib": _rss() - rss0, "program_bytes": len(buffer),
+                     "export_s": report.info["export_s"],
+                     "max_abs_diff": max(report.parity.values())})
+    return rows
+
+
+def bench_training(model: Any, batch: int, seq: int, k: int, backends: Sequence[str],
+                   warmup: int, repeats: int, lr: float = 1e-3) -> list[dict[str, Any]]:
+    import copy
+
+    from export.common import example_inputs
+    from export.runtime import ExecuTorchTrainer, ProgramCache, bucket_holding
+
+    b = example_inputs(model, batch, seq)
+    experts = _experts(model, k)
+    rows = []
+    ref = copy.deepcopy(model)
+    ref.set_trainable(experts, gates=True, shared=True)
+    params = list(ref.trainable_parameters().values())
+    opt = torch.optim.SGD(params, lr=lr)
+
+    def eager_step() -> None:
+        opt.zero_grad()
+        ref.module(**b).loss.backward()
+        opt.step()
+
+    rss0 = _rss()
+    stats = _time(eager_step, warmup, repeats)
+    rows.append({"task": "train", "experts": k, "runtime": "eager", **stats,
+                 "rss_growth_mib": _rss() - rss0,
+                 "trainable_params": sum(p.numel() for p in params)})
+    for backend in backends:
+        cache = ProgramCache()
+        trainer_bucket = bucket_holding(k)
+        cache.get(model, trainer_bucket, batch, seq, backend=backend)  # export outside the RSS
+        t0 = time.perf_counter()
+        rss0 = _rss()
+        trainer = ExecuTorchTrainer(model, experts, (batch, seq), lr, backend=backend,  # type: ignore[arg-type]
+                                    cache=cache)
+        setup_s = time.perf_counter() - t0
+        stats = _time(lambda t=trainer: t.step(b), warmup, repeats)
+        rows.append({"task": "train", "experts": k, "runtime": f"executorch-{backend}",
+                     **stats, "rss_growth_mib": _rss() - rss0, "bucket": trainer.bucket,
+                     "program_bytes": len(trainer.program.buffer),
+                     "trainable_params": trainer.program.trainable_params,
+                     "export_s": round(trainer.program.export_s, 2),
+                     "setup_s": round(setup_s, 2)})
+    return rows
+
+
+def _with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    base: dict[tuple, float] = {}
+    for r in rows:
+        if r["runtime"] == "eager":
+            base[(r["task"], r.get("experts"))] = r["median_ms"]
+    for r in rows:
+        eager = base.get((r["task"], r.get("experts")))
+        r["ratio_to_eager"] = r["median_ms"] / eager if eager else None
+    return rows
+
+
+def _print(rows: list[dict[str, Any]], title: str) -> None:
+    print(title)
+    print(f"{'task':<10}{'k':>3} {'runtime':<22}{'median ms':>10}{'min':>9}{'max':>9}"
+          f"{'x eager':>9}{'RSS+ MiB':>10}{'program KiB':>13}")
+    for r in rows:
+        prog = f"{r['program_bytes'] / 1024:,.0f}" if "program_bytes" in r else "-"
+        print(f"{r['task']:<10}{r.get('experts') or '-':>3} {r['runtime']:<22}"
+              f"{r['median_ms']:>10.2f}{r['min_ms']:>9.2f}{r['max_ms']:>9.2f}"
+              f"{r['ratio_to_eager']:>9.2f}{r['rss_growth_mib']:>10.1f}{prog:>13}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny model (qwen3-moe-tiny), 2 x 16")
+    p.add_argument("--model", default=None, help="model name (default minilm-moe; quick: tiny)")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--seq", type=int, default=None)
+    p.add_argument("--experts", default="1,2,4", help="trainable expert counts")
+    p.add_argument("--backends", default="portable,xnnpack")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--skip-training", action="store_true")
+    p.add_argument("--out", default=None, help="append JSON lines here")
+    args = p.parse_args(argv)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from hfedmoe.config import ModelConfig
+    from hfedmoe.models.registry import build_model
+
+    name = args.model or ("qwen3-moe-tiny" if args.quick else "minilm-moe")
+    batch = args.batch or (2 if args.quick else 8)
+    seq = args.seq or (16 if args.quick else 64)
+    warmup = args.warmup if args.warmup is not None else (3 if args.quick else 2)
+    repeats = args.repeats or (20 if args.quick else 7)
+    backends = [b for b in args.backends.split(",") if b]
+    model = build_model(ModelConfig(name=name), num_labels=4)
+    env = {**_env(), "model": name, "batch": batch, "seq": seq, "warmup": warmup,
+           "repeats": repeats}
+    print(json.dumps(env))
+    rows = bench_inference(model, batch, seq, backends, warmup, repeats)
+    print(json.dumps(rows), flush=True)  # progress: full mode runs for many minutes
+    if not args.skip_training:
+        for k in (int(x) for x in args.experts.split(",")):
+            rows += bench_training(model, batch, seq, k, backends, warmup, repeats)
+            print(json.dumps(rows[-len(backends) - 1:]), flush=True)
+    rows = _with_ratios(rows)
+    _print(rows, f"{name} batch {batch} x seq {seq}: median of {repeats} after {warmup} warm-up")
+    if args.out:
+        with open(args.out, "a") as f:
+            for r in rows:
+                f.write(json.dumps({"bench": "export", **env, **r}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""``hfedmoe export {pte,onnx,train-pte} --model NAME --out DIR``: export for phones.
+
+``pte``: inference ``.pte`` (XNNPACK) at ``--batch`` x ``--seq``; ``onnx``: ONNX with a dynamic
+sequence axis where possible; ``train-pte``: the on-device training program of the bucket that
+holds ``--experts`` (e.g. ``0:1,3:5``), checked by a few SGD steps against eager PyTorch.
+Each export prints its size, trainable parameter count and parity report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a model to ExecuTorch (.pte) or ONNX")
+    p.add_argument("target", choices=["pte", "onnx", "train-pte"])
+    p.add_argument("--model", default="minilm-moe", help="registered name or checkpoint dir")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--experts", default="0:0",
+                   help="train-pte: comma-separated layer:expert ids (default 0:0)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--num-labels", type=int, default=2)
+    p.add_argument("--backend", choices=["portable", "xnnpack"], default=None,
+                   help="ExecuTorch kernels (default: xnnpack for pte, portable for train-pte)")
+    p.add_argument("--mode", choices=["frozen", "dropped"], default="frozen",
+                   help="train-pte: other experts kept as frozen constants or dropped")
+    p.add_argument("--static-seq", action="store_true", help="onnx: fixed sequence length")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hfedmoe.config import ModelConfig
+    from hfedmoe.models.registry import build_model
+    from hfedmoe.names import ExpertId
+
+    model = build_model(ModelConfig(name=args.model), num_labels=args.num_labels)
+    out = Path(args.out)
+    stem = Path(args.model).name
+    if args.target == "pte":
+        from export.executorch import export_inference_pte
+
+        backend = args.backend or "xnnpack"
+        _, report = export_inference_pte(model, args.batch, args.seq, backend,
+                                         out / f"{stem}-{backend}-{args.batch}x{args.seq}.pte")
+    elif args.target == "onnx":
+        from export.onnx import export_onnx
+
+        report = export_onnx(model, out / f"{stem}.onnx", args.batch, args.seq,
+                             dynamic_seq=not args.static_seq)
+    else:
+        from export.training import export_training_pte
+
+        experts = [ExpertId.parse(t) for t in args.experts.split(",") if t.strip()]
+        report = export_training_pte(model, experts, args.batch, args.seq, out,
+                                     mode=args.mode, backend=args.backend or "portable")
+    print(json.dumps(report.to_dict(), indent=1) if args.json else report.format())
+    return 0 if report.ok else 1

@@ -1,0 +1,183 @@
+"""Training with the ExecuTorch runtime, with the same sparse update format as eager training.
+
+:class:`ExecuTorchTrainer` gets (or exports and caches) the training program of the smallest
+bucket that holds the selected experts, loads it with ExecuTorch's training runtime, writes the
+selected experts' current weights into the program's slots, and runs SGD steps. ``deltas()``
+returns ``trained - initial`` under canonical names (``layers.{l}.experts.{e}.w_in``,
+``layers.{l}.gate.weight``, ``shared.classifier.weight``, ...) for exactly the trained
+parameters, like an eager device would send.
+
+Programs are keyed by (model state hash, bucket, batch shape, mode, backend): one program serves
+every device of that bucket in a round, whatever its experts (see :mod:`export.programs`). A
+device with budget ``n`` selects at most ``bucket_for(n)`` experts (budget 3 -> bucket 2: round
+down, never above the budget).
+
+Cost of the generic slots: the program builds every layer's expert weights from the slots each
+step (one (E, bucket) x (bucket, numel) matmul per layer and parameter), small next to the dense
+expert compute.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from export.common import program_key
+from export.executorch import Backend, TrainingExport, export_training_program, load_training
+from export.programs import BUCKETS, DropMode, flat_expert_index
+from hfedmoe.errors import ExportError
+from hfedmoe.models.base import MoEModel
+from hfedmoe.names import ExpertId, expert_key
+
+log = logging.getLogger(__name__)
+
+
+def bucket_holding(num_experts: int, buckets: Sequence[int] = BUCKETS) -> int:
+    """The smallest bucket with room for ``num_experts`` experts."""
+    for b in sorted(buckets):
+        if b >= num_experts:
+            return b
+    raise ExportError(f"{num_experts} experts exceed the largest bucket {max(buckets)}")
+
+
+class ProgramCache:
+    """Training programs by key, in memory and optionally in ``directory`` (.pte + .json)."""
+
+    def __init__(self, directory: str | Path | None = None) -> None:
+        self.directory = Path(directory) if directory is not None else None
+        self._mem: dict[str, TrainingExport] = {}
+
+    def get(self, model: MoEModel, bucket: int, batch: int, seq: int, mode: DropMode = "frozen",
+            backend: Backend = "portable", gates: bool = True,
+            shared: bool = True) -> TrainingExport:
+        key = program_key(model, "train-pte", bucket=bucket, batch=batch, seq=seq, mode=mode,
+                          backend=backend, gates=gates, shared=shared)
+        if key in self._mem:
+            return self._mem[key]
+        found = self._load(key)
+        if found is None:
+            found = export_training_program(model, bucket, batch, seq, mode, backend,
+                                            gates, shared)
+            log.info("exported training program %s (bucket %d, %d bytes, %.1f s)", key,
+                     bucket, len(found.buffer), found.export_s)
+            self._save(found)
+        self._mem[key] = found
+        return found
+
+    def _load(self, key: str) -> TrainingExport | None:
+        if self.directory is None:
+            return None
+        pte, meta = self.directory / f"{key}.pte", self.directory / f"{key}.json"
+        if not (pte.is_file() and meta.is_file()):
+            return None
+        return TrainingExport(buffer=pte.read_bytes(), **json.loads(meta.read_text()))
+
+    def _save(self, exp: TrainingExport) -> None:
+        if self.directory is None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        meta = {k: v for k, v in asdict(exp).items() if k != "buffer"}
+        (self.directory / f"{exp.key}.pte").write_bytes(exp.buffer)
+        (self.directory / f"{exp.key}.json").write_text(json.dumps(meta, indent=1))
+
+
+_DEFAULT_CACHE = ProgramCache()
+
+
+class ExecuTorchTrainer:
+    """SGD on the selected experts (plus gates and shared head) inside an ExecuTorch program.
+
+    Args:
+        model: the global model (its current weights are the program's starting point).
+        experts: the experts this device trains; at most the largest bucket.
+        batch_shape: (batch, seq) of every batch given to :meth:`step`.
+        lr: SGD learning rate (no momentum, no weight decay).
+        bucket: program bucket; default the smallest that holds ``experts``.
+        mode: ``"frozen"`` (other experts are constants; forward equals the model) or
+            ``"dropped"`` (other experts removed and masked out of routing).
+        backend: ``"portable"`` or ``"xnnpack"`` kernels.
+        cache: where programs are kept; default a process-wide in-memory cache.
+    """
+
+    def __init__(self, model: MoEModel, experts: Sequence[ExpertId], batch_shape: tuple[int, int],
+                 lr: float, *, bucket: int | None = None, mode: DropMode = "frozen",
+                 backend: Backend = "portable", gates: bool = True, shared: bool = True,
+                 cache: ProgramCache | None = None) -> None:
+        from executorch.extension.training import get_sgd_optimizer
+
+        self.model = model
+        self.experts = list(experts)
+        self.batch_shape = (int(batch_shape[0]), int(batch_shape[1]))
+        self.bucket = bucket or bucket_holding(len(self.experts))
+        self.index = flat_expert_index(model, self.experts, self.bucket)  # (bucket,)
+        self.program = (cache or _DEFAULT_CACHE).get(model, self.bucket, *self.batch_shape,
+                                                     mode, backend, gates, shared)
+        self.module = load_training(self.program.buffer)
+        self._prime()
+        self._params = self.module.named_parameters()
+        self._write_initial()
+        self.initial = self._current()
+        self.optimizer = get_sgd_optimizer(self._params, lr, 0, 0, 0, False)
+        self.steps = 0
+
+    def _prime(self) -> None:
+        # ExecuTorch's TrainingModule exposes its parameter tensors only after a first
+        # forward_backward; run one on a dummy batch (no optimizer step follows it).
+        ids = torch.zeros(self.batch_shape, dtype=torch.long)
+        labels = torch.zeros(self.batch_shape[0], dtype=torch.long)
+        self.module.forward_backward("forward", (ids, torch.ones_like(ids), labels, self.index))
+
+    def _write_initial(self) -> None:
+        with torch.no_grad():
+            for name in self.program.slot_params:
+                slot = self._params[f"slot_{name}"]
+                slot.zero_()
+                for b, eid in enumerate(self.experts):
+                    src = self.model.parameter(expert_key(eid.layer_idx, eid.expert_idx, name))
+                    slot[b].copy_(src.detach())
+            for pname, key in self.program.canonical.items():
+                self._params[pname].copy_(self.model.parameter(key).detach())
+
+    def _current(self) -> dict[str, torch.Tensor]:
+        """Canonical key -> current value of every trained parameter (a copy)."""
+        out = {}
+        for b, eid in enumerate(self.experts):
+            for name in self.program.slot_params:
+                out[expert_key(eid.layer_idx, eid.expert_idx, name)] = \
+                    self._params[f"slot_{name}"][b].clone()
+        for pname, key in self.program.canonical.items():
+            out[key] = self._params[pname].clone()
+        return out
+
+    def step(self, batch: Mapping[str, torch.Tensor]) -> float:
+        """One forward-backward and SGD step on ``batch`` (input_ids, attention_mask, labels)."""
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(ids)
+        if tuple(ids.shape) != self.batch_shape:
+            raise ExportError(f"batch shape {tuple(ids.shape)} != program {self.batch_shape}; "
+                              "pad or truncate to the program's shape")
+        args = (ids.long(), mask.long(), batch["labels"].long(), self.index)
+        out = self.module.forward_backward("forward", args)
+        self.optimizer.step(self.module.named_gradients())
+        self.steps += 1
+        return float(out[0])
+
+    def logits(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The forward's logits (runs forward and backward, without an optimizer step)."""
+        args = (batch["input_ids"].long(), batch["attention_mask"].long(),
+                batch["labels"].long(), self.index)
+        return self.module.forward_backward("forward", args)[1].clone()
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        return self._current()
+
+    def deltas(self) -> dict[str, torch.Tensor]:
+        """``trained - initial`` by canonical key, for exactly the trained parameters."""
+        now = self._current()
+        return {k: now[k] - self.initial[k] for k in self.initial}
