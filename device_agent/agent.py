@@ -328,12 +328,18 @@ class DeviceAgent:
             assignment = self._assignment(strategy, train) if strategy.needs_assignment else None
             log.info("%s: round %d, budget %d (%s), %.1fs to train", self.cfg.device_id,
                      round_idx, self.budget.c_budget, self.budget.limit, train_window)
-            result = train_round(
-                self.model, self.data, strategy=strategy, budget=self.budget.c_budget,
-                train_cfg=train, method_cfg=method, run_id=self.cfg.run_id, round_idx=round_idx,
-                client_id=self.cfg.device_id, max_length=int(ann.get("max_length", 128)),
-                deadline_s=max(train_window, 0.0), assignment=assignment,
-                base_hash=manifest.state_hash, on_step=self._on_step)
+            common = dict(strategy=strategy, budget=self.budget.c_budget, train_cfg=train,
+                          method_cfg=method, run_id=self.cfg.run_id, round_idx=round_idx,
+                          client_id=self.cfg.device_id,
+                          max_length=int(ann.get("max_length", 128)),
+                          deadline_s=max(train_window, 0.0), assignment=assignment,
+                          base_hash=manifest.state_hash)
+            if self.cfg.runtime == "executorch":  # the phone's path, on any machine
+                from device_agent.train import train_round_executorch
+
+                result = train_round_executorch(self.model, self.data, **common)
+            else:
+                result = train_round(self.model, self.data, on_step=self._on_step, **common)
             update = dataclasses.replace(result.update, meta={
                 **result.update.meta, "budget_limit": self.budget.limit,
                 "predicted_step_s": self.budget.step_seconds,

@@ -217,3 +217,83 @@ def usage_profile(model: MoEModel, data: TextDataset | PairDataset, strategy: St
                 model.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             acc.add(compute_batch_stats(cap.scores, cap.routed, strategy.cfg))
     return dict(acc.result().usage)
+
+
+def train_round_executorch(model: MoEModel, data: TextDataset | PairDataset, *,
+                           strategy: Strategy, budget: int, train_cfg: TrainConfig,
+                           method_cfg: MethodConfig | None = None, run_id: str = "local",
+                           round_idx: int = 0, client_id: str = "client",
+                           max_length: int = 128, deadline_s: float | None = None,
+                           assignment: frozenset[ExpertId] | None = None,
+                           base_hash: str = "", backend: str = "portable",
+                           clock: Callable[[], float] = time.monotonic) -> RoundResult:
+    """One round with the ExecuTorch runtime, as a phone runs it (classification only).
+
+    A training program's trainable expert slots are fixed for the program instance, so the
+    expert set is chosen once per round: a routing pass over the local data applies the
+    strategy's per-batch selection (Eq. 15 for HFedMoE) to every batch, and the round trains
+    the experts selected most often, up to the program bucket below C_budget
+    (:func:`export.programs.bucket_for`). Every batch is padded to (batch_size, max_length),
+    the program's static shape; the optimizer is the program's SGD. The update has the same
+    format as the eager recipe's.
+    """
+    from collections import Counter
+
+    from export.programs import bucket_for
+    from export.runtime import ExecuTorchTrainer
+
+    if model.task != "classification":
+        raise ValueError("ExecuTorch training programs support classification models only")
+    mcfg = method_cfg or strategy.cfg
+    start = clock()
+    generator = (selection_generator(mcfg.seed, client_id, round_idx)
+                 if strategy.needs_generator else None)
+    acc = RoundAccumulator()
+    picks: Counter[ExpertId] = Counter()
+    batches = [idx for idx in _batches(data, train_cfg, mcfg.seed, round_idx)
+               if len(idx) == train_cfg.batch_size]  # the program's batch size is static
+    if train_cfg.max_steps:
+        batches = batches[: train_cfg.max_steps]
+    encoded = [collate(data, idx, model.tokenizer, max_length, pad_to_max_length=True)
+               for idx in batches]
+    with torch.no_grad():
+        for batch in encoded:
+            with model.capture(batch["attention_mask"]) as cap:
+                model.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            stats = compute_batch_stats(cap.scores, cap.routed, mcfg)
+            sel = strategy.select(stats, budget, generator=generator, assignment=assignment)
+            picks.update(sel.experts & stats.routed)
+            acc.add(stats)
+    size = bucket_for(budget) if budget else 0
+    chosen = sorted(e for e, _ in sorted(picks.items(), key=lambda kv: (-kv[1], kv[0]))[:size])
+    losses: list[float] = []
+    stopped_by = "data"
+    deltas: dict[str, torch.Tensor] = {}
+    if chosen and encoded:
+        trainer = ExecuTorchTrainer(model, chosen, (train_cfg.batch_size, max_length),
+                                    train_cfg.lr, bucket=size, backend=backend)
+        step_time = 0.0
+        for batch in encoded:
+            if deadline_s is not None and losses and clock() - start + step_time > deadline_s:
+                stopped_by = "deadline"
+                break
+            t0 = clock()
+            losses.append(trainer.step(batch))
+            step_time = clock() - t0
+        deltas = trainer.deltas()
+        model.load_state({k: model.parameter(k).detach() + d for k, d in deltas.items()})
+    stats_round = acc.result() if acc.num_batches else None
+    update = SparseUpdate(
+        run_id=run_id, round_idx=round_idx, client_id=client_id,
+        num_examples=max(len(losses) * train_cfg.batch_size, 1), deltas=deltas,
+        usage=dict(stats_round.usage) if stats_round else {},
+        importance=dict(stats_round.importance) if stats_round else {},
+        routed=stats_round.routed if stats_round else frozenset(),
+        updated=frozenset(chosen) if losses else frozenset(), base_model_hash=base_hash,
+        meta={"loss": sum(losses) / max(len(losses), 1), "steps": len(losses),
+              "stopped_by": stopped_by, "budget": budget, "runtime": "executorch",
+              "bucket": size, "seconds": clock() - start})
+    return RoundResult(update, len(losses), len(losses) * train_cfg.batch_size,
+                       sum(int(b["attention_mask"].sum()) for b in encoded[:len(losses)]),
+                       losses, clock() - start, stopped_by, budget,
+                       [sorted(map(str, chosen))] * len(losses))

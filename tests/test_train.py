@@ -1,6 +1,7 @@
 """The local recipe: only selected experts train, budgets and deadlines hold, updates are sparse."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -103,3 +104,22 @@ def test_bf16_autocast_trains(tokenizer):
                       train_cfg=TrainConfig(batch_size=4, dtype="bfloat16", max_steps=2))
     assert res.steps == 2 and res.stopped_by == "max_steps"
     assert all(d.dtype == torch.float32 for d in res.update.deltas.values())
+
+
+@pytest.mark.slow
+def test_executorch_runtime_sends_the_same_update_format(tokenizer):
+    pytest.importorskip("executorch")
+    from device_agent.train import train_round_executorch
+
+    model = tiny(tokenizer)
+    before = model.state()
+    res = train_round_executorch(model, text_data(), strategy=get_strategy("hfedmoe"), budget=3,
+                                 train_cfg=TrainConfig(batch_size=4, lr=1e-2), max_length=16)
+    assert res.steps == 3 and all(map(math.isfinite, res.losses))
+    assert res.update.meta["bucket"] == 2 and len(res.update.updated) <= 2
+    sent = {parse_key(k).expert for k in res.update.deltas if parse_key(k).kind == "expert"}
+    assert sent == set(res.update.updated)
+    after = model.state()
+    for key in before:  # experts outside the update are bit-identical
+        if key not in res.update.deltas:
+            assert torch.equal(before[key], after[key]), key
