@@ -56,6 +56,8 @@ class AgentConfig:
             ``num_shards = 1`` the whole file is the device's data.
         upload_margin_s: training stops this long before the round deadline.
         measure_seq_len: sequence length of the cost measurement.
+        runtime: ``"eager"`` (PyTorch) or ``"executorch"`` (the training program a phone runs;
+            classification models, one expert set per round).
     """
 
     device_id: str = "device-0"
