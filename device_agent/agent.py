@@ -294,7 +294,7 @@ class DeviceAgent:
             for receiver in self.receivers:
                 receiver.close()
             self.receivers = []
-        return _shard_bytes(self.cache, missing)
+        return self.cache.nbytes(missing)
 
     def play_round(self, ann: dict[str, Any]) -> None:
         """One round: fetch, train within the deadline, send, wait for the ack."""
@@ -441,10 +441,6 @@ def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
-
-
-def _shard_bytes(cache: ShardCache, shas: list[str]) -> int:
-    return sum(t.numel() * t.element_size() for s in shas for t in cache._shards[s].values())
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -33,7 +33,7 @@ from hfedmoe.config import MethodConfig, TrainConfig
 from hfedmoe.data import PairDataset, TextDataset, collate, iter_minibatches
 from hfedmoe.importance import compute_batch_stats
 from hfedmoe.models.base import MoEModel
-from hfedmoe.names import ExpertId
+from hfedmoe.names import ExpertId, parse_key
 from hfedmoe.privacy import privatize
 from hfedmoe.round_stats import RoundAccumulator
 from hfedmoe.selection import selection_generator
@@ -192,8 +192,6 @@ def train_round(model: MoEModel, data: TextDataset | PairDataset, *, strategy: S
 def _deltas(model: MoEModel, initial: dict[str, torch.Tensor], updated: frozenset[ExpertId],
             trained_any: bool) -> dict[str, torch.Tensor]:
     """trained - initial for the updated experts, and for gates/shared parts if any step ran."""
-    from hfedmoe.names import parse_key
-
     out = {}
     current = model.state()
     for key, value in current.items():

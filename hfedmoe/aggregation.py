@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -217,6 +217,12 @@ class ClientReport:
     aggregated: frozenset[ExpertId]
     overlap_ratio: float  # r(c), Eq. 18
     alpha: float  # normalised alpha(c), Eq. 20
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (expert ids as "layer:expert") for metrics and reports."""
+        return {"routed": sorted(map(str, self.routed)), "updated": sorted(map(str, self.updated)),
+                "aggregated": sorted(map(str, self.aggregated)), "alpha": self.alpha,
+                "overlap": self.overlap_ratio}
 
 
 def build_report(summaries: Iterable[ClientSummary]) -> dict[str, ClientReport]:

@@ -128,6 +128,10 @@ class ShardCache:
         self._shards[sha] = tensors
         return sha
 
+    def nbytes(self, shas: Iterable[str]) -> int:
+        """Tensor bytes of the given shards."""
+        return sum(t.numel() * t.element_size() for s in shas for t in self._shards[s].values())
+
     def missing(self, manifest: ModelManifest) -> list[str]:
         return sorted({sha for sha in manifest.shards.values() if sha not in self._shards})
 
@@ -141,6 +145,3 @@ class ShardCache:
             state.update(self._shards[sha])
         return state
 
-
-def shard_sizes(blobs: Mapping[str, bytes], shas: Iterable[str]) -> int:
-    return sum(len(blobs[s]) for s in shas)

@@ -27,7 +27,8 @@ from hfedmoe.strategies import get_strategy
 from hfedmoe.transport.base import Message, Transport
 from hfedmoe.transport.chunks import BlobReceiver, ChunkSender
 from hfedmoe.transport.topics import Topics
-from hfedmoe.wire import decode_full, spec_from_state
+from hfedmoe.update import SparseUpdate
+from hfedmoe.wire import decode, decode_full, spec_from_state
 from server.config import ServerConfig
 from server.evaluate import evaluate
 from server.store import Store
@@ -246,8 +247,7 @@ class Coordinator:
             "experts_updated": len({e for rep in report.values() for e in rep.aggregated}),
             "bytes_in": sum(r.accepted.values()), "bytes_out": r.bytes_out,
             "aggregation_s": agg_s, "round_s": self.clock() - r.started, **metrics,
-            "devices": {c: _device_row(rep, self.store, r.round_idx, c)
-                        for c, rep in report.items()},
+            "devices": {c: rep.to_dict() for c, rep in report.items()},
             "budgets": {d: info["budget"] for d, info in self.store.devices().items()
                         if d in r.participants},
         }
@@ -344,10 +344,9 @@ class Coordinator:
         if self.round is not None:
             self.round.bytes_out += sent
 
-    def _decode(self, blob: bytes, device: str, base_hash: str | None):
-        header, update = decode_full(blob, self.spec, self.cfg.wire, run_id=self.cfg.run_id,
-                                     client_id=device, base_model_hash=base_hash)
-        return update
+    def _decode(self, blob: bytes, device: str, base_hash: str | None) -> SparseUpdate:
+        return decode(blob, self.spec, self.cfg.wire, run_id=self.cfg.run_id, client_id=device,
+                      base_model_hash=base_hash)
 
     def _on_update_blob(self, prefix: str, blob: bytes) -> None:
         device, sha = self.topics.parse_update_prefix(prefix)
@@ -428,12 +427,6 @@ class Coordinator:
                                "reason": str(exc)[:500]})
         except HFedMoEError:  # an id that cannot even form a topic
             pass
-
-
-def _device_row(rep: Any, store: Store, round_idx: int, client: str) -> dict[str, Any]:
-    return {"routed": sorted(map(str, rep.routed)), "updated": sorted(map(str, rep.updated)),
-            "aggregated": sorted(map(str, rep.aggregated)), "alpha": rep.alpha,
-            "overlap": rep.overlap_ratio}
 
 
 def _jsonable(cfg: Any) -> Any:

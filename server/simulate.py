@@ -145,11 +145,7 @@ def simulate(cfg: Any, num_devices: int, profiles: list[str],
                "experts_updated": len({e for rep in report.values() for e in rep.aggregated}),
                "bytes_in": bytes_in, "bytes_out": bytes_out, "aggregation_s": agg_s,
                "round_s": max(device_times), "wall_s": time.perf_counter() - wall0, **metrics,
-               "devices": {c: {"routed": sorted(map(str, rep.routed)),
-                               "updated": sorted(map(str, rep.updated)),
-                               "aggregated": sorted(map(str, rep.aggregated)),
-                               "alpha": rep.alpha, "overlap": rep.overlap_ratio}
-                           for c, rep in report.items()},
+               "devices": {c: rep.to_dict() for c, rep in report.items()},
                "budgets": {devices[i]["id"]: devices[i]["budget"].c_budget for i in chosen}}
         new_manifest, _ = build_shards(global_state)
         store.save_checkpoint(r, global_state, {"accuracy": metrics.get("accuracy")},

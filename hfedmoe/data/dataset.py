@@ -67,8 +67,29 @@ def _check_labels(labels: Sequence[int], label_names: Sequence[str], n: int, wha
         raise ValueError(f"{what}: class id {bad[0]} outside [0, {len(label_names)})")
 
 
+class _Labelled:
+    """Label helpers shared by both dataset kinds (``labels`` index ``label_names``)."""
+
+    labels: tuple[int, ...]
+    label_names: tuple[str, ...]
+
+    @property
+    def num_labels(self) -> int:
+        """Size of the label vocabulary (also labels with no example in this subset)."""
+        return len(self.label_names)
+
+    def label_array(self) -> np.ndarray:
+        """Label ids as an ``int64`` array of shape ``(len(self),)``."""
+        return np.asarray(self.labels, dtype=np.int64)
+
+    def label_counts(self) -> dict[str, int]:
+        """Examples per label name, for every label in the vocabulary."""
+        counts = Counter(self.labels)
+        return {name: counts.get(k, 0) for k, name in enumerate(self.label_names)}
+
+
 @dataclass(frozen=True, eq=False)
-class TextDataset:
+class TextDataset(_Labelled):
     """Texts with class ids, for sequence classification.
 
     Attributes:
@@ -90,20 +111,6 @@ class TextDataset:
     def __len__(self) -> int:
         return len(self.texts)
 
-    @property
-    def num_labels(self) -> int:
-        """Size of the label vocabulary (also classes with no example in this subset)."""
-        return len(self.label_names)
-
-    def label_array(self) -> np.ndarray:
-        """Class ids as an ``int64`` array of shape ``(len(self),)``."""
-        return np.asarray(self.labels, dtype=np.int64)
-
-    def label_counts(self) -> dict[str, int]:
-        """Examples per class name, for every class in the vocabulary."""
-        counts = Counter(self.labels)
-        return {name: counts.get(k, 0) for k, name in enumerate(self.label_names)}
-
     def subset(self, indices: Sequence[int] | np.ndarray) -> TextDataset:
         """The examples at ``indices`` (in that order), with the same vocabulary."""
         idx = [int(i) for i in indices]
@@ -112,7 +119,7 @@ class TextDataset:
 
 
 @dataclass(frozen=True, eq=False)
-class PairDataset:
+class PairDataset(_Labelled):
     """Prompt/response pairs for causal-LM fine-tuning, with a group label per pair.
 
     Attributes:
@@ -139,20 +146,6 @@ class PairDataset:
 
     def __len__(self) -> int:
         return len(self.prompts)
-
-    @property
-    def num_labels(self) -> int:
-        """Number of groups in the vocabulary."""
-        return len(self.label_names)
-
-    def label_array(self) -> np.ndarray:
-        """Group ids as an ``int64`` array of shape ``(len(self),)``."""
-        return np.asarray(self.labels, dtype=np.int64)
-
-    def label_counts(self) -> dict[str, int]:
-        """Examples per group name, for every group in the vocabulary."""
-        counts = Counter(self.labels)
-        return {name: counts.get(k, 0) for k, name in enumerate(self.label_names)}
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> PairDataset:
         """The examples at ``indices`` (in that order), with the same vocabulary."""
