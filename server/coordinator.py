@@ -9,6 +9,7 @@ global model is untouched. A SIGKILL at any point is recovered by :meth:`Coordin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -34,6 +35,7 @@ from server.evaluate import evaluate
 from server.store import Store
 
 log = logging.getLogger("hfedmoe.server")
+LATE_SEP = "~"  # "device~r3": a late update of round 3 folded into a later round
 
 
 class UnknownClientError(WireError):
@@ -88,7 +90,6 @@ class Coordinator:
         self.round: RoundState | None = None
         self.next_round = 0
         self.aggregator = self.strategy.make_aggregator()
-        self.fold: list[tuple[int, str]] = []  # late updates to fold into the next round
         self.metrics_path = Path(cfg.run_dir) / "metrics.jsonl"
         self._receiver: BlobReceiver | None = None
         self._prom = _Prometheus(cfg.prometheus_port)
@@ -125,10 +126,14 @@ class Coordinator:
             if info is not None and info["state"] != "done":
                 self._open_round(last, info["participants"], info["deadline"], announce=True)
                 for stored in self.store.updates(last):
-                    update = self._decode(self.store.read_update(stored), stored.client_id,
-                                          None)
+                    device = stored.client_id.split(LATE_SEP)[0]
+                    update = self._decode(self.store.read_update(stored), device, None)
+                    if stored.late:  # a folded late update keeps its own aggregation key
+                        update = dataclasses.replace(update, client_id=stored.client_id)
+                        self.round.late += 1
+                    else:
+                        self.round.accepted[stored.client_id] = stored.num_bytes
                     self.aggregator.add(update)
-                    self.round.accepted[stored.client_id] = stored.num_bytes
                 log.info("round %d reopened with %d acknowledged update(s)", last,
                          len(self.round.accepted))
 
@@ -188,11 +193,6 @@ class Coordinator:
                                 min(expected, max(len(participants), 1)))
         self.aggregator = self.strategy.make_aggregator()
         self.store.open_round(round_idx, deadline, participants, manifest.state_hash)
-        for late_round, client in self.fold:
-            stored = self.store.update(late_round, client)
-            if stored is not None:
-                self.aggregator.add(self._decode(self.store.read_update(stored), client, None))
-        self.fold.clear()
         if announce:
             devices = self.store.devices()
             self._announce({
@@ -391,12 +391,15 @@ class Coordinator:
         fold = (self.cfg.rounds.late_policy == "fold" and r is not None
                 and round_idx == r.round_idx - 1)
         if fold:
+            # counted in the open round under its own key, so the device's own update for
+            # this round is not a duplicate
+            key = f"{device}{LATE_SEP}r{round_idx}"
             try:
-                self.aggregator.add(update)
+                self.aggregator.add(dataclasses.replace(update, client_id=key))
             except AlgorithmError as exc:
                 self._reject(device, round_idx, exc, sha)
                 return
-            self.store.spool_update(round_idx, device, blob, update.num_examples, late=True)
+            self.store.spool_update(r.round_idx, key, blob, update.num_examples, late=True)
         self._ack(device, {"type": "ack", "round": round_idx, "sha": sha,
                            "status": "late-folded" if fold else "late-dropped"})
         log.info("late update from %s for round %d %s", device, round_idx,

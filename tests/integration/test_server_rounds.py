@@ -110,9 +110,11 @@ def test_sigkill_after_ack_resumes_with_updates_counted_once(tmp_path, mosquitto
     assert torch.equal(state[untouched], model.state()[untouched])
 
 
-def test_straggler_is_late_and_round_does_not_wait(tmp_path, mosquitto, model):
-    run_id = "late"
-    cfg = server_cfg(tmp_path, mosquitto, run_id, rounds=2, min_devices=2, deadline_s=8.0)
+@pytest.mark.parametrize("policy", ["drop", "fold"])
+def test_straggler_is_late_and_round_does_not_wait(tmp_path, mosquitto, model, policy):
+    run_id = f"late-{policy}"
+    cfg = server_cfg(tmp_path, mosquitto, run_id, rounds=2, min_devices=2, deadline_s=8.0,
+                     late_policy=policy)
     server = spawn("server", cfg, tmp_path / "server.toml")
     a, s = FakeDevice(mosquitto, run_id, "dev-a"), FakeDevice(mosquitto, run_id, "slow")
     try:
@@ -123,10 +125,10 @@ def test_straggler_is_late_and_round_does_not_wait(tmp_path, mosquitto, model):
                             0.01))
         a.wait(lambda: a.ack_for(sha) is not None, 30, "ack")
         r1 = round_of(s, 1)  # round 0 closed at its deadline without the straggler
-        late = s.send(encode(make_update(model, run_id, 0, "slow", r0["model"]["state_hash"]),
-                             0.01))
+        late_up = make_update(model, run_id, 0, "slow", r0["model"]["state_hash"], seed=9)
+        late = s.send(encode(late_up, 0.01))
         s.wait(lambda: s.ack_for(late) is not None, 30, "late ack")
-        assert s.ack_for(late)["status"] == "late-dropped"
+        assert s.ack_for(late)["status"] == f"late-{policy}ed".replace("droped", "dropped")
         for dev, seed in ((a, 3), (s, 4)):
             sha = dev.send(encode(make_update(model, run_id, 1, dev.device_id,
                                               r1["model"]["state_hash"], seed=seed), 0.01))
@@ -139,6 +141,12 @@ def test_straggler_is_late_and_round_does_not_wait(tmp_path, mosquitto, model):
     rows = [r for r in metrics(tmp_path / "run") if r.get("phase") == "round"]
     assert [(r["accepted"], r["late"]) for r in rows] == [(1, 0), (2, 1)]
     assert rows[0]["round_s"] < 30  # closed at its 8 s deadline
+    store = Store(tmp_path / "run")
+    folded = [u.client_id for u in store.updates(1) if u.late]
+    store.close()
+    contributors = {"dev-a", "slow"} | ({"slow~r0"} if policy == "fold" else set())
+    assert folded == (["slow~r0"] if policy == "fold" else [])
+    assert set(rows[1]["devices"]) == contributors  # the folded update was aggregated
 
 
 def test_device_killed_mid_round_does_not_stall_the_round(tmp_path, mosquitto):
