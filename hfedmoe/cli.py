@@ -37,7 +37,9 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hfedmoe", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="hfedmoe", description="HFedMoE edge kit: resource-aware federated fine-tuning of "
+                                    "Mixture-of-Experts models on phones, Jetson boards and laptops")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in dict.fromkeys(COMMANDS.values()):  # a module may provide several commands
