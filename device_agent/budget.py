@@ -6,9 +6,11 @@ METHOD.md section 4: C_budget(c) is the largest number of experts whose training
   expert) + the non-expert part's activations and training state + a safety margin
   <= the memory the device can give, and
 - time:    steps_per_round x step_seconds(C) <= the round deadline, with
-  step_seconds(C) = rest + (E - C) x frozen-expert forward + C x trained-expert forward+backward,
+  step_seconds(C) = routing pre-pass + rest + (E - C) x frozen expert + C x trained expert,
   where E is the number of experts in the pool (every expert receives tokens each step, true
-  when batch x seq_len x top_k is well above the experts per layer).
+  when batch x seq_len x top_k is well above the experts per layer), a trained expert's time
+  is its forward + backward + optimizer step, and the routing pre-pass is the forward without
+  autograd that ``train_round`` runs before every step to select experts.
 
 A configured cap may lower the budget, never raise it past what was measured. Everything here
 is pure: no clock, no file, no probe. :class:`BudgetMonitor` takes observations from the agent
@@ -82,9 +84,13 @@ class CostModel:
         non_expert_activation_bytes: the non-expert part's peak activations, plus the grads and
             optimizer state of trainable non-expert parameters (gates, head) and the transient
             working set of frozen experts.
-        rest_step_seconds: forward+backward of the non-expert part.
-        expert_frozen_seconds: forward of one frozen expert (no autograd).
-        expert_trained_seconds: forward+backward of one trained expert.
+        rest_step_seconds: forward+backward (+ optimizer step of gates and head) of the
+            non-expert part.
+        expert_frozen_seconds: one frozen expert's share of a step: forward, plus the backward
+            to its input unless frozen experts are detached.
+        expert_trained_seconds: forward+backward+optimizer step of one trained expert.
+        routing_seconds: the routing pre-pass, a forward of the whole model without autograd
+            run before every training step (0: not measured).
     """
 
     num_experts: int
@@ -96,6 +102,7 @@ class CostModel:
     rest_step_seconds: float = 0.0
     expert_frozen_seconds: float = 0.0
     expert_trained_seconds: float = 0.0
+    routing_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.num_experts >= 1, "num_experts must be >= 1")
@@ -120,7 +127,8 @@ class CostModel:
 
     def step_seconds(self, c: int) -> float:
         """Predicted time of one step with ``c`` of the ``num_experts`` experts trained."""
-        return (self.rest_step_seconds + (self.num_experts - c) * self.expert_frozen_seconds
+        return (self.routing_seconds + self.rest_step_seconds
+                + (self.num_experts - c) * self.expert_frozen_seconds
                 + c * self.expert_trained_seconds)
 
     def scaled_time(self, factor: float) -> CostModel:
@@ -129,7 +137,8 @@ class CostModel:
         return dataclasses.replace(
             self, rest_step_seconds=self.rest_step_seconds * factor,
             expert_frozen_seconds=self.expert_frozen_seconds * factor,
-            expert_trained_seconds=self.expert_trained_seconds * factor)
+            expert_trained_seconds=self.expert_trained_seconds * factor,
+            routing_seconds=self.routing_seconds * factor)
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,8 @@ class StepCosts:
         memory_method: ``"rss-sampler"`` (CPU estimate) or ``"cuda-max-allocated"``.
         expert_samples: every timed expert call, in seconds.
         rest_samples: every timed non-expert call, in seconds.
+        routing_seconds: the routing pre-pass (a forward without autograd), median; None
+            when no closure was given.
     """
 
     device: str
@@ -75,6 +77,7 @@ class StepCosts:
     memory_method: str
     expert_samples: tuple[float, ...]
     rest_samples: tuple[float, ...]
+    routing_seconds: float | None = None
 
 
 def _sync(device: torch.device) -> None:
@@ -243,7 +246,8 @@ def _time_calls(fn: Callable[[], None], dev: torch.device, repeats: int,
 def measure_step_costs(run_expert: Callable[[], None], run_rest: Callable[[], None],
                        device: str | torch.device = "cpu", repeats: int = 5, *,
                        warmup: int = 1,
-                       run_expert_frozen: Callable[[], None] | None = None) -> StepCosts:
+                       run_expert_frozen: Callable[[], None] | None = None,
+                       run_routing: Callable[[], None] | None = None) -> StepCosts:
     """Time the parts of a training step and measure their peak memory.
 
     Args:
@@ -254,6 +258,7 @@ def measure_step_costs(run_expert: Callable[[], None], run_rest: Callable[[], No
         repeats: timed calls per closure; the median is reported.
         warmup: untimed calls per closure first.
         run_expert_frozen: optionally, one frozen expert's forward without autograd.
+        run_routing: optionally, the routing pre-pass (whole-model forward without autograd).
 
     Returns:
         The medians, every sample, and the peak memory of each closure.
@@ -270,6 +275,10 @@ def measure_step_costs(run_expert: Callable[[], None], run_rest: Callable[[], No
     if run_expert_frozen is not None:
         frozen_samples, _ = _time_calls(run_expert_frozen, dev, repeats, warmup)
         frozen = statistics.median(frozen_samples)
+    routing: float | None = None
+    if run_routing is not None:
+        routing_samples, _ = _time_calls(run_routing, dev, repeats, warmup)
+        routing = statistics.median(routing_samples)
     return StepCosts(
         device=str(dev), repeats=repeats,
         expert_seconds=statistics.median(expert_samples),
@@ -278,4 +287,5 @@ def measure_step_costs(run_expert: Callable[[], None], run_rest: Callable[[], No
         expert_peak_bytes=int(expert_peak), rest_peak_bytes=int(rest_peak),
         memory_method="cuda-max-allocated" if dev.type == "cuda" else "rss-sampler",
         expert_samples=tuple(expert_samples), rest_samples=tuple(rest_samples),
+        routing_seconds=routing,
     )

@@ -236,3 +236,13 @@ def test_reset_after_remeasure() -> None:
     mon.reset(fresh)
     assert mon.budget is fresh
     assert not mon.observe(Observation(available_bytes=4000)).remeasure
+
+
+def test_routing_pre_pass_is_part_of_every_step() -> None:
+    cost = dataclasses.replace(COST, routing_seconds=0.5)
+    # 0.5 routing + 0.5 rest + (8 - 2) x 0.25 frozen + 2 x 1.0 trained = 4.5 s
+    assert cost.step_seconds(2) == pytest.approx(4.5)
+    assert cost.scaled_time(2.0).step_seconds(2) == pytest.approx(9.0)
+    # 10 steps in 60 s: 1.0 + 2.0 + 0.75 c <= 6 -> c = 4 (without routing: 3.0 + 0.75 c -> 4)
+    assert compute_budget(cost, limits()).c_budget == 4
+    assert compute_budget(cost, limits(deadline_seconds=50.0)).c_budget == 2
