@@ -12,6 +12,10 @@ Inside the worker (:func:`measure`), as ``device_agent.train.train_round`` does 
 2. training step: forward + backward + AdamW step + ``zero_grad`` with ``budget`` experts
    trainable (spread over the layers, intersected with the routed ones), gates and head trainable.
 
+Time: wall-clock ``step_s`` (median of the timed steps, with min and max) and the process CPU
+time per step ``step_cpu_s`` (all threads; less sensitive to other processes on a shared
+machine, a check on the wall-clock figures).
+
 Memory: RSS is sampled every millisecond (:class:`device_agent.throughput.PeakRSSSampler`) during
 the untimed warm-up steps, where the allocator's peak shows (optimizer state is created in the
 first step). ``train_peak_bytes`` = that peak minus the RSS just before the first step
@@ -176,14 +180,15 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             step()
     for h in hooks:
         h.remove()
-    steps, routes = [], []
+    steps, routes, cpu = [], [], []
     for _ in range(spec["repeats"]):  # interleaved, so load drift hits both alike
         t0 = time.perf_counter()
         routing()
         routes.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         steps.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     with model.capture(batch["attention_mask"]) as cap, torch.no_grad(), ctx():
         model.module(**inputs)
     flops = ({"expert_fwd_flops": 0.0, "expert_bwd_flops": 0.0, "expert_flops": 0.0} if skip
@@ -197,6 +202,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         "model_peak_bytes": max(0, sampler.max_bytes - rss_runtime),
         "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "step_samples_s": [round(t, 4) for t in steps],
+        "step_cpu_s": statistics.median(cpu),
         **flops,
     }
 

@@ -243,6 +243,6 @@ def test_routing_pre_pass_is_part_of_every_step() -> None:
     # 0.5 routing + 0.5 rest + (8 - 2) x 0.25 frozen + 2 x 1.0 trained = 4.5 s
     assert cost.step_seconds(2) == pytest.approx(4.5)
     assert cost.scaled_time(2.0).step_seconds(2) == pytest.approx(9.0)
-    # 10 steps in 60 s: 1.0 + 2.0 + 0.75 c <= 6 -> c = 4 (without routing: 3.0 + 0.75 c -> 4)
+    # 10 steps in 60 s: 1.0 + 2.0 + 0.75 c <= 6 -> c = 4; in 50 s: <= 5 -> c = 2
     assert compute_budget(cost, limits()).c_budget == 4
     assert compute_budget(cost, limits(deadline_seconds=50.0)).c_budget == 2
