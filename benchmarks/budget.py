@@ -68,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--budgets", default=None, help="comma list (default 1,2,4,8,16,32,48)")
     p.add_argument("--impl", default=None, help="expert path (default: ModelConfig's)")
     p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads here and in every worker (0: torch's default)")
     p.add_argument("--out", default=None, help="append JSON lines here")
     p.add_argument("--plot", default=None, help="write a PNG of the results here")
     args = p.parse_args(argv)
@@ -80,6 +82,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                else [1, 8] if args.quick else [1, 2, 4, 8, 16, 32, 48])
     batch_size, seq_len = (2, 16) if args.quick else (8, 128)
     repeats = args.repeats or (2 if args.quick else 5)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     env = environment()
     pred = predict(model, impl, batch_size, seq_len, repeats)
     cost = CostModel(**pred["cost"])
@@ -88,7 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         m = measure_in_subprocess({"model": model, "path": impl, "budget": b,
                                    "batch_size": batch_size, "seq_len": seq_len,
                                    "warmup": 1 if args.quick else 2, "repeats": repeats,
-                                   "num_labels": 8}, isolate=not args.quick)
+                                   "num_labels": 8, "threads": args.threads},
+                                  isolate=not args.quick)
         c = m["trained_experts"]
         measured_step = m["routing_s"] + m["step_s"]
         row = {"bench": "budget", "model": model, "impl": impl, "budget": c,

@@ -117,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--fast-path", default="sorted", help="path for the bf16 and detach rows")
     p.add_argument("--budgets", default=None, help="comma list (default 1,2,E/4,E/2,E)")
     p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads here and in every worker (0: torch's default)")
     p.add_argument("--out", default=None, help="append JSON lines here")
     p.add_argument("--plot", default=None, help="write a PNG of the results here")
     args = p.parse_args(argv)
@@ -128,6 +130,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = {"model": model, "batch_size": 2 if args.quick else 8,
             "seq_len": 16 if args.quick else 128, "warmup": 1 if args.quick else 2,
             "repeats": args.repeats or (2 if args.quick else 5), "num_labels": 8}
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        base["threads"] = args.threads
     peaks = matmul_peaks(args.quick)
     rows = []
     for cfg in configs(args.paths.split(","), args.fast_path, budgets):

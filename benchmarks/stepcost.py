@@ -127,7 +127,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     from device_agent.costs import _experts_skipped
     from device_agent.throughput import PeakRSSSampler, _rss_bytes
-    from hfedmoe.config import MethodConfig
+    from device_agent.train import make_optimizer
+    from hfedmoe.config import MethodConfig, TrainConfig
     from hfedmoe.importance import compute_batch_stats
     from hfedmoe.names import ExpertId
 
@@ -150,7 +151,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         model.module(**inputs)
     active = {ExpertId(li, e) for li, e in spread_experts(cap.routed, spec["budget"])}
     params = {k: model.parameter(k) for k in model.keys()}
-    optimizer = torch.optim.AdamW(list(params.values()), lr=1e-4)
+    optimizer = make_optimizer(params, TrainConfig(lr=1e-4))  # as train_round builds it
     model.set_trainable(active)
     input_grad: dict[int, bool] = {}
     hooks = [layer.bank.register_forward_pre_hook(

@@ -30,7 +30,7 @@ from device_agent.budget import (
 )
 from device_agent.report import DeviceReport, time_scale
 from device_agent.throughput import StepCosts, measure_step_costs
-from hfedmoe.config import MethodConfig
+from hfedmoe.config import MethodConfig, TrainConfig
 from hfedmoe.experts import Expert
 from hfedmoe.importance import compute_batch_stats
 from hfedmoe.models.base import MoEModel
@@ -123,10 +123,11 @@ def measure_costs(model: MoEModel, batch_size: int, seq_len: int, optimizer: str
 
 
 def _optimizer(params: list[torch.nn.Parameter], name: str) -> torch.optim.Optimizer:
-    """The optimizer a training step uses, at a learning rate that keeps the timed steps tame."""
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=1e-6)
-    return torch.optim.AdamW(params, lr=1e-6)
+    """The optimizer ``train_round`` uses, at a learning rate that keeps the timed steps tame."""
+    from device_agent.train import make_optimizer
+
+    cfg = TrainConfig(optimizer="sgd" if name == "sgd" else "adamw", lr=1e-6)
+    return make_optimizer({str(i): p for i, p in enumerate(params)}, cfg)
 
 
 def cost_model(model: MoEModel, steps: StepCosts, tokens: int, optimizer: str) -> CostModel:

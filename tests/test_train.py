@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from device_agent.train import train_round
+from device_agent.train import make_optimizer, train_round
 from hfedmoe.config import MethodConfig, TrainConfig
 from hfedmoe.data import PairDataset, TextDataset
 from hfedmoe.models.hf import build_hf_model
@@ -103,3 +103,17 @@ def test_bf16_autocast_trains(tokenizer):
                       train_cfg=TrainConfig(batch_size=4, dtype="bfloat16", max_steps=2))
     assert res.steps == 2 and res.stopped_by == "max_steps"
     assert all(d.dtype == torch.float32 for d in res.update.deltas.values())
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_optimizer_is_fused_on_cpu_and_skips_params_without_grad(name):
+    torch.manual_seed(0)
+    params = {"a": torch.nn.Parameter(torch.randn(4, 3)), "b": torch.nn.Parameter(torch.randn(5))}
+    before = {k: p.detach().clone() for k, p in params.items()}
+    opt = make_optimizer(params, TrainConfig(optimizer=name, lr=0.1, weight_decay=0.01))
+    params["a"].grad = torch.ones(4, 3)
+    opt.step()
+
+    assert opt.defaults["fused"] is True
+    assert not torch.equal(params["a"], before["a"])
+    assert torch.equal(params["b"], before["b"]) and params["b"] not in opt.state
