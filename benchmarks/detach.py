@@ -8,9 +8,10 @@ what does it do to held-out accuracy and loss after local training?
 Two measurements on the default model and the bundled chatterbot classification task:
 
 1. gradient agreement: for the same initial model, the same batches and the same trained set
-   (budget E/4, most-routed experts dealt over the layers), the cosine similarity of every
-   trained expert's gradient (all its tensors flattened) with and without ``detach_frozen``,
-   and of all of them concatenated; the relative norm error of the concatenation;
+   (budget E/4, routed experts dealt over the layers in expert order), the cosine similarity
+   of every trained expert's gradient (all its tensors flattened) with and without
+   ``detach_frozen``, and of all of them concatenated; the relative norm error of the
+   concatenation;
 2. training outcome: ``train_round`` with the ``hfedmoe`` strategy, budget E/4, the same seed
    and data order, N steps, detach on vs off; held-out accuracy and loss (``server.evaluate``).
 

@@ -8,13 +8,17 @@ peak training memory <= 45 % and step time <= 55 % of training all experts, and 
 reaching >= 40 % of the measured matmul peak of its dtype on the expert FLOPs.
 
     python -m benchmarks.kernels [--quick] [--paths eager,grouped,sorted] [--fast-path sorted]
-                                 [--repeats 5] [--out results.jsonl] [--plot kernels.png]
+                                 [--repeats 5] [--threads N] [--out results.jsonl]
+                                 [--plot kernels.png] [--from results.jsonl]
 
 Every configuration runs in a fresh process (:mod:`benchmarks.stepcost`: method, memory and
-FLOP accounting); ``--quick`` (tiny model, budgets 1 and all) measures in-process. A "rest" row per dtype runs the same step with the experts' compute removed,
-to show how much of a step is not expert work. The routing pre-pass of ``train_round`` is timed
-separately (``routing_s``) and is not part of ``step_s``. Prints a table and writes JSON lines
-(one per configuration, each with the environment).
+FLOP accounting); ``--quick`` (tiny model, budgets 1 and all) measures in-process. A "rest" row
+per dtype runs the same step with the experts' compute removed, to show how much of a step is
+not expert work. ``expert_gflops`` is the expert FLOPs over the whole step, ``expert_part_gflops``
+over the step minus the "rest" row of its dtype. The routing pre-pass of ``train_round`` is
+timed separately (``routing_s``) and is not part of ``step_s``. ``--threads`` sets torch's
+threads here and in every worker. Prints a table and writes JSON lines (one per configuration,
+each with the environment).
 """
 
 from __future__ import annotations
@@ -60,8 +64,13 @@ def add_ratios(rows: list[dict[str, Any]], peaks: dict[str, float]) -> None:
             full.setdefault(r["label"], r)
             if r["budget"] >= full[r["label"]]["budget"]:
                 full[r["label"]] = r
+    rest = {r["dtype"]: r["step_s"] for r in rows if r.get("skip_experts")}
     for r in rows:
         r["expert_gflops"] = round(r["expert_flops"] / r["step_s"] / 1e9, 1)
+        expert_part = r["step_s"] - rest.get(r["dtype"], 0.0)  # the step minus the 'rest' row
+        r["expert_part_s"] = round(expert_part, 4)
+        r["expert_part_gflops"] = (round(r["expert_flops"] / expert_part / 1e9, 1)
+                                   if expert_part > 0 and r["expert_flops"] else 0.0)
         r["peak_gflops"] = peaks.get(r["dtype"])
         r["fraction_of_peak"] = (round(r["expert_gflops"] / r["peak_gflops"], 3)
                                  if r["peak_gflops"] else None)
@@ -75,13 +84,13 @@ def add_ratios(rows: list[dict[str, Any]], peaks: dict[str, float]) -> None:
 def print_table(rows: list[dict[str, Any]], peaks: dict[str, float]) -> None:
     print(f"matmul peak GFLOP/s: {peaks}")
     print(f"{'variant':<22}{'C':>4}{'step s':>8}{'[min, max]':>16}{'route s':>9}"
-          f"{'train MB':>10}{'t/all':>7}{'m/all':>7}{'GFLOP/s':>9}{'%peak':>7}")
+          f"{'train MB':>10}{'t/all':>7}{'m/all':>7}{'GFLOP/s':>9}{'%peak':>7}{'exp-part':>9}")
     for r in rows:
         print(f"{r['label']:<22}{r['trained_experts']:>4}{r['step_s']:>8.3f}"
               f"  [{r['step_min_s']:.3f}, {r['step_max_s']:.3f}]{r['routing_s']:>9.3f}"
               f"{r['train_peak_bytes'] / 1e6:>10.1f}{r.get('time_ratio_vs_all', ''):>7}"
               f"{r.get('memory_ratio_vs_all', ''):>7}{r['expert_gflops']:>9.1f}"
-              f"{100 * (r['fraction_of_peak'] or 0):>6.1f}%")
+              f"{100 * (r['fraction_of_peak'] or 0):>6.1f}%{r['expert_part_gflops']:>9.1f}")
 
 
 def plot(rows: list[dict[str, Any]], path: str) -> None:
@@ -121,7 +130,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="torch threads here and in every worker (0: torch's default)")
     p.add_argument("--out", default=None, help="append JSON lines here")
     p.add_argument("--plot", default=None, help="write a PNG of the results here")
+    p.add_argument("--from", dest="from_jsonl", default=None,
+                   help="re-derive the table (and --plot) from earlier JSON lines, no run")
     args = p.parse_args(argv)
+    if args.from_jsonl:
+        with open(args.from_jsonl) as fh:
+            rows = [json.loads(line) for line in fh if line.strip()]
+        peaks = {r["dtype"]: r["peak_gflops"] for r in rows if r.get("peak_gflops")}
+        add_ratios(rows, peaks)
+        print_table(rows, peaks)
+        if args.plot:
+            plot(rows, args.plot)
+        return 0
     model = QUICK_MODEL if args.quick else "minilm-moe"
     num_experts = 8 if args.quick else 48  # 2 x 4 (tiny) or 6 x 8 (default)
     budgets = ([int(b) for b in args.budgets.split(",")] if args.budgets

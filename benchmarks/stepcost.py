@@ -10,7 +10,8 @@ Inside the worker (:func:`measure`), as ``device_agent.train.train_round`` does 
 1. routing pre-pass: a forward without autograd that captures the gate scores, plus the batch
    statistics (Eq. 3-14); timed on its own;
 2. training step: forward + backward + AdamW step + ``zero_grad`` with ``budget`` experts
-   trainable (spread over the layers, intersected with the routed ones), gates and head trainable.
+   trainable (:func:`spread_experts`), gates and head trainable; ``trained_row_fraction`` is
+   the share of the routed token-expert rows that went to trained experts.
 
 Time: wall-clock ``step_s`` (median of the timed steps, with min and max) and the process CPU
 time per step ``step_cpu_s`` (all threads; less sensitive to other processes on a shared
@@ -68,10 +69,12 @@ def environment() -> dict[str, Any]:
 
 
 def spread_experts(routed: dict[int, Any], budget: int) -> list[tuple[int, int]]:
-    """``budget`` (layer, expert) pairs dealt round-robin over the layers, most-routed first.
+    """``budget`` (layer, expert) pairs dealt round-robin over the layers, in expert order.
 
     ``routed[l]`` is layer l's (tokens, top_k) expert ids; experts no token reached are never
-    picked (``train_round`` trains ``selection & routed`` too).
+    picked (``train_round`` trains ``selection & routed`` too). Expert order, not usage order,
+    so the trained experts' share of the routed rows is about budget / E on average (usage is
+    uneven: picking the most-routed first would train most of the rows at small budgets).
     """
     import torch
 
@@ -79,8 +82,7 @@ def spread_experts(routed: dict[int, Any], budget: int) -> list[tuple[int, int]]
     for li in sorted(routed):
         ids = routed[li].reshape(-1)
         counts = torch.bincount(ids[ids >= 0])
-        ranked.append([(li, int(e)) for e in torch.argsort(counts, descending=True, stable=True)
-                       if counts[e] > 0])
+        ranked.append([(li, e) for e in range(len(counts)) if counts[e] > 0])
     dealt = [pair for rank in range(max(map(len, ranked), default=0)) for lst in ranked
              if rank < len(lst) for pair in [lst[rank]]]
     return dealt[:budget]
@@ -108,7 +110,7 @@ def _flops(model: Any, routed: dict[int, Any], input_grad: dict[int, bool],
            detach: bool) -> dict[str, float]:
     import torch
 
-    fwd = bwd = 0.0
+    fwd = bwd = trained_rows = all_rows = 0.0
     for layer in model.layers:
         f = layer.bank.shape.flops_per_token()
         rows = torch.bincount(routed[layer.layer_idx].reshape(-1).clamp_min(0),
@@ -116,9 +118,12 @@ def _flops(model: Any, routed: dict[int, Any], input_grad: dict[int, bool],
         for e, n in enumerate(rows):
             trained = layer.bank.experts[e].trainable
             fwd += n * f
+            all_rows += n
+            trained_rows += n * trained
             bwd += n * f * (int(trained) + int(input_grad[layer.layer_idx]
                                                and (trained or not detach)))
-    return {"expert_fwd_flops": fwd, "expert_bwd_flops": bwd, "expert_flops": fwd + bwd}
+    return {"expert_fwd_flops": fwd, "expert_bwd_flops": bwd, "expert_flops": fwd + bwd,
+            "trained_row_fraction": round(trained_rows / max(all_rows, 1.0), 4)}
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
@@ -192,7 +197,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         cpu.append(time.process_time() - c0)
     with model.capture(batch["attention_mask"]) as cap, torch.no_grad(), ctx():
         model.module(**inputs)
-    flops = ({"expert_fwd_flops": 0.0, "expert_bwd_flops": 0.0, "expert_flops": 0.0} if skip
+    flops = ({"expert_fwd_flops": 0.0, "expert_bwd_flops": 0.0, "expert_flops": 0.0,
+              "trained_row_fraction": 0.0} if skip
              else _flops(model, cap.routed, input_grad, bool(spec.get("detach_frozen"))))
     return {
         "trained_experts": len(active),
