@@ -3,8 +3,9 @@
 METHOD.md section 4: C_budget(c) is the largest number of experts whose training fits
 
 - memory:  weights in use + C x (grads + optimizer state + saved activations of one trained
-  expert) + the non-expert part's activations and training state + a safety margin
-  <= the memory the device can give, and
+  expert) + (E - C) x saved activations of one frozen expert (exact path: its pre-activation,
+  for the input gradient) + the non-expert part's activations and training state + a safety
+  margin <= the memory the device can give, and
 - time:    steps_per_round x step_seconds(C) <= the round deadline, with
   step_seconds(C) = routing pre-pass + rest + (E - C) x frozen expert + C x trained expert,
   where E is the number of experts in the pool (every expert receives tokens each step, true
@@ -84,6 +85,10 @@ class CostModel:
         non_expert_activation_bytes: the non-expert part's peak activations, plus the grads and
             optimizer state of trainable non-expert parameters (gates, head) and the transient
             working set of frozen experts.
+        expert_frozen_activation_bytes: activations one *frozen* expert saves for backward in
+            the exact path (its pre-activation, for the gradient to its input); 0 with
+            ``detach_frozen``. A trained expert saves this too, inside
+            ``expert_activation_bytes``.
         rest_step_seconds: forward+backward (+ optimizer step of gates and head) of the
             non-expert part.
         expert_frozen_seconds: one frozen expert's share of a step: forward, plus the backward
@@ -103,6 +108,7 @@ class CostModel:
     expert_frozen_seconds: float = 0.0
     expert_trained_seconds: float = 0.0
     routing_seconds: float = 0.0
+    expert_frozen_activation_bytes: int = 0
 
     def __post_init__(self) -> None:
         _require(self.num_experts >= 1, "num_experts must be >= 1")
@@ -110,16 +116,22 @@ class CostModel:
             _require(getattr(self, f.name) >= 0, f"{f.name} must be >= 0")
         _require(self.expert_trained_seconds >= self.expert_frozen_seconds,
                  "expert_trained_seconds must be >= expert_frozen_seconds")
+        _require(self.expert_activation_bytes >= self.expert_frozen_activation_bytes,
+                 "expert_activation_bytes must be >= expert_frozen_activation_bytes")
 
     @property
     def base_bytes(self) -> int:
-        """Memory with no expert trained: all weights plus the non-expert part's needs."""
+        """Memory with no expert trained: all weights, what every expert saves when frozen,
+        and the non-expert part's needs."""
         return (self.non_expert_weight_bytes + self.num_experts * self.expert_weight_bytes
+                + self.num_experts * self.expert_frozen_activation_bytes
                 + self.non_expert_activation_bytes)
 
     @property
     def per_trained_expert_bytes(self) -> int:
-        return self.expert_state_bytes + self.expert_activation_bytes
+        """What training one more expert adds (beyond what it saved while frozen)."""
+        return (self.expert_state_bytes + self.expert_activation_bytes
+                - self.expert_frozen_activation_bytes)
 
     def peak_bytes(self, c: int) -> int:
         """Predicted peak memory with ``c`` experts trained."""

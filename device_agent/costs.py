@@ -119,7 +119,8 @@ def measure_costs(model: MoEModel, batch_size: int, seq_len: int, optimizer: str
     steps = measure_step_costs(run_expert, run_rest, "cpu", repeats,
                                run_expert_frozen=run_frozen, run_routing=run_routing)
     model.load_state(snapshot)  # the timing steps must not change the model
-    return MeasuredCosts(cost_model(model, steps, tokens, optimizer), steps, tokens)
+    return MeasuredCosts(cost_model(model, steps, tokens, optimizer, detach_frozen), steps,
+                         tokens)
 
 
 def _optimizer(params: list[torch.nn.Parameter], name: str) -> torch.optim.Optimizer:
@@ -130,7 +131,8 @@ def _optimizer(params: list[torch.nn.Parameter], name: str) -> torch.optim.Optim
     return make_optimizer({str(i): p for i, p in enumerate(params)}, cfg)
 
 
-def cost_model(model: MoEModel, steps: StepCosts, tokens: int, optimizer: str) -> CostModel:
+def cost_model(model: MoEModel, steps: StepCosts, tokens: int, optimizer: str,
+               detach_frozen: bool = False) -> CostModel:
     """Bytes from the model's parameter counts, seconds from the measured closures."""
     shape = model.layers[0].bank.shape
     per_expert = shape.params_per_expert
@@ -145,6 +147,8 @@ def cost_model(model: MoEModel, steps: StepCosts, tokens: int, optimizer: str) -
         expert_state_bytes=expert_state_bytes(per_expert, optimizer),
         expert_activation_bytes=expert_activation_bytes(tokens, shape.d_model, shape.d_ff,
                                                         gated=shape.gated),
+        expert_frozen_activation_bytes=0 if detach_frozen
+        else tokens * shape.d_ff * (2 if shape.gated else 1) * 4,
         non_expert_activation_bytes=steps.rest_peak_bytes
         + expert_state_bytes(trainable_rest, optimizer),
         rest_step_seconds=steps.rest_seconds,

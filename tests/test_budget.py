@@ -246,3 +246,14 @@ def test_routing_pre_pass_is_part_of_every_step() -> None:
     # 10 steps in 60 s: 1.0 + 2.0 + 0.75 c <= 6 -> c = 4; in 50 s: <= 5 -> c = 2
     assert compute_budget(cost, limits()).c_budget == 4
     assert compute_budget(cost, limits(deadline_seconds=50.0)).c_budget == 2
+
+
+def test_frozen_experts_saved_activations_count_against_memory() -> None:
+    cost = dataclasses.replace(COST, expert_frozen_activation_bytes=50)
+    # base = 2000 + 8 x 50 = 2400; one more trained expert adds 300 + 200 - 50 = 450 B
+    assert (cost.base_bytes, cost.per_trained_expert_bytes) == (2400, 450)
+    assert cost.peak_bytes(8) == COST.peak_bytes(8) == 6000  # all trained: the same total
+    budget = compute_budget(cost, limits(deadline_seconds=100.0))
+    assert (budget.c_budget, budget.limit) == (4, "memory")  # (4500 - 2400) // 450 = 4
+    with pytest.raises(DeviceError, match="expert_frozen_activation_bytes"):
+        dataclasses.replace(COST, expert_frozen_activation_bytes=201)
