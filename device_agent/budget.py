@@ -89,6 +89,10 @@ class CostModel:
             the exact path (its pre-activation, for the gradient to its input); 0 with
             ``detach_frozen``. A trained expert saves this too, inside
             ``expert_activation_bytes``.
+        expert_grad_bytes: the gradient part of ``expert_state_bytes`` (0: not split). When
+            given, a trained expert adds ``max(gradient, activations)`` rather than their sum:
+            backward frees an expert's saved activations as it writes its gradients, so the two
+            never peak together (measured: ``benchmarks/budget.py``).
         rest_step_seconds: forward+backward (+ optimizer step of gates and head) of the
             non-expert part.
         expert_frozen_seconds: one frozen expert's share of a step: forward, plus the backward
@@ -109,6 +113,7 @@ class CostModel:
     expert_trained_seconds: float = 0.0
     routing_seconds: float = 0.0
     expert_frozen_activation_bytes: int = 0
+    expert_grad_bytes: int = 0
 
     def __post_init__(self) -> None:
         _require(self.num_experts >= 1, "num_experts must be >= 1")
@@ -118,6 +123,8 @@ class CostModel:
                  "expert_trained_seconds must be >= expert_frozen_seconds")
         _require(self.expert_activation_bytes >= self.expert_frozen_activation_bytes,
                  "expert_activation_bytes must be >= expert_frozen_activation_bytes")
+        _require(self.expert_grad_bytes <= self.expert_state_bytes,
+                 "expert_grad_bytes must be <= expert_state_bytes")
 
     @property
     def base_bytes(self) -> int:
@@ -130,8 +137,10 @@ class CostModel:
     @property
     def per_trained_expert_bytes(self) -> int:
         """What training one more expert adds (beyond what it saved while frozen)."""
-        return (self.expert_state_bytes + self.expert_activation_bytes
-                - self.expert_frozen_activation_bytes)
+        grad = self.expert_grad_bytes
+        held = (self.expert_state_bytes - grad + max(grad, self.expert_activation_bytes)
+                if grad else self.expert_state_bytes + self.expert_activation_bytes)
+        return held - self.expert_frozen_activation_bytes
 
     def peak_bytes(self, c: int) -> int:
         """Predicted peak memory with ``c`` experts trained."""

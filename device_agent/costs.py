@@ -147,6 +147,7 @@ def cost_model(model: MoEModel, steps: StepCosts, tokens: int, optimizer: str,
         expert_state_bytes=expert_state_bytes(per_expert, optimizer),
         expert_activation_bytes=expert_activation_bytes(tokens, shape.d_model, shape.d_ff,
                                                         gated=shape.gated),
+        expert_grad_bytes=4 * per_expert,
         expert_frozen_activation_bytes=0 if detach_frozen
         else tokens * shape.d_ff * (2 if shape.gated else 1) * 4,
         non_expert_activation_bytes=steps.rest_peak_bytes

@@ -257,3 +257,14 @@ def test_frozen_experts_saved_activations_count_against_memory() -> None:
     assert (budget.c_budget, budget.limit) == (4, "memory")  # (4500 - 2400) // 450 = 4
     with pytest.raises(DeviceError, match="expert_frozen_activation_bytes"):
         dataclasses.replace(COST, expert_frozen_activation_bytes=201)
+
+
+def test_gradients_and_activations_of_a_trained_expert_do_not_peak_together() -> None:
+    # state 300 = 100 grad + 200 optimizer; activations 200: adds 200 + max(100, 200) = 400 B
+    cost = dataclasses.replace(COST, expert_grad_bytes=100)
+    assert cost.per_trained_expert_bytes == 400
+    assert cost.peak_bytes(4) == 2000 + 4 * 400
+    # grad 250 + optimizer 50: 50 + max(250, 200) = 300
+    assert dataclasses.replace(COST, expert_grad_bytes=250).per_trained_expert_bytes == 300
+    with pytest.raises(DeviceError, match="expert_grad_bytes"):
+        dataclasses.replace(COST, expert_grad_bytes=301)
