@@ -3,12 +3,15 @@
 METHOD.md section 4: C_budget(c) is the largest number of experts whose training fits
 
 - memory:  weights in use + C x (grads + optimizer state + saved activations of one trained
-  expert) + the non-expert part's activations and training state + a safety margin
-  <= the memory the device can give, and
+  expert) + (E - C) x saved activations of one frozen expert (exact path: its pre-activation,
+  for the input gradient) + the non-expert part's activations and training state + a safety
+  margin <= the memory the device can give, and
 - time:    steps_per_round x step_seconds(C) <= the round deadline, with
-  step_seconds(C) = rest + (E - C) x frozen-expert forward + C x trained-expert forward+backward,
+  step_seconds(C) = routing pre-pass + rest + (E - C) x frozen expert + C x trained expert,
   where E is the number of experts in the pool (every expert receives tokens each step, true
-  when batch x seq_len x top_k is well above the experts per layer).
+  when batch x seq_len x top_k is well above the experts per layer), a trained expert's time
+  is its forward + backward + optimizer step, and the routing pre-pass is the forward without
+  autograd that ``train_round`` runs before every step to select experts.
 
 A configured cap may lower the budget, never raise it past what was measured. Everything here
 is pure: no clock, no file, no probe. :class:`BudgetMonitor` takes observations from the agent
@@ -82,9 +85,21 @@ class CostModel:
         non_expert_activation_bytes: the non-expert part's peak activations, plus the grads and
             optimizer state of trainable non-expert parameters (gates, head) and the transient
             working set of frozen experts.
-        rest_step_seconds: forward+backward of the non-expert part.
-        expert_frozen_seconds: forward of one frozen expert (no autograd).
-        expert_trained_seconds: forward+backward of one trained expert.
+        expert_frozen_activation_bytes: activations one *frozen* expert saves for backward in
+            the exact path (its pre-activation, for the gradient to its input); 0 with
+            ``detach_frozen``. A trained expert saves this too, inside
+            ``expert_activation_bytes``.
+        expert_grad_bytes: the gradient part of ``expert_state_bytes`` (0: not split). When
+            given, a trained expert adds ``max(gradient, activations)`` rather than their sum:
+            backward frees an expert's saved activations as it writes its gradients, so the two
+            never peak together (measured: ``benchmarks/budget.py``).
+        rest_step_seconds: forward+backward (+ optimizer step of gates and head) of the
+            non-expert part.
+        expert_frozen_seconds: one frozen expert's share of a step: forward, plus the backward
+            to its input unless frozen experts are detached.
+        expert_trained_seconds: forward+backward+optimizer step of one trained expert.
+        routing_seconds: the routing pre-pass, a forward of the whole model without autograd
+            run before every training step (0: not measured).
     """
 
     num_experts: int
@@ -96,6 +111,9 @@ class CostModel:
     rest_step_seconds: float = 0.0
     expert_frozen_seconds: float = 0.0
     expert_trained_seconds: float = 0.0
+    routing_seconds: float = 0.0
+    expert_frozen_activation_bytes: int = 0
+    expert_grad_bytes: int = 0
 
     def __post_init__(self) -> None:
         _require(self.num_experts >= 1, "num_experts must be >= 1")
@@ -103,16 +121,26 @@ class CostModel:
             _require(getattr(self, f.name) >= 0, f"{f.name} must be >= 0")
         _require(self.expert_trained_seconds >= self.expert_frozen_seconds,
                  "expert_trained_seconds must be >= expert_frozen_seconds")
+        _require(self.expert_activation_bytes >= self.expert_frozen_activation_bytes,
+                 "expert_activation_bytes must be >= expert_frozen_activation_bytes")
+        _require(self.expert_grad_bytes <= self.expert_state_bytes,
+                 "expert_grad_bytes must be <= expert_state_bytes")
 
     @property
     def base_bytes(self) -> int:
-        """Memory with no expert trained: all weights plus the non-expert part's needs."""
+        """Memory with no expert trained: all weights, what every expert saves when frozen,
+        and the non-expert part's needs."""
         return (self.non_expert_weight_bytes + self.num_experts * self.expert_weight_bytes
+                + self.num_experts * self.expert_frozen_activation_bytes
                 + self.non_expert_activation_bytes)
 
     @property
     def per_trained_expert_bytes(self) -> int:
-        return self.expert_state_bytes + self.expert_activation_bytes
+        """What training one more expert adds (beyond what it saved while frozen)."""
+        grad = self.expert_grad_bytes
+        held = (self.expert_state_bytes - grad + max(grad, self.expert_activation_bytes)
+                if grad else self.expert_state_bytes + self.expert_activation_bytes)
+        return held - self.expert_frozen_activation_bytes
 
     def peak_bytes(self, c: int) -> int:
         """Predicted peak memory with ``c`` experts trained."""
@@ -120,7 +148,8 @@ class CostModel:
 
     def step_seconds(self, c: int) -> float:
         """Predicted time of one step with ``c`` of the ``num_experts`` experts trained."""
-        return (self.rest_step_seconds + (self.num_experts - c) * self.expert_frozen_seconds
+        return (self.routing_seconds + self.rest_step_seconds
+                + (self.num_experts - c) * self.expert_frozen_seconds
                 + c * self.expert_trained_seconds)
 
     def scaled_time(self, factor: float) -> CostModel:
@@ -129,7 +158,8 @@ class CostModel:
         return dataclasses.replace(
             self, rest_step_seconds=self.rest_step_seconds * factor,
             expert_frozen_seconds=self.expert_frozen_seconds * factor,
-            expert_trained_seconds=self.expert_trained_seconds * factor)
+            expert_trained_seconds=self.expert_trained_seconds * factor,
+            routing_seconds=self.routing_seconds * factor)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
 """Measure the real model's step costs on this device and turn them into a budget.
 
 The closures time *one expert of the actual model shape* at the configured batch and sequence
-length (its share of the routed tokens: B x S x top_k / experts per layer), trained and frozen,
-and the non-expert part of a training step (attention, embeddings, routers, head) with the
-experts' compute removed. :func:`cost_model` combines them with the model's parameter counts;
+length (its share of the routed tokens: B x S x top_k / experts per layer), trained (forward,
+backward and its optimizer step) and frozen, the non-expert part of a training step (attention,
+embeddings, routers, head, and the optimizer step of gates and head) with the experts' compute
+removed, and the routing pre-pass (a forward of the whole model without autograd, plus the
+batch statistics) that ``train_round`` runs before every step. :func:`cost_model` combines them with the model's parameter counts;
 :func:`decide_budget` applies the device's memory and the round deadline
 (:func:`device_agent.budget.compute_budget`), scaling times when a profile emulates another
 device.
@@ -28,7 +30,9 @@ from device_agent.budget import (
 )
 from device_agent.report import DeviceReport, time_scale
 from device_agent.throughput import StepCosts, measure_step_costs
+from hfedmoe.config import MethodConfig, TrainConfig
 from hfedmoe.experts import Expert
+from hfedmoe.importance import compute_batch_stats
 from hfedmoe.models.base import MoEModel
 
 
@@ -78,11 +82,14 @@ def measure_costs(model: MoEModel, batch_size: int, seq_len: int, optimizer: str
     expert = Expert(shape).to(device)
     x = torch.randn(tokens, shape.d_model, device=device)
 
+    expert_opt = _optimizer(list(expert.parameters()), optimizer)
+
     def run_expert() -> None:
         expert.requires_grad_(True)
         xin = x.clone().requires_grad_(True)
         expert(xin).sum().backward()
-        expert.zero_grad(set_to_none=True)
+        expert_opt.step()
+        expert_opt.zero_grad(set_to_none=True)
 
     def run_frozen() -> None:
         expert.requires_grad_(False)
@@ -94,19 +101,39 @@ def measure_costs(model: MoEModel, batch_size: int, seq_len: int, optimizer: str
             expert(xin).sum().backward()
 
     batch = {k: v.to(device) for k, v in _sample_batch(model, batch_size, seq_len).items()}
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    model.set_trainable(())  # gates and head train, as in every step
+    rest_opt = _optimizer(list(model.trainable_parameters().values()), optimizer)
 
     def run_rest() -> None:
         with _experts_skipped(model):
             model.module(**batch).loss.backward()
+        rest_opt.step()
         model.module.zero_grad(set_to_none=True)
 
-    model.set_trainable(())  # gates and head train, as in every step
+    def run_routing() -> None:
+        with torch.no_grad(), model.capture(batch["attention_mask"]) as cap:
+            model.module(**inputs)
+        compute_batch_stats(cap.scores, cap.routed, MethodConfig())
+
+    snapshot = {k: p.detach().clone() for k, p in model.trainable_parameters().items()}
     steps = measure_step_costs(run_expert, run_rest, device, repeats,
-                               run_expert_frozen=run_frozen)
-    return MeasuredCosts(cost_model(model, steps, tokens, optimizer), steps, tokens)
+                               run_expert_frozen=run_frozen, run_routing=run_routing)
+    model.load_state(snapshot)  # the timing steps must not change the model
+    return MeasuredCosts(cost_model(model, steps, tokens, optimizer, detach_frozen), steps,
+                         tokens)
 
 
-def cost_model(model: MoEModel, steps: StepCosts, tokens: int, optimizer: str) -> CostModel:
+def _optimizer(params: list[torch.nn.Parameter], name: str) -> torch.optim.Optimizer:
+    """The optimizer ``train_round`` uses, at a learning rate that keeps the timed steps tame."""
+    from device_agent.train import make_optimizer
+
+    cfg = TrainConfig(optimizer="sgd" if name == "sgd" else "adamw", lr=1e-6)
+    return make_optimizer({str(i): p for i, p in enumerate(params)}, cfg)
+
+
+def cost_model(model: MoEModel, steps: StepCosts, tokens: int, optimizer: str,
+               detach_frozen: bool = False) -> CostModel:
     """Bytes from the model's parameter counts, seconds from the measured closures."""
     shape = model.layers[0].bank.shape
     per_expert = shape.params_per_expert
@@ -121,11 +148,15 @@ def cost_model(model: MoEModel, steps: StepCosts, tokens: int, optimizer: str) -
         expert_state_bytes=expert_state_bytes(per_expert, optimizer),
         expert_activation_bytes=expert_activation_bytes(tokens, shape.d_model, shape.d_ff,
                                                         gated=shape.gated),
+        expert_grad_bytes=4 * per_expert,
+        expert_frozen_activation_bytes=0 if detach_frozen
+        else tokens * shape.d_ff * (2 if shape.gated else 1) * 4,
         non_expert_activation_bytes=steps.rest_peak_bytes
         + expert_state_bytes(trainable_rest, optimizer),
         rest_step_seconds=steps.rest_seconds,
         expert_frozen_seconds=min(steps.expert_frozen_seconds or 0.0, steps.expert_seconds),
-        expert_trained_seconds=steps.expert_seconds)
+        expert_trained_seconds=steps.expert_seconds,
+        routing_seconds=steps.routing_seconds or 0.0)
 
 
 def decide_budget(report: DeviceReport, cost: CostModel, deadline_s: float, steps_per_round: int,

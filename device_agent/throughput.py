@@ -63,6 +63,8 @@ class StepCosts:
         memory_method: ``"rss-sampler"`` (CPU estimate) or ``"cuda-max-allocated"``.
         expert_samples: every timed expert call, in seconds.
         rest_samples: every timed non-expert call, in seconds.
+        routing_seconds: the routing pre-pass (a forward without autograd), median; None
+            when no closure was given.
     """
 
     device: str
@@ -75,6 +77,7 @@ class StepCosts:
     memory_method: str
     expert_samples: tuple[float, ...]
     rest_samples: tuple[float, ...]
+    routing_seconds: float | None = None
 
 
 def _sync(device: torch.device) -> None:
@@ -213,9 +216,11 @@ def _time_calls(fn: Callable[[], None], dev: torch.device, repeats: int,
                 warmup: int) -> tuple[list[float], int]:
     """Run ``fn`` ``warmup`` + ``repeats`` times; return the timed durations and peak bytes.
 
-    On CPU the RSS sampler also covers the warm-up calls: memory the C allocator keeps after
-    the first call is reused by later ones without raising RSS, so only the first call shows
-    the peak (one-time initialisation is counted too, which errs on the safe side).
+    On CPU the RSS sampler covers the warm-up calls only (or the first timed call when there is
+    no warm-up): memory the C allocator keeps after the first call is reused by later ones
+    without raising RSS, so only the first call shows the peak (one-time initialisation is
+    counted too, which errs on the safe side). The timed calls run without the sampler, whose
+    thread polls every millisecond and slowed short closures by up to ~30 % on a busy CPU.
     """
     samples: list[float] = []
     if dev.type == "cuda":
@@ -233,17 +238,22 @@ def _time_calls(fn: Callable[[], None], dev: torch.device, repeats: int,
     with PeakRSSSampler() as sampler:
         for _ in range(warmup):
             fn()
-        for _ in range(repeats):
+        if not warmup:  # nothing sampled yet: the first timed call shows the peak
             start = time.perf_counter()
             fn()
             samples.append(time.perf_counter() - start)
+    for _ in range(repeats - len(samples)):  # timed without the sampler thread competing
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
     return samples, sampler.peak_bytes
 
 
 def measure_step_costs(run_expert: Callable[[], None], run_rest: Callable[[], None],
                        device: str | torch.device = "cpu", repeats: int = 5, *,
                        warmup: int = 1,
-                       run_expert_frozen: Callable[[], None] | None = None) -> StepCosts:
+                       run_expert_frozen: Callable[[], None] | None = None,
+                       run_routing: Callable[[], None] | None = None) -> StepCosts:
     """Time the parts of a training step and measure their peak memory.
 
     Args:
@@ -254,6 +264,7 @@ def measure_step_costs(run_expert: Callable[[], None], run_rest: Callable[[], No
         repeats: timed calls per closure; the median is reported.
         warmup: untimed calls per closure first.
         run_expert_frozen: optionally, one frozen expert's forward without autograd.
+        run_routing: optionally, the routing pre-pass (whole-model forward without autograd).
 
     Returns:
         The medians, every sample, and the peak memory of each closure.
@@ -270,6 +281,10 @@ def measure_step_costs(run_expert: Callable[[], None], run_rest: Callable[[], No
     if run_expert_frozen is not None:
         frozen_samples, _ = _time_calls(run_expert_frozen, dev, repeats, warmup)
         frozen = statistics.median(frozen_samples)
+    routing: float | None = None
+    if run_routing is not None:
+        routing_samples, _ = _time_calls(run_routing, dev, repeats, warmup)
+        routing = statistics.median(routing_samples)
     return StepCosts(
         device=str(dev), repeats=repeats,
         expert_seconds=statistics.median(expert_samples),
@@ -278,4 +293,5 @@ def measure_step_costs(run_expert: Callable[[], None], run_rest: Callable[[], No
         expert_peak_bytes=int(expert_peak), rest_peak_bytes=int(rest_peak),
         memory_method="cuda-max-allocated" if dev.type == "cuda" else "rss-sampler",
         expert_samples=tuple(expert_samples), rest_samples=tuple(rest_samples),
+        routing_seconds=routing,
     )

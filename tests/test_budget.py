@@ -236,3 +236,35 @@ def test_reset_after_remeasure() -> None:
     mon.reset(fresh)
     assert mon.budget is fresh
     assert not mon.observe(Observation(available_bytes=4000)).remeasure
+
+
+def test_routing_pre_pass_is_part_of_every_step() -> None:
+    cost = dataclasses.replace(COST, routing_seconds=0.5)
+    # 0.5 routing + 0.5 rest + (8 - 2) x 0.25 frozen + 2 x 1.0 trained = 4.5 s
+    assert cost.step_seconds(2) == pytest.approx(4.5)
+    assert cost.scaled_time(2.0).step_seconds(2) == pytest.approx(9.0)
+    # 10 steps in 60 s: 1.0 + 2.0 + 0.75 c <= 6 -> c = 4; in 50 s: <= 5 -> c = 2
+    assert compute_budget(cost, limits()).c_budget == 4
+    assert compute_budget(cost, limits(deadline_seconds=50.0)).c_budget == 2
+
+
+def test_frozen_experts_saved_activations_count_against_memory() -> None:
+    cost = dataclasses.replace(COST, expert_frozen_activation_bytes=50)
+    # base = 2000 + 8 x 50 = 2400; one more trained expert adds 300 + 200 - 50 = 450 B
+    assert (cost.base_bytes, cost.per_trained_expert_bytes) == (2400, 450)
+    assert cost.peak_bytes(8) == COST.peak_bytes(8) == 6000  # all trained: the same total
+    budget = compute_budget(cost, limits(deadline_seconds=100.0))
+    assert (budget.c_budget, budget.limit) == (4, "memory")  # (4500 - 2400) // 450 = 4
+    with pytest.raises(DeviceError, match="expert_frozen_activation_bytes"):
+        dataclasses.replace(COST, expert_frozen_activation_bytes=201)
+
+
+def test_gradients_and_activations_of_a_trained_expert_do_not_peak_together() -> None:
+    # state 300 = 100 grad + 200 optimizer; activations 200: adds 200 + max(100, 200) = 400 B
+    cost = dataclasses.replace(COST, expert_grad_bytes=100)
+    assert cost.per_trained_expert_bytes == 400
+    assert cost.peak_bytes(4) == 2000 + 4 * 400
+    # grad 250 + optimizer 50: 50 + max(250, 200) = 300
+    assert dataclasses.replace(COST, expert_grad_bytes=250).per_trained_expert_bytes == 300
+    with pytest.raises(DeviceError, match="expert_grad_bytes"):
+        dataclasses.replace(COST, expert_grad_bytes=301)

@@ -90,3 +90,56 @@ def test_fused_round_trip_and_bad_impl():
         bank.impl = "nope"
     with pytest.raises(ModelError, match="activation"):
         ExpertShape(4, 4, "tanhh")
+
+
+def run_autocast(bank: ExpertBank, impl: str):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return run(bank, impl)
+
+
+@pytest.mark.parametrize("impl", sorted(set(EXPERT_IMPLS) - {"eager"}))
+def test_fast_paths_match_reference_under_bf16_autocast(impl):
+    bank = make_bank(False, True, "gelu")
+    y_ref, gx_ref, g_ref = run_autocast(bank, "eager")
+    y, gx, g = run_autocast(bank, impl)
+    tol = {"rtol": 2e-2, "atol": 2e-2}  # bf16 matmuls, summed in a different order
+    assert_close(y.float(), y_ref.float(), **tol)
+    assert_close(gx.float(), gx_ref.float(), **tol)
+    assert g.keys() == g_ref.keys()
+    for name in g_ref:
+        assert_close(g[name], g_ref[name], **tol)
+
+
+def test_grouped_path_runs_its_gemms_in_the_autocast_dtype(monkeypatch):
+    import hfedmoe.experts as experts_mod
+
+    seen = []
+    real = experts_mod.F.grouped_mm
+
+    def spy(a, b, **kw):
+        seen.append((a.dtype, b.dtype))
+        return real(a, b, **kw)
+
+    monkeypatch.setattr(experts_mod.F, "grouped_mm", spy)
+    bank = make_bank(True, True, "silu")
+    run_autocast(bank, "grouped")
+    assert seen and all(d == (torch.bfloat16, torch.bfloat16) for d in seen)
+    seen.clear()
+    run(bank, "grouped")
+    assert seen and all(d == (torch.float32, torch.float32) for d in seen)
+
+
+def test_sorted_path_with_all_tokens_on_one_expert_and_all_frozen():
+    bank = make_bank(False, True, "gelu", trainable=())
+    x = torch.randn(6, 16, requires_grad=True)
+    idx = torch.full((6, 2), 3)
+    w = torch.rand(6, 2, requires_grad=True)
+    outs = {}
+    for impl in ("eager", "sorted"):
+        bank.impl = impl
+        y = bank(x, idx, w)
+        y.square().sum().backward()
+        outs[impl] = (y.detach(), x.grad.clone(), w.grad.clone())
+        x.grad = w.grad = None
+    for ref, got in zip(outs["eager"], outs["sorted"], strict=True):
+        assert_close(got, ref, rtol=1e-5, atol=1e-6)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from device_agent.train import train_round
+from device_agent.train import make_optimizer, train_round
 from hfedmoe.config import MethodConfig, TrainConfig
 from hfedmoe.data import PairDataset, TextDataset
 from hfedmoe.models.hf import build_hf_model
@@ -123,3 +123,17 @@ def test_executorch_runtime_sends_the_same_update_format(tokenizer):
     for key in before:  # experts outside the update are bit-identical
         if key not in res.update.deltas:
             assert torch.equal(before[key], after[key]), key
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_optimizer_is_fused_on_cpu_and_skips_params_without_grad(name):
+    torch.manual_seed(0)
+    params = {"a": torch.nn.Parameter(torch.randn(4, 3)), "b": torch.nn.Parameter(torch.randn(5))}
+    before = {k: p.detach().clone() for k, p in params.items()}
+    opt = make_optimizer(params, TrainConfig(optimizer=name, lr=0.1, weight_decay=0.01))
+    params["a"].grad = torch.ones(4, 3)
+    opt.step()
+
+    assert opt.defaults["fused"] is True
+    assert not torch.equal(params["a"], before["a"])
+    assert torch.equal(params["b"], before["b"]) and params["b"] not in opt.state

@@ -1,0 +1,245 @@
+"""Shared measurement for the step benchmarks: one training configuration in a fresh process.
+
+:func:`measure_in_subprocess` runs ``python -m benchmarks.stepcost '<json spec>'`` and reads back
+one JSON object. A fresh process per configuration makes its peak memory honest: nothing that an
+earlier configuration allocated (optimizer state, the C allocator's free lists, oneDNN caches)
+is resident, and ``ru_maxrss`` is this configuration's own.
+
+Inside the worker (:func:`measure`), as ``device_agent.train.train_round`` does per batch:
+
+1. routing pre-pass: a forward without autograd that captures the gate scores, plus the batch
+   statistics (Eq. 3-14); timed on its own;
+2. training step: forward + backward + AdamW step + ``zero_grad`` with ``budget`` experts
+   trainable (:func:`spread_experts`), gates and head trainable; ``trained_row_fraction`` is
+   the share of the routed token-expert rows that went to trained experts.
+
+Time: wall-clock ``step_s`` (median of the timed steps, with min and max) and the process CPU
+time per step ``step_cpu_s`` (all threads; less sensitive to other processes on a shared
+machine, a check on the wall-clock figures).
+
+Memory: RSS is sampled every millisecond (:class:`device_agent.throughput.PeakRSSSampler`) during
+the untimed warm-up steps, where the allocator's peak shows (optimizer state is created in the
+first step). ``train_peak_bytes`` = that peak minus the RSS just before the first step
+(grads + optimizer state + activations + transient buffers); ``model_peak_bytes`` = the peak minus
+the RSS before the model was built (adds the weights). Timed steps run without the sampler.
+
+Expert FLOPs per step (stated accounting, ``f = ExpertShape.flops_per_token()`` =
+``2 * (d_in * d + d * d_ff)`` per routed token-expert row): forward ``f`` for every row; backward
+``f`` for the weight gradient of a trained expert's row, plus ``f`` for the input gradient of
+any row whose layer input requires grad (not the first MoE layer, whose input comes from frozen
+embeddings and attention), except rows of frozen experts under ``detach_frozen`` (0).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+QUICK_MODEL = "qwen3-moe-tiny"
+
+
+def environment() -> dict[str, Any]:
+    """Versions, CPU, threads, git sha and the load average (noisy shared machines)."""
+    import torch
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, check=False).stdout.strip()
+    except OSError:
+        sha = ""
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")),
+                       "")
+    except OSError:
+        pass
+    return {"git_sha": sha, "python": platform.python_version(), "platform": platform.platform(),
+            "cpu": cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "loadavg": [round(x, 2) for x in os.getloadavg()]}
+
+
+def spread_experts(routed: dict[int, Any], budget: int) -> list[tuple[int, int]]:
+    """``budget`` (layer, expert) pairs dealt round-robin over the layers, in expert order.
+
+    ``routed[l]`` is layer l's (tokens, top_k) expert ids; experts no token reached are never
+    picked (``train_round`` trains ``selection & routed`` too). Expert order, not usage order,
+    so the trained experts' share of the routed rows is about budget / E on average (usage is
+    uneven: picking the most-routed first would train most of the rows at small budgets).
+    """
+    import torch
+
+    ranked = []
+    for li in sorted(routed):
+        ids = routed[li].reshape(-1)
+        counts = torch.bincount(ids[ids >= 0])
+        ranked.append([(li, e) for e in range(len(counts)) if counts[e] > 0])
+    dealt = [pair for rank in range(max(map(len, ranked), default=0)) for lst in ranked
+             if rank < len(lst) for pair in [lst[rank]]]
+    return dealt[:budget]
+
+
+def _build(spec: dict[str, Any]) -> Any:
+    from hfedmoe.config import ModelConfig
+    from hfedmoe.models.registry import build_model
+
+    cfg = ModelConfig(name=spec.get("model", "minilm-moe"), expert_impl=spec["path"])
+    return build_model(cfg, "classification", spec.get("num_labels", 8))
+
+
+def _batch(model: Any, batch_size: int, seq_len: int, num_labels: int) -> dict[str, Any]:
+    import torch
+
+    vocab = getattr(model.tokenizer, "vocab_size", None) or 512
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(min(1000, vocab - 1), vocab, (batch_size, seq_len), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "labels": torch.randint(0, num_labels, (batch_size,), generator=g)}
+
+
+def _flops(model: Any, routed: dict[int, Any], input_grad: dict[int, bool],
+           detach: bool) -> dict[str, float]:
+    import torch
+
+    fwd = bwd = trained_rows = all_rows = 0.0
+    for layer in model.layers:
+        f = layer.bank.shape.flops_per_token()
+        rows = torch.bincount(routed[layer.layer_idx].reshape(-1).clamp_min(0),
+                              minlength=layer.num_experts).tolist()
+        for e, n in enumerate(rows):
+            trained = layer.bank.experts[e].trainable
+            fwd += n * f
+            all_rows += n
+            trained_rows += n * trained
+            bwd += n * f * (int(trained) + int(input_grad[layer.layer_idx]
+                                               and (trained or not detach)))
+    return {"expert_fwd_flops": fwd, "expert_bwd_flops": bwd, "expert_flops": fwd + bwd,
+            "trained_row_fraction": round(trained_rows / max(all_rows, 1.0), 4)}
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """Time and measure one configuration in this process (see the module docstring)."""
+    import torch
+
+    from device_agent.costs import _experts_skipped
+    from device_agent.throughput import PeakRSSSampler, _rss_bytes
+    from device_agent.train import make_optimizer
+    from hfedmoe.config import MethodConfig, TrainConfig
+    from hfedmoe.importance import compute_batch_stats
+    from hfedmoe.names import ExpertId
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    rss_runtime = _rss_bytes()
+    model = _build(spec)
+    model.set_expert_impl(spec["path"], bool(spec.get("detach_frozen")))
+    batch = _batch(model, spec["batch_size"], spec["seq_len"], spec.get("num_labels", 8))
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if spec.get("dtype") == "bfloat16"
+                else None)
+
+    def ctx() -> Any:
+        import contextlib
+
+        return autocast if autocast is not None else contextlib.nullcontext()
+
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad(), ctx(), model.capture(batch["attention_mask"]) as cap:
+        model.module(**inputs)
+    active = {ExpertId(li, e) for li, e in spread_experts(cap.routed, spec["budget"])}
+    params = {k: model.parameter(k) for k in model.keys()}
+    optimizer = make_optimizer(params, TrainConfig(lr=1e-4))  # as train_round builds it
+    model.set_trainable(active)
+    input_grad: dict[int, bool] = {}
+    hooks = [layer.bank.register_forward_pre_hook(
+        lambda _m, args, li=layer.layer_idx: input_grad.__setitem__(li, args[0].requires_grad))
+        for layer in model.layers]
+    skip = spec.get("skip_experts", False)
+
+    def step() -> None:
+        with ctx():
+            if skip:
+                with _experts_skipped(model):
+                    loss = model.module(**batch).loss
+            else:
+                loss = model.module(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def routing() -> None:
+        with torch.no_grad(), ctx(), model.capture(batch["attention_mask"]) as c:
+            model.module(**inputs)
+        compute_batch_stats(c.scores, c.routed, MethodConfig())
+
+    rss_before = _rss_bytes()
+    with PeakRSSSampler() as sampler:
+        for _ in range(spec["warmup"]):
+            step()
+    for h in hooks:
+        h.remove()
+    steps, routes, cpu = [], [], []
+    for _ in range(spec["repeats"]):  # interleaved, so load drift hits both alike
+        t0 = time.perf_counter()
+        routing()
+        routes.append(time.perf_counter() - t0)
+        t0, c0 = time.perf_counter(), time.process_time()
+        step()
+        steps.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    with model.capture(batch["attention_mask"]) as cap, torch.no_grad(), ctx():
+        model.module(**inputs)
+    flops = ({"expert_fwd_flops": 0.0, "expert_bwd_flops": 0.0, "expert_flops": 0.0,
+              "trained_row_fraction": 0.0} if skip
+             else _flops(model, cap.routed, input_grad, bool(spec.get("detach_frozen"))))
+    return {
+        "trained_experts": len(active),
+        "step_s": statistics.median(steps), "step_min_s": min(steps), "step_max_s": max(steps),
+        "routing_s": statistics.median(routes), "routing_min_s": min(routes),
+        "routing_max_s": max(routes),
+        "train_peak_bytes": max(0, sampler.max_bytes - rss_before),
+        "model_peak_bytes": max(0, sampler.max_bytes - rss_runtime),
+        "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "step_samples_s": [round(t, 4) for t in steps],
+        "step_cpu_s": statistics.median(cpu),
+        **flops,
+    }
+
+
+def measure_in_subprocess(spec: dict[str, Any], timeout: float = 600,
+                          isolate: bool = True) -> dict[str, Any]:
+    """:func:`measure` in a fresh Python process; returns its result merged with ``spec``.
+
+    ``isolate=False`` measures in this process instead (quick smoke runs: no interpreter start
+    per configuration, but memory figures then include what earlier configurations left).
+    """
+    if not isolate:
+        return {**spec, **measure(spec), "isolated": False}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.stepcost", json.dumps(spec)],
+                          capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"worker failed for {spec}: {proc.stderr[-2000:]}")
+    return {**spec, **json.loads(lines[-1]), "isolated": True}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        print("usage: python -m benchmarks.stepcost '<json spec>'", file=sys.stderr)
+        return 2
+    print(json.dumps(measure(json.loads(args[0]))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

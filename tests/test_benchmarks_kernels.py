@@ -1,0 +1,71 @@
+"""The step benchmarks run end to end in quick mode and write the documented JSON fields."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import budget, detach, kernels
+
+ENV_FIELDS = {"git_sha", "torch", "torch_threads", "cpu_count", "loadavg"}
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_kernels_quick(tmp_path: Path) -> None:
+    out, png = tmp_path / "kernels.jsonl", tmp_path / "kernels.png"
+
+    assert kernels.main(["--quick", "--out", str(out), "--plot", str(png)]) == 0
+
+    rows = read_rows(out)
+    labels = {r["label"] for r in rows}
+    assert {"eager", "grouped", "sorted", "sorted+bf16", "sorted+detach"} <= labels
+    assert sum(bool(r.get("skip_experts")) for r in rows) == 2  # the two "rest" rows
+    for r in rows:
+        assert ENV_FIELDS <= r["env"].keys()
+        assert r["step_s"] > 0 and r["step_min_s"] <= r["step_s"] <= r["step_max_s"]
+        assert r["routing_s"] > 0 and r["train_peak_bytes"] >= 0
+        assert {"expert_gflops", "peak_gflops", "fraction_of_peak"} <= r.keys()
+        if not r.get("skip_experts"):
+            assert r["expert_flops"] > 0
+            assert {"time_ratio_vs_all", "memory_ratio_vs_all"} <= r.keys()
+    most = max(r["budget"] for r in rows)
+    assert all(r["time_ratio_vs_all"] == 1.0 for r in rows if r["budget"] == most)
+    exact = next(r for r in rows if r["label"] == "sorted" and r["budget"] == most)
+    cut = next(r for r in rows if r["label"] == "sorted+detach" and r["budget"] == 1)
+    ref = next(r for r in rows if r["label"] == "sorted" and r["budget"] == 1)
+    assert cut["expert_bwd_flops"] < ref["expert_bwd_flops"] < exact["expert_bwd_flops"]
+    assert png.stat().st_size > 0
+
+
+def test_budget_quick(tmp_path: Path) -> None:
+    out = tmp_path / "budget.jsonl"
+
+    assert budget.main(["--quick", "--out", str(out), "--plot", str(tmp_path / "b.png")]) == 0
+
+    rows = read_rows(out)
+    assert [r["budget"] for r in rows] == sorted(r["budget"] for r in rows)
+    for r in rows:
+        assert {"predicted_step_s", "measured_step_s", "step_error", "predicted_peak_bytes",
+                "measured_peak_bytes", "memory_error", "cost"} <= r.keys()
+        assert r["cost"]["routing_seconds"] > 0  # the pre-pass is part of the prediction
+        assert r["predicted_step_s"] > 0 and r["measured_step_s"] > 0
+        assert ENV_FIELDS <= r["env"].keys()
+
+
+def test_detach_quick(tmp_path: Path, minilm_available: bool) -> None:
+    if not minilm_available:
+        pytest.skip("needs the MiniLM tokenizer from the assets extra")
+    out = tmp_path / "detach.jsonl"
+
+    assert detach.main(["--quick", "--out", str(out)]) == 0
+
+    grad, *runs = read_rows(out)
+    assert grad["kind"] == "grad_agreement" and -1.0 <= grad["cos_all_median"] <= 1.0
+    assert [r["detach_frozen"] for r in runs] == [False, True]
+    for r in runs:
+        assert 0.0 <= r["test_accuracy"] <= 1.0 and r["steps"] == 3
