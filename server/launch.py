@@ -27,9 +27,9 @@ DEMO_PROFILES = ("phone-midrange-6gb", "jetson-orin-nano-8gb", "phone-flagship-1
 DEMO_SERVER = {
     "model": {"max_length": 64},
     "train": {"lr": 1e-3, "batch_size": 8, "local_epochs": 1, "threads": 1},
-    # Devices budget their experts for a 20 s local compute window (in their own, emulated time):
+    # Devices budget their experts for a 12 s local compute window (in their own, emulated time):
     # slow phones then train a subset of experts per batch, Jetson-class boards all of them.
-    "rounds": {"registration_timeout_s": 300.0, "train_time_s": 20.0},
+    "rounds": {"registration_timeout_s": 300.0, "train_time_s": 12.0},
     # bf16 deltas on the wire: half the upload of fp32 (decoded back to fp32 on the server)
     "wire": {"dtype": "bfloat16"},
 }
