@@ -169,8 +169,9 @@ def savefig(fig: Any, path: str | Path) -> Path:
 
 
 def plot_path(out: str | Path | None, name: str) -> Path:
-    """Where a plot goes: next to ``out`` if given, else in ``benchmarks/results``."""
-    return (Path(out).parent if out else RESULTS) / name
+    """Where a plot goes: ``out`` with ``.png`` for ``.jsonl`` if given, else ``name`` in
+    ``benchmarks/results``."""
+    return Path(out).with_suffix(".png") if out else RESULTS / name
 
 
 def pyplot() -> Any:

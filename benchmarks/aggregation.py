@@ -27,6 +27,7 @@ from pathlib import Path
 from benchmarks._common import (
     RssSampler,
     environment,
+    loadavg,
     plot_path,
     pyplot,
     run_isolated,
@@ -123,7 +124,8 @@ def run_config(shapes_path: str, n: int, k: int, mode: str, pool: int = 4,
             "rss_before_mb": round(mem.start / MB, 1),
             "peak_rss_delta_mb": round(mem.delta / MB, 1),
             "peak_rss_delta_during_adds_mb": round((add_peak - mem.start) / MB, 1),
-            "sums_or_updates_held_mb": round(held / MB, 1)}
+            "sums_or_updates_held_mb": round(held / MB, 1),
+            "loadavg_at_measurement": loadavg()}
 
 
 def model_shapes(model_cfg: dict) -> dict[str, list[int]]:

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from benchmarks._common import (
     RssSampler,
     environment,
+    loadavg,
     med,
     plot_path,
     pyplot,
@@ -135,6 +136,7 @@ def run_config(model: str, dtype: str, budget: int, batch_size: int, seq_len: in
         row[f"{name}_s"] = round(med(ts), 4)
         row[f"{name}_spread_s"] = spread(ts)
     row["step_s"] = round(row["fwd_bwd_s"] + row["optimizer_s"], 4)
+    row["loadavg_at_measurement"] = loadavg()
     row["peak_rss_mb"] = round(mem.peak / MB, 1)
     row["train_peak_delta_mb"] = round(mem.delta / MB, 1)
     if dev.type == "cuda":

@@ -56,7 +56,7 @@ def test_latency_quick(tmp_path):
         assert r["device"] == "cpu" and r["peak_rss_mb"] > 0 and "train_peak_delta_mb" in r
     assert rows[1]["trained_params"] > rows[0]["trained_params"]  # experts train on top
     assert rows[0]["step_ratio_vs_budget0"] == 1.0
-    _plot_ok(tmp_path / "latency.png")
+    _plot_ok(tmp_path / "r.png")
 
 
 @pytest.mark.slow
@@ -79,7 +79,7 @@ def test_comm_quick(tmp_path, needs_minilm):
     assert get("hfedmoe", "bfloat16", False)["bytes"] < sparse["bytes"]
     assert get("hfedmoe", "bfloat16", True)["bytes"] < get("hfedmoe", "bfloat16", False)["bytes"]
     assert len(rows) == 2 * 6  # two strategies x (3 dtypes x zstd on/off)
-    _plot_ok(tmp_path / "comm.png")
+    _plot_ok(tmp_path / "r.png")
 
 
 @pytest.mark.slow
@@ -96,7 +96,7 @@ def test_aggregation_quick(tmp_path, needs_minilm):
     for r in rows:
         assert r["peak_rss_delta_mb"] >= 0 and r["update_mb"] > 0
     assert "stream_peak_ratio_vs_batch" in batch[0]
-    _plot_ok(tmp_path / "aggregation.png")
+    _plot_ok(tmp_path / "r.png")
 
 
 @pytest.mark.slow
@@ -116,4 +116,4 @@ def test_learning_quick(tmp_path, needs_minilm):
     for r in summary:
         assert 0 <= r["seeds_reaching_target"] <= 1 and r["target_accuracy"] > 0
         assert r["settings"]["devices"] == 3
-    _plot_ok(tmp_path / "learning.png")
+    _plot_ok(tmp_path / "r.png")
