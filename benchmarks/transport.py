@@ -250,7 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out:
         with open(args.out, "a") as fh:
             for r in rows:
-                fh.write(json.dumps({**r, "env": env}) + "\n")
+                fh.write(json.dumps({**r, "env": {**env, "loadavg": list(os.getloadavg())}})
+                         + "\n")
     return 0
 
 

@@ -12,8 +12,10 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
 
-from hfedmoe.errors import HFedMoEError
+from hfedmoe.errors import ConfigError, HFedMoEError
 
 # name -> module providing ``register(subparsers)``; later workflows add themselves here.
 COMMANDS: dict[str, str] = {
@@ -26,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "simulate": "server.cli",
     "report": "server.cli",
     "export": "export.cli",
+    "bench": "benchmarks.cli",
 }
 
 
@@ -36,6 +39,32 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
                         metavar="KEY=VALUE", help="override a config value, e.g. method.beta=0.2")
 
 
+def _import_command(module: str) -> ModuleType | None:
+    """Import a command module; a top-level package that lives only in a source checkout
+    (``benchmarks``) is looked for next to ``hfedmoe/``. None if it is not there either."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        top = module.split(".")[0]
+        if exc.name != top:
+            raise
+        root = Path(__file__).resolve().parent.parent
+        if not (root / top / "__init__.py").is_file():
+            return None
+        sys.path.insert(0, str(root))
+        return importlib.import_module(module)
+
+
+def _unavailable(sub: argparse._SubParsersAction, name: str, module: str) -> None:
+    def fail(args: argparse.Namespace) -> int:
+        raise ConfigError(f"'{name}' needs {module.split('.')[0]}/ from the source checkout, "
+                          "which this installation does not have; run from a clone")
+
+    p = sub.add_parser(name, help=f"(unavailable: needs {module.split('.')[0]}/ of a checkout)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=fail)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hfedmoe", description="HFedMoE edge kit: resource-aware federated fine-tuning of "
@@ -43,7 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in dict.fromkeys(COMMANDS.values()):  # a module may provide several commands
-        importlib.import_module(module).register(sub)
+        mod = _import_command(module)
+        if mod is not None:
+            mod.register(sub)
+        else:
+            for name in (n for n, m in COMMANDS.items() if m == module):
+                _unavailable(sub, name, module)
     return parser
 
 

@@ -1,0 +1,328 @@
+"""Benchmark Q6: HFedMoE vs the baselines and ablations on the same budgets, data and seeds.
+
+Question: under heterogeneous device budgets (device profiles from phones to a laptop) and
+non-IID data (Dirichlet alpha 0.5 and 0.1), how do HFedMoE, its ablations (importance-only
+ranking; uniform aggregation) and the baselines (FedAvg-full, which ignores budgets; FedAvg
+with random experts in the budget; FedMoE's fixed sub-model) compare in held-out accuracy per
+round, final accuracy, and rounds / emulated device time / uploaded bytes to reach a target
+accuracy? Each run is :func:`server.simulate.simulate` (real training, real wire bytes,
+budgets from the cost model scaled to each profile). Step costs and the host's throughput are
+measured once per benchmark and pinned, so that every strategy of a seed gets exactly the same
+budgets. Several seeds (model init, partition, participant sampling): mean and [min, max].
+
+Budgets: ``--train-time-s auto`` (the default) picks the shortest compute window (0.5 s steps) in
+which the slowest profile can train at least E/8 experts, so that budgets differ from device
+to device whatever this host's speed; the budgets are printed and stored with every row.
+
+The target is ``--target`` if given, else ``--target-frac`` (0.9) of FedAvg-full's mean final
+accuracy at that alpha. ``--data PATH`` runs on a user dataset (.jsonl/.csv/.parquet with
+text and label columns) instead of the bundled ChatterBot corpus.
+
+    python -m benchmarks.learning [--quick] [--data PATH] [--alphas 0.5,0.1] [--seeds 0,1]
+                                  [--devices 4] [--rounds 4] [--max-steps 2] [--out r.jsonl]
+
+Defaults (sized so a full run takes about 25 minutes on a 2-core CPU): minilm-moe upcycled to
+4 experts per layer (24 in all), top-1, 32 tokens, batch 8, lr 1e-3, 4 devices, 4 rounds,
+2 local steps per round, seeds 0 and 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks._common import environment, plot_path, pyplot, savefig, table, write_rows
+
+STRATEGIES = ("hfedmoe", "hfedmoe-importance", "hfedmoe-uniform", "fedmoe", "fedavg-random",
+              "fedavg-full")
+PROFILES = ("phone-midrange-6gb", "raspberry-pi-5-8gb", "jetson-orin-nano-8gb",
+            "phone-flagship-12gb", "laptop-cpu-16gb", "jetson-agx-orin-32gb")
+
+
+@contextlib.contextmanager
+def pinned_costs() -> Iterator[None]:
+    """Measure step costs and the host's throughput once, then reuse them in every run.
+
+    ``simulate`` measures both at the start of each run; on a shared machine two runs would
+    get slightly different budgets. Pinning makes the budgets a function of the seed only.
+    """
+    import device_agent.costs as costs
+    import device_agent.resources as resources
+
+    cache: dict[str, Any] = {}
+    orig_costs, orig_probe = costs.measure_costs, resources.probe_device
+
+    def measure(*a: Any, **kw: Any) -> Any:
+        if "costs" not in cache:
+            cache["costs"] = orig_costs(*a, **kw)
+        return cache["costs"]
+
+    def probe(*a: Any, **kw: Any) -> Any:
+        if "host" not in cache:
+            cache["host"] = orig_probe(*a, **kw)
+        return cache["host"]
+
+    costs.measure_costs, resources.probe_device = measure, probe
+    try:
+        yield
+    finally:
+        costs.measure_costs, resources.probe_device = orig_costs, orig_probe
+
+
+def auto_window(args: argparse.Namespace, profiles: list[str]) -> tuple[float, list[int]]:
+    """The shortest window where the slowest profile's budget is >= E/8 (see the docstring).
+
+    Also measures the pinned costs (call inside :func:`pinned_costs`)."""
+    import device_agent.costs as costs
+    import device_agent.resources as resources
+    from device_agent.profiles import load_profile
+    from hfedmoe.config import ModelConfig
+    from hfedmoe.models.registry import build_model
+
+    model = build_model(ModelConfig(num_experts=args.num_experts, top_k=args.top_k,
+                                    max_length=args.max_length), "classification", 2)
+    measured = costs.measure_costs(model, args.batch_size, args.max_length, "adamw", False,
+                                   repeats=3)
+    host = resources.probe_device(matmul_seconds=0.5)
+    total = len(model.expert_ids())
+    want = max(1, total // 8)
+
+    def budgets(w: float) -> list[int]:
+        return [costs.decide_budget(load_profile(p), measured.cost, w, args.max_steps,
+                                    host=host).c_budget for p in profiles]
+
+    w = 0.5
+    while min(budgets(w)) < want and w < 600:
+        w += 0.5
+    return w, budgets(w)
+
+
+def server_config(args: argparse.Namespace, strategy: str, alpha: float, seed: int,
+                  run_dir: str) -> Any:
+    from hfedmoe.config import DataConfig, MethodConfig, ModelConfig, TrainConfig
+    from hfedmoe.wire import WireConfig
+    from server.config import RoundConfig, ServerConfig
+
+    return ServerConfig(
+        run_id="bench", run_dir=run_dir, max_eval_examples=args.max_eval,
+        model=ModelConfig(num_experts=args.num_experts, top_k=args.top_k,
+                          max_length=args.max_length, seed=seed),
+        data=DataConfig(source=args.data, alpha=alpha, seed=seed),
+        method=MethodConfig(strategy=strategy, seed=seed),
+        train=TrainConfig(batch_size=args.batch_size, lr=args.lr, max_steps=args.max_steps,
+                          threads=args.threads),
+        rounds=RoundConfig(rounds=args.rounds, train_time_s=args.train_time_s,
+                           deadline_s=max(120.0, args.train_time_s), seed=seed),
+        wire=WireConfig())
+
+
+def run_one(args: argparse.Namespace, strategy: str, alpha: float, seed: int,
+            profiles: list[str]) -> list[dict]:
+    from server.simulate import simulate
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = server_config(args, strategy, alpha, seed, str(Path(tmp) / "run"))
+        t0 = time.perf_counter()
+        metrics = simulate(cfg, args.devices, profiles)
+        wall = time.perf_counter() - t0
+    rows = []
+    cum_bytes = cum_time = 0.0
+    for m in metrics:
+        if m["phase"] == "round":
+            cum_bytes += m["bytes_in"]
+            cum_time += m["round_s"]
+        rows.append({"bench": "learning", "kind": "round", "strategy": strategy, "alpha": alpha,
+                     "seed": seed, "round": m["round"], "accuracy": m.get("accuracy"),
+                     "loss": m.get("loss"), "bytes_in": m.get("bytes_in", 0),
+                     "cum_bytes_in": int(cum_bytes), "round_s": m.get("round_s", 0.0),
+                     "cum_emulated_s": round(cum_time, 2), "wall_s": m.get("wall_s", 0.0),
+                     "experts_updated": m.get("experts_updated", 0),
+                     "budgets": m.get("budgets", {}), "run_wall_s": round(wall, 1)})
+    return rows
+
+
+def _reach(rounds: list[dict], target: float) -> dict | None:
+    return next((r for r in rounds if r["round"] >= 0 and r["accuracy"] is not None
+                 and r["accuracy"] >= target), None)
+
+
+def summarize(rows: list[dict], strategies: Sequence[str], target: float | None,
+              target_frac: float) -> list[dict]:
+    out = []
+    for alpha in dict.fromkeys(r["alpha"] for r in rows):
+        seeds = sorted({r["seed"] for r in rows if r["alpha"] == alpha})
+
+        def final(s: str, seed: int, alpha: float = alpha) -> dict:
+            return max((r for r in rows if (r["alpha"], r["strategy"], r["seed"])
+                        == (alpha, s, seed)), key=lambda r: r["round"])
+
+        if target is not None:
+            tgt = target
+        elif "fedavg-full" in strategies:
+            tgt = target_frac * statistics.mean(final("fedavg-full", sd)["accuracy"]
+                                                for sd in seeds)
+        else:
+            tgt = target_frac * max(final(s, sd)["accuracy"] for s in strategies for sd in seeds)
+        for s in strategies:
+            finals = [final(s, sd)["accuracy"] for sd in seeds]
+            initial = [r["accuracy"] for r in rows if (r["alpha"], r["strategy"]) == (alpha, s)
+                       and r["round"] == -1]
+            reached = []
+            for sd in seeds:
+                rs = sorted((r for r in rows if (r["alpha"], r["strategy"], r["seed"])
+                             == (alpha, s, sd)), key=lambda r: r["round"])
+                hit = _reach(rs, tgt)
+                if hit is not None:
+                    reached.append(hit)
+            row = {"bench": "learning", "kind": "summary", "strategy": s, "alpha": alpha,
+                   "seeds": seeds, "target_accuracy": round(tgt, 4),
+                   "initial_accuracy_mean": round(statistics.mean(initial), 4),
+                   "final_accuracy_mean": round(statistics.mean(finals), 4),
+                   "final_accuracy_std": round(statistics.pstdev(finals), 4),
+                   "final_accuracy_spread": [round(min(finals), 4), round(max(finals), 4)],
+                   "seeds_reaching_target": len(reached),
+                   "bytes_total_mean": int(statistics.mean(final(s, sd)["cum_bytes_in"]
+                                                           for sd in seeds)),
+                   "emulated_s_total_mean": round(statistics.mean(
+                       final(s, sd)["cum_emulated_s"] for sd in seeds), 1)}
+            if reached:  # means over the seeds that reached the target
+                row["rounds_to_target_mean"] = round(statistics.mean(r["round"] + 1
+                                                                     for r in reached), 2)
+                row["emulated_s_to_target_mean"] = round(statistics.mean(
+                    r["cum_emulated_s"] for r in reached), 1)
+                row["bytes_to_target_mean"] = int(statistics.mean(r["cum_bytes_in"]
+                                                                  for r in reached))
+            out.append(row)
+        ref = next((r for r in out if r["alpha"] == alpha and r["strategy"] == "fedavg-full"),
+                   None)
+        for r in out:
+            if r["alpha"] == alpha and ref:
+                r["final_accuracy_vs_fedavg_full"] = round(
+                    r["final_accuracy_mean"] / max(ref["final_accuracy_mean"], 1e-9), 3)
+                r["bytes_total_vs_fedavg_full"] = round(
+                    r["bytes_total_mean"] / max(ref["bytes_total_mean"], 1), 3)
+    return out
+
+
+def plot(rows: list[dict], path: str) -> None:
+    plt = pyplot()
+    alphas = list(dict.fromkeys(r["alpha"] for r in rows if r["kind"] == "round"))
+    fig, axes = plt.subplots(1, len(alphas), figsize=(4.2 * len(alphas), 3.2), squeeze=False)
+    for ax, alpha in zip(axes[0], alphas, strict=True):
+        for s in dict.fromkeys(r["strategy"] for r in rows if r["kind"] == "round"):
+            rs = [r for r in rows if r["kind"] == "round" and r["alpha"] == alpha
+                  and r["strategy"] == s]
+            rounds = sorted({r["round"] for r in rs})
+            means = [statistics.mean(r["accuracy"] for r in rs if r["round"] == k)
+                     for k in rounds]
+            ax.plot([k + 1 for k in rounds], means, "o-" if s.startswith("hfedmoe") else "s--",
+                    label=s, markersize=3)
+        ax.set_title(f"Dirichlet alpha = {alpha}", fontsize=9)
+        ax.set_xlabel("round (0 = initial model)")
+        ax.set_ylabel("held-out accuracy (mean over seeds)")
+        ax.legend(fontsize=6)
+    savefig(fig, path)
+
+
+def run_all(args: argparse.Namespace, alphas: list[float], seeds: list[int],
+            strategies: list[str], profiles: list[str]) -> list[dict]:
+    rows: list[dict] = []
+    for alpha in alphas:
+        for seed in seeds:
+            for s in strategies:
+                t0 = time.perf_counter()
+                rs = run_one(args, s, alpha, seed, profiles)
+                rows.extend(rs)
+                last = rs[-1]
+                budgets = [last["budgets"][d] for d in sorted(last["budgets"])]
+                print(f"  alpha={alpha} seed={seed} {s:<18} acc {rs[0]['accuracy']:.3f} -> "
+                      f"{last['accuracy']:.3f}  budgets {budgets}  "
+                      f"{time.perf_counter() - t0:.0f}s", flush=True)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true",
+                   help="2 experts top-1, 3 devices, 2 rounds, 1 step, hfedmoe and fedavg-full")
+    p.add_argument("--data", default="chatterbot", help="chatterbot or a dataset file")
+    p.add_argument("--alphas", default=None, help="comma list (default 0.5,0.1)")
+    p.add_argument("--seeds", default=None, help="comma list (default 0,1)")
+    p.add_argument("--strategies", default=None, help=f"comma list (default {','.join(STRATEGIES)})")
+    p.add_argument("--profiles", default=",".join(PROFILES), help="device profiles, cycled")
+    p.add_argument("--devices", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--num-experts", type=int, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--train-time-s", default="auto",
+                   help="compute window each device budgets for (emulated seconds), or auto")
+    p.add_argument("--max-eval", type=int, default=0, help="held-out examples (0: all)")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--target", type=float, default=None, help="target accuracy")
+    p.add_argument("--target-frac", type=float, default=0.9)
+    p.add_argument("--out", default=None, help="append JSON lines here (plot drawn next to it)")
+    args = p.parse_args(argv)
+    q = args.quick
+    defaults = dict(alphas="0.5" if q else "0.5,0.1", seeds="0" if q else "0,1",
+                    strategies="hfedmoe,fedavg-full" if q else ",".join(STRATEGIES),
+                    devices=3 if q else 4, rounds=2 if q else 4, max_steps=1 if q else 2,
+                    num_experts=2 if q else 4, top_k=1, max_length=32,
+                    max_eval=32 if q else 0)
+    for k, v in defaults.items():
+        if getattr(args, k) in (None, 0) or (k == "max_eval" and q and args.max_eval == 0):
+            setattr(args, k, v)
+    alphas = [float(x) for x in args.alphas.split(",")]
+    seeds = [int(x) for x in args.seeds.split(",")]
+    strategies = args.strategies.split(",")
+    profile_names = args.profiles.split(",")
+    profiles = [profile_names[i % len(profile_names)] for i in range(args.devices)]
+    rows: list[dict] = []
+    t_start = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(pinned_costs())
+        if args.train_time_s == "auto":
+            args.train_time_s, planned = auto_window(args, profiles)
+            print(f"train_time_s = {args.train_time_s} (auto); planned budgets {planned}")
+        else:
+            args.train_time_s = float(args.train_time_s)
+        rows = run_all(args, alphas, seeds, strategies, profiles)
+    settings = {k: getattr(args, k) for k in ("data", "devices", "rounds", "max_steps",
+                                              "num_experts", "top_k", "max_length",
+                                              "batch_size", "lr", "train_time_s", "max_eval")}
+    env = environment(benchmark="learning", device="cpu")
+    for r in rows:
+        r.update(settings=settings, profiles=profiles)
+    summary = summarize(rows, strategies, args.target, args.target_frac)
+    for r in summary:
+        r.update(settings=settings, profiles=profiles,
+                 benchmark_wall_s=round(time.perf_counter() - t_start, 1))
+    write_rows(args.out, rows + summary, env)
+    print(f"settings: {settings}; profiles {profiles}; seeds {seeds}")
+    print(table([[r["alpha"], r["strategy"], f"{r['initial_accuracy_mean']:.3f}",
+                  f"{r['final_accuracy_mean']:.3f} [{r['final_accuracy_spread'][0]:.3f}, "
+                  f"{r['final_accuracy_spread'][1]:.3f}]", r["target_accuracy"],
+                  f"{r['seeds_reaching_target']}/{len(r['seeds'])}",
+                  r.get("rounds_to_target_mean", "-"), r.get("emulated_s_to_target_mean", "-"),
+                  f"{r['bytes_to_target_mean'] / 1e6:.0f}" if "bytes_to_target_mean" in r
+                  else "-", f"{r['bytes_total_mean'] / 1e6:.0f}",
+                  r.get("bytes_total_vs_fedavg_full", "")] for r in summary],
+                ["alpha", "strategy", "initial acc", "final acc [min, max]", "target",
+                 "reached", "rounds to tgt", "emul. s to tgt", "MB to tgt", "MB total",
+                 "bytes x full"]))
+    plot(rows, str(plot_path(args.out, "learning.png")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

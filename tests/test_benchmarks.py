@@ -1,0 +1,119 @@
+"""The benchmarks run end to end in their quick mode and write the JSON lines they promise."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hfedmoe.cli import main as cli_main
+
+ENV_FIELDS = {"git_sha", "python", "torch", "cpu", "cpu_count", "torch_threads", "loadavg"}
+MINE = ("latency", "comm", "aggregation", "learning")
+
+
+def _rows(path: Path) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rows
+    for r in rows:
+        assert ENV_FIELDS <= set(r["env"]), set(r["env"])
+    return rows
+
+
+def _plot_ok(path: Path) -> None:
+    assert path.is_file() and 0 < path.stat().st_size < 100_000
+
+
+def test_bench_list_names_every_benchmark(capsys):
+    assert cli_main(["bench", "--list"]) == 0
+    out = capsys.readouterr().out
+    names = {line.split()[0] for line in out.splitlines() if line.strip()}
+    assert set(MINE) | {"transport"} <= names
+    assert "cli" not in names and not any(n.startswith("_") for n in names)
+
+
+def test_unknown_benchmark_is_a_clear_error(capsys):
+    assert cli_main(["bench", "no-such-bench"]) != 0
+    assert "available:" in capsys.readouterr().err
+
+
+@pytest.fixture
+def needs_minilm(minilm_available):
+    if not minilm_available:
+        pytest.skip("the MiniLM assets wheel is not installed")
+
+
+@pytest.mark.slow
+def test_latency_quick(tmp_path):
+    from benchmarks import latency
+
+    assert latency.main(["--quick", "--out", str(tmp_path / "r.jsonl")]) == 0
+    rows = _rows(tmp_path / "r.jsonl")
+    assert [r["budget"] for r in rows] == [0, rows[0]["num_experts"]]
+    for r in rows:
+        assert r["forward_s"] > 0 and r["fwd_bwd_s"] > 0 and r["optimizer_s"] >= 0
+        assert r["device"] == "cpu" and r["peak_rss_mb"] > 0 and "train_peak_delta_mb" in r
+    assert rows[1]["trained_params"] > rows[0]["trained_params"]  # experts train on top
+    assert rows[0]["step_ratio_vs_budget0"] == 1.0
+    _plot_ok(tmp_path / "r.png")
+
+
+@pytest.mark.slow
+def test_comm_quick(tmp_path, needs_minilm):
+    from benchmarks import comm
+
+    assert comm.main(["--quick", "--out", str(tmp_path / "r.jsonl")]) == 0
+    rows = _rows(tmp_path / "r.jsonl")
+
+    def get(strategy: str, dtype: str, zstd: bool) -> dict:
+        return next(r for r in rows if (r["strategy"], r["wire_dtype"], r["zstd"])
+                    == (strategy, dtype, zstd))
+
+    dense = get("fedavg-full", "float32", False)
+    assert dense["ratio_vs_dense_fp32"] == 1.0
+    assert dense["experts_in_update"] == dense["num_experts"]
+    sparse = get("hfedmoe", "float32", False)
+    assert sparse["experts_in_update"] <= sparse["num_experts"]
+    assert sparse["bytes"] < dense["bytes"]
+    assert get("hfedmoe", "bfloat16", False)["bytes"] < sparse["bytes"]
+    assert get("hfedmoe", "bfloat16", True)["bytes"] < get("hfedmoe", "bfloat16", False)["bytes"]
+    assert len(rows) == 2 * 6  # two strategies x (3 dtypes x zstd on/off)
+    _plot_ok(tmp_path / "r.png")
+
+
+@pytest.mark.slow
+def test_aggregation_quick(tmp_path, needs_minilm):
+    from benchmarks import aggregation
+
+    assert aggregation.main(["--quick", "--out", str(tmp_path / "r.jsonl")]) == 0
+    rows = _rows(tmp_path / "r.jsonl")
+    stream = {r["updates"]: r for r in rows if r["mode"] == "stream"}
+    batch = [r for r in rows if r["mode"] == "batch"]
+    assert set(stream) == {4, 16} and batch
+    # the running sums are bounded by the model, not by the number of updates
+    assert stream[16]["sums_or_updates_held_mb"] == stream[4]["sums_or_updates_held_mb"]
+    for r in rows:
+        assert r["peak_rss_delta_mb"] >= 0 and r["update_mb"] > 0
+    assert "stream_peak_ratio_vs_batch" in batch[0]
+    _plot_ok(tmp_path / "r.png")
+
+
+@pytest.mark.slow
+def test_learning_quick(tmp_path, needs_minilm):
+    from benchmarks import learning
+
+    assert learning.main(["--quick", "--out", str(tmp_path / "r.jsonl")]) == 0
+    rows = _rows(tmp_path / "r.jsonl")
+    rounds = [r for r in rows if r["kind"] == "round"]
+    summary = [r for r in rows if r["kind"] == "summary"]
+    assert {r["strategy"] for r in summary} == {"hfedmoe", "fedavg-full"}
+    for s in ("hfedmoe", "fedavg-full"):
+        rs = sorted((r for r in rounds if r["strategy"] == s), key=lambda r: r["round"])
+        assert [r["round"] for r in rs] == [-1, 0, 1]
+        assert all(0.0 <= r["accuracy"] <= 1.0 for r in rs)
+        assert all(r["bytes_in"] > 0 and len(r["budgets"]) == 3 for r in rs[1:])
+    for r in summary:
+        assert 0 <= r["seeds_reaching_target"] <= 1 and r["target_accuracy"] > 0
+        assert r["settings"]["devices"] == 3
+    _plot_ok(tmp_path / "r.png")
