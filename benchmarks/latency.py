@@ -129,7 +129,7 @@ def run_config(model: str, dtype: str, budget: int, batch_size: int, seq_len: in
                 times["optimizer"].append(t3 - t2)
     row = {"model": model, "dtype": dtype, "budget": budget,
            "num_experts": len(m.expert_ids()), "device": dev.type,
-           "batch_size": batch_size, "seq_len": seq_len, "repeats": repeats, "warmup": warmup,
+           "threads": torch.get_num_threads(), "batch_size": batch_size, "seq_len": seq_len, "repeats": repeats, "warmup": warmup,
            "trained_params": trained_params,
            "total_params": sum(p.numel() for p in m.module.parameters())}
     for name, ts in times.items():
