@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+from benchmarks import _common
 from benchmarks.stepcost import QUICK_MODEL, environment, measure_in_subprocess
 
 
@@ -130,9 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{r['predicted_train_bytes'] / 1e6:>11.1f}"
               f"{r['measured_train_peak_bytes'] / 1e6:>7.0f}{100 * r['train_memory_error']:>7.1f}%")
     if args.out:
-        with open(args.out, "a") as fh:
-            for r in rows:
-                fh.write(json.dumps(r) + "\n")
+        _common.write_rows(args.out, ({k: v for k, v in r.items() if k != "env"} for r in rows),
+                           rows[0]["env"] if rows else environment())
     if args.plot:
         plot(rows, args.plot)
     return 0

@@ -29,6 +29,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from benchmarks import _common
 from benchmarks.stepcost import QUICK_MODEL, environment, measure_in_subprocess
 
 
@@ -166,9 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_ratios(rows, peaks)
     print_table(rows, peaks)
     if args.out:
-        with open(args.out, "a") as fh:
-            for r in rows:
-                fh.write(json.dumps(r) + "\n")
+        _common.write_rows(args.out, ({k: v for k, v in r.items() if k != "env"} for r in rows),
+                           rows[0]["env"] if rows else environment())
     if args.plot:
         plot(rows, args.plot)
     return 0

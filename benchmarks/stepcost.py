@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -43,29 +42,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from benchmarks import _common
+
 QUICK_MODEL = "qwen3-moe-tiny"
 
 
 def environment() -> dict[str, Any]:
-    """Versions, CPU, threads, git sha and the load average (noisy shared machines)."""
-    import torch
-
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, check=False).stdout.strip()
-    except OSError:
-        sha = ""
-    cpu = ""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")),
-                       "")
-    except OSError:
-        pass
-    return {"git_sha": sha, "python": platform.python_version(), "platform": platform.platform(),
-            "cpu": cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "loadavg": [round(x, 2) for x in os.getloadavg()]}
+    """The shared environment record plus the load average now (noisy shared machines)."""
+    return _common.environment(loadavg=_common.loadavg())
 
 
 def spread_experts(routed: dict[int, Any], budget: int) -> list[tuple[int, int]]:
