@@ -51,11 +51,14 @@ class AgentConfig:
     Attributes:
         device_id: stable identity (also the MQTT client id).
         emulate: a device profile (name or file) standing in for live measurement.
-        budget_cap: configured maximum experts per batch (0: none); never raises the budget.
+        budget_cap: configured maximum experts per round (0: none); never raises the budget.
+        training_memory_mib: memory training may add on top of the loaded model (an app's
+            share; 0: the profile's figure, else no quota besides available memory).
         shard, num_shards: this device's part of ``data.source`` (simulation); with
             ``num_shards = 1`` the whole file is the device's data.
         upload_margin_s: training stops this long before the round deadline.
-        measure_seq_len: sequence length of the cost measurement.
+        measure_seq_len: sequence length of the cost measurement (0: the model's max_length;
+            re-measured when a round announces another batch size or max_length).
         runtime: ``"eager"`` (PyTorch) or ``"executorch"`` (the training program a phone runs;
             classification models, one expert set per round).
     """
@@ -65,11 +68,12 @@ class AgentConfig:
     work_dir: str = ""
     emulate: str = ""
     budget_cap: int = 0
+    training_memory_mib: float = 0.0
     shard: int = 0
     num_shards: int = 1
     upload_margin_s: float = 5.0
     ack_timeout_s: float = 10.0
-    measure_seq_len: int = 64
+    measure_seq_len: int = 0
     matmul_seconds: float = 0.5
     max_rounds: int = 0
     runtime: Literal["eager", "executorch"] = "eager"
@@ -86,6 +90,8 @@ class AgentConfig:
             raise ConfigError(f"agent.shard must be in [0, num_shards={self.num_shards})")
         if self.budget_cap < 0 or self.upload_margin_s < 0 or self.ack_timeout_s <= 0:
             raise ConfigError("budget_cap and upload_margin_s must be >= 0, ack_timeout_s > 0")
+        if self.training_memory_mib < 0 or self.measure_seq_len < 0:
+            raise ConfigError("training_memory_mib and measure_seq_len must be >= 0")
 
     @property
     def directory(self) -> Path:
@@ -122,7 +128,6 @@ class DeviceAgent:
     # --- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
         """Measure the device, load data and model, measure the model's costs."""
-        from device_agent.costs import measure_costs
         from device_agent.profiles import load_profile
         from device_agent.resources import probe_device
         from hfedmoe.data import load_dataset, load_task
@@ -146,21 +151,32 @@ class DeviceAgent:
         self.model.module.to(resolve_device(cfg.train.device))
         self.cache = ShardCache(self.model.spec())
         self.base_manifest = self.cache.add_state(self.model.state())
-        self.costs = measure_costs(self.model, cfg.train.batch_size, cfg.measure_seq_len,
-                                   cfg.train.optimizer, cfg.train.detach_frozen)
+        self.costs = self._measure(cfg.train.batch_size,
+                                   cfg.measure_seq_len or cfg.model.max_length)
         self.budget = self._decide(deadline_s=60.0, train=cfg.train)
         self.monitor = BudgetMonitor(self.budget)
         log.info("%s: %d local examples, budget %d experts (%s; %s)", cfg.device_id,
                  len(self.data), self.budget.c_budget, self.budget.limit,
                  "emulated " + self.report.source if self.report.emulated else "measured")
 
+    def _measure(self, batch_size: int, seq_len: int) -> Any:
+        from device_agent.costs import measure_costs
+
+        log.info("%s: measuring step costs at batch %d x %d", self.cfg.device_id, batch_size,
+                 seq_len)
+        return measure_costs(self.model, batch_size, seq_len, self.cfg.train.optimizer,
+                             self.cfg.train.detach_frozen)
+
     def _decide(self, deadline_s: float, train: TrainConfig) -> Any:
         from device_agent.costs import decide_budget, steps_per_round
 
         steps = steps_per_round(len(self.data), train.batch_size, train.local_epochs,
                                 train.max_steps)
+        quota = int(self.cfg.training_memory_mib * 2**20) or None
         return decide_budget(self.report, self.costs.cost, max(deadline_s, 1e-3), steps,
-                             host=self.host, cap=self.cfg.budget_cap or None)
+                             host=self.host, cap=self.cfg.budget_cap or None,
+                             routing_batches=min(train.selection_batches or steps, steps),
+                             min_experts=train.min_experts, quota_bytes=quota)
 
     def connect(self) -> None:
         if self.transport is None:
@@ -319,6 +335,9 @@ class DeviceAgent:
             strategy = get_strategy(ann["strategy"], method)
             server_train = {k: ann["train"][k] for k in SERVER_TRAIN_KEYS if k in ann["train"]}
             train = dataclasses.replace(self.cfg.train, **server_train)
+            max_length = int(ann.get("max_length", self.cfg.model.max_length))
+            if (self.costs.batch_size, self.costs.seq_len) != (train.batch_size, max_length):
+                self.costs = self._measure(train.batch_size, max_length)  # the announced shape
             train_window = deadline - self.clock() - self.cfg.upload_margin_s
             window = float(ann.get("train_time_s") or train_window)
             registered = self.budget.c_budget
@@ -330,21 +349,21 @@ class DeviceAgent:
             assignment = self._assignment(strategy, train) if strategy.needs_assignment else None
             log.info("%s: round %d, budget %d (%s), %.1fs to train", self.cfg.device_id,
                      round_idx, self.budget.c_budget, self.budget.limit, train_window)
-            common = dict(strategy=strategy, budget=self.budget.c_budget, train_cfg=train,
-                          method_cfg=method, run_id=self.cfg.run_id, round_idx=round_idx,
-                          client_id=self.cfg.device_id,
-                          max_length=int(ann.get("max_length", 128)),
-                          deadline_s=max(train_window, 0.0), assignment=assignment,
-                          base_hash=manifest.state_hash)
-            if self.cfg.runtime == "executorch":  # the phone's path, on any machine
-                from device_agent.train import train_round_executorch
+            from device_agent.costs import make_planner
 
-                result = train_round_executorch(self.model, self.data, **common)
-            else:
-                result = train_round(self.model, self.data, on_step=self._on_step, **common)
+            result = train_round(
+                self.model, self.data, strategy=strategy, budget=self.budget.c_budget,
+                train_cfg=train, method_cfg=method, run_id=self.cfg.run_id,
+                round_idx=round_idx, client_id=self.cfg.device_id, max_length=max_length,
+                deadline_s=max(train_window, 0.0), assignment=assignment,
+                base_hash=manifest.state_hash, on_step=self._on_step,
+                planner=make_planner(self.budget, enforce=strategy.uses_budget),
+                runtime=self.cfg.runtime)
             update = dataclasses.replace(result.update, meta={
                 **result.update.meta, "budget_limit": self.budget.limit,
-                "predicted_step_s": self.budget.step_seconds,
+                "budget_reason": self.budget.reason,
+                "predicted_step_s": (result.plan or {}).get("step_seconds",
+                                                             self.budget.step_seconds),
                 "emulated": self.report.emulated, "bytes_down": down})
             blob = encode(update, method.tau, self.cfg.wire)
             _atomic_write(pending, blob)
@@ -359,7 +378,9 @@ class DeviceAgent:
                "budget": self.budget.c_budget, "seconds": self.clock() - t0}
         if result is not None:
             row.update(steps=result.steps, loss=result.mean_loss, stopped_by=result.stopped_by,
-                       experts=len(result.update.updated))
+                       experts=len(result.update.updated),
+                       optimizer_experts=result.optimizer_experts,
+                       plan=result.plan)
         with open(self.dir / "agent.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
         log.info("%s: round %d %s: %s", self.cfg.device_id, round_idx, status,
@@ -370,7 +391,6 @@ class DeviceAgent:
         """Re-measure when the device changed: memory pressure, throttling, drifting steps."""
         if self.report.emulated:  # host timings say nothing about the emulated device
             return
-        from device_agent.costs import measure_costs
         from device_agent.resources import probe_device
 
         live = probe_device(matmul_seconds=0)
@@ -379,13 +399,11 @@ class DeviceAgent:
             available_bytes=live.budget_memory_bytes, cpufreq_ratio=live.cpufreq_ratio,
             temperature_c=live.temperature_c, throttled=live.throttled,
             step_seconds=result.seconds / result.steps,
-            trained_experts=round(sum(map(len, result.selections)) / result.steps)))
+            trained_experts=len(result.selected)))
         if decision.remeasure:
             log.info("%s: re-measuring: %s", self.cfg.device_id, "; ".join(decision.reasons))
             self.report = self.host = probe_device(matmul_seconds=self.cfg.matmul_seconds)
-            self.costs = measure_costs(self.model, self.cfg.train.batch_size,
-                                       self.cfg.measure_seq_len, self.cfg.train.optimizer,
-                                       self.cfg.train.detach_frozen)
+            self.costs = self._measure(self.costs.batch_size, self.costs.seq_len)
 
     def send_update(self, round_idx: int, blob: bytes, deadline: float) -> str:
         """Chunked upload, re-announced until the server acks it (or the round is long gone)."""

@@ -30,7 +30,7 @@ from hfedmoe.errors import DeviceError
 if TYPE_CHECKING:
     from device_agent.report import DeviceReport
 
-Limit = Literal["memory", "time", "cap", "all-experts"]
+Limit = Literal["memory", "time", "cap", "all-experts", "quota"]
 _REL_TOL = 1e-9  # float slack when a predicted round time equals the deadline
 
 
@@ -98,8 +98,17 @@ class CostModel:
         expert_frozen_seconds: one frozen expert's share of a step: forward, plus the backward
             to its input unless frozen experts are detached.
         expert_trained_seconds: forward+backward+optimizer step of one trained expert.
-        routing_seconds: the routing pre-pass, a forward of the whole model without autograd
-            run before every training step (0: not measured).
+        routing_seconds: one batch of the round's routing pass, a forward of the whole model
+            without autograd (0: not measured). It runs once per round over a bounded sample
+            of the local data (:class:`Limits.routing_batches`), not before every step.
+        expert_rows: token rows one expert computed in the timed closures (the balanced share
+            ``B x S x top_k / experts per layer``); 0 when unknown. Times and activations of an
+            expert scale with its rows under the real routing (:meth:`routed_step_seconds`).
+        batch_rows: token rows of the timed batch (``B x S``); the non-expert part scales
+            with the rows of a real batch.
+        process_baseline_bytes: the training process's resident memory before training (the
+            model loaded, nothing trained); 0 when unknown, then the weights stand in for it.
+            With it, predictions are of the whole process's peak.
     """
 
     num_experts: int
@@ -114,6 +123,9 @@ class CostModel:
     routing_seconds: float = 0.0
     expert_frozen_activation_bytes: int = 0
     expert_grad_bytes: int = 0
+    expert_rows: int = 0
+    batch_rows: int = 0
+    process_baseline_bytes: int = 0
 
     def __post_init__(self) -> None:
         _require(self.num_experts >= 1, "num_experts must be >= 1")
@@ -127,12 +139,55 @@ class CostModel:
                  "expert_grad_bytes must be <= expert_state_bytes")
 
     @property
+    def resident_bytes(self) -> int:
+        """Memory held before training: the measured process baseline, else the weights."""
+        if self.process_baseline_bytes:
+            return self.process_baseline_bytes
+        return self.non_expert_weight_bytes + self.num_experts * self.expert_weight_bytes
+
+    @property
     def base_bytes(self) -> int:
-        """Memory with no expert trained: all weights, what every expert saves when frozen,
-        and the non-expert part's needs."""
-        return (self.non_expert_weight_bytes + self.num_experts * self.expert_weight_bytes
-                + self.num_experts * self.expert_frozen_activation_bytes
+        """Memory with no expert trained: what is resident, what every expert saves when
+        frozen, and the non-expert part's needs."""
+        return (self.resident_bytes + self.num_experts * self.expert_frozen_activation_bytes
                 + self.non_expert_activation_bytes)
+
+    def _row_share(self, rows: float) -> float:
+        return rows / self.expert_rows if self.expert_rows else 1.0
+
+    def _trained_extra(self, rows: float) -> float:
+        """Bytes one trained expert computing ``rows`` token rows adds over being frozen."""
+        share = self._row_share(rows)
+        act = self.expert_activation_bytes * share
+        grad = self.expert_grad_bytes
+        held = (self.expert_state_bytes - grad + max(grad, act) if grad
+                else self.expert_state_bytes + act)
+        return held - self.expert_frozen_activation_bytes * share
+
+    def routed_peak_bytes(self, trained_rows: list[float], all_rows: float,
+                          batch_rows: float) -> int:
+        """Whole-process peak under the real routing.
+
+        Args:
+            trained_rows: token rows per step of each trained expert.
+            all_rows: token rows per step over every expert (frozen ones included).
+            batch_rows: padded token rows of a batch (``B x padded length``).
+        """
+        scale = batch_rows / self.batch_rows if self.batch_rows else 1.0
+        frozen_act = self.expert_frozen_activation_bytes * self._row_share(all_rows)
+        return int(self.resident_bytes + frozen_act + self.non_expert_activation_bytes * scale
+                   + sum(self._trained_extra(r) for r in trained_rows))
+
+    def routed_step_seconds(self, trained_rows: list[float], all_rows: float,
+                            batch_rows: float) -> float:
+        """One step's time under the real routing (arguments as :meth:`routed_peak_bytes`):
+        the non-expert part scaled by the batch's rows, every expert's frozen cost by its
+        rows, and the extra cost of training by the trained experts' rows."""
+        scale = batch_rows / self.batch_rows if self.batch_rows else 1.0
+        extra = self.expert_trained_seconds - self.expert_frozen_seconds
+        return (self.rest_step_seconds * scale
+                + self.expert_frozen_seconds * self._row_share(all_rows)
+                + extra * self._row_share(sum(trained_rows)))
 
     @property
     def per_trained_expert_bytes(self) -> int:
@@ -147,8 +202,9 @@ class CostModel:
         return self.base_bytes + c * self.per_trained_expert_bytes
 
     def step_seconds(self, c: int) -> float:
-        """Predicted time of one step with ``c`` of the ``num_experts`` experts trained."""
-        return (self.routing_seconds + self.rest_step_seconds
+        """Predicted time of one step with ``c`` of the ``num_experts`` experts trained, under
+        balanced routing (the round's routing pass is counted separately)."""
+        return (self.rest_step_seconds
                 + (self.num_experts - c) * self.expert_frozen_seconds
                 + c * self.expert_trained_seconds)
 
@@ -173,6 +229,11 @@ class Limits:
         margin_fraction: share of ``available_bytes`` kept free.
         margin_bytes: fixed bytes kept free, on top of the fraction.
         cap: configured maximum number of trained experts (None: no cap).
+        training_quota_bytes: memory the training may add on top of the resident process
+            (an app's share on a phone; None: no quota besides ``available_bytes``).
+        routing_batches: batches of the round's routing pass (counted in the round's time).
+        min_experts: when the window cannot fit every local step with this many experts,
+            the device trains fewer steps instead of fewer experts.
     """
 
     available_bytes: int
@@ -181,6 +242,9 @@ class Limits:
     margin_fraction: float = 0.1
     margin_bytes: int = 0
     cap: int | None = None
+    training_quota_bytes: int | None = None
+    routing_batches: int = 0
+    min_experts: int = 1
 
     def __post_init__(self) -> None:
         _require(self.available_bytes >= 0, "available_bytes must be >= 0")
@@ -189,6 +253,10 @@ class Limits:
         _require(0.0 <= self.margin_fraction < 1.0, "margin_fraction must be in [0, 1)")
         _require(self.margin_bytes >= 0, "margin_bytes must be >= 0")
         _require(self.cap is None or self.cap >= 0, "cap must be >= 0 or None")
+        _require(self.training_quota_bytes is None or self.training_quota_bytes > 0,
+                 "training_quota_bytes must be > 0 or None")
+        _require(self.routing_batches >= 0, "routing_batches must be >= 0")
+        _require(self.min_experts >= 0, "min_experts must be >= 0")
 
     @property
     def margin(self) -> int:
@@ -197,6 +265,14 @@ class Limits:
     @property
     def usable_bytes(self) -> int:
         return self.available_bytes - self.margin
+
+    def usable_for(self, cost: CostModel) -> int:
+        """Whole-process bytes a plan may reach: the margin kept free, and the quota (if any)
+        on top of what is resident."""
+        usable = self.usable_bytes
+        if self.training_quota_bytes is not None:
+            usable = min(usable, cost.resident_bytes + self.training_quota_bytes)
+        return usable
 
 
 @dataclass(frozen=True)
@@ -217,6 +293,7 @@ class Budget:
     time_max: int
     cost: CostModel
     limits: Limits
+    steps: int = 0  # local steps planned (may be fewer than limits.steps_per_round)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -232,28 +309,33 @@ class Budget:
 
 def memory_max_experts(cost: CostModel, limits: Limits) -> int:
     """Largest trained-expert count that fits in memory; -1 if the base does not fit."""
-    free = limits.usable_bytes - cost.base_bytes
+    free = limits.usable_for(cost) - cost.base_bytes
     if free < 0:
         return -1
     per = cost.per_trained_expert_bytes
-    return cost.num_experts if per == 0 else min(cost.num_experts, free // per)
+    return cost.num_experts if per <= 0 else min(cost.num_experts, free // per)
 
 
-def _round_fits(cost: CostModel, limits: Limits, c: int) -> bool:
-    round_s = limits.steps_per_round * cost.step_seconds(c)
-    return round_s <= limits.deadline_seconds * (1 + _REL_TOL)
+def _round_seconds(cost: CostModel, limits: Limits, c: int, steps: int) -> float:
+    return limits.routing_batches * cost.routing_seconds + steps * cost.step_seconds(c)
+
+
+def _round_fits(cost: CostModel, limits: Limits, c: int, steps: int | None = None) -> bool:
+    steps = limits.steps_per_round if steps is None else steps
+    return _round_seconds(cost, limits, c, steps) <= limits.deadline_seconds * (1 + _REL_TOL)
 
 
 def time_max_experts(cost: CostModel, limits: Limits) -> int:
-    """Largest trained-expert count whose round fits the deadline; -1 if none does."""
+    """Largest trained-expert count whose round (every local step) fits; -1 if none does."""
     if not _round_fits(cost, limits, 0):
         return -1
     extra = cost.expert_trained_seconds - cost.expert_frozen_seconds
     if extra == 0:
         return cost.num_experts
-    per_step = limits.deadline_seconds / limits.steps_per_round
+    per_step = (limits.deadline_seconds - limits.routing_batches * cost.routing_seconds
+                ) / limits.steps_per_round
     estimate = (per_step - cost.step_seconds(0)) / extra  # may overflow to inf for tiny extra
-    c = cost.num_experts if estimate >= cost.num_experts else int(estimate)
+    c = cost.num_experts if estimate >= cost.num_experts else max(0, int(estimate))
     while c > 0 and not _round_fits(cost, limits, c):
         c -= 1
     while c < cost.num_experts and _round_fits(cost, limits, c + 1):
@@ -261,54 +343,159 @@ def time_max_experts(cost: CostModel, limits: Limits) -> int:
     return c
 
 
+def steps_that_fit(cost: CostModel, limits: Limits, c: int) -> int:
+    """Local steps with ``c`` trained experts that fit the window (at most the round's)."""
+    room = limits.deadline_seconds * (1 + _REL_TOL) - limits.routing_batches * cost.routing_seconds
+    step = cost.step_seconds(c)
+    fit = limits.steps_per_round if step <= 0 else int(room // step)
+    return max(0, min(limits.steps_per_round, fit))
+
+
+def _quota_binds(cost: CostModel, limits: Limits) -> bool:
+    return limits.usable_for(cost) < limits.usable_bytes
+
+
 def compute_budget(cost: CostModel, limits: Limits) -> Budget:
-    """C_budget: the most experts whose training fits memory and the round deadline.
+    """C_budget: the most experts whose training fits memory and the round's window.
+
+    When the window cannot fit every local step with ``limits.min_experts`` experts (but memory
+    can), the device keeps ``min_experts`` and plans fewer steps (``Budget.steps``) rather than
+    falling to a budget of 0; the reason says so.
 
     Args:
         cost: measured or estimated costs of the model on this device.
-        limits: available memory, margin, deadline, steps per round and an optional cap.
+        limits: available memory, quota, margin, window, steps per round and an optional cap.
 
     Returns:
-        The budget, the constraint that set it and the predicted step time and peak memory.
+        The budget, the constraint that set it, the planned steps and the predicted step time
+        and whole-process peak memory.
     """
     mem_c, time_c = memory_max_experts(cost, limits), time_max_experts(cost, limits)
-    if mem_c < 0 or time_c < 0:
-        why = []
-        if mem_c < 0:
-            why.append(f"memory: the non-expert part and weights need {cost.base_bytes} B, "
-                       f"{limits.usable_bytes} B usable after the margin")
-        if time_c < 0:
-            why.append(f"time: {limits.steps_per_round} steps x {cost.step_seconds(0):.4g} s "
-                       f"with no expert trained exceed the {limits.deadline_seconds:g} s deadline")
-        c, limit, reason = 0, ("memory" if mem_c < 0 else "time"), "nothing fits; " + "; ".join(why)
+    steps = limits.steps_per_round
+    if mem_c < 0:
+        c, limit = 0, "memory"
+        reason = (f"nothing fits memory: the resident model and non-expert part need "
+                  f"{cost.base_bytes} B, {limits.usable_for(cost)} B usable after the margin")
     else:
-        c = min(mem_c, time_c)
-        if c == cost.num_experts:
-            limit, reason = "all-experts", f"all {c} experts fit memory and deadline"
-        elif mem_c <= time_c:
-            limit, reason = "memory", f"memory allows {mem_c} trained experts (time {time_c})"
+        floor = min(limits.min_experts, mem_c)
+        if time_c < floor:  # fewer steps rather than fewer experts than the floor
+            c, limit = floor, "time"
+            steps = steps_that_fit(cost, limits, c)
+            reason = (f"window fits {steps} of {limits.steps_per_round} steps with {c} "
+                      f"expert(s) (memory allows {mem_c}): training fewer steps")
         else:
-            limit, reason = "time", f"deadline allows {time_c} trained experts (memory {mem_c})"
+            c = min(mem_c, time_c)
+            if c == cost.num_experts:
+                limit, reason = "all-experts", f"all {c} experts fit memory and window"
+            elif mem_c <= time_c:
+                limit = "quota" if _quota_binds(cost, limits) else "memory"
+                reason = f"{limit} allows {mem_c} trained experts (time {time_c})"
+            else:
+                limit, reason = "time", f"window allows {time_c} trained experts (memory {mem_c})"
         if limits.cap is not None and limits.cap < c:
             limit, reason = "cap", f"configured cap {limits.cap} below measured {c} ({reason})"
             c = limits.cap
+            steps = max(steps, steps_that_fit(cost, limits, c)) if steps else steps
         elif limits.cap is not None and limits.cap > c:
             reason += f"; configured cap {limits.cap} is above what was measured, ignored"
     step = cost.step_seconds(c)
     return Budget(c_budget=c, limit=limit, reason=reason, step_seconds=step,
-                  round_seconds=step * limits.steps_per_round, peak_bytes=cost.peak_bytes(c),
-                  memory_max=mem_c, time_max=time_c, cost=cost, limits=limits)
+                  round_seconds=_round_seconds(cost, limits, c, steps),
+                  peak_bytes=cost.peak_bytes(c), memory_max=mem_c, time_max=time_c, cost=cost,
+                  limits=limits, steps=steps)
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What a device trains this round, decided after the round's routing pass.
+
+    Attributes:
+        experts: the experts trained for the whole round, most wanted first (a prefix of the
+            strategy's selection, at most C_budget).
+        steps: local steps planned.
+        limit: what set it ("budget": the selection as chosen, "memory", "quota", "time").
+        reason: one line for logs and the report.
+        step_seconds: predicted seconds per step under the real routing.
+        round_seconds: predicted seconds of the round (routing pass included).
+        peak_bytes: predicted whole-process peak.
+    """
+
+    experts: tuple
+    steps: int
+    limit: str
+    reason: str
+    step_seconds: float
+    round_seconds: float
+    peak_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "experts": [str(e) for e in self.experts]}
+
+
+def plan_round(cost: CostModel, limits: Limits, ranked: list, expert_rows: dict,
+               batch_rows: float, *, enforce: bool = True) -> RoundPlan:
+    """Keep the longest prefix of ``ranked`` whose round fits memory and the window under the
+    real routing the routing pass measured; below ``limits.min_experts`` train fewer steps.
+
+    Args:
+        cost: the device's cost model (measured at the announced shape).
+        limits: memory, quota, window, steps, routing batches, min_experts.
+        ranked: the strategy's selection, most wanted first (at most C_budget).
+        expert_rows: expert -> token rows per step it computes (padding included).
+        batch_rows: padded token rows per batch.
+        enforce: False keeps every expert of ``ranked`` (fedavg-full ignores budgets) and only
+            reports the prediction.
+    """
+    all_rows = float(sum(expert_rows.values())) or float(cost.expert_rows * cost.num_experts)
+
+    def predict(c: int, steps: int) -> tuple[float, float, int]:
+        rows = [float(expert_rows.get(e, 0.0)) for e in ranked[:c]]
+        step = cost.routed_step_seconds(rows, all_rows, batch_rows)
+        total = limits.routing_batches * cost.routing_seconds + steps * step
+        return step, total, cost.routed_peak_bytes(rows, all_rows, batch_rows)
+
+    usable = limits.usable_for(cost)
+    window = limits.deadline_seconds * (1 + _REL_TOL)
+    steps = limits.steps_per_round
+    c = len(ranked)
+    limit, reason = "budget", f"{c} expert(s) selected within the budget"
+    if enforce:
+        while c > 0 and predict(c, steps)[2] > usable:
+            c -= 1
+        if c < len(ranked):
+            limit = "quota" if _quota_binds(cost, limits) else "memory"
+            reason = f"{limit} fits {c} of the {len(ranked)} selected experts"
+        mem_c = c
+        while c > 0 and predict(c, steps)[1] > window:
+            c -= 1
+        floor = min(limits.min_experts, mem_c)
+        if c < floor:
+            c = floor
+            step = predict(c, steps)[0]
+            room = window - limits.routing_batches * cost.routing_seconds
+            steps = max(1, min(steps, int(room // step))) if step > 0 else steps
+            limit = "time"
+            reason = (f"window fits {steps} of {limits.steps_per_round} steps with {c} "
+                      f"expert(s): training fewer steps")
+        elif c < mem_c:
+            limit, reason = "time", f"window fits {c} of the {len(ranked)} selected experts"
+    step, total, peak = predict(c, steps)
+    return RoundPlan(tuple(ranked[:c]), steps, limit, reason, step, total, peak)
 
 
 def budget_from_report(report: DeviceReport, cost: CostModel, deadline_seconds: float,
-                       steps_per_round: int, **limits: Any) -> Budget:
+                       steps_per_round: int, held_bytes: int | None = 0,
+                       **limits: Any) -> Budget:
     """:func:`compute_budget` with the available memory taken from a device report.
+
+    ``held_bytes`` is what the process already held when the report's available memory was
+    read (the whole-process limit is their sum).
 
     Raises:
         DeviceError: if the report has no available-memory figure.
     """
     available = report.budget_memory_bytes
     _require(available is not None, "the device report has no available memory figure")
-    return compute_budget(cost, Limits(available_bytes=int(available),
+    return compute_budget(cost, Limits(available_bytes=int(available) + int(held_bytes or 0),
                                        deadline_seconds=deadline_seconds,
                                        steps_per_round=steps_per_round, **limits))

@@ -14,18 +14,23 @@ device.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from device_agent.budget import (
     Budget,
     CostModel,
+    Limits,
+    RoundPlan,
     budget_from_report,
     expert_activation_bytes,
     expert_state_bytes,
+    plan_round,
     tokens_per_expert,
 )
 from device_agent.report import DeviceReport, time_scale
@@ -58,6 +63,8 @@ class MeasuredCosts:
     cost: CostModel
     steps: StepCosts
     tokens_per_expert: int
+    batch_size: int = 0
+    seq_len: int = 0
 
 
 def _sample_batch(model: MoEModel, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
@@ -100,6 +107,7 @@ def measure_costs(model: MoEModel, batch_size: int, seq_len: int, optimizer: str
             xin = x.clone().requires_grad_(True)
             expert(xin).sum().backward()
 
+    baseline = resident_bytes()  # the process before any training state exists
     batch = {k: v.to(device) for k, v in _sample_batch(model, batch_size, seq_len).items()}
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     model.set_trainable(())  # gates and head train, as in every step
@@ -120,8 +128,19 @@ def measure_costs(model: MoEModel, batch_size: int, seq_len: int, optimizer: str
     steps = measure_step_costs(run_expert, run_rest, device, repeats,
                                run_expert_frozen=run_frozen, run_routing=run_routing)
     model.load_state(snapshot)  # the timing steps must not change the model
-    return MeasuredCosts(cost_model(model, steps, tokens, optimizer, detach_frozen), steps,
-                         tokens)
+    cost = dataclasses.replace(cost_model(model, steps, tokens, optimizer, detach_frozen),
+                               batch_rows=batch_size * seq_len, process_baseline_bytes=baseline)
+    return MeasuredCosts(cost, steps, tokens, batch_size, seq_len)
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (0 where psutil cannot tell)."""
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except Exception:  # noqa: BLE001 - a probe that is unavailable is not fatal
+        return 0
 
 
 def _optimizer(params: list[torch.nn.Parameter], name: str) -> torch.optim.Optimizer:
@@ -156,19 +175,57 @@ def cost_model(model: MoEModel, steps: StepCosts, tokens: int, optimizer: str,
         rest_step_seconds=steps.rest_seconds,
         expert_frozen_seconds=min(steps.expert_frozen_seconds or 0.0, steps.expert_seconds),
         expert_trained_seconds=steps.expert_seconds,
-        routing_seconds=steps.routing_seconds or 0.0)
+        routing_seconds=steps.routing_seconds or 0.0,
+        expert_rows=tokens)
 
 
 def decide_budget(report: DeviceReport, cost: CostModel, deadline_s: float, steps_per_round: int,
                   host: DeviceReport | None = None, cap: int | None = None,
-                  margin_fraction: float = 0.1) -> Budget:
-    """C_budget for ``report``'s device; times are scaled from ``host`` when emulating."""
+                  margin_fraction: float = 0.1, routing_batches: int = 0,
+                  min_experts: int = 1, quota_bytes: int | None = None) -> Budget:
+    """C_budget for ``report``'s device; times are scaled from ``host`` when emulating.
+
+    The memory a live device can give is what was available when it was probed plus what
+    this process already held then (the limit is on the whole process); an emulated device
+    gives its profile's figure. ``quota_bytes`` (or the profile's training-memory quota)
+    bounds what training may add on top of the resident process.
+    """
     if report.emulated and host is not None:
         cost = cost.scaled_time(time_scale(host, report))
+    quota = quota_bytes or report.training_memory_quota_bytes
     return budget_from_report(report, cost, deadline_s, max(1, steps_per_round), cap=cap,
-                              margin_fraction=margin_fraction)
+                              margin_fraction=margin_fraction, routing_batches=routing_batches,
+                              min_experts=min_experts, training_quota_bytes=quota or None,
+                              held_bytes=0 if report.emulated else report.process_rss_bytes)
 
 
 def steps_per_round(num_examples: int, batch_size: int, epochs: int, max_steps: int = 0) -> int:
     steps = math.ceil(num_examples / max(batch_size, 1)) * max(epochs, 1)
     return min(steps, max_steps) if max_steps else steps
+
+
+def round_limits(budget: Budget, resident: int = 0) -> tuple[CostModel, Limits]:
+    """The cost model and limits a round plan uses: the budget's, with the process's resident
+    memory measured now (before training) as the baseline when known."""
+    cost = budget.cost
+    if resident:
+        cost = dataclasses.replace(cost, process_baseline_bytes=resident)
+    return cost, budget.limits
+
+
+def make_planner(budget: Budget, enforce: bool = True, resident: int | None = None
+                 ) -> Callable[[Any, Any], RoundPlan]:
+    """``planner(selection, routing_stats)`` for :func:`device_agent.train.train_round`:
+    the prefix of the selection (and the steps) that fit memory and the window under the
+    routing the round's routing pass measured (:func:`device_agent.budget.plan_round`).
+
+    ``resident`` is the process's resident memory before training (measured now when None;
+    0 keeps the budget's baseline, e.g. for an emulated device).
+    """
+    cost, limits = round_limits(budget, resident_bytes() if resident is None else resident)
+
+    def planner(selection: Any, stats: Any) -> RoundPlan:
+        return plan_round(cost, limits, list(selection.ranked()), dict(stats.expert_rows),
+                          stats.batch_rows, enforce=enforce)
+
+    return planner

@@ -17,6 +17,8 @@ Profile keys (unknown keys are rejected)::
     unified_memory                      true when the GPU shares system memory
     gpu_name                            string (optional)
     gpu_memory_total_gib, gpu_memory_free_gib   discrete GPUs only (optional)
+    training_memory_mib                 memory training may add on top of the loaded model
+                                        (the app's share; optional)
     speed_factor                        fp32 matmul throughput / the reference's
     reference                           what speed_factor is relative to
     [matmul_gflops]                     sustained GFLOP/s per dtype: float32, bfloat16, float16
@@ -39,7 +41,8 @@ GIB = 1024**3
 _REQUIRED = {"name", "platform", "memory_total_gib", "memory_available_gib", "matmul_gflops"}
 _OPTIONAL = {"description", "basis", "accelerator", "board", "cpu_model", "power_mode",
              "logical_cores", "physical_cores", "unified_memory", "gpu_name",
-             "gpu_memory_total_gib", "gpu_memory_free_gib", "speed_factor", "reference"}
+             "gpu_memory_total_gib", "gpu_memory_free_gib", "speed_factor", "reference",
+             "training_memory_mib"}
 _DTYPES = {"float32", "bfloat16", "float16"}
 
 
@@ -128,8 +131,18 @@ def profile_to_report(data: dict[str, Any], source: str) -> DeviceReport:
         unified_memory=bool(data.get("unified_memory", False)), board=data.get("board"),
         power_mode=data.get("power_mode"), matmul=matmul, emulated=True, source=source,
         speed_factor=data.get("speed_factor"), notes=tuple(notes),
+        training_memory_quota_bytes=_quota(data, source),
         probes={"profile": {"ok": True, "value": data["name"]}},
     )
+
+
+def _quota(data: dict[str, Any], source: str) -> int | None:
+    value = data.get("training_memory_mib")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise DeviceError(f"{source}: training_memory_mib must be > 0")
+    return int(value * 2**20)
 
 
 def load_profile(name_or_path: str | Path) -> DeviceReport:

@@ -57,6 +57,9 @@ class DeviceReport:
         notes: free-text remarks (unified memory, estimate basis).
         probes: probe name -> ``{"ok": bool, "value" | "error": ...}``.
         created: ISO-8601 time of the measurement ("" for profiles).
+        training_memory_quota_bytes: memory training may add on top of the loaded model
+            (an app's share of a phone; profiles: ``training_memory_mib``); None: no quota.
+        process_rss_bytes: this process's resident memory when the report was taken (live).
         schema_version: version of this JSON layout.
     """
 
@@ -84,6 +87,8 @@ class DeviceReport:
     emulated: bool = False
     source: str = "live"
     speed_factor: float | None = None
+    training_memory_quota_bytes: int | None = None
+    process_rss_bytes: int | None = None
     notes: tuple[str, ...] = ()
     probes: dict[str, dict[str, Any]] = field(default_factory=dict)
     created: str = ""

@@ -230,5 +230,15 @@ def probe_device(root: str | Path = "/", *, live: bool | None = None,
         temperature_c=max(temps.values()) if temps else None,
         cpufreq_ratio=freq.get("ratio"), throttled=freq.get("capped"),
         matmul=matmul, notes=tuple(notes), probes=log.results,
+        process_rss_bytes=_rss(),
         created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     )
+
+
+def _rss() -> int | None:
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except Exception:  # noqa: BLE001 - an unavailable probe is not fatal
+        return None

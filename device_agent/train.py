@@ -1,31 +1,39 @@
 """The local fine-tuning recipe: one client's round of HFedMoE training.
 
-Per batch (METHOD.md sections 1-3):
+One round, one expert set (METHOD.md section 3, revised Decision; docs/method.md):
 
-1. **Route.** A forward pass without autograd captures the gate scores G_e(x) of every real
-   token at every MoE layer; the core computes s_b, KL_b and I_b (Eq. 3-14).
-2. **Select.** The strategy picks E_active within C_budget (Eq. 15); fedavg-full takes every
-   expert, fedmoe its fixed sub-model, fedavg-random a seeded random subset.
-3. **Train.** Only E_active experts, the gates and the shared parts require gradients: frozen
-   experts compute no weight gradient and hold no optimizer state (per-expert parameters), and
-   with ``train.detach_frozen`` they also save no activations. The forward keeps normal top-k
-   routing for every token.
+1. **Route.** A forward pass without autograd over a bounded, seeded sample of the round's
+   batches (``train.selection_batches``) captures the gate scores G_e(x) of every real token;
+   the core computes s_b, KL_b and I_b per batch (Eq. 3-14) and averages them over the sample
+   (:class:`~hfedmoe.round_stats.RoundAccumulator`). The same pass counts the token rows each
+   expert computes, the real (imbalanced) routing the cost model predicts from.
+2. **Select.** The strategy picks E_active(c) once for the round with |E_active| <= C_budget
+   (Eq. 15 on the round's mean I_b for HFedMoE; every expert for fedavg-full, the fixed
+   sub-model for fedmoe, a seeded draw among the routed experts for fedavg-random). A planner
+   (the device's cost model) may keep a shorter prefix, or fewer steps, so that the round fits
+   memory and the window under the real routing.
+3. **Train.** A trainer (eager PyTorch, or the ExecuTorch program a phone runs) trains exactly
+   that set, the gates and the shared parts for every step of the round: other experts get no
+   gradient and no optimizer state. There is no routing pass per step: usage u_c(e) (Eq. 16)
+   and importance for the update come from the training forwards' own gate capture (the
+   ExecuTorch program does not expose its gates, so there they come from the routing pass).
 
-The routing pass costs one extra forward without autograd per batch (about a third of a training
-step); it is what lets selection use the batch's own statistics before any gradient is built.
+``train.reselect = "batch"`` keeps the paper's per-batch selection as an option, bounded so the
+round's union never exceeds C_budget (an expert that leaves the active set frees its optimizer
+state); it runs a routing pass before every step.
 
-After the round the client's :class:`~hfedmoe.update.SparseUpdate` holds deltas of exactly the
-experts it updated plus gates and shared parts, the usage u_c(e) (Eq. 16), the mean importance
-s^c(e) and the routed/updated sets.
+The client's :class:`~hfedmoe.update.SparseUpdate` holds deltas of exactly the experts that
+trained, plus gates and shared parts, the usage, the mean importance and the routed/updated
+sets; its ``meta`` says what the round held (budget, plan, experts with optimizer state).
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -35,13 +43,12 @@ from hfedmoe.importance import compute_batch_stats
 from hfedmoe.models.base import MoEModel
 from hfedmoe.names import ExpertId, parse_key
 from hfedmoe.privacy import privatize
-from hfedmoe.round_stats import RoundAccumulator
-from hfedmoe.selection import selection_generator
+from hfedmoe.round_stats import RoundAccumulator, RoundStats
+from hfedmoe.selection import Selection, rank_experts, selection_generator
 from hfedmoe.strategies import Strategy
 from hfedmoe.update import SparseUpdate
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @dataclass
 class RoundResult:
@@ -53,9 +60,13 @@ class RoundResult:
     tokens: int
     losses: list[float]
     seconds: float
-    stopped_by: str  # "data", "max_steps" or "deadline"
+    stopped_by: str  # "data", "max_steps", "plan" or "deadline"
     budget: int
     selections: list[list[str]] = field(default_factory=list)
+    selected: tuple[ExpertId, ...] = ()
+    optimizer_experts: int = 0  # most experts holding optimizer state at any step
+    routing_seconds: float = 0.0
+    plan: dict[str, Any] | None = None
 
     @property
     def mean_loss(self) -> float:
@@ -96,104 +107,318 @@ def _batches(data: TextDataset | PairDataset, cfg: TrainConfig, seed: int,
                                     epoch=round_idx * cfg.local_epochs + epoch)
 
 
+def _batches(data: TextDataset | PairDataset, cfg: TrainConfig, seed: int,
+             round_idx: int) -> Iterator[Any]:
+    for epoch in range(cfg.local_epochs):
+        yield from iter_minibatches(len(data), cfg.batch_size, seed=seed,
+                                    epoch=round_idx * cfg.local_epochs + epoch)
+
+
+def round_batches(data: TextDataset | PairDataset, cfg: TrainConfig, seed: int,
+                  round_idx: int) -> list[Any]:
+    """The round's minibatches of example indices, in training order (``max_steps`` applied)."""
+    out = list(_batches(data, cfg, seed, round_idx))
+    return out[: cfg.max_steps] if cfg.max_steps else out
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def routing_pass(model: MoEModel, data: TextDataset | PairDataset, batches: Sequence[Any],
+                 cfg: MethodConfig, train_cfg: TrainConfig, max_length: int,
+                 pad_to_max_length: bool = False) -> RoundStats:
+    """Round statistics from forwards without autograd over ``batches`` (Eq. 3-14 per batch,
+    averaged; Eq. 16 usage; token rows per expert for the cost model)."""
+    device = next(model.module.parameters()).device
+    acc = RoundAccumulator()
+    with torch.no_grad():
+        for idx in batches:
+            batch = _to(collate(data, idx, model.tokenizer, max_length, pad_to_max_length),
+                        device)
+            mask = batch["attention_mask"]
+            with autocast_for(train_cfg, device), model.capture(mask) as cap:
+                model.module(input_ids=batch["input_ids"], attention_mask=mask)
+            acc.add(compute_batch_stats(cap.scores, cap.routed, cfg), (),
+                    expert_rows=cap.expert_rows, batch_rows=mask.numel())
+    return acc.result()
+
+
+def selection_sample(batches: Sequence[Any], n: int) -> list[Any]:
+    """The routing pass's sample: the first ``n`` of the round's (shuffled) batches; 0: all."""
+    return list(batches[:n]) if n else list(batches)
+
+
+class Trainer(Protocol):
+    """Trains a fixed expert set (plus gates and shared parts) one batch at a time."""
+
+    def step(self, batch: dict[str, torch.Tensor]) -> float: ...
+
+    def deltas(self) -> dict[str, torch.Tensor]: ...
+
+
+class EagerTrainer:
+    """PyTorch training of ``experts`` + gates + shared parts; nothing else holds state.
+
+    Each training forward captures its gate scores, so the round's usage and importance need
+    no extra pass (:attr:`acc`).
+    """
+
+    def __init__(self, model: MoEModel, experts: Sequence[ExpertId], train_cfg: TrainConfig,
+                 mcfg: MethodConfig) -> None:
+        self.model, self.cfg, self.mcfg = model, train_cfg, mcfg
+        self.device = next(model.module.parameters()).device
+        self.initial = model.state()
+        self.active = frozenset(experts)
+        model.set_trainable(self.active)
+        self.optimizer = make_optimizer(model.trainable_parameters(), train_cfg)
+        self.acc = RoundAccumulator()
+        self.trained: set[ExpertId] = set()  # active experts that received a gradient
+        self.steps = 0
+        self.max_state_experts = 0
+
+    def set_active(self, experts: frozenset[ExpertId]) -> None:
+        """Change the active set (per-batch mode); experts leaving free their optimizer state."""
+        for e in self.active - experts:
+            for p in self.model.expert_parameters(e).values():
+                self.optimizer.state.pop(p, None)
+        new = experts - self.active
+        self.active = experts
+        self.model.set_trainable(experts)
+        known = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        fresh = [p for e in sorted(new) for p in self.model.expert_parameters(e).values()
+                 if id(p) not in known]
+        if fresh:
+            self.optimizer.add_param_group({**{k: v for k, v in self.optimizer.defaults.items()},
+                                            "params": fresh})
+
+    def step(self, batch: dict[str, torch.Tensor]) -> float:
+        batch = _to(batch, self.device)
+        mask = batch["attention_mask"]
+        with autocast_for(self.cfg, self.device), self.model.capture(mask) as cap:
+            loss = self.model.module(**batch).loss
+        loss.backward()
+        got_grad = {e for e in self.active
+                    if any(p.grad is not None
+                           for p in self.model.expert_parameters(e).values())}
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.trained |= got_grad
+        self.acc.add(compute_batch_stats(cap.scores, cap.routed, self.mcfg), got_grad,
+                     expert_rows=cap.expert_rows, batch_rows=mask.numel())
+        self.max_state_experts = max(self.max_state_experts, self.state_experts())
+        self.steps += 1
+        return float(loss.detach())
+
+    def state_experts(self) -> int:
+        """Experts whose parameters hold optimizer state now."""
+        held = {id(p) for p in self.optimizer.state}
+        return sum(1 for e in self.model.expert_ids()
+                   if any(id(p) in held for p in self.model.expert_parameters(e).values()))
+
+    def deltas(self) -> dict[str, torch.Tensor]:
+        self.model.set_trainable(())
+        return _deltas(self.model, self.initial, frozenset(self.trained),
+                       trained_any=self.steps > 0)
+
+
+def _select(strategy: Strategy, stats: RoundStats, budget: int, mcfg: MethodConfig,
+            client_id: str, round_idx: int,
+            assignment: frozenset[ExpertId] | None) -> Selection:
+    generator = (selection_generator(mcfg.seed, client_id, round_idx)
+                 if strategy.needs_generator else None)
+    return strategy.select(stats, budget, generator=generator, assignment=assignment)
+
+
 def train_round(model: MoEModel, data: TextDataset | PairDataset, *, strategy: Strategy,
                 budget: int, train_cfg: TrainConfig, method_cfg: MethodConfig | None = None,
                 run_id: str = "local", round_idx: int = 0, client_id: str = "client",
                 max_length: int = 128, deadline_s: float | None = None,
                 assignment: frozenset[ExpertId] | None = None, base_hash: str = "",
                 clock: Callable[[], float] = time.monotonic,
-                on_step: Callable[[dict[str, Any]], None] | None = None) -> RoundResult:
+                on_step: Callable[[dict[str, Any]], None] | None = None,
+                planner: Callable[[Selection, RoundStats], Any] | None = None,
+                runtime: str = "eager", backend: str = "portable") -> RoundResult:
     """Fine-tune ``model`` on ``data`` for one round and return the sparse update.
 
     Args:
         model: the client's copy of the global model (modified in place).
         data: the client's local examples.
         strategy: selection and aggregation rule (``hfedmoe.strategies.get_strategy``).
-        budget: C_budget, the experts this device can train per batch.
-        train_cfg: the recipe (batch size, lr, optimizer, dtype, detach_frozen, epochs).
+        budget: C_budget, the most experts this device trains, holds state for and sends in
+            the round.
+        train_cfg: the recipe (batch size, lr, optimizer, dtype, detach_frozen, epochs,
+            selection_batches, reselect).
         method_cfg: overrides ``strategy.cfg`` (lam, beta, tau, DP).
         deadline_s: stop before a step that would end past this many seconds.
         assignment: the fixed sub-model for strategies that need one (fedmoe).
         base_hash: hash of the global model the deltas are relative to.
         clock: injectable monotonic clock (tests).
         on_step: called after every step with a dict of progress facts.
+        planner: ``planner(selection, routing_stats)`` returns a
+            :class:`~device_agent.budget.RoundPlan` (experts to keep, steps); None keeps the
+            selection and every step.
+        runtime: ``"eager"`` or ``"executorch"`` (the training program a phone runs).
+        backend: ExecuTorch backend (``"portable"`` or ``"xnnpack"``).
 
     Returns:
         A :class:`RoundResult` whose ``update`` carries deltas of what trained.
     """
     mcfg = method_cfg or strategy.cfg
-    tokenizer = model.tokenizer
-    device = next(model.module.parameters()).device
-    initial = model.state()
-    trainable_all = {k: model.parameter(k) for k in model.keys()}  # frozen ones get no grad
-    optimizer = make_optimizer(trainable_all, train_cfg)
+    start = clock()
+    batches = round_batches(data, train_cfg, mcfg.seed, round_idx)
+    executorch = runtime == "executorch"
+    if executorch:
+        if model.task != "classification":
+            raise ValueError("ExecuTorch training programs support classification models only")
+        from export.programs import bucket_for
+
+        batches = [b for b in batches if len(b) == train_cfg.batch_size]  # static shape
+        budget = bucket_for(budget) if budget else 0
+    stats = routing_pass(model, data, selection_sample(batches, train_cfg.selection_batches),
+                         mcfg, train_cfg, max_length, pad_to_max_length=executorch) \
+        if batches else None
+    routing_s = clock() - start
+    selection = (_select(strategy, stats, budget, mcfg, client_id, round_idx, assignment)
+                 if stats is not None else Selection(frozenset()))
+    ranked = list(selection.ranked())
+    plan = planner(selection, stats) if planner is not None and stats is not None else None
+    if plan is not None:
+        ranked = list(plan.experts)
+        if plan.steps < len(batches):
+            batches = batches[: plan.steps]
+    if executorch:
+        return _train_executorch(model, data, batches, ranked, stats, budget, train_cfg, mcfg,
+                                 run_id, round_idx, client_id, max_length, deadline_s,
+                                 base_hash, clock, start, backend, plan, routing_s)
     for layer in model.layers:
         layer.bank.detach_frozen = train_cfg.detach_frozen
-    generator = (selection_generator(mcfg.seed, client_id, round_idx)
-                 if strategy.needs_generator else None)
-    acc = RoundAccumulator()
+    per_batch = train_cfg.reselect == "batch" and strategy.uses_budget
+    trainer = EagerTrainer(model, [] if per_batch else ranked, train_cfg, mcfg)
+    union: set[ExpertId] = set()
     losses: list[float] = []
     selections: list[list[str]] = []
-    steps = examples = tokens = 0
-    stopped_by = "data"
-    start = clock()
+    examples = tokens = 0
+    available = list(_batches(data, train_cfg, mcfg.seed, round_idx))
+    stopped_by = ("plan" if len(batches) < min(len(available), train_cfg.max_steps or 10**9)
+                  else "max_steps" if len(batches) < len(available) else "data")
     step_time = 0.0
-    for idx in _batches(data, train_cfg, mcfg.seed, round_idx):
-        if train_cfg.max_steps and steps >= train_cfg.max_steps:
-            stopped_by = "max_steps"
-            break
-        elapsed = clock() - start
-        if deadline_s is not None and steps and elapsed + step_time > deadline_s:
+    device = trainer.device
+    for idx in batches:
+        if deadline_s is not None and losses and clock() - start + step_time > deadline_s:
             stopped_by = "deadline"
             break
         t0 = clock()
-        batch = {k: v.to(device) for k, v in collate(data, idx, tokenizer, max_length).items()}
-        mask = batch["attention_mask"]
-        with torch.no_grad(), autocast_for(train_cfg, device), model.capture(mask) as cap:
-            model.module(**{k: v for k, v in batch.items() if k != "labels"})
-        stats = compute_batch_stats(cap.scores, cap.routed, mcfg)
-        selection = strategy.select(stats, budget, generator=generator, assignment=assignment)
-        active = selection.experts & stats.routed  # an expert no token reached gets no gradient
-        model.set_trainable(active)
-        with autocast_for(train_cfg, device):
-            loss = model.module(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        acc.add(stats, active)
-        losses.append(float(loss.detach()))
-        selections.append(sorted(str(e) for e in active))
-        steps += 1
+        batch = collate(data, idx, model.tokenizer, max_length)
+        if per_batch:
+            trainer.set_active(_reselect(model, batch, strategy, budget, mcfg, train_cfg,
+                                         union, device))
+            union |= trainer.active
+        losses.append(trainer.step(batch))
+        selections.append(sorted(str(e) for e in trainer.active))
         examples += len(idx)
-        tokens += int(mask.sum())
+        tokens += int(batch["attention_mask"].sum())
         dt = clock() - t0
-        step_time = dt if steps == 1 else 0.8 * step_time + 0.2 * dt  # smoothed step time
+        step_time = dt if len(losses) == 1 else 0.8 * step_time + 0.2 * dt  # smoothed
         if on_step is not None:
-            on_step({"step": steps, "loss": losses[-1], "experts": len(active),
-                     "budget": budget, "tokens_per_s": int(mask.sum()) / max(dt, 1e-9),
-                     "elapsed": clock() - start})
-    model.set_trainable(())
-    stats_round = acc.result() if acc.num_batches else None
-    deltas = _deltas(model, initial, stats_round.updated if stats_round else frozenset(),
-                     trained_any=steps > 0)
-    meta: dict[str, Any] = {"loss": sum(losses) / max(len(losses), 1), "steps": steps,
+            on_step({"step": len(losses), "loss": losses[-1], "experts": len(trainer.active),
+                     "budget": budget, "tokens_per_s": int(batch["attention_mask"].sum())
+                     / max(dt, 1e-9), "elapsed": clock() - start})
+    deltas = trainer.deltas()
+    train_stats = trainer.acc.result() if trainer.acc.num_batches else stats
+    updated = frozenset(trainer.trained)
+    return _finish(model, deltas, train_stats, updated, len(data), examples, tokens, losses,
+                   selections, stopped_by, budget, mcfg, run_id, round_idx, client_id,
+                   base_hash, clock, start, tuple(ranked), trainer.max_state_experts,
+                   routing_s, plan, {"runtime": "eager", "reselect": train_cfg.reselect})
+
+
+def _reselect(model: MoEModel, batch: dict[str, torch.Tensor], strategy: Strategy, budget: int,
+              mcfg: MethodConfig, train_cfg: TrainConfig, union: set[ExpertId],
+              device: torch.device) -> frozenset[ExpertId]:
+    """Per-batch Eq. 15 within C_budget for the round: once ``budget`` distinct experts have
+    trained, only they stay candidates."""
+    with torch.no_grad(), autocast_for(train_cfg, device), \
+            model.capture(batch["attention_mask"].to(device)) as cap:
+        model.module(input_ids=batch["input_ids"].to(device),
+                     attention_mask=batch["attention_mask"].to(device))
+    stats = compute_batch_stats(cap.scores, cap.routed, mcfg)
+    scores = stats.scores(mcfg.selection_key)
+    chosen: list[ExpertId] = []
+    for e in rank_experts(scores):
+        if len(chosen) >= budget:
+            break
+        if e in union or len(union | set(chosen)) < budget:
+            chosen.append(e)
+    return frozenset(chosen)
+
+
+def _train_executorch(model: MoEModel, data: TextDataset | PairDataset, batches: list[Any],
+                      ranked: list[ExpertId], stats: RoundStats | None, bucket: int,
+                      train_cfg: TrainConfig, mcfg: MethodConfig, run_id: str, round_idx: int,
+                      client_id: str, max_length: int, deadline_s: float | None,
+                      base_hash: str, clock: Callable[[], float], start: float, backend: str,
+                      plan: Any, routing_s: float) -> RoundResult:
+    """The ExecuTorch trainer on the round's expert set: batches padded to the program's static
+    shape, the program's SGD. Usage and importance come from the routing pass."""
+    from export.runtime import ExecuTorchTrainer
+
+    chosen = sorted(ranked)
+    encoded = [collate(data, idx, model.tokenizer, max_length, pad_to_max_length=True)
+               for idx in batches]
+    losses: list[float] = []
+    stopped_by = "data"
+    deltas: dict[str, torch.Tensor] = {}
+    if chosen and encoded:
+        trainer = ExecuTorchTrainer(model, chosen, (train_cfg.batch_size, max_length),
+                                    train_cfg.lr, bucket=bucket, backend=backend)
+        step_time = 0.0
+        for batch in encoded:
+            if deadline_s is not None and losses and clock() - start + step_time > deadline_s:
+                stopped_by = "deadline"
+                break
+            t0 = clock()
+            losses.append(trainer.step(batch))
+            step_time = clock() - t0
+        deltas = trainer.deltas()
+        model.load_state({k: model.parameter(k).detach() + d for k, d in deltas.items()})
+    updated = frozenset(chosen) if losses else frozenset()
+    tokens = sum(int(b["attention_mask"].sum()) for b in encoded[:len(losses)])
+    return _finish(model, deltas, stats, updated, len(data), len(losses) * train_cfg.batch_size,
+                   tokens, losses, [sorted(map(str, chosen))] * len(losses), stopped_by, bucket,
+                   mcfg, run_id, round_idx, client_id, base_hash, clock, start, tuple(ranked),
+                   len(updated), routing_s, plan, {"runtime": "executorch", "bucket": bucket})
+
+
+def _finish(model: MoEModel, deltas: dict[str, torch.Tensor], stats: RoundStats | None,
+            updated: frozenset[ExpertId], num_examples: int, examples: int, tokens: int,
+            losses: list[float], selections: list[list[str]], stopped_by: str, budget: int,
+            mcfg: MethodConfig, run_id: str, round_idx: int, client_id: str, base_hash: str,
+            clock: Callable[[], float], start: float, selected: tuple[ExpertId, ...],
+            state_experts: int, routing_s: float, plan: Any,
+            extra: dict[str, Any]) -> RoundResult:
+    meta: dict[str, Any] = {"loss": sum(losses) / max(len(losses), 1), "steps": len(losses),
                             "stopped_by": stopped_by, "budget": budget,
-                            "seconds": clock() - start}
+                            "seconds": clock() - start, "examples_processed": examples,
+                            "selected": len(selected), "optimizer_experts": state_experts,
+                            "routing_s": routing_s, **extra}
+    if plan is not None:
+        meta["plan"] = plan.to_dict()
     if mcfg.dp_clip > 0 and deltas:
         private = privatize(deltas, mcfg.dp_clip, mcfg.dp_noise_multiplier,
                             selection_generator(mcfg.seed + 1, client_id, round_idx))
         deltas = dict(private.deltas)
         meta.update(dp_norm=private.norm, dp_scale=private.scale, dp_noise_std=private.noise_std)
     update = SparseUpdate(
-        run_id=run_id, round_idx=round_idx, client_id=client_id, num_examples=max(examples, 1),
-        deltas=deltas,
-        usage=dict(stats_round.usage) if stats_round else {},
-        importance=dict(stats_round.importance) if stats_round else {},
-        routed=stats_round.routed if stats_round else frozenset(),
-        updated=stats_round.updated if stats_round else frozenset(),
+        run_id=run_id, round_idx=round_idx, client_id=client_id,
+        num_examples=max(num_examples, 1), deltas=deltas,
+        usage=dict(stats.usage) if stats else {},
+        importance=dict(stats.importance) if stats else {},
+        routed=stats.routed if stats else frozenset(), updated=updated,
         base_model_hash=base_hash, meta=meta)
-    return RoundResult(update, steps, examples, tokens, losses, clock() - start, stopped_by,
-                       budget, selections)
+    return RoundResult(update, len(losses), examples, tokens, losses, clock() - start,
+                       stopped_by, budget, selections, selected, state_experts, routing_s,
+                       plan.to_dict() if plan is not None else None)
 
 
 def _deltas(model: MoEModel, initial: dict[str, torch.Tensor], updated: frozenset[ExpertId],
@@ -222,83 +447,3 @@ def usage_profile(model: MoEModel, data: TextDataset | PairDataset, strategy: St
                 model.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             acc.add(compute_batch_stats(cap.scores, cap.routed, strategy.cfg))
     return dict(acc.result().usage)
-
-
-def train_round_executorch(model: MoEModel, data: TextDataset | PairDataset, *,
-                           strategy: Strategy, budget: int, train_cfg: TrainConfig,
-                           method_cfg: MethodConfig | None = None, run_id: str = "local",
-                           round_idx: int = 0, client_id: str = "client",
-                           max_length: int = 128, deadline_s: float | None = None,
-                           assignment: frozenset[ExpertId] | None = None,
-                           base_hash: str = "", backend: str = "portable",
-                           clock: Callable[[], float] = time.monotonic) -> RoundResult:
-    """One round with the ExecuTorch runtime, as a phone runs it (classification only).
-
-    A training program's trainable expert slots are fixed for the program instance, so the
-    expert set is chosen once per round: a routing pass over the local data applies the
-    strategy's per-batch selection (Eq. 15 for HFedMoE) to every batch, and the round trains
-    the experts selected most often, up to the program bucket below C_budget
-    (:func:`export.programs.bucket_for`). Every batch is padded to (batch_size, max_length),
-    the program's static shape; the optimizer is the program's SGD. The update has the same
-    format as the eager recipe's.
-    """
-    from collections import Counter
-
-    from export.programs import bucket_for
-    from export.runtime import ExecuTorchTrainer
-
-    if model.task != "classification":
-        raise ValueError("ExecuTorch training programs support classification models only")
-    mcfg = method_cfg or strategy.cfg
-    start = clock()
-    generator = (selection_generator(mcfg.seed, client_id, round_idx)
-                 if strategy.needs_generator else None)
-    acc = RoundAccumulator()
-    picks: Counter[ExpertId] = Counter()
-    batches = [idx for idx in _batches(data, train_cfg, mcfg.seed, round_idx)
-               if len(idx) == train_cfg.batch_size]  # the program's batch size is static
-    if train_cfg.max_steps:
-        batches = batches[: train_cfg.max_steps]
-    encoded = [collate(data, idx, model.tokenizer, max_length, pad_to_max_length=True)
-               for idx in batches]
-    with torch.no_grad():
-        for batch in encoded:
-            with model.capture(batch["attention_mask"]) as cap:
-                model.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            stats = compute_batch_stats(cap.scores, cap.routed, mcfg)
-            sel = strategy.select(stats, budget, generator=generator, assignment=assignment)
-            picks.update(sel.experts & stats.routed)
-            acc.add(stats)
-    size = bucket_for(budget) if budget else 0
-    chosen = sorted(e for e, _ in sorted(picks.items(), key=lambda kv: (-kv[1], kv[0]))[:size])
-    losses: list[float] = []
-    stopped_by = "data"
-    deltas: dict[str, torch.Tensor] = {}
-    if chosen and encoded:
-        trainer = ExecuTorchTrainer(model, chosen, (train_cfg.batch_size, max_length),
-                                    train_cfg.lr, bucket=size, backend=backend)
-        step_time = 0.0
-        for batch in encoded:
-            if deadline_s is not None and losses and clock() - start + step_time > deadline_s:
-                stopped_by = "deadline"
-                break
-            t0 = clock()
-            losses.append(trainer.step(batch))
-            step_time = clock() - t0
-        deltas = trainer.deltas()
-        model.load_state({k: model.parameter(k).detach() + d for k, d in deltas.items()})
-    stats_round = acc.result() if acc.num_batches else None
-    update = SparseUpdate(
-        run_id=run_id, round_idx=round_idx, client_id=client_id,
-        num_examples=max(len(losses) * train_cfg.batch_size, 1), deltas=deltas,
-        usage=dict(stats_round.usage) if stats_round else {},
-        importance=dict(stats_round.importance) if stats_round else {},
-        routed=stats_round.routed if stats_round else frozenset(),
-        updated=frozenset(chosen) if losses else frozenset(), base_model_hash=base_hash,
-        meta={"loss": sum(losses) / max(len(losses), 1), "steps": len(losses),
-              "stopped_by": stopped_by, "budget": budget, "runtime": "executorch",
-              "bucket": size, "seconds": clock() - start})
-    return RoundResult(update, len(losses), len(losses) * train_cfg.batch_size,
-                       sum(int(b["attention_mask"].sum()) for b in encoded[:len(losses)]),
-                       losses, clock() - start, stopped_by, budget,
-                       [sorted(map(str, chosen))] * len(losses))

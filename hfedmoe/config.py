@@ -119,6 +119,12 @@ class TrainConfig:
     detach_frozen: bool = False
     device: str = "auto"
     threads: int = 0  # 0: what was measured / torch default
+    # the round's routing pass: batches sampled to choose the round's experts (0: all)
+    selection_batches: int = 4
+    # "round": one expert set per round (default); "batch": per-batch Eq. 15, union <= budget
+    reselect: Literal["round", "batch"] = "round"
+    # when the window cannot fit every step with this many experts, train fewer steps instead
+    min_experts: int = 1
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "train.batch_size must be >= 1")
@@ -126,6 +132,8 @@ class TrainConfig:
         _check(self.local_epochs >= 1, "train.local_epochs must be >= 1")
         _check(self.max_steps >= 0, "train.max_steps must be >= 0")
         _check(self.threads >= 0, "train.threads must be >= 0")
+        _check(self.selection_batches >= 0, "train.selection_batches must be >= 0 (0: all)")
+        _check(self.min_experts >= 0, "train.min_experts must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ error message on the wire::
     │   ├── UnknownKeyError      a tensor key the model does not have
     │   ├── ShapeError           shape or dtype does not match the model
     │   ├── NonFiniteError       NaN or Inf in a tensor
-    │   └── MismatchError        wrong run/round/client/base-model hash
+    │   ├── MismatchError        wrong run/round/client/base-model hash
+    │   └── BudgetExceededError  more experts than the device's registered budget
     ├── TransportError           broker unreachable, transfer failed or timed out
     │   └── TransferError        chunk manifest/hash verification failed
     ├── DeviceError              probing or budgeting the device failed
@@ -104,3 +105,7 @@ class StoreError(HFedMoEError):
 
 class ExportError(HFedMoEError):
     """ExecuTorch/ONNX export failed or did not match PyTorch."""
+
+
+class BudgetExceededError(WireError):
+    """An update carries more experts than the sending device's registered C_budget."""

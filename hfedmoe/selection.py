@@ -40,12 +40,21 @@ class Selection:
         scores: score of every candidate considered (for logging); empty for random selection.
         key: what ranked them: "ib", "importance", "random", "all" or "fixed".
         budget: the C_budget that applied (-1 when the rule ignores budgets).
+        order: the selected experts, most wanted first (a round plan that must train fewer
+            keeps a prefix); empty means ``sorted(experts)``.
     """
 
     experts: frozenset[ExpertId]
     scores: Mapping[ExpertId, float] = field(default_factory=dict)
     key: str = "ib"
     budget: int = 0
+    order: tuple[ExpertId, ...] = ()
+
+    def ranked(self) -> tuple[ExpertId, ...]:
+        """The selected experts, most wanted first."""
+        if self.order and frozenset(self.order) == self.experts:
+            return self.order
+        return tuple(sorted(self.experts))
 
     def per_layer(self) -> dict[int, tuple[int, ...]]:
         """layer_idx -> selected expert indices, ascending."""
@@ -126,20 +135,24 @@ def select_experts(stats: BatchStats, budget: int, cfg: MethodConfig) -> Selecti
     if cfg.budget_scope == "per-layer":
         quotas = _layer_quotas(stats.layers, budget, cfg.per_layer_cap)
     chosen = top_budget(scores, budget, per_layer_cap=cfg.per_layer_cap, layer_quotas=quotas)
-    return Selection(experts=chosen, scores=scores, key=cfg.selection_key, budget=budget)
+    order = tuple(e for e in rank_experts(scores) if e in chosen)
+    return Selection(experts=chosen, scores=scores, key=cfg.selection_key, budget=budget,
+                     order=order)
 
 
 def select_random(stats: BatchStats, budget: int, generator: torch.Generator) -> Selection:
-    """FedAvg-budget baseline: ``budget`` experts drawn uniformly from the whole pool E.
+    """FedAvg-budget baseline: ``budget`` experts drawn uniformly among the routed ones.
 
-    Experts are drawn among *all* experts of the batch's layers (routed or not), with
+    Drawn among the experts some token reached (E_union), as HFedMoE's candidates are, so the
+    baseline trains as many experts as HFedMoE whenever at least ``budget`` were routed; with
     ``generator`` for reproducibility (see :func:`selection_generator`).
     """
     _check_budget(budget)
-    pool = stats.all_experts()
-    order = torch.randperm(len(pool), generator=generator).tolist()
-    chosen = frozenset(pool[i] for i in order[:budget])
-    return Selection(experts=chosen, scores={}, key="random", budget=budget)
+    pool = sorted(stats.routed)
+    perm = torch.randperm(len(pool), generator=generator).tolist()
+    order = tuple(pool[i] for i in perm[:budget])
+    return Selection(experts=frozenset(order), scores={}, key="random", budget=budget,
+                     order=order)
 
 
 def select_all(stats: BatchStats) -> Selection:
@@ -162,7 +175,9 @@ def select_fixed(stats: BatchStats, assignment: Iterable[ExpertId]) -> Selection
     (an expert no token reached gets no gradient on this batch)."""
     assigned = frozenset(assignment)
     chosen = assigned & stats.routed
-    return Selection(experts=chosen, scores={}, key="fixed", budget=len(assigned))
+    ranked = assignment if isinstance(assignment, tuple) else sorted(assigned)
+    return Selection(experts=chosen, scores={}, key="fixed", budget=len(assigned),
+                     order=tuple(e for e in ranked if e in chosen))
 
 
 def selection_generator(seed: int, client_id: str, round_idx: int) -> torch.Generator:

@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from hfedmoe.data import PairDataset, TextDataset
-from hfedmoe.errors import AlgorithmError, HFedMoEError, MismatchError, SchemaError, WireError
+from hfedmoe.errors import (
+    AlgorithmError,
+    BudgetExceededError,
+    HFedMoEError,
+    MismatchError,
+    SchemaError,
+    WireError,
+)
 from hfedmoe.models.base import MoEModel
 from hfedmoe.modelsync import ModelManifest, build_shards
 from hfedmoe.strategies import get_strategy
@@ -36,6 +43,13 @@ from server.store import Store
 
 log = logging.getLogger("hfedmoe.server")
 LATE_SEP = "~"  # "device~r3": a late update of round 3 folded into a later round
+
+
+def experts_in(update: SparseUpdate) -> frozenset:
+    """The experts an update carries deltas for (from its tensor keys)."""
+    from hfedmoe.names import parse_key
+
+    return frozenset(pk.expert for k in update.deltas if (pk := parse_key(k)).kind == "expert")
 
 
 class UnknownClientError(WireError):
@@ -84,6 +98,9 @@ class Coordinator:
         self.strategy = get_strategy(cfg.method.strategy, cfg.method)
         self.spec = spec_from_state(model.state())
         self.global_state = model.state()
+        # what one dense (fedavg-full) update of this model weighs on the wire, uncompressed
+        width = 2 if cfg.wire.dtype in ("bfloat16", "float16") else 4
+        self.dense_bytes = sum(t.numel() for t in self.global_state.values()) * width
         self.blobs: dict[str, bytes] = {}  # shard sha -> blob, current and previous round
         self.senders: dict[str, ChunkSender] = {}
         self.sent_full: dict[str, float] = {}  # shard sha -> when it was last sent whole
@@ -250,6 +267,9 @@ class Coordinator:
             "devices": {c: rep.to_dict() for c, rep in report.items()},
             "budgets": {d: info["budget"] for d, info in self.store.devices().items()
                         if d in r.participants},
+            "held": {p["client"]: {k: v for k, v in p.items() if k not in ("round", "client")}
+                     for p in self.store.participation(r.round_idx)},
+            "dense_bytes": self.dense_bytes * len(r.accepted),
         }
         self.store.save_checkpoint(r.round_idx, self.global_state, {
             k: v for k, v in row.items() if k not in ("devices",)}, new_hash.state_hash)
@@ -370,8 +390,10 @@ class Coordinator:
                 if update.base_model_hash != r.base_hash:
                     raise MismatchError(f"base_model_hash: got {update.base_model_hash[:12]}, "
                                         f"expected {r.base_hash[:12]}")
+                budget = self._check_budget(device, update)
                 self.aggregator.add(update)  # validates consistency before anything is kept
                 self.store.spool_update(round_idx, device, blob, update.num_examples)
+                self._record(round_idx, device, budget, update, len(blob))
                 r.accepted[device] = len(blob)
                 self._prom.count("accepted")
                 self._ack(device, {"type": "ack", "round": round_idx, "sha": sha,
@@ -395,8 +417,9 @@ class Coordinator:
             # this round is not a duplicate
             key = f"{device}{LATE_SEP}r{round_idx}"
             try:
+                self._check_budget(device, update)
                 self.aggregator.add(dataclasses.replace(update, client_id=key))
-            except AlgorithmError as exc:
+            except (AlgorithmError, BudgetExceededError) as exc:
                 self._reject(device, round_idx, exc, sha)
                 return
             self.store.spool_update(r.round_idx, key, blob, update.num_examples, late=True)
@@ -404,6 +427,30 @@ class Coordinator:
                            "status": "late-folded" if fold else "late-dropped"})
         log.info("late update from %s for round %d %s", device, round_idx,
                  "folded into the open round" if fold else "dropped")
+
+    def _check_budget(self, device: str, update: SparseUpdate) -> int:
+        """The device's registered budget; raises when the update carries more experts.
+
+        fedavg-full ignores budgets by design (every device trains every expert)."""
+        budget = int(self.store.devices().get(device, {}).get("budget", 0))
+        sent = experts_in(update)
+        if self.strategy.uses_budget and len(sent) > budget:
+            raise BudgetExceededError(f"update carries {len(sent)} experts, the device's "
+                                      f"registered budget is {budget}")
+        return budget
+
+    def _record(self, round_idx: int, device: str, budget: int, update: SparseUpdate,
+                nbytes: int) -> None:
+        meta = update.meta
+        plan = meta.get("plan") if isinstance(meta.get("plan"), dict) else {}
+        state = meta.get("optimizer_experts")
+        self.store.record_participation(
+            round_idx, device, budget, len(experts_in(update)),
+            int(state) if isinstance(state, int) and not isinstance(state, bool) else -1,
+            {"bytes": nbytes, "steps": meta.get("steps"), "selected": meta.get("selected"),
+             "limit": plan.get("limit") or meta.get("budget_limit"),
+             "reason": plan.get("reason") or meta.get("budget_reason"),
+             "budget_limit": meta.get("budget_limit")})
 
     def _on_transfer_error(self, prefix: str, exc: Exception) -> None:
         """A transfer that cannot complete (too large, corrupt, timed out): tell the device."""

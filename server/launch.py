@@ -94,7 +94,7 @@ def demo(args: argparse.Namespace) -> int:
 
     from hfedmoe.transport.broker import EmbeddedBroker
 
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=150)
     run_dir = Path(args.run_dir)
     if (run_dir / "run.db").exists():
         import shutil
@@ -130,8 +130,8 @@ def demo(args: argparse.Namespace) -> int:
                     f"loss {r.get('loss', float('nan')):.3f}"
                 extra = "" if r.get("phase") == "initial" else (
                     f", {r['accepted']}/{r['participants']} updates, "
-                    f"{r['experts_updated']} experts updated, "
-                    f"{(r['bytes_in'] + r['bytes_out']) / 1e6:.1f} MB moved")
+                    f"{r['experts_updated']} experts aggregated, {_updates_vs_dense(r)}, "
+                    f"{r['bytes_out'] / 1e6:.1f} MB of model shards out")
                 console.print(f"[{time.time() - start:6.1f}s] {what}: {acc}{extra}")
             seen = len(rows)
             if time.time() - start > 3600:
@@ -156,14 +156,22 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _updates_vs_dense(row: dict[str, Any]) -> str:
+    """'X MB of updates (p% of the Y MB dense fedavg-full would send)' for a round row."""
+    dense = row.get("dense_bytes") or 0
+    share = f" ({100 * row['bytes_in'] / dense:.0f}% of the {dense / 1e6:.0f} MB dense " \
+        "fedavg-full would send)" if dense else ""
+    return f"{row['bytes_in'] / 1e6:.1f} MB of updates{share}"
+
+
 def _summary(console: Any, table_cls: Any, run_dir: Path, seconds: float) -> None:
     from server.report import write_report
     from server.store import Store
 
     rows = _rows(run_dir)
     t = table_cls(title="Rounds")
-    for col in ("round", "accuracy", "loss", "participants", "accepted", "MB in", "MB out",
-                "seconds"):
+    for col in ("round", "accuracy", "loss", "participants", "accepted", "MB updates",
+                "dense fedavg-full MB", "share", "MB out", "seconds"):
         t.add_column(col)
     for r in rows:
         initial = r.get("phase") == "initial"
@@ -171,6 +179,9 @@ def _summary(console: Any, table_cls: Any, run_dir: Path, seconds: float) -> Non
                   f"{r.get('accuracy', float('nan')):.3f}", f"{r.get('loss', float('nan')):.3f}",
                   "" if initial else str(r["participants"]), "" if initial else str(r["accepted"]),
                   "" if initial else f"{r['bytes_in'] / 1e6:.1f}",
+                  "" if initial else f"{r.get('dense_bytes', 0) / 1e6:.1f}",
+                  "" if initial or not r.get("dense_bytes") else
+                  f"{100 * r['bytes_in'] / r['dense_bytes']:.0f}%",
                   "" if initial else f"{r['bytes_out'] / 1e6:.1f}",
                   "" if initial else f"{r['round_s']:.1f}")
     console.print(t)
@@ -178,19 +189,20 @@ def _summary(console: Any, table_cls: Any, run_dir: Path, seconds: float) -> Non
     devices = store.devices()
     store.close()
     d = table_cls(title="Devices (emulated profiles)")
-    for col in ("device", "profile", "budget", "limited by", "experts trained", "steps",
-                "last loss"):
+    for col in ("device", "profile", "budget", "limited by", "experts sent / round",
+                "with optimizer state", "steps", "last loss"):
         d.add_column(col)
     for name, info in sorted(devices.items()):
         agent_rows = []
         log = run_dir / "agents" / name / "agent.jsonl"
         if log.exists():
             agent_rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
-        trained = {e for r in rows if r.get("phase") == "round"
-                   for e in r.get("devices", {}).get(name, {}).get("updated", [])}
+        held = [r["held"][name] for r in rows if name in r.get("held", {})]
         rep = info["report"]
         d.add_row(name, str(rep.get("source", "")), str(info["budget"]),
-                  str(rep.get("budget", {}).get("limit", "")), str(len(trained)),
+                  str(rep.get("budget", {}).get("limit", "")),
+                  "/".join(str(h["experts_sent"]) for h in held) or "-",
+                  "/".join(str(h["optimizer_experts"]) for h in held) or "-",
                   str(sum(r.get("steps", 0) for r in agent_rows)),
                   f"{agent_rows[-1]['loss']:.3f}" if agent_rows and "loss" in agent_rows[-1]
                   else "-")

@@ -59,7 +59,7 @@ def run_simulation(args: argparse.Namespace) -> int:
 def simulate(cfg: Any, num_devices: int, profiles: list[str],
              measure_repeats: int = 3) -> list[dict[str, Any]]:
     """Run ``cfg.rounds.rounds`` rounds with ``num_devices`` emulated devices; metrics rows."""
-    from device_agent.costs import decide_budget, measure_costs, steps_per_round
+    from device_agent.costs import decide_budget, make_planner, measure_costs, steps_per_round
     from device_agent.profiles import load_profile
     from device_agent.report import time_scale
     from device_agent.resources import probe_device
@@ -93,13 +93,16 @@ def simulate(cfg: Any, num_devices: int, profiles: list[str],
         report = load_profile(name)
         steps = steps_per_round(len(shards[i]), cfg.train.batch_size, cfg.train.local_epochs,
                                 cfg.train.max_steps)
-        budget = decide_budget(report, costs.cost, window, steps, host=host)
+        budget = decide_budget(report, costs.cost, window, steps, host=host,
+                               routing_batches=min(cfg.train.selection_batches or steps, steps),
+                               min_experts=cfg.train.min_experts)
         dev_id = f"sim{i:03d}-{name}"
         devices.append({"id": dev_id, "data": shards[i], "report": report, "budget": budget,
                         "scale": time_scale(host, report), "have": set(), "assignment": None})
         store.upsert_device(dev_id, {**report.to_dict(), "budget": budget.to_dict(),
                                      "local_examples": len(shards[i])}, budget.c_budget)
     global_state = model.state()
+    dense_bytes = dense_update_bytes(global_state, cfg.wire)
     base_manifest, _ = build_shards(global_state)
     for d in devices:
         d["have"] = set(base_manifest.shards.values())
@@ -115,6 +118,7 @@ def simulate(cfg: Any, num_devices: int, profiles: list[str],
         aggregator = strategy.make_aggregator()
         bytes_in = bytes_out = 0
         device_times = []
+        held: dict[str, dict[str, Any]] = {}
         for i in chosen:
             d = devices[i]
             missing = set(manifest.shards.values()) - d["have"]
@@ -128,11 +132,17 @@ def simulate(cfg: Any, num_devices: int, profiles: list[str],
             res = train_round(model, d["data"], strategy=strategy, budget=d["budget"].c_budget,
                               train_cfg=cfg.train, method_cfg=cfg.method, run_id=cfg.run_id,
                               round_idx=r, client_id=d["id"], max_length=cfg.model.max_length,
-                              assignment=d["assignment"], base_hash=manifest.state_hash)
+                              assignment=d["assignment"], base_hash=manifest.state_hash,
+                              planner=make_planner(d["budget"], enforce=strategy.uses_budget,
+                                                   resident=0))
+            res = dataclasses.replace(res, update=dataclasses.replace(res.update, meta={
+                **res.update.meta, "budget_limit": d["budget"].limit,
+                "budget_reason": d["budget"].reason}))
             blob = encode(res.update, cfg.method.tau, cfg.wire)
             bytes_in += len(blob)
             aggregator.add(decode(blob, spec, cfg.wire, round_idx=r, client_id=d["id"]))
             device_times.append(res.seconds * d["scale"])
+            held[d["id"]] = _held(d["budget"].c_budget, res, len(blob))
         t0 = time.perf_counter()
         report = aggregator.report()
         global_state = aggregator.finalize(global_state)
@@ -146,7 +156,8 @@ def simulate(cfg: Any, num_devices: int, profiles: list[str],
                "bytes_in": bytes_in, "bytes_out": bytes_out, "aggregation_s": agg_s,
                "round_s": max(device_times), "wall_s": time.perf_counter() - wall0, **metrics,
                "devices": {c: rep.to_dict() for c, rep in report.items()},
-               "budgets": {devices[i]["id"]: devices[i]["budget"].c_budget for i in chosen}}
+               "budgets": {devices[i]["id"]: devices[i]["budget"].c_budget for i in chosen},
+               "held": held, "dense_bytes": dense_bytes * len(chosen)}
         new_manifest, _ = build_shards(global_state)
         store.save_checkpoint(r, global_state, {"accuracy": metrics.get("accuracy")},
                               new_manifest.state_hash)
@@ -155,6 +166,21 @@ def simulate(cfg: Any, num_devices: int, profiles: list[str],
                                                                               "budgets")})
     store.close()
     return rows
+
+
+def _held(budget: int, res: Any, nbytes: int) -> dict[str, Any]:
+    """Per device and round: the budget, what was sent and what held optimizer state."""
+    meta = res.update.meta
+    return {"budget": budget, "experts_sent": len(res.update.updated),
+            "optimizer_experts": res.optimizer_experts, "selected": len(res.selected),
+            "steps": res.steps, "limit": (res.plan or {}).get("limit", meta.get("budget_limit")),
+            "bytes": nbytes}
+
+
+def dense_update_bytes(state: dict[str, torch.Tensor], wire: Any) -> int:
+    """Bytes of a dense (fedavg-full) update of ``state`` in the wire dtype, uncompressed."""
+    width = {"float32": 4, "bfloat16": 2, "float16": 2}.get(getattr(wire, "dtype", "float32"), 4)
+    return sum(t.numel() for t in state.values()) * width
 
 
 def _write(run_dir: Path, row: dict[str, Any]) -> dict[str, Any]:

@@ -50,6 +50,10 @@ CREATE TABLE IF NOT EXISTS updates (
 CREATE TABLE IF NOT EXISTS rejections (
     id INTEGER PRIMARY KEY AUTOINCREMENT, round_idx INTEGER, client_id TEXT NOT NULL,
     error TEXT NOT NULL, reason TEXT NOT NULL, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS participation (
+    round_idx INTEGER NOT NULL, client_id TEXT NOT NULL, budget INTEGER NOT NULL,
+    experts_sent INTEGER NOT NULL, optimizer_experts INTEGER NOT NULL, info TEXT NOT NULL,
+    PRIMARY KEY (round_idx, client_id));
 CREATE TABLE IF NOT EXISTS checkpoints (
     round_idx INTEGER PRIMARY KEY, path TEXT NOT NULL, sha256 TEXT NOT NULL,
     created_at REAL NOT NULL);
@@ -196,6 +200,23 @@ class Store:
         if hashlib.sha256(data).hexdigest() != stored.sha256:
             raise StoreError(f"{stored.path}: content does not match its recorded sha256")
         return data
+
+    def record_participation(self, round_idx: int, client_id: str, budget: int,
+                             experts_sent: int, optimizer_experts: int,
+                             info: dict[str, Any]) -> None:
+        """Per device and round: its registered budget, the experts it sent and the experts
+        that held optimizer state (as the device reports), plus the plan's facts."""
+        self.db.execute("INSERT OR REPLACE INTO participation VALUES (?, ?, ?, ?, ?, ?)",
+                        (round_idx, client_id, budget, experts_sent, optimizer_experts,
+                         json.dumps(info, default=str)))
+
+    def participation(self, round_idx: int | None = None) -> list[dict[str, Any]]:
+        q = ("SELECT round_idx, client_id, budget, experts_sent, optimizer_experts, info "
+             "FROM participation")
+        rows = (self.db.execute(q + " WHERE round_idx=? ORDER BY client_id", (round_idx,))
+                if round_idx is not None else self.db.execute(q + " ORDER BY round_idx, client_id"))
+        return [{"round": r[0], "client": r[1], "budget": r[2], "experts_sent": r[3],
+                 "optimizer_experts": r[4], **json.loads(r[5])} for r in rows]
 
     def reject(self, round_idx: int | None, client_id: str, error: str, reason: str) -> None:
         self.db.execute("INSERT INTO rejections(round_idx, client_id, error, reason, at) "

@@ -78,10 +78,16 @@ def test_nothing_fits_memory() -> None:
     assert "nothing fits" in budget.reason and "memory" in budget.reason
 
 
-def test_nothing_fits_time() -> None:
+def test_window_too_short_trains_fewer_steps_not_zero_experts() -> None:
     budget = compute_budget(COST, limits(deadline_seconds=20.0))  # 10 x 2.5 s = 25 s
 
-    assert (budget.c_budget, budget.limit, budget.time_max) == (0, "time", -1)
+    # one expert (min_experts) at 3.25 s per step: 6 of the 10 steps fit in 20 s
+    assert (budget.c_budget, budget.limit, budget.time_max) == (1, "time", -1)
+    assert budget.steps == 6 and "fewer steps" in budget.reason
+    assert budget.round_seconds == pytest.approx(19.5)
+
+    gates_only = compute_budget(COST, limits(deadline_seconds=20.0, min_experts=0))
+    assert (gates_only.c_budget, gates_only.steps) == (0, 8)  # 8 x 2.5 s
 
 
 def test_cap_lowers_never_raises() -> None:
@@ -167,6 +173,10 @@ def test_budget_is_the_largest_that_fits(n: int, base: int, per: int, avail: int
 
     c = budget.c_budget
     assert 0 <= c <= n
+    if budget.steps < steps:  # the window fits no step count with min_experts: fewer steps
+        assert c == min(lim.min_experts, budget.memory_max) and not fits(c)
+        assert budget.round_seconds <= deadline * (1 + 1e-9) or budget.steps == 0
+        return
     if c > 0:
         assert fits(c)
     if c < n:
@@ -200,8 +210,9 @@ def test_throttling_triggers_once_and_recovers() -> None:
     mon = monitor()
     first = mon.observe(Observation(cpufreq_ratio=0.5))
     assert first.remeasure and "thermal" in first.reasons[0]
-    # times doubled: 2 x (2.5 + 0.75 c) <= 6 -> c = 0
-    assert first.budget.c_budget == 0 and first.budget.step_seconds == pytest.approx(5.0)
+    # times doubled: 2 x (2.5 + 0.75 c) <= 6 has no c >= 1 -> one expert, fewer steps
+    assert first.budget.c_budget == 1 and first.budget.step_seconds == pytest.approx(6.5)
+    assert first.budget.steps == 9
 
     assert not mon.observe(Observation(cpufreq_ratio=0.5)).remeasure
     assert not mon.observe(Observation()).remeasure  # nothing thermal observed: no change
@@ -238,14 +249,16 @@ def test_reset_after_remeasure() -> None:
     assert not mon.observe(Observation(available_bytes=4000)).remeasure
 
 
-def test_routing_pre_pass_is_part_of_every_step() -> None:
+def test_routing_pass_is_counted_once_per_round() -> None:
     cost = dataclasses.replace(COST, routing_seconds=0.5)
-    # 0.5 routing + 0.5 rest + (8 - 2) x 0.25 frozen + 2 x 1.0 trained = 4.5 s
-    assert cost.step_seconds(2) == pytest.approx(4.5)
-    assert cost.scaled_time(2.0).step_seconds(2) == pytest.approx(9.0)
-    # 10 steps in 60 s: 1.0 + 2.0 + 0.75 c <= 6 -> c = 4; in 50 s: <= 5 -> c = 2
-    assert compute_budget(cost, limits()).c_budget == 4
-    assert compute_budget(cost, limits(deadline_seconds=50.0)).c_budget == 2
+    # no routing pass per step: 0.5 rest + (8 - 2) x 0.25 frozen + 2 x 1.0 trained = 4.0 s
+    assert cost.step_seconds(2) == pytest.approx(4.0)
+    assert cost.scaled_time(2.0).routing_seconds == pytest.approx(1.0)
+    # 4 routing batches = 2 s per round; 10 steps in 58 s: 2.5 + 0.75 c <= 5.8 -> c = 4;
+    # in 48 s: <= 4.8 -> c = 3
+    budget = compute_budget(cost, limits(routing_batches=4))
+    assert budget.c_budget == 4 and budget.round_seconds == pytest.approx(2.0 + 55.0)
+    assert compute_budget(cost, limits(deadline_seconds=50.0, routing_batches=4)).c_budget == 3
 
 
 def test_frozen_experts_saved_activations_count_against_memory() -> None:

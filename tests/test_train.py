@@ -109,12 +109,11 @@ def test_bf16_autocast_trains(tokenizer):
 @pytest.mark.slow
 def test_executorch_runtime_sends_the_same_update_format(tokenizer):
     pytest.importorskip("executorch")
-    from device_agent.train import train_round_executorch
-
     model = tiny(tokenizer)
     before = model.state()
-    res = train_round_executorch(model, text_data(), strategy=get_strategy("hfedmoe"), budget=3,
-                                 train_cfg=TrainConfig(batch_size=4, lr=1e-2), max_length=16)
+    res = train_round(model, text_data(), strategy=get_strategy("hfedmoe"), budget=3,
+                      train_cfg=TrainConfig(batch_size=4, lr=1e-2), max_length=16,
+                      runtime="executorch")
     assert res.steps == 3 and all(map(math.isfinite, res.losses))
     assert res.update.meta["bucket"] == 2 and len(res.update.updated) <= 2
     sent = {parse_key(k).expert for k in res.update.deltas if parse_key(k).kind == "expert"}

@@ -71,16 +71,24 @@ class GateCapture:
 
     ``scores[l]`` is (tokens, num_experts) G_e(x); ``routed[l]`` is (tokens, top_k) expert ids.
     Padding tokens are dropped when an attention mask of matching size was given.
+    ``expert_rows[l]`` is (num_experts,): how many token rows each expert computed, padding
+    included (the expert kernels run on every row of the batch); it feeds the cost model.
     """
 
     scores: dict[int, torch.Tensor] = field(default_factory=dict)
     routed: dict[int, torch.Tensor] = field(default_factory=dict)
     token_mask: torch.Tensor | None = None
+    expert_rows: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def _add(self, layer: MoELayer, output: Any) -> None:
         logits, index = layer.decode(output)
         g = layer.scores(logits)  # (T, E)
         idx = index.detach().reshape(g.shape[0], -1)  # (T, k)
+        flat = idx.reshape(-1)
+        rows = torch.bincount(flat[(flat >= 0) & (flat < layer.num_experts)],
+                              minlength=layer.num_experts).cpu()  # (E,) padding included
+        prev = self.expert_rows.get(layer.layer_idx)
+        self.expert_rows[layer.layer_idx] = rows if prev is None else prev + rows
         if self.token_mask is not None and self.token_mask.numel() == g.shape[0]:
             g, idx = g[self.token_mask], idx[self.token_mask]
         if layer.layer_idx in self.scores:  # several forward passes inside one capture
@@ -159,6 +167,10 @@ class MoEModel:
             raise ModelError(f"{self.family}: no parameter {key!r}") from None
 
     # --- reading and writing by canonical name ---------------------------------------------
+    def expert_parameters(self, eid: ExpertId) -> dict[str, nn.Parameter]:
+        """The parameters of expert ``eid`` by local name (``w_in``, ``w_out``, ...)."""
+        return dict(self.layer(eid.layer_idx).bank.experts[eid.expert_idx].named_parameters())
+
     def expert_state(self, eid: ExpertId) -> dict[str, torch.Tensor]:
         layer = self.layer(eid.layer_idx)
         if not 0 <= eid.expert_idx < layer.num_experts:

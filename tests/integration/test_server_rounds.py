@@ -247,6 +247,11 @@ def _hostile(model, run_id: str, base: str, good: bytes, rng: random.Random):
         ("oversized", "dev-a", rng.randbytes(9 << 20), {"PayloadTooLarge", "TransferError"}),
         ("unregistered", "ghost", enc(make_update(model, run_id, 0, "ghost", base)),
          {"UnknownClientError"}),
+        # dev-a registered a budget of 2 experts
+        ("over-budget", "dev-a", enc(mk(experts=(E0, ExpertId(0, 1), ExpertId(1, 0)),
+                                        usage={E0: 0.6, ExpertId(0, 1): 0.4,
+                                               ExpertId(1, 0): 0.5}, seed=9)),
+         {"BudgetExceededError"}),
     ]
     return cases
 
