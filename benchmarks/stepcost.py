@@ -198,6 +198,82 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def measure_round(spec: dict[str, Any]) -> dict[str, Any]:
+    """A device's round as the agent runs it, predicted and then measured, in this process.
+
+    Build the model, measure its costs at the announced shape (``measure_costs``, as the agent
+    does at start-up), run the round's routing pass over real local batches (the bundled data,
+    padded to the announced length), select ``budget`` experts by HFedMoE's Eq. 15 on the
+    round's mean I_b, predict the step time and the whole-process peak from the routed rows
+    (``CostModel.routed_step_seconds`` / ``routed_peak_bytes``, baseline = this process's RSS
+    just before training), then train that set on real batches: peak RSS over the warm-up
+    steps (optimizer state is created in the first) and the median time of the timed steps.
+    """
+    import dataclasses
+
+    import torch
+
+    from device_agent.costs import measure_costs, resident_bytes
+    from device_agent.throughput import PeakRSSSampler
+    from device_agent.train import EagerTrainer, round_batches, routing_pass, selection_sample
+    from hfedmoe.config import DataConfig, MethodConfig, TrainConfig
+    from hfedmoe.data import collate, load_task
+    from hfedmoe.strategies import get_strategy
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    batch_size, seq_len = spec["batch_size"], spec["seq_len"]
+    task = load_task(DataConfig())
+    model = _build({**spec, "num_labels": task.num_labels})
+    if model.tokenizer is None:  # a tiny random family: MiniLM's tokenizer for real text
+        from hfedmoe.models.hf import build_hf_model
+        from hfedmoe.models.minilm import load_minilm
+
+        tokenizer = load_minilm()[1]
+        model = build_hf_model(model.family, "classification", num_labels=task.num_labels,
+                               vocab_size=tokenizer.vocab_size)
+        model.tokenizer = tokenizer
+        model.set_expert_impl(spec["path"])
+    costs = measure_costs(model, batch_size, seq_len, repeats=spec.get("cost_repeats", 3))
+    train_cfg = TrainConfig(batch_size=batch_size, lr=1e-4)
+    mcfg = MethodConfig()
+    batches = round_batches(task.train, train_cfg, 0, 0)
+    stats = routing_pass(model, task.train, selection_sample(batches, spec.get("selection", 4)),
+                         mcfg, train_cfg, seq_len, pad_to_max_length=True)
+    ranked = list(get_strategy("hfedmoe", mcfg).select(stats, spec["budget"]).ranked())
+    resident = resident_bytes()
+    cost = dataclasses.replace(costs.cost, process_baseline_bytes=resident)
+    rows = dict(stats.expert_rows)
+    all_rows = sum(rows.values())
+    trained_rows = [rows.get(e, 0.0) for e in ranked]
+    predicted_step = cost.routed_step_seconds(trained_rows, all_rows, stats.batch_rows)
+    predicted_peak = cost.routed_peak_bytes(trained_rows, all_rows, stats.batch_rows)
+    trainer = EagerTrainer(model, ranked, train_cfg, mcfg)
+    encoded = [collate(task.train, idx, model.tokenizer, seq_len, pad_to_max_length=True)
+               for idx in batches[: spec["warmup"] + spec["repeats"]]]
+    with PeakRSSSampler() as sampler:
+        for batch in encoded[: spec["warmup"]]:
+            trainer.step(batch)
+    steps = []
+    for batch in encoded[spec["warmup"]:]:
+        t0 = time.perf_counter()
+        trainer.step(batch)
+        steps.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    routing_pass(model, task.train, batches[:1], mcfg, train_cfg, seq_len, pad_to_max_length=True)
+    return {
+        "trained_experts": len(ranked), "optimizer_experts": trainer.state_experts(),
+        "trained_row_fraction": round(sum(trained_rows) / max(all_rows, 1.0), 4),
+        "balanced_row_fraction": round(len(ranked) / cost.num_experts, 4),
+        "predicted_step_s": predicted_step, "balanced_step_s": cost.step_seconds(len(ranked)),
+        "step_s": statistics.median(steps), "step_min_s": min(steps), "step_max_s": max(steps),
+        "routing_batch_s": time.perf_counter() - t0,
+        "predicted_peak_bytes": predicted_peak, "measured_peak_bytes": sampler.max_bytes,
+        "resident_bytes": resident, "step_samples_s": [round(t, 4) for t in steps],
+        "cost": dataclasses.asdict(cost),
+    }
+
+
 def measure_in_subprocess(spec: dict[str, Any], timeout: float = 600,
                           isolate: bool = True) -> dict[str, Any]:
     """:func:`measure` in a fresh Python process; returns its result merged with ``spec``.
@@ -206,7 +282,8 @@ def measure_in_subprocess(spec: dict[str, Any], timeout: float = 600,
     per configuration, but memory figures then include what earlier configurations left).
     """
     if not isolate:
-        return {**spec, **measure(spec), "isolated": False}
+        run = measure_round if spec.get("mode") == "round" else measure
+        return {**spec, **run(spec), "isolated": False}
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.stepcost", json.dumps(spec)],
                           capture_output=True, text=True, timeout=timeout, env=env, check=False)
@@ -221,7 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m benchmarks.stepcost '<json spec>'", file=sys.stderr)
         return 2
-    print(json.dumps(measure(json.loads(args[0]))))
+    spec = json.loads(args[0])
+    print(json.dumps(measure_round(spec) if spec.get("mode") == "round" else measure(spec)))
     return 0
 
 

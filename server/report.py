@@ -138,7 +138,7 @@ def write_report(run_dir: str | Path) -> Path:
         store.close()
     plots = _plots(rows, devices)
     round_cols = ["round", "participants", "accepted", "rejected", "late", "experts_updated",
-                  "bytes_in", "bytes_out", "aggregation_s", "round_s", "accuracy", "loss",
+                  "bytes_in", "dense_bytes", "bytes_out", "aggregation_s", "round_s", "accuracy", "loss",
                   "perplexity"]
     present = [c for c in round_cols if any(c in r for r in rows)]
     dev_rows = [{"device": n, "budget": d["budget"], "status": d["status"],
@@ -164,6 +164,15 @@ def write_report(run_dir: str | Path) -> Path:
             parts.append(f"<h2>{title}</h2><img src='data:image/png;base64,{plots[key]}'>")
         if key == "devices" and dev_rows:
             parts.append(_table(dev_rows, list(dev_rows[0])))
+    held = [{"round": r["round"] + 1, "device": name, **h} for r in rows
+             if r.get("phase") == "round" for name, h in sorted(r.get("held", {}).items())]
+    if held:
+        cols = ["round", "device", "budget", "experts_sent", "optimizer_experts", "steps",
+                "limit", "reason", "bytes"]
+        parts += ["<h2>Budget per device and round</h2>",
+                  "<p>C_budget registered by the device, experts its update carried, experts "
+                  "that held optimizer state, local steps, and what limited the round.</p>",
+                  _table(held, [c for c in cols if any(c in h for h in held)])]
     if rejections:
         parts += ["<h2>Rejected messages</h2>", _table(rejections[:200],
                                                        ["round", "client", "error", "reason"])]

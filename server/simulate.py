@@ -142,7 +142,9 @@ def simulate(cfg: Any, num_devices: int, profiles: list[str],
             bytes_in += len(blob)
             aggregator.add(decode(blob, spec, cfg.wire, round_idx=r, client_id=d["id"]))
             device_times.append(res.seconds * d["scale"])
-            held[d["id"]] = _held(d["budget"].c_budget, res, len(blob))
+            held[d["id"]] = h = _held(d["budget"].c_budget, res, len(blob))
+            store.record_participation(r, d["id"], h["budget"], h["experts_sent"],
+                                       h["optimizer_experts"], h)
         t0 = time.perf_counter()
         report = aggregator.report()
         global_state = aggregator.finalize(global_state)
@@ -174,6 +176,7 @@ def _held(budget: int, res: Any, nbytes: int) -> dict[str, Any]:
     return {"budget": budget, "experts_sent": len(res.update.updated),
             "optimizer_experts": res.optimizer_experts, "selected": len(res.selected),
             "steps": res.steps, "limit": (res.plan or {}).get("limit", meta.get("budget_limit")),
+            "reason": (res.plan or {}).get("reason", meta.get("budget_reason")),
             "bytes": nbytes}
 
 

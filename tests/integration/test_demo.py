@@ -33,6 +33,20 @@ def test_short_demo_over_mosquitto_raises_accuracy(tmp_path, mosquitto):
     for device in (run_dir / "agents").glob("*/agent.jsonl"):
         statuses = [json.loads(x)["status"] for x in device.read_text().splitlines()]
         assert statuses == ["accepted", "accepted"]
+    assert_budget_binds(rounds, num_experts=48)
+    assert "fedavg-full would send" in proc.stdout
+
+
+def assert_budget_binds(rounds: list[dict], num_experts: int) -> None:
+    """Every device and round: experts sent and experts with optimizer state <= C_budget; the
+    budgets are below E, and the round's updates a fraction of dense fedavg-full's."""
+    for r in rounds:
+        assert set(r["held"]) == set(r["budgets"])
+        for device, held in r["held"].items():
+            assert held["budget"] == r["budgets"][device] < num_experts
+            assert 0 < held["experts_sent"] <= held["budget"], (device, held)
+            assert 0 <= held["optimizer_experts"] <= held["budget"], (device, held)
+        assert r["bytes_in"] <= 0.5 * r["dense_bytes"]
 
 
 @pytest.mark.slow
@@ -51,5 +65,30 @@ def test_simulate_writes_a_run_directory_the_report_reads(tmp_path):
     rows = [r for r in metrics(tmp_path / "sim") if r["phase"] == "round"]
     assert [r["round"] for r in rows] == [0, 1] and all(r["accepted"] == 3 for r in rows)
     assert rows[0]["bytes_in"] > 0 and rows[0]["bytes_out"] == 0  # devices start from the base
+    for r in rows:  # fedmoe trains its fixed sub-model within the budget too
+        for device, held in r["held"].items():
+            assert held["experts_sent"] <= held["budget"] and held["optimizer_experts"] <= \
+                held["budget"], (device, held)
     report = (tmp_path / "sim" / "report.html").read_text()
     assert "Held-out evaluation" in report and "data:image/png;base64" in report
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_simulate_default_model_budgets_bind_the_round(tmp_path):
+    """The default model and the shipped profiles: budgets spread below E and bind."""
+    cfg = {"run_dir": str(tmp_path / "sim"), "max_eval_examples": 32,
+           "model": {"max_length": 64}, "train": {"lr": 1e-3, "max_steps": 2, "threads": 2},
+           "rounds": {"rounds": 1, "train_time_s": 12.0, "fraction": 1.0}}
+    path = tmp_path / "sim.toml"
+    path.write_text(tomli_w.dumps(cfg))
+    proc = subprocess.run(
+        [sys.executable, "-m", "hfedmoe.cli", "simulate", "--config", str(path), "--devices",
+         "6"], capture_output=True, text=True, timeout=580,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [r for r in metrics(tmp_path / "sim") if r["phase"] == "round"]
+    assert_budget_binds(rows, num_experts=48)
+    budgets = set(rows[0]["budgets"].values())
+    assert len(budgets) >= 4 and all(1 <= b <= 47 for b in budgets)
+    assert rows[0]["bytes_in"] <= 0.35 * rows[0]["dense_bytes"]

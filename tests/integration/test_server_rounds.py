@@ -248,9 +248,10 @@ def _hostile(model, run_id: str, base: str, good: bytes, rng: random.Random):
         ("unregistered", "ghost", enc(make_update(model, run_id, 0, "ghost", base)),
          {"UnknownClientError"}),
         # dev-a registered a budget of 2 experts
-        ("over-budget", "dev-a", enc(mk(experts=(E0, ExpertId(0, 1), ExpertId(1, 0)),
-                                        usage={E0: 0.6, ExpertId(0, 1): 0.4,
-                                               ExpertId(1, 0): 0.5}, seed=9)),
+        ("over-budget", "dev-a", encode(mk(experts=(E0, ExpertId(0, 1), ExpertId(1, 0)),
+                                           usage={E0: 0.6, ExpertId(0, 1): 0.4,
+                                                  ExpertId(1, 0): 0.5}, seed=9),
+                                        0.01, WireConfig(dtype="bfloat16")),  # under 8 MB
          {"BudgetExceededError"}),
     ]
     return cases
