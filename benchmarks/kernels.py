@@ -54,7 +54,31 @@ def configs(paths: list[str], fast: str, budgets: list[int]) -> list[dict[str, A
     for label, path, dtype, detach in variants:
         out += [{"label": label, "path": path, "dtype": dtype, "detach_frozen": detach,
                  "budget": b} for b in budgets]
+    quarter = sorted(budgets)[len(budgets) // 2] if len(budgets) > 2 else max(budgets)
+    out.append({"label": f"{fast} round recipe", "path": fast, "dtype": "float32",
+                "detach_frozen": False, "budget": quarter, "recipe": "round"})
     return out
+
+
+def recipe_comparison(rows: list[dict[str, Any]], fast: str, round_steps: int,
+                      selection_batches: int) -> dict[str, Any] | None:
+    """The per-batch recipe (routing pre-pass + step) against the round recipe (step with the
+    gate capture inside, plus the round's routing pass spread over its steps), same budget,
+    same run."""
+    new = next((r for r in rows if r.get("recipe") == "round"), None)
+    old = next((r for r in rows if r["label"] == fast and new is not None
+                and r["budget"] == new["budget"]), None)
+    if new is None or old is None:
+        return None
+    old_s = old["step_s"] + old["routing_s"]
+    amortized = new["step_s"] + new["routing_s"] * selection_batches / round_steps
+    return {"bench": "kernels-recipe", "budget": new["trained_experts"],
+            "per_batch_recipe_s": round(old_s, 4), "round_step_s": round(new["step_s"], 4),
+            "routing_batch_s": round(new["routing_s"], 4), "round_steps": round_steps,
+            "selection_batches": selection_batches,
+            "round_recipe_amortized_s": round(amortized, 4),
+            "ratio_step": round(new["step_s"] / old_s, 3),
+            "ratio_amortized": round(amortized / old_s, 3)}
 
 
 def add_ratios(rows: list[dict[str, Any]], peaks: dict[str, float]) -> None:
@@ -131,6 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="torch threads here and in every worker (0: torch's default)")
     p.add_argument("--out", default=None, help="append JSON lines here")
     p.add_argument("--plot", default=None, help="write a PNG of the results here")
+    p.add_argument("--round-steps", type=int, default=20,
+                   help="local steps per round the round's routing pass is spread over")
     p.add_argument("--from", dest="from_jsonl", default=None,
                    help="re-derive the table (and --plot) from earlier JSON lines, no run")
     args = p.parse_args(argv)
@@ -166,8 +192,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  done {cfg['label']} C={cfg['budget']}", file=sys.stderr, flush=True)
     add_ratios(rows, peaks)
     print_table(rows, peaks)
+    from hfedmoe.config import TrainConfig
+
+    recipe = recipe_comparison(rows, args.fast_path, args.round_steps,
+                               TrainConfig().selection_batches)
+    if recipe is not None:
+        print(f"C={recipe['budget']}: per-batch recipe (routing pre-pass + step) "
+              f"{recipe['per_batch_recipe_s']:.3f} s; round recipe step "
+              f"{recipe['round_step_s']:.3f} s = {recipe['ratio_step']:.2f}x; with the round's "
+              f"routing pass ({recipe['selection_batches']} batches) over "
+              f"{recipe['round_steps']} steps {recipe['round_recipe_amortized_s']:.3f} s = "
+              f"{recipe['ratio_amortized']:.2f}x")
     if args.out:
-        _common.write_rows(args.out, ({k: v for k, v in r.items() if k != "env"} for r in rows),
+        _common.write_rows(args.out, ({k: v for k, v in r.items() if k != "env"}
+                                      for r in rows + ([recipe] if recipe else [])),
                            rows[0]["env"] if rows else environment())
     if args.plot:
         plot(rows, args.plot)

@@ -139,9 +139,10 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     with torch.no_grad(), ctx(), model.capture(batch["attention_mask"]) as cap:
         model.module(**inputs)
     active = {ExpertId(li, e) for li, e in spread_experts(cap.routed, spec["budget"])}
-    params = {k: model.parameter(k) for k in model.keys()}
-    optimizer = make_optimizer(params, TrainConfig(lr=1e-4))  # as train_round builds it
     model.set_trainable(active)
+    # as train_round's trainer builds it: the round's experts, gates and head only
+    optimizer = make_optimizer(model.trainable_parameters(), TrainConfig(lr=1e-4))
+    capture = spec.get("recipe") == "round"  # usage from the training forward's own gates
     input_grad: dict[int, bool] = {}
     hooks = [layer.bank.register_forward_pre_hook(
         lambda _m, args, li=layer.layer_idx: input_grad.__setitem__(li, args[0].requires_grad))
@@ -153,6 +154,10 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             if skip:
                 with _experts_skipped(model):
                     loss = model.module(**batch).loss
+            elif capture:
+                with model.capture(batch["attention_mask"]) as c:
+                    loss = model.module(**batch).loss
+                compute_batch_stats(c.scores, c.routed, MethodConfig())
             else:
                 loss = model.module(**batch).loss
         loss.backward()

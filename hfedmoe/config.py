@@ -37,7 +37,7 @@ class ModelConfig:
     num_experts: int = 8  # upcycling: experts per converted FFN
     top_k: int = 2
     num_labels: int = 0  # 0: taken from the dataset
-    upcycle: Literal["copy", "split"] = "copy"
+    upcycle: Literal["copy", "split", "moefy"] = "copy"
     router_jitter: float = 0.01  # std of the noise added to a fresh router's init (breaks ties)
     # a registered expert path (hfedmoe.experts); "sorted" is the fastest for training on CPU
     # (benchmarks/results/kernels.jsonl), "eager" the reference

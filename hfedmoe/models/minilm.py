@@ -87,19 +87,78 @@ def load_minilm(path: str | Path | None = None) -> tuple[nn.Module, Any]:
     return encoder, tokenizer
 
 
+def calibration_texts(limit: int = 512) -> list[str]:
+    """Label-free text the MoEfication calibrates on: the bundled corpus's questions and
+    answers (sorted, de-duplicated, the first ``limit``)."""
+    from hfedmoe.data.chatterbot import read_conversations
+
+    texts = sorted({t for c in read_conversations() for t in (c.question, c.reply) if t})
+    return texts[:limit]
+
+
+class _Captured(Exception):
+    """Stops the calibration forward once the wanted FFN input is captured."""
+
+
+def _ffn_inputs(encoder: nn.Module, tokenizer: Any, texts: list[str], layer: int,
+                max_length: int = 64, batch_size: int = 64) -> torch.Tensor:
+    """(tokens, d) inputs of ``layer``'s FFN over the real (unpadded) tokens of ``texts``.
+
+    Texts are batched by length (little padding) and each forward stops at ``layer``."""
+    got: list[torch.Tensor] = []
+
+    def hook(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        got.append(args[0])
+        raise _Captured
+
+    ordered = sorted(texts, key=len)
+    handle = encoder.encoder.layer[layer].intermediate.register_forward_pre_hook(hook)
+    out = []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(ordered), batch_size):
+                enc = tokenizer(ordered[start:start + batch_size], padding=True,
+                                truncation=True, max_length=max_length, return_tensors="pt")
+                got.clear()
+                try:
+                    encoder(**enc)
+                except _Captured:
+                    pass
+                out.append(got[0][enc["attention_mask"].bool()])  # (real tokens, d)
+    finally:
+        handle.remove()
+    return torch.cat(out)
+
+
 def upcycle_bert(encoder: nn.Module, num_experts: int, top_k: int, mode: str = "copy",
-                 init_std: float = 0.01, impl: str = "grouped") -> list[MoELayer]:
-    """Replace every BERT FFN by an MoE layer in place; return the MoE layers."""
+                 init_std: float = 0.01, impl: str = "grouped", tokenizer: Any = None,
+                 seed: int = 0) -> list[MoELayer]:
+    """Replace every BERT FFN by an MoE layer in place; return the MoE layers.
+
+    ``mode``: ``"copy"`` (sparse upcycling: S identical experts, a fresh router), ``"split"``
+    (neurons partitioned in order, all S active: equals the FFN) or ``"moefy"`` (neurons
+    clustered by co-activation on real text, a router fitted to the clusters,
+    :mod:`hfedmoe.models.moefy`; needs ``tokenizer``).
+    """
     layers = []
     act = getattr(encoder.config, "hidden_act", "gelu")
+    texts = calibration_texts() if mode == "moefy" else []
     for i, block in enumerate(encoder.encoder.layer):
         fc_in, fc_out = block.intermediate.dense, block.output.dense
         if mode == "copy":
             moe = upcycle_linear_pair(fc_in, fc_out, act, num_experts, top_k, init_std, impl)
         elif mode == "split":
             moe = split_linear_pair(fc_in, fc_out, act, num_experts, impl)
+        elif mode == "moefy":
+            if tokenizer is None:
+                raise ModelError("moefy upcycling needs the tokenizer for its calibration text")
+            from hfedmoe.models.moefy import moefy_linear_pair
+
+            calib = _ffn_inputs(encoder, tokenizer, texts, i)
+            moe = moefy_linear_pair(fc_in, fc_out, act, num_experts, top_k, calib,
+                                    seed=seed + i, impl=impl)
         else:
-            raise ModelError(f"unknown upcycling mode {mode!r} (copy, split)")
+            raise ModelError(f"unknown upcycling mode {mode!r} (copy, split, moefy)")
         block.intermediate = moe
         block.output.dense = nn.Identity()
         layers.append(MoELayer(i, f"backbone.encoder.layer.{i}.intermediate", moe.experts,
@@ -116,7 +175,7 @@ def build_minilm_moe(num_labels: int, num_experts: int = 8, top_k: int = 2,
     encoder, tokenizer = load_minilm(path)
     torch.manual_seed(seed)  # routers and head: the same base model on every device
     dense_params = sum(p.numel() for p in encoder.parameters())
-    layers = upcycle_bert(encoder, num_experts, top_k, mode, init_std, impl)
+    layers = upcycle_bert(encoder, num_experts, top_k, mode, init_std, impl, tokenizer, seed)
     module = SequenceClassifier(encoder, encoder.config.hidden_size, num_labels)
     module.eval()  # no dropout: federated deltas stay deterministic given the data order
     return MoEModel(module, "minilm-moe", "classification", layers,
