@@ -87,7 +87,7 @@ def load_minilm(path: str | Path | None = None) -> tuple[nn.Module, Any]:
     return encoder, tokenizer
 
 
-def calibration_texts(limit: int = 512) -> list[str]:
+def calibration_texts(limit: int = 256) -> list[str]:
     """Label-free text the MoEfication calibrates on: the bundled corpus's questions and
     answers (sorted, de-duplicated, the first ``limit``)."""
     from hfedmoe.data.chatterbot import read_conversations

@@ -38,8 +38,8 @@ def balanced_kmeans(features: torch.Tensor, k: int, iters: int = 15, seed: int =
                     ) -> torch.Tensor:
     """Assign each row of ``features`` (n, f) to one of ``k`` equal-size clusters.
 
-    Cosine k-means whose assignment step fills clusters greedily by similarity, each up to
-    ``n / k`` rows. Returns (n,) cluster ids; deterministic for a seed.
+    Cosine k-means whose assignment step lets rows choose in order of their best similarity,
+    each taking its most similar cluster that still has room (``n / k`` rows per cluster). Returns (n,) cluster ids; deterministic for a seed.
     """
     n = features.shape[0]
     if n % k:
@@ -51,21 +51,19 @@ def balanced_kmeans(features: torch.Tensor, k: int, iters: int = 15, seed: int =
     assign = torch.zeros(n, dtype=torch.long)
     for _ in range(iters):
         sim = x @ centroids.T  # (n, k)
-        order = torch.argsort(sim.reshape(-1), descending=True).tolist()
+        prefs = torch.argsort(sim, dim=1, descending=True).tolist()  # clusters by preference
+        best = sim.max(dim=1).values
         owner = [-1] * n
         fill = [0] * k
-        done = 0
-        for flat in order:
-            i, c = divmod(flat, k)
-            if owner[i] >= 0 or fill[c] >= cap:
-                continue
-            owner[i] = c
-            fill[c] += 1
-            done += 1
-            if done == n:
-                break
+        for i in torch.argsort(best, descending=True).tolist():  # surest rows choose first
+            for c in prefs[i]:
+                if fill[c] < cap:
+                    owner[i] = c
+                    fill[c] += 1
+                    break
         assign = torch.tensor(owner, dtype=torch.long)
-        new = torch.stack([F.normalize(x[assign == c].mean(0), dim=0) for c in range(k)])
+        onehot = F.one_hot(assign, k).to(x.dtype)  # (n, k)
+        new = F.normalize(onehot.T @ x, dim=1)  # (k, f) cluster means, normalised
         if torch.allclose(new, centroids, atol=1e-6):
             break
         centroids = new
@@ -74,7 +72,8 @@ def balanced_kmeans(features: torch.Tensor, k: int, iters: int = 15, seed: int =
 
 def moefy_linear_pair(fc_in: nn.Linear, fc_out: nn.Linear, activation: str, num_experts: int,
                       top_k: int, calibration: torch.Tensor, temperature: float = 2.0,
-                      seed: int = 0, impl: str = "grouped") -> SparseMoE:
+                      seed: int = 0, impl: str = "grouped",
+                      max_cluster_tokens: int = 2048) -> SparseMoE:
     """Split ``fc_out(act(fc_in(x)))`` into ``num_experts`` clustered experts with a fitted router.
 
     Args:
@@ -84,8 +83,9 @@ def moefy_linear_pair(fc_in: nn.Linear, fc_out: nn.Linear, activation: str, num_
         top_k: experts per token.
         calibration: (tokens, d) FFN inputs from real text.
         temperature: std of the router logits over the calibration tokens.
-        seed: k-means initialisation.
+        seed: k-means initialisation and the token sample it clusters on.
         impl: expert path.
+        max_cluster_tokens: calibration tokens (a seeded sample) that describe each neuron.
     """
     d_ff = fc_in.out_features
     if d_ff % num_experts:
@@ -94,7 +94,9 @@ def moefy_linear_pair(fc_in: nn.Linear, fc_out: nn.Linear, activation: str, num_
     with torch.no_grad():
         x = calibration.float()  # (N, d)
         h = act(fc_in(x))  # (N, F)
-        clusters = balanced_kmeans(h.T, num_experts, seed=seed)  # (F,)
+        g = torch.Generator().manual_seed(seed)
+        sample = torch.randperm(h.shape[0], generator=g)[:max_cluster_tokens]
+        clusters = balanced_kmeans(h[sample].T, num_experts, seed=seed)  # (F,)
         members = [torch.nonzero(clusters == s).reshape(-1) for s in range(num_experts)]
         # each cluster's contribution to the output, per token: the router's target
         target = torch.stack([(h[:, m] @ fc_out.weight[:, m].T).norm(dim=1) for m in members],
