@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         m = measure_in_subprocess({"mode": "round", "model": model, "path": impl, "budget": b,
                                    "batch_size": batch_size, "seq_len": seq_len,
                                    "warmup": 1 if args.quick else 2, "repeats": repeats,
-                                   "cost_repeats": 1 if args.quick else 3,
+                                   "cost_repeats": 1 if args.quick else 7,
                                    "threads": args.threads}, isolate=not args.quick)
         row = {"bench": "budget", "model": model, "impl": impl, "budget": m["trained_experts"],
                "batch_size": batch_size, "seq_len": seq_len, "threads": args.threads,

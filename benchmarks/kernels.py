@@ -42,7 +42,8 @@ def matmul_peaks(quick: bool) -> dict[str, float]:
                                     seconds=0.1 if quick else 2.0).gflops, 1) for d in dtypes}
 
 
-def configs(paths: list[str], fast: str, budgets: list[int]) -> list[dict[str, Any]]:
+def configs(paths: list[str], fast: str, budgets: list[int],
+            recipe_budget: int | None = None) -> list[dict[str, Any]]:
     """(label, path, dtype, detach_frozen, budget) of every run, 'rest' rows first."""
     variants = [(p, p, "float32", False) for p in paths]
     variants += [(f"{fast}+bf16", fast, "bfloat16", False),
@@ -54,23 +55,21 @@ def configs(paths: list[str], fast: str, budgets: list[int]) -> list[dict[str, A
     for label, path, dtype, detach in variants:
         out += [{"label": label, "path": path, "dtype": dtype, "detach_frozen": detach,
                  "budget": b} for b in budgets]
-    quarter = sorted(budgets)[len(budgets) // 2] if len(budgets) > 2 else max(budgets)
+    quarter = recipe_budget if recipe_budget in budgets else min(budgets)
     out.append({"label": f"{fast} round recipe", "path": fast, "dtype": "float32",
-                "detach_frozen": False, "budget": quarter, "recipe": "round"})
+                "detach_frozen": False, "budget": quarter, "recipe": "compare"})
     return out
 
 
 def recipe_comparison(rows: list[dict[str, Any]], fast: str, round_steps: int,
                       selection_batches: int) -> dict[str, Any] | None:
     """The per-batch recipe (routing pre-pass + step) against the round recipe (step with the
-    gate capture inside, plus the round's routing pass spread over its steps), same budget,
-    same run."""
-    new = next((r for r in rows if r.get("recipe") == "round"), None)
-    old = next((r for r in rows if r["label"] == fast and new is not None
-                and r["budget"] == new["budget"]), None)
-    if new is None or old is None:
+    gate capture inside, plus the round's routing pass spread over its steps): same budget,
+    same process, the two timed alternately."""
+    new = next((r for r in rows if r.get("recipe") == "compare"), None)
+    if new is None:
         return None
-    old_s = old["step_s"] + old["routing_s"]
+    old_s = new["per_batch_recipe_s"]  # measured alternately with the round recipe's steps
     amortized = new["step_s"] + new["routing_s"] * selection_batches / round_steps
     return {"bench": "kernels-recipe", "budget": new["trained_experts"],
             "per_batch_recipe_s": round(old_s, 4), "round_step_s": round(new["step_s"], 4),
@@ -184,7 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         base["threads"] = args.threads
     peaks = matmul_peaks(args.quick)
     rows = []
-    for cfg in configs(args.paths.split(","), args.fast_path, budgets):
+    for cfg in configs(args.paths.split(","), args.fast_path, budgets,
+                       recipe_budget=max(1, num_experts // 4)):
         env = environment()
         rows.append({"bench": "kernels", **measure_in_subprocess({**base, **cfg},
                                                                  isolate=not args.quick),

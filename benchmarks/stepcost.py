@@ -142,7 +142,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     model.set_trainable(active)
     # as train_round's trainer builds it: the round's experts, gates and head only
     optimizer = make_optimizer(model.trainable_parameters(), TrainConfig(lr=1e-4))
-    capture = spec.get("recipe") == "round"  # usage from the training forward's own gates
+    capture = spec.get("recipe") in ("round", "compare")  # usage from the training forward
     input_grad: dict[int, bool] = {}
     hooks = [layer.bank.register_forward_pre_hook(
         lambda _m, args, li=layer.layer_idx: input_grad.__setitem__(li, args[0].requires_grad))
@@ -176,7 +176,18 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     for h in hooks:
         h.remove()
     steps, routes, cpu = [], [], []
+    plain: list[float] = []
+    compare = spec.get("recipe") == "compare"
     for _ in range(spec["repeats"]):  # interleaved, so load drift hits both alike
+        if compare:
+            # the per-batch recipe (routing pre-pass, then a step without capture), alternated
+            # with the round recipe's step (its forward captures the gates) below
+            capture = False
+            t0 = time.perf_counter()
+            routing()
+            step()
+            plain.append(time.perf_counter() - t0)
+            capture = True
         t0 = time.perf_counter()
         routing()
         routes.append(time.perf_counter() - t0)
@@ -199,6 +210,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "step_samples_s": [round(t, 4) for t in steps],
         "step_cpu_s": statistics.median(cpu),
+        **({"per_batch_recipe_s": statistics.median(plain),
+            "per_batch_recipe_samples_s": [round(t, 4) for t in plain]} if plain else {}),
         **flops,
     }
 

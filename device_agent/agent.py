@@ -41,7 +41,8 @@ from hfedmoe.wire import WireConfig, encode
 log = logging.getLogger("hfedmoe.agent")
 
 # Hyper-parameters the server decides for every device; the rest of [train] stays local.
-SERVER_TRAIN_KEYS = ("batch_size", "lr", "optimizer", "weight_decay", "local_epochs", "max_steps")
+SERVER_TRAIN_KEYS = ("batch_size", "lr", "head_lr", "optimizer", "weight_decay", "local_epochs",
+                     "max_steps", "selection_batches", "reselect")
 
 
 @dataclass(frozen=True)

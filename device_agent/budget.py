@@ -1,17 +1,24 @@
-"""Decide C_budget: the largest number of experts a device can train per round.
+"""Decide C_budget: the largest number of experts a device can train, hold and send per round.
 
 METHOD.md section 4: C_budget(c) is the largest number of experts whose training fits
 
-- memory:  weights in use + C x (grads + optimizer state + saved activations of one trained
-  expert) + (E - C) x saved activations of one frozen expert (exact path: its pre-activation,
-  for the input gradient) + the non-expert part's activations and training state + a safety
-  margin <= the memory the device can give, and
-- time:    steps_per_round x step_seconds(C) <= the round deadline, with
-  step_seconds(C) = routing pre-pass + rest + (E - C) x frozen expert + C x trained expert,
-  where E is the number of experts in the pool (every expert receives tokens each step, true
-  when batch x seq_len x top_k is well above the experts per layer), a trained expert's time
-  is its forward + backward + optimizer step, and the routing pre-pass is the forward without
-  autograd that ``train_round`` runs before every step to select experts.
+- memory:  the whole process's peak, i.e. its resident memory before training (measured; the
+  weights stand in when it is not) + every expert's saved activations (exact path: a frozen
+  expert keeps its pre-activation for the input gradient) + the non-expert part's activations
+  and training state + C x (grads + optimizer state + saved activations of one trained expert)
+  <= the memory the device can give minus a safety margin, and what training adds stays within
+  the device's training-memory quota when it has one; and
+- time:    the round's routing pass (``routing_batches`` forwards without autograd) +
+  steps_per_round x step_seconds(C) <= the round's compute window, with
+  step_seconds(C) = rest + (E - C) x frozen expert + C x trained expert, where a trained
+  expert's time is its forward + backward + optimizer step. There is no routing pass per step:
+  the round's experts are chosen once (``device_agent.train``).
+
+Registration uses balanced routing (every expert computes the same share of rows). Once the
+round's routing pass has measured the real, imbalanced routing, :func:`plan_round` keeps the
+prefix of the strategy's ranked selection that fits under it (expert times and activations
+scale with an expert's rows, the non-expert part with the batch's rows), and trains fewer steps
+rather than fewer than ``min_experts`` experts when the window is too short.
 
 A configured cap may lower the budget, never raise it past what was measured. Everything here
 is pure: no clock, no file, no probe. :class:`BudgetMonitor` takes observations from the agent
@@ -106,6 +113,8 @@ class CostModel:
             expert scale with its rows under the real routing (:meth:`routed_step_seconds`).
         batch_rows: token rows of the timed batch (``B x S``); the non-expert part scales
             with the rows of a real batch.
+        expert_optimizer_seconds: the part of ``expert_trained_seconds`` that does not scale
+            with rows (one expert's optimizer step and gradient reset); 0: everything scales.
         process_baseline_bytes: the training process's resident memory before training (the
             model loaded, nothing trained); 0 when unknown, then the weights stand in for it.
             With it, predictions are of the whole process's peak.
@@ -126,6 +135,7 @@ class CostModel:
     expert_rows: int = 0
     batch_rows: int = 0
     process_baseline_bytes: int = 0
+    expert_optimizer_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.num_experts >= 1, "num_experts must be >= 1")
@@ -184,10 +194,12 @@ class CostModel:
         the non-expert part scaled by the batch's rows, every expert's frozen cost by its
         rows, and the extra cost of training by the trained experts' rows."""
         scale = batch_rows / self.batch_rows if self.batch_rows else 1.0
-        extra = self.expert_trained_seconds - self.expert_frozen_seconds
+        fixed = min(self.expert_optimizer_seconds,
+                    self.expert_trained_seconds - self.expert_frozen_seconds)
+        per_row = self.expert_trained_seconds - self.expert_frozen_seconds - fixed
         return (self.rest_step_seconds * scale
                 + self.expert_frozen_seconds * self._row_share(all_rows)
-                + extra * self._row_share(sum(trained_rows)))
+                + fixed * len(trained_rows) + per_row * self._row_share(sum(trained_rows)))
 
     @property
     def per_trained_expert_bytes(self) -> int:
@@ -215,7 +227,8 @@ class CostModel:
             self, rest_step_seconds=self.rest_step_seconds * factor,
             expert_frozen_seconds=self.expert_frozen_seconds * factor,
             expert_trained_seconds=self.expert_trained_seconds * factor,
-            routing_seconds=self.routing_seconds * factor)
+            routing_seconds=self.routing_seconds * factor,
+            expert_optimizer_seconds=self.expert_optimizer_seconds * factor)
 
 
 @dataclass(frozen=True)

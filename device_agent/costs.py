@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import statistics
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -34,11 +36,12 @@ from device_agent.budget import (
     tokens_per_expert,
 )
 from device_agent.report import DeviceReport, time_scale
-from device_agent.throughput import StepCosts, measure_step_costs
+from device_agent.throughput import StepCosts, _time_calls, measure_step_costs
 from hfedmoe.config import MethodConfig, TrainConfig
 from hfedmoe.experts import Expert
 from hfedmoe.importance import compute_batch_stats
 from hfedmoe.models.base import MoEModel
+from hfedmoe.names import ExpertId
 
 
 def _skip_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -80,7 +83,7 @@ def _sample_batch(model: MoEModel, batch_size: int, seq_len: int) -> dict[str, t
 
 
 def measure_costs(model: MoEModel, batch_size: int, seq_len: int, optimizer: str = "adamw",
-                  detach_frozen: bool = False, repeats: int = 3) -> MeasuredCosts:
+                  detach_frozen: bool = False, repeats: int = 5) -> MeasuredCosts:
     """Time one expert (trained and frozen) and the non-expert step of ``model`` here."""
     layer = model.layers[0]
     shape = layer.bank.shape
@@ -124,13 +127,87 @@ def measure_costs(model: MoEModel, batch_size: int, seq_len: int, optimizer: str
             model.module(**inputs)
         compute_batch_stats(cap.scores, cap.routed, MethodConfig())
 
-    snapshot = {k: p.detach().clone() for k, p in model.trainable_parameters().items()}
+    def run_step() -> None:  # a whole training step with no expert trained (gates and head)
+        model.module(**batch).loss.backward()
+        rest_opt.step()
+        model.module.zero_grad(set_to_none=True)
+
+    snapshot = model.state()
     steps = measure_step_costs(run_expert, run_rest, device, repeats,
                                run_expert_frozen=run_frozen, run_routing=run_routing)
+    whole0, growth = _time_calls(run_step, device, repeats, 1)
+    cost = cost_model(model, steps, tokens, optimizer, detach_frozen)
+    cost = _anchor_on_whole_steps(model, batch, cost, statistics.median(whole0), optimizer,
+                                  device, repeats)
+    model.set_trainable(())
     model.load_state(snapshot)  # the timing steps must not change the model
-    cost = dataclasses.replace(cost_model(model, steps, tokens, optimizer, detach_frozen),
-                               batch_rows=batch_size * seq_len, process_baseline_bytes=baseline)
+    # What a real step adds with no expert trained, measured whole (the non-expert part's
+    # activations and state, every expert's saved activations, the allocator's and autograd's
+    # buffers): the frozen experts' share is modelled per row, the rest is the non-expert part.
+    measured_rest = growth - cost.num_experts * cost.expert_frozen_activation_bytes
+    cost = dataclasses.replace(
+        cost, batch_rows=batch_size * seq_len, process_baseline_bytes=baseline,
+        non_expert_activation_bytes=max(cost.non_expert_activation_bytes, measured_rest))
     return MeasuredCosts(cost, steps, tokens, batch_size, seq_len)
+
+
+def _anchor_on_whole_steps(model: MoEModel, batch: dict[str, torch.Tensor], cost: CostModel,
+                           step0: float, optimizer: str, device: torch.device,
+                           repeats: int) -> CostModel:
+    """Anchor the step-time model on whole training steps of the real model.
+
+    One expert's closure timed alone is noisy from process to process (its gradients and
+    optimizer state are allocated anew each call, and how the C allocator serves that depends
+    on the process's history: 0.012-0.021 s for the same expert in four processes), so the
+    times that decide the budget come from real steps instead: ``step0`` with no expert
+    trained sets the non-expert part (minus every expert's frozen share); steps with E/4 and
+    with all experts trained set the extra cost of a trained expert, split into a part per
+    expert (its optimizer step, timed inside those steps) and a part per token row (weight
+    gradients), fitted by least squares through both.
+    """
+    with torch.no_grad(), model.capture(batch["attention_mask"]) as cap:
+        model.module(**{k: v for k, v in batch.items() if k != "labels"})
+    ranked = [ExpertId(layer, e) for layer in sorted(cap.expert_rows)
+              for e in range(len(cap.expert_rows[layer])) if cap.expert_rows[layer][e] > 0]
+    ranked.sort(key=lambda e: (e.expert_idx, e.layer_idx))  # round-robin over the layers
+    points = []  # (trained rows in balanced-expert units, experts, step seconds, optimizer s)
+    for k in sorted({max(1, cost.num_experts // 4), len(ranked)}):
+        chosen = ranked[:k]
+        rows = sum(float(cap.expert_rows[e.layer_idx][e.expert_idx]) for e in chosen)
+        step_k, opt_k = _time_trained_step(model, batch, chosen, optimizer, device, repeats)
+        points.append((rows / max(cost.expert_rows, 1), len(chosen), step_k, opt_k))
+    # the optimizer's part is per expert (its parameters), the weight gradients' part per row:
+    # least squares through the anchors with the intercept fixed at step0
+    per_expert = statistics.median(o / n for _, n, _, o in points)
+    ys = [(share, max(0.0, t - step0 - per_expert * n)) for share, n, t, _ in points]
+    per_row_part = sum(s * y for s, y in ys) / max(sum(s * s for s, _ in ys), 1e-12)
+    rest = max(0.0, step0 - cost.num_experts * cost.expert_frozen_seconds)
+    return dataclasses.replace(
+        cost, rest_step_seconds=rest, expert_optimizer_seconds=per_expert,
+        expert_trained_seconds=cost.expert_frozen_seconds + per_row_part + per_expert)
+
+
+def _time_trained_step(model: MoEModel, batch: dict[str, torch.Tensor],
+                       chosen: list[ExpertId], optimizer: str, device: torch.device,
+                       repeats: int) -> tuple[float, float]:
+    """Median seconds of a whole step with ``chosen`` trained, and of its optimizer part."""
+    model.set_trainable(chosen)
+    opt = _optimizer(list(model.trainable_parameters().values()), optimizer)
+    opt_times: list[float] = []
+
+    def run_trained() -> None:
+        model.module(**batch).loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        opt.step()
+        model.module.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        opt_times.append(time.perf_counter() - t0)
+
+    step = statistics.median(_time_calls(run_trained, device, repeats, 1)[0])
+    return step, statistics.median(opt_times[1:] or opt_times)
 
 
 def resident_bytes() -> int:

@@ -45,6 +45,7 @@ from hfedmoe.names import ExpertId, parse_key
 from hfedmoe.privacy import privatize
 from hfedmoe.round_stats import RoundAccumulator, RoundStats
 from hfedmoe.selection import Selection, rank_experts, selection_generator
+from hfedmoe.signals import ranking_disagreement
 from hfedmoe.strategies import Strategy
 from hfedmoe.update import SparseUpdate
 
@@ -77,19 +78,26 @@ def make_optimizer(params: dict[str, torch.nn.Parameter], cfg: TrainConfig
                    ) -> torch.optim.Optimizer:
     """AdamW (default) or SGD over every parameter that may train this round.
 
-    Parameters whose ``.grad`` is None in a step (frozen experts) are skipped by both: they get
-    no update and no optimizer state. The fused kernels are used where torch has them (CPU and
-    CUDA floating-point parameters): one pass per tensor instead of the foreach path's
-    temporaries, which on CPU made AdamW's step ~7x slower and doubled its transient memory
-    (``benchmarks/kernels.py``).
+    Shared parts (canonical keys ``shared.*``, e.g. a new classification head) get
+    ``cfg.head_lr`` when it is set, everything else ``cfg.lr``. Parameters whose ``.grad`` is
+    None in a step (frozen experts) are skipped by both: they get no update and no optimizer
+    state. The fused kernels are used where torch has them (CPU and CUDA floating-point
+    parameters): one pass per tensor instead of the foreach path's temporaries, which on CPU
+    made AdamW's step ~7x slower and doubled its transient memory (``benchmarks/kernels.py``).
     """
     plist = list(params.values())
     fused = bool(plist) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
                                 for p in plist)
+    groups: list[dict[str, Any]] = [{"params": plist}]
+    if cfg.head_lr:
+        head = [p for k, p in params.items() if k.startswith("shared.")]
+        rest = [p for k, p in params.items() if not k.startswith("shared.")]
+        groups = [g for g in ({"params": rest}, {"params": head, "lr": cfg.head_lr})
+                  if g["params"]] or [{"params": []}]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(plist, lr=cfg.lr, weight_decay=cfg.weight_decay,
+        return torch.optim.SGD(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                fused=fused or None)
-    return torch.optim.AdamW(plist, lr=cfg.lr, weight_decay=cfg.weight_decay,
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
                              fused=fused or None)
 
 
@@ -189,8 +197,7 @@ class EagerTrainer:
         fresh = [p for e in sorted(new) for p in self.model.expert_parameters(e).values()
                  if id(p) not in known]
         if fresh:
-            self.optimizer.add_param_group({**{k: v for k, v in self.optimizer.defaults.items()},
-                                            "params": fresh})
+            self.optimizer.add_param_group({"params": fresh})  # the defaults: cfg.lr
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
         batch = _to(batch, self.device)
@@ -282,6 +289,8 @@ def train_round(model: MoEModel, data: TextDataset | PairDataset, *, strategy: S
     selection = (_select(strategy, stats, budget, mcfg, client_id, round_idx, assignment)
                  if stats is not None else Selection(frozenset()))
     ranked = list(selection.ranked())
+    disagreement = (ranking_disagreement(stats.scores("ib"), stats.scores("importance"), budget)
+                    if stats is not None else 0.0)
     plan = planner(selection, stats) if planner is not None and stats is not None else None
     if plan is not None:
         ranked = list(plan.experts)
@@ -290,7 +299,8 @@ def train_round(model: MoEModel, data: TextDataset | PairDataset, *, strategy: S
     if executorch:
         return _train_executorch(model, data, batches, ranked, stats, budget, train_cfg, mcfg,
                                  run_id, round_idx, client_id, max_length, deadline_s,
-                                 base_hash, clock, start, backend, plan, routing_s)
+                                 base_hash, clock, start, backend, plan, routing_s,
+                                 disagreement)
     for layer in model.layers:
         layer.bank.detach_frozen = train_cfg.detach_frozen
     per_batch = train_cfg.reselect == "batch" and strategy.uses_budget
@@ -330,7 +340,8 @@ def train_round(model: MoEModel, data: TextDataset | PairDataset, *, strategy: S
     return _finish(model, deltas, train_stats, updated, len(data), examples, tokens, losses,
                    selections, stopped_by, budget, mcfg, run_id, round_idx, client_id,
                    base_hash, clock, start, tuple(ranked), trainer.max_state_experts,
-                   routing_s, plan, {"runtime": "eager", "reselect": train_cfg.reselect})
+                   routing_s, plan, {"runtime": "eager", "reselect": train_cfg.reselect,
+                                     "ib_vs_importance": disagreement})
 
 
 def _reselect(model: MoEModel, batch: dict[str, torch.Tensor], strategy: Strategy, budget: int,
@@ -358,7 +369,7 @@ def _train_executorch(model: MoEModel, data: TextDataset | PairDataset, batches:
                       train_cfg: TrainConfig, mcfg: MethodConfig, run_id: str, round_idx: int,
                       client_id: str, max_length: int, deadline_s: float | None,
                       base_hash: str, clock: Callable[[], float], start: float, backend: str,
-                      plan: Any, routing_s: float) -> RoundResult:
+                      plan: Any, routing_s: float, disagreement: float = 0.0) -> RoundResult:
     """The ExecuTorch trainer on the round's expert set: batches padded to the program's static
     shape, the program's SGD. Usage and importance come from the routing pass."""
     from export.runtime import ExecuTorchTrainer
@@ -387,7 +398,8 @@ def _train_executorch(model: MoEModel, data: TextDataset | PairDataset, batches:
     return _finish(model, deltas, stats, updated, len(data), len(losses) * train_cfg.batch_size,
                    tokens, losses, [sorted(map(str, chosen))] * len(losses), stopped_by, bucket,
                    mcfg, run_id, round_idx, client_id, base_hash, clock, start, tuple(ranked),
-                   len(updated), routing_s, plan, {"runtime": "executorch", "bucket": bucket})
+                   len(updated), routing_s, plan, {"runtime": "executorch", "bucket": bucket,
+                                                    "ib_vs_importance": disagreement})
 
 
 def _finish(model: MoEModel, deltas: dict[str, torch.Tensor], stats: RoundStats | None,
@@ -438,7 +450,9 @@ def _deltas(model: MoEModel, initial: dict[str, torch.Tensor], updated: frozense
 
 def usage_profile(model: MoEModel, data: TextDataset | PairDataset, strategy: Strategy,
                   batch_size: int, max_length: int) -> dict[ExpertId, float]:
-    """u_c(e) (Eq. 16) of a device's data from forward passes only (fedmoe's assignment)."""
+    """How often each expert is routed to on a device's data (the share of routing slots),
+    from forward passes only: FedMoE's (Mei et al. 2024) activation frequency, which its fixed
+    sub-model is chosen by."""
     acc = RoundAccumulator()
     with torch.no_grad():
         for idx in iter_minibatches(len(data), batch_size, shuffle=False):
@@ -446,4 +460,4 @@ def usage_profile(model: MoEModel, data: TextDataset | PairDataset, strategy: St
             with model.capture(batch["attention_mask"]) as cap:
                 model.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             acc.add(compute_batch_stats(cap.scores, cap.routed, strategy.cfg))
-    return dict(acc.result().usage)
+    return dict(acc.result().frequency)

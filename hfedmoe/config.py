@@ -88,6 +88,9 @@ class MethodConfig:
     selection_key: Literal["ib", "importance"] = "ib"
     budget_scope: Literal["global", "per-layer"] = "global"
     per_layer_cap: int = 0  # 0: no cap
+    # "raw": rank scores as computed; "standardized": per layer (score - mean) / std over the
+    # layer's candidates before the global sort, so no layer wins by the scale of its router
+    layer_scale: Literal["raw", "standardized"] = "raw"
     eps: float = 1e-12
     dp_clip: float = 0.0  # 0: differential privacy off
     dp_noise_multiplier: float = 0.0
@@ -110,7 +113,8 @@ class TrainConfig:
     """The local fine-tuning recipe."""
 
     batch_size: int = 8
-    lr: float = 1e-4
+    lr: float = 1e-4  # experts and gates (pretrained or converted parameters)
+    head_lr: float = 0.0  # shared parts such as a new classification head (0: lr)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     weight_decay: float = 0.0
     local_epochs: int = 1
@@ -129,6 +133,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "train.batch_size must be >= 1")
         _check(self.lr > 0, "train.lr must be > 0")
+        _check(self.head_lr >= 0, "train.head_lr must be >= 0 (0: train.lr)")
         _check(self.local_epochs >= 1, "train.local_epochs must be >= 1")
         _check(self.max_steps >= 0, "train.max_steps must be >= 0")
         _check(self.threads >= 0, "train.threads must be >= 0")

@@ -18,7 +18,7 @@ Statistics are computed in float64 for float64 inputs and in float32 otherwise.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -116,6 +116,8 @@ class BatchStats:
         gate_sum: sum of G_e(x) over the layer's unmasked tokens (feeds Eq. 16).
         num_tokens: unmasked tokens that reached each layer (B).
         routed: E_union, every expert some unmasked token was routed to.
+        routed_count: (num_experts,) how many unmasked tokens were routed to each expert
+            (routing frequency, FedMoE's activation statistic).
     """
 
     s_cumul: Mapping[int, Tensor]
@@ -127,6 +129,7 @@ class BatchStats:
     gate_sum: Mapping[int, Tensor]
     num_tokens: Mapping[int, int]
     routed: frozenset[ExpertId]
+    routed_count: Mapping[int, Tensor] = field(default_factory=dict)
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -198,6 +201,7 @@ def compute_batch_stats(gate_scores: Mapping[int, Tensor], routed_indices: Mappi
     out: dict[str, dict[int, Tensor]] = {k: {} for k in
                                           ("s_cumul", "s_specific", "s_b", "kl", "ib", "gate_sum")}
     num_tokens: dict[int, int] = {}
+    counts: dict[int, Tensor] = {}
     routed_set: set[ExpertId] = set()
     for layer_idx in sorted(gate_scores):
         mask = token_mask[layer_idx] if token_mask is not None else None
@@ -213,6 +217,7 @@ def compute_batch_stats(gate_scores: Mapping[int, Tensor], routed_indices: Mappi
         out["ib"][layer_idx] = s_b - cfg.beta * kl
         out["gate_sum"][layer_idx] = g.sum(dim=0)
         num_tokens[layer_idx] = int(g.shape[0])
+        counts[layer_idx] = torch.bincount(routed.reshape(-1), minlength=g.shape[1])
         routed_set.update(ExpertId(layer_idx, int(i)) for i in torch.unique(routed).tolist())
     return BatchStats(p_z=dict(out["s_cumul"]), num_tokens=num_tokens,
-                      routed=frozenset(routed_set), **out)
+                      routed=frozenset(routed_set), routed_count=counts, **out)

@@ -9,6 +9,8 @@ the number of batches.
 - ``s^c(e)`` (METHOD.md Decision) is the mean of s_b(e) (Eq. 5) over the client's batches.
 - ``ib(e)`` is the mean of I_b(e) (Eq. 14) over the batches; it ranks experts for the round's
   selection (Eq. 15 applied once per round, METHOD.md section 3, revised Decision).
+- ``frequency(e)`` is the share of the layer's routing slots (token x top-k) that went to e:
+  how often an expert is routed to, FedMoE's (Mei et al. 2024) activation statistic.
 - ``expert_rows(e)`` is the mean number of token rows expert e computed per batch, padding
   included: the real (imbalanced) routing the cost model predicts a step from.
 - Three sets are kept apart for logging: ``routed`` (forward), ``updated`` (backward: the union
@@ -48,6 +50,7 @@ class RoundStats:
     num_tokens: Mapping[int, int]
     num_batches: int
     ib: Mapping[ExpertId, float] = field(default_factory=dict)
+    frequency: Mapping[ExpertId, float] = field(default_factory=dict)
     expert_rows: Mapping[ExpertId, float] = field(default_factory=dict)
     batch_rows: float = 0.0
 
@@ -94,6 +97,7 @@ class RoundAccumulator:
         self._s_b_sum: dict[int, torch.Tensor] = {}  # layer -> (num_experts,)
         self._ib_sum: dict[int, torch.Tensor] = {}  # layer -> (num_experts,)
         self._rows_sum: dict[int, torch.Tensor] = {}  # layer -> (num_experts,)
+        self._count_sum: dict[int, torch.Tensor] = {}  # layer -> (num_experts,) routed tokens
         self._rows_batches = 0
         self._batch_rows = 0
         self._tokens: dict[int, int] = {}
@@ -137,6 +141,10 @@ class RoundAccumulator:
                 self._ib_sum[layer_idx] = ib.clone()
             self._tokens[layer_idx] = self._tokens.get(layer_idx, 0) + stats.num_tokens[layer_idx]
             self._batches_per_layer[layer_idx] = self._batches_per_layer.get(layer_idx, 0) + 1
+        for layer_idx, count in stats.routed_count.items():
+            count = count.detach().to(torch.float64).cpu()  # (num_experts,)
+            prev = self._count_sum.get(layer_idx)
+            self._count_sum[layer_idx] = count.clone() if prev is None else prev + count
         if expert_rows is not None:
             for layer_idx, rows in expert_rows.items():
                 rows = rows.detach().to(torch.float64).cpu()  # (num_experts,)
@@ -169,6 +177,7 @@ class RoundAccumulator:
         importance: dict[ExpertId, float] = {}
         ib: dict[ExpertId, float] = {}
         rows: dict[ExpertId, float] = {}
+        freq: dict[ExpertId, float] = {}
         for layer_idx in sorted(self._gate_sum):
             n = self._batches_per_layer[layer_idx]
             mean_gate = self._gate_sum[layer_idx] / self._tokens[layer_idx]  # (num_experts,)
@@ -179,11 +188,17 @@ class RoundAccumulator:
                 usage[ExpertId(layer_idx, e)] = u
                 importance[ExpertId(layer_idx, e)] = s
                 ib[ExpertId(layer_idx, e)] = i
+            if layer_idx in self._count_sum:
+                share = self._count_sum[layer_idx] / max(float(self._count_sum[layer_idx].sum()),
+                                                         1.0)  # (num_experts,)
+                for e, f in enumerate(share.tolist()):
+                    freq[ExpertId(layer_idx, e)] = f
             if layer_idx in self._rows_sum and self._rows_batches:
                 per_batch = self._rows_sum[layer_idx] / self._rows_batches  # (num_experts,)
                 for e, r in enumerate(per_batch.tolist()):
                     rows[ExpertId(layer_idx, e)] = r
         return RoundStats(usage=usage, importance=importance, routed=frozenset(self._routed),
                           updated=frozenset(self._updated), num_tokens=dict(self._tokens),
-                          num_batches=self._num_batches, ib=ib, expert_rows=rows,
+                          num_batches=self._num_batches, ib=ib, frequency=freq,
+                          expert_rows=rows,
                           batch_rows=self._batch_rows / max(self._rows_batches, 1))

@@ -131,6 +131,8 @@ def select_experts(stats: BatchStats, budget: int, cfg: MethodConfig) -> Selecti
     """
     _check_budget(budget)
     scores = stats.scores(cfg.selection_key)
+    if cfg.layer_scale == "standardized":
+        scores = standardize_per_layer(scores)
     quotas = None
     if cfg.budget_scope == "per-layer":
         quotas = _layer_quotas(stats.layers, budget, cfg.per_layer_cap)
@@ -138,6 +140,22 @@ def select_experts(stats: BatchStats, budget: int, cfg: MethodConfig) -> Selecti
     order = tuple(e for e in rank_experts(scores) if e in chosen)
     return Selection(experts=chosen, scores=scores, key=cfg.selection_key, budget=budget,
                      order=order)
+
+
+def standardize_per_layer(scores: Mapping[ExpertId, float]) -> dict[ExpertId, float]:
+    """Each layer's scores as ``(score - layer mean) / layer std`` (0 where a layer's scores
+    are all equal), so one global ranking compares experts on a common scale."""
+    by_layer: dict[int, list[ExpertId]] = {}
+    for e in scores:
+        by_layer.setdefault(e.layer_idx, []).append(e)
+    out: dict[ExpertId, float] = {}
+    for ids in by_layer.values():
+        vals = torch.tensor([scores[e] for e in ids], dtype=torch.float64)
+        std = float(vals.std(unbiased=False)) if len(ids) > 1 else 0.0
+        mean = float(vals.mean())
+        for e, v in zip(ids, vals.tolist(), strict=True):
+            out[e] = (v - mean) / std if std > 0 else 0.0
+    return out
 
 
 def select_random(stats: BatchStats, budget: int, generator: torch.Generator) -> Selection:

@@ -5,17 +5,17 @@ a server-side aggregation rule, so the server, the device agent and the simulato
 of them side by side (METHOD.md section 7):
 
 ==================== ================================= =========================================
-name                 selection per batch                aggregation
+name                 selection (once per round)         aggregation
 ==================== ================================= =========================================
 hfedmoe              top C_budget routed by I_b (Eq.    Eq. 17 (tau) experts, Eq. 18-21 (alpha)
                      15), or s_b if selection_key says  gates, FedAvg shared
 hfedmoe-importance   top C_budget routed by s_b         as hfedmoe
 hfedmoe-uniform      as hfedmoe                         per-key data-size mean of what was sent
 fedavg-full          every expert (budget ignored)      per-key data-size mean (dense: all sent)
-fedavg-random        C_budget experts drawn from the    per-key data-size mean of what was sent
-                     whole pool (seeded generator)
+fedavg-random        C_budget experts drawn among the   per-key data-size mean of what was sent
+                     routed ones (seeded generator)
 fedmoe               fixed per-client assignment (top   per-key data-size mean: an expert is
-                     C_budget by pre-training usage),   averaged among the clients that hold it
+                     C_budget by routing frequency),    averaged among the clients that hold it
                      restricted to the routed experts   (modular aggregation)
 ==================== ================================= =========================================
 
@@ -111,10 +111,11 @@ class Strategy:
         return select_fixed(stats, assignment)
 
     def assign(self, usage: Mapping[ExpertId, float], budget: int) -> frozenset[ExpertId] | None:
-        """The fixed per-client sub-model for fedmoe (top ``budget`` by usage); None otherwise.
+        """The fixed per-client sub-model for fedmoe (top ``budget``); None otherwise.
 
-        ``usage`` is u_c(e) (Eq. 16) measured on the client's data before its first round, e.g.
-        a :class:`~hfedmoe.round_stats.RoundAccumulator` over forward passes without training.
+        ``usage`` is the routing frequency of each expert on the client's data, measured
+        before its first round by forward passes without training
+        (:func:`device_agent.train.usage_profile`), as Mei et al. rank experts.
         The client computes it once and passes the result to every :meth:`select`.
         """
         return fedmoe_assignment(usage, budget) if self.needs_assignment else None

@@ -31,6 +31,7 @@ from hfedmoe.errors import (
 )
 from hfedmoe.models.base import MoEModel
 from hfedmoe.modelsync import ModelManifest, build_shards
+from hfedmoe.signals import round_signals
 from hfedmoe.strategies import get_strategy
 from hfedmoe.transport.base import Message, Transport
 from hfedmoe.transport.chunks import BlobReceiver, ChunkSender
@@ -72,6 +73,8 @@ class RoundState:
     late: int = 0
     bytes_out: int = 0
     started: float = field(default_factory=time.time)
+    usage: dict[str, Any] = field(default_factory=dict)  # client -> u_c(e), for the signals
+    disagreement: dict[str, float] = field(default_factory=dict)
 
 
 class Coordinator:
@@ -270,6 +273,8 @@ class Coordinator:
             "held": {p["client"]: {k: v for k, v in p.items() if k not in ("round", "client")}
                      for p in self.store.participation(r.round_idx)},
             "dense_bytes": self.dense_bytes * len(r.accepted),
+            "signals": round_signals({c: rep.to_dict() for c, rep in report.items()}, r.usage,
+                                     r.disagreement, self.cfg.method.tau),
         }
         self.store.save_checkpoint(r.round_idx, self.global_state, {
             k: v for k, v in row.items() if k not in ("devices",)}, new_hash.state_hash)
@@ -395,6 +400,10 @@ class Coordinator:
                 self.store.spool_update(round_idx, device, blob, update.num_examples)
                 self._record(round_idx, device, budget, update, len(blob))
                 r.accepted[device] = len(blob)
+                r.usage[device] = update.usage
+                dis = update.meta.get("ib_vs_importance")
+                if isinstance(dis, (int, float)) and not isinstance(dis, bool):
+                    r.disagreement[device] = float(dis)
                 self._prom.count("accepted")
                 self._ack(device, {"type": "ack", "round": round_idx, "sha": sha,
                                    "status": "accepted"})

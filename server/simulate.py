@@ -67,6 +67,7 @@ def simulate(cfg: Any, num_devices: int, profiles: list[str],
     from hfedmoe.data import load_task
     from hfedmoe.models.registry import build_model
     from hfedmoe.modelsync import build_shards
+    from hfedmoe.signals import round_signals
     from hfedmoe.strategies import get_strategy
     from hfedmoe.wire import decode, encode, spec_from_state
     from server.evaluate import evaluate
@@ -119,6 +120,8 @@ def simulate(cfg: Any, num_devices: int, profiles: list[str],
         bytes_in = bytes_out = 0
         device_times = []
         held: dict[str, dict[str, Any]] = {}
+        usage: dict[str, Any] = {}
+        disagreement: dict[str, float] = {}
         for i in chosen:
             d = devices[i]
             missing = set(manifest.shards.values()) - d["have"]
@@ -143,6 +146,8 @@ def simulate(cfg: Any, num_devices: int, profiles: list[str],
             aggregator.add(decode(blob, spec, cfg.wire, round_idx=r, client_id=d["id"]))
             device_times.append(res.seconds * d["scale"])
             held[d["id"]] = h = _held(d["budget"].c_budget, res, len(blob))
+            usage[d["id"]] = res.update.usage
+            disagreement[d["id"]] = float(res.update.meta.get("ib_vs_importance", 0.0))
             store.record_participation(r, d["id"], h["budget"], h["experts_sent"],
                                        h["optimizer_experts"], h)
         t0 = time.perf_counter()
@@ -159,7 +164,9 @@ def simulate(cfg: Any, num_devices: int, profiles: list[str],
                "round_s": max(device_times), "wall_s": time.perf_counter() - wall0, **metrics,
                "devices": {c: rep.to_dict() for c, rep in report.items()},
                "budgets": {devices[i]["id"]: devices[i]["budget"].c_budget for i in chosen},
-               "held": held, "dense_bytes": dense_bytes * len(chosen)}
+               "held": held, "dense_bytes": dense_bytes * len(chosen),
+               "signals": round_signals({c: rep.to_dict() for c, rep in report.items()}, usage,
+                                        disagreement, cfg.method.tau)}
         new_manifest, _ = build_shards(global_state)
         store.save_checkpoint(r, global_state, {"accuracy": metrics.get("accuracy")},
                               new_manifest.state_hash)

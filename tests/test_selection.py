@@ -26,6 +26,7 @@ from hfedmoe.config import MethodConfig
 from hfedmoe.errors import AlgorithmError
 from hfedmoe.importance import BatchStats, compute_batch_stats
 from hfedmoe.names import ExpertId
+from hfedmoe.round_stats import RoundAccumulator
 from hfedmoe.selection import (
     fedmoe_assignment,
     rank_experts,
@@ -34,6 +35,7 @@ from hfedmoe.selection import (
     select_fixed,
     select_random,
     selection_generator,
+    standardize_per_layer,
 )
 
 CFG = MethodConfig(lam=0.5, beta=0.1)
@@ -110,8 +112,32 @@ def test_select_all_and_fixed_and_random():
     a = select_random(stats, 2, selection_generator(0, "phone-1", 3))
     b = select_random(stats, 2, selection_generator(0, "phone-1", 3))
     assert a.experts == b.experts and len(a) == 2
-    assert a.experts <= set(stats.all_experts())
+    assert a.experts <= stats.routed  # drawn among the routed experts, as HFedMoE's are
+    assert select_random(stats, 9, selection_generator(0, "x", 0)).experts == stats.routed
     assert select_random(stats, 0, selection_generator(0, "x", 0)).experts == frozenset()
+
+
+def test_routing_frequency_counts_routing_slots():
+    stats = _stats()
+    assert stats.routed_count[0].tolist() == [1, 1, 0]
+    acc = RoundAccumulator()
+    acc.add(stats)
+    acc.add(stats)
+    freq = acc.result().frequency
+    assert freq[E(0, 0)] == pytest.approx(0.5) and freq[E(0, 2)] == 0.0
+
+
+def test_layer_standardized_scores_share_one_scale():
+    scores = {E(0, 0): 10.0, E(0, 1): 12.0, E(1, 0): 0.1, E(1, 1): 0.3}
+    z = standardize_per_layer(scores)
+    assert z[E(0, 1)] == pytest.approx(1.0) and z[E(1, 1)] == pytest.approx(1.0)
+    assert z[E(0, 0)] == pytest.approx(-1.0)
+    assert standardize_per_layer({E(0, 0): 3.0}) == {E(0, 0): 0.0}
+    # raw: layer 0 wins both slots; standardized: each layer's best
+    stats = _stats()
+    raw = select_experts(stats, 2, CFG).experts
+    std = select_experts(stats, 2, dataclasses.replace(CFG, layer_scale="standardized")).experts
+    assert {e.layer_idx for e in std} == {0, 1} and len(raw) == 2
 
 
 def test_fedmoe_assignment_top_usage_with_ties():

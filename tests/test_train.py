@@ -136,3 +136,16 @@ def test_optimizer_is_fused_on_cpu_and_skips_params_without_grad(name):
     assert opt.defaults["fused"] is True
     assert not torch.equal(params["a"], before["a"])
     assert torch.equal(params["b"], before["b"]) and params["b"] not in opt.state
+
+
+def test_head_gets_its_own_learning_rate():
+    params = {"layers.0.experts.0.w_in": torch.nn.Parameter(torch.zeros(2, 2)),
+              "layers.0.gate.weight": torch.nn.Parameter(torch.zeros(2, 2)),
+              "shared.classifier.weight": torch.nn.Parameter(torch.zeros(3, 2))}
+    opt = make_optimizer(params, TrainConfig(lr=1e-4, head_lr=1e-2))
+    lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert lrs[id(params["shared.classifier.weight"])] == 1e-2
+    assert lrs[id(params["layers.0.experts.0.w_in"])] == lrs[id(params["layers.0.gate.weight"])] \
+        == 1e-4
+    same = make_optimizer(params, TrainConfig(lr=1e-4))
+    assert {g["lr"] for g in same.param_groups} == {1e-4}

@@ -1,0 +1,30 @@
+"""The method's signals, on hand-computed cases."""
+
+import pytest
+
+from hfedmoe.names import ExpertId
+from hfedmoe.signals import ranking_disagreement, round_signals
+
+E = ExpertId
+
+
+def test_ranking_disagreement_counts_the_share_that_differs():
+    ib = {E(0, 0): 0.9, E(0, 1): 0.8, E(0, 2): 0.1}
+    imp = {E(0, 0): 0.9, E(0, 1): 0.1, E(0, 2): 0.8}
+    assert ranking_disagreement(ib, imp, 2) == pytest.approx(0.5)
+    assert ranking_disagreement(ib, ib, 2) == 0.0
+    assert ranking_disagreement(ib, imp, 0) == 0.0
+
+
+def test_round_signals():
+    usage = {"a": {E(0, 0): 0.9, E(0, 1): 0.1}, "b": {E(0, 0): 0.5, E(0, 1): 0.005}}
+    reports = {"a": {"updated": ["0:0", "0:1"], "aggregated": ["0:0", "0:1"], "alpha": 0.75},
+               "b": {"updated": ["0:0", "0:1"], "aggregated": ["0:0"], "alpha": 0.25}}
+    s = round_signals(reports, usage, {"a": 0.5, "b": 0.0}, tau=0.01)
+    # std across clients: expert 0 -> 0.2, expert 1 -> 0.0475; mean 0.12375
+    assert s["usage_spread"] == pytest.approx(0.12375)
+    assert (s["tau_removed"], s["tau_removed_clients"]) == (1, 1)
+    assert s["below_tau"] == pytest.approx(0.25)  # b's expert 1 of 4 client-experts
+    assert (s["alpha_min"], s["alpha_max"]) == (0.25, 0.75)
+    assert s["alpha_cv"] == pytest.approx(0.5)
+    assert s["ib_disagreement"] == pytest.approx(0.25)
