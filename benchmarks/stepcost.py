@@ -231,7 +231,7 @@ def measure_round(spec: dict[str, Any]) -> dict[str, Any]:
 
     import torch
 
-    from device_agent.costs import measure_costs, resident_bytes
+    from device_agent.costs import measure_costs, release_freed_memory, resident_bytes
     from device_agent.throughput import PeakRSSSampler
     from device_agent.train import EagerTrainer, round_batches, routing_pass, selection_sample
     from hfedmoe.config import DataConfig, MethodConfig, TrainConfig
@@ -259,6 +259,7 @@ def measure_round(spec: dict[str, Any]) -> dict[str, Any]:
     stats = routing_pass(model, task.train, selection_sample(batches, spec.get("selection", 4)),
                          mcfg, train_cfg, seq_len, pad_to_max_length=True)
     ranked = list(get_strategy("hfedmoe", mcfg).select(stats, spec["budget"]).ranked())
+    release_freed_memory()  # as the agent's planner does before reading its baseline
     resident = resident_bytes()
     cost = dataclasses.replace(costs.cost, process_baseline_bytes=resident)
     rows = dict(stats.expert_rows)

@@ -113,6 +113,8 @@ class CostModel:
             expert scale with its rows under the real routing (:meth:`routed_step_seconds`).
         batch_rows: token rows of the timed batch (``B x S``); the non-expert part scales
             with the rows of a real batch.
+        expert_snapshot_bytes: the copy of a trained expert's starting weights the round keeps
+            to compute its delta (its weight bytes; 0: not counted).
         expert_optimizer_seconds: the part of ``expert_trained_seconds`` that does not scale
             with rows (one expert's optimizer step and gradient reset); 0: everything scales.
         process_baseline_bytes: the training process's resident memory before training (the
@@ -136,6 +138,7 @@ class CostModel:
     batch_rows: int = 0
     process_baseline_bytes: int = 0
     expert_optimizer_seconds: float = 0.0
+    expert_snapshot_bytes: int = 0
 
     def __post_init__(self) -> None:
         _require(self.num_experts >= 1, "num_experts must be >= 1")
@@ -172,7 +175,7 @@ class CostModel:
         grad = self.expert_grad_bytes
         held = (self.expert_state_bytes - grad + max(grad, act) if grad
                 else self.expert_state_bytes + act)
-        return held - self.expert_frozen_activation_bytes * share
+        return held - self.expert_frozen_activation_bytes * share + self.expert_snapshot_bytes
 
     def routed_peak_bytes(self, trained_rows: list[float], all_rows: float,
                           batch_rows: float) -> int:
@@ -203,11 +206,13 @@ class CostModel:
 
     @property
     def per_trained_expert_bytes(self) -> int:
-        """What training one more expert adds (beyond what it saved while frozen)."""
+        """What training one more expert adds (beyond what it saved while frozen): its
+        gradients, optimizer state and saved activations, and the copy of its starting
+        weights the round keeps for the delta."""
         grad = self.expert_grad_bytes
         held = (self.expert_state_bytes - grad + max(grad, self.expert_activation_bytes)
                 if grad else self.expert_state_bytes + self.expert_activation_bytes)
-        return held - self.expert_frozen_activation_bytes
+        return held - self.expert_frozen_activation_bytes + self.expert_snapshot_bytes
 
     def peak_bytes(self, c: int) -> int:
         """Predicted peak memory with ``c`` experts trained."""

@@ -135,12 +135,14 @@ def measure_costs(model: MoEModel, batch_size: int, seq_len: int, optimizer: str
     snapshot = model.state()
     steps = measure_step_costs(run_expert, run_rest, device, repeats,
                                run_expert_frozen=run_frozen, run_routing=run_routing)
+    release_freed_memory()  # the step's growth is measured as training will see it
     whole0, growth = _time_calls(run_step, device, repeats, 1)
     cost = cost_model(model, steps, tokens, optimizer, detach_frozen)
     cost = _anchor_on_whole_steps(model, batch, cost, statistics.median(whole0), optimizer,
                                   device, repeats)
     model.set_trainable(())
     model.load_state(snapshot)  # the timing steps must not change the model
+    release_freed_memory()  # what the timing steps freed must not count as resident
     # What a real step adds with no expert trained, measured whole (the non-expert part's
     # activations and state, every expert's saved activations, the allocator's and autograd's
     # buffers): the frozen experts' share is modelled per row, the rest is the non-expert part.
@@ -210,6 +212,23 @@ def _time_trained_step(model: MoEModel, batch: dict[str, torch.Tensor],
     return step, statistics.median(opt_times[1:] or opt_times)
 
 
+def release_freed_memory() -> None:
+    """Hand memory the C allocator keeps after frees back to the OS (glibc ``malloc_trim``).
+
+    Without it, the resident size after the cost measurement (which trains every expert once)
+    stays hundreds of MB above what the process holds live, and a baseline read from it would
+    count that twice. A no-op where glibc is not the allocator.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def resident_bytes() -> int:
     """This process's resident memory now (0 where psutil cannot tell)."""
     try:
@@ -245,6 +264,7 @@ def cost_model(model: MoEModel, steps: StepCosts, tokens: int, optimizer: str,
         expert_activation_bytes=expert_activation_bytes(tokens, shape.d_model, shape.d_ff,
                                                         gated=shape.gated),
         expert_grad_bytes=4 * per_expert,
+        expert_snapshot_bytes=4 * per_expert,
         expert_frozen_activation_bytes=0 if detach_frozen
         else tokens * shape.d_ff * (2 if shape.gated else 1) * 4,
         non_expert_activation_bytes=steps.rest_peak_bytes
@@ -299,7 +319,10 @@ def make_planner(budget: Budget, enforce: bool = True, resident: int | None = No
     ``resident`` is the process's resident memory before training (measured now when None;
     0 keeps the budget's baseline, e.g. for an emulated device).
     """
-    cost, limits = round_limits(budget, resident_bytes() if resident is None else resident)
+    if resident is None:
+        release_freed_memory()  # the last round's freed state is not resident any more
+        resident = resident_bytes()
+    cost, limits = round_limits(budget, resident)
 
     def planner(selection: Any, stats: Any) -> RoundPlan:
         return plan_round(cost, limits, list(selection.ranked()), dict(stats.expert_rows),

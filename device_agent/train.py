@@ -176,9 +176,11 @@ class EagerTrainer:
                  mcfg: MethodConfig) -> None:
         self.model, self.cfg, self.mcfg = model, train_cfg, mcfg
         self.device = next(model.module.parameters()).device
-        self.initial = model.state()
+        # the starting values of what may train (its experts, gates, shared parts), for the
+        # deltas: a copy of the whole model would hold every expert twice
+        model.set_trainable(frozenset(experts))
+        self.initial = {k: p.detach().clone() for k, p in model.trainable_parameters().items()}
         self.active = frozenset(experts)
-        model.set_trainable(self.active)
         self.optimizer = make_optimizer(model.trainable_parameters(), train_cfg)
         self.acc = RoundAccumulator()
         self.trained: set[ExpertId] = set()  # active experts that received a gradient
@@ -193,6 +195,8 @@ class EagerTrainer:
         new = experts - self.active
         self.active = experts
         self.model.set_trainable(experts)
+        for k, p in self.model.trainable_parameters().items():
+            self.initial.setdefault(k, p.detach().clone())  # before its first step
         known = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
         fresh = [p for e in sorted(new) for p in self.model.expert_parameters(e).values()
                  if id(p) not in known]
@@ -225,6 +229,7 @@ class EagerTrainer:
 
     def deltas(self) -> dict[str, torch.Tensor]:
         self.model.set_trainable(())
+        self.optimizer.state.clear()  # the round is over: free the moments before the deltas
         return _deltas(self.model, self.initial, frozenset(self.trained),
                        trained_any=self.steps > 0)
 
@@ -435,16 +440,17 @@ def _finish(model: MoEModel, deltas: dict[str, torch.Tensor], stats: RoundStats 
 
 def _deltas(model: MoEModel, initial: dict[str, torch.Tensor], updated: frozenset[ExpertId],
             trained_any: bool) -> dict[str, torch.Tensor]:
-    """trained - initial for the updated experts, and for gates/shared parts if any step ran."""
+    """trained - initial for the updated experts, and for gates/shared parts if any step ran.
+
+    ``initial`` holds the starting values of every parameter that may have trained."""
     out = {}
-    current = model.state()
-    for key, value in current.items():
+    for key, start in initial.items():
         pk = parse_key(key)
         if pk.kind == "expert" and pk.expert not in updated:
             continue
         if pk.kind != "expert" and not trained_any:
             continue
-        out[key] = value - initial[key]
+        out[key] = model.parameter(key).detach() - start
     return out
 
 
