@@ -87,7 +87,8 @@ def auto_window(args: argparse.Namespace, profiles: list[str]) -> tuple[float, l
     from hfedmoe.models.registry import build_model
 
     model = build_model(ModelConfig(num_experts=args.num_experts, top_k=args.top_k,
-                                    max_length=args.max_length), "classification", 2)
+                                    max_length=args.max_length, upcycle=args.upcycle),
+                        "classification", 2)
     measured = costs.measure_costs(model, args.batch_size, args.max_length, "adamw", False,
                                    repeats=3)
     host = resources.probe_device(matmul_seconds=0.5)
@@ -113,11 +114,11 @@ def server_config(args: argparse.Namespace, strategy: str, alpha: float, seed: i
     return ServerConfig(
         run_id="bench", run_dir=run_dir, max_eval_examples=args.max_eval,
         model=ModelConfig(num_experts=args.num_experts, top_k=args.top_k,
-                          max_length=args.max_length, seed=seed),
+                          max_length=args.max_length, seed=seed, upcycle=args.upcycle),
         data=DataConfig(source=args.data, alpha=alpha, seed=seed),
         method=MethodConfig(strategy=strategy, seed=seed),
-        train=TrainConfig(batch_size=args.batch_size, lr=args.lr, max_steps=args.max_steps,
-                          threads=args.threads),
+        train=TrainConfig(batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr,
+                          max_steps=args.max_steps, threads=args.threads),
         rounds=RoundConfig(rounds=args.rounds, train_time_s=args.train_time_s,
                            deadline_s=max(120.0, args.train_time_s), seed=seed),
         wire=WireConfig())
@@ -144,8 +145,25 @@ def run_one(args: argparse.Namespace, strategy: str, alpha: float, seed: int,
                      "cum_bytes_in": int(cum_bytes), "round_s": m.get("round_s", 0.0),
                      "cum_emulated_s": round(cum_time, 2), "wall_s": m.get("wall_s", 0.0),
                      "experts_updated": m.get("experts_updated", 0),
-                     "budgets": m.get("budgets", {}), "run_wall_s": round(wall, 1)})
+                     "budgets": m.get("budgets", {}), "signals": m.get("signals", {}),
+                     "held": m.get("held", {}), "run_wall_s": round(wall, 1)})
     return rows
+
+
+# two-sided 95% Student t quantiles t_{0.975, df}
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+         9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def ci95(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and half-width of the 95% t confidence interval (0 half-width for one value)."""
+    n = len(values)
+    mean = statistics.fmean(values)
+    if n < 2:
+        return mean, 0.0
+    df = n - 1
+    t = _T975.get(df) or _T975[max(k for k in _T975 if k <= df)]
+    return mean, t * statistics.stdev(values) / n ** 0.5
 
 
 def _reach(rounds: list[dict], target: float) -> dict | None:
@@ -181,8 +199,15 @@ def summarize(rows: list[dict], strategies: Sequence[str], target: float | None,
                 hit = _reach(rs, tgt)
                 if hit is not None:
                     reached.append(hit)
+            mean, half = ci95(finals)
+            signals = [r.get("signals") or {} for r in rows
+                       if (r["alpha"], r["strategy"]) == (alpha, s) and r["round"] >= 0]
             row = {"bench": "learning", "kind": "summary", "strategy": s, "alpha": alpha,
                    "seeds": seeds, "target_accuracy": round(tgt, 4),
+                   "final_accuracy_ci95": [round(mean - half, 4), round(mean + half, 4)],
+                   "signals_mean": {k: round(statistics.fmean(sg[k] for sg in signals
+                                                              if k in sg), 4)
+                                    for k in sorted({k for sg in signals for k in sg})},
                    "initial_accuracy_mean": round(statistics.mean(initial), 4),
                    "final_accuracy_mean": round(statistics.mean(finals), 4),
                    "final_accuracy_std": round(statistics.pstdev(finals), 4),
@@ -200,6 +225,14 @@ def summarize(rows: list[dict], strategies: Sequence[str], target: float | None,
                 row["bytes_to_target_mean"] = int(statistics.mean(r["cum_bytes_in"]
                                                                   for r in reached))
             out.append(row)
+        if "hfedmoe" in strategies:  # paired by seed: same partition, budgets and model init
+            base = {sd: final("hfedmoe", sd)["accuracy"] for sd in seeds}
+            for r in out:
+                if r["alpha"] == alpha and r["strategy"] != "hfedmoe":
+                    diffs = [base[sd] - final(r["strategy"], sd)["accuracy"] for sd in seeds]
+                    mean, half = ci95(diffs)
+                    r["hfedmoe_minus_this"] = round(mean, 4)
+                    r["hfedmoe_minus_this_ci95"] = [round(mean - half, 4), round(mean + half, 4)]
         ref = next((r for r in out if r["alpha"] == alpha and r["strategy"] == "fedavg-full"),
                    None)
         for r in out:
@@ -264,7 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--max-length", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1e-3, help="experts and gates")
+    p.add_argument("--head-lr", type=float, default=0.0, help="the new head (0: --lr)")
+    p.add_argument("--upcycle", default="copy", help="copy, split or moefy (model.upcycle)")
     p.add_argument("--train-time-s", default="auto",
                    help="compute window each device budgets for (emulated seconds), or auto")
     p.add_argument("--max-eval", type=int, default=0, help="held-out examples (0: all)")
@@ -299,7 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = run_all(args, alphas, seeds, strategies, profiles)
     settings = {k: getattr(args, k) for k in ("data", "devices", "rounds", "max_steps",
                                               "num_experts", "top_k", "max_length",
-                                              "batch_size", "lr", "train_time_s", "max_eval")}
+                                              "batch_size", "lr", "head_lr", "upcycle",
+                                              "train_time_s", "max_eval")}
     env = environment(benchmark="learning", device="cpu")
     for r in rows:
         r.update(settings=settings, profiles=profiles)
@@ -310,14 +346,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_rows(args.out, rows + summary, env)
     print(f"settings: {settings}; profiles {profiles}; seeds {seeds}")
     print(table([[r["alpha"], r["strategy"], f"{r['initial_accuracy_mean']:.3f}",
-                  f"{r['final_accuracy_mean']:.3f} [{r['final_accuracy_spread'][0]:.3f}, "
-                  f"{r['final_accuracy_spread'][1]:.3f}]", r["target_accuracy"],
+                  f"{r['final_accuracy_mean']:.3f} [{r['final_accuracy_ci95'][0]:.3f}, "
+                  f"{r['final_accuracy_ci95'][1]:.3f}]",
+                  f"{r['hfedmoe_minus_this']:+.3f} [{r['hfedmoe_minus_this_ci95'][0]:+.3f}, "
+                  f"{r['hfedmoe_minus_this_ci95'][1]:+.3f}]" if "hfedmoe_minus_this" in r
+                  else "-", r["target_accuracy"],
                   f"{r['seeds_reaching_target']}/{len(r['seeds'])}",
                   r.get("rounds_to_target_mean", "-"), r.get("emulated_s_to_target_mean", "-"),
                   f"{r['bytes_to_target_mean'] / 1e6:.0f}" if "bytes_to_target_mean" in r
                   else "-", f"{r['bytes_total_mean'] / 1e6:.0f}",
                   r.get("bytes_total_vs_fedavg_full", "")] for r in summary],
-                ["alpha", "strategy", "initial acc", "final acc [min, max]", "target",
+                ["alpha", "strategy", "initial acc", "final acc [95% CI]",
+                 "hfedmoe - this [95% CI]", "target",
                  "reached", "rounds to tgt", "emul. s to tgt", "MB to tgt", "MB total",
                  "bytes x full"]))
     plot(rows, str(plot_path(args.out, "learning.png")))

@@ -120,7 +120,7 @@ def simulate(cfg: Any, num_devices: int, profiles: list[str],
         bytes_in = bytes_out = 0
         device_times = []
         held: dict[str, dict[str, Any]] = {}
-        usage: dict[str, Any] = {}
+        usages: dict[str, Any] = {}
         disagreement: dict[str, float] = {}
         for i in chosen:
             d = devices[i]
@@ -146,7 +146,7 @@ def simulate(cfg: Any, num_devices: int, profiles: list[str],
             aggregator.add(decode(blob, spec, cfg.wire, round_idx=r, client_id=d["id"]))
             device_times.append(res.seconds * d["scale"])
             held[d["id"]] = h = _held(d["budget"].c_budget, res, len(blob))
-            usage[d["id"]] = res.update.usage
+            usages[d["id"]] = res.update.usage
             disagreement[d["id"]] = float(res.update.meta.get("ib_vs_importance", 0.0))
             store.record_participation(r, d["id"], h["budget"], h["experts_sent"],
                                        h["optimizer_experts"], h)
@@ -165,7 +165,7 @@ def simulate(cfg: Any, num_devices: int, profiles: list[str],
                "devices": {c: rep.to_dict() for c, rep in report.items()},
                "budgets": {devices[i]["id"]: devices[i]["budget"].c_budget for i in chosen},
                "held": held, "dense_bytes": dense_bytes * len(chosen),
-               "signals": round_signals({c: rep.to_dict() for c, rep in report.items()}, usage,
+               "signals": round_signals({c: rep.to_dict() for c, rep in report.items()}, usages,
                                         disagreement, cfg.method.tau)}
         new_manifest, _ = build_shards(global_state)
         store.save_checkpoint(r, global_state, {"accuracy": metrics.get("accuracy")},

@@ -21,9 +21,15 @@ def test_kernels_quick(tmp_path: Path) -> None:
 
     assert kernels.main(["--quick", "--out", str(out), "--plot", str(png)]) == 0
 
-    rows = read_rows(out)
+    every = read_rows(out)
+    rows = [r for r in every if r["bench"] == "kernels"]
     labels = {r["label"] for r in rows}
-    assert {"eager", "grouped", "sorted", "sorted+bf16", "sorted+detach"} <= labels
+    assert {"eager", "grouped", "sorted", "sorted+bf16", "sorted+detach",
+            "sorted round recipe"} <= labels
+    recipe = next(r for r in every if r["bench"] == "kernels-recipe")
+    assert recipe["per_batch_recipe_s"] > 0 and recipe["round_step_s"] > 0
+    assert recipe["ratio_step"] == pytest.approx(
+        recipe["round_step_s"] / recipe["per_batch_recipe_s"], abs=0.02)
     assert sum(bool(r.get("skip_experts")) for r in rows) == 2  # the two "rest" rows
     for r in rows:
         assert ENV_FIELDS <= r["env"].keys()

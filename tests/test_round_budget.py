@@ -92,6 +92,13 @@ def test_bad_round_settings_are_config_errors(bad) -> None:
         from_dict(TrainConfig, bad)
 
 
+def test_bad_agent_quota_is_a_config_error() -> None:
+    from device_agent.agent import AgentConfig
+
+    with pytest.raises(ConfigError):
+        AgentConfig(training_memory_mib=-1.0)
+
+
 def _expert_keys(update) -> set[ExpertId]:
     return {parse_key(k).expert for k in update.deltas if parse_key(k).kind == "expert"}
 

@@ -17,17 +17,21 @@ from tests.integration.conftest import SMALL, merge, metrics
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_short_demo_over_mosquitto_raises_accuracy(tmp_path, mosquitto):
+    """The demo's six devices, two rounds: budgets spread and bind, updates stay sparse."""
     run_dir = tmp_path / "demo"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "hfedmoe.cli", "demo", "--broker", mosquitto, "--devices", "3",
+        [sys.executable, "-m", "hfedmoe.cli", "demo", "--broker", mosquitto, "--devices", "6",
          "--rounds", "2", "--run-dir", str(run_dir)],
         capture_output=True, text=True, env=env, timeout=880)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = metrics(run_dir)
     initial = [r for r in rows if r["phase"] == "initial"][0]
     rounds = [r for r in rows if r["phase"] == "round"]
-    assert len(rounds) == 2 and all(r["accepted"] == 3 for r in rounds)
+    assert len(rounds) == 2 and all(r["accepted"] == 6 for r in rounds)
+    budgets = set(rounds[0]["budgets"].values())
+    assert len(budgets) >= 4 and all(1 <= b <= 47 for b in budgets), budgets
+    assert all(r["bytes_in"] <= 0.35 * r["dense_bytes"] for r in rounds)
     assert rounds[-1]["accuracy"] > initial["accuracy"]
     assert (run_dir / "report.html").exists() and "report:" in proc.stdout
     for device in (run_dir / "agents").glob("*/agent.jsonl"):
