@@ -117,3 +117,16 @@ def test_learning_quick(tmp_path, needs_minilm):
         assert 0 <= r["seeds_reaching_target"] <= 1 and r["target_accuracy"] > 0
         assert r["settings"]["devices"] == 3
     _plot_ok(tmp_path / "r.png")
+
+
+@pytest.mark.slow
+def test_signals_quick(tmp_path, needs_minilm):
+    from benchmarks import signals
+
+    assert signals.main(["--quick", "--upcycles", "copy", "--alphas", "0.1",
+                         "--out", str(tmp_path / "s.jsonl")]) == 0
+    (row,) = _rows(tmp_path / "s.jsonl")
+    assert row["upcycle"] == "copy" and row["clients"] >= 1
+    for key in ("ib_disagreement", "below_tau", "tau_removed", "usage_spread", "alpha_cv"):
+        assert row[key] >= 0
+    assert 0 <= row["usage_min"] <= row["usage_max"] <= 1
