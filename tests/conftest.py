@@ -15,3 +15,14 @@ def minilm_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+@pytest.fixture(scope="session")
+def tokenizer(minilm_available):
+    """MiniLM's tokenizer, for the tiny random models of the recipe tests."""
+    if not minilm_available:
+        pytest.skip("assets extra not installed")
+    from hfedmoe.models.minilm import load_minilm
+
+    _, tok = load_minilm()
+    return tok

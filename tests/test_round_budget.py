@@ -146,13 +146,3 @@ def test_planner_shrinks_the_set_and_the_update_follows(tokenizer) -> None:
     assert res.steps == 2 and res.stopped_by == "plan" and len(res.selected) == 1
     assert len(_expert_keys(res.update)) <= 1
     assert sum(seen["rows"].values()) > 0  # the routing pass counted every expert's rows
-
-
-@pytest.fixture(scope="module")
-def tokenizer(minilm_available):
-    if not minilm_available:
-        pytest.skip("assets extra not installed")
-    from hfedmoe.models.minilm import load_minilm
-
-    _, tok = load_minilm()
-    return tok

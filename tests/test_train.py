@@ -19,16 +19,6 @@ TEXTS = ["how do I reset my router", "what is a neural network", "tell me about 
          "what is backpropagation", "rules of cricket", "who is the author of dune"]
 
 
-@pytest.fixture(scope="module")
-def tokenizer(minilm_available):
-    if not minilm_available:
-        pytest.skip("assets extra not installed")
-    from hfedmoe.models.minilm import load_minilm
-
-    _, tok = load_minilm()
-    return tok
-
-
 def tiny(tokenizer, task="classification"):
     model = build_hf_model("qwen3-moe", task, num_labels=3, vocab_size=tokenizer.vocab_size)
     model.tokenizer = tokenizer

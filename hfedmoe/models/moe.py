@@ -97,16 +97,25 @@ def split_linear_pair(fc_in: nn.Linear, fc_out: nn.Linear, activation: str,
     if d_ff % num_experts:
         raise ValueError(f"d_ff={d_ff} is not divisible by num_experts={num_experts}")
     part = d_ff // num_experts
-    shape = ExpertShape(fc_in.in_features, part, activation, gated=False,
+    groups = [torch.arange(e * part, (e + 1) * part) for e in range(num_experts)]
+    bank = bank_from_neuron_groups(fc_in, fc_out, activation, groups, num_experts, impl)
+    router = TopKRouter(bank.shape.d_model, num_experts, num_experts, "exact", init_std=0.0)
+    return SparseMoE(router, bank)
+
+
+def bank_from_neuron_groups(fc_in: nn.Linear, fc_out: nn.Linear, activation: str,
+                            groups: list[torch.Tensor], out_scale: float,
+                            impl: str = "grouped") -> ExpertBank:
+    """One expert per group of FFN neurons: ``W1[g], b1[g]``, ``out_scale * W2[:, g]`` and the
+    full output bias ``b2`` (routing weights summing to 1 then add it once)."""
+    shape = ExpertShape(fc_in.in_features, len(groups[0]), activation, gated=False,
                         bias=fc_in.bias is not None)
-    bank = ExpertBank(shape, num_experts, impl=impl)
+    bank = ExpertBank(shape, len(groups), impl=impl)
     with torch.no_grad():
-        for e, expert in enumerate(bank.experts):
-            rows = slice(e * part, (e + 1) * part)
+        for expert, rows in zip(bank.experts, groups, strict=True):
             expert.w_in.copy_(fc_in.weight[rows])
-            expert.w_out.copy_(fc_out.weight[:, rows] * num_experts)
+            expert.w_out.copy_(fc_out.weight[:, rows] * out_scale)
             if shape.bias:
                 expert.b_in.copy_(fc_in.bias[rows])
                 expert.b_out.copy_(fc_out.bias)
-    router = TopKRouter(shape.d_model, num_experts, num_experts, "exact", init_std=0.0)
-    return SparseMoE(router, bank)
+    return bank

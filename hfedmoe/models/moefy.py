@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hfedmoe.experts import ACTIVATIONS, ExpertBank, ExpertShape
-from hfedmoe.models.moe import SparseMoE, TopKRouter
+from hfedmoe.experts import ACTIVATIONS
+from hfedmoe.models.moe import SparseMoE, TopKRouter, bank_from_neuron_groups
 
 
 def balanced_kmeans(features: torch.Tensor, k: int, iters: int = 15, seed: int = 0
@@ -103,18 +103,8 @@ def moefy_linear_pair(fc_in: nn.Linear, fc_out: nn.Linear, activation: str, num_
                              dim=1)  # (N, S)
         target = (target - target.mean()) / target.std().clamp_min(1e-6) * temperature
         router_w = torch.linalg.lstsq(x, target).solution.T  # (S, d)
-    part = d_ff // num_experts
-    shape = ExpertShape(fc_in.in_features, part, activation, gated=False,
-                        bias=fc_in.bias is not None)
-    bank = ExpertBank(shape, num_experts, impl=impl)
-    with torch.no_grad():
-        for expert, m in zip(bank.experts, members, strict=True):
-            expert.w_in.copy_(fc_in.weight[m])
-            expert.w_out.copy_(fc_out.weight[:, m] * top_k)
-            if shape.bias:
-                expert.b_in.copy_(fc_in.bias[m])
-                expert.b_out.copy_(fc_out.bias)
-    router = TopKRouter(shape.d_model, num_experts, top_k, "detached", init_std=0.0)
+    bank = bank_from_neuron_groups(fc_in, fc_out, activation, members, top_k, impl)
+    router = TopKRouter(bank.shape.d_model, num_experts, top_k, "detached", init_std=0.0)
     with torch.no_grad():
         router.weight.copy_(router_w)
     return SparseMoE(router, bank)
