@@ -42,6 +42,8 @@ from benchmarks._common import environment, plot_path, pyplot, savefig, table, w
 
 STRATEGIES = ("hfedmoe", "hfedmoe-importance", "hfedmoe-uniform", "fedmoe", "fedavg-random",
               "fedavg-full")
+SETTINGS = ("data", "devices", "rounds", "max_steps", "selection_batches", "num_experts", "top_k",
+            "max_length", "batch_size", "lr", "head_lr", "upcycle", "train_time_s", "max_eval")
 PROFILES = ("phone-midrange-6gb", "raspberry-pi-5-8gb", "jetson-orin-nano-8gb",
             "phone-flagship-12gb", "laptop-cpu-16gb", "jetson-agx-orin-32gb")
 
@@ -118,7 +120,8 @@ def server_config(args: argparse.Namespace, strategy: str, alpha: float, seed: i
         data=DataConfig(source=args.data, alpha=alpha, seed=seed),
         method=MethodConfig(strategy=strategy, seed=seed),
         train=TrainConfig(batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr,
-                          max_steps=args.max_steps, threads=args.threads),
+                          max_steps=args.max_steps, threads=args.threads,
+                          selection_batches=args.selection_batches),
         rounds=RoundConfig(rounds=args.rounds, train_time_s=args.train_time_s,
                            deadline_s=max(120.0, args.train_time_s), seed=seed),
         wire=WireConfig())
@@ -265,13 +268,19 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def run_all(args: argparse.Namespace, alphas: list[float], seeds: list[int],
-            strategies: list[str], profiles: list[str]) -> list[dict]:
+            strategies: list[str], profiles: list[str], settings: dict[str, Any],
+            env: dict[str, Any]) -> list[dict]:
+    """Every run, in (alpha, seed, strategy) order; each run's rows are appended to
+    ``args.out`` as soon as it ends, so a long study that stops early keeps its whole seeds."""
     rows: list[dict] = []
     for alpha in alphas:
         for seed in seeds:
             for s in strategies:
                 t0 = time.perf_counter()
                 rs = run_one(args, s, alpha, seed, profiles)
+                for r in rs:
+                    r.update(settings=settings, profiles=profiles)
+                write_rows(args.out, rs, env)
                 rows.extend(rs)
                 last = rs[-1]
                 budgets = [last["budgets"][d] for d in sorted(last["budgets"])]
@@ -279,6 +288,47 @@ def run_all(args: argparse.Namespace, alphas: list[float], seeds: list[int],
                       f"{last['accuracy']:.3f}  budgets {budgets}  "
                       f"{time.perf_counter() - t0:.0f}s", flush=True)
     return rows
+
+
+def print_summary(summary: list[dict]) -> None:
+    print(table([[r["alpha"], r["strategy"], f"{r['initial_accuracy_mean']:.3f}",
+                  f"{r['final_accuracy_mean']:.3f} [{r['final_accuracy_ci95'][0]:.3f}, "
+                  f"{r['final_accuracy_ci95'][1]:.3f}]",
+                  f"{r['hfedmoe_minus_this']:+.3f} [{r['hfedmoe_minus_this_ci95'][0]:+.3f}, "
+                  f"{r['hfedmoe_minus_this_ci95'][1]:+.3f}]" if "hfedmoe_minus_this" in r
+                  else "-", r["target_accuracy"],
+                  f"{r['seeds_reaching_target']}/{len(r['seeds'])}",
+                  r.get("rounds_to_target_mean", "-"), r.get("emulated_s_to_target_mean", "-"),
+                  f"{r['bytes_to_target_mean'] / 1e6:.0f}" if "bytes_to_target_mean" in r
+                  else "-", f"{r['bytes_total_mean'] / 1e6:.0f}",
+                  r.get("bytes_total_vs_fedavg_full", "")] for r in summary],
+                ["alpha", "strategy", "initial acc", "final acc [95% CI]",
+                 "hfedmoe - this [95% CI]", "target",
+                 "reached", "rounds to tgt", "emul. s to tgt", "MB to tgt", "MB total",
+                 "bytes x full"]))
+
+
+def summarize_stored(args: argparse.Namespace) -> int:
+    """``--from-rows``: the summary of stored round rows (several files are merged, e.g. one
+    per alpha or per batch of seeds), appended to ``--out`` and printed."""
+    from benchmarks._common import read_rows
+
+    rows = [r for path in args.from_rows.split(",") for r in read_rows(path)
+            if r.get("kind") == "round"]
+    strategies = list(dict.fromkeys(r["strategy"] for r in rows))
+    done = {(r["alpha"], r["seed"], r["strategy"]) for r in rows}  # runs with stored rows
+    whole = {(a, sd) for a, sd, _ in done if all((a, sd, s) in done for s in strategies)}
+    rows = [r for r in rows if (r["alpha"], r["seed"]) in whole]  # seeds every strategy ran
+    summary = summarize(rows, strategies, args.target, args.target_frac)
+    for r in summary:
+        r.update(settings=rows[0]["settings"], profiles=rows[0]["profiles"],
+                 from_rows=args.from_rows)
+    write_rows(args.out, summary, environment(benchmark="learning", device="cpu"))
+    print(f"settings: {rows[0]['settings']}")
+    print_summary(summary)
+    if args.out:
+        plot(rows, str(plot_path(args.out, "learning.png")))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -297,6 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--max-length", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--selection-batches", type=int, default=4,
+                   help="batches of the round's routing pass (train.selection_batches)")
     p.add_argument("--lr", type=float, default=1e-3, help="experts and gates")
     p.add_argument("--head-lr", type=float, default=0.0, help="the new head (0: --lr)")
     p.add_argument("--upcycle", default="copy", help="copy, split or moefy (model.upcycle)")
@@ -307,7 +359,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--target", type=float, default=None, help="target accuracy")
     p.add_argument("--target-frac", type=float, default=0.9)
     p.add_argument("--out", default=None, help="append JSON lines here (plot drawn next to it)")
+    p.add_argument("--from-rows", default=None,
+                   help="summarize stored round rows (comma list of files) instead of running")
     args = p.parse_args(argv)
+    if args.from_rows:
+        return summarize_stored(args)
     q = args.quick
     defaults = dict(alphas="0.5" if q else "0.5,0.1", seeds="0" if q else "0,1",
                     strategies="hfedmoe,fedavg-full" if q else ",".join(STRATEGIES),
@@ -331,35 +387,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"train_time_s = {args.train_time_s} (auto); planned budgets {planned}")
         else:
             args.train_time_s = float(args.train_time_s)
-        rows = run_all(args, alphas, seeds, strategies, profiles)
-    settings = {k: getattr(args, k) for k in ("data", "devices", "rounds", "max_steps",
-                                              "num_experts", "top_k", "max_length",
-                                              "batch_size", "lr", "head_lr", "upcycle",
-                                              "train_time_s", "max_eval")}
-    env = environment(benchmark="learning", device="cpu")
-    for r in rows:
-        r.update(settings=settings, profiles=profiles)
+        settings = {k: getattr(args, k) for k in SETTINGS}
+        env = environment(benchmark="learning", device="cpu")
+        rows = run_all(args, alphas, seeds, strategies, profiles, settings, env)
     summary = summarize(rows, strategies, args.target, args.target_frac)
     for r in summary:
         r.update(settings=settings, profiles=profiles,
                  benchmark_wall_s=round(time.perf_counter() - t_start, 1))
-    write_rows(args.out, rows + summary, env)
+    write_rows(args.out, summary, env)
     print(f"settings: {settings}; profiles {profiles}; seeds {seeds}")
-    print(table([[r["alpha"], r["strategy"], f"{r['initial_accuracy_mean']:.3f}",
-                  f"{r['final_accuracy_mean']:.3f} [{r['final_accuracy_ci95'][0]:.3f}, "
-                  f"{r['final_accuracy_ci95'][1]:.3f}]",
-                  f"{r['hfedmoe_minus_this']:+.3f} [{r['hfedmoe_minus_this_ci95'][0]:+.3f}, "
-                  f"{r['hfedmoe_minus_this_ci95'][1]:+.3f}]" if "hfedmoe_minus_this" in r
-                  else "-", r["target_accuracy"],
-                  f"{r['seeds_reaching_target']}/{len(r['seeds'])}",
-                  r.get("rounds_to_target_mean", "-"), r.get("emulated_s_to_target_mean", "-"),
-                  f"{r['bytes_to_target_mean'] / 1e6:.0f}" if "bytes_to_target_mean" in r
-                  else "-", f"{r['bytes_total_mean'] / 1e6:.0f}",
-                  r.get("bytes_total_vs_fedavg_full", "")] for r in summary],
-                ["alpha", "strategy", "initial acc", "final acc [95% CI]",
-                 "hfedmoe - this [95% CI]", "target",
-                 "reached", "rounds to tgt", "emul. s to tgt", "MB to tgt", "MB total",
-                 "bytes x full"]))
+    print_summary(summary)
     plot(rows, str(plot_path(args.out, "learning.png")))
     return 0
 

@@ -20,9 +20,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from benchmarks._common import environment, table, write_rows
+
+SCALES = ("raw", "standardized")  # method.layer_scale
 
 
 def measure(upcycle: str, alpha: float, args: argparse.Namespace) -> dict[str, Any]:
@@ -31,6 +34,7 @@ def measure(upcycle: str, alpha: float, args: argparse.Namespace) -> dict[str, A
     from hfedmoe.config import DataConfig, MethodConfig, ModelConfig, TrainConfig
     from hfedmoe.data import load_task
     from hfedmoe.models.registry import build_model
+    from hfedmoe.selection import select_experts
     from hfedmoe.signals import ranking_disagreement, round_signals
     from hfedmoe.update import SparseUpdate
 
@@ -41,12 +45,17 @@ def measure(upcycle: str, alpha: float, args: argparse.Namespace) -> dict[str, A
     mcfg = MethodConfig(tau=args.tau, beta=args.beta)
     train = TrainConfig(batch_size=8)
     usage, dis, reports, updates = {}, {}, {}, []
+    picks: dict[str, list[int]] = {scale: [0] * model.num_layers for scale in SCALES}
     for i, shard in enumerate(task.client_datasets(args.devices)):
         if len(shard) == 0:
             continue
         batches = round_batches(shard, train, args.seed, 0)[: args.batches]
         stats = routing_pass(model, shard, batches, mcfg, train, args.max_length)
         client = f"c{i}"
+        for scale in SCALES:  # which layers a budget of --budget experts lands in
+            sel = select_experts(stats, args.budget, replace(mcfg, layer_scale=scale))
+            for e in sel.experts:
+                picks[scale][e.layer_idx] += 1
         usage[client] = dict(stats.usage)
         dis[client] = ranking_disagreement(stats.scores("ib"), stats.scores("importance"),
                                            args.budget)
@@ -63,8 +72,15 @@ def measure(upcycle: str, alpha: float, args: argparse.Namespace) -> dict[str, A
     sig["clients_with_disagreement"] = sum(1 for v in dis.values() if v > 0)
     sig["clients"] = len(usage)
     sig["ib_disagreement_max"] = max(dis.values(), default=0.0)
+    for scale, counts in picks.items():  # share of all picks that went to each layer
+        total = max(sum(counts), 1)
+        sig[f"layer_share_{scale}"] = [round(c / total, 3) for c in counts]
     return {"bench": "signals", "upcycle": upcycle, "alpha": alpha, "budget": args.budget,
             "tau": args.tau, "beta": args.beta, "devices": args.devices, "batches": args.batches, **sig}
+
+
+def _shares(shares: list[float]) -> str:
+    return " ".join(f"{x:.2f}" for x in shares)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -97,10 +113,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{r['clients_with_disagreement']}/{r['clients']}",
                   f"{r['below_tau']:.3f}", r["tau_removed"], f"{r['usage_spread']:.4f}",
                   f"[{r['usage_min']:.3f}, {r['usage_max']:.3f}]",
-                  f"{r['alpha_cv']:.3f}"] for r in rows],
+                  f"{r['alpha_cv']:.3f}", _shares(r["layer_share_raw"]),
+                  _shares(r["layer_share_standardized"])] for r in rows],
                 ["upcycle", "alpha", "beta", "tau", f"IB vs s_b (C={args.budget})", "clients differing",
                  "share < tau", "experts < tau", "usage spread", "usage range",
-                 "alpha CV"]))
+                 "alpha CV", "layer shares raw", "standardized"]))
     return 0
 
 

@@ -24,7 +24,9 @@ from export.runtime import ExecuTorchTrainer, ProgramCache
 from hfedmoe.models.base import MoEModel
 from hfedmoe.names import ExpertId
 
-TRAIN_TOL = 1e-5  # losses and parameter updates after a few SGD steps (float32)
+# Losses (relative to max(1, |loss|)) and parameter updates after a few SGD steps (float32):
+# kernels differ from CPU to CPU, and a loss of 1.5 after 5 steps at lr 0.5 drifts ~100 ulps.
+TRAIN_TOL = 1e-5
 
 
 @dataclass
@@ -36,8 +38,8 @@ class TrainingParity:
 
     @property
     def loss_diff(self) -> float:
-        return max(abs(a - b) for a, b in zip(self.losses_executorch, self.losses_eager,
-                                              strict=True))
+        return max(abs(a - b) / max(1.0, abs(b))
+                   for a, b in zip(self.losses_executorch, self.losses_eager, strict=True))
 
     @property
     def param_diff(self) -> float:

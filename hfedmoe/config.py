@@ -37,7 +37,7 @@ class ModelConfig:
     num_experts: int = 8  # upcycling: experts per converted FFN
     top_k: int = 2
     num_labels: int = 0  # 0: taken from the dataset
-    upcycle: Literal["copy", "split", "moefy"] = "copy"
+    upcycle: Literal["copy", "split", "moefy"] = "moefy"  # docs/method.md, "Experts that differ"
     router_jitter: float = 0.01  # std of the noise added to a fresh router's init (breaks ties)
     # a registered expert path (hfedmoe.experts); "sorted" is the fastest for training on CPU
     # (benchmarks/results/kernels.jsonl), "eager" the reference
@@ -83,14 +83,14 @@ class MethodConfig:
 
     strategy: str = "hfedmoe"
     lam: float = 0.5  # Eq. 5
-    beta: float = 0.1  # Eq. 14
-    tau: float = 0.01  # Eq. 16-18 usage threshold
+    beta: float = 3.0  # Eq. 14 (the paper: 0.1; docs/results.md, "signals")
+    tau: float = 0.05  # Eq. 16-18 usage threshold (the paper: 0.01)
     selection_key: Literal["ib", "importance"] = "ib"
     budget_scope: Literal["global", "per-layer"] = "global"
     per_layer_cap: int = 0  # 0: no cap
     # "raw": rank scores as computed; "standardized": per layer (score - mean) / std over the
     # layer's candidates before the global sort, so no layer wins by the scale of its router
-    layer_scale: Literal["raw", "standardized"] = "raw"
+    layer_scale: Literal["raw", "standardized"] = "standardized"
     eps: float = 1e-12
     dp_clip: float = 0.0  # 0: differential privacy off
     dp_noise_multiplier: float = 0.0

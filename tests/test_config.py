@@ -6,9 +6,12 @@ from hfedmoe.config import KitConfig, MethodConfig, ModelConfig, load_config, pa
 from hfedmoe.errors import ConfigError, HFedMoEError
 
 
-def test_defaults_are_the_papers():
+def test_defaults_are_the_papers_where_measured_otherwise_documented():
     m = MethodConfig()
-    assert (m.lam, m.beta, m.tau, m.selection_key) == (0.5, 0.1, 0.01, "ib")
+    # lam and the key are the paper's; beta and tau were changed with the evidence in
+    # docs/results.md (the paper's 0.1 and 0.01 leave IB and tau inert on the default model)
+    assert (m.lam, m.beta, m.tau, m.selection_key) == (0.5, 3.0, 0.05, "ib")
+    assert m.layer_scale == "standardized" and ModelConfig().upcycle == "moefy"
     assert KitConfig().train.batch_size == 8 and KitConfig().train.lr == 1e-4
 
 

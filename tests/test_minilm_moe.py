@@ -64,7 +64,7 @@ def test_moefied_experts_differ_and_the_router_predicts_them(dense_and_batch):
     dense, b = dense_and_batch
     encoder, tok = load_minilm()
     encoder.eval()
-    probe = _ffn_inputs(encoder, tok, calibration_texts()[-64:], 0)  # before conversion
+    probe = _ffn_inputs(encoder, tok, calibration_texts()[-64:], [0])[0]  # before conversion
     fc_in = encoder.encoder.layer[0].intermediate.dense
     with torch.no_grad():
         h = torch.nn.functional.gelu(fc_in(probe))  # (T, 1536)

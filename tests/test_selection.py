@@ -38,7 +38,7 @@ from hfedmoe.selection import (
     standardize_per_layer,
 )
 
-CFG = MethodConfig(lam=0.5, beta=0.1)
+CFG = MethodConfig(lam=0.5, beta=0.1, layer_scale="raw")  # Eq. 15 on the raw scores
 E = ExpertId
 
 

@@ -28,3 +28,28 @@ def test_round_signals():
     assert (s["alpha_min"], s["alpha_max"]) == (0.25, 0.75)
     assert s["alpha_cv"] == pytest.approx(0.5)
     assert s["ib_disagreement"] == pytest.approx(0.25)
+
+
+@pytest.mark.slow
+def test_signals_are_alive_on_the_default_model():
+    """On the default (MoEfied) model, at the default beta and tau, before any training: IB
+    changes the budgeted choice on most of 10 clients and tau removes experts from
+    aggregation at Dirichlet 0.1 (the copy-upcycled model does neither at the paper's values).
+    """
+    import argparse
+
+    from benchmarks.signals import measure
+    from hfedmoe.config import MethodConfig, ModelConfig
+
+    m, model = MethodConfig(), ModelConfig()
+    args = argparse.Namespace(seed=0, devices=10, batches=4, budget=12, tau=m.tau, beta=m.beta,
+                              num_experts=model.num_experts, top_k=model.top_k, max_length=64,
+                              model=model.name)
+    r = measure(model.upcycle, 0.1, args)
+    assert r["clients"] == 10
+    assert r["ib_disagreement"] > 0.05 and r["clients_with_disagreement"] >= 5
+    assert r["tau_removed"] > 0 and r["tau_removed_clients"] >= 1
+    assert r["usage_max"] > 3 * r["usage_min"]  # experts are used very differently
+    # standardized layer scale: every layer gets a share of the budget
+    assert min(r["layer_share_standardized"]) > 0.0
+    assert measure(model.upcycle, 0.1, args) == r  # the MoEfied build is reproducible

@@ -11,6 +11,7 @@ fresh linear head classifies them.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,38 +97,36 @@ def calibration_texts(limit: int = 256) -> list[str]:
     return texts[:limit]
 
 
-class _Captured(Exception):
-    """Stops the calibration forward once the wanted FFN input is captured."""
+def _ffn_inputs(encoder: nn.Module, tokenizer: Any, texts: list[str],
+                layers: list[int] | None = None, max_length: int = 64,
+                batch_size: int = 64) -> dict[int, torch.Tensor]:
+    """layer -> (tokens, d) inputs of that layer's FFN over the real (unpadded) tokens of
+    ``texts``, all captured in one forward of the model as it is (dense before conversion).
 
+    Texts are batched by length (little padding)."""
+    wanted = list(range(len(encoder.encoder.layer))) if layers is None else list(layers)
+    got: dict[int, list[torch.Tensor]] = {i: [] for i in wanted}
+    mask: list[torch.Tensor] = []
 
-def _ffn_inputs(encoder: nn.Module, tokenizer: Any, texts: list[str], layer: int,
-                max_length: int = 64, batch_size: int = 64) -> torch.Tensor:
-    """(tokens, d) inputs of ``layer``'s FFN over the real (unpadded) tokens of ``texts``.
-
-    Texts are batched by length (little padding) and each forward stops at ``layer``."""
-    got: list[torch.Tensor] = []
-
-    def hook(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        got.append(args[0])
-        raise _Captured
+    def hook(i: int) -> Callable[..., None]:
+        def capture(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            got[i].append(args[0][mask[-1]])  # (real tokens, d)
+        return capture
 
     ordered = sorted(texts, key=len)
-    handle = encoder.encoder.layer[layer].intermediate.register_forward_pre_hook(hook)
-    out = []
+    handles = [encoder.encoder.layer[i].intermediate.register_forward_pre_hook(hook(i))
+               for i in wanted]
     try:
         with torch.no_grad():
             for start in range(0, len(ordered), batch_size):
                 enc = tokenizer(ordered[start:start + batch_size], padding=True,
                                 truncation=True, max_length=max_length, return_tensors="pt")
-                got.clear()
-                try:
-                    encoder(**enc)
-                except _Captured:
-                    pass
-                out.append(got[0][enc["attention_mask"].bool()])  # (real tokens, d)
+                mask.append(enc["attention_mask"].bool())
+                encoder(**enc)
     finally:
-        handle.remove()
-    return torch.cat(out)
+        for h in handles:
+            h.remove()
+    return {i: torch.cat(v) for i, v in got.items()}
 
 
 def upcycle_bert(encoder: nn.Module, num_experts: int, top_k: int, mode: str = "copy",
@@ -142,7 +141,11 @@ def upcycle_bert(encoder: nn.Module, num_experts: int, top_k: int, mode: str = "
     """
     layers = []
     act = getattr(encoder.config, "hidden_act", "gelu")
-    texts = calibration_texts() if mode == "moefy" else []
+    # MoEfication calibrates every layer on the dense model's own FFN inputs (one forward
+    # before any layer is converted): a layer's clusters then do not depend on the routing of
+    # the layers below, so the build is reproducible.
+    calib = (_ffn_inputs(encoder, tokenizer, calibration_texts())
+             if mode == "moefy" and tokenizer is not None else {})
     for i, block in enumerate(encoder.encoder.layer):
         fc_in, fc_out = block.intermediate.dense, block.output.dense
         if mode == "copy":
@@ -154,8 +157,7 @@ def upcycle_bert(encoder: nn.Module, num_experts: int, top_k: int, mode: str = "
                 raise ModelError("moefy upcycling needs the tokenizer for its calibration text")
             from hfedmoe.models.moefy import moefy_linear_pair
 
-            calib = _ffn_inputs(encoder, tokenizer, texts, i)
-            moe = moefy_linear_pair(fc_in, fc_out, act, num_experts, top_k, calib,
+            moe = moefy_linear_pair(fc_in, fc_out, act, num_experts, top_k, calib[i],
                                     seed=seed + i, impl=impl)
         else:
             raise ModelError(f"unknown upcycling mode {mode!r} (copy, split, moefy)")

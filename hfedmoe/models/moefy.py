@@ -102,7 +102,7 @@ def moefy_linear_pair(fc_in: nn.Linear, fc_out: nn.Linear, activation: str, num_
         target = torch.stack([(h[:, m] @ fc_out.weight[:, m].T).norm(dim=1) for m in members],
                              dim=1)  # (N, S)
         target = (target - target.mean()) / target.std().clamp_min(1e-6) * temperature
-        router_w = torch.linalg.lstsq(x, target).solution.T  # (S, d)
+        router_w = torch.linalg.lstsq(x.double(), target.double()).solution.T.float()  # (S, d)
     bank = bank_from_neuron_groups(fc_in, fc_out, activation, members, top_k, impl)
     router = TopKRouter(bank.shape.d_model, num_experts, top_k, "detached", init_std=0.0)
     with torch.no_grad():
