@@ -3,33 +3,42 @@
 Question: under heterogeneous device budgets (device profiles from phones to a laptop) and
 non-IID data (Dirichlet alpha 0.5 and 0.1), how do HFedMoE, its ablations (importance-only
 ranking; uniform aggregation) and the baselines (FedAvg-full, which ignores budgets; FedAvg
-with random experts in the budget; FedMoE's fixed sub-model) compare in held-out accuracy per
-round, final accuracy, and rounds / emulated device time / uploaded bytes to reach a target
-accuracy? Each run is :func:`server.simulate.simulate` (real training, real wire bytes,
-budgets from the cost model scaled to each profile). Step costs and the host's throughput are
-measured once per benchmark and pinned, so that every strategy of a seed gets exactly the same
-budgets. Several seeds (model init, partition, participant sampling): mean and [min, max].
+with random routed experts in the budget; FedMoE's fixed sub-model by routing frequency)
+compare in held-out accuracy per round, final accuracy, and rounds / emulated device time /
+uploaded bytes to reach a target accuracy? Each run is :func:`server.simulate.simulate` (real
+training, real wire bytes, budgets from the cost model scaled to each profile). Step costs and
+the host's throughput are measured once per benchmark and pinned (also across ``--jobs``
+workers), so every strategy, seed and alpha gets exactly the same budgets.
 
-Budgets: ``--train-time-s auto`` (the default) picks the shortest compute window (0.5 s steps) in
-which the slowest profile can train at least E/8 experts, so that budgets differ from device
-to device whatever this host's speed; the budgets are printed and stored with every row.
+Statistics: per strategy the mean final accuracy over seeds with a 95% t interval, and the
+paired difference to HFedMoE by seed (same partition, budgets and initial model) with its
+interval; the same for the mean accuracy of the last 5 rounds (less round-to-round noise).
+
+Budgets: ``--train-time-s`` is the compute window each device budgets for (emulated seconds;
+the default 600 puts 8 of 10 devices at or below E/4 on this kit's profiles); ``auto`` picks
+the shortest window in which the slowest profile can train at least E/8 experts. The budgets
+are printed and stored with every row.
 
 The target is ``--target`` if given, else ``--target-frac`` (0.9) of FedAvg-full's mean final
 accuracy at that alpha. ``--data PATH`` runs on a user dataset (.jsonl/.csv/.parquet with
 text and label columns) instead of the bundled ChatterBot corpus.
 
-    python -m benchmarks.learning [--quick] [--data PATH] [--alphas 0.5,0.1] [--seeds 0,1]
-                                  [--devices 4] [--rounds 4] [--max-steps 2] [--out r.jsonl]
+    python -m benchmarks.learning [--quick] [--jobs 2] [--data PATH] [--alphas 0.5,0.1]
+                                  [--seeds 0,1,2,3,4] [--out r.jsonl]
+    python -m benchmarks.learning --from-rows a.jsonl,b.jsonl --out summary.jsonl
 
-Defaults (sized so a full run takes about 25 minutes on a 2-core CPU): minilm-moe upcycled to
-4 experts per layer (24 in all), top-1, 32 tokens, batch 8, lr 1e-3, 4 devices, 4 rounds,
-2 local steps per round, seeds 0 and 1.
+Defaults (the study in docs/results.md): the MoEfied MiniLM with 8 experts per layer (48),
+top-2, 64 tokens, batch 8, 10 devices (the 6 profiles, cycled), 30 rounds of 2 local steps
+with a 2-batch routing pass, lr 1e-4 (experts, gates) and 1e-3 (new head), Dirichlet 0.5 and
+0.1, seeds 0-4, HFedMoE, FedAvg-random, FedMoE and FedAvg-full: 40 runs, about 70 minutes with
+``--jobs 2 --threads 1`` on this project's 2-core CPU. ``--quick`` is the test's 2-minute run.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import sys
 import tempfile
@@ -44,21 +53,24 @@ STRATEGIES = ("hfedmoe", "hfedmoe-importance", "hfedmoe-uniform", "fedmoe", "fed
               "fedavg-full")
 SETTINGS = ("data", "devices", "rounds", "max_steps", "selection_batches", "num_experts", "top_k",
             "max_length", "batch_size", "lr", "head_lr", "upcycle", "train_time_s", "max_eval")
+STUDY = ("hfedmoe", "fedavg-random", "fedmoe", "fedavg-full")  # the default run; ablations opt in
 PROFILES = ("phone-midrange-6gb", "raspberry-pi-5-8gb", "jetson-orin-nano-8gb",
             "phone-flagship-12gb", "laptop-cpu-16gb", "jetson-agx-orin-32gb")
 
 
 @contextlib.contextmanager
-def pinned_costs() -> Iterator[None]:
+def pinned_costs(cache: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
     """Measure step costs and the host's throughput once, then reuse them in every run.
 
     ``simulate`` measures both at the start of each run; on a shared machine two runs would
     get slightly different budgets. Pinning makes the budgets a function of the seed only.
+    ``cache`` (``{"costs": ..., "host": ...}``, as :func:`measure_pins` returns) seeds the
+    pins, so that worker processes use the parent's measurement.
     """
     import device_agent.costs as costs
     import device_agent.resources as resources
 
-    cache: dict[str, Any] = {}
+    cache = {} if cache is None else dict(cache)
     orig_costs, orig_probe = costs.measure_costs, resources.probe_device
 
     def measure(*a: Any, **kw: Any) -> Any:
@@ -73,38 +85,44 @@ def pinned_costs() -> Iterator[None]:
 
     costs.measure_costs, resources.probe_device = measure, probe
     try:
-        yield
+        yield cache
     finally:
         costs.measure_costs, resources.probe_device = orig_costs, orig_probe
 
 
-def auto_window(args: argparse.Namespace, profiles: list[str]) -> tuple[float, list[int]]:
-    """The shortest window where the slowest profile's budget is >= E/8 (see the docstring).
-
-    Also measures the pinned costs (call inside :func:`pinned_costs`)."""
+def measure_pins(args: argparse.Namespace) -> dict[str, Any]:
+    """Step costs and host throughput, measured as :func:`server.simulate.simulate` does."""
     import device_agent.costs as costs
     import device_agent.resources as resources
-    from device_agent.profiles import load_profile
     from hfedmoe.config import ModelConfig
     from hfedmoe.models.registry import build_model
 
     model = build_model(ModelConfig(num_experts=args.num_experts, top_k=args.top_k,
                                     max_length=args.max_length, upcycle=args.upcycle),
                         "classification", 2)
-    measured = costs.measure_costs(model, args.batch_size, args.max_length, "adamw", False,
-                                   repeats=3)
-    host = resources.probe_device(matmul_seconds=0.5)
-    total = len(model.expert_ids())
-    want = max(1, total // 8)
+    return {"experts": len(model.expert_ids()),
+            "host": resources.probe_device(matmul_seconds=0.5),
+            "costs": costs.measure_costs(model, args.batch_size, args.max_length, "adamw",
+                                         False, repeats=3)}
 
-    def budgets(w: float) -> list[int]:
-        return [costs.decide_budget(load_profile(p), measured.cost, w, args.max_steps,
-                                    host=host).c_budget for p in profiles]
 
+def planned_budgets(args: argparse.Namespace, profiles: list[str], pins: dict[str, Any],
+                    window: float) -> list[int]:
+    from device_agent.costs import decide_budget
+    from device_agent.profiles import load_profile
+
+    return [decide_budget(load_profile(p), pins["costs"].cost, window, args.max_steps,
+                          host=pins["host"]).c_budget for p in profiles]
+
+
+def auto_window(args: argparse.Namespace, profiles: list[str],
+                pins: dict[str, Any]) -> tuple[float, list[int]]:
+    """The shortest window where the slowest profile's budget is >= E/8 (see the docstring)."""
+    want = max(1, pins["experts"] // 8)
     w = 0.5
-    while min(budgets(w)) < want and w < 600:
+    while min(planned_budgets(args, profiles, pins, w)) < want and w < 600:
         w += 0.5
-    return w, budgets(w)
+    return w, planned_budgets(args, profiles, pins, w)
 
 
 def server_config(args: argparse.Namespace, strategy: str, alpha: float, seed: int,
@@ -184,6 +202,11 @@ def summarize(rows: list[dict], strategies: Sequence[str], target: float | None,
             return max((r for r in rows if (r["alpha"], r["strategy"], r["seed"])
                         == (alpha, s, seed)), key=lambda r: r["round"])
 
+        def tail(s: str, seed: int, alpha: float = alpha, n: int = 5) -> float:
+            rs = sorted((r for r in rows if (r["alpha"], r["strategy"], r["seed"])
+                         == (alpha, s, seed) and r["round"] >= 0), key=lambda r: r["round"])
+            return statistics.fmean(r["accuracy"] for r in rs[-n:])
+
         if target is not None:
             tgt = target
         elif "fedavg-full" in strategies:
@@ -202,12 +225,15 @@ def summarize(rows: list[dict], strategies: Sequence[str], target: float | None,
                 hit = _reach(rs, tgt)
                 if hit is not None:
                     reached.append(hit)
+            tmean, thalf = ci95([tail(s, sd) for sd in seeds])
             mean, half = ci95(finals)
             signals = [r.get("signals") or {} for r in rows
                        if (r["alpha"], r["strategy"]) == (alpha, s) and r["round"] >= 0]
             row = {"bench": "learning", "kind": "summary", "strategy": s, "alpha": alpha,
                    "seeds": seeds, "target_accuracy": round(tgt, 4),
                    "final_accuracy_ci95": [round(mean - half, 4), round(mean + half, 4)],
+                   "last5_accuracy_mean": round(tmean, 4),
+                   "last5_accuracy_ci95": [round(tmean - thalf, 4), round(tmean + thalf, 4)],
                    "signals_mean": {k: round(statistics.fmean(sg[k] for sg in signals
                                                               if k in sg), 4)
                                     for k in sorted({k for sg in signals for k in sg})},
@@ -236,6 +262,11 @@ def summarize(rows: list[dict], strategies: Sequence[str], target: float | None,
                     mean, half = ci95(diffs)
                     r["hfedmoe_minus_this"] = round(mean, 4)
                     r["hfedmoe_minus_this_ci95"] = [round(mean - half, 4), round(mean + half, 4)]
+                    diffs = [tail("hfedmoe", sd) - tail(r["strategy"], sd) for sd in seeds]
+                    mean, half = ci95(diffs)
+                    r["hfedmoe_minus_this_last5"] = round(mean, 4)
+                    r["hfedmoe_minus_this_last5_ci95"] = [round(mean - half, 4),
+                                                          round(mean + half, 4)]
         ref = next((r for r in out if r["alpha"] == alpha and r["strategy"] == "fedavg-full"),
                    None)
         for r in out:
@@ -267,43 +298,71 @@ def plot(rows: list[dict], path: str) -> None:
     savefig(fig, path)
 
 
+def _run_task(args: argparse.Namespace, strategy: str, alpha: float, seed: int,
+              profiles: list[str], pins: dict[str, Any] | None) -> list[dict]:
+    with pinned_costs(pins):
+        return run_one(args, strategy, alpha, seed, profiles)
+
+
 def run_all(args: argparse.Namespace, alphas: list[float], seeds: list[int],
             strategies: list[str], profiles: list[str], settings: dict[str, Any],
-            env: dict[str, Any]) -> list[dict]:
-    """Every run, in (alpha, seed, strategy) order; each run's rows are appended to
-    ``args.out`` as soon as it ends, so a long study that stops early keeps its whole seeds."""
-    rows: list[dict] = []
-    for alpha in alphas:
-        for seed in seeds:
-            for s in strategies:
-                t0 = time.perf_counter()
-                rs = run_one(args, s, alpha, seed, profiles)
-                for r in rs:
-                    r.update(settings=settings, profiles=profiles)
-                write_rows(args.out, rs, env)
-                rows.extend(rs)
-                last = rs[-1]
-                budgets = [last["budgets"][d] for d in sorted(last["budgets"])]
-                print(f"  alpha={alpha} seed={seed} {s:<18} acc {rs[0]['accuracy']:.3f} -> "
-                      f"{last['accuracy']:.3f}  budgets {budgets}  "
-                      f"{time.perf_counter() - t0:.0f}s", flush=True)
-    return rows
+            env: dict[str, Any], pins: dict[str, Any] | None = None) -> list[dict]:
+    """Every run, in (alpha, seed, strategy) order, ``args.jobs`` at a time (worker processes
+    share the parent's pinned measurement); each run's rows are appended to ``args.out`` as
+    soon as it ends, so a long study that stops early keeps its whole seeds."""
+    tasks = [(alpha, seed, s) for alpha in alphas for seed in seeds for s in strategies]
+    done: dict[tuple[float, int, str], list[dict]] = {}
+
+    def record(task: tuple[float, int, str], rs: list[dict], seconds: float) -> None:
+        alpha, seed, s = task
+        for r in rs:
+            r.update(settings=settings, profiles=profiles)
+        write_rows(args.out, rs, env)
+        done[task] = rs
+        last = rs[-1]
+        budgets = [last["budgets"][d] for d in sorted(last["budgets"])]
+        print(f"  alpha={alpha} seed={seed} {s:<18} acc {rs[0]['accuracy']:.3f} -> "
+              f"{last['accuracy']:.3f}  budgets {budgets}  {seconds:.0f}s", flush=True)
+
+    if args.jobs <= 1:
+        for task in tasks:
+            t0 = time.perf_counter()
+            record(task, _run_task(args, task[2], task[0], task[1], profiles, pins),
+                   time.perf_counter() - t0)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
+            t0 = time.perf_counter()
+            futures = {ex.submit(_run_task, args, s, alpha, seed, profiles, pins):
+                       (alpha, seed, s) for alpha, seed, s in tasks}
+            for fut in as_completed(futures):
+                record(futures[fut], fut.result(), time.perf_counter() - t0)
+    return [r for task in tasks for r in done[task]]
+
+
+def _ci(r: dict, key: str, sign: str = "") -> str:
+    """``key`` (or ``key_mean``) with its ``key_ci95`` interval, or "-"."""
+    value = r.get(key, r.get(f"{key}_mean"))
+    if value is None:
+        return "-"
+    lo, hi = r[f"{key}_ci95"]
+    return f"{value:{sign}.3f} [{lo:{sign}.3f}, {hi:{sign}.3f}]"
 
 
 def print_summary(summary: list[dict]) -> None:
     print(table([[r["alpha"], r["strategy"], f"{r['initial_accuracy_mean']:.3f}",
-                  f"{r['final_accuracy_mean']:.3f} [{r['final_accuracy_ci95'][0]:.3f}, "
-                  f"{r['final_accuracy_ci95'][1]:.3f}]",
-                  f"{r['hfedmoe_minus_this']:+.3f} [{r['hfedmoe_minus_this_ci95'][0]:+.3f}, "
-                  f"{r['hfedmoe_minus_this_ci95'][1]:+.3f}]" if "hfedmoe_minus_this" in r
-                  else "-", r["target_accuracy"],
+                  _ci(r, "final_accuracy"),
+                  _ci(r, "hfedmoe_minus_this", "+"), _ci(r, "last5_accuracy"),
+                  _ci(r, "hfedmoe_minus_this_last5", "+"), r["target_accuracy"],
                   f"{r['seeds_reaching_target']}/{len(r['seeds'])}",
                   r.get("rounds_to_target_mean", "-"), r.get("emulated_s_to_target_mean", "-"),
                   f"{r['bytes_to_target_mean'] / 1e6:.0f}" if "bytes_to_target_mean" in r
                   else "-", f"{r['bytes_total_mean'] / 1e6:.0f}",
                   r.get("bytes_total_vs_fedavg_full", "")] for r in summary],
                 ["alpha", "strategy", "initial acc", "final acc [95% CI]",
-                 "hfedmoe - this [95% CI]", "target",
+                 "hfedmoe - this", "last-5 acc", "hfedmoe - this (last 5)", "target",
                  "reached", "rounds to tgt", "emul. s to tgt", "MB to tgt", "MB total",
                  "bytes x full"]))
 
@@ -331,8 +390,8 @@ def summarize_stored(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser(description: str = __doc__.splitlines()[0]) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true",
                    help="2 experts top-1, 3 devices, 2 rounds, 1 step, hfedmoe and fedavg-full")
     p.add_argument("--data", default="chatterbot", help="chatterbot or a dataset file")
@@ -347,32 +406,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--max-length", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--selection-batches", type=int, default=4,
+    p.add_argument("--selection-batches", type=int, default=2,
                    help="batches of the round's routing pass (train.selection_batches)")
-    p.add_argument("--lr", type=float, default=1e-3, help="experts and gates")
-    p.add_argument("--head-lr", type=float, default=0.0, help="the new head (0: --lr)")
-    p.add_argument("--upcycle", default="copy", help="copy, split or moefy (model.upcycle)")
-    p.add_argument("--train-time-s", default="auto",
+    p.add_argument("--lr", type=float, default=1e-4, help="experts and gates")
+    p.add_argument("--head-lr", type=float, default=1e-3, help="the new head (0: --lr)")
+    p.add_argument("--upcycle", default="moefy", help="copy, split or moefy (model.upcycle)")
+    p.add_argument("--train-time-s", default="600",
                    help="compute window each device budgets for (emulated seconds), or auto")
     p.add_argument("--max-eval", type=int, default=0, help="held-out examples (0: all)")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per run (0: the CPU count divided by --jobs)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (worker processes)")
     p.add_argument("--target", type=float, default=None, help="target accuracy")
     p.add_argument("--target-frac", type=float, default=0.9)
     p.add_argument("--out", default=None, help="append JSON lines here (plot drawn next to it)")
     p.add_argument("--from-rows", default=None,
                    help="summarize stored round rows (comma list of files) instead of running")
-    args = p.parse_args(argv)
-    if args.from_rows:
-        return summarize_stored(args)
+    return p
+
+
+def resolve_defaults(args: argparse.Namespace) -> None:
+    """Fill the options left unset: the study's values, or the quick run's."""
     q = args.quick
-    defaults = dict(alphas="0.5" if q else "0.5,0.1", seeds="0" if q else "0,1",
-                    strategies="hfedmoe,fedavg-full" if q else ",".join(STRATEGIES),
-                    devices=3 if q else 4, rounds=2 if q else 4, max_steps=1 if q else 2,
-                    num_experts=2 if q else 4, top_k=1, max_length=32,
-                    max_eval=32 if q else 0)
+    defaults = dict(alphas="0.5" if q else "0.5,0.1", seeds="0" if q else "0,1,2,3,4",
+                    strategies="hfedmoe,fedavg-full" if q else ",".join(STUDY),
+                    devices=3 if q else 10, rounds=2 if q else 30, max_steps=1 if q else 2,
+                    num_experts=2 if q else 8, top_k=1 if q else 2,
+                    max_length=32 if q else 64, max_eval=32 if q else 0)
     for k, v in defaults.items():
         if getattr(args, k) in (None, 0) or (k == "max_eval" and q and args.max_eval == 0):
             setattr(args, k, v)
+    if q and args.train_time_s == "600":
+        args.train_time_s = "auto"
+    if args.threads == 0 and args.jobs > 1:
+        args.threads = max(1, (os.cpu_count() or 1) // args.jobs)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.from_rows:
+        return summarize_stored(args)
+    resolve_defaults(args)
     alphas = [float(x) for x in args.alphas.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")]
     strategies = args.strategies.split(",")
@@ -380,16 +454,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     profiles = [profile_names[i % len(profile_names)] for i in range(args.devices)]
     rows: list[dict] = []
     t_start = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(pinned_costs())
-        if args.train_time_s == "auto":
-            args.train_time_s, planned = auto_window(args, profiles)
-            print(f"train_time_s = {args.train_time_s} (auto); planned budgets {planned}")
-        else:
-            args.train_time_s = float(args.train_time_s)
-        settings = {k: getattr(args, k) for k in SETTINGS}
-        env = environment(benchmark="learning", device="cpu")
-        rows = run_all(args, alphas, seeds, strategies, profiles, settings, env)
+    pins = measure_pins(args)
+    if args.train_time_s == "auto":
+        args.train_time_s, planned = auto_window(args, profiles, pins)
+        print(f"train_time_s = {args.train_time_s} (auto); planned budgets {planned}")
+    else:
+        args.train_time_s = float(args.train_time_s)
+        planned = planned_budgets(args, profiles, pins, args.train_time_s)
+        print(f"train_time_s = {args.train_time_s}; planned budgets {planned}")
+    settings = {k: getattr(args, k) for k in SETTINGS}
+    env = environment(benchmark="learning", device="cpu")
+    rows = run_all(args, alphas, seeds, strategies, profiles, settings, env, pins)
     summary = summarize(rows, strategies, args.target, args.target_frac)
     for r in summary:
         r.update(settings=settings, profiles=profiles,

@@ -10,7 +10,7 @@ import pytest
 from hfedmoe.cli import main as cli_main
 
 ENV_FIELDS = {"git_sha", "python", "torch", "cpu", "cpu_count", "torch_threads", "loadavg"}
-MINE = ("latency", "comm", "aggregation", "learning")
+MINE = ("latency", "comm", "aggregation", "learning", "lr_sweep")
 
 
 def _rows(path: Path) -> list[dict]:
@@ -103,7 +103,7 @@ def test_aggregation_quick(tmp_path, needs_minilm):
 def test_learning_quick(tmp_path, needs_minilm):
     from benchmarks import learning
 
-    assert learning.main(["--quick", "--out", str(tmp_path / "r.jsonl")]) == 0
+    assert learning.main(["--quick", "--jobs", "2", "--out", str(tmp_path / "r.jsonl")]) == 0
     rows = _rows(tmp_path / "r.jsonl")
     rounds = [r for r in rows if r["kind"] == "round"]
     summary = [r for r in rows if r["kind"] == "summary"]
@@ -113,9 +113,29 @@ def test_learning_quick(tmp_path, needs_minilm):
         assert [r["round"] for r in rs] == [-1, 0, 1]
         assert all(0.0 <= r["accuracy"] <= 1.0 for r in rs)
         assert all(r["bytes_in"] > 0 and len(r["budgets"]) == 3 for r in rs[1:])
+    # the workers share the parent's pinned measurement: every run gets the same budgets
+    assert len({json.dumps(r["budgets"], sort_keys=True) for r in rounds if r["round"] >= 0}) == 1
     for r in summary:
         assert 0 <= r["seeds_reaching_target"] <= 1 and r["target_accuracy"] > 0
         assert r["settings"]["devices"] == 3
+        lo, hi = r["last5_accuracy_ci95"]
+        assert lo <= r["last5_accuracy_mean"] <= hi
+    assert "hfedmoe_minus_this_last5" in next(r for r in summary if r["strategy"] != "hfedmoe")
+    _plot_ok(tmp_path / "r.png")
+
+
+@pytest.mark.slow
+def test_lr_sweep_quick(tmp_path, needs_minilm):
+    from benchmarks import lr_sweep
+
+    assert lr_sweep.main(["--quick", "--lrs", "1e-4", "--head-lrs", "0,1e-3", "--seeds", "0",
+                          "--strategies", "hfedmoe", "--out", str(tmp_path / "r.jsonl")]) == 0
+    rows = _rows(tmp_path / "r.jsonl")
+    summary = [r for r in rows if r["kind"] == "summary"]
+    assert {(r["lr"], r["head_lr"]) for r in summary} == {(1e-4, 0.0), (1e-4, 1e-3)}
+    assert sum(r["best_in_group"] for r in summary) == 1
+    rounds = [r for r in rows if r["kind"] == "round"]
+    assert {(r["lr"], r["head_lr"]) for r in rounds} == {(1e-4, 0.0), (1e-4, 1e-3)}
     _plot_ok(tmp_path / "r.png")
 
 
