@@ -14,10 +14,11 @@ Statistics: per strategy the mean final accuracy over seeds with a 95% t interva
 paired difference to HFedMoE by seed (same partition, budgets and initial model) with its
 interval; the same for the mean accuracy of the last 5 rounds (less round-to-round noise).
 
-Budgets: ``--train-time-s`` is the compute window each device budgets for (emulated seconds;
-the default 600 puts 8 of 10 devices at or below E/4 on this kit's profiles); ``auto`` picks
-the shortest window in which the slowest profile can train at least E/8 experts. The budgets
-are printed and stored with every row.
+Budgets: ``--train-time-s`` is the compute window each device budgets for (emulated seconds).
+The default 600 is long enough for 2 steps that the profiles' training-memory quotas set the
+budgets (3-20 of 48 here, 8 of 10 devices at or below E/4); ``auto`` picks the shortest window
+in which the slowest profile can train at least E/8 experts, so that time binds instead. The
+budgets are printed and stored with every row.
 
 The target is ``--target`` if given, else ``--target-frac`` (0.9) of FedAvg-full's mean final
 accuracy at that alpha. ``--data PATH`` runs on a user dataset (.jsonl/.csv/.parquet with
