@@ -1,0 +1,134 @@
+"""LoRA factors of expert weights: their canonical keys, their wire spec, and exact expansion.
+
+A client that fine-tunes an expert with LoRA sends, instead of the dense delta of a weight
+``W`` (out_features, in_features), its two factors under keys next to the weight's own::
+
+    layers.{l}.experts.{e}.w_in.lora_A    (r, in_features)
+    layers.{l}.experts.{e}.w_in.lora_B    (out_features, r)
+
+with ``delta W = (lora_alpha / r) * B @ A`` (Hu et al. 2021). Averaging A and B separately is
+not the average of the clients' updates (mean(B) @ mean(A) != mean(B @ A)), so the server
+expands every pair into its product with :func:`expand` before aggregation: the weighted sums
+of Eq. 17 then average exactly the products, the result merges into the global expert, and
+the next round starts from fresh factors. Only ``w_in`` and ``w_out`` carry factors; biases,
+gates and shared parts travel as dense deltas as before.
+
+Malformed factors (a missing partner, a rank or inner dimension that does not match, a factor
+sent together with a dense delta of the same weight) raise :class:`~hfedmoe.errors.WireError`
+subclasses, like any other bad payload.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from hfedmoe.errors import ConfigError, ModelError, SchemaError, ShapeError
+from hfedmoe.names import parse_key
+from hfedmoe.update import SparseUpdate
+from hfedmoe.wire import ModelSpec, ParamSpec
+
+FACTOR_PARAMS = ("w_in", "w_out")
+LORA_A, LORA_B = "lora_A", "lora_B"
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    """Rank and scaling of the LoRA factors; ``scale = alpha / rank``."""
+
+    rank: int = 8
+    alpha: float = 16.0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.rank, int) and self.rank >= 1):
+            raise ConfigError(f"LoRA rank must be an int >= 1, got {self.rank!r}")
+        if not self.alpha > 0:
+            raise ConfigError(f"LoRA alpha must be > 0, got {self.alpha!r}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def factor_keys(weight_key: str) -> tuple[str, str]:
+    """The (A, B) keys of an expert weight's factors."""
+    return f"{weight_key}.{LORA_A}", f"{weight_key}.{LORA_B}"
+
+
+def split_factor_key(key: str) -> tuple[str, str] | None:
+    """``(weight_key, "lora_A" | "lora_B")`` for a factor key of an expert weight, else None."""
+    base, _, part = key.rpartition(".")
+    if part not in (LORA_A, LORA_B) or not base:
+        return None
+    try:
+        pk = parse_key(base)
+    except ModelError:
+        return None
+    if pk.kind != "expert" or pk.param not in FACTOR_PARAMS:
+        return None
+    return base, part
+
+
+def with_factors(spec: ModelSpec, lora: LoRASpec) -> ModelSpec:
+    """``spec`` plus the factor keys of every expert ``w_in``/``w_out`` (what a LoRA update
+    may carry); the factors' shapes fix the rank."""
+    params: dict[str, ParamSpec] = dict(spec.params)
+    for key, p in spec.params.items():
+        try:
+            pk = parse_key(key)
+        except ModelError:
+            continue
+        if pk.kind != "expert" or pk.param not in FACTOR_PARAMS or len(p.shape) != 2:
+            continue
+        out_f, in_f = p.shape
+        a, b = factor_keys(key)
+        params[a] = ParamSpec((lora.rank, in_f), p.dtypes)
+        params[b] = ParamSpec((out_f, lora.rank), p.dtypes)
+    return ModelSpec(params, spec.experts)
+
+
+def product(a: torch.Tensor, b: torch.Tensor, lora: LoRASpec) -> torch.Tensor:
+    """``scale * B @ A`` in float32: the dense delta the factors stand for."""
+    return (b.to(torch.float32) @ a.to(torch.float32)) * lora.scale  # (out, in)
+
+
+def expand(update: SparseUpdate, lora: LoRASpec) -> SparseUpdate:
+    """``update`` with every (A, B) pair replaced by the dense delta ``scale * B @ A``.
+
+    Raises:
+        SchemaError: a factor without its partner, or factors and a dense delta of one weight.
+        ShapeError: factor shapes that do not multiply or do not have rank ``lora.rank``.
+    """
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    deltas: dict[str, torch.Tensor] = {}
+    for key, t in update.deltas.items():
+        split = split_factor_key(key)
+        if split is None:
+            deltas[key] = t
+        else:
+            pairs.setdefault(split[0], {})[split[1]] = t
+    for base, parts in sorted(pairs.items()):
+        if set(parts) != {LORA_A, LORA_B}:
+            have = ", ".join(sorted(parts))
+            raise SchemaError(f"{base}: LoRA factors come in pairs, got only {have}")
+        if base in deltas:
+            raise SchemaError(f"{base}: both a dense delta and LoRA factors")
+        a, b = parts[LORA_A], parts[LORA_B]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != lora.rank or b.shape[1] != lora.rank:
+            raise ShapeError(f"{base}: factors {tuple(a.shape)} / {tuple(b.shape)} are not of "
+                             f"rank {lora.rank}")
+        deltas[base] = product(a, b, lora)
+    return dataclasses.replace(update, deltas=deltas)
+
+
+def factor_bytes(shapes: Mapping[str, tuple[int, ...]], lora: LoRASpec,
+                 itemsize: int = 4) -> int:
+    """Bytes of the factors of the given expert weights (key -> (out, in)) on the wire."""
+    return sum((lora.rank * (s[0] + s[1])) * itemsize for s in shapes.values())
+
+
+__all__ = ["FACTOR_PARAMS", "LORA_A", "LORA_B", "LoRASpec", "expand", "factor_bytes",
+           "factor_keys", "product", "split_factor_key", "with_factors"]
