@@ -42,7 +42,8 @@ log = logging.getLogger("hfedmoe.agent")
 
 # Hyper-parameters the server decides for every device; the rest of [train] stays local.
 SERVER_TRAIN_KEYS = ("batch_size", "lr", "head_lr", "optimizer", "weight_decay", "local_epochs",
-                     "max_steps", "selection_batches", "reselect")
+                     "max_steps", "selection_batches", "reselect", "adapter", "lora_rank",
+                     "lora_alpha")
 
 
 @dataclass(frozen=True)

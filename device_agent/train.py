@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -39,9 +40,11 @@ import torch
 
 from hfedmoe.config import MethodConfig, TrainConfig
 from hfedmoe.data import PairDataset, TextDataset, collate, iter_minibatches
+from hfedmoe.errors import ConfigError
 from hfedmoe.importance import compute_batch_stats
+from hfedmoe.lora import ExpertFactors, LoRASpec
 from hfedmoe.models.base import MoEModel
-from hfedmoe.names import ExpertId, parse_key
+from hfedmoe.names import ExpertId, expert_key, parse_key
 from hfedmoe.privacy import privatize
 from hfedmoe.round_stats import RoundAccumulator, RoundStats
 from hfedmoe.selection import Selection, rank_experts, selection_generator
@@ -74,7 +77,7 @@ class RoundResult:
         return sum(self.losses) / max(len(self.losses), 1)
 
 
-def make_optimizer(params: dict[str, torch.nn.Parameter], cfg: TrainConfig
+def make_optimizer(params: dict[str, torch.Tensor], cfg: TrainConfig
                    ) -> torch.optim.Optimizer:
     """AdamW (default) or SGD over every parameter that may train this round.
 
@@ -173,19 +176,41 @@ class EagerTrainer:
     """
 
     def __init__(self, model: MoEModel, experts: Sequence[ExpertId], train_cfg: TrainConfig,
-                 mcfg: MethodConfig) -> None:
+                 mcfg: MethodConfig, seed: int = 0) -> None:
         self.model, self.cfg, self.mcfg = model, train_cfg, mcfg
         self.device = next(model.module.parameters()).device
+        model.set_trainable(frozenset(experts))
+        # LoRA: the selected experts' w_in/w_out stay frozen and carry factors for the round
+        self.factors: dict[ExpertId, ExpertFactors] = {}
+        if train_cfg.adapter == "lora":
+            lora = LoRASpec(train_cfg.lora_rank, train_cfg.lora_alpha)
+            gen = torch.Generator().manual_seed(seed)
+            for e in sorted(experts):
+                expert = model.layer(e.layer_idx).bank.experts[e.expert_idx]
+                expert.w_in.requires_grad_(False)
+                expert.w_out.requires_grad_(False)
+                expert.factors = self.factors[e] = ExpertFactors(expert.w_in, expert.w_out,
+                                                                 lora, gen)
         # the starting values of what may train (its experts, gates, shared parts), for the
         # deltas: a copy of the whole model would hold every expert twice
-        model.set_trainable(frozenset(experts))
         self.initial = {k: p.detach().clone() for k, p in model.trainable_parameters().items()}
         self.active = frozenset(experts)
-        self.optimizer = make_optimizer(model.trainable_parameters(), train_cfg)
+        params: dict[str, torch.Tensor] = dict(model.trainable_parameters())
+        for e, f in self.factors.items():
+            params.update({expert_key(e.layer_idx, e.expert_idx, n): t
+                           for n, t in f.factors.items()})
+        self.optimizer = make_optimizer(params, train_cfg)
         self.acc = RoundAccumulator()
         self.trained: set[ExpertId] = set()  # active experts that received a gradient
         self.steps = 0
         self.max_state_experts = 0
+
+    def _tensors(self, e: ExpertId) -> list[torch.Tensor]:
+        """What of expert ``e`` may train: its parameters, and its LoRA factors if any."""
+        out = list(self.model.expert_parameters(e).values())
+        if e in self.factors:
+            out += list(self.factors[e].factors.values())
+        return out
 
     def set_active(self, experts: frozenset[ExpertId]) -> None:
         """Change the active set (per-batch mode); experts leaving free their optimizer state."""
@@ -209,9 +234,7 @@ class EagerTrainer:
         with autocast_for(self.cfg, self.device), self.model.capture(mask) as cap:
             loss = self.model.module(**batch).loss
         loss.backward()
-        got_grad = {e for e in self.active
-                    if any(p.grad is not None
-                           for p in self.model.expert_parameters(e).values())}
+        got_grad = {e for e in self.active if any(p.grad is not None for p in self._tensors(e))}
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.trained |= got_grad
@@ -225,13 +248,23 @@ class EagerTrainer:
         """Experts whose parameters hold optimizer state now."""
         held = {id(p) for p in self.optimizer.state}
         return sum(1 for e in self.model.expert_ids()
-                   if any(id(p) in held for p in self.model.expert_parameters(e).values()))
+                   if any(id(p) in held for p in self._tensors(e)))
 
     def deltas(self) -> dict[str, torch.Tensor]:
+        """Deltas of what trained; with LoRA, the factors of the trained experts instead of
+        their weight deltas (the server expands them, :func:`hfedmoe.lora.expand`). The
+        factors are detached from the model, which keeps its base weights."""
         self.model.set_trainable(())
         self.optimizer.state.clear()  # the round is over: free the moments before the deltas
-        return _deltas(self.model, self.initial, frozenset(self.trained),
-                       trained_any=self.steps > 0)
+        out = _deltas(self.model, self.initial, frozenset(self.trained),
+                      trained_any=self.steps > 0)
+        for e, f in self.factors.items():
+            if e in self.trained:
+                out.update({expert_key(e.layer_idx, e.expert_idx, n): t.detach().clone()
+                            for n, t in f.factors.items()})
+            self.model.layer(e.layer_idx).bank.experts[e.expert_idx].factors = None
+        self.factors = {}
+        return out
 
 
 def _select(strategy: Strategy, stats: RoundStats, budget: int, mcfg: MethodConfig,
@@ -280,6 +313,9 @@ def train_round(model: MoEModel, data: TextDataset | PairDataset, *, strategy: S
     start = clock()
     batches = round_batches(data, train_cfg, mcfg.seed, round_idx)
     executorch = runtime == "executorch"
+    if executorch and train_cfg.adapter != "full":
+        raise ConfigError("the ExecuTorch training programs train whole experts; "
+                          "train.adapter = 'lora' runs on the eager runtime")
     if executorch:
         if model.task != "classification":
             raise ValueError("ExecuTorch training programs support classification models only")
@@ -309,7 +345,8 @@ def train_round(model: MoEModel, data: TextDataset | PairDataset, *, strategy: S
     for layer in model.layers:
         layer.bank.detach_frozen = train_cfg.detach_frozen
     per_batch = train_cfg.reselect == "batch" and strategy.uses_budget
-    trainer = EagerTrainer(model, [] if per_batch else ranked, train_cfg, mcfg)
+    trainer = EagerTrainer(model, [] if per_batch else ranked, train_cfg, mcfg,
+                           seed=zlib.crc32(f"{mcfg.seed}:{round_idx}:{client_id}".encode()))
     union: set[ExpertId] = set()
     losses: list[float] = []
     selections: list[list[str]] = []

@@ -129,6 +129,12 @@ class TrainConfig:
     reselect: Literal["round", "batch"] = "round"
     # when the window cannot fit every step with this many experts, train fewer steps instead
     min_experts: int = 1
+    # "full": the selected experts' weights train; "lora": rank-r factors on their w_in/w_out
+    # (delta W = lora_alpha / lora_rank * B A; hfedmoe.lora), biases, gates and shared parts
+    # train as in "full"
+    adapter: Literal["full", "lora"] = "full"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "train.batch_size must be >= 1")
@@ -139,6 +145,11 @@ class TrainConfig:
         _check(self.threads >= 0, "train.threads must be >= 0")
         _check(self.selection_batches >= 0, "train.selection_batches must be >= 0 (0: all)")
         _check(self.min_experts >= 0, "train.min_experts must be >= 0")
+        _check(self.adapter in ("full", "lora"), "train.adapter must be 'full' or 'lora'")
+        _check(self.lora_rank >= 1, "train.lora_rank must be >= 1")
+        _check(self.lora_alpha > 0, "train.lora_alpha must be > 0")
+        _check(not (self.adapter == "lora" and self.reselect == "batch"),
+               "train.adapter = 'lora' trains one expert set per round (train.reselect = 'round')")
 
 
 @dataclass(frozen=True)

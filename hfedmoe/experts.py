@@ -28,12 +28,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hfedmoe.errors import ModelError
+
+if TYPE_CHECKING:
+    from hfedmoe.lora import ExpertFactors
 
 
 def silu(x: torch.Tensor) -> torch.Tensor:
@@ -99,10 +103,19 @@ class Expert(nn.Module):
             self.register_parameter("b_out", None)
         nn.init.normal_(self.w_in, std=0.02)
         nn.init.normal_(self.w_out, std=0.02)
+        # LoRA factors while a round fine-tunes this expert with train.adapter = "lora"
+        # (hfedmoe.lora.ExpertFactors); None: the plain expert
+        self.factors: ExpertFactors | None = None
 
     @property
     def trainable(self) -> bool:
-        return self.w_in.requires_grad
+        return self.w_in.requires_grad or self.factors is not None
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(w_in, w_out)`` as the forward sees them (with any LoRA factors merged in)."""
+        if self.factors is None:
+            return self.w_in, self.w_out
+        return self.factors.merged("w_in", self.w_in), self.factors.merged("w_out", self.w_out)
 
     def hidden(self, h: torch.Tensor) -> torch.Tensor:
         """The activation between the two projections; h is (tokens, d_in)."""
@@ -114,7 +127,10 @@ class Expert(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (tokens, d) -> (tokens, d)
         h = F.linear(x, self.w_in, self.b_in)
-        return F.linear(self.hidden(h), self.w_out, self.b_out)
+        if self.factors is None:
+            return F.linear(self.hidden(h), self.w_out, self.b_out)
+        a = self.hidden(h + self.factors.apply("w_in", x))
+        return F.linear(a, self.w_out, self.b_out) + self.factors.apply("w_out", a)
 
 
 ExpertImpl = Callable[["ExpertBank", torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -231,8 +247,9 @@ def _grouped_mlp(experts: list[Expert], xs: torch.Tensor, counts: list[int]) -> 
     """Run ``experts[i]`` on consecutive row blocks of ``xs`` of sizes ``counts``."""
     offs = torch.tensor(counts, dtype=torch.int32, device=xs.device).cumsum(0, dtype=torch.int32)
     dtype = _autocast_dtype(xs.device) or xs.dtype  # autocast does not cover grouped_mm on CPU
-    w_in = torch.stack([e.w_in for e in experts]).transpose(1, 2).to(dtype)  # (G, d, d_in)
-    w_out = torch.stack([e.w_out for e in experts]).transpose(1, 2).to(dtype)  # (G, d_ff, d)
+    weights = [e.weights() for e in experts]
+    w_in = torch.stack([w[0] for w in weights]).transpose(1, 2).to(dtype)  # (G, d, d_in)
+    w_out = torch.stack([w[1] for w in weights]).transpose(1, 2).to(dtype)  # (G, d_ff, d)
     h = _contiguous_grad(F.grouped_mm(xs.to(dtype), w_in, offs=offs))  # (N, d_in)
     rows = torch.repeat_interleave(torch.arange(len(experts), device=xs.device),
                                    torch.tensor(counts, device=xs.device))  # (N,)

@@ -21,10 +21,12 @@ subclasses, like any other bad payload.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from hfedmoe.errors import ConfigError, ModelError, SchemaError, ShapeError
 from hfedmoe.names import parse_key
@@ -51,6 +53,39 @@ class LoRASpec:
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+
+class ExpertFactors:
+    """The LoRA factors of one expert's ``w_in`` and ``w_out`` for one round.
+
+    Plain tensors with ``requires_grad`` (not registered module parameters), so the model's
+    canonical parameters, state and hash do not change while they are attached. A starts
+    Kaiming-uniform (as in PEFT) from ``generator``, B at zero, so the expert starts exactly
+    at its base weights.
+    """
+
+    def __init__(self, w_in: torch.Tensor, w_out: torch.Tensor, lora: LoRASpec,
+                 generator: torch.Generator | None = None) -> None:
+        self.scale = lora.scale
+        self.factors: dict[str, torch.Tensor] = {}
+        for name, w in (("w_in", w_in), ("w_out", w_out)):
+            out_f, in_f = w.shape
+            bound = 1.0 / math.sqrt(in_f)  # kaiming_uniform_(a=sqrt(5)) on (r, in_f)
+            a = (torch.rand(lora.rank, in_f, generator=generator) * 2 - 1) * bound
+            self.factors[f"{name}.{LORA_A}"] = a.to(w.device, torch.float32).requires_grad_()
+            self.factors[f"{name}.{LORA_B}"] = torch.zeros(
+                out_f, lora.rank, device=w.device, dtype=torch.float32, requires_grad=True)
+
+    def apply(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``scale * x A^T B^T``: the factors' share of ``F.linear(x, W)``, computed through
+        rank r, so that no gradient of the full weight is ever formed."""
+        a, b = self.factors[f"{name}.{LORA_A}"], self.factors[f"{name}.{LORA_B}"]
+        return F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)) * self.scale
+
+    def merged(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        """``W + scale * B A`` (for paths that need the weight itself, e.g. grouped GEMMs)."""
+        a, b = self.factors[f"{name}.{LORA_A}"], self.factors[f"{name}.{LORA_B}"]
+        return w + (b @ a).to(w.dtype) * self.scale
 
 
 def factor_keys(weight_key: str) -> tuple[str, str]:
@@ -130,5 +165,5 @@ def factor_bytes(shapes: Mapping[str, tuple[int, ...]], lora: LoRASpec,
     return sum((lora.rank * (s[0] + s[1])) * itemsize for s in shapes.values())
 
 
-__all__ = ["FACTOR_PARAMS", "LORA_A", "LORA_B", "LoRASpec", "expand", "factor_bytes",
+__all__ = ["FACTOR_PARAMS", "LORA_A", "LORA_B", "ExpertFactors", "LoRASpec", "expand", "factor_bytes",
            "factor_keys", "product", "split_factor_key", "with_factors"]

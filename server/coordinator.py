@@ -29,6 +29,7 @@ from hfedmoe.errors import (
     SchemaError,
     WireError,
 )
+from hfedmoe.lora import LoRASpec, expand, with_factors
 from hfedmoe.models.base import MoEModel
 from hfedmoe.modelsync import ModelManifest, build_shards
 from hfedmoe.signals import round_signals
@@ -99,7 +100,12 @@ class Coordinator:
         self.topics = Topics(cfg.run_id)
         self.store = Store(cfg.run_dir)
         self.strategy = get_strategy(cfg.method.strategy, cfg.method)
+        # train.adapter = "lora": updates carry factors, expanded to exact products on arrival
+        self.lora = (LoRASpec(cfg.train.lora_rank, cfg.train.lora_alpha)
+                     if cfg.train.adapter == "lora" else None)
         self.spec = spec_from_state(model.state())
+        if self.lora is not None:
+            self.spec = with_factors(self.spec, self.lora)
         self.global_state = model.state()
         # what one dense (fedavg-full) update of this model weighs on the wire, uncompressed
         width = 2 if cfg.wire.dtype in ("bfloat16", "float16") else 4
@@ -370,8 +376,9 @@ class Coordinator:
             self.round.bytes_out += sent
 
     def _decode(self, blob: bytes, device: str, base_hash: str | None) -> SparseUpdate:
-        return decode(blob, self.spec, self.cfg.wire, run_id=self.cfg.run_id, client_id=device,
-                      base_model_hash=base_hash)
+        update = decode(blob, self.spec, self.cfg.wire, run_id=self.cfg.run_id,
+                        client_id=device, base_model_hash=base_hash)
+        return expand(update, self.lora) if self.lora is not None else update
 
     def _on_update_blob(self, prefix: str, blob: bytes) -> None:
         device, sha = self.topics.parse_update_prefix(prefix)
@@ -382,6 +389,8 @@ class Coordinator:
                 raise UnknownClientError(f"device {device!r} is not registered")
             header, update = decode_full(blob, self.spec, self.cfg.wire, run_id=self.cfg.run_id,
                                          client_id=device)
+            if self.lora is not None:
+                update = expand(update, self.lora)
             round_idx = header.round_idx
             stored = self.store.update(round_idx, device)
             if stored is not None:  # a resend of an acknowledged update

@@ -65,6 +65,7 @@ def simulate(cfg: Any, num_devices: int, profiles: list[str],
     from device_agent.resources import probe_device
     from device_agent.train import train_round, usage_profile
     from hfedmoe.data import load_task
+    from hfedmoe.lora import LoRASpec, expand, with_factors
     from hfedmoe.models.registry import build_model
     from hfedmoe.modelsync import build_shards
     from hfedmoe.signals import round_signals
@@ -85,6 +86,10 @@ def simulate(cfg: Any, num_devices: int, profiles: list[str],
     model = build_model(cfg.model, cfg.data.task, task.num_labels)
     strategy = get_strategy(cfg.method.strategy, cfg.method)
     spec = spec_from_state(model.state())
+    lora = (LoRASpec(cfg.train.lora_rank, cfg.train.lora_alpha)
+            if cfg.train.adapter == "lora" else None)
+    if lora is not None:  # updates carry factors; the server averages their products
+        spec = with_factors(spec, lora)
     host = probe_device(matmul_seconds=0.5)
     costs = measure_costs(model, cfg.train.batch_size, cfg.model.max_length, cfg.train.optimizer,
                           cfg.train.detach_frozen, repeats=measure_repeats)
@@ -143,7 +148,8 @@ def simulate(cfg: Any, num_devices: int, profiles: list[str],
                 "budget_reason": d["budget"].reason}))
             blob = encode(res.update, cfg.method.tau, cfg.wire)
             bytes_in += len(blob)
-            aggregator.add(decode(blob, spec, cfg.wire, round_idx=r, client_id=d["id"]))
+            update = decode(blob, spec, cfg.wire, round_idx=r, client_id=d["id"])
+            aggregator.add(expand(update, lora) if lora is not None else update)
             device_times.append(res.seconds * d["scale"])
             held[d["id"]] = h = _held(d["budget"].c_budget, res, len(blob))
             usages[d["id"]] = res.update.usage
