@@ -8,7 +8,12 @@ on the same device shard from the same global model, encoded with ``hfedmoe.wire
 against fedavg-full in fp32 without compression. Note that an update holds the *union* of the
 experts trained over the round's batches, so it can exceed the per-batch budget.
 
-    python -m benchmarks.comm [--quick] [--budgets 6,12,24] [--max-steps 5] [--out r.jsonl]
+Each run is made with whole-expert fine-tuning (``train.adapter = "full"``) and with LoRA
+factors on the selected experts (``"lora"``, rank ``--lora-rank``), on the same shard, model
+and budget; the table gives LoRA's bytes as a share of the full update's at equal C.
+
+    python -m benchmarks.comm [--quick] [--budgets 6,12,24] [--max-steps 5]
+                              [--adapters full,lora] [--lora-rank 8] [--out r.jsonl]
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ WIRES = [(d, c) for d in ("float32", "bfloat16", "float16") for c in (False, Tru
 
 
 def measure(model_cfg: dict, budgets: list[int], max_steps: int, batch_size: int, lr: float,
-            seed: int, strategies: Sequence[str] = STRATEGIES) -> list[dict]:
+            seed: int, strategies: Sequence[str] = STRATEGIES,
+            adapters: Sequence[str] = ("full",), lora_rank: int = 8) -> list[dict]:
     import torch
 
     from device_agent.train import train_round, usage_profile
@@ -47,9 +53,10 @@ def measure(model_cfg: dict, budgets: list[int], max_steps: int, batch_size: int
     initial = model.state()
     dense_params = sum(t.numel() for t in initial.values())
     num_experts = len(model.expert_ids())
-    tcfg = TrainConfig(batch_size=batch_size, lr=lr, max_steps=max_steps)
     rows = []
-    for name in strategies:
+    for name, adapter in ((n, a) for n in strategies for a in adapters):
+        tcfg = TrainConfig(batch_size=batch_size, lr=lr, max_steps=max_steps, adapter=adapter,
+                           lora_rank=lora_rank, lora_alpha=2.0 * lora_rank)
         method = MethodConfig(strategy=name, seed=seed)
         strategy = get_strategy(name, method)
         for budget in (budgets if strategy.uses_budget else [num_experts]):
@@ -70,7 +77,11 @@ def measure(model_cfg: dict, budgets: list[int], max_steps: int, batch_size: int
                 t0 = time.perf_counter()
                 blob = encode(upd, method.tau, WireConfig(dtype=dtype, compress=compress))
                 rows.append({
-                    "bench": "comm", "strategy": name, "budget": budget,
+                    "bench": "comm", "strategy": name, "budget": budget, "adapter": adapter,
+                    "lora_rank": lora_rank if adapter == "lora" else 0,
+                    "expert_params_in_update": sum(
+                        t.numel() for k, t in upd.deltas.items()
+                        if parse_key(k).kind == "expert"),
                     "num_experts": num_experts, "experts_in_update": len(experts),
                     "aggregated_experts": len(upd.aggregated(method.tau)),
                     "steps": res.steps, "params_in_update": params,
@@ -78,15 +89,23 @@ def measure(model_cfg: dict, budgets: list[int], max_steps: int, batch_size: int
                     "bytes": len(blob), "encode_s": round(time.perf_counter() - t0, 4),
                     "train_s": round(train_s, 2)})
     base = next(r["bytes"] for r in rows if r["strategy"] == "fedavg-full"
-                and r["wire_dtype"] == "float32" and not r["zstd"])
+                and r["adapter"] == "full" and r["wire_dtype"] == "float32" and not r["zstd"])
     for r in rows:
         r["ratio_vs_dense_fp32"] = round(r["bytes"] / base, 4)
+        full = next((f for f in rows if f["adapter"] == "full" and
+                     (f["strategy"], f["budget"], f["wire_dtype"], f["zstd"])
+                     == (r["strategy"], r["budget"], r["wire_dtype"], r["zstd"])), None)
+        if r["adapter"] == "lora" and full is not None:
+            r["lora_vs_full_bytes"] = round(r["bytes"] / full["bytes"], 4)
+            r["lora_vs_full_expert_params"] = round(
+                r["expert_params_in_update"] / max(full["expert_params_in_update"], 1), 4)
     return rows
 
 
 def plot(rows: list[dict], path: str) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.6))
+    rows = [r for r in rows if r.get("adapter", "full") == "full"]
     runs = list(dict.fromkeys((r["strategy"], r["budget"]) for r in rows))
     wires = [("float32", False), ("bfloat16", False), ("bfloat16", True), ("float16", True)]
     width = 0.8 / len(wires)
@@ -114,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--adapters", default="full,lora", help="train.adapter values to compare")
+    p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--out", default=None, help="append JSON lines here (plot drawn next to it)")
     args = p.parse_args(argv)
     import torch
@@ -131,22 +152,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.budgets:
         budgets = [int(x) for x in args.budgets.split(",")]
     env = environment(benchmark="comm", device="cpu")
-    rows = measure(model_cfg, budgets, steps, args.batch_size, args.lr, args.seed, strategies)
+    adapters = args.adapters.split(",")
+    rows = measure(model_cfg, budgets, steps, args.batch_size, args.lr, args.seed, strategies,
+                   adapters, args.lora_rank)
     for r in rows:
         r.update(model="minilm-moe", **{f"model_{k}": v for k, v in model_cfg.items()},
                  max_steps=steps, batch_size=args.batch_size, lr=args.lr)
     write_rows(args.out, rows, env)
     print(f"bytes per update; E={rows[0]['num_experts']} experts, {steps} local steps, "
           f"dense = {rows[0]['dense_params']:,} params")
-    runs = list(dict.fromkeys((r["strategy"], r["budget"]) for r in rows))
+    runs = list(dict.fromkeys((r["strategy"], r["budget"], r["adapter"]) for r in rows))
     out = []
-    for s, b in runs:
-        rs = {(r["wire_dtype"], r["zstd"]): r for r in rows if (r["strategy"], r["budget"]) == (s, b)}
+    for s, b, a in runs:
+        rs = {(r["wire_dtype"], r["zstd"]): r for r in rows
+              if (r["strategy"], r["budget"], r["adapter"]) == (s, b, a)}
         first = rs[("float32", False)]
-        out.append([s, b, first["experts_in_update"]]
-                   + [f"{rs[w]['bytes'] / 1e6:.1f} MB (x{rs[w]['ratio_vs_dense_fp32']:.3f})"
-                      for w in WIRES])
-    print(table(out, ["strategy", "C", "experts sent"]
+        out.append([s, b, a, first["experts_in_update"]]
+                   + [f"{rs[w]['bytes'] / 1e6:.2f} MB (x{rs[w]['ratio_vs_dense_fp32']:.3f})"
+                      + (f" = {rs[w]['lora_vs_full_bytes']:.3f} of full"
+                         if "lora_vs_full_bytes" in rs[w] else "") for w in WIRES])
+    print(table(out, ["strategy", "C", "adapter", "experts sent"]
                 + [f"{SHORT[d]}{'+zstd' if z else ''}" for d, z in WIRES]))
     plot(rows, str(plot_path(args.out, "comm.png")))
     return 0

@@ -66,9 +66,9 @@ def test_comm_quick(tmp_path, needs_minilm):
     assert comm.main(["--quick", "--out", str(tmp_path / "r.jsonl")]) == 0
     rows = _rows(tmp_path / "r.jsonl")
 
-    def get(strategy: str, dtype: str, zstd: bool) -> dict:
-        return next(r for r in rows if (r["strategy"], r["wire_dtype"], r["zstd"])
-                    == (strategy, dtype, zstd))
+    def get(strategy: str, dtype: str, zstd: bool, adapter: str = "full") -> dict:
+        return next(r for r in rows if (r["strategy"], r["wire_dtype"], r["zstd"], r["adapter"])
+                    == (strategy, dtype, zstd, adapter))
 
     dense = get("fedavg-full", "float32", False)
     assert dense["ratio_vs_dense_fp32"] == 1.0
@@ -78,7 +78,11 @@ def test_comm_quick(tmp_path, needs_minilm):
     assert sparse["bytes"] < dense["bytes"]
     assert get("hfedmoe", "bfloat16", False)["bytes"] < sparse["bytes"]
     assert get("hfedmoe", "bfloat16", True)["bytes"] < get("hfedmoe", "bfloat16", False)["bytes"]
-    assert len(rows) == 2 * 6  # two strategies x (3 dtypes x zstd on/off)
+    lora = get("hfedmoe", "float32", False, "lora")  # same shard, model and budget, rank 8
+    assert lora["experts_in_update"] == sparse["experts_in_update"]
+    assert lora["bytes"] < sparse["bytes"] and lora["lora_vs_full_bytes"] < 1
+    assert 0 < lora["lora_vs_full_expert_params"] < 0.5
+    assert len(rows) == 2 * 2 * 6  # two strategies x two adapters x (3 dtypes x zstd on/off)
     _plot_ok(tmp_path / "r.png")
 
 

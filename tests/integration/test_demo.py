@@ -41,6 +41,30 @@ def test_short_demo_over_mosquitto_raises_accuracy(tmp_path, mosquitto):
     assert "fedavg-full would send" in proc.stdout
 
 
+@pytest.mark.broker
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_demo_with_lora_experts_sends_factors_and_learns(tmp_path, mosquitto):
+    """``--set train.adapter=lora`` over a real broker: the agents take the setting from the
+    server, send factors of their selected experts, and the server merges exact products."""
+    run_dir = tmp_path / "demo"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "hfedmoe.cli", "demo", "--broker", mosquitto, "--devices", "3",
+         "--rounds", "2", "--run-dir", str(run_dir), "--set", "train.adapter=lora"],
+        capture_output=True, text=True, env=env, timeout=880)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = metrics(run_dir)
+    initial = [r for r in rows if r["phase"] == "initial"][0]
+    rounds = [r for r in rows if r["phase"] == "round"]
+    assert len(rounds) == 2 and all(r["accepted"] == 3 for r in rounds)
+    assert_budget_binds(rounds, num_experts=48)
+    for r in rounds:  # factors of at most C experts each: a few percent of dense updates
+        assert r["bytes_in"] <= 0.03 * r["dense_bytes"], (r["bytes_in"], r["dense_bytes"])
+        assert r["experts_updated"] > 0
+    assert rounds[-1]["accuracy"] > initial["accuracy"] + 0.1
+
+
 def assert_budget_binds(rounds: list[dict], num_experts: int) -> None:
     """Every device and round: experts sent and experts with optimizer state <= C_budget; the
     budgets are below E, and the round's updates a fraction of dense fedavg-full's."""
