@@ -93,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--lrs", default="3e-5,1e-4,3e-4")
     p.add_argument("--head-lrs", default="0,1e-3,3e-3", help="0: the same as --lr")
     p.set_defaults(alphas="0.5", seeds="100,101", strategies="hfedmoe,fedavg-full", rounds=15)
+    # the grid replaces --lr / --head-lr
     args = p.parse_args(argv)
     learning.resolve_defaults(args)
     lrs = [float(x) for x in args.lrs.split(",")]

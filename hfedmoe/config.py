@@ -113,8 +113,8 @@ class TrainConfig:
     """The local fine-tuning recipe."""
 
     batch_size: int = 8
-    lr: float = 1e-4  # experts and gates (pretrained or converted parameters)
-    head_lr: float = 0.0  # shared parts such as a new classification head (0: lr)
+    lr: float = 1e-3  # experts and gates (pretrained or converted); benchmarks/lr_sweep.py
+    head_lr: float = 3e-2  # shared parts such as a new classification head (0: lr)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     weight_decay: float = 0.0
     local_epochs: int = 1
