@@ -134,6 +134,7 @@ def server_config(args: argparse.Namespace, strategy: str, alpha: float, seed: i
     from hfedmoe.wire import WireConfig
     from server.config import RoundConfig, ServerConfig
 
+    strategy, _, adapter = strategy.partition("+")  # "hfedmoe+lora": the strategy, LoRA experts
     return ServerConfig(
         run_id="bench", run_dir=run_dir, max_eval_examples=args.max_eval,
         model=ModelConfig(num_experts=args.num_experts, top_k=args.top_k,
@@ -142,7 +143,7 @@ def server_config(args: argparse.Namespace, strategy: str, alpha: float, seed: i
         method=MethodConfig(strategy=strategy, seed=seed),
         train=TrainConfig(batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr,
                           max_steps=args.max_steps, threads=args.threads,
-                          selection_batches=args.selection_batches),
+                          selection_batches=args.selection_batches, adapter=adapter or "full"),
         rounds=RoundConfig(rounds=args.rounds, train_time_s=args.train_time_s,
                            deadline_s=max(120.0, args.train_time_s), seed=seed),
         wire=WireConfig())
@@ -400,7 +401,9 @@ def build_parser(description: str = __doc__.splitlines()[0]) -> argparse.Argumen
     p.add_argument("--data", default="chatterbot", help="chatterbot or a dataset file")
     p.add_argument("--alphas", default=None, help="comma list (default 0.5,0.1)")
     p.add_argument("--seeds", default=None, help="comma list (default 0,1)")
-    p.add_argument("--strategies", default=None, help=f"comma list (default {','.join(STRATEGIES)})")
+    p.add_argument("--strategies", default=None,
+                   help=f"comma list (default {','.join(STUDY)}; also {','.join(STRATEGIES)}); "
+                        "NAME+lora trains LoRA factors on the selected experts (train.adapter)")
     p.add_argument("--profiles", default=",".join(PROFILES), help="device profiles, cycled")
     p.add_argument("--devices", type=int, default=None)
     p.add_argument("--rounds", type=int, default=None)

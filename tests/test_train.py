@@ -137,5 +137,7 @@ def test_head_gets_its_own_learning_rate():
     assert lrs[id(params["shared.classifier.weight"])] == 1e-2
     assert lrs[id(params["layers.0.experts.0.w_in"])] == lrs[id(params["layers.0.gate.weight"])] \
         == 1e-4
-    same = make_optimizer(params, TrainConfig(lr=1e-4))
+    same = make_optimizer(params, TrainConfig(lr=1e-4, head_lr=0))  # 0: the head uses train.lr
     assert {g["lr"] for g in same.param_groups} == {1e-4}
+    default = make_optimizer(params, TrainConfig(lr=1e-4))  # the kit's default head rate
+    assert {g["lr"] for g in default.param_groups} == {1e-4, TrainConfig().head_lr}
