@@ -10,7 +10,13 @@ bundled text padded to the announced length, real imbalanced routing), how far a
 predictions from the measured steps and the measured peak RSS? Target: within +-10 %.
 
     python -m benchmarks.budget [--quick] [--budgets 1,12,24,48] [--repeats 5] [--threads N]
+                                [--adapters full,lora] [--quantize none,int8]
                                 [--out results.jsonl] [--plot budget.png]
+
+``--adapters`` and ``--quantize`` measure the same rounds with LoRA factors instead of whole
+experts (``train.adapter``) and with the frozen base stored quantized (``model.quantize``),
+side by side: the peak memory of each at C = E/4 as a ratio of full fine-tuning over an fp32
+base, and the budget every shipped profile gets under each variant's measured costs.
 
 Every C runs in a fresh process (:func:`benchmarks.stepcost.measure_round`), which builds the
 model, measures, routes, predicts and trains as the agent does. ``balanced_step_s`` is the old
@@ -54,10 +60,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny model, few repeats (smoke test)")
     p.add_argument("--budgets", default=None, help="comma list (default 1,E/4,E/2,E)")
+    p.add_argument("--adapters", default="full",
+                   help="comma list of train.adapter values to measure side by side (full,lora)")
+    p.add_argument("--quantize", default="none",
+                   help="comma list of model.quantize values for the frozen base (none,int8)")
     p.add_argument("--impl", default=None, help="expert path (default: ModelConfig's)")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads in every worker (0: torch's default)")
+    p.add_argument("--window", type=float, default=12.0,
+                   help="compute window (s) of the per-profile budgets (the demo's)")
+    p.add_argument("--steps", type=int, default=8, help="local steps of the per-profile budgets")
     p.add_argument("--out", default=None, help="append JSON lines here")
     p.add_argument("--plot", default=None, help="write a PNG of the results here")
     args = p.parse_args(argv)
@@ -70,47 +83,122 @@ def main(argv: Sequence[str] | None = None) -> int:
                else [1, num_experts // 4, num_experts // 2, num_experts])
     batch_size, seq_len = (2, 16) if args.quick else (8, 128)
     repeats = args.repeats or (2 if args.quick else 5)
+    # a quantized base trains only through LoRA factors (model.quantize needs adapter = lora)
+    variants = [(a, q) for q in args.quantize.split(",") for a in args.adapters.split(",")
+                if q == "none" or a == "lora"]
     env = environment()
     rows = []
-    for b in budgets:
-        m = measure_in_subprocess({"mode": "round", "model": model, "path": impl, "budget": b,
-                                   "batch_size": batch_size, "seq_len": seq_len,
-                                   "warmup": 1 if args.quick else 2, "repeats": repeats,
-                                   "cost_repeats": 1 if args.quick else 7,
-                                   "threads": args.threads}, isolate=not args.quick)
-        row = {"bench": "budget", "model": model, "impl": impl, "budget": m["trained_experts"],
-               "batch_size": batch_size, "seq_len": seq_len, "threads": args.threads,
-               **{k: m[k] for k in ("optimizer_experts", "trained_row_fraction",
-                                    "balanced_row_fraction", "predicted_step_s",
-                                    "balanced_step_s", "predicted_peak_bytes",
-                                    "measured_peak_bytes", "resident_bytes", "routing_batch_s",
-                                    "step_samples_s", "cost")},
-               "measured_step_s": m["step_s"], "measured_step_min_s": m["step_min_s"],
-               "measured_step_max_s": m["step_max_s"],
-               "env": {**env, "loadavg_end": environment()["loadavg"]}}
-        row["step_error"] = round(row["predicted_step_s"] / row["measured_step_s"] - 1, 3)
-        row["balanced_step_error"] = round(row["balanced_step_s"] / row["measured_step_s"] - 1,
-                                           3)
-        row["memory_error"] = round(row["predicted_peak_bytes"]
-                                    / max(row["measured_peak_bytes"], 1) - 1, 3)
-        rows.append(row)
-        print(f"  done C={b}", file=sys.stderr, flush=True)
+    for adapter, quantize in variants:
+        for b in budgets:
+            m = measure_in_subprocess({"mode": "round", "model": model, "path": impl,
+                                       "budget": b, "batch_size": batch_size,
+                                       "seq_len": seq_len, "adapter": adapter,
+                                       "quantize": quantize,
+                                       "warmup": 1 if args.quick else 2, "repeats": repeats,
+                                       "cost_repeats": 1 if args.quick else 7,
+                                       "threads": args.threads}, isolate=not args.quick)
+            rows.append(_row(m, model, impl, b, batch_size, seq_len, args.threads, env))
+            print(f"  done {adapter}/{quantize} C={b}", file=sys.stderr, flush=True)
     print(f"{model} path={impl} batch {batch_size}x{seq_len}, real routing; whole-process peak")
-    print(f"{'C':>3}{'rows':>7}{'pred s':>9}{'meas s':>9}{'[min, max]':>17}{'err':>8}"
-          f"{'balanced':>9}{'pred MB':>10}{'meas MB':>10}{'err':>8}")
+    print(f"{'adapter':>8}{'base':>6}{'C':>4}{'rows':>7}{'pred s':>9}{'meas s':>9}"
+          f"{'[min, max]':>17}{'err':>8}{'balanced':>9}{'pred MB':>10}{'meas MB':>10}{'err':>8}"
+          f"{'MB/expert':>10}")
     for r in rows:
-        print(f"{r['budget']:>3}{r['trained_row_fraction']:>7.2f}{r['predicted_step_s']:>9.3f}"
+        print(f"{r['adapter']:>8}{r['quantize']:>6}{r['budget']:>4}"
+              f"{r['trained_row_fraction']:>7.2f}{r['predicted_step_s']:>9.3f}"
               f"{r['measured_step_s']:>9.3f}"
               f"  [{r['measured_step_min_s']:.3f}, {r['measured_step_max_s']:.3f}]"
               f"{100 * r['step_error']:>7.1f}%{100 * r['balanced_step_error']:>8.1f}%"
               f"{r['predicted_peak_bytes'] / 1e6:>10.1f}{r['measured_peak_bytes'] / 1e6:>10.1f}"
-              f"{100 * r['memory_error']:>7.1f}%")
+              f"{100 * r['memory_error']:>7.1f}%{r['per_trained_expert_bytes'] / 1e6:>10.2f}")
+    ratios = side_by_side(rows, num_experts // 4)
+    for r in ratios:
+        print(f"C = {r['budget']}: {r['adapter']}/{r['quantize']} measured peak "
+              f"{r['measured_peak_bytes'] / 1e6:.1f} MB = {r['peak_vs_full_fp32']:.3f}x of "
+              f"full/none; resident {r['resident_bytes'] / 1e6:.1f} MB = "
+              f"{r['resident_vs_full_fp32']:.3f}x")
+    profiles = profile_budgets(rows, num_experts // 4, args.window, args.steps)
+    if profiles:
+        names = list(dict.fromkeys(r["profile"] for r in profiles))
+        keys = list(dict.fromkeys((r["adapter"], r["quantize"]) for r in profiles))
+        print(f"budgets per profile ({args.window:g} s window, {args.steps} steps; costs above)")
+        print(f"{'profile':<24}" + "".join(f"{a + '/' + q:>14}" for a, q in keys))
+        for n in names:
+            got = {(r["adapter"], r["quantize"]): r for r in profiles if r["profile"] == n}
+            print(f"{n:<24}" + "".join(f"{got[k]['c_budget']:>8} ({got[k]['limit'][:4]})"
+                                       for k in keys))
     if args.out:
-        _common.write_rows(args.out, ({k: v for k, v in r.items() if k != "env"} for r in rows),
+        _common.write_rows(args.out, ({k: v for k, v in r.items() if k != "env"}
+                                      for r in rows + ratios + profiles),
                            rows[0]["env"] if rows else environment())
     if args.plot:
-        plot(rows, args.plot)
+        plot([r for r in rows if (r["adapter"], r["quantize"]) == variants[0]], args.plot)
     return 0
+
+
+def _row(m: dict[str, Any], model: str, impl: str, b: int, batch_size: int, seq_len: int,
+         threads: int, env: dict[str, Any]) -> dict[str, Any]:
+    from device_agent.budget import CostModel
+
+    row = {"bench": "budget", "kind": "round", "model": model, "impl": impl,
+           "adapter": m["adapter"], "quantize": m["quantize"], "budget": m["trained_experts"],
+           "requested_budget": b, "batch_size": batch_size, "seq_len": seq_len,
+           "threads": threads,
+           **{k: m[k] for k in ("optimizer_experts", "trained_row_fraction",
+                                "balanced_row_fraction", "predicted_step_s",
+                                "balanced_step_s", "predicted_peak_bytes",
+                                "measured_peak_bytes", "resident_bytes", "routing_batch_s",
+                                "step_samples_s", "cost")},
+           "per_trained_expert_bytes": CostModel(**m["cost"]).per_trained_expert_bytes,
+           "measured_step_s": m["step_s"], "measured_step_min_s": m["step_min_s"],
+           "measured_step_max_s": m["step_max_s"],
+           "env": {**env, "loadavg_end": environment()["loadavg"]}}
+    row["step_error"] = round(row["predicted_step_s"] / row["measured_step_s"] - 1, 3)
+    row["balanced_step_error"] = round(row["balanced_step_s"] / row["measured_step_s"] - 1, 3)
+    row["memory_error"] = round(row["predicted_peak_bytes"]
+                                / max(row["measured_peak_bytes"], 1) - 1, 3)
+    return row
+
+
+def side_by_side(rows: list[dict[str, Any]], c: int) -> list[dict[str, Any]]:
+    """At C = ``c``: each variant's measured peak and resident memory over full/none's."""
+    at = [r for r in rows if r["requested_budget"] == c]
+    ref = next((r for r in at if (r["adapter"], r["quantize"]) == ("full", "none")), None)
+    if ref is None:
+        return []
+    return [{"bench": "budget", "kind": "ratio", "budget": c, "adapter": r["adapter"],
+             "quantize": r["quantize"], "measured_peak_bytes": r["measured_peak_bytes"],
+             "resident_bytes": r["resident_bytes"],
+             "peak_vs_full_fp32": round(r["measured_peak_bytes"] / ref["measured_peak_bytes"], 3),
+             "resident_vs_full_fp32": round(r["resident_bytes"] / ref["resident_bytes"], 3),
+             "per_trained_expert_vs_full_fp32": round(
+                 r["per_trained_expert_bytes"] / ref["per_trained_expert_bytes"], 3)}
+            for r in at]
+
+
+def profile_budgets(rows: list[dict[str, Any]], c: int, window: float,
+                    steps: int) -> list[dict[str, Any]]:
+    """C_budget of every shipped profile under each variant's measured costs (taken from its
+    C = ``c`` run, whose baseline is the process's resident memory with that base)."""
+    from device_agent.budget import CostModel
+    from device_agent.costs import decide_budget
+    from device_agent.profiles import list_profiles, load_profile
+    from device_agent.resources import probe_device
+
+    at = [r for r in rows if r["requested_budget"] == c]
+    if not at:
+        return []
+    host = probe_device(matmul_seconds=0.5)
+    out = []
+    for name in list_profiles():
+        report = load_profile(name)
+        for r in at:
+            budget = decide_budget(report, CostModel(**r["cost"]), window, steps, host=host)
+            out.append({"bench": "budget", "kind": "profile", "profile": name,
+                        "adapter": r["adapter"], "quantize": r["quantize"], "window_s": window,
+                        "steps": steps, "c_budget": budget.c_budget, "limit": budget.limit,
+                        "memory_max": budget.memory_max, "time_max": budget.time_max})
+    return out
 
 
 if __name__ == "__main__":

@@ -13,7 +13,12 @@ factors on the selected experts (``"lora"``, rank ``--lora-rank``), on the same 
 and budget; the table gives LoRA's bytes as a share of the full update's at equal C.
 
     python -m benchmarks.comm [--quick] [--budgets 6,12,24] [--max-steps 5]
-                              [--adapters full,lora] [--lora-rank 8] [--out r.jsonl]
+                              [--adapters full,lora] [--lora-rank 8] [--plan | --plan-only]
+                              [--out r.jsonl]
+
+``--plan`` adds one expert's update at the expert shapes of real MoE models (Switch-base-64,
+OLMoE-1B-7B, Qwen1.5-MoE-A2.7B, DeepSeek-V2-Lite, gpt-oss-20b; from their published configs),
+whole expert vs LoRA factors, encoded with the kit's wire format.
 """
 
 from __future__ import annotations
@@ -102,6 +107,64 @@ def measure(model_cfg: dict, budgets: list[int], max_steps: int, batch_size: int
     return rows
 
 
+# Expert shapes of real MoE models, from their published config.json (hidden_size, the
+# per-expert intermediate size, gated or not, expert biases): what a phone- or Jetson-class
+# fine-tune sends per selected expert. The default model's experts (384 x 192) are far smaller.
+PLANNED = {
+    "switch-base-64": (768, 3072, False, False),  # the paper's model (T5 FFN, ReLU)
+    "olmoe-1b-7b": (2048, 1024, True, False),
+    "qwen1.5-moe-a2.7b": (2048, 1408, True, False),
+    "deepseek-v2-lite": (2048, 1408, True, False),
+    "gpt-oss-20b": (2880, 2880, True, True),
+}
+
+
+def planned(rank: int, names: Sequence[str] = tuple(PLANNED)) -> list[dict]:
+    """Bytes of one expert's update for real model shapes, whole expert vs LoRA factors.
+
+    Real encodes through ``hfedmoe.wire`` of one expert's dense delta (``w_in``, ``w_out`` and
+    biases) and of its rank-``rank`` factors (plus the same biases), random values, every wire
+    dtype without zstd (random values do not compress). A round's update is C times this plus
+    the gates and head, which are the same in both modes.
+    """
+    import torch
+
+    from hfedmoe.experts import ExpertShape
+    from hfedmoe.lora import factor_keys
+    from hfedmoe.names import ExpertId, expert_key
+    from hfedmoe.update import SparseUpdate
+    from hfedmoe.wire import WireConfig, encode
+
+    e = ExpertId(0, 0)
+    rows = []
+    for name in names:
+        d_model, d_ff, gated, bias = PLANNED[name]
+        shape = ExpertShape(d_model, d_ff, "silu" if gated else "relu", gated, bias)
+        d_in = d_ff * (2 if gated else 1)
+        weights = {"w_in": (d_in, d_model), "w_out": (d_model, d_ff)}
+        biases = {"b_in": (d_in,), "b_out": (d_model,)} if bias else {}
+        full = {expert_key(0, 0, n): torch.randn(s) for n, s in {**weights, **biases}.items()}
+        lora = {expert_key(0, 0, n): torch.randn(s) for n, s in biases.items()}
+        for n, (out_f, in_f) in weights.items():
+            a, b = factor_keys(expert_key(0, 0, n))
+            lora[a], lora[b] = torch.randn(rank, in_f), torch.randn(out_f, rank)
+        for dtype in ("float32", "bfloat16"):
+            sizes = {}
+            for adapter, deltas in (("full", full), ("lora", lora)):
+                upd = SparseUpdate("plan", 0, "dev0", 1, deltas, usage={e: 1.0},
+                                   importance={e: 1.0}, routed=frozenset({e}),
+                                   updated=frozenset({e}))
+                sizes[adapter] = len(encode(upd, 0.0, WireConfig(dtype=dtype, compress=False)))
+            rows.append({"bench": "comm", "kind": "planned", "model": name, "d_model": d_model,
+                         "d_ff": d_ff, "gated": gated, "bias": bias, "lora_rank": rank,
+                         "params_per_expert": shape.params_per_expert,
+                         "wire_dtype": dtype, "full_expert_bytes": sizes["full"],
+                         "lora_expert_bytes": sizes["lora"],
+                         "lora_vs_full_bytes": round(sizes["lora"] / sizes["full"], 4)})
+        del full, lora
+    return rows
+
+
 def plot(rows: list[dict], path: str) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.6))
@@ -135,6 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--adapters", default="full,lora", help="train.adapter values to compare")
     p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--plan", action="store_true",
+                   help="also one expert's update at real models' expert shapes, full vs LoRA")
+    p.add_argument("--plan-only", action="store_true", help="only the --plan rows")
     p.add_argument("--out", default=None, help="append JSON lines here (plot drawn next to it)")
     args = p.parse_args(argv)
     import torch
@@ -152,6 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.budgets:
         budgets = [int(x) for x in args.budgets.split(",")]
     env = environment(benchmark="comm", device="cpu")
+    if args.plan_only:
+        print_plan(planned(args.lora_rank), args, env)
+        return 0
     adapters = args.adapters.split(",")
     rows = measure(model_cfg, budgets, steps, args.batch_size, args.lr, args.seed, strategies,
                    adapters, args.lora_rank)
@@ -174,7 +243,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table(out, ["strategy", "C", "adapter", "experts sent"]
                 + [f"{SHORT[d]}{'+zstd' if z else ''}" for d, z in WIRES]))
     plot(rows, str(plot_path(args.out, "comm.png")))
+    if args.plan:
+        print_plan(planned(args.lora_rank), args, env)
     return 0
+
+
+def print_plan(plan: list[dict], args: argparse.Namespace, env: dict) -> None:
+    write_rows(args.out, plan, env)
+    print(f"one expert's update at real models' expert shapes, LoRA rank {args.lora_rank} "
+          "vs the whole expert (same biases), no zstd")
+    print(table([[r["model"], f"{r['d_model']} x {r['d_ff']}", SHORT[r["wire_dtype"]],
+                  f"{r['full_expert_bytes'] / 1e6:.2f} MB",
+                  f"{r['lora_expert_bytes'] / 1e6:.3f} MB", f"{r['lora_vs_full_bytes']:.4f}"]
+                 for r in plan],
+                ["model", "d_model x d_ff", "wire", "full expert", "LoRA factors",
+                 "LoRA / full"]))
 
 
 if __name__ == "__main__":

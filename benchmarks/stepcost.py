@@ -252,8 +252,14 @@ def measure_round(spec: dict[str, Any]) -> dict[str, Any]:
                                vocab_size=tokenizer.vocab_size)
         model.tokenizer = tokenizer
         model.set_expert_impl(spec["path"])
-    costs = measure_costs(model, batch_size, seq_len, repeats=spec.get("cost_repeats", 3))
-    train_cfg = TrainConfig(batch_size=batch_size, lr=1e-4)
+    adapter = spec.get("adapter", "full")
+    if spec.get("quantize", "none") != "none":  # the frozen base, as a device stores it
+        from hfedmoe.quantize import quantize_model
+
+        quantize_model(model, spec["quantize"])
+    costs = measure_costs(model, batch_size, seq_len, repeats=spec.get("cost_repeats", 3),
+                          adapter=adapter)
+    train_cfg = TrainConfig(batch_size=batch_size, lr=1e-4, adapter=adapter)
     mcfg = MethodConfig()
     batches = round_batches(task.train, train_cfg, 0, 0)
     stats = routing_pass(model, task.train, selection_sample(batches, spec.get("selection", 4)),

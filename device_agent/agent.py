@@ -35,7 +35,7 @@ from hfedmoe.modelsync import ModelManifest, ShardCache, manifest_hash
 from hfedmoe.transport.base import Message, Transport
 from hfedmoe.transport.chunks import BlobReceiver, send_blob
 from hfedmoe.transport.config import TransportConfig
-from hfedmoe.transport.topics import Topics, check_id
+from hfedmoe.transport.topics import Topics, check_device_id, check_id
 from hfedmoe.wire import WireConfig, encode
 
 log = logging.getLogger("hfedmoe.agent")
@@ -86,7 +86,7 @@ class AgentConfig:
     wire: WireConfig = field(default_factory=WireConfig)
 
     def __post_init__(self) -> None:
-        check_id(self.device_id, "device id")
+        check_device_id(self.device_id)  # ReservedIdError for "server" and the like
         check_id(self.run_id, "run id")
         if not 0 <= self.shard < self.num_shards:
             raise ConfigError(f"agent.shard must be in [0, num_shards={self.num_shards})")
@@ -153,6 +153,8 @@ class DeviceAgent:
         self.model.module.to(resolve_device(cfg.train.device))
         self.cache = ShardCache(self.model.spec())
         self.base_manifest = self.cache.add_state(self.model.state())
+        self._quantize()  # model.quantize: the frozen base stored quantized from here on
+        self._train = cfg.train  # the recipe of the last round (the server's settings)
         self.costs = self._measure(cfg.train.batch_size,
                                    cfg.measure_seq_len or cfg.model.max_length)
         self.budget = self._decide(deadline_s=60.0, train=cfg.train)
@@ -161,13 +163,28 @@ class DeviceAgent:
                  len(self.data), self.budget.c_budget, self.budget.limit,
                  "emulated " + self.report.source if self.report.emulated else "measured")
 
-    def _measure(self, batch_size: int, seq_len: int) -> Any:
-        from device_agent.costs import measure_costs
+    def _quantize(self) -> None:
+        """Store the model's frozen base quantized (``model.quantize``; a no-op for "none" and
+        for weights already quantized). Training over it needs ``train.adapter = "lora"``:
+        :func:`device_agent.train.train_round` refuses a round announced otherwise."""
+        from hfedmoe.quantize import quantize_model
 
-        log.info("%s: measuring step costs at batch %d x %d", self.cfg.device_id, batch_size,
-                 seq_len)
-        return measure_costs(self.model, batch_size, seq_len, self.cfg.train.optimizer,
-                             self.cfg.train.detach_frozen)
+        report = quantize_model(self.model, self.cfg.model.quantize)
+        if report.experts or report.linears:
+            log.info("%s: base stored %s: %d expert weights, %d linears, %.1f -> %.1f MB",
+                     self.cfg.device_id, report.mode, report.experts, report.linears,
+                     report.bytes_before / 1e6, report.bytes_after / 1e6)
+
+    def _measure(self, batch_size: int, seq_len: int, train: TrainConfig | None = None) -> Any:
+        from device_agent.costs import measure_costs
+        from hfedmoe.lora import LoRASpec
+
+        train = train or self.cfg.train
+        log.info("%s: measuring step costs at batch %d x %d (%s experts)", self.cfg.device_id,
+                 batch_size, seq_len, train.adapter)
+        return measure_costs(self.model, batch_size, seq_len, train.optimizer,
+                             train.detach_frozen, adapter=train.adapter,
+                             lora=LoRASpec(train.lora_rank, train.lora_alpha))
 
     def _decide(self, deadline_s: float, train: TrainConfig) -> Any:
         from device_agent.costs import decide_budget, steps_per_round
@@ -275,9 +292,31 @@ class DeviceAgent:
         self.stop_requested = True
 
     def _should_join(self, ann: dict[str, Any]) -> bool:
-        return (self.cfg.device_id in ann.get("participants", [])
+        join = (self.cfg.device_id in ann.get("participants", [])
                 and ann.get("round", -1) > self.local.get("last_round", -1)
                 and ann.get("deadline", 0) > self.clock())
+        return join and self._within_privacy_budget(ann)
+
+    def _within_privacy_budget(self, ann: dict[str, Any]) -> bool:
+        """One more noised update must keep this device within ``method.dp_max_epsilon``;
+        otherwise it sits the round out (once per round, logged) and sends nothing."""
+        from hfedmoe.privacy import epsilon, may_take_part
+
+        try:
+            method = from_dict(MethodConfig, ann.get("method", {}))
+        except HFedMoEError:
+            return True  # play_round rejects a malformed announcement
+        spent = int(self.local.get("dp_rounds", 0))
+        if may_take_part(spent, method):
+            return True
+        if self.local.get("dp_refused_round") != ann.get("round"):
+            self.local["dp_refused_round"] = ann.get("round")
+            log.warning("%s: sits out round %s: its %d noised updates spent epsilon %.3f at "
+                        "delta %g; one more would pass method.dp_max_epsilon = %g",
+                        self.cfg.device_id, ann.get("round"), spent,
+                        epsilon(method.dp_noise_multiplier, spent, method.dp_delta),
+                        method.dp_delta, method.dp_max_epsilon)
+        return False
 
     def _pump_until(self, predicate: Callable[[], bool], deadline: float) -> bool:
         while not predicate():
@@ -333,13 +372,17 @@ class DeviceAgent:
         else:
             down = self.fetch_model(manifest, deadline)
             self.model.load_state(self.cache.assemble(manifest))
+            self._quantize()  # the round's global weights, re-quantized (the server keeps fp32)
             method = from_dict(MethodConfig, ann["method"])
             strategy = get_strategy(ann["strategy"], method)
             server_train = {k: ann["train"][k] for k in SERVER_TRAIN_KEYS if k in ann["train"]}
-            train = dataclasses.replace(self.cfg.train, **server_train)
+            train = self._train = dataclasses.replace(self.cfg.train, **server_train)
             max_length = int(ann.get("max_length", self.cfg.model.max_length))
-            if (self.costs.batch_size, self.costs.seq_len) != (train.batch_size, max_length):
-                self.costs = self._measure(train.batch_size, max_length)  # the announced shape
+            if ((self.costs.batch_size, self.costs.seq_len, self.costs.adapter)
+                    != (train.batch_size, max_length, train.adapter)
+                    or (train.adapter == "lora" and self.costs.lora_rank != train.lora_rank)):
+                # the announced shape and adapter
+                self.costs = self._measure(train.batch_size, max_length, train)
             train_window = deadline - self.clock() - self.cfg.upload_margin_s
             window = float(ann.get("train_time_s") or train_window)
             registered = self.budget.c_budget
@@ -368,6 +411,9 @@ class DeviceAgent:
                                                              self.budget.step_seconds),
                 "emulated": self.report.emulated, "bytes_down": down})
             blob = encode(update, method.tau, self.cfg.wire)
+            if method.dp_noise_multiplier > 0:  # a noised update is about to leave the device
+                self.local["dp_rounds"] = int(self.local.get("dp_rounds", 0)) + 1
+                _atomic_write(self.state_path, json.dumps(self.local).encode())
             _atomic_write(pending, blob)
         status = self.send_update(round_idx, blob, deadline)
         if result is not None and result.steps:
@@ -405,7 +451,8 @@ class DeviceAgent:
         if decision.remeasure:
             log.info("%s: re-measuring: %s", self.cfg.device_id, "; ".join(decision.reasons))
             self.report = self.host = probe_device(matmul_seconds=self.cfg.matmul_seconds)
-            self.costs = self._measure(self.costs.batch_size, self.costs.seq_len)
+            self.costs = self._measure(self.costs.batch_size, self.costs.seq_len,
+                                       self._train)
 
     def send_update(self, round_idx: int, blob: bytes, deadline: float) -> str:
         """Chunked upload, re-announced until the server acks it (or the round is long gone)."""

@@ -66,12 +66,15 @@ def model_costs(report: DeviceReport, args: argparse.Namespace) -> dict[str, Any
     from hfedmoe.models.registry import build_model
 
     model = build_model(ModelConfig(name=args.model), "classification", 4)
-    measured = measure_costs(model, args.batch, args.seq)
-    budget = decide_budget(report, measured.cost, args.deadline, args.steps,
-                           host=None if not report.emulated else _host(args))
-    return {"model": args.model, "batch": args.batch, "seq": args.seq,
-            "tokens_per_expert": measured.tokens_per_expert,
-            "steps": dataclasses.asdict(measured.steps), "budget": budget.to_dict()}
+    host = None if not report.emulated else _host(args)
+    out: dict[str, Any] = {"model": args.model, "batch": args.batch, "seq": args.seq}
+    for adapter in ("full", "lora"):  # train.adapter: whole experts, or LoRA factors
+        measured = measure_costs(model, args.batch, args.seq, adapter=adapter)
+        budget = decide_budget(report, measured.cost, args.deadline, args.steps, host=host)
+        out[adapter] = {"tokens_per_expert": measured.tokens_per_expert,
+                        "lora_rank": measured.lora_rank,
+                        "steps": dataclasses.asdict(measured.steps), "budget": budget.to_dict()}
+    return out
 
 
 def _host(args: argparse.Namespace) -> DeviceReport:
@@ -84,19 +87,34 @@ def print_costs(costs: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    s, b = costs["steps"], costs["budget"]
+    full, lora = costs["full"], costs["lora"]
     table = Table(title=f"{costs['model']}: batch {costs['batch']} x seq {costs['seq']} "
-                        f"({costs['tokens_per_expert']} tokens per expert)", show_header=False)
-    table.add_row("one expert fwd+bwd (trained)", f"{s['expert_seconds'] * 1e3:.2f} ms, peak "
-                  f"{s['expert_peak_bytes'] / 2**20:.1f} MiB")
-    table.add_row("one expert frozen", f"{(s['expert_frozen_seconds'] or 0) * 1e3:.2f} ms")
-    table.add_row("non-expert fwd+bwd", f"{s['rest_seconds'] * 1e3:.1f} ms, peak "
-                  f"{s['rest_peak_bytes'] / 2**20:.1f} MiB")
-    table.add_row("C_budget", f"{b['c_budget']} of {b['cost']['num_experts']} experts "
-                  f"({b['limit']}: {b['reason']})")
-    table.add_row("predicted step / peak", f"{b['step_seconds']:.3f} s / "
-                  f"{b['peak_bytes'] / 2**30:.2f} GiB")
+                        f"({full['tokens_per_expert']} tokens per expert)")
+    table.add_column("")
+    table.add_column("train.adapter = full")
+    table.add_column(f"train.adapter = lora (rank {lora['lora_rank']})")
+
+    def row(label: str, fn: Any) -> None:
+        table.add_row(label, fn(full), fn(lora))
+
+    row("one expert fwd+bwd (trained)", lambda c: f"{c['steps']['expert_seconds'] * 1e3:.2f} ms, "
+        f"peak {c['steps']['expert_peak_bytes'] / 2**20:.1f} MiB")
+    row("one expert frozen", lambda c: f"{(c['steps']['expert_frozen_seconds'] or 0) * 1e3:.2f} ms")
+    row("non-expert fwd+bwd", lambda c: f"{c['steps']['rest_seconds'] * 1e3:.1f} ms, peak "
+        f"{c['steps']['rest_peak_bytes'] / 2**20:.1f} MiB")
+    row("memory per trained expert", lambda c: f"{_per_expert_mib(c['budget']['cost']):.1f} MiB")
+    row("C_budget", lambda c: f"{c['budget']['c_budget']} of "
+        f"{c['budget']['cost']['num_experts']} experts ({c['budget']['limit']}: "
+        f"{c['budget']['reason']})")
+    row("predicted step / peak", lambda c: f"{c['budget']['step_seconds']:.3f} s / "
+        f"{c['budget']['peak_bytes'] / 2**30:.2f} GiB")
     Console().print(table)
+
+
+def _per_expert_mib(cost: dict[str, Any]) -> float:
+    from device_agent.budget import CostModel
+
+    return CostModel(**cost).per_trained_expert_bytes / 2**20
 
 
 def _gib(value: int | None) -> str:

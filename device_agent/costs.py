@@ -5,10 +5,16 @@ length (its share of the routed tokens: B x S x top_k / experts per layer), trai
 backward and its optimizer step) and frozen, the non-expert part of a training step (attention,
 embeddings, routers, head, and the optimizer step of gates and head) with the experts' compute
 removed, and the routing pre-pass (a forward of the whole model without autograd, plus the
-batch statistics) that ``train_round`` runs before every step. :func:`cost_model` combines them with the model's parameter counts;
-:func:`decide_budget` applies the device's memory and the round deadline
-(:func:`device_agent.budget.compute_budget`), scaling times when a profile emulates another
-device.
+batch statistics) that ``train_round`` runs once per round. :func:`cost_model` combines them
+with the model's parameter counts; :func:`decide_budget` applies the device's memory and the
+round deadline (:func:`device_agent.budget.compute_budget`), scaling times when a profile
+emulates another device.
+
+With ``adapter="lora"`` a trained expert is one that carries rank-r factors over its frozen
+base (``train.adapter = "lora"``): it holds gradients and optimizer state of its factors and
+biases only, keeps no copy of its base weights for the delta, saves the rank-r intermediates
+besides what a trained expert saves, and every timed step trains factors, so the budget is the
+one a LoRA round can afford.
 """
 
 from __future__ import annotations
@@ -38,8 +44,10 @@ from device_agent.budget import (
 from device_agent.report import DeviceReport, time_scale
 from device_agent.throughput import StepCosts, _time_calls, measure_step_costs
 from hfedmoe.config import MethodConfig, TrainConfig
+from hfedmoe.errors import DeviceError
 from hfedmoe.experts import Expert
 from hfedmoe.importance import compute_batch_stats
+from hfedmoe.lora import ExpertFactors, LoRASpec, attach_factors, detach_factors, factor_params
 from hfedmoe.models.base import MoEModel
 from hfedmoe.names import ExpertId
 
@@ -68,6 +76,8 @@ class MeasuredCosts:
     tokens_per_expert: int
     batch_size: int = 0
     seq_len: int = 0
+    adapter: str = "full"  # what a trained expert trains: its weights, or LoRA factors
+    lora_rank: int = 0
 
 
 def _sample_batch(model: MoEModel, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
@@ -83,8 +93,14 @@ def _sample_batch(model: MoEModel, batch_size: int, seq_len: int) -> dict[str, t
 
 
 def measure_costs(model: MoEModel, batch_size: int, seq_len: int, optimizer: str = "adamw",
-                  detach_frozen: bool = False, repeats: int = 5) -> MeasuredCosts:
-    """Time one expert (trained and frozen) and the non-expert step of ``model`` here."""
+                  detach_frozen: bool = False, repeats: int = 5, adapter: str = "full",
+                  lora: LoRASpec | None = None) -> MeasuredCosts:
+    """Time one expert (trained and frozen) and the non-expert step of ``model`` here.
+
+    ``adapter="lora"`` (with ``lora``, default rank 8) measures experts trained through LoRA
+    factors instead of their weights.
+    """
+    lora = _lora_spec(adapter, lora)
     layer = model.layers[0]
     shape = layer.bank.shape
     device = next(model.module.parameters()).device
@@ -92,10 +108,19 @@ def measure_costs(model: MoEModel, batch_size: int, seq_len: int, optimizer: str
     expert = Expert(shape).to(device)
     x = torch.randn(tokens, shape.d_model, device=device)
 
-    expert_opt = _optimizer(list(expert.parameters()), optimizer)
+    trained: list[torch.Tensor] = list(expert.parameters())
+    factors = None
+    if lora is not None:  # the base weights stay frozen; factors and biases train
+        factors = ExpertFactors(expert.w_in, expert.w_out, lora)
+        trained = [p for n, p in expert.named_parameters() if n.startswith("b_")]
+        trained += list(factors.factors.values())
+    expert_opt = _optimizer(trained, optimizer)
 
     def run_expert() -> None:
-        expert.requires_grad_(True)
+        expert.requires_grad_(lora is None)
+        for t in trained:
+            t.requires_grad_(True)
+        expert.factors = factors
         xin = x.clone().requires_grad_(True)
         expert(xin).sum().backward()
         expert_opt.step()
@@ -103,6 +128,7 @@ def measure_costs(model: MoEModel, batch_size: int, seq_len: int, optimizer: str
 
     def run_frozen() -> None:
         expert.requires_grad_(False)
+        expert.factors = None
         if detach_frozen:
             with torch.no_grad():
                 expert(x)
@@ -137,9 +163,9 @@ def measure_costs(model: MoEModel, batch_size: int, seq_len: int, optimizer: str
                                run_expert_frozen=run_frozen, run_routing=run_routing)
     release_freed_memory()  # the step's growth is measured as training will see it
     whole0, growth = _time_calls(run_step, device, repeats, 1)
-    cost = cost_model(model, steps, tokens, optimizer, detach_frozen)
+    cost = cost_model(model, steps, tokens, optimizer, detach_frozen, lora=lora)
     cost = _anchor_on_whole_steps(model, batch, cost, statistics.median(whole0), optimizer,
-                                  device, repeats)
+                                  device, repeats, lora)
     model.set_trainable(())
     model.load_state(snapshot)  # the timing steps must not change the model
     release_freed_memory()  # what the timing steps freed must not count as resident
@@ -150,12 +176,19 @@ def measure_costs(model: MoEModel, batch_size: int, seq_len: int, optimizer: str
     cost = dataclasses.replace(
         cost, batch_rows=batch_size * seq_len, process_baseline_bytes=baseline,
         non_expert_activation_bytes=max(cost.non_expert_activation_bytes, measured_rest))
-    return MeasuredCosts(cost, steps, tokens, batch_size, seq_len)
+    return MeasuredCosts(cost, steps, tokens, batch_size, seq_len,
+                         "full" if lora is None else "lora", 0 if lora is None else lora.rank)
+
+
+def _lora_spec(adapter: str, lora: LoRASpec | None) -> LoRASpec | None:
+    if adapter not in ("full", "lora"):
+        raise DeviceError(f"unknown adapter {adapter!r}; known: full, lora")
+    return (lora or LoRASpec()) if adapter == "lora" else None
 
 
 def _anchor_on_whole_steps(model: MoEModel, batch: dict[str, torch.Tensor], cost: CostModel,
                            step0: float, optimizer: str, device: torch.device,
-                           repeats: int) -> CostModel:
+                           repeats: int, lora: LoRASpec | None = None) -> CostModel:
     """Anchor the step-time model on whole training steps of the real model.
 
     One expert's closure timed alone is noisy from process to process (its gradients and
@@ -176,7 +209,8 @@ def _anchor_on_whole_steps(model: MoEModel, batch: dict[str, torch.Tensor], cost
     for k in sorted({max(1, cost.num_experts // 4), len(ranked)}):
         chosen = ranked[:k]
         rows = sum(float(cap.expert_rows[e.layer_idx][e.expert_idx]) for e in chosen)
-        step_k, opt_k = _time_trained_step(model, batch, chosen, optimizer, device, repeats)
+        step_k, opt_k = _time_trained_step(model, batch, chosen, optimizer, device, repeats,
+                                           lora)
         points.append((rows / max(cost.expert_rows, 1), len(chosen), step_k, opt_k))
     # the optimizer's part is per expert (its parameters), the weight gradients' part per row:
     # least squares through the anchors with the intercept fixed at step0
@@ -191,10 +225,16 @@ def _anchor_on_whole_steps(model: MoEModel, batch: dict[str, torch.Tensor], cost
 
 def _time_trained_step(model: MoEModel, batch: dict[str, torch.Tensor],
                        chosen: list[ExpertId], optimizer: str, device: torch.device,
-                       repeats: int) -> tuple[float, float]:
-    """Median seconds of a whole step with ``chosen`` trained, and of its optimizer part."""
+                       repeats: int, lora: LoRASpec | None = None) -> tuple[float, float]:
+    """Median seconds of a whole step with ``chosen`` trained (through LoRA factors when
+    ``lora`` is given), and of its optimizer part."""
     model.set_trainable(chosen)
-    opt = _optimizer(list(model.trainable_parameters().values()), optimizer)
+    params = list(model.trainable_parameters().values())
+    if lora is not None:
+        factors = attach_factors(model, chosen, lora)
+        params = list(model.trainable_parameters().values())  # the bases are frozen now
+        params += [t for f in factors.values() for t in f.factors.values()]
+    opt = _optimizer(params, optimizer)
     opt_times: list[float] = []
 
     def run_trained() -> None:
@@ -208,7 +248,10 @@ def _time_trained_step(model: MoEModel, batch: dict[str, torch.Tensor],
             torch.cuda.synchronize(device)
         opt_times.append(time.perf_counter() - t0)
 
-    step = statistics.median(_time_calls(run_trained, device, repeats, 1)[0])
+    try:
+        step = statistics.median(_time_calls(run_trained, device, repeats, 1)[0])
+    finally:
+        detach_factors(model, chosen)
     return step, statistics.median(opt_times[1:] or opt_times)
 
 
@@ -248,10 +291,26 @@ def _optimizer(params: list[torch.nn.Parameter], name: str) -> torch.optim.Optim
 
 
 def cost_model(model: MoEModel, steps: StepCosts, tokens: int, optimizer: str,
-               detach_frozen: bool = False) -> CostModel:
-    """Bytes from the model's parameter counts, seconds from the measured closures."""
+               detach_frozen: bool = False, lora: LoRASpec | None = None) -> CostModel:
+    """Bytes from the model's parameter counts, seconds from the measured closures.
+
+    A trained expert holds gradients and optimizer state of what trains (its weights, or with
+    ``lora`` its factors and biases), the copy of its starting values for the delta (with
+    LoRA: its biases; the factors themselves are held too) and its saved activations (with
+    LoRA also the rank-r intermediates of both projections).
+    """
     shape = model.layers[0].bank.shape
     per_expert = shape.params_per_expert
+    d_in = shape.d_ff * (2 if shape.gated else 1)
+    trained = per_expert  # elements that train, and held for the delta
+    held = per_expert
+    rank_act = 0
+    if lora is not None:
+        biases = (d_in + shape.d_model) if shape.bias else 0
+        n_factors = factor_params(shape.d_model, d_in, shape.d_ff, lora)
+        trained = n_factors + biases
+        held = n_factors + biases  # the factors, and the biases' starting values
+        rank_act = tokens * 2 * lora.rank * 4
     total = sum(p.numel() for p in model.module.parameters())
     num_experts = sum(layer.num_experts for layer in model.layers)
     trainable_rest = sum(p.numel() for k, p in model.trainable_parameters().items()
@@ -260,11 +319,11 @@ def cost_model(model: MoEModel, steps: StepCosts, tokens: int, optimizer: str,
         num_experts=num_experts,
         non_expert_weight_bytes=4 * (total - num_experts * per_expert),
         expert_weight_bytes=4 * per_expert,
-        expert_state_bytes=expert_state_bytes(per_expert, optimizer),
+        expert_state_bytes=expert_state_bytes(trained, optimizer),
         expert_activation_bytes=expert_activation_bytes(tokens, shape.d_model, shape.d_ff,
-                                                        gated=shape.gated),
-        expert_grad_bytes=4 * per_expert,
-        expert_snapshot_bytes=4 * per_expert,
+                                                        gated=shape.gated) + rank_act,
+        expert_grad_bytes=4 * trained,
+        expert_snapshot_bytes=4 * held,
         expert_frozen_activation_bytes=0 if detach_frozen
         else tokens * shape.d_ff * (2 if shape.gated else 1) * 4,
         non_expert_activation_bytes=steps.rest_peak_bytes

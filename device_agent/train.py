@@ -40,12 +40,12 @@ import torch
 
 from hfedmoe.config import MethodConfig, TrainConfig
 from hfedmoe.data import PairDataset, TextDataset, collate, iter_minibatches
-from hfedmoe.errors import ConfigError
 from hfedmoe.importance import compute_batch_stats
 from hfedmoe.lora import ExpertFactors, LoRASpec
 from hfedmoe.models.base import MoEModel
 from hfedmoe.names import ExpertId, expert_key, parse_key
 from hfedmoe.privacy import privatize
+from hfedmoe.quantize import quantized_keys, require_eager, require_lora, weight_mode
 from hfedmoe.round_stats import RoundAccumulator, RoundStats
 from hfedmoe.selection import Selection, rank_experts, selection_generator
 from hfedmoe.signals import ranking_disagreement
@@ -179,6 +179,7 @@ class EagerTrainer:
                  mcfg: MethodConfig, seed: int = 0) -> None:
         self.model, self.cfg, self.mcfg = model, train_cfg, mcfg
         self.device = next(model.module.parameters()).device
+        _check_quantized(model, train_cfg, "eager")
         model.set_trainable(frozenset(experts))
         # LoRA: the selected experts' w_in/w_out stay frozen and carry factors for the round
         self.factors: dict[ExpertId, ExpertFactors] = {}
@@ -267,6 +268,22 @@ class EagerTrainer:
         return out
 
 
+def factor_seed(mcfg: MethodConfig, round_idx: int, client_id: str) -> int:
+    """Seed of the generator a round's LoRA A factors are drawn from (eager and ExecuTorch
+    trainers alike, so both runtimes start a round from the same factors)."""
+    return zlib.crc32(f"{mcfg.seed}:{round_idx}:{client_id}".encode())
+
+
+def _check_quantized(model: MoEModel, train_cfg: TrainConfig, runtime: str) -> None:
+    """A device whose base is stored quantized (``model.quantize``) trains LoRA factors only,
+    on the eager runtime: a round announced with ``train.adapter = "full"`` is refused, naming
+    the fix, and so is the ExecuTorch runtime (its programs are exported from fp32 weights)."""
+    keys = quantized_keys(model)
+    if keys:
+        require_lora(weight_mode(model.parameter(keys[0])), train_cfg.adapter)
+        require_eager(runtime)
+
+
 def _select(strategy: Strategy, stats: RoundStats, budget: int, mcfg: MethodConfig,
             client_id: str, round_idx: int,
             assignment: frozenset[ExpertId] | None) -> Selection:
@@ -310,12 +327,10 @@ def train_round(model: MoEModel, data: TextDataset | PairDataset, *, strategy: S
         A :class:`RoundResult` whose ``update`` carries deltas of what trained.
     """
     mcfg = method_cfg or strategy.cfg
+    _check_quantized(model, train_cfg, runtime)
     start = clock()
     batches = round_batches(data, train_cfg, mcfg.seed, round_idx)
     executorch = runtime == "executorch"
-    if executorch and train_cfg.adapter != "full":
-        raise ConfigError("the ExecuTorch training programs train whole experts; "
-                          "train.adapter = 'lora' runs on the eager runtime")
     if executorch:
         if model.task != "classification":
             raise ValueError("ExecuTorch training programs support classification models only")
@@ -346,7 +361,7 @@ def train_round(model: MoEModel, data: TextDataset | PairDataset, *, strategy: S
         layer.bank.detach_frozen = train_cfg.detach_frozen
     per_batch = train_cfg.reselect == "batch" and strategy.uses_budget
     trainer = EagerTrainer(model, [] if per_batch else ranked, train_cfg, mcfg,
-                           seed=zlib.crc32(f"{mcfg.seed}:{round_idx}:{client_id}".encode()))
+                           seed=factor_seed(mcfg, round_idx, client_id))
     union: set[ExpertId] = set()
     losses: list[float] = []
     selections: list[list[str]] = []
@@ -413,8 +428,14 @@ def _train_executorch(model: MoEModel, data: TextDataset | PairDataset, batches:
                       base_hash: str, clock: Callable[[], float], start: float, backend: str,
                       plan: Any, routing_s: float, disagreement: float = 0.0) -> RoundResult:
     """The ExecuTorch trainer on the round's expert set: batches padded to the program's static
-    shape, the program's SGD. Usage and importance come from the routing pass."""
+    shape, the program's SGD. Usage and importance come from the routing pass. With
+    ``train.adapter = "lora"`` the LoRA program trains factors of the set (sent as factors; the
+    device keeps its base expert weights, as on the eager runtime)."""
     from export.runtime import ExecuTorchTrainer
+    from hfedmoe.lora import split_factor_key
+
+    lora = (LoRASpec(train_cfg.lora_rank, train_cfg.lora_alpha)
+            if train_cfg.adapter == "lora" else None)
 
     chosen = sorted(ranked)
     encoded = [collate(data, idx, model.tokenizer, max_length, pad_to_max_length=True)
@@ -424,7 +445,8 @@ def _train_executorch(model: MoEModel, data: TextDataset | PairDataset, batches:
     deltas: dict[str, torch.Tensor] = {}
     if chosen and encoded:
         trainer = ExecuTorchTrainer(model, chosen, (train_cfg.batch_size, max_length),
-                                    train_cfg.lr, bucket=bucket, backend=backend)
+                                    train_cfg.lr, bucket=bucket, backend=backend, lora=lora,
+                                    seed=factor_seed(mcfg, round_idx, client_id))
         step_time = 0.0
         for batch in encoded:
             if deadline_s is not None and losses and clock() - start + step_time > deadline_s:
@@ -434,7 +456,8 @@ def _train_executorch(model: MoEModel, data: TextDataset | PairDataset, batches:
             losses.append(trainer.step(batch))
             step_time = clock() - t0
         deltas = trainer.deltas()
-        model.load_state({k: model.parameter(k).detach() + d for k, d in deltas.items()})
+        model.load_state({k: model.parameter(k).detach() + d for k, d in deltas.items()
+                           if split_factor_key(k) is None})
     updated = frozenset(chosen) if losses else frozenset()
     tokens = sum(int(b["attention_mask"].sum()) for b in encoded[:len(losses)])
     return _finish(model, deltas, stats, updated, len(data), len(losses) * train_cfg.batch_size,
@@ -459,10 +482,10 @@ def _finish(model: MoEModel, deltas: dict[str, torch.Tensor], stats: RoundStats 
     if plan is not None:
         meta["plan"] = plan.to_dict()
     if mcfg.dp_clip > 0 and deltas:
-        private = privatize(deltas, mcfg.dp_clip, mcfg.dp_noise_multiplier,
-                            selection_generator(mcfg.seed + 1, client_id, round_idx))
+        # noise from the OS's randomness; the norm and the clip factor stay on the device
+        private = privatize(deltas, mcfg.dp_clip, mcfg.dp_noise_multiplier)
         deltas = dict(private.deltas)
-        meta.update(dp_norm=private.norm, dp_scale=private.scale, dp_noise_std=private.noise_std)
+        meta.update(dp_noise_std=private.noise_std, dp_clip=mcfg.dp_clip)
     update = SparseUpdate(
         run_id=run_id, round_idx=round_idx, client_id=client_id,
         num_examples=max(num_examples, 1), deltas=deltas,

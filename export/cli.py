@@ -2,7 +2,8 @@
 
 ``pte``: inference ``.pte`` (XNNPACK) at ``--batch`` x ``--seq``; ``onnx``: ONNX with a dynamic
 sequence axis where possible; ``train-pte``: the on-device training program of the bucket that
-holds ``--experts`` (e.g. ``0:1,3:5``), checked by a few SGD steps against eager PyTorch.
+holds ``--experts`` (e.g. ``0:1,3:5``), checked by a few SGD steps against eager PyTorch
+(``--lora-rank R``: the program with LoRA factor slots, checked against the eager LoRA trainer).
 Each export prints its size, trainable parameter count and parity report.
 """
 
@@ -26,6 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="ExecuTorch kernels (default: xnnpack for pte, portable for train-pte)")
     p.add_argument("--mode", choices=["frozen", "dropped"], default="frozen",
                    help="train-pte: other experts kept as frozen constants or dropped")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="train-pte: LoRA factor slots of this rank instead of expert weights "
+                        "(0: full experts)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="train-pte: LoRA alpha")
     p.add_argument("--static-seq", action="store_true", help="onnx: fixed sequence length")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
@@ -54,9 +59,12 @@ def run(args: argparse.Namespace) -> int:
                              dynamic_seq=not args.static_seq)
     else:
         from export.training import export_training_pte
+        from hfedmoe.lora import LoRASpec
 
         experts = [ExpertId.parse(t) for t in args.experts.split(",") if t.strip()]
+        lora = LoRASpec(args.lora_rank, args.lora_alpha) if args.lora_rank else None
         report = export_training_pte(model, experts, args.batch, args.seq, out,
-                                     mode=args.mode, backend=args.backend or "portable")
+                                     mode=args.mode, backend=args.backend or "portable",
+                                     lora=lora)
     print(json.dumps(report.to_dict(), indent=1) if args.json else report.format())
     return 0 if report.ok else 1

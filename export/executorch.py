@@ -12,7 +12,9 @@ Training (the recipe of executorch's ``extension/training`` examples)::
     # or to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
 
 Only parameters with ``requires_grad=True`` get gradients in the joint graph, so a program
-trains exactly its slots plus the gates and shared head. Two things the model needs for this:
+trains exactly its slots plus the gates and shared head. ``lora=LoRASpec(...)`` exports the
+LoRA variant (:class:`~export.programs.LoRATrainingProgram`: factor slots, base expert
+weights as constants) through the same route. Two things the model needs for this:
 
 - attention runs ``"eager"`` while the training program is exported: the backward of SDPA's CPU
   flash kernel is not a core ATen op (``to_edge`` rejects it). Inference keeps ``sdpa``.
@@ -28,7 +30,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,11 +40,13 @@ from export.common import ExportReport, example_inputs, program_key
 from export.programs import (
     DropMode,
     InferenceProgram,
+    LoRATrainingProgram,
     TrainingProgram,
     export_mode,
     flat_expert_index,
 )
 from hfedmoe.errors import ExportError
+from hfedmoe.lora import LoRASpec
 from hfedmoe.models.base import MoEModel
 from hfedmoe.names import ExpertId
 
@@ -139,9 +143,34 @@ class TrainingExport:
     canonical: dict[str, str]  # program parameter name -> canonical key (gates, shared)
     trainable_params: int
     export_s: float
+    # LoRA programs (adapter "lora"): rank and alpha, and slot tensor -> canonical key suffix
+    # under an expert ("slot_lora_A_in" -> "w_in.lora_A", "slot_b_in" -> "b_in")
+    adapter: str = "full"
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    slots: dict[str, str] = field(default_factory=dict)
+
+    def slot_map(self) -> dict[str, str]:
+        """Program slot tensor -> the suffix of its canonical key under an expert."""
+        return self.slots or {f"slot_{n}": n for n in self.slot_params}
+
+    @property
+    def lora(self) -> LoRASpec | None:
+        return LoRASpec(self.lora_rank, self.lora_alpha) if self.adapter == "lora" else None
 
 
-def _example_train_args(model: MoEModel, program: TrainingProgram, batch: int, seq: int,
+def training_key(model: MoEModel, bucket: int, batch: int, seq: int, mode: DropMode = "frozen",
+                 backend: Backend = "portable", gates: bool = True, shared: bool = True,
+                 lora: LoRASpec | None = None) -> str:
+    """Cache key of a training program (full-expert keys are as before LoRA programs)."""
+    extra = {} if lora is None else {"adapter": "lora", "lora_rank": lora.rank,
+                                     "lora_alpha": lora.alpha}
+    return program_key(model, "train-pte", bucket=bucket, batch=batch, seq=seq, mode=mode,
+                       backend=backend, gates=gates, shared=shared, **extra)
+
+
+def _example_train_args(model: MoEModel, program: TrainingProgram | LoRATrainingProgram,
+                        batch: int, seq: int,
                         experts: Sequence[ExpertId]) -> tuple[torch.Tensor, ...]:
     b = example_inputs(model, batch, seq)
     if "labels" not in b:
@@ -152,22 +181,32 @@ def _example_train_args(model: MoEModel, program: TrainingProgram, batch: int, s
 
 def export_training_program(model: MoEModel, bucket: int, batch: int, seq: int,
                             mode: DropMode = "frozen", backend: Backend = "portable",
-                            gates: bool = True, shared: bool = True) -> TrainingExport:
+                            gates: bool = True, shared: bool = True,
+                            lora: LoRASpec | None = None) -> TrainingExport:
     """Export the training program of one bucket for ``model``'s current weights.
 
     The program is valid for any expert set of at most ``bucket`` experts (the slots' values
     and the ``slot_expert_index`` input are set at run time), for this model state only.
+    With ``lora`` the slots are the experts' LoRA factors (and biases) instead of their
+    weights (:class:`~export.programs.LoRATrainingProgram`; ``mode`` must be ``"frozen"``).
     """
-    key = program_key(model, "train-pte", bucket=bucket, batch=batch, seq=seq, mode=mode,
-                      backend=backend, gates=gates, shared=shared)
+    if lora is not None and mode != "frozen":
+        raise ExportError(f"LoRA training programs keep the other experts frozen, not {mode!r}")
+    key = training_key(model, bucket, batch, seq, mode, backend, gates, shared, lora)
     t0 = time.perf_counter()
     try:
         from torch.export.experimental import _export_forward_backward
 
         with export_mode(model, attn="eager"):
-            program = TrainingProgram(model, bucket, mode, gates, shared)
-            args = _example_train_args(model, program, batch, seq, [])
-            with program.without_expert_tensors():
+            program: TrainingProgram | LoRATrainingProgram
+            if lora is None:
+                program = TrainingProgram(model, bucket, mode, gates, shared)
+                args = _example_train_args(model, program, batch, seq, [])
+                with program.without_expert_tensors():
+                    ep = torch.export.export(program, args)
+            else:
+                program = LoRATrainingProgram(model, bucket, lora, gates, shared)
+                args = _example_train_args(model, program, batch, seq, [])
                 ep = torch.export.export(program, args)
             ep = _export_forward_backward(ep)
             buffer = _lower(ep, backend, training=True)
@@ -179,9 +218,16 @@ def export_training_program(model: MoEModel, bucket: int, batch: int, seq: int,
         raise
     except Exception as exc:
         raise ExportError(f"ExecuTorch training export failed: {exc}") from exc
+    if lora is None:
+        assert isinstance(program, TrainingProgram)
+        return TrainingExport(buffer, key, bucket, batch, seq, mode, backend,
+                              list(program.param_names), canonical, trainable,
+                              time.perf_counter() - t0)
+    assert isinstance(program, LoRATrainingProgram)
     return TrainingExport(buffer, key, bucket, batch, seq, mode, backend,
-                          list(program.param_names), canonical, trainable,
-                          time.perf_counter() - t0)
+                          list(program.slots.values()), canonical, trainable,
+                          time.perf_counter() - t0, adapter="lora", lora_rank=lora.rank,
+                          lora_alpha=lora.alpha, slots=dict(program.slots))
 
 
 def load_training(buffer: bytes) -> Any:

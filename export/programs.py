@@ -19,6 +19,13 @@ program therefore serves every device whose selection fits the bucket, for one g
 (the other weights are constants of the program). In ``"dropped"`` mode the other experts are
 not in the program at all and their router logits are masked to -inf, so tokens go to kept
 experts only: **that changes the forward** (a smaller program that computes a different model).
+
+:class:`LoRATrainingProgram` is the same program for ``train.adapter = "lora"``: its slots are
+LoRA factors (``slot_lora_A_in`` (B, r, d_model), ``slot_lora_B_in`` (B, d_in, r),
+``slot_lora_A_out`` (B, r, d_ff), ``slot_lora_B_out`` (B, d_model, r), plus bias slots when the
+experts have biases), placed by the same one-hot selection; every expert's ``w_in``/``w_out``
+is a constant of the program and the expert computes ``x W^T + scale * x A^T B^T``
+(:meth:`hfedmoe.lora.ExpertFactors.apply`, the eager LoRA's own ops). Frozen mode only.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hfedmoe.errors import ExportError
+from hfedmoe.lora import ExpertFactors, LoRASpec
 from hfedmoe.models.base import MoEModel
 from hfedmoe.models.moe import TopKRouter
 from hfedmoe.names import ExpertId, expert_key
@@ -296,3 +304,119 @@ class TrainingProgram(nn.Module):
         finally:
             for expert, name, p in saved:
                 expert._parameters[name] = p
+
+
+# slot tensor of a LoRA program -> (expert weight, factor) it holds for every slot
+LORA_SLOTS = {"slot_lora_A_in": ("w_in", "lora_A"), "slot_lora_B_in": ("w_in", "lora_B"),
+              "slot_lora_A_out": ("w_out", "lora_A"), "slot_lora_B_out": ("w_out", "lora_B")}
+
+
+class _PlacedFactors(ExpertFactors):
+    """An expert's factors as placed from the slots inside the program's forward: the same
+    :meth:`ExpertFactors.apply` (so the same ops as eager LoRA) on given tensors."""
+
+    def __init__(self, factors: dict[str, torch.Tensor], scale: float) -> None:  # noqa: D107
+        self.factors = factors
+        self.scale = scale
+
+
+class LoRATrainingProgram(nn.Module):
+    """The training program of one bucket with LoRA factor slots instead of expert weights.
+
+    ``forward(input_ids, attention_mask, labels, slot_expert_index) -> (loss, logits)``, like
+    :class:`TrainingProgram`. Trainable: ``slot_lora_A_in`` (bucket, r, d_model),
+    ``slot_lora_B_in`` (bucket, d_in, r), ``slot_lora_A_out`` (bucket, r, d_ff),
+    ``slot_lora_B_out`` (bucket, d_model, r), bias slots ``slot_b_in``/``slot_b_out`` when the
+    experts have biases, plus the gates and shared parts. Every expert's ``w_in``/``w_out`` is
+    a constant of the program (frozen mode only). The one-hot selection places the slots::
+
+        A_(l,e) = sum_b sel_(b, l*E+e) * slot_A_b        (zero for an expert no slot plays)
+        b_(l,e) = keep_(l,e) * b0_(l,e) + sum_b sel_(b, l*E+e) * slot_b_b
+
+    and every expert runs ``Expert.forward`` with these factors attached, i.e.
+    ``x W^T + scale * x A^T B^T`` (:meth:`hfedmoe.lora.ExpertFactors.apply`). For an expert no
+    slot plays the factor term is exactly zero, so the program's forward at B = 0 equals the
+    model's, and a slot's gradient is exactly the gradient of its expert's factors.
+    """
+
+    def __init__(self, model: MoEModel, bucket: int, lora: LoRASpec, gates: bool = True,
+                 shared: bool = True) -> None:
+        super().__init__()
+        if model.task != "classification":
+            raise ExportError(f"training programs support classification, not {model.task!r}")
+        shapes = {(ly.num_experts, ly.bank.shape) for ly in model.layers}
+        if len(shapes) != 1:
+            raise ExportError(f"{model.family}: slots need the same experts in every layer")
+        self.model = model
+        self.net = model.module
+        self.bucket = bucket
+        self.lora = lora
+        self.mode: DropMode = "frozen"
+        self.num_layers = model.num_layers
+        self.num_experts = model.layers[0].num_experts
+        first = model.layers[0].bank.experts[0]
+        self.bias_names = [n for n in ("b_in", "b_out") if getattr(first, n) is not None]
+        paths = {id(p): n for n, p in self.net.named_parameters()}
+        self.paths = [[{n: paths[id(getattr(ex, n))] for n in self.bias_names}
+                       for ex in ly.bank.experts] for ly in model.layers]
+        model.set_trainable((), gates=gates, shared=shared)  # experts: constants
+        r = lora.rank
+        (d_in, d_model), d_ff = first.w_in.shape, first.w_out.shape[1]
+        factor_shapes = {"slot_lora_A_in": (r, d_model), "slot_lora_B_in": (d_in, r),
+                         "slot_lora_A_out": (r, d_ff), "slot_lora_B_out": (d_model, r)}
+        # slot tensor -> the suffix of its canonical key under an expert
+        self.slots: dict[str, str] = {}
+        for name, shape in factor_shapes.items():  # float32, as ExpertFactors
+            self.register_parameter(name, nn.Parameter(torch.zeros(bucket, *shape)))
+            weight, part = LORA_SLOTS[name]
+            self.slots[name] = f"{weight}.{part}"
+        for name in self.bias_names:
+            p = getattr(first, name)
+            self.register_parameter(f"slot_{name}",
+                                    nn.Parameter(torch.zeros(bucket, *p.shape, dtype=p.dtype)))
+            self.slots[f"slot_{name}"] = name
+
+    def _place(self, slot_expert_index: torch.Tensor
+               ) -> tuple[dict[str, torch.Tensor], list[list[_PlacedFactors]]]:
+        total = self.num_layers * self.num_experts
+        ids = torch.arange(total, dtype=slot_expert_index.dtype)
+        sel = (slot_expert_index[:, None] == ids[None, :]).to(self.slot_lora_A_in.dtype)
+        overrides: dict[str, torch.Tensor] = {}
+        factors: list[list[_PlacedFactors]] = []
+        for l_idx, layer in enumerate(self.model.layers):
+            lsel = sel[:, l_idx * self.num_experts:(l_idx + 1) * self.num_experts]  # (bucket, E)
+            placed: list[dict[str, torch.Tensor]] = [{} for _ in range(self.num_experts)]
+            for name in LORA_SLOTS:
+                slot = getattr(self, name)
+                mixed = lsel.t() @ slot.reshape(self.bucket, -1)  # (E, numel)
+                per_expert = mixed.reshape(self.num_experts, *slot.shape[1:]).unbind(0)
+                for e, value in enumerate(per_expert):
+                    placed[e][self.slots[name]] = value
+            factors.append([_PlacedFactors(f, self.lora.scale) for f in placed])
+            keep = (1 - lsel.sum(0))[:, None]  # (E, 1)
+            for name in self.bias_names:
+                slot = getattr(self, f"slot_{name}")
+                base = torch.stack([getattr(ex, name) for ex in layer.bank.experts])  # (E, n)
+                mixed = base * keep.to(base.dtype) + lsel.t().to(slot.dtype) @ slot
+                for e, value in enumerate(mixed.unbind(0)):
+                    overrides[self.paths[l_idx][e][name]] = value
+        return overrides, factors
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                slot_expert_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        overrides, factors = self._place(slot_expert_index)
+        experts = [ex for layer in self.model.layers for ex in layer.bank.experts]
+        if any(ex.factors is not None for ex in experts):
+            raise ExportError("the model's experts already carry LoRA factors")
+        for ex, f in zip(experts, [f for per_layer in factors for f in per_layer], strict=True):
+            ex.factors = f
+        try:
+            out = torch.func.functional_call(
+                self.net, overrides, (),
+                {"input_ids": input_ids, "attention_mask": attention_mask}, strict=False)
+        finally:
+            for ex in experts:
+                ex.factors = None
+        logits = out.logits  # (B, num_labels)
+        loss = F.cross_entropy(logits, labels)
+        return loss, logits.detach()

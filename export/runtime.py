@@ -7,7 +7,16 @@ returns ``trained - initial`` under canonical names (``layers.{l}.experts.{e}.w_
 ``layers.{l}.gate.weight``, ``shared.classifier.weight``, ...) for exactly the trained
 parameters, like an eager device would send.
 
-Programs are keyed by (model state hash, bucket, batch shape, mode, backend): one program serves
+With ``lora`` (``train.adapter = "lora"``) the program is the LoRA variant
+(:class:`~export.programs.LoRATrainingProgram`): its slots are the selected experts' LoRA
+factors, initialised like :class:`hfedmoe.lora.ExpertFactors` (A Kaiming-uniform from a
+generator seeded with ``seed``, drawn in sorted expert order as the eager trainer does; B
+zero), and ``deltas()`` returns the trained factors themselves under the canonical LoRA keys
+(``layers.{l}.experts.{e}.w_in.lora_A`` ...), which :func:`hfedmoe.lora.expand` turns into
+dense deltas on the server, plus bias, gate and shared-part deltas.
+
+Programs are keyed by (model state hash, bucket, batch shape, mode, backend[, LoRA rank and
+alpha]): one program serves
 every device of that bucket in a round, whatever its experts (see :mod:`export.programs`). A
 device with budget ``n`` selects at most ``bucket_for(n)`` experts (budget 3 -> bucket 2: round
 down, never above the budget).
@@ -27,10 +36,16 @@ from pathlib import Path
 
 import torch
 
-from export.common import program_key
-from export.executorch import Backend, TrainingExport, export_training_program, load_training
+from export.executorch import (
+    Backend,
+    TrainingExport,
+    export_training_program,
+    load_training,
+    training_key,
+)
 from export.programs import BUCKETS, DropMode, flat_expert_index
 from hfedmoe.errors import ExportError
+from hfedmoe.lora import ExpertFactors, LoRASpec, split_factor_key
 from hfedmoe.models.base import MoEModel
 from hfedmoe.names import ExpertId, expert_key
 
@@ -54,15 +69,14 @@ class ProgramCache:
 
     def get(self, model: MoEModel, bucket: int, batch: int, seq: int, mode: DropMode = "frozen",
             backend: Backend = "portable", gates: bool = True,
-            shared: bool = True) -> TrainingExport:
-        key = program_key(model, "train-pte", bucket=bucket, batch=batch, seq=seq, mode=mode,
-                          backend=backend, gates=gates, shared=shared)
+            shared: bool = True, lora: LoRASpec | None = None) -> TrainingExport:
+        key = training_key(model, bucket, batch, seq, mode, backend, gates, shared, lora)
         if key in self._mem:
             return self._mem[key]
         found = self._load(key)
         if found is None:
             found = export_training_program(model, bucket, batch, seq, mode, backend,
-                                            gates, shared)
+                                            gates, shared, lora)
             log.info("exported training program %s (bucket %d, %d bytes, %.1f s)", key,
                      bucket, len(found.buffer), found.export_s)
             self._save(found)
@@ -102,24 +116,32 @@ class ExecuTorchTrainer:
             ``"dropped"`` (other experts removed and masked out of routing).
         backend: ``"portable"`` or ``"xnnpack"`` kernels.
         cache: where programs are kept; default a process-wide in-memory cache.
+        lora: train LoRA factors of ``experts`` (the LoRA program; frozen mode only) instead
+            of their weights.
+        seed: seed of the generator the LoRA A factors are drawn from (the eager trainer's
+            rule: ``torch.Generator().manual_seed(seed)``, experts in sorted order).
     """
 
     def __init__(self, model: MoEModel, experts: Sequence[ExpertId], batch_shape: tuple[int, int],
                  lr: float, *, bucket: int | None = None, mode: DropMode = "frozen",
                  backend: Backend = "portable", gates: bool = True, shared: bool = True,
-                 cache: ProgramCache | None = None) -> None:
+                 cache: ProgramCache | None = None, lora: LoRASpec | None = None,
+                 seed: int = 0) -> None:
         from executorch.extension.training import get_sgd_optimizer
 
         self.model = model
         self.experts = list(experts)
+        self.lora = lora
+        self.seed = seed
         self.batch_shape = (int(batch_shape[0]), int(batch_shape[1]))
         self.bucket = bucket or bucket_holding(len(self.experts))
         self.index = flat_expert_index(model, self.experts, self.bucket)  # (bucket,)
         self.program = (cache or _DEFAULT_CACHE).get(model, self.bucket, *self.batch_shape,
-                                                     mode, backend, gates, shared)
+                                                     mode, backend, gates, shared, lora)
         self.module = load_training(self.program.buffer)
         self._prime()
         self._params = self.module.named_parameters()
+        self._slots = self.program.slot_map()  # slot tensor -> key suffix under an expert
         self._write_initial()
         self.initial = self._current()
         self.optimizer = get_sgd_optimizer(self._params, lr, 0, 0, 0, False)
@@ -132,13 +154,34 @@ class ExecuTorchTrainer:
         labels = torch.zeros(self.batch_shape[0], dtype=torch.long)
         self.module.forward_backward("forward", (ids, torch.ones_like(ids), labels, self.index))
 
+    def initial_factors(self) -> dict[str, torch.Tensor]:
+        """The LoRA factors the round starts from, by canonical key: exactly those of
+        :class:`hfedmoe.lora.ExpertFactors` drawn as the eager trainer draws them."""
+        if self.lora is None:
+            return {}
+        gen = torch.Generator().manual_seed(self.seed)
+        out: dict[str, torch.Tensor] = {}
+        for eid in sorted(self.experts):
+            params = self.model.expert_parameters(eid)
+            factors = ExpertFactors(params["w_in"].detach(), params["w_out"].detach(), self.lora,
+                                    gen)
+            out.update({expert_key(eid.layer_idx, eid.expert_idx, n): t.detach()
+                        for n, t in factors.factors.items()})
+        return out
+
     def _write_initial(self) -> None:
+        if (self.lora is None) != (self.program.lora is None) or \
+                (self.lora is not None and self.lora != self.program.lora):
+            raise ExportError(f"program adapter {self.program.adapter!r} "
+                              f"(rank {self.program.lora_rank}) does not match {self.lora}")
+        factors = self.initial_factors()
         with torch.no_grad():
-            for name in self.program.slot_params:
-                slot = self._params[f"slot_{name}"]
+            for sname, suffix in self._slots.items():
+                slot = self._params[sname]
                 slot.zero_()
                 for b, eid in enumerate(self.experts):
-                    src = self.model.parameter(expert_key(eid.layer_idx, eid.expert_idx, name))
+                    key = expert_key(eid.layer_idx, eid.expert_idx, suffix)
+                    src = factors[key] if key in factors else self.model.parameter(key)
                     slot[b].copy_(src.detach())
             for pname, key in self.program.canonical.items():
                 self._params[pname].copy_(self.model.parameter(key).detach())
@@ -147,9 +190,9 @@ class ExecuTorchTrainer:
         """Canonical key -> current value of every trained parameter (a copy)."""
         out = {}
         for b, eid in enumerate(self.experts):
-            for name in self.program.slot_params:
-                out[expert_key(eid.layer_idx, eid.expert_idx, name)] = \
-                    self._params[f"slot_{name}"][b].clone()
+            for sname, suffix in self._slots.items():
+                out[expert_key(eid.layer_idx, eid.expert_idx, suffix)] = \
+                    self._params[sname][b].clone()
         for pname, key in self.program.canonical.items():
             out[key] = self._params[pname].clone()
         return out
@@ -178,6 +221,9 @@ class ExecuTorchTrainer:
         return self._current()
 
     def deltas(self) -> dict[str, torch.Tensor]:
-        """``trained - initial`` by canonical key, for exactly the trained parameters."""
+        """``trained - initial`` by canonical key, for exactly the trained parameters; LoRA
+        factors (``...w_in.lora_A`` etc.) are sent as their trained values, not as deltas
+        (the server expands each pair to ``scale * B @ A``, :func:`hfedmoe.lora.expand`)."""
         now = self._current()
-        return {k: now[k] - self.initial[k] for k in self.initial}
+        return {k: now[k] if split_factor_key(k) is not None else now[k] - self.initial[k]
+                for k in self.initial}

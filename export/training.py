@@ -6,6 +6,12 @@ trainable set (``MoEModel.set_trainable(experts, gates, shared)`` and ``torch.op
 in ``"dropped"`` mode the eager reference is the :class:`~export.programs.TrainingProgram`
 module itself, since dropping experts changes the forward). It compares the per-step losses
 and the updates of every trained parameter by canonical name.
+
+:func:`lora_training_parity` does the same for the LoRA program
+(:class:`~export.programs.LoRATrainingProgram`): the eager reference is the kit's own eager
+LoRA, :class:`device_agent.train.EagerTrainer` with ``train.adapter = "lora"`` and
+``optimizer = "sgd"``, from the same factors (the same generator seed); the compared values
+are the factors themselves (what both send) and the deltas of biases, gates and head.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from export.common import ExportReport, example_inputs
 from export.executorch import Backend
 from export.programs import DropMode, TrainingProgram, export_mode, flat_expert_index
 from export.runtime import ExecuTorchTrainer, ProgramCache
+from hfedmoe.errors import ExportError
+from hfedmoe.lora import LoRASpec
 from hfedmoe.models.base import MoEModel
 from hfedmoe.names import ExpertId
 
@@ -100,15 +108,56 @@ def training_parity(model: MoEModel, experts: Sequence[ExpertId], batch: int, se
     return trainer, result
 
 
+def eager_lora_sgd(model: MoEModel, experts: Sequence[ExpertId], batches: Sequence[dict],
+                   lr: float, lora: LoRASpec, seed: int = 0
+                   ) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """The kit's eager LoRA (``EagerTrainer``, ``adapter="lora"``, plain SGD at one ``lr``)
+    on a copy of ``model``: per-step losses and what it sends (factors + dense deltas)."""
+    from device_agent.train import EagerTrainer
+    from hfedmoe.config import MethodConfig, TrainConfig
+
+    ref = copy.deepcopy(model)
+    cfg = TrainConfig(lr=lr, head_lr=0.0, optimizer="sgd", weight_decay=0.0, adapter="lora",
+                      lora_rank=lora.rank, lora_alpha=lora.alpha)
+    trainer = EagerTrainer(ref, experts, cfg, MethodConfig(), seed=seed)
+    losses = [trainer.step(b) for b in batches]
+    return losses, trainer.deltas()
+
+
+def lora_training_parity(model: MoEModel, experts: Sequence[ExpertId], batch: int, seq: int,
+                         lora: LoRASpec, steps: int = 5, lr: float = 0.1, seed: int = 0,
+                         backend: Backend = "portable", cache: ProgramCache | None = None
+                         ) -> tuple[ExecuTorchTrainer, TrainingParity]:
+    """``steps`` SGD steps in the LoRA ExecuTorch program and in the kit's eager LoRA on the
+    same batches, both from the factors drawn with ``seed``."""
+    batches = [example_inputs(model, batch, seq, seed=10 + i) for i in range(steps)]
+    trainer = ExecuTorchTrainer(model, experts, (batch, seq), lr, backend=backend, cache=cache,
+                                lora=lora, seed=seed)
+    result = TrainingParity()
+    result.losses_executorch = [trainer.step(b) for b in batches]
+    result.deltas_executorch = trainer.deltas()
+    result.losses_eager, result.deltas_eager = eager_lora_sgd(model, experts, batches, lr, lora,
+                                                              seed)
+    return trainer, result
+
+
 def export_training_pte(model: MoEModel, experts: Sequence[ExpertId], batch: int, seq: int,
                         out_dir: str | Path, mode: DropMode = "frozen",
                         backend: Backend = "portable", steps: int = 5,
-                        lr: float = 0.1) -> ExportReport:
+                        lr: float = 0.1, lora: LoRASpec | None = None) -> ExportReport:
     """Export the training program of the bucket holding ``experts`` into ``out_dir``
-    (``<key>.pte`` + ``<key>.json``) and check ``steps`` SGD steps against eager."""
+    (``<key>.pte`` + ``<key>.json``) and check ``steps`` SGD steps against eager (with
+    ``lora``: the LoRA program against the kit's eager LoRA)."""
     cache = ProgramCache(out_dir)
-    trainer, parity = training_parity(model, experts, batch, seq, steps, lr, mode, backend,
-                                      cache)
+    if lora is None:
+        trainer, parity = training_parity(model, experts, batch, seq, steps, lr, mode, backend,
+                                          cache)
+    else:
+        if mode != "frozen":
+            raise ExportError(f"LoRA training programs keep the other experts frozen, not "
+                              f"{mode!r}")
+        trainer, parity = lora_training_parity(model, experts, batch, seq, lora, steps, lr,
+                                               backend=backend, cache=cache)
     prog = trainer.program
     extra = set(parity.deltas_executorch) ^ set(parity.deltas_eager)
     report = ExportReport(
@@ -118,6 +167,7 @@ def export_training_pte(model: MoEModel, experts: Sequence[ExpertId], batch: int
                 "key sets": float(len(extra))},
         info={"bucket": prog.bucket, "experts": ",".join(map(str, experts)),
               "mode": mode, "backend": backend, "shape": f"{batch}x{seq}",
+              "adapter": f"lora r={lora.rank} alpha={lora.alpha}" if lora else "full",
               "export_s": round(prog.export_s, 2), "sgd steps": f"{steps} (lr {lr})",
               "losses (et)": " ".join(f"{v:.5f}" for v in parity.losses_executorch),
               "losses (eager)": " ".join(f"{v:.5f}" for v in parity.losses_eager)})

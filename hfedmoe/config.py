@@ -44,9 +44,15 @@ class ModelConfig:
     expert_impl: str = "sorted"
     max_length: int = 128
     seed: int = 0
+    # a device's frozen base stored weight-only quantized (torchao; hfedmoe/quantize.py):
+    # expert w_in/w_out and the other frozen nn.Linear weights; needs train.adapter = "lora".
+    # The server keeps and aggregates fp32 whatever this says.
+    quantize: Literal["none", "int8", "int4"] = "none"
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name must not be empty")
+        _check(self.quantize in ("none", "int8", "int4"),
+               f"model.quantize must be 'none', 'int8' or 'int4', got {self.quantize!r}")
         _check(self.num_experts >= 1, f"model.num_experts must be >= 1, got {self.num_experts}")
         _check(1 <= self.top_k <= self.num_experts,
                f"model.top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
@@ -94,6 +100,8 @@ class MethodConfig:
     eps: float = 1e-12
     dp_clip: float = 0.0  # 0: differential privacy off
     dp_noise_multiplier: float = 0.0
+    dp_delta: float = 1e-5  # the delta of the (epsilon, delta) each device's rounds spend
+    dp_max_epsilon: float = 0.0  # a device stops taking part before passing it (0: no limit)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -106,6 +114,11 @@ class MethodConfig:
                "method.dp_clip and method.dp_noise_multiplier must be >= 0")
         _check(not (self.dp_noise_multiplier > 0 and self.dp_clip == 0),
                "method.dp_noise_multiplier needs method.dp_clip > 0 (noise is scaled by the clip norm)")
+        _check(0.0 < self.dp_delta < 1.0, f"method.dp_delta must be in (0, 1), got {self.dp_delta}")
+        _check(self.dp_max_epsilon >= 0, "method.dp_max_epsilon must be >= 0 (0: no limit)")
+        _check(not (self.dp_max_epsilon > 0 and self.dp_noise_multiplier == 0),
+               "method.dp_max_epsilon needs method.dp_noise_multiplier > 0 (without noise "
+               "every round spends an infinite epsilon)")
 
 
 @dataclass(frozen=True)
@@ -160,6 +173,25 @@ class KitConfig:
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        check_quantize_adapter(self.model, self.train)
+
+
+def quantize_adapter_problem(quantize: str, adapter: str) -> str | None:
+    """Why ``model.quantize`` and ``train.adapter`` do not go together, or None.
+
+    A quantized base is frozen, so only LoRA factors can train over it (docs/method.md)."""
+    if quantize == "none" or adapter == "lora":
+        return None
+    return (f"model.quantize = {quantize!r} stores the experts' base weights quantized and "
+            f"frozen, so train.adapter = {adapter!r} cannot train them: set "
+            f"train.adapter = \"lora\" or model.quantize = \"none\"")
+
+
+def check_quantize_adapter(model: ModelConfig, train: TrainConfig) -> None:
+    problem = quantize_adapter_problem(model.quantize, train.adapter)
+    _check(problem is None, problem or "")
 
 
 # ---------------------------------------------------------------------------------------------

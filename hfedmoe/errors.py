@@ -6,6 +6,7 @@ error message on the wire::
 
     HFedMoEError
     ├── ConfigError              bad or unknown configuration keys/values
+    │   └── ReservedIdError      a device id that is a reserved account name (``server``)
     ├── ModelError               unsupported model, bad expert/layer index, bad parameter name
     ├── DataError                unreadable dataset file, missing column, bad label
     ├── AlgorithmError           inconsistent inputs to the paper's equations (shapes, budgets)
@@ -16,7 +17,8 @@ error message on the wire::
     │   ├── ShapeError           shape or dtype does not match the model
     │   ├── NonFiniteError       NaN or Inf in a tensor
     │   ├── MismatchError        wrong run/round/client/base-model hash
-    │   └── BudgetExceededError  more experts than the device's registered budget
+    │   ├── BudgetExceededError  more experts than the device's registered budget
+    │   └── PolicyError         self-reported weights outside the server's policy
     ├── TransportError           broker unreachable, transfer failed or timed out
     │   └── TransferError        chunk manifest/hash verification failed
     ├── DeviceError              probing or budgeting the device failed
@@ -37,6 +39,10 @@ class ConfigError(HFedMoEError, ValueError):
     """A configuration value or key is invalid."""
 
     exit_code = 2
+
+
+class ReservedIdError(ConfigError):
+    """A device id is a reserved account name (the coordinator's ``server`` account)."""
 
 
 class ModelError(HFedMoEError):
@@ -99,6 +105,10 @@ class DeviceError(HFedMoEError):
     """Probing the device or deriving its budget failed."""
 
 
+class DiskFullError(HFedMoEError):
+    """The server's disk (or the run directory's quota) has no room for another update."""
+
+
 class StoreError(HFedMoEError):
     """Durable state is unreadable or inconsistent."""
 
@@ -109,3 +119,7 @@ class ExportError(HFedMoEError):
 
 class BudgetExceededError(WireError):
     """An update carries more experts than the sending device's registered C_budget."""
+
+
+class PolicyError(WireError):
+    """An update's self-reported weights (examples, usage) are outside the server's policy."""

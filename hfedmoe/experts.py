@@ -22,6 +22,11 @@ Paths (``ExpertBank.impl``), all with the same semantics, tested against ``"eage
 ``detach_frozen=True`` runs frozen experts without autograd: their output is a constant for
 backprop, so they save no activations and pass no gradient to their input (an approximation of
 the exact gradient; ``benchmarks`` measure its accuracy cost).
+
+A base weight stored quantized (``model.quantize``, :mod:`hfedmoe.quantize`) is frozen: the
+``eager``, ``sorted`` and ``dense`` paths run it through torchao's kernel
+(:func:`~hfedmoe.quantize.frozen_linear`, input gradient only); ``grouped`` dequantizes the
+weights it stacks (:meth:`Expert.weights`).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hfedmoe.errors import ModelError
+from hfedmoe.quantize import frozen_linear, plain_weight
 
 if TYPE_CHECKING:
     from hfedmoe.lora import ExpertFactors
@@ -112,10 +118,12 @@ class Expert(nn.Module):
         return self.w_in.requires_grad or self.factors is not None
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(w_in, w_out)`` as the forward sees them (with any LoRA factors merged in)."""
+        """``(w_in, w_out)`` as the forward sees them (with any LoRA factors merged in; a
+        quantized base weight dequantized, ``model.quantize``)."""
+        w_in, w_out = plain_weight(self.w_in), plain_weight(self.w_out)
         if self.factors is None:
-            return self.w_in, self.w_out
-        return self.factors.merged("w_in", self.w_in), self.factors.merged("w_out", self.w_out)
+            return w_in, w_out
+        return self.factors.merged("w_in", w_in), self.factors.merged("w_out", w_out)
 
     def hidden(self, h: torch.Tensor) -> torch.Tensor:
         """The activation between the two projections; h is (tokens, d_in)."""
@@ -126,11 +134,12 @@ class Expert(nn.Module):
         return act(h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (tokens, d) -> (tokens, d)
-        h = F.linear(x, self.w_in, self.b_in)
+        # frozen_linear: F.linear, or a quantized frozen base weight (hfedmoe.quantize)
+        h = frozen_linear(x, self.w_in, self.b_in)
         if self.factors is None:
-            return F.linear(self.hidden(h), self.w_out, self.b_out)
+            return frozen_linear(self.hidden(h), self.w_out, self.b_out)
         a = self.hidden(h + self.factors.apply("w_in", x))
-        return F.linear(a, self.w_out, self.b_out) + self.factors.apply("w_out", a)
+        return frozen_linear(a, self.w_out, self.b_out) + self.factors.apply("w_out", a)
 
 
 ExpertImpl = Callable[["ExpertBank", torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -196,8 +205,8 @@ class ExpertBank(nn.Module):
 
     def to_fused(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The transformers layout back: (E, 2F, d) and (E, d, F)."""
-        w_in = torch.stack([e.w_in.detach() for e in self.experts])
-        w_out = torch.stack([e.w_out.detach() for e in self.experts])
+        w_in = torch.stack([plain_weight(e.w_in).detach() for e in self.experts])
+        w_out = torch.stack([plain_weight(e.w_out).detach() for e in self.experts])
         return w_in, w_out
 
 

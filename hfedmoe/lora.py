@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from hfedmoe.errors import ConfigError, ModelError, SchemaError, ShapeError
-from hfedmoe.names import parse_key
+from hfedmoe.names import ExpertId, parse_key
 from hfedmoe.update import SparseUpdate
 from hfedmoe.wire import ModelSpec, ParamSpec
 
@@ -86,6 +87,30 @@ class ExpertFactors:
         """``W + scale * B A`` (for paths that need the weight itself, e.g. grouped GEMMs)."""
         a, b = self.factors[f"{name}.{LORA_A}"], self.factors[f"{name}.{LORA_B}"]
         return w + (b @ a).to(w.dtype) * self.scale
+
+
+def factor_params(d_model: int, d_in: int, d_ff: int, lora: LoRASpec) -> int:
+    """Factor elements of one expert: ``w_in`` (d_in, d_model) and ``w_out`` (d_model, d_ff)."""
+    return lora.rank * (d_in + d_model) + lora.rank * (d_model + d_ff)
+
+
+def attach_factors(model: Any, experts: Iterable[ExpertId], lora: LoRASpec,
+                   generator: torch.Generator | None = None) -> dict[ExpertId, ExpertFactors]:
+    """Freeze the base ``w_in``/``w_out`` of ``experts`` and give each fresh factors (drawn
+    from ``generator`` in sorted expert order), after ``model.set_trainable(experts)``."""
+    out: dict[ExpertId, ExpertFactors] = {}
+    for e in sorted(experts):
+        expert = model.layer(e.layer_idx).bank.experts[e.expert_idx]
+        expert.w_in.requires_grad_(False)
+        expert.w_out.requires_grad_(False)
+        expert.factors = out[e] = ExpertFactors(expert.w_in, expert.w_out, lora, generator)
+    return out
+
+
+def detach_factors(model: Any, experts: Iterable[ExpertId]) -> None:
+    """Remove the experts' factors: the model is its base weights again."""
+    for e in experts:
+        model.layer(e.layer_idx).bank.experts[e.expert_idx].factors = None
 
 
 def factor_keys(weight_key: str) -> tuple[str, str]:
@@ -165,5 +190,6 @@ def factor_bytes(shapes: Mapping[str, tuple[int, ...]], lora: LoRASpec,
     return sum((lora.rank * (s[0] + s[1])) * itemsize for s in shapes.values())
 
 
-__all__ = ["FACTOR_PARAMS", "LORA_A", "LORA_B", "ExpertFactors", "LoRASpec", "expand", "factor_bytes",
-           "factor_keys", "product", "split_factor_key", "with_factors"]
+__all__ = ["FACTOR_PARAMS", "LORA_A", "LORA_B", "ExpertFactors", "LoRASpec", "attach_factors",
+           "detach_factors", "expand", "factor_bytes", "factor_keys", "factor_params", "product",
+           "split_factor_key", "with_factors"]

@@ -8,15 +8,31 @@ Off by default (``method.dp_clip = 0``). When on, the client, before sending:
    single norm, as in DP-FedAvg; per-expert clipping would let the bound grow with the number of
    experts sent.
 2. adds Gaussian noise ``N(0, (dp_noise_multiplier * dp_clip)^2)`` to every sent element, drawn
-   from a seeded CPU generator in sorted key order, so a run reproduces exactly.
+   from the operating system's cryptographic randomness (``os.urandom``), so nobody who knows
+   the run's settings -- the server included -- can regenerate and subtract it. Reproducible
+   noise exists only for tests: a caller may pass a seeded generator explicitly; the kit's
+   training path never does.
 
-Only keys that are sent get noise: the sparsity pattern (which experts were updated) is not
-hidden. Accounting of the privacy budget across rounds is left to the caller.
+Neither the pre-clip norm nor the clipping factor leaves the device (both would reveal the
+update's norm). Only keys that are sent get noise: which experts were updated is not hidden.
+
+**Threat model.** The mechanism protects a device's local data against whoever sees its
+updates -- the server, the broker, anyone on the path -- at the level of the device's whole
+dataset (an update and the same device's update without its data differ by at most
+``dp_clip`` in L2 after clipping): every round a device takes part in is one Gaussian
+mechanism with noise multiplier ``z = dp_noise_multiplier`` and sensitivity ``dp_clip``.
+:func:`epsilon` composes those rounds with the RDP accountant of ``dp-accounting`` (no
+amplification by sampling: the server knows who took part) into (epsilon, delta)-DP at
+``method.dp_delta``.
+It does not hide participation, the set of updated experts, usage and importance vectors or
+the number of examples, which travel in the clear.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -51,6 +67,19 @@ def update_norm(deltas: Mapping[str, Tensor]) -> float:
     return math.sqrt(sq)
 
 
+def os_gaussian(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
+    """Standard normal samples from ``os.urandom`` (Box-Muller on 53-bit uniforms in (0, 1]),
+    never from a seeded generator."""
+    n = math.prod(shape)
+    pairs = (n + 1) // 2
+    raw = torch.frombuffer(bytearray(os.urandom(16 * pairs)), dtype=torch.int64)
+    u = (((raw >> 11) & (2**53 - 1)).to(torch.float64) + 1.0) * 2.0**-53  # uniform in (0, 1]
+    u1, u2 = u[:pairs], u[pairs:]
+    r = torch.sqrt(-2.0 * torch.log(u1))
+    z = torch.cat([r * torch.cos(2 * math.pi * u2), r * torch.sin(2 * math.pi * u2)])
+    return z[:n].reshape(shape).to(dtype)
+
+
 def privatize(deltas: Mapping[str, Tensor], clip: float, noise_multiplier: float,
               generator: torch.Generator | None = None) -> PrivatizedDeltas:
     """Clip the whole update to L2 norm ``clip``, then add Gaussian noise of std
@@ -60,14 +89,14 @@ def privatize(deltas: Mapping[str, Tensor], clip: float, noise_multiplier: float
         deltas: canonical key -> delta tensor.
         clip: L2 clipping bound; 0 turns the mechanism off (deltas returned unchanged).
         noise_multiplier: noise std in units of ``clip``.
-        generator: a CPU generator; required when ``noise_multiplier > 0``.
+        generator: tests only: a seeded CPU generator makes the noise reproducible. None (the
+            kit's training path): noise from the OS's cryptographic randomness.
 
     Returns:
         The :class:`PrivatizedDeltas`.
 
     Raises:
-        AlgorithmError: negative parameters, noise without a clip bound or without a generator,
-            or non-finite deltas.
+        AlgorithmError: negative parameters, noise without a clip bound, or non-finite deltas.
     """
     if clip < 0 or noise_multiplier < 0:
         raise AlgorithmError("clip and noise_multiplier must be >= 0")
@@ -78,8 +107,6 @@ def privatize(deltas: Mapping[str, Tensor], clip: float, noise_multiplier: float
         if noise_multiplier > 0:
             raise AlgorithmError("noise needs clip > 0 (noise is scaled by the clip bound)")
         return PrivatizedDeltas(dict(deltas), norm, 1.0, 0.0)
-    if noise_multiplier > 0 and generator is None:
-        raise AlgorithmError("a seeded generator is required to add noise")
     scale = min(1.0, clip / norm) if norm > 0 else 1.0
     std = noise_multiplier * clip
     out: dict[str, Tensor] = {}
@@ -87,7 +114,8 @@ def privatize(deltas: Mapping[str, Tensor], clip: float, noise_multiplier: float
         d = deltas[key].detach()
         work = d.to(torch.float64 if d.dtype == torch.float64 else torch.float32) * scale
         if std > 0:
-            noise = torch.randn(work.shape, generator=generator, dtype=work.dtype)  # (*shape)
+            noise = (torch.randn(work.shape, generator=generator, dtype=work.dtype)
+                     if generator is not None else os_gaussian(tuple(work.shape), work.dtype))
             work = work + std * noise.to(work.device)
         out[key] = work.to(d.dtype)
     return PrivatizedDeltas(out, norm, scale, std)
@@ -97,3 +125,67 @@ def privatize_with_config(deltas: Mapping[str, Tensor], cfg: MethodConfig,
                           generator: torch.Generator | None = None) -> PrivatizedDeltas:
     """:func:`privatize` with ``cfg.dp_clip`` and ``cfg.dp_noise_multiplier``."""
     return privatize(deltas, cfg.dp_clip, cfg.dp_noise_multiplier, generator)
+
+
+def epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
+    """Epsilon a device has spent after ``rounds`` noised updates at ``delta`` (the RDP
+    accountant of Google's ``dp-accounting``; each update a Gaussian mechanism of noise multiplier ``noise_multiplier`` with
+    no sampling amplification). 0 for no rounds; inf without noise.
+
+    Raises:
+        AlgorithmError: ``delta`` outside (0, 1) or negative arguments.
+    """
+    if not 0 < delta < 1 or rounds < 0 or noise_multiplier < 0:
+        raise AlgorithmError("epsilon needs 0 < delta < 1, rounds >= 0, noise_multiplier >= 0")
+    if rounds == 0:
+        return 0.0
+    if noise_multiplier == 0:
+        return math.inf
+    return _rdp_epsilon(float(noise_multiplier), int(rounds), float(delta))
+
+
+@functools.lru_cache(maxsize=1024)
+def _rdp_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
+    import dp_accounting
+
+    accountant = dp_accounting.rdp.RdpAccountant()
+    accountant.compose(dp_accounting.GaussianDpEvent(noise_multiplier), count=rounds)
+    return float(accountant.get_epsilon(delta))
+
+
+def rounds_within(noise_multiplier: float, max_epsilon: float, delta: float,
+                  limit: int = 100_000) -> int:
+    """The most noised rounds a device can take part in without epsilon passing
+    ``max_epsilon`` (``limit`` when the budget never binds within it)."""
+    if max_epsilon <= 0 or noise_multiplier <= 0:
+        return 0
+    lo, hi = 0, 1
+    while hi < limit and epsilon(noise_multiplier, hi, delta) <= max_epsilon:
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit)
+    if epsilon(noise_multiplier, hi, delta) <= max_epsilon:
+        return hi
+    while hi - lo > 1:  # epsilon(lo) <= max < epsilon(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if epsilon(noise_multiplier, mid, delta) <= max_epsilon else (lo, mid)
+    return lo
+
+
+def may_take_part(noised_rounds: int, cfg: MethodConfig) -> bool:
+    """Whether one more noised update keeps a device within ``cfg.dp_max_epsilon``."""
+    if cfg.dp_max_epsilon <= 0 or cfg.dp_noise_multiplier <= 0:
+        return True
+    return epsilon(cfg.dp_noise_multiplier, noised_rounds + 1, cfg.dp_delta) <= cfg.dp_max_epsilon
+
+
+def privacy_report(noised_rounds: Mapping[str, int], cfg: MethodConfig) -> dict | None:
+    """Per device, the epsilon its noised updates have spent at ``cfg.dp_delta`` (None with
+    noise off): what the server's metrics and report show after every round."""
+    if cfg.dp_noise_multiplier <= 0:
+        return None
+    eps = {d: round(epsilon(cfg.dp_noise_multiplier, n, cfg.dp_delta), 4)
+           for d, n in sorted(noised_rounds.items())}
+    return {"delta": cfg.dp_delta, "noise_multiplier": cfg.dp_noise_multiplier,
+            "clip": cfg.dp_clip, "max_epsilon": cfg.dp_max_epsilon or None,
+            "rounds": dict(sorted(noised_rounds.items())), "epsilon": eps,
+            "epsilon_max": max(eps.values(), default=0.0)}

@@ -62,6 +62,7 @@ _HEADER_FIELDS = {
     "routed": list, "updated": list, "aggregated": list, "meta": dict,
 }
 _STAT_TOLERANCE = 1e-6  # usage and importance are averages of gate probabilities: [0, 1]
+_USAGE_SUM_TOLERANCE = 1e-3  # a layer's usage sums to 1 (float32 sums of many tokens)
 
 
 @dataclass(frozen=True)
@@ -326,6 +327,13 @@ def _parse_header(text: Any, spec: ModelSpec) -> WireHeader:
         tau=f["tau"], usage=usage, importance=_stats(f["importance"], spec, "importance"),
         routed=sets["routed"], updated=sets["updated"], aggregated=sets["aggregated"],
         meta=f["meta"])
+    layer_sums: dict[int, float] = {}
+    for e, u in usage.items():  # G_e(x) sums to 1 over a layer's experts for every token
+        layer_sums[e.layer_idx] = layer_sums.get(e.layer_idx, 0.0) + u
+    for layer, total in sorted(layer_sums.items()):
+        if total > 1.0 + _USAGE_SUM_TOLERANCE:
+            raise SchemaError(f"usage of layer {layer} sums to {total:.6f} > 1 (Eq. 16 averages "
+                              f"gate probabilities, which sum to 1 over a layer's experts)")
     want_agg = frozenset(e for e in header.updated if usage.get(e, 0.0) >= header.tau)
     if header.aggregated != want_agg:
         raise SchemaError("aggregated set is not {updated with usage >= tau}")

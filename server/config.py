@@ -5,7 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from hfedmoe.config import DataConfig, MethodConfig, ModelConfig, TrainConfig
+from hfedmoe.config import (
+    DataConfig,
+    MethodConfig,
+    ModelConfig,
+    TrainConfig,
+    check_quantize_adapter,
+)
 from hfedmoe.errors import ConfigError
 from hfedmoe.transport.config import TransportConfig
 from hfedmoe.transport.topics import check_id
@@ -60,6 +66,83 @@ class RoundConfig:
 
 
 @dataclass(frozen=True)
+class PolicyConfig:
+    """What the server accepts of a device's self-reported weights.
+
+    ``num_examples`` (|D_c|, the data-size weight of Eq. 17 and FedAvg) comes from the device,
+    so one device could claim 1e9 examples and dominate the average. An update's count may not
+    exceed ``examples_vs_registered`` x the local examples the device declared when it
+    registered, ``examples_vs_median`` x the median of what the registered devices declared
+    (so a device cannot inflate its registration either), nor ``max_examples``; each rule is
+    off at 0 and a rule without declared counts does not apply. Usage and importance are
+    range-checked on decode (every value in [0, 1], a layer's usage summing to at most 1).
+
+    Attributes:
+        examples_vs_registered: cap as a multiple of the device's registered local examples.
+        examples_vs_median: cap as a multiple of the median registered local examples.
+        max_examples: absolute cap (0: none).
+        on_violation: ``"reject"`` the update (PolicyError, nothing of it is kept) or
+            ``"clip"`` its count to the cap and accept it.
+        max_registered_examples: a registration declaring more local examples is refused.
+    """
+
+    examples_vs_registered: float = 1.0
+    examples_vs_median: float = 10.0
+    max_examples: int = 0
+    on_violation: Literal["reject", "clip"] = "reject"
+    max_registered_examples: int = 10_000_000
+
+    def __post_init__(self) -> None:
+        if min(self.examples_vs_registered, self.examples_vs_median) < 0 \
+                or self.max_examples < 0 or self.max_registered_examples < 1:
+            raise ConfigError("policy: caps must be >= 0 (0: off), max_registered_examples >= 1")
+        if self.examples_vs_registered and self.examples_vs_registered < 1:
+            raise ConfigError("policy.examples_vs_registered must be 0 (off) or >= 1")
+        if self.on_violation not in ("reject", "clip"):
+            raise ConfigError("policy.on_violation must be 'reject' or 'clip'")
+
+    def examples_cap(self, registered: int | None, declared: list[int]) -> int | None:
+        """The most examples an update may claim (None: no rule applies)."""
+        import statistics
+
+        caps = []
+        if self.max_examples:
+            caps.append(self.max_examples)
+        if self.examples_vs_registered and registered:
+            caps.append(int(self.examples_vs_registered * registered))
+        if self.examples_vs_median and declared:
+            caps.append(int(self.examples_vs_median * statistics.median(declared)))
+        return max(1, min(caps)) if caps else None
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    """What the run directory keeps, and the room it must leave.
+
+    Attributes:
+        keep_updates: keep every spooled update after its round's checkpoint is durable
+            (default: delete them then; an interrupted round's updates are always kept).
+        keep_checkpoints: the last K global checkpoints kept (>= 1).
+        keep_best: also keep the checkpoint with the best held-out accuracy (or loss).
+        min_free_mb: an update that would leave less free disk than this is refused
+            (DiskFullError) and nothing already accepted is touched.
+        max_run_dir_mb: a quota on the run directory's size (0: none).
+    """
+
+    keep_updates: bool = False
+    keep_checkpoints: int = 2
+    keep_best: bool = True
+    min_free_mb: float = 512.0
+    max_run_dir_mb: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.keep_checkpoints < 1:
+            raise ConfigError("retention.keep_checkpoints must be >= 1")
+        if self.min_free_mb < 0 or self.max_run_dir_mb < 0:
+            raise ConfigError("retention.min_free_mb and max_run_dir_mb must be >= 0")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """Everything ``hfedmoe server`` needs."""
 
@@ -76,8 +159,11 @@ class ServerConfig:
     rounds: RoundConfig = field(default_factory=RoundConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
     wire: WireConfig = field(default_factory=WireConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
 
     def __post_init__(self) -> None:
         check_id(self.run_id, "run id")
         if self.eval_batch_size < 1 or self.max_eval_examples < 0:
             raise ConfigError("eval_batch_size must be >= 1 and max_eval_examples >= 0")
+        check_quantize_adapter(self.model, self.train)  # devices quantize, LoRA trains

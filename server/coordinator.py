@@ -15,6 +15,7 @@ import logging
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,19 +25,22 @@ from hfedmoe.data import PairDataset, TextDataset
 from hfedmoe.errors import (
     AlgorithmError,
     BudgetExceededError,
+    DiskFullError,
     HFedMoEError,
     MismatchError,
+    PolicyError,
     SchemaError,
     WireError,
 )
 from hfedmoe.lora import LoRASpec, expand, with_factors
 from hfedmoe.models.base import MoEModel
 from hfedmoe.modelsync import ModelManifest, build_shards
+from hfedmoe.privacy import privacy_report
 from hfedmoe.signals import round_signals
 from hfedmoe.strategies import get_strategy
 from hfedmoe.transport.base import Message, Transport
 from hfedmoe.transport.chunks import BlobReceiver, ChunkSender
-from hfedmoe.transport.topics import Topics
+from hfedmoe.transport.topics import Topics, check_device_id
 from hfedmoe.update import SparseUpdate
 from hfedmoe.wire import decode, decode_full, spec_from_state
 from server.config import ServerConfig
@@ -282,8 +286,23 @@ class Coordinator:
             "signals": round_signals({c: rep.to_dict() for c, rep in report.items()}, r.usage,
                                      r.disagreement, self.cfg.method.tau),
         }
+        # epsilon per device over the noised updates the server accepted (a device counts
+        # every update it sent, so its own figure can only be higher)
+        privacy = privacy_report(Counter(p["client"] for p in self.store.participation()),
+                                 self.cfg.method)
+        if privacy is not None:
+            row["privacy"] = privacy
+            log.info("round %d: privacy: epsilon <= %.3f at delta %g (max over devices)",
+                     r.round_idx, privacy["epsilon_max"], privacy["delta"])
         self.store.save_checkpoint(r.round_idx, self.global_state, {
             k: v for k, v in row.items() if k not in ("devices",)}, new_hash.state_hash)
+        ret = self.cfg.retention
+        freed = self.store.prune(r.round_idx, ret.keep_updates, ret.keep_checkpoints,
+                                 ret.keep_best)
+        row["run_dir_bytes"] = self.store.size_bytes()
+        if freed:
+            log.info("round %d: retention freed %.1f MB; run directory %.1f MB", r.round_idx,
+                     freed / 1e6, row["run_dir_bytes"] / 1e6)
         self._write_metrics(row)
         log.info("round %d: participants=%d accepted=%d rejected=%d late=%d experts=%d "
                  "in=%.1fMB out=%.1fMB agg=%.2fs %s", r.round_idx, len(r.participants),
@@ -317,12 +336,19 @@ class Coordinator:
     def _on_register(self, message: Message) -> None:
         device = self.topics.parse(message.topic)[-1]
         try:
+            check_device_id(device)  # ReservedIdError: "server" is the coordinator's account
             if len(message.payload) > self.cfg.max_register_bytes:
                 raise SchemaError(f"registration is {len(message.payload)} bytes")
             body = json.loads(message.payload)
             if not isinstance(body, dict) or not isinstance(body.get("budget"), int) \
                     or body["budget"] < 0 or not isinstance(body.get("report", {}), dict):
                 raise SchemaError("registration needs an integer 'budget' >= 0 and a 'report'")
+            declared = body.get("report", {}).get("local_examples")
+            if declared is not None and not (
+                    isinstance(declared, int) and not isinstance(declared, bool)
+                    and 0 <= declared <= self.cfg.policy.max_registered_examples):
+                raise PolicyError(f"registration declares local_examples={declared!r} (an int "
+                                  f"in [0, {self.cfg.policy.max_registered_examples}])")
             allowed = self.cfg.rounds.allowed_devices
             if allowed and device not in allowed:
                 raise UnknownClientError(f"device {device!r} is not allowed in this run")
@@ -392,6 +418,7 @@ class Coordinator:
             if self.lora is not None:
                 update = expand(update, self.lora)
             round_idx = header.round_idx
+            update = self._check_weights(device, update)
             stored = self.store.update(round_idx, device)
             if stored is not None:  # a resend of an acknowledged update
                 self._ack(device, {"type": "ack", "round": round_idx, "sha": sha,
@@ -405,6 +432,7 @@ class Coordinator:
                     raise MismatchError(f"base_model_hash: got {update.base_model_hash[:12]}, "
                                         f"expected {r.base_hash[:12]}")
                 budget = self._check_budget(device, update)
+                self._check_room(len(blob))  # DiskFullError before anything is taken in
                 self.aggregator.add(update)  # validates consistency before anything is kept
                 self.store.spool_update(round_idx, device, blob, update.num_examples)
                 self._record(round_idx, device, budget, update, len(blob))
@@ -436,8 +464,9 @@ class Coordinator:
             key = f"{device}{LATE_SEP}r{round_idx}"
             try:
                 self._check_budget(device, update)
+                self._check_room(len(blob))
                 self.aggregator.add(dataclasses.replace(update, client_id=key))
-            except (AlgorithmError, BudgetExceededError) as exc:
+            except (AlgorithmError, BudgetExceededError, DiskFullError) as exc:
                 self._reject(device, round_idx, exc, sha)
                 return
             self.store.spool_update(r.round_idx, key, blob, update.num_examples, late=True)
@@ -456,6 +485,30 @@ class Coordinator:
             raise BudgetExceededError(f"update carries {len(sent)} experts, the device's "
                                       f"registered budget is {budget}")
         return budget
+
+    def _check_room(self, nbytes: int) -> None:
+        ret = self.cfg.retention
+        try:
+            self.store.check_room(nbytes, int(ret.min_free_mb * 2**20),
+                                  int(ret.max_run_dir_mb * 2**20))
+        except DiskFullError as exc:
+            log.error("refusing updates: %s", exc)
+            raise
+
+    def _check_weights(self, device: str, update: SparseUpdate) -> SparseUpdate:
+        """Apply the weighting policy to ``num_examples`` (PolicyError, or clipped)."""
+        devices = self.store.devices()
+        declared = {d: _declared_examples(info["report"]) for d, info in devices.items()}
+        cap = self.cfg.policy.examples_cap(declared.get(device),
+                                           [n for n in declared.values() if n])
+        if cap is None or update.num_examples <= cap:
+            return update
+        if self.cfg.policy.on_violation == "reject":
+            raise PolicyError(f"num_examples {update.num_examples} is over the policy's cap "
+                              f"{cap} for {device}")
+        log.warning("%s: num_examples %d clipped to the policy's cap %d", device,
+                    update.num_examples, cap)
+        return dataclasses.replace(update, num_examples=cap)
 
     def _record(self, round_idx: int, device: str, budget: int, update: SparseUpdate,
                 nbytes: int) -> None:
@@ -546,3 +599,9 @@ class _Prometheus:
 
 
 __all__ = ["Coordinator", "UnknownClientError"]
+
+
+def _declared_examples(report: Any) -> int | None:
+    """The local examples a device declared at registration (None: not declared)."""
+    n = report.get("local_examples") if isinstance(report, dict) else None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None

@@ -208,7 +208,10 @@ def _summary(console: Any, table_cls: Any, run_dir: Path, seconds: float) -> Non
                   f"{agent_rows[-1]['loss']:.3f}" if agent_rows and "loss" in agent_rows[-1]
                   else "-")
     console.print(d)
-    console.print(f"finished in {seconds:.0f} s; report: {write_report(run_dir)}")
+    size = sum(p.stat().st_size for p in Path(run_dir).rglob("*") if p.is_file())
+    console.print(f"finished in {seconds:.0f} s; report: {write_report(run_dir)}; run directory "
+                  f"{size / 1e6:.0f} MB (spooled updates deleted once their round is durable, "
+                  f"last checkpoints and the best kept: [retention])")
 
 
 def simulate(args: argparse.Namespace) -> int:

@@ -173,6 +173,17 @@ def write_report(run_dir: str | Path) -> Path:
                   "<p>C_budget registered by the device, experts its update carried, experts "
                   "that held optimizer state, local steps, and what limited the round.</p>",
                   _table(held, [c for c in cols if any(c in h for h in held)])]
+    privacy = [{"round": r["round"] + 1, "device": name, "noised updates": p["rounds"][name],
+                "epsilon": eps, "delta": p["delta"], "epsilon limit": p.get("max_epsilon") or "-"}
+               for r in rows if r.get("phase") == "round" and r.get("privacy")
+               for p in [r["privacy"]] for name, eps in p["epsilon"].items()]
+    if privacy:
+        parts += ["<h2>Differential privacy</h2>",
+                  "<p>Epsilon each device has spent at delta, after every round (RDP accountant "
+                  "of dp-accounting over the noised updates the server accepted; a device "
+                  "counts every update it sent). A device whose next update would pass the "
+                  "limit sits the round out.</p>",
+                  _table(privacy, list(privacy[0]))]
     if rejections:
         parts += ["<h2>Rejected messages</h2>", _table(rejections[:200],
                                                        ["round", "client", "error", "reason"])]

@@ -12,6 +12,7 @@ server's, so ``hfedmoe report`` works on it.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import logging
@@ -68,6 +69,8 @@ def simulate(cfg: Any, num_devices: int, profiles: list[str],
     from hfedmoe.lora import LoRASpec, expand, with_factors
     from hfedmoe.models.registry import build_model
     from hfedmoe.modelsync import build_shards
+    from hfedmoe.privacy import may_take_part, privacy_report
+    from hfedmoe.quantize import quantize_model
     from hfedmoe.signals import round_signals
     from hfedmoe.strategies import get_strategy
     from hfedmoe.wire import decode, encode, spec_from_state
@@ -84,6 +87,9 @@ def simulate(cfg: Any, num_devices: int, profiles: list[str],
     task = load_task(cfg.data)
     shards = task.client_datasets(num_devices)
     model = build_model(cfg.model, cfg.data.task, task.num_labels)
+    # model.quantize: the devices' copy stores its frozen base quantized, re-quantized from the
+    # fp32 global weights every round; the server's model (aggregation, evaluation) stays fp32
+    device_model = copy.deepcopy(model) if cfg.model.quantize != "none" else model
     strategy = get_strategy(cfg.method.strategy, cfg.method)
     spec = spec_from_state(model.state())
     lora = (LoRASpec(cfg.train.lora_rank, cfg.train.lora_alpha)
@@ -92,7 +98,8 @@ def simulate(cfg: Any, num_devices: int, profiles: list[str],
         spec = with_factors(spec, lora)
     host = probe_device(matmul_seconds=0.5)
     costs = measure_costs(model, cfg.train.batch_size, cfg.model.max_length, cfg.train.optimizer,
-                          cfg.train.detach_frozen, repeats=measure_repeats)
+                          cfg.train.detach_frozen, repeats=measure_repeats,
+                          adapter=cfg.train.adapter, lora=lora)
     window = cfg.rounds.train_time_s or cfg.rounds.deadline_s
     devices = []
     for i, name in enumerate(profiles):
@@ -104,7 +111,8 @@ def simulate(cfg: Any, num_devices: int, profiles: list[str],
                                min_experts=cfg.train.min_experts)
         dev_id = f"sim{i:03d}-{name}"
         devices.append({"id": dev_id, "data": shards[i], "report": report, "budget": budget,
-                        "scale": time_scale(host, report), "have": set(), "assignment": None})
+                        "scale": time_scale(host, report), "have": set(), "assignment": None,
+                        "dp_rounds": 0})
         store.upsert_device(dev_id, {**report.to_dict(), "budget": budget.to_dict(),
                                      "local_examples": len(shards[i])}, budget.c_budget)
     global_state = model.state()
@@ -129,15 +137,21 @@ def simulate(cfg: Any, num_devices: int, profiles: list[str],
         disagreement: dict[str, float] = {}
         for i in chosen:
             d = devices[i]
+            if not may_take_part(d["dp_rounds"], cfg.method):  # its epsilon budget is spent
+                log.warning("%s: sits out round %d: one more noised update would pass "
+                            "method.dp_max_epsilon = %g", d["id"], r, cfg.method.dp_max_epsilon)
+                continue
             missing = set(manifest.shards.values()) - d["have"]
             bytes_out += sum(len(blobs[s]) for s in missing)
             d["have"] |= missing
-            model.load_state(global_state)
+            device_model.load_state(global_state)
+            quantize_model(device_model, cfg.model.quantize)  # "none": nothing
             if strategy.needs_assignment and d["assignment"] is None:
-                usage = usage_profile(model, d["data"], strategy, cfg.train.batch_size,
+                usage = usage_profile(device_model, d["data"], strategy, cfg.train.batch_size,
                                       cfg.model.max_length)
                 d["assignment"] = strategy.assign(usage, d["budget"].c_budget)
-            res = train_round(model, d["data"], strategy=strategy, budget=d["budget"].c_budget,
+            res = train_round(device_model, d["data"], strategy=strategy,
+                              budget=d["budget"].c_budget,
                               train_cfg=cfg.train, method_cfg=cfg.method, run_id=cfg.run_id,
                               round_idx=r, client_id=d["id"], max_length=cfg.model.max_length,
                               assignment=d["assignment"], base_hash=manifest.state_hash,
@@ -153,29 +167,36 @@ def simulate(cfg: Any, num_devices: int, profiles: list[str],
             device_times.append(res.seconds * d["scale"])
             held[d["id"]] = h = _held(d["budget"].c_budget, res, len(blob))
             usages[d["id"]] = res.update.usage
+            d["dp_rounds"] += int(cfg.method.dp_noise_multiplier > 0)
             disagreement[d["id"]] = float(res.update.meta.get("ib_vs_importance", 0.0))
             store.record_participation(r, d["id"], h["budget"], h["experts_sent"],
                                        h["optimizer_experts"], h)
         t0 = time.perf_counter()
         report = aggregator.report()
-        global_state = aggregator.finalize(global_state)
+        if held:  # every device may sit out (privacy budgets spent): the model stays
+            global_state = aggregator.finalize(global_state)
         agg_s = time.perf_counter() - t0
         model.load_state(global_state)
         metrics = evaluate(model, task.test, cfg.eval_batch_size, cfg.model.max_length,
                            cfg.max_eval_examples)
         row = {"round": r, "phase": "round", "participants": len(chosen),
-               "accepted": len(chosen), "rejected": 0, "late": 0,
+               "accepted": len(held), "rejected": 0, "late": 0,
                "experts_updated": len({e for rep in report.values() for e in rep.aggregated}),
                "bytes_in": bytes_in, "bytes_out": bytes_out, "aggregation_s": agg_s,
-               "round_s": max(device_times), "wall_s": time.perf_counter() - wall0, **metrics,
+               "round_s": max(device_times, default=0.0), "wall_s": time.perf_counter() - wall0, **metrics,
                "devices": {c: rep.to_dict() for c, rep in report.items()},
                "budgets": {devices[i]["id"]: devices[i]["budget"].c_budget for i in chosen},
-               "held": held, "dense_bytes": dense_bytes * len(chosen),
+               "held": held, "dense_bytes": dense_bytes * len(held),
                "signals": round_signals({c: rep.to_dict() for c, rep in report.items()}, usages,
                                         disagreement, cfg.method.tau)}
+        privacy = privacy_report({d["id"]: d["dp_rounds"] for d in devices}, cfg.method)
+        if privacy is not None:
+            row["privacy"] = privacy
         new_manifest, _ = build_shards(global_state)
         store.save_checkpoint(r, global_state, {"accuracy": metrics.get("accuracy")},
                               new_manifest.state_hash)
+        ret = cfg.retention
+        store.prune(r, ret.keep_updates, ret.keep_checkpoints, ret.keep_best)
         rows.append(_write(run_dir, row))
         log.info("round %d: %s", r, {k: v for k, v in row.items() if k not in ("devices",
                                                                               "budgets")})

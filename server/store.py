@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sqlite3
 import time
 from collections.abc import Iterator, Mapping
@@ -31,7 +32,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from hfedmoe.errors import StoreError
+from hfedmoe.errors import DiskFullError, StoreError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -228,6 +229,63 @@ class Store:
         rows = (self.db.execute(q + " WHERE round_idx=?", (round_idx,)) if round_idx is not None
                 else self.db.execute(q))
         return [{"round": r[0], "client": r[1], "error": r[2], "reason": r[3]} for r in rows]
+
+    # --- retention -------------------------------------------------------------------------
+    def size_bytes(self) -> int:
+        """Bytes the run directory holds on disk."""
+        return sum(p.stat().st_size for p in self.run_dir.rglob("*") if p.is_file())
+
+    def check_room(self, nbytes: int, min_free_bytes: int, max_run_dir_bytes: int) -> None:
+        """Raise :class:`DiskFullError` unless ``nbytes`` more leave ``min_free_bytes`` free
+        on the disk and keep the run directory within ``max_run_dir_bytes`` (0: no quota)."""
+        free = shutil.disk_usage(self.run_dir).free
+        if free - nbytes < min_free_bytes:
+            raise DiskFullError(f"{self.run_dir}: {free / 2**20:.0f} MiB free; storing "
+                                f"{nbytes / 2**20:.1f} MiB more would leave less than "
+                                f"{min_free_bytes / 2**20:.0f} MiB")
+        if max_run_dir_bytes:
+            used = self.size_bytes()
+            if used + nbytes > max_run_dir_bytes:
+                raise DiskFullError(f"{self.run_dir}: {used / 2**20:.1f} MiB used; storing "
+                                    f"{nbytes / 2**20:.1f} MiB more would pass the run "
+                                    f"directory's quota of {max_run_dir_bytes / 2**20:.0f} MiB")
+
+    def prune(self, done_round: int, keep_updates: bool, keep_checkpoints: int,
+              keep_best: bool) -> int:
+        """Free what a durable round no longer needs; returns the bytes freed.
+
+        Call after :meth:`save_checkpoint` of ``done_round``: the spooled updates of rounds up
+        to it are folded into that checkpoint (resume only reads an interrupted round's
+        updates), so their files go unless ``keep_updates``; checkpoints other than the last
+        ``keep_checkpoints`` and (``keep_best``) the one with the best held-out accuracy (or
+        lowest loss) go with their rows.
+        """
+        freed = 0
+        if not keep_updates:
+            for folder in (self.run_dir / "updates").glob("r*"):
+                if folder.name[1:].isdigit() and int(folder.name[1:]) <= done_round:
+                    freed += sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+                    shutil.rmtree(folder, ignore_errors=True)
+        rows = self.db.execute("SELECT c.round_idx, c.path, r.metrics FROM checkpoints c "
+                               "LEFT JOIN rounds r ON r.round_idx = c.round_idx "
+                               "ORDER BY c.round_idx").fetchall()
+        keep = {r[0] for r in rows[-max(keep_checkpoints, 1):]}
+        if keep_best:
+            scored = [(r[0], json.loads(r[2]) if r[2] else {}) for r in rows]
+            ranked = [(m["accuracy"], k) for k, m in scored
+                      if isinstance(m.get("accuracy"), (int, float))]
+            ranked = ranked or [(-m["loss"], k) for k, m in scored
+                                if isinstance(m.get("loss"), (int, float))]
+            if ranked:
+                keep.add(max(ranked)[1])
+        for round_idx, path, _ in rows:
+            if round_idx in keep:
+                continue
+            file = self.run_dir / path
+            freed += file.stat().st_size if file.exists() else 0
+            file.unlink(missing_ok=True)
+            self.db.execute("DELETE FROM checkpoints WHERE round_idx=?", (round_idx,))
+        return freed
 
     # --- checkpoints -----------------------------------------------------------------------
     def save_checkpoint(self, round_idx: int, state: Mapping[str, torch.Tensor],

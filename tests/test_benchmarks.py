@@ -86,6 +86,22 @@ def test_comm_quick(tmp_path, needs_minilm):
     _plot_ok(tmp_path / "r.png")
 
 
+def test_comm_plan_encodes_real_expert_shapes():
+    from benchmarks.comm import planned
+
+    rows = planned(8, ["olmoe-1b-7b", "switch-base-64"])
+    assert {(r["model"], r["wire_dtype"]) for r in rows} == {
+        (m, d) for m in ("olmoe-1b-7b", "switch-base-64") for d in ("float32", "bfloat16")}
+    for r in rows:
+        itemsize = 4 if r["wire_dtype"] == "float32" else 2
+        # the encoded whole expert holds every parameter once (plus a small header)
+        assert 0 <= r["full_expert_bytes"] - itemsize * r["params_per_expert"] < 4096
+        d_in = r["d_ff"] * (2 if r["gated"] else 1)
+        factors = 8 * (d_in + r["d_model"]) + 8 * (r["d_model"] + r["d_ff"])
+        assert 0 <= r["lora_expert_bytes"] - itemsize * factors < 4096
+        assert r["lora_vs_full_bytes"] < 0.02  # rank 8 on experts of real size
+
+
 @pytest.mark.slow
 def test_aggregation_quick(tmp_path, needs_minilm):
     from benchmarks import aggregation

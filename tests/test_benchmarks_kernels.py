@@ -51,10 +51,26 @@ def test_kernels_quick(tmp_path: Path) -> None:
 def test_budget_quick(tmp_path: Path) -> None:
     out = tmp_path / "budget.jsonl"
 
-    assert budget.main(["--quick", "--out", str(out), "--plot", str(tmp_path / "b.png")]) == 0
+    assert budget.main(["--quick", "--adapters", "full,lora", "--out", str(out),
+                        "--plot", str(tmp_path / "b.png")]) == 0
 
-    rows = read_rows(out)
-    assert [r["budget"] for r in rows] == sorted(r["budget"] for r in rows)
+    everything = read_rows(out)
+    rows = [r for r in everything if r["kind"] == "round"]
+    assert [r["adapter"] for r in rows] == ["full"] * 4 + ["lora"] * 4
+    full = [r for r in rows if r["adapter"] == "full"]
+    lora = [r for r in rows if r["adapter"] == "lora"]
+    assert [r["budget"] for r in full] == sorted(r["budget"] for r in full)
+    # a LoRA expert holds its factors' state, not the whole expert's: less memory per expert
+    for f, lo in zip(full, lora, strict=True):
+        assert lo["per_trained_expert_bytes"] < f["per_trained_expert_bytes"]
+    ratios = [r for r in everything if r["kind"] == "ratio"]
+    assert {r["adapter"] for r in ratios} == {"full", "lora"} and all(
+        r["peak_vs_full_fp32"] > 0 for r in ratios)
+    profiles = [r for r in everything if r["kind"] == "profile"]
+    assert {r["adapter"] for r in profiles} == {"full", "lora"}
+    by = {(r["profile"], r["adapter"]): r for r in profiles}
+    assert len(by) == len(profiles) and all((p, "lora") in by for p, _ in by)
+    assert all(0 <= r["c_budget"] <= 8 and r["limit"] for r in profiles)
     for r in rows:
         assert {"predicted_step_s", "measured_step_s", "step_error", "predicted_peak_bytes",
                 "measured_peak_bytes", "memory_error", "cost"} <= r.keys()

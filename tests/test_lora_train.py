@@ -126,6 +126,43 @@ def test_lora_settings_that_cannot_work_are_config_errors(tokenizer):
         TrainConfig(adapter="qlora")
     with pytest.raises(ConfigError):
         TrainConfig(adapter="lora", lora_rank=0)
-    with pytest.raises(ConfigError, match="ExecuTorch"):
-        train_round(tiny(tokenizer), text_data(), strategy=get_strategy("hfedmoe"), budget=2,
-                    train_cfg=LORA_CFG, runtime="executorch")
+
+
+def test_lora_cost_model_counts_factors_not_whole_experts(tokenizer):
+    from device_agent.budget import Limits, compute_budget
+    from device_agent.costs import measure_costs
+
+    model = tiny(tokenizer)
+    before = model.state()
+    full = measure_costs(model, 2, 16, repeats=1)
+    lora = measure_costs(model, 2, 16, repeats=1, adapter="lora", lora=LORA)
+    assert (full.adapter, lora.adapter, lora.lora_rank) == ("full", "lora", 2)
+    shape = model.layers[0].bank.shape
+    d_in = shape.d_ff * (2 if shape.gated else 1)
+    n_lora = 2 * (d_in + shape.d_model) + 2 * (shape.d_model + shape.d_ff)
+    # AdamW: grads + 2 moments of the factors only; the factors are held, no base-weight copy
+    assert lora.cost.expert_state_bytes == 3 * 4 * n_lora
+    assert lora.cost.expert_grad_bytes == 4 * n_lora == lora.cost.expert_snapshot_bytes
+    assert full.cost.expert_state_bytes == 3 * 4 * shape.params_per_expert
+    assert lora.cost.expert_activation_bytes > full.cost.expert_activation_bytes  # rank-r rows
+    assert lora.cost.per_trained_expert_bytes < full.cost.per_trained_expert_bytes
+    # the measurement leaves the model as it was: no factors, same weights
+    assert all(e.factors is None for layer in model.layers for e in layer.bank.experts)
+    after = model.state()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # the same memory quota admits more LoRA experts than whole experts
+    quota = full.cost.base_bytes - full.cost.resident_bytes \
+        + 3 * full.cost.per_trained_expert_bytes
+    budgets = [compute_budget(m.cost, Limits(available_bytes=10**12, deadline_seconds=1e6,
+                                              steps_per_round=1, margin_fraction=0.0,
+                                              training_quota_bytes=quota)).c_budget
+               for m in (full, lora)]
+    assert budgets[0] == 3 and budgets[1] > 3, budgets
+
+
+def test_bad_adapter_for_the_cost_model_is_a_device_error(tokenizer):
+    from device_agent.costs import measure_costs
+    from hfedmoe.errors import DeviceError
+
+    with pytest.raises(DeviceError, match="adapter"):
+        measure_costs(tiny(tokenizer), 2, 16, repeats=1, adapter="qlora")

@@ -11,7 +11,14 @@ from hfedmoe.config import MethodConfig
 from hfedmoe.errors import AlgorithmError, ConfigError
 from hfedmoe.importance import compute_batch_stats
 from hfedmoe.names import ExpertId
-from hfedmoe.privacy import privatize, privatize_with_config, update_norm
+from hfedmoe.privacy import (
+    epsilon,
+    os_gaussian,
+    privatize,
+    privatize_with_config,
+    rounds_within,
+    update_norm,
+)
 from hfedmoe.round_stats import RoundAccumulator
 from hfedmoe.selection import selection_generator
 from hfedmoe.strategies import REGISTRY, get_strategy
@@ -122,24 +129,48 @@ def test_dp_clips_the_whole_update_by_hand():
     assert privatize(deltas, clip=10.0, noise_multiplier=0.0).deltas["a"].tolist() == [3.0, 0.0]
 
 
-def test_dp_off_by_default_and_noise_is_seeded():
+def test_dp_off_by_default_and_noise_comes_from_the_os():
     deltas = {"a": torch.zeros(20000)}
     off = privatize_with_config(deltas, MethodConfig())
     assert off.deltas["a"] is deltas["a"]
     cfg = MethodConfig(dp_clip=1.0, dp_noise_multiplier=0.5)
-    one = privatize_with_config(deltas, cfg, torch.Generator().manual_seed(3))
-    two = privatize_with_config(deltas, cfg, torch.Generator().manual_seed(3))
-    assert torch.equal(one.deltas["a"], two.deltas["a"])
+    one = privatize_with_config(deltas, cfg)
+    two = privatize_with_config(deltas, cfg)
+    assert not torch.equal(one.deltas["a"], two.deltas["a"])  # nothing seeds it
     assert one.noise_std == 0.5
-    std = float(one.deltas["a"].std())
-    assert abs(std - 0.5) < 0.02  # 20000 draws: the sample std is within ~1% of 0.5
+    for out in (one, two):
+        std = float(out.deltas["a"].std())
+        assert abs(std - 0.5) < 0.02  # 20000 draws: the sample std is within ~1% of 0.5
+        assert abs(float(out.deltas["a"].mean())) < 0.02
+    # the test-only switch: an explicit seeded generator reproduces the noise
+    seeded = [privatize_with_config(deltas, cfg, torch.Generator().manual_seed(3)) for _ in "ab"]
+    assert torch.equal(seeded[0].deltas["a"], seeded[1].deltas["a"])
     assert math.isclose(update_norm({"x": torch.tensor([6.0, 8.0])}), 10.0)
+
+
+def test_os_gaussian_is_standard_normal():
+    z = os_gaussian((200_000,), torch.float64)
+    assert z.dtype == torch.float64 and torch.isfinite(z).all()
+    assert abs(float(z.mean())) < 0.01 and abs(float(z.std()) - 1) < 0.01
+    tail = float((z.abs() > 1.96).double().mean())
+    assert abs(tail - 0.05) < 0.003  # two-sided 5% tail
+
+
+def test_epsilon_composes_rounds_with_the_rdp_accountant():
+    assert epsilon(1.0, 0, 1e-5) == 0.0 and epsilon(0.0, 3, 1e-5) == math.inf
+    eps = [epsilon(1.0, r, 1e-5) for r in (1, 10, 100)]
+    assert eps[0] < eps[1] < eps[2]
+    # one Gaussian mechanism: RDP alpha/(2 z^2), converted at delta (Opacus' rdp conversion);
+    # more noise spends less
+    assert epsilon(2.0, 10, 1e-5) < eps[1]
+    n = rounds_within(1.0, 10.0, 1e-5)
+    assert epsilon(1.0, n, 1e-5) <= 10.0 < epsilon(1.0, n + 1, 1e-5)
+    with pytest.raises(AlgorithmError):
+        epsilon(1.0, 1, 0.0)
 
 
 def test_dp_bad_arguments_raise():
     deltas = {"a": torch.ones(2)}
-    with pytest.raises(AlgorithmError):
-        privatize(deltas, clip=1.0, noise_multiplier=1.0)  # no generator
     with pytest.raises(AlgorithmError):
         privatize(deltas, clip=0.0, noise_multiplier=1.0)
     with pytest.raises(AlgorithmError):

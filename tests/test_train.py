@@ -86,7 +86,35 @@ def test_dp_clips_the_update(tokenizer):
                       budget=2, train_cfg=TrainConfig(batch_size=4, lr=1e-1))
     norm = sum(float(d.pow(2).sum()) for d in res.update.deltas.values()) ** 0.5
     assert norm == pytest.approx(1e-3, rel=1e-4)
-    assert res.update.meta["dp_norm"] > 1e-3
+    # the pre-clip norm and the clip factor never leave the device
+    assert not {"dp_norm", "dp_scale"} & set(res.update.meta)
+
+
+def test_server_cannot_recover_the_dp_noise(tokenizer):
+    """The noise comes from the OS: knowing every setting of the run (seeds, client id, round)
+    does not reproduce it, so subtracting a regenerated noise does not reveal the delta."""
+    from device_agent.train import train_round as run
+    from hfedmoe.selection import selection_generator
+
+    cfg = MethodConfig(dp_clip=1e-3, dp_noise_multiplier=50.0, seed=7)
+    clean = run(tiny(tokenizer), text_data(), strategy=get_strategy("hfedmoe", MethodConfig(
+        dp_clip=1e-3, seed=7)), budget=2, train_cfg=TrainConfig(batch_size=4, max_steps=2),
+        client_id="dev1", round_idx=3).update.deltas  # the clipped delta, no noise
+    noisy = [run(tiny(tokenizer), text_data(), strategy=get_strategy("hfedmoe", cfg), budget=2,
+                 train_cfg=TrainConfig(batch_size=4, max_steps=2), client_id="dev1",
+                 round_idx=3).update for _ in range(2)]
+    assert noisy[0].meta["dp_noise_std"] == pytest.approx(0.05)
+    keys = sorted(clean)
+    assert keys == sorted(noisy[0].deltas) == sorted(noisy[1].deltas)
+    # the same device, data and settings twice: different noise
+    assert any(not torch.equal(noisy[0].deltas[k], noisy[1].deltas[k]) for k in keys)
+    # the attack that worked when noise was seeded from the server's settings
+    gen = selection_generator(cfg.seed + 1, "dev1", 3)
+    worst = 0.0
+    for k in keys:
+        guess = torch.randn(noisy[0].deltas[k].shape, generator=gen) * 0.05
+        worst = max(worst, float((noisy[0].deltas[k] - guess - clean[k]).abs().max()))
+    assert worst > 0.05  # the residual is noise-sized, not ~1e-9
 
 
 def test_bf16_autocast_trains(tokenizer):

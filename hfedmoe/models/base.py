@@ -25,6 +25,7 @@ from torch import nn
 from hfedmoe.errors import ModelError
 from hfedmoe.experts import ExpertBank
 from hfedmoe.names import ExpertId, expert_key, gate_key, parse_key, shared_key
+from hfedmoe.quantize import dequantize_weight, is_quantized, requantize
 
 ScoreFn = Literal["softmax", "sigmoid"]
 # Turns a router module's output into (router_logits (T, E), routed expert ids (T, k)).
@@ -191,7 +192,10 @@ class MoEModel:
         return {k: p.detach().clone() for k, p in self._params.items()}
 
     def load_state(self, state: Mapping[str, torch.Tensor], strict: bool = False) -> None:
-        """Copy tensors into the model by canonical name; shapes must match exactly."""
+        """Copy tensors into the model by canonical name; shapes must match exactly.
+
+        A weight this model stores quantized (``model.quantize``, :mod:`hfedmoe.quantize`) is
+        re-quantized from the value given, so a device's copy stays quantized across loads."""
         missing = set(self._params) - set(state)
         if strict and missing:
             raise ModelError(f"state is missing {len(missing)} key(s), e.g. {sorted(missing)[:3]}")
@@ -200,13 +204,28 @@ class MoEModel:
                 p = self.parameter(key)
                 if tuple(value.shape) != tuple(p.shape):
                     raise ModelError(f"{key}: shape {tuple(value.shape)} != model {tuple(p.shape)}")
-                p.copy_(value.to(p.dtype))
+                if is_quantized(p):
+                    self.replace_expert_weight(key, requantize(p, value))
+                else:
+                    p.copy_(value.to(p.dtype))
+
+    def replace_expert_weight(self, key: str, param: nn.Parameter) -> None:
+        """Put ``param`` in place of the expert weight ``key`` (e.g. its quantized form)."""
+        pk = parse_key(key)
+        old = self.parameter(key)
+        if pk.kind != "expert" or pk.expert is None:
+            raise ModelError(f"{key}: only expert weights can be replaced")
+        if tuple(param.shape) != tuple(old.shape):
+            raise ModelError(f"{key}: shape {tuple(param.shape)} != model {tuple(old.shape)}")
+        expert = self.layer(pk.expert.layer_idx).bank.experts[pk.expert.expert_idx]
+        setattr(expert, pk.param, param)
+        self._params[key] = param
 
     def state_hash(self) -> str:
         """sha256 over the canonical state (sorted keys, shapes, raw bytes)."""
         h = hashlib.sha256()
         for key in sorted(self._params):
-            t = self._params[key].detach().contiguous().float().cpu()
+            t = dequantize_weight(self._params[key]).contiguous().cpu()
             h.update(f"{key}:{tuple(t.shape)};".encode())
             h.update(t.numpy().tobytes())
         return h.hexdigest()
@@ -224,8 +243,8 @@ class MoEModel:
             p.requires_grad_(False)
         for key, p in self._params.items():
             pk = parse_key(key)
-            if pk.kind == "expert":
-                p.requires_grad_(pk.expert in wanted)
+            if pk.kind == "expert":  # a quantized (frozen base) weight never trains
+                p.requires_grad_(pk.expert in wanted and not is_quantized(p))
             elif pk.kind == "gate":
                 p.requires_grad_(gates)
             else:

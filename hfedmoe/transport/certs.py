@@ -2,7 +2,10 @@
 
 Keys are EC P-256. The broker certificate carries SANs ``localhost``/``127.0.0.1``/``::1`` plus
 any given hosts; every client (each device, and the ``server`` coordinator account) gets a
-certificate whose CN is its account name. Private keys are written with mode 0600.
+certificate whose CN is its account name. The broker takes the account from that CN
+(``use_identity_as_username``), so a certificate *is* the identity: the ``server`` certificate is
+the only one whose CN is the server account, and a device id that is a reserved account name
+is refused (:class:`~hfedmoe.errors.ReservedIdError`). Private keys are written with mode 0600.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from hfedmoe.transport.topics import check_id
+from hfedmoe.errors import ConfigError
+from hfedmoe.transport.topics import SERVER_ACCOUNT, check_device_id
 
-SERVER_ACCOUNT = "server"
+__all__ = ["SERVER_ACCOUNT", "CertBundle", "KeyPair", "cert_identity", "make_certs"]
 
 
 @dataclass(frozen=True)
@@ -97,9 +101,17 @@ def make_certs(out_dir: str | Path, devices: Iterable[str], hosts: Iterable[str]
         devices: device ids; each gets a client certificate (CN = id).
         hosts: extra DNS names / IPs for the broker certificate's SAN.
         days: validity of every certificate.
+
+    Raises:
+        ReservedIdError: a device id is a reserved account name (``server``); nothing is
+            written.
+        ConfigError: a device id is invalid or given twice.
     """
     out = Path(out_dir)
-    names = [check_id(d, "device id") for d in devices]
+    names = [check_device_id(d) for d in devices]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ConfigError(f"device ids given twice: {twice}")
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_cert, _ = _issue("hfedmoe CA", _name("hfedmoe CA"), ca_key, days, ca=True, key=ca_key)
     ca = _write(out, "ca", ca_cert, ca_key)
@@ -114,3 +126,13 @@ def make_certs(out_dir: str | Path, devices: Iterable[str], hosts: Iterable[str]
         clients[name] = _write(out / "clients", name, cert, key)
     return CertBundle(out, ca, broker, clients)
 
+
+
+def cert_identity(cert_path: str | Path) -> str:
+    """The account a client certificate logs in as: its subject CN."""
+    cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not cns:
+        raise ConfigError(f"{cert_path}: the certificate has no CN (no broker identity)")
+    value = cns[0].value
+    return value if isinstance(value, str) else value.decode()

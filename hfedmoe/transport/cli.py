@@ -1,5 +1,8 @@
 """``hfedmoe certs OUT_DIR --devices a,b``: a private CA, broker and client certs, and a
-Mosquitto config (passwords + ACL) for them."""
+Mosquitto config for them: the client certificate's CN is the account, an ACL limits each
+device to its own topics. Start the broker with ``mosquitto -c OUT_DIR/mosquitto/mosquitto.conf``
+(as root it switches to the account of the config's ``user`` line). Device ids that are reserved
+account names (``server``) are refused."""
 
 from __future__ import annotations
 
@@ -22,8 +25,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8883, help="TLS listener port")
     p.add_argument("--bind", default="0.0.0.0")
     p.add_argument("--plain-port", type=int, default=None,
-                   help="also open a plain-TCP listener (password + ACL still enforced)")
+                   help="also open a plain-TCP listener (no certificates: there the username "
+                        "and a generated password are the identity; ACL still enforced)")
     p.add_argument("--persistence-dir", default=None)
+    p.add_argument("--broker-user", default=None,
+                   help="account mosquitto switches to when started as root (default: you, "
+                        "or 'mosquitto' when run as root and it can reach the files, else "
+                        "root)")
     p.add_argument("--no-broker-config", action="store_true",
                    help="certificates only, no mosquitto.conf/passwd/acl")
     p.set_defaults(func=run)
@@ -37,10 +45,17 @@ def run(args: argparse.Namespace) -> int:
     print(f"CA            {bundle.ca.cert}")
     print(f"broker        {bundle.broker.cert}")
     for name, pair in bundle.clients.items():
-        print(f"client {name:<8}{pair.cert}")
+        print(f"client {name:<8} {pair.cert}")
     if not args.no_broker_config:
         files = write_mosquitto_config(args.out_dir / "mosquitto", args.devices, certs=bundle,
                                        tls_port=args.port, plain_port=args.plain_port,
-                                       bind=args.bind, persistence_dir=args.persistence_dir)
-        print(f"mosquitto     {files.conf}  (passwords: {files.conf.parent / 'credentials.txt'})")
+                                       bind=args.bind, persistence_dir=args.persistence_dir,
+                                       run_as_user=args.broker_user)
+        print(f"mosquitto     {files.conf}")
+        print(f"start with    mosquitto -c {files.conf}"
+              + (f"  (as root it runs as '{files.user}')" if files.user else ""))
+        if files.passwd is not None:
+            print(f"passwords     {files.conf.parent / 'credentials.txt'} (plain listener only)")
+        for note in files.notes:
+            print(f"note: {note}")
     return 0

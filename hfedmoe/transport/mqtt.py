@@ -4,6 +4,10 @@ QoS 1, persistent sessions with stable client ids (MQTT 3.1.1 ``clean_session=Fa
 ``clean_start=False`` + session expiry), reconnect with backoff on paho's network thread, a
 retained last will (status ``offline``), TLS with client certificates and username/password
 when configured, and every subscription re-sent on each (re)connect. Callbacks only enqueue.
+
+On the kit's Mosquitto config the TLS listener takes the account from the client certificate's
+CN and ignores a username/password sent with it, so ``username``/``password`` may stay empty;
+a username that differs from the certificate's CN is logged (it is not the identity used).
 """
 
 from __future__ import annotations
@@ -70,6 +74,8 @@ class MqttTransport(Transport):
                       keyfile=cfg.client_key or None)
         if cfg.username:
             c.username_pw_set(cfg.username, cfg.password or None)
+            if cfg.client_cert:
+                _check_identity(cfg)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
@@ -190,6 +196,21 @@ class MqttTransport(Transport):
         self._closed = True
         self._client.disconnect()
         self._client.loop_stop()
+
+
+def _check_identity(cfg: TransportConfig) -> None:
+    """Log when ``username`` is not the client certificate's CN (the broker uses the CN)."""
+    try:
+        from hfedmoe.transport.certs import cert_identity
+
+        cn = cert_identity(cfg.client_cert)
+    except Exception as exc:  # unreadable here: TLS setup reports it
+        log.debug("cannot read the CN of %s: %r", cfg.client_cert, exc)
+        return
+    if cn != cfg.username:
+        log.warning("transport.username %r is not the client certificate's CN %r: a broker that "
+                    "takes the identity from the certificate (the kit's config) logs you in "
+                    "as %r", cfg.username, cn, cn)
 
 
 def open_transport(cfg: TransportConfig, client_id: str, status_topic: str | None = None,

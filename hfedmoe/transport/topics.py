@@ -13,6 +13,10 @@
 
 A device's write set is its own register/status/update tree; its read set is its own ack tree
 plus the broadcast ``round`` and ``model`` topics (see :mod:`hfedmoe.transport.broker_config`).
+
+Account names are device ids; the broker takes them from the client certificate's CN. The
+coordinator's account (:data:`SERVER_ACCOUNT`) reads and writes everything, so it and every
+other name in :data:`RESERVED_IDS` can never be a device id (:func:`check_device_id`).
 """
 
 from __future__ import annotations
@@ -20,18 +24,37 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from hfedmoe.errors import ConfigError, TransportError
+from hfedmoe.errors import ConfigError, ReservedIdError, TransportError
 
 ROOT = "hfedmoe"
 VERSION = "v1"
 _ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 
+SERVER_ACCOUNT = "server"
+# Names no device may take: the coordinator's account (the ACL gives it every topic). Compared
+# case-insensitively, so no device looks like the server in logs or the run database either.
+RESERVED_IDS = frozenset({SERVER_ACCOUNT})
+
 
 def check_id(value: str, what: str = "id") -> str:
     """Validate a run/device id: 1-64 of ``[A-Za-z0-9_.-]`` (so never ``/``, ``+``, ``#``)."""
     if not isinstance(value, str) or not _ID.match(value):
         raise ConfigError(f"invalid {what} {value!r}: use 1-64 characters of A-Z a-z 0-9 _ . -")
+    return value
+
+
+def check_device_id(value: str, what: str = "device id") -> str:
+    """:func:`check_id`, and refuse the reserved account names (:data:`RESERVED_IDS`).
+
+    Raises:
+        ReservedIdError: ``value`` is a reserved account name (e.g. ``server``).
+        ConfigError: ``value`` is not a valid id at all.
+    """
+    check_id(value, what)
+    if value.lower() in RESERVED_IDS:
+        raise ReservedIdError(f"{what} {value!r} is reserved (reserved account names: "
+                              f"{', '.join(sorted(RESERVED_IDS))}); choose another name")
     return value
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,8 +22,7 @@ from hfedmoe.transport.chunks import send_blob
 from hfedmoe.transport.config import TransportConfig
 from hfedmoe.transport.mqtt import MqttTransport
 from hfedmoe.transport.topics import Topics
-
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+from tests.broker_required import MOSQUITTO, need_mosquitto
 
 # A small but real model: pretrained MiniLM upcycled to 2 experts, top-1.
 SMALL = {"model": {"num_experts": 2, "top_k": 1, "max_length": 32},
@@ -46,8 +44,7 @@ def _wait_port(port: int, timeout: float = 10.0) -> None:
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[str]:
     """A plain, anonymous Mosquitto of this test only; stopped by PID."""
-    if not Path(MOSQUITTO).exists():
-        pytest.skip("mosquitto is not installed")
+    need_mosquitto()  # skips, or fails under HFEDMOE_REQUIRE_BROKER=1
     port = free_port()
     conf = tmp_path / "mosquitto.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
@@ -134,7 +131,8 @@ class FakeDevice:
                  timeout: float = 90.0) -> None:
         """Register (again every 3 s, as the server may still be starting) until answered."""
         body = payload if payload is not None else json.dumps(
-            {"device_id": self.device_id, "budget": budget, "report": {}}).encode()
+            {"device_id": self.device_id, "budget": budget,
+             "report": {"local_examples": 10}}).encode()  # what an agent declares
         end = time.monotonic() + timeout
         while True:
             n = len(self.acks)

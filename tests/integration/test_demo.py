@@ -39,6 +39,11 @@ def test_short_demo_over_mosquitto_raises_accuracy(tmp_path, mosquitto):
         assert statuses == ["accepted", "accepted"]
     assert_budget_binds(rounds, num_experts=48)
     assert "fedavg-full would send" in proc.stdout
+    # retention: spooled updates go once their round is durable, the last 2 checkpoints and
+    # the best stay, and the demo says how big its run directory ended
+    assert not list((run_dir / "updates").rglob("*.bin"))
+    assert len(list((run_dir / "checkpoints").glob("*.safetensors"))) <= 3
+    assert "run directory" in proc.stdout.split("report:")[-1]
 
 
 @pytest.mark.broker

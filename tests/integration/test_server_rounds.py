@@ -247,6 +247,10 @@ def _hostile(model, run_id: str, base: str, good: bytes, rng: random.Random):
         ("oversized", "dev-a", rng.randbytes(9 << 20), {"PayloadTooLarge", "TransferError"}),
         ("unregistered", "ghost", enc(make_update(model, run_id, 0, "ghost", base)),
          {"UnknownClientError"}),
+        # dev-a declared 10 local examples when it registered: 1e9 is over the policy's cap
+        ("inflated-examples", "dev-a", enc(mk(n=10**9, seed=11)), {"PolicyError"}),
+        ("usage-over-one", "dev-a", enc(mk(usage={E0: 0.9, ExpertId(0, 1): 0.9}, seed=12)),
+         {"SchemaError"}),
         # dev-a registered a budget of 2 experts
         ("over-budget", "dev-a", encode(mk(experts=(E0, ExpertId(0, 1), ExpertId(1, 0)),
                                            usage={E0: 0.6, ExpertId(0, 1): 0.4,

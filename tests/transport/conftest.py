@@ -3,7 +3,6 @@ hub, and a manual clock."""
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import time
@@ -20,8 +19,8 @@ from hfedmoe.transport.certs import CertBundle, make_certs
 from hfedmoe.transport.config import TransportConfig
 from hfedmoe.transport.memory import MemoryHub
 from hfedmoe.transport.mqtt import MqttTransport
+from tests.broker_required import MOSQUITTO, need_mosquitto
 
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 DEVICES = ["dev1", "dev2"]
 
 
@@ -77,8 +76,10 @@ class Mosquitto:
         self.proc = None
 
     def cfg(self, account: str, *, tls: bool = True, cert: bool = True,
-            password: str | None = None, **kw) -> TransportConfig:
-        pair = self.certs.clients.get(account)
+            password: str | None = None, cert_of: str | None = None, **kw) -> TransportConfig:
+        """``account``'s config; ``cert_of`` presents another account's certificate (with
+        ``account`` as the username), as a client trying to pass for someone else would."""
+        pair = self.certs.clients.get(cert_of or account)
         url = f"mqtts://127.0.0.1:{self.files.tls_port}" if tls \
             else f"mqtt://127.0.0.1:{self.files.tls_port}"
         return TransportConfig(
@@ -86,7 +87,8 @@ class Mosquitto:
             client_cert=str(pair.cert) if cert and tls and pair else "",
             client_key=str(pair.key) if cert and tls and pair else "",
             username=account,
-            password=password if password is not None else self.files.credentials[account],
+            password=password if password is not None
+            else self.files.credentials.get(account, ""),
             reconnect_min=0.1, reconnect_max=0.5, connect_timeout=5.0, **kw)
 
     def connect(self, account: str, client_id: str | None = None, **kw) -> MqttTransport:
@@ -94,14 +96,11 @@ class Mosquitto:
 
 
 def make_mosquitto(root: Path, persistence: bool = False) -> Mosquitto:
-    if not Path(MOSQUITTO).exists():
-        pytest.skip("mosquitto binary not installed")
+    need_mosquitto()  # skips, or fails under HFEDMOE_REQUIRE_BROKER=1
     certs = make_certs(root / "pki", DEVICES)
     files = write_mosquitto_config(
         root / "broker", DEVICES, certs=certs, tls_port=free_port(), bind="127.0.0.1",
-        persistence_dir=(root / "data") if persistence else None, run_as_user="root")
-    if persistence:
-        (root / "data").mkdir(exist_ok=True)
+        persistence_dir=(root / "data") if persistence else None)
     return Mosquitto(files, certs)
 
 

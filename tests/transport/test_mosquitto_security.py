@@ -48,11 +48,23 @@ def test_tls_with_client_cert_connects(mosquitto):
 @pytest.mark.parametrize("kw", [
     dict(tls=False),  # plain MQTT to the TLS-only listener
     dict(cert=False),  # TLS without a client certificate
-    dict(password="wrong"),  # bad password
+    dict(cert=False, password="wrong"),  # a password alone is no identity
 ])
 def test_refused(mosquitto, kw):
     cfg = mosquitto.cfg("dev1", **kw)
     cfg = type(cfg)(**{**cfg.__dict__, "connect_timeout": 2.0})
+    with pytest.raises(TransportError):
+        MqttTransport(cfg, f"dev1-{_tag()}")
+
+
+def test_certificate_of_another_ca_refused(mosquitto, tmp_path):
+    from dataclasses import replace
+
+    from hfedmoe.transport.certs import make_certs
+
+    foreign = make_certs(tmp_path, ["dev1"]).clients["dev1"]  # right CN, wrong CA
+    cfg = replace(mosquitto.cfg("dev1"), client_cert=str(foreign.cert),
+                  client_key=str(foreign.key), connect_timeout=2.0)
     with pytest.raises(TransportError):
         MqttTransport(cfg, f"dev1-{_tag()}")
 

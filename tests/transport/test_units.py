@@ -22,6 +22,7 @@ from hfedmoe.transport.certs import make_certs
 from hfedmoe.transport.config import TransportConfig, parse_url
 from hfedmoe.transport.memory import MemoryHub
 from hfedmoe.transport.topics import Topics, check_id
+from tests.broker_required import skip_or_fail
 
 SHA = "ab" * 32
 
@@ -105,7 +106,7 @@ def test_password_hash_format_matches_mosquitto(tmp_path):
     assert h.startswith("$7$101$") and verify_password("secret", h)
     assert not verify_password("nope", h) and not verify_password("secret", "garbage")
     if not Path(MOSQUITTO_PASSWD).exists():
-        pytest.skip("mosquitto_passwd not installed")
+        skip_or_fail("mosquitto_passwd not installed")
     path = write_password_file(tmp_path / "pw", {"alice": "s3cret"}, use_tool=True)
     user, hashed = path.read_text().strip().split(":", 1)
     assert user == "alice" and verify_password("s3cret", hashed)
@@ -128,11 +129,20 @@ def test_certs_and_config_files(tmp_path):
     cert = x509.load_pem_x509_certificate(bundle.broker.cert.read_bytes())
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "edge.example" in san.get_values_for_type(x509.DNSName)
-    files = write_mosquitto_config(tmp_path / "b", ["dev1"], certs=bundle, tls_port=18883,
-                                   passwords={"dev1": "pw"})
-    assert files.credentials["dev1"] == "pw" and len(files.credentials["server"]) > 16
+    files = write_mosquitto_config(tmp_path / "b", ["dev1"], certs=bundle, tls_port=18883)
     conf = files.conf.read_text()
     assert "allow_anonymous false" in conf and "require_certificate true" in conf
+    # the certificate is the identity on the TLS listener: no password file at all
+    assert "use_identity_as_username true" in conf and "password_file" not in conf
+    assert files.passwd is None and files.credentials == {}
+    assert f"keyfile {bundle.broker.key.resolve()}" in conf  # absolute: any working directory
+    # a plain listener has no certificates: there (only) a password proves the username
+    files = write_mosquitto_config(tmp_path / "p", ["dev1"], certs=bundle, tls_port=18883,
+                                   plain_port=11883, passwords={"dev1": "pw"})
+    assert files.credentials["dev1"] == "pw" and len(files.credentials["server"]) > 16
+    assert f"password_file {files.passwd}" in files.conf.read_text()
+    with pytest.raises(ConfigError):  # passwords without a listener that uses them
+        write_mosquitto_config(tmp_path / "q", ["dev1"], certs=bundle, passwords={"dev1": "pw"})
     with pytest.raises(ConfigError):
         write_mosquitto_config(tmp_path / "c", ["dev1"], certs=None)
 
