@@ -68,6 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads in every worker (0: torch's default)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 8 (quick: 2)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="default 128 (quick: 16); the demo trains at 64")
     p.add_argument("--window", type=float, default=12.0,
                    help="compute window (s) of the per-profile budgets (the demo's)")
     p.add_argument("--steps", type=int, default=8, help="local steps of the per-profile budgets")
@@ -82,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     budgets = ([int(b) for b in args.budgets.split(",")] if args.budgets
                else [1, num_experts // 4, num_experts // 2, num_experts])
     batch_size, seq_len = (2, 16) if args.quick else (8, 128)
+    batch_size, seq_len = args.batch_size or batch_size, args.seq_len or seq_len
     repeats = args.repeats or (2 if args.quick else 5)
     # a quantized base trains only through LoRA factors (model.quantize needs adapter = lora)
     variants = [(a, q) for q in args.quantize.split(",") for a in args.adapters.split(",")

@@ -34,7 +34,9 @@ def register(sub: Any) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.add_argument("--list-profiles", action="store_true", help="list shipped profiles and exit")
     p.add_argument("--model", default="minilm-moe",
-                   help="time one expert and the non-expert step of this model ('none': skip)")
+                   help="time one expert and the non-expert step of this model ('none': skip); "
+                        "a directory with only config.json is planned: one expert of its real "
+                        "shape timed, the rest counted, a budget per mode")
     p.add_argument("--batch", type=int, default=8, help="batch size of the model timing")
     p.add_argument("--seq", type=int, default=128, help="sequence length of the model timing")
     p.add_argument("--deadline", type=float, default=60.0,
@@ -63,10 +65,15 @@ def model_costs(report: DeviceReport, args: argparse.Namespace) -> dict[str, Any
 
     from device_agent.costs import decide_budget, measure_costs
     from hfedmoe.config import ModelConfig
+    from hfedmoe.models.plan import build_meta_model, is_config_only, plan_costs
     from hfedmoe.models.registry import build_model
 
-    model = build_model(ModelConfig(name=args.model), "classification", 4)
     host = None if not report.emulated else _host(args)
+    if is_config_only(args.model):  # config.json only: time one real-shape expert, count the rest
+        meta = build_meta_model(args.model)
+        return plan_costs(meta, report, args.batch, args.seq, args.deadline, args.steps,
+                          host=host)
+    model = build_model(ModelConfig(name=args.model), "classification", 4)
     out: dict[str, Any] = {"model": args.model, "batch": args.batch, "seq": args.seq}
     for adapter in ("full", "lora"):  # train.adapter: whole experts, or LoRA factors
         measured = measure_costs(model, args.batch, args.seq, adapter=adapter)
@@ -87,6 +94,11 @@ def print_costs(costs: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    if costs.get("planned"):  # a config-only directory (hfedmoe.models.plan)
+        from hfedmoe.models.plan import print_plan_costs
+
+        print_plan_costs(costs)
+        return
     full, lora = costs["full"], costs["lora"]
     table = Table(title=f"{costs['model']}: batch {costs['batch']} x seq {costs['seq']} "
                         f"({full['tokens_per_expert']} tokens per expert)")

@@ -49,6 +49,8 @@ class MoELayer:
     top_k: int
     score_fn: ScoreFn = "softmax"
     decode: RouterDecoder = decode_topk_router
+    # The module whose forward output ``decode`` reads during a capture; None: ``router``.
+    tap: nn.Module | None = None
 
     @property
     def num_experts(self) -> int:
@@ -265,7 +267,7 @@ class MoEModel:
         """Record G_e(x) (Eq. 3-16 input) of every token at every MoE layer while inside."""
         cap = GateCapture(token_mask=None if attention_mask is None
                           else attention_mask.reshape(-1).bool())
-        handles = [layer.router.register_forward_hook(
+        handles = [(layer.router if layer.tap is None else layer.tap).register_forward_hook(
             lambda _m, _i, out, layer=layer: cap._add(layer, out)) for layer in self.layers]
         try:
             yield cap

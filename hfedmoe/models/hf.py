@@ -33,7 +33,7 @@ class Family:
     name: str
     model_type: str
     config_class: str
-    layout: str  # "fused" or "switch"
+    layout: str  # "fused", "switch" (hand adapters) or "interface" (hfedmoe.models.generic)
     score_fn: ScoreFn = "softmax"
     causal: bool = True
     tiny: Callable[[], dict[str, Any]] | None = None  # kwargs of a tiny test config
@@ -73,12 +73,37 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
 ]}
 
 
+def interface_family(model_type: str, config_class: str = "") -> Family:
+    """The generic family of a model_type whose experts use transformers' experts interface."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if not config_class:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        config_class = CONFIG_MAPPING_NAMES.get(model_type, "")
+    return Family(model_type.replace("_", "-"), model_type, config_class, "interface",
+                  causal=model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def family_path(model_type: str) -> str:
+    """How the kit converts ``model_type``: "hand" (a FAMILIES adapter), "interface" (the
+    generic adapter over ``use_experts_implementation``) or "unsupported"."""
+    from hfedmoe.models.generic import modeling_uses_interface
+
+    if any(f.model_type == model_type for f in FAMILIES.values()):
+        return "hand"
+    return "interface" if modeling_uses_interface(model_type) else "unsupported"
+
+
 def family_for_model_type(model_type: str) -> Family:
     for fam in FAMILIES.values():
         if fam.model_type == model_type:
             return fam
-    raise ModelError(f"unsupported model_type {model_type!r}; supported: "
-                     f"{sorted(f.model_type for f in FAMILIES.values())}")
+    if family_path(model_type) == "interface":
+        return interface_family(model_type)
+    raise ModelError(f"unsupported model_type {model_type!r}: no hand adapter (those: "
+                     f"{sorted(f.model_type for f in FAMILIES.values())}) and its modeling file "
+                     "does not use transformers' use_experts_implementation interface")
 
 
 class SwitchExperts(nn.Module):
@@ -150,12 +175,19 @@ def wrap_hf(model: nn.Module, family: Family, task: str, impl: str = "grouped",
             tokenizer: Any = None, info: dict[str, Any] | None = None) -> MoEModel:
     """Convert a transformers model of ``family`` for ``task`` and wrap it."""
     model.eval()  # dropout off: deltas depend only on data and seed
+    inner, prefix, shared = model, "", {}
     if isinstance(model, SequenceClassifier):
-        layers = convert_moe_blocks(model.backbone, family, impl, prefix="backbone.")
-        shared = {"classifier": model.classifier}
+        inner, prefix, shared = model.backbone, "backbone.", {"classifier": model.classifier}
+    if family.layout == "interface":
+        from hfedmoe.models.generic import FamilyExpert, convert_interface_blocks
+
+        layers, shared_experts = convert_interface_blocks(inner, impl, prefix, family.name)
+        shared = {**shared_experts, **shared}
+        info = {"adapter": "interface (use_experts_implementation)", **(info or {})}
+        if any(isinstance(layer.bank.experts[0], FamilyExpert) for layer in layers):
+            info["expert_activation"] = "the family's own (its _apply_gate / act_fn)"
     else:
-        layers = convert_moe_blocks(model, family, impl)
-        shared = {}
+        layers = convert_moe_blocks(inner, family, impl, prefix=prefix)
     return MoEModel(model, family.name, task, layers, shared=shared, tokenizer=tokenizer,
                     info=info)
 
@@ -200,12 +232,19 @@ def load_hf_checkpoint(path: str | Path, task: str = "causal-lm", num_labels: in
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ModelError(f"{path}: not a model directory (no config.json)")
-    cfg = AutoConfig.from_pretrained(path)
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError) as exc:
+        raise ModelError(f"{path}: transformers cannot read this config: {exc}") from exc
     family = family_for_model_type(cfg.model_type)
-    if task == "classification":
-        model = _classifier(cfg, family, num_labels, AutoModel.from_pretrained(path))
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path)
+    try:
+        if task == "classification":
+            model = _classifier(cfg, family, num_labels, AutoModel.from_pretrained(path))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path)
+    except ValueError as exc:  # e.g. no causal-LM class for this model_type
+        raise ModelError(f"{path}: transformers cannot build a {task} model of "
+                         f"{cfg.model_type!r}: {str(exc).splitlines()[0]}") from exc
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError):

@@ -29,6 +29,18 @@ def model_names() -> dict[str, str]:
     return names
 
 
+def family_paths() -> dict[str, str]:
+    """model_type -> how a checkpoint of it is converted: ``hand`` (an adapter in
+    ``hfedmoe.models.hf.FAMILIES``) or ``interface`` (the generic adapter over transformers'
+    ``use_experts_implementation``, :mod:`hfedmoe.models.generic`). Others are unsupported."""
+    from hfedmoe.models.generic import interface_model_types
+
+    paths = {f.model_type: "hand" for f in FAMILIES.values()}
+    for model_type in interface_model_types():
+        paths.setdefault(model_type, "interface")
+    return paths
+
+
 def build_model(cfg: ModelConfig, task: str = "classification",
                 num_labels: int | None = None) -> MoEModel:
     """Build the model ``cfg.name`` for ``task`` with ``num_labels`` classes."""

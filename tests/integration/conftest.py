@@ -132,7 +132,7 @@ class FakeDevice:
         """Register (again every 3 s, as the server may still be starting) until answered."""
         body = payload if payload is not None else json.dumps(
             {"device_id": self.device_id, "budget": budget,
-             "report": {"local_examples": 10}}).encode()  # what an agent declares
+             "report": {"local_examples": 100}}).encode()  # what an agent declares
         end = time.monotonic() + timeout
         while True:
             n = len(self.acks)

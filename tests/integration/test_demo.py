@@ -63,20 +63,24 @@ def test_demo_with_lora_experts_sends_factors_and_learns(tmp_path, mosquitto):
     initial = [r for r in rows if r["phase"] == "initial"][0]
     rounds = [r for r in rows if r["phase"] == "round"]
     assert len(rounds) == 2 and all(r["accepted"] == 3 for r in rounds)
-    assert_budget_binds(rounds, num_experts=48)
-    for r in rounds:  # factors of at most C experts each: a few percent of dense updates
-        assert r["bytes_in"] <= 0.03 * r["dense_bytes"], (r["bytes_in"], r["dense_bytes"])
+    # the budget counts LoRA's costs (factor state, no weight copies), so a device may now
+    # afford every expert; it still sends at most its budget and holds state for no more
+    assert_budget_binds(rounds, num_experts=48, allow_all=True)
+    for r in rounds:  # rank-8 factors: 6.8% of a 384 x 192 expert's weights at most
+        assert r["bytes_in"] <= 0.08 * r["dense_bytes"], (r["bytes_in"], r["dense_bytes"])
         assert r["experts_updated"] > 0
     assert rounds[-1]["accuracy"] > initial["accuracy"] + 0.1
 
 
-def assert_budget_binds(rounds: list[dict], num_experts: int) -> None:
+def assert_budget_binds(rounds: list[dict], num_experts: int, allow_all: bool = False) -> None:
     """Every device and round: experts sent and experts with optimizer state <= C_budget; the
-    budgets are below E, and the round's updates a fraction of dense fedavg-full's."""
+    budgets are below E (``allow_all``: at most E), and the round's updates a fraction of
+    dense fedavg-full's."""
     for r in rounds:
         assert set(r["held"]) == set(r["budgets"])
         for device, held in r["held"].items():
-            assert held["budget"] == r["budgets"][device] < num_experts
+            assert held["budget"] == r["budgets"][device]
+            assert held["budget"] <= num_experts if allow_all else held["budget"] < num_experts
             assert 0 < held["experts_sent"] <= held["budget"], (device, held)
             assert 0 <= held["optimizer_experts"] <= held["budget"], (device, held)
         assert r["bytes_in"] <= 0.5 * r["dense_bytes"]

@@ -247,7 +247,7 @@ def _hostile(model, run_id: str, base: str, good: bytes, rng: random.Random):
         ("oversized", "dev-a", rng.randbytes(9 << 20), {"PayloadTooLarge", "TransferError"}),
         ("unregistered", "ghost", enc(make_update(model, run_id, 0, "ghost", base)),
          {"UnknownClientError"}),
-        # dev-a declared 10 local examples when it registered: 1e9 is over the policy's cap
+        # dev-a declared 100 local examples when it registered: 1e9 is over the policy's cap
         ("inflated-examples", "dev-a", enc(mk(n=10**9, seed=11)), {"PolicyError"}),
         ("usage-over-one", "dev-a", enc(mk(usage={E0: 0.9, ExpertId(0, 1): 0.9}, seed=12)),
          {"SchemaError"}),

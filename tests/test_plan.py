@@ -1,0 +1,113 @@
+"""Planning real model sizes from config.json alone (hfedmoe.models.plan)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from hfedmoe.errors import ModelError
+from hfedmoe.models.hf import FAMILIES, build_config, build_hf_model
+from hfedmoe.models.plan import (
+    EXAMPLES_DIR,
+    MODES,
+    build_meta_model,
+    is_config_only,
+    plan_costs,
+    plan_model,
+)
+
+
+def _config_dir(tmp_path: Path, family: str, **overrides: object) -> Path:
+    cfg = build_config(FAMILIES[family], **overrides)
+    d = tmp_path / family
+    d.mkdir()
+    cfg.save_pretrained(d)
+    assert is_config_only(d)
+    return d
+
+
+@pytest.mark.parametrize("family", ["qwen2-moe", "olmoe", "deepseek-v3"])
+def test_meta_plan_equals_real_model(tmp_path: Path, family: str) -> None:
+    d = _config_dir(tmp_path, family)
+    meta = build_meta_model(d)
+    assert all(p.is_meta for p in meta.module.parameters())
+    real = build_hf_model(family, "causal-lm")
+    got, want = plan_model(meta), real.summary()
+    for key in ("moe_layers", "experts_per_layer", "top_k", "params_per_expert",
+                "total_params", "expert_params", "active_params_per_token"):
+        assert got[key] == want[key], key
+    assert got["weight_bytes"]["fp32"] == 4 * want["total_params"]
+    assert got["weight_bytes"]["int4"] < got["weight_bytes"]["int8"] < got["weight_bytes"]["bf16"]
+    if family == "qwen2-moe":
+        assert got["shared_expert_params"] > 0
+
+
+def test_shipped_example_allocates_no_weights() -> None:
+    import psutil
+
+    rss0 = psutil.Process().memory_info().rss
+    meta = build_meta_model(EXAMPLES_DIR / "gpt-oss-20b")
+    info = plan_model(meta)
+    grew = psutil.Process().memory_info().rss - rss0
+    assert all(p.is_meta for p in meta.module.parameters())
+    assert info["total_params"] > 20e9 and info["experts_per_layer"][0] == 32
+    assert info["top_k"][0] == 4 and info["moe_layers"] == 24
+    assert grew < info["weight_bytes"]["fp32"] / 50  # 83 GB of fp32 weights: not allocated
+
+
+def test_unplannable_config_is_a_model_error(tmp_path: Path) -> None:
+    d = tmp_path / "dense"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32,
+                                               "num_hidden_layers": 1}))
+    with pytest.raises(ModelError):
+        build_meta_model(d)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "no-such-model"}))
+    with pytest.raises(ModelError):
+        build_meta_model(bad)
+
+
+def test_profile_plans_every_mode(tmp_path: Path) -> None:
+    from device_agent.profiles import load_profile
+
+    d = _config_dir(tmp_path, "olmoe")
+    report = load_profile("jetson-orin-nano-8gb")
+    costs = plan_costs(build_meta_model(d), report, 2, 16, 60.0, 2,
+                       times={"full": 2e-3, "lora": 1.5e-3, "frozen": 1e-3})
+    assert set(costs["modes"]) == {f"{a}-{b}" for a, b in MODES}
+    for m in costs["modes"].values():
+        assert m["budget"]["c_budget"] >= 0 and m["budget"]["limit"]
+    modes = costs["modes"]
+    assert (modes["lora-fp32"]["per_trained_expert_bytes"]
+            < modes["full-fp32"]["per_trained_expert_bytes"])
+    assert modes["lora-int8"]["weight_bytes"] < modes["lora-fp32"]["weight_bytes"]
+
+
+def test_profile_cli_on_config_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from device_agent.cli import model_costs, print_costs
+    from device_agent.profiles import load_profile
+
+    d = _config_dir(tmp_path, "qwen2-moe")
+    args = argparse.Namespace(model=str(d), batch=2, seq=8, deadline=60.0, steps=2,
+                              device="cpu", matmul_seconds=0.0)
+    costs = model_costs(load_profile("laptop-cpu-16gb"), args)
+    assert costs["planned"] and len(costs["modes"]) == len(MODES)
+    assert costs["expert_seconds"]["full"] > 0
+    print_costs(costs)
+    out = capsys.readouterr().out
+    assert "lora-int8" in out and "quantized base" in out
+
+
+def test_inspect_cli_on_config_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from hfedmoe.cli import main
+
+    d = _config_dir(tmp_path, "mixtral")
+    assert main(["models", "inspect", str(d), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["weights"] == "none (meta device)" and set(info["weight_bytes"]) == {
+        "fp32", "bf16", "int8", "int4"}
