@@ -211,7 +211,7 @@ def _summary(console: Any, table_cls: Any, run_dir: Path, seconds: float) -> Non
     size = sum(p.stat().st_size for p in Path(run_dir).rglob("*") if p.is_file())
     console.print(f"finished in {seconds:.0f} s; report: {write_report(run_dir)}; run directory "
                   f"{size / 1e6:.0f} MB (spooled updates deleted once their round is durable, "
-                  f"last checkpoints and the best kept: [retention])")
+                  f"the last checkpoints and the best kept: the server's retention settings)")
 
 
 def simulate(args: argparse.Namespace) -> int:
