@@ -254,3 +254,57 @@ def test_full_disk_rejects_updates_cleanly_and_keeps_what_was_accepted(tmp_path)
     key = "layers.1.experts.2.w_in"
     base = build_hf_model("qwen3-moe", "classification", num_labels=3).state()[key]
     assert torch.allclose(state[key] - base, torch.ones_like(base), atol=1e-6)  # a's update
+
+
+def test_malformed_lora_factors_are_rejected_and_the_model_is_unchanged(tmp_path):
+    """A LoRA run's server refuses factors of the wrong rank, a lone factor, and a factor sent
+    beside a dense delta of the same weight, each with its typed error; nothing moves."""
+    from hfedmoe.config import TrainConfig
+    from hfedmoe.lora import factor_keys
+
+    model = build_hf_model("qwen3-moe", "classification", num_labels=3)
+    before = model.state()
+    cfg = ServerConfig(run_id="lora", run_dir=str(tmp_path), train=TrainConfig(adapter="lora"),
+                       rounds=RoundConfig(rounds=1, deadline_s=15, min_devices=2,
+                                          registration_timeout_s=30))
+    hub = MemoryHub()
+    coordinator = Coordinator(cfg, hub.connect("server"), model, None)
+    thread = threading.Thread(target=coordinator.run)
+    thread.start()
+    topics = Topics("lora")
+    devices = {d: hub.connect(d) for d in ("a", "b")}
+    acks: dict[str, list] = {d: [] for d in devices}
+    rounds: list = []
+    e = ExpertId(1, 2)
+    w = "layers.1.experts.2.w_in"
+    out_f, in_f = before[w].shape
+    a_key, b_key = factor_keys(w)
+    bad = {"ShapeError": {a_key: torch.ones(4, in_f), b_key: torch.ones(out_f, 4)},  # rank 4
+           "SchemaError": {a_key: torch.ones(8, in_f)}}  # A without B
+    try:
+        for d, t in devices.items():
+            t.subscribe(topics.ack(d), lambda m, d=d: acks[d].append(json.loads(m.payload)))
+            t.subscribe(topics.round(), lambda m: rounds.append(json.loads(m.payload)))
+            t.publish(topics.status(d), b'{"state": "online"}', retain=True)
+            while not any(a.get("type") == "registered" for a in acks[d]):
+                t.publish(topics.register(d), json.dumps({"budget": 2, "report": {}}).encode())
+                t.run_until(lambda d=d: bool(acks[d]), 1.0)
+        t = devices["a"]
+        t.run_until(lambda: any(r.get("type") == "round" for r in rounds), 30)
+        ann = [r for r in rounds if r.get("type") == "round"][0]
+        for expected, deltas in bad.items():
+            up = SparseUpdate("lora", 0, "a", 4, deltas, usage={e: 0.5}, importance={e: 0.5},
+                              routed=frozenset({e}), updated=frozenset({e}),
+                              base_model_hash=ann["model"]["state_hash"])
+            blob = encode(up, 0.01)
+            sha = hashlib.sha256(blob).hexdigest()
+            send_blob(t, topics.update("a", sha), blob)
+            t.run_until(lambda sha=sha: any(a.get("sha") == sha for a in acks["a"]), 30)
+            ack = [a for a in acks["a"] if a.get("sha") == sha][0]
+            assert ack["status"] == "rejected" and ack["error"] == expected, ack
+    finally:
+        thread.join(60)
+        coordinator.close()
+    assert not thread.is_alive()
+    _, state = Store(tmp_path).latest_checkpoint()
+    assert all(torch.equal(state[k], before[k]) for k in state)
