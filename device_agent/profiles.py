@@ -27,10 +27,15 @@ Profile keys (unknown keys are rejected)::
 from __future__ import annotations
 
 import json
-import tomllib
+import sys
 from importlib import resources as _resources
 from pathlib import Path
 from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib  # novermin (guarded)
+else:  # Python 3.10 (JetPack 6)
+    import tomli as tomllib
 
 from device_agent.report import PLATFORMS, DeviceReport
 from device_agent.throughput import MatmulResult

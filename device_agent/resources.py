@@ -231,7 +231,7 @@ def probe_device(root: str | Path = "/", *, live: bool | None = None,
         cpufreq_ratio=freq.get("ratio"), throttled=freq.get("capped"),
         matmul=matmul, notes=tuple(notes), probes=log.results,
         process_rss_bytes=_rss(),
-        created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )
 
 

@@ -8,13 +8,18 @@ and fall back to a plain string when they are not valid TOML.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
+import sys
 import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+
+if sys.version_info >= (3, 11):
+    import tomllib  # novermin (guarded)
+else:  # Python 3.10 (JetPack 6)
+    import tomli as tomllib
 
 from hfedmoe.errors import ConfigError
 

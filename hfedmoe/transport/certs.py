@@ -68,7 +68,7 @@ def _issue(subject: str, issuer: x509.Name, issuer_key: ec.EllipticCurvePrivateK
            key: ec.EllipticCurvePrivateKey | None = None,
            ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = key or ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
+    now = dt.datetime.now(dt.timezone.utc)
     b = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(issuer)
          .public_key(key.public_key()).serial_number(x509.random_serial_number())
          .not_valid_before(now - dt.timedelta(minutes=5))
