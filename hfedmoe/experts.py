@@ -252,8 +252,15 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
+# F.grouped_mm is missing from older torch builds (e.g. NVIDIA's for JetPack 6); the grouped
+# path then runs one GEMM pair per expert block, which is what the sorted path does.
+HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+
+
 def _grouped_mlp(experts: list[Expert], xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Run ``experts[i]`` on consecutive row blocks of ``xs`` of sizes ``counts``."""
+    if not HAS_GROUPED_MM:
+        return torch.cat([e(block) for e, block in zip(experts, xs.split(counts), strict=True)])
     offs = torch.tensor(counts, dtype=torch.int32, device=xs.device).cumsum(0, dtype=torch.int32)
     dtype = _autocast_dtype(xs.device) or xs.dtype  # autocast does not cover grouped_mm on CPU
     weights = [e.weights() for e in experts]

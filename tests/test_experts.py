@@ -143,3 +143,20 @@ def test_sorted_path_with_all_tokens_on_one_expert_and_all_frozen():
         x.grad = w.grad = None
     for ref, got in zip(outs["eager"], outs["sorted"], strict=True):
         assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("gated,bias,act", [(True, False, "silu"), (False, True, "gelu")])
+def test_grouped_path_without_grouped_mm_matches_reference(monkeypatch, gated, bias, act):
+    """torch builds without F.grouped_mm (JetPack 6's) take one GEMM pair per expert block."""
+    import hfedmoe.experts as experts_mod
+
+    monkeypatch.setattr(experts_mod, "HAS_GROUPED_MM", False)
+    monkeypatch.delattr(experts_mod.F, "grouped_mm")  # a call would now fail loudly
+    bank = make_bank(gated, bias, act)
+    y_ref, gx_ref, g_ref = run(bank, "eager")
+    y, gx, g = run(bank, "grouped")
+    assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    assert_close(gx, gx_ref, rtol=1e-5, atol=1e-6)
+    assert g.keys() == g_ref.keys()
+    for name in g_ref:
+        assert_close(g[name], g_ref[name], rtol=1e-5, atol=1e-6)

@@ -69,12 +69,14 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def spawn(kind: str, cfg: dict[str, Any], path: Path) -> subprocess.Popen:
-    """``hfedmoe server|agent --config path`` as a subprocess; output in ``path``.log."""
+def spawn(kind: str, cfg: dict[str, Any], path: Path,
+          python: str = sys.executable) -> subprocess.Popen:
+    """``hfedmoe server|agent --config path`` as a subprocess of ``python``; output in
+    ``path``.log."""
     path.write_text(tomli_w.dumps(cfg))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     log = open(path.with_suffix(".log"), "w")  # noqa: SIM115
-    return subprocess.Popen([sys.executable, "-m", "hfedmoe.cli", kind, "--config", str(path)],
+    return subprocess.Popen([python, "-m", "hfedmoe.cli", kind, "--config", str(path)],
                             stdout=log, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
 
