@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from hfedmoe.config import MethodConfig
-from hfedmoe.errors import AlgorithmError
+from hfedmoe.errors import AlgorithmError, ConfigError
 
 Tensor = torch.Tensor
 
@@ -146,7 +146,12 @@ def epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
 
 @functools.lru_cache(maxsize=1024)
 def _rdp_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
-    import dp_accounting
+    try:
+        import dp_accounting
+    except ImportError as exc:  # a phone that could not build dm-tree (docs/field-trials.md)
+        raise ConfigError("DP noise needs epsilon accounting, which needs dp-accounting "
+                          "(pip install dp-accounting); or set method.dp_noise_multiplier = 0"
+                          ) from exc
 
     accountant = dp_accounting.rdp.RdpAccountant()
     accountant.compose(dp_accounting.GaussianDpEvent(noise_multiplier), count=rounds)

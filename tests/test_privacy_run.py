@@ -54,3 +54,19 @@ def test_privacy_settings_are_validated():
                 {"dp_clip": 1.0, "dp_max_epsilon": 5.0}):  # a budget without noise
         with pytest.raises(ConfigError):
             MethodConfig(**bad)
+
+
+def test_epsilon_without_dp_accounting_is_a_config_error(monkeypatch):
+    """A phone without dp-accounting (dm-tree would not build) runs without DP; with DP on,
+    epsilon cannot be accounted and says so instead of an ImportError."""
+    import sys
+
+    from hfedmoe import privacy
+    from hfedmoe.errors import ConfigError
+
+    privacy._rdp_epsilon.cache_clear()
+    monkeypatch.setitem(sys.modules, "dp_accounting", None)  # import fails
+    with pytest.raises(ConfigError, match="dp-accounting"):
+        privacy.epsilon(1.0, 3, 1e-5)
+    assert privacy.epsilon(0.0, 3, 1e-5) == float("inf")  # no noise: nothing imported
+    privacy._rdp_epsilon.cache_clear()

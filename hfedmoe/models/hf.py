@@ -11,7 +11,9 @@ left untouched, so routing is exactly the family's own.
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,9 +87,35 @@ def interface_family(model_type: str, config_class: str = "") -> Family:
                   causal=model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
+def unknown_model_type(model_type: str) -> str | None:
+    """Why ``model_type`` cannot be used when the installed transformers does not know it at all
+    (e.g. a family added after 5.20, the last release for Python 3.10); None when it does."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if model_type in CONFIG_MAPPING_NAMES:
+        return None
+    why = (f"model_type {model_type!r} is unknown to the installed transformers "
+           f"{transformers.__version__} (a later release may add it")
+    return why + ("; 5.21+ need Python 3.11)" if sys.version_info < (3, 11) else ")")
+
+
+def config_error(path: Path, exc: Exception) -> str:
+    """Why transformers cannot read ``path``/config.json: its model_type being unknown to this
+    transformers when that is the cause, else transformers' own first line."""
+    try:
+        model_type = json.loads((path / "config.json").read_text(encoding="utf-8"))["model_type"]
+    except (OSError, ValueError, TypeError, KeyError):
+        model_type = None
+    unknown = unknown_model_type(model_type) if isinstance(model_type, str) else None
+    return unknown or ("transformers cannot read this config: "
+                       f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+
+
 def family_path(model_type: str) -> str:
     """How the kit converts ``model_type``: "hand" (a FAMILIES adapter), "interface" (the
-    generic adapter over ``use_experts_implementation``) or "unsupported"."""
+    generic adapter over ``use_experts_implementation``) or "unsupported" (also a model_type the
+    installed transformers does not know: :func:`unknown_model_type` says why)."""
     from hfedmoe.models.generic import modeling_uses_interface
 
     if any(f.model_type == model_type for f in FAMILIES.values()):
@@ -101,6 +129,9 @@ def family_for_model_type(model_type: str) -> Family:
             return fam
     if family_path(model_type) == "interface":
         return interface_family(model_type)
+    unknown = unknown_model_type(model_type)
+    if unknown:
+        raise ModelError(unknown)
     raise ModelError(f"unsupported model_type {model_type!r}: no hand adapter (those: "
                      f"{sorted(f.model_type for f in FAMILIES.values())}) and its modeling file "
                      "does not use transformers' use_experts_implementation interface")
@@ -235,7 +266,7 @@ def load_hf_checkpoint(path: str | Path, task: str = "causal-lm", num_labels: in
     try:
         cfg = AutoConfig.from_pretrained(path)
     except (ValueError, KeyError) as exc:
-        raise ModelError(f"{path}: transformers cannot read this config: {exc}") from exc
+        raise ModelError(f"{path}: {config_error(path, exc)}") from exc
     family = family_for_model_type(cfg.model_type)
     try:
         if task == "classification":

@@ -87,7 +87,7 @@ def build_meta_model(path: str | Path, task: str = "causal-lm", num_labels: int 
     """The kit's MoE view of the model in ``path`` (a ``config.json``), on the meta device."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    from hfedmoe.models.hf import _classifier, family_for_model_type, wrap_hf
+    from hfedmoe.models.hf import _classifier, config_error, family_for_model_type, wrap_hf
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = Path(path)
@@ -96,9 +96,7 @@ def build_meta_model(path: str | Path, task: str = "causal-lm", num_labels: int 
     try:
         cfg = AutoConfig.from_pretrained(path)
     except (ValueError, KeyError, OSError, TypeError) as exc:
-        raise ModelError(f"{path}: transformers cannot read this config: "
-                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-                         ) from exc
+        raise ModelError(f"{path}: {config_error(path, exc)}") from exc
     family = family_for_model_type(cfg.model_type)  # ModelError for an unsupported family
     try:
         with _meta_conversion():
