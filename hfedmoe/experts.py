@@ -312,6 +312,21 @@ def grouped_experts(bank: ExpertBank, x: torch.Tensor, idx: torch.Tensor,
     return out
 
 
+# Low-precision CPU GEMMs (oneDNN) compile a kernel for every new shape: 1.3-2.5 ms for an
+# expert block of a few hundred rows, 10-15x the GEMM itself once compiled. Routing gives every
+# block a new row count each step, so bf16/fp16 blocks are padded to a multiple of this many
+# rows, which keeps the set of shapes small and their kernels cached (benchmarks/kernels.py).
+LOW_PRECISION_ROW_MULTIPLE = 32
+
+
+def row_multiple(x: torch.Tensor) -> int:
+    """Rows an expert block is padded to a multiple of: 1 except for bf16/fp16 on a CPU."""
+    if x.device.type != "cpu":
+        return 1
+    dtype = _autocast_dtype(x.device) or x.dtype
+    return LOW_PRECISION_ROW_MULTIPLE if dtype in (torch.bfloat16, torch.float16) else 1
+
+
 @register_expert_impl("sorted")
 def sorted_experts(bank: ExpertBank, x: torch.Tensor, idx: torch.Tensor,
                    weights: torch.Tensor) -> torch.Tensor:
@@ -330,6 +345,7 @@ def sorted_experts(bank: ExpertBank, x: torch.Tensor, idx: torch.Tensor,
     sorted_slots = slots[order]  # (N,) slot of each sorted row
     counts = torch.bincount(flat_idx[valid], minlength=bank.num_experts).tolist()
     xs = x.index_select(0, torch.div(sorted_slots, k, rounding_mode="floor"))  # (N, d)
+    pad = row_multiple(x)
     ys = []
     start = 0
     for e, count in enumerate(counts):
@@ -337,11 +353,13 @@ def sorted_experts(bank: ExpertBank, x: torch.Tensor, idx: torch.Tensor,
             continue
         expert = bank.experts[e]
         block = xs[start:start + count]
+        if pad > 1 and count % pad:  # zero rows: their outputs are dropped, their grads are 0
+            block = F.pad(block, (0, 0, 0, pad - count % pad))
         if bank.detach_frozen and not expert.trainable:
             with torch.no_grad():
-                ys.append(expert(block))
+                ys.append(expert(block)[:count])
         else:
-            ys.append(expert(block))
+            ys.append(expert(block)[:count])
         start += count
     if not ys:
         return torch.zeros_like(x)

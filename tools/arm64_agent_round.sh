@@ -153,7 +153,7 @@ rootfs() {
         no_mounts_under "$tmp" || die "something is mounted under $tmp; not removing it"
         rm -rf --one-file-system "$tmp"
     fi
-    debootstrap --arch=arm64 --variant=minbase --include=python3.11,python3.11-venv,python3.11-distutils,ca-certificates \
+    debootstrap --arch=arm64 --variant=minbase --include=python3.11,python3.11-venv,python3-distutils,ca-certificates \
         bookworm "$tmp" "$DEBIAN_MIRROR" >"$RUN/debootstrap.log" 2>&1 \
         || { tail -20 "$RUN/debootstrap.log" >&2; die "debootstrap (log: $RUN/debootstrap.log)"; }
     chroot "$tmp" /usr/bin/python3.11 -m venv --without-pip /opt/venv

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from hfedmoe.config import ModelConfig
 from hfedmoe.errors import ModelError
+from hfedmoe.models.attention import use_kit_attention
 from hfedmoe.models.base import MoEModel
 from hfedmoe.models.hf import FAMILIES, build_hf_model, load_hf_checkpoint
 from hfedmoe.models.minilm import build_minilm_moe
@@ -58,4 +59,5 @@ def build_model(cfg: ModelConfig, task: str = "classification",
     else:
         raise ModelError(f"unknown model {name!r}: not a registered name "
                          f"({', '.join(model_names())}) nor a local directory")
+    use_kit_attention(model.module)  # sdpa in fp32 under bf16/fp16 on a CPU (its backward)
     return model
