@@ -52,9 +52,10 @@ def configs(paths: list[str], fast: str, budgets: list[int],
             "detach_frozen": False, "skip_experts": True},
            {"label": f"rest bf16 ({fast})", "path": fast, "dtype": "bfloat16", "budget": 0,
             "detach_frozen": False, "skip_experts": True}]
+    with_frozen = sorted({0, *budgets})  # C = 0: every expert computed, none trained (bound)
     for label, path, dtype, detach in variants:
         out += [{"label": label, "path": path, "dtype": dtype, "detach_frozen": detach,
-                 "budget": b} for b in budgets]
+                 "budget": b} for b in with_frozen]
     quarter = recipe_budget if recipe_budget in budgets else min(budgets)
     out.append({"label": f"{fast} round recipe", "path": fast, "dtype": "float32",
                 "detach_frozen": False, "budget": quarter, "recipe": "compare"})
@@ -103,18 +104,58 @@ def add_ratios(rows: list[dict[str, Any]], peaks: dict[str, float]) -> None:
             r["time_ratio_vs_all"] = round(r["step_s"] / ref["step_s"], 3)
             r["memory_ratio_vs_all"] = round(r["train_peak_bytes"]
                                              / max(ref["train_peak_bytes"], 1), 3)
+    add_bounds(rows, full, rest)
+
+
+def add_bounds(rows: list[dict[str, Any]], full: dict[str, dict[str, Any]],
+               rest: dict[str, float]) -> None:
+    """The step each row would take if its path did only the work it must, from its own
+    variant's measured costs: the non-expert step (``rest``), the expert part with every expert
+    trained (C = E row) and with every expert frozen but computed (C = 0 row), mixed by the
+    share of routed rows that go to trained experts:
+
+        bound(C) = rest + f(C) (t(E) - rest) + (1 - f(C)) (t(0) - rest)
+
+    ``bound_ratio_vs_all`` = bound(C) / t(E) is what ``time_ratio_vs_all`` can reach at best;
+    ``gap_to_bound`` = step / bound - 1 is the overhead beyond that work (target <= 10 %).
+    """
+    frozen = {r["label"]: r for r in rows if not r.get("skip_experts") and r["budget"] == 0}
+    for r in rows:
+        ref, zero = full.get(r["label"]), frozen.get(r["label"])
+        base = rest.get(r["dtype"])
+        if r.get("skip_experts") or ref is None or zero is None or base is None \
+                or r.get("recipe"):
+            continue
+        f = r["trained_row_fraction"]
+        bound = base + f * (ref["step_s"] - base) + (1 - f) * (zero["step_s"] - base)
+        r["bound_s"] = round(bound, 4)
+        r["bound_ratio_vs_all"] = round(bound / ref["step_s"], 3)
+        r["gap_to_bound"] = round(r["step_s"] / bound - 1, 3)
 
 
 def print_table(rows: list[dict[str, Any]], peaks: dict[str, float]) -> None:
     print(f"matmul peak GFLOP/s: {peaks}")
     print(f"{'variant':<22}{'C':>4}{'step s':>8}{'[min, max]':>16}{'route s':>9}"
-          f"{'train MB':>10}{'t/all':>7}{'m/all':>7}{'GFLOP/s':>9}{'%peak':>7}{'exp-part':>9}")
+          f"{'train MB':>10}{'t/all':>7}{'bound':>7}{'gap':>7}{'m/all':>7}{'GFLOP/s':>9}"
+          f"{'%peak':>7}{'exp-part':>9}")
     for r in rows:
+        gap = f"{100 * r['gap_to_bound']:+.0f}%" if "gap_to_bound" in r else ""
         print(f"{r['label']:<22}{r['trained_experts']:>4}{r['step_s']:>8.3f}"
               f"  [{r['step_min_s']:.3f}, {r['step_max_s']:.3f}]{r['routing_s']:>9.3f}"
               f"{r['train_peak_bytes'] / 1e6:>10.1f}{r.get('time_ratio_vs_all', ''):>7}"
+              f"{r.get('bound_ratio_vs_all', ''):>7}{gap:>7}"
               f"{r.get('memory_ratio_vs_all', ''):>7}{r['expert_gflops']:>9.1f}"
               f"{100 * (r['fraction_of_peak'] or 0):>6.1f}%{r['expert_part_gflops']:>9.1f}")
+    ratios = {}
+    for r in rows:  # bf16 against fp32 on the same path, budget by budget
+        if not r.get("skip_experts") and not r.get("recipe"):
+            ratios.setdefault((r["path"], r["budget"], bool(r.get("detach_frozen"))), {})[
+                r["dtype"]] = r
+    for (path, budget, detach), by in sorted(ratios.items()):
+        if "bfloat16" in by and "float32" in by and not detach and budget:
+            b, f = by["bfloat16"], by["float32"]
+            print(f"{path} C={budget}: bf16/fp32 step {b['step_s'] / f['step_s']:.2f}x, "
+                  f"training memory {b['train_peak_bytes'] / max(f['train_peak_bytes'], 1):.2f}x")
 
 
 def plot(rows: list[dict[str, Any]], path: str) -> None:

@@ -45,6 +45,14 @@ def test_kernels_quick(tmp_path: Path) -> None:
     cut = next(r for r in rows if r["label"] == "sorted+detach" and r["budget"] == 1)
     ref = next(r for r in rows if r["label"] == "sorted" and r["budget"] == 1)
     assert cut["expert_bwd_flops"] < ref["expert_bwd_flops"] < exact["expert_bwd_flops"]
+    for r in rows:  # the analytical bound, from the variant's own C = 0, C = E and rest rows
+        if r.get("skip_experts") or r.get("recipe"):
+            continue
+        assert {"bound_s", "bound_ratio_vs_all", "gap_to_bound"} <= r.keys(), r["label"]
+        if r["budget"] in (0, most):  # the bound is made of these two measurements
+            assert r["gap_to_bound"] == pytest.approx(0.0, abs=1e-3)
+        assert r["gap_to_bound"] == pytest.approx(r["step_s"] / r["bound_s"] - 1, abs=2e-3)
+    assert {r["budget"] for r in rows if r["label"] == "sorted"} == {0, 1, most}
     assert png.stat().st_size > 0
 
 
