@@ -25,26 +25,35 @@
 # oneDNN then runs SVE kernels, which QEMU 7.2 emulates about 20x slower (fp32 256x256 matmul:
 # 0.011 GFLOP/s with "max", 0.22 GFLOP/s with neoverse-n1 or cortex-a72).
 #
-# Measured on the 2-core x86-64 dev VM (Debian 12, QEMU 7.2, torch 2.9.1+cpu, another
-# CPU-bound job sharing the cores during the first measurements):
-#   apt packages                                  ~10 s
-#   debootstrap arm64 root                        ~3 min
-#   uv resolve + download + install (~920 MB)     ~10-30 s
-#   import torch + 2x2 matmul (emulated)          ~15 s
-#   hfedmoe profile --model none (emulated)       PHASE_PROFILE
-#   agent round, agent start to exit (emulated)   ~11.5 min: ~10 min of setup (imports, the
-#       1024^2 matmul probe, loading MiniLM and MoEfying it: a calibration forward over 256
-#       texts, k-means and a router fit per layer), ~80 s measuring step costs, ~10 s for the
-#       round itself (2 steps, 28 MB update up, 34 KB model shards down).
-#   whole script, root and packages cached        PHASE_TOTAL_CACHED
-#   whole script, from nothing                    PHASE_TOTAL_FRESH
-#
+# Measured on the 2-core x86-64 dev VM (Debian 12, QEMU 7.2, QEMU_CPU=neoverse-n1,
+# torch 2.9.1+cpu), wall time per phase as the script prints it at the end:
+#                                          from nothing   root + packages cached
+#   apt packages (qemu-user-static...)      ~10 s (*)      0 s
+#   debootstrap arm64 root                  165 s          0 s
+#   aarch64 python packages (uv, ~940 MB)   5 s            0.6 s
+#   uname / platform.machine() (emulated)   0.8 s          0.5 s
+#   import torch + 2x2 matmul (emulated)    19 s           10 s
+#   hfedmoe profile --model none (emul.)    11 s           11 s
+#   agent round, start to exit (emulated)   692 s          690 s
+#   whole script                            895 s          714 s
+# (*) measured by hand before the script existed: apt-get install took 9.7 s.
+# Inside the agent's 690 s (default upcycle, "moefy"): import torch 10 s, transformers 5 s,
+# probe_device's 1024x1024 matmul probe 27 s, chatterbot data 2 s, building MiniLM-MoE 550 s
+# (MoEfication: a calibration forward over 256 texts, balanced k-means and a router fit per
+# layer), step-cost measurement 83 s, the round itself 10 s (2 steps of batch 2 x seq 16,
+# 28 MB update up, 34 KB of model shards down). ARM64_UPCYCLE=copy builds the model in ~3 s
+# instead (server and agent both get it): agent round 204 s (59 s setup, 122 s step-cost
+# measurement of the full-size copied experts, 16 s round, 57 MB up), whole script 229 s cached.
+# Emulated fp32 matmul runs at ~0.2-0.3 GFLOP/s, i.e. a few hundred times slower than native.
+
 # Usage:   sudo tools/arm64_agent_round.sh          (root: apt, mount, chroot)
 # Env:     ARM64_ROOT (default /tmp/arm64)  ARM64_TORCH (2.9.1)  QEMU_CPU (neoverse-n1)
 #          HOST_HFEDMOE (<repo>/.venv/bin/hfedmoe)  AGENT_TIMEOUT_S (3600)
 #          DEBIAN_MIRROR (http://deb.debian.org/debian)  UV (a uv binary; else found/installed)
+#          ARM64_UPCYCLE ("" = the kit's default, moefy; or copy / split: model.upcycle of
+#          both server and agent, to skip the slow MoEfication under emulation)
 # Exit:    0 when the server accepted the emulated device's update; non-zero otherwise.
-# Leaves:  $ARM64_ROOT/rootfs (~1.3 GB), $ARM64_ROOT/uv-cache, logs in $ARM64_ROOT/run-<time>/.
+# Leaves:  $ARM64_ROOT/rootfs and $ARM64_ROOT/uv-cache (~1.4 GB together: uv hard-links), logs in $ARM64_ROOT/run-<time>/.
 # Cleans:  its mounts under the root, its server and Mosquitto (by PID), on any exit.
 
 set -euo pipefail
@@ -55,6 +64,7 @@ ARM64_TORCH=${ARM64_TORCH:-2.9.1}
 QEMU_CPU=${QEMU_CPU:-neoverse-n1}
 HOST_HFEDMOE=${HOST_HFEDMOE:-$REPO/.venv/bin/hfedmoe}
 AGENT_TIMEOUT_S=${AGENT_TIMEOUT_S:-3600}
+ARM64_UPCYCLE=${ARM64_UPCYCLE:-}
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 ROOTFS=$ARM64_ROOT/rootfs
 RUN=$ARM64_ROOT/run-$(date +%Y%m%d-%H%M%S)
@@ -244,6 +254,8 @@ profile() {
 phase "hfedmoe profile (emulated)" profile
 
 # --- 6. one round: broker + server on the host, agent emulated ---------------------------------
+UPCYCLE_LINE=""
+[[ -z $ARM64_UPCYCLE ]] || UPCYCLE_LINE="upcycle = \"$ARM64_UPCYCLE\""
 PORT=$("$HOST_PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 URL=mqtt://127.0.0.1:$PORT
 printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n' \
@@ -257,6 +269,7 @@ eval_batch_size = 32
 num_experts = 2
 top_k = 1
 max_length = 16
+$UPCYCLE_LINE
 [train]
 lr = 1e-3
 batch_size = 2
@@ -288,6 +301,7 @@ max_rounds = 1
 num_experts = 2
 top_k = 1
 max_length = 16
+$UPCYCLE_LINE
 [train]
 threads = 1
 batch_size = 2
