@@ -128,7 +128,7 @@ def add_bounds(rows: list[dict[str, Any]], full: dict[str, dict[str, Any]],
             continue
         f = r["trained_row_fraction"]
         bound = base + f * (ref["step_s"] - base) + (1 - f) * (zero["step_s"] - base)
-        r["bound_s"] = round(bound, 4)
+        r["bound_s"] = round(bound, 6)
         r["bound_ratio_vs_all"] = round(bound / ref["step_s"], 3)
         r["gap_to_bound"] = round(r["step_s"] / bound - 1, 3)
 

@@ -131,6 +131,11 @@ def _uv() -> str:
     return found
 
 
+def _uv_version() -> str:
+    out = subprocess.run([_uv(), "--version"], capture_output=True, text=True, check=False)
+    return out.stdout.strip()
+
+
 def _compile(reqs: list[str], python: str, platform: str, *, constraints: Path | None,
              preferences: Path | None = None, no_deps: bool = False) -> tuple[dict[str, str] | None, str | None]:
     """Resolve ``reqs`` with uv for one platform and Python, wheels only."""
@@ -185,9 +190,17 @@ def check_row(row: Row, constraints: Path | None) -> Result:
 
 
 def check(out: Path | None, constraints: Path | None) -> int:
-    results = [check_row(row, constraints) for row in ROWS]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=4) as pool:  # uv waits on the index, not the CPU
+        results = list(pool.map(lambda row: check_row(row, constraints), ROWS))
+    import platform
+
+    made = {"command": "python tools/device_install.py check", "uv": _uv_version(),
+            "host": f"{platform.system()} {platform.machine()}",
+            "date": time.strftime("%Y-%m-%d")}
     lines = [json.dumps({"kind": "device-install", **asdict(r),
-                         "constraints": constraints.name if constraints else None})
+                         "constraints": constraints.name if constraints else None, **made})
              for r in results]
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
