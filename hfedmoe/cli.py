@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "demo": "server.cli",
     "simulate": "server.cli",
     "report": "server.cli",
+    "swarm": "server.swarm",
     "export": "export.cli",
     "bench": "benchmarks.cli",
 }

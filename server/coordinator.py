@@ -47,6 +47,8 @@ from server.config import ServerConfig
 from server.evaluate import evaluate
 from server.store import Store
 
+REGISTRATION_BATCH = 512  # registrations committed (one fsync) and acked together, at most
+
 log = logging.getLogger("hfedmoe.server")
 LATE_SEP = "~"  # "device~r3": a late update of round 3 folded into a later round
 
@@ -123,6 +125,9 @@ class Coordinator:
         self.metrics_path = Path(cfg.run_dir) / "metrics.jsonl"
         self._receiver: BlobReceiver | None = None
         self._prom = _Prometheus(cfg.prometheus_port)
+        self._registrations: dict[str, tuple[str, dict[str, Any], int]] = {}
+        self._declared: dict[str, int | None] | None = None  # local_examples per device
+        self._declared_dirty = True
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -199,10 +204,12 @@ class Coordinator:
     def _choose_participants(self) -> list[str]:
         rc = self.cfg.rounds
         ok = self.transport.run_until(lambda: len(self.online_devices()) >= rc.min_devices,
-                                      timeout=rc.registration_timeout_s)
+                                      timeout=rc.registration_timeout_s,
+                                      tick=self._flush_registrations)
         while not self.online_devices():  # a round without devices is pointless: keep waiting
             log.info("waiting for a device to register")
-            self.transport.run_until(lambda: bool(self.online_devices()), timeout=30.0)
+            self.transport.run_until(lambda: bool(self.online_devices()), timeout=30.0,
+                                     tick=self._flush_registrations)
         online = sorted(self.online_devices())
         if not ok:
             log.warning("only %d of %d devices online after %.0fs; starting anyway",
@@ -227,6 +234,7 @@ class Coordinator:
             devices = self.store.devices()
             self._announce({
                 "type": "round", "round": round_idx, "deadline": deadline,
+                "opened_at": self.clock(),
                 "deadline_s": max(0.0, deadline - self.clock()),
                 **({"train_time_s": self.cfg.rounds.train_time_s}
                    if self.cfg.rounds.train_time_s else {}),
@@ -253,6 +261,7 @@ class Coordinator:
 
         while not finished():
             self.transport.pump(timeout=0.1)
+            self._flush_registrations()
             if self._receiver is not None:
                 self._receiver.poll()
 
@@ -355,9 +364,23 @@ class Coordinator:
         except (ValueError, HFedMoEError) as exc:
             self._reject(device, None, exc)
             return
-        self.store.upsert_device(device, body.get("report", {}), body["budget"])
-        log.info("device %s registered (budget %d)", device, body["budget"])
-        self._ack(device, {"type": "registered", "run_id": self.cfg.run_id})
+        self._registrations[device] = (device, body.get("report", {}), body["budget"])
+        if self.transport.pending() == 0 or len(self._registrations) >= REGISTRATION_BATCH:
+            self._flush_registrations()
+
+    def _flush_registrations(self) -> None:
+        """Commit the registrations taken since the last flush in one transaction, then ack
+        them: a burst of thousands costs one fsync, and an ack still means durable."""
+        if not self._registrations:
+            return
+        rows = list(self._registrations.values())
+        self._registrations.clear()
+        self.store.upsert_devices(rows)
+        self._declared_dirty = True
+        for device, _, budget in rows:
+            log.debug("device %s registered (budget %d)", device, budget)
+            self._ack(device, {"type": "registered", "run_id": self.cfg.run_id})
+        log.info("%d device(s) registered (%d known)", len(rows), len(self.store.devices()))
 
     def _on_status(self, message: Message) -> None:
         device = self.topics.parse(message.topic)[-1]
@@ -497,8 +520,7 @@ class Coordinator:
 
     def _check_weights(self, device: str, update: SparseUpdate) -> SparseUpdate:
         """Apply the weighting policy to ``num_examples`` (PolicyError, or clipped)."""
-        devices = self.store.devices()
-        declared = {d: _declared_examples(info["report"]) for d, info in devices.items()}
+        declared = self._declared_examples()
         cap = self.cfg.policy.examples_cap(declared.get(device),
                                            [n for n in declared.values() if n])
         if cap is None or update.num_examples <= cap:
@@ -509,6 +531,15 @@ class Coordinator:
         log.warning("%s: num_examples %d clipped to the policy's cap %d", device,
                     update.num_examples, cap)
         return dataclasses.replace(update, num_examples=cap)
+
+    def _declared_examples(self) -> dict[str, int | None]:
+        """local_examples each device declared, recomputed only after registrations."""
+        n = len(self.store.devices())
+        if self._declared is None or len(self._declared) != n or self._declared_dirty:
+            self._declared = {d: _declared_examples(info["report"])
+                              for d, info in self.store.devices().items()}
+            self._declared_dirty = False
+        return self._declared
 
     def _record(self, round_idx: int, device: str, budget: int, update: SparseUpdate,
                 nbytes: int) -> None:

@@ -17,15 +17,17 @@ Write order is what makes a SIGKILL at any point harmless:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -106,8 +108,15 @@ class Store:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(SCHEMA)
+            rows = self.db.execute("SELECT device_id, report, budget, status, last_seen "
+                                   "FROM devices").fetchall()
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.run_dir / 'run.db'}: {exc}") from exc
+        # the device registry, mirrored in memory: the coordinator reads it on every message,
+        # and parsing thousands of reports per read does not scale (writes go to both)
+        self._devices: dict[str, dict[str, Any]] = {
+            r[0]: {"report": json.loads(r[1]), "budget": r[2], "status": r[3], "last_seen": r[4]}
+            for r in rows}
 
     def close(self) -> None:
         self.db.close()
@@ -130,15 +139,46 @@ class Store:
             "report=excluded.report, budget=excluded.budget, status=excluded.status, "
             "last_seen=excluded.last_seen",
             (device_id, json.dumps(report), budget, status, now, now))
+        self._devices[device_id] = {"report": json.loads(json.dumps(report)), "budget": budget,
+                                    "status": status, "last_seen": now}
+
+    def upsert_devices(self, rows: Sequence[tuple[str, Mapping[str, Any], int]],
+                       status: str = "online", now: float | None = None) -> None:
+        """:meth:`upsert_device` for many devices in one transaction (one fsync): how the
+        coordinator takes a burst of registrations."""
+        with self.transaction():
+            for device_id, report, budget in rows:
+                self.upsert_device(device_id, report, budget, status, now)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Statements inside commit together (or not at all)."""
+        self.db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            self._devices = {}  # re-read below: the rolled-back writes reached the mirror
+            self._reload_devices()
+            raise
+        self.db.execute("COMMIT")
+
+    def _reload_devices(self) -> None:
+        rows = self.db.execute("SELECT device_id, report, budget, status, last_seen FROM devices")
+        self._devices = {r[0]: {"report": json.loads(r[1]), "budget": r[2], "status": r[3],
+                                "last_seen": r[4]} for r in rows}
 
     def set_device_status(self, device_id: str, status: str, now: float | None = None) -> None:
+        now = time.time() if now is None else now
         self.db.execute("UPDATE devices SET status=?, last_seen=? WHERE device_id=?",
-                        (status, time.time() if now is None else now, device_id))
+                        (status, now, device_id))
+        info = self._devices.get(device_id)
+        if info is not None:
+            info["status"], info["last_seen"] = status, now
 
-    def devices(self) -> dict[str, dict[str, Any]]:
-        rows = self.db.execute("SELECT device_id, report, budget, status, last_seen FROM devices")
-        return {r[0]: {"report": json.loads(r[1]), "budget": r[2], "status": r[3],
-                       "last_seen": r[4]} for r in rows}
+    def devices(self) -> Mapping[str, dict[str, Any]]:
+        """device id -> report, budget, status, last_seen (read-only; from memory)."""
+        return MappingProxyType(self._devices)
 
     # --- rounds ----------------------------------------------------------------------------
     def open_round(self, round_idx: int, deadline: float, participants: list[str],
