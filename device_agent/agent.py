@@ -126,6 +126,7 @@ class DeviceAgent:
         self.rounds_done = 0
         self.receivers: list[BlobReceiver] = []  # open model-shard transfers
         self.registered = False
+        self._whole_max = 0  # the announcement's whole_max_bytes
 
     # --- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -415,6 +416,7 @@ class DeviceAgent:
                 self.local["dp_rounds"] = int(self.local.get("dp_rounds", 0)) + 1
                 _atomic_write(self.state_path, json.dumps(self.local).encode())
             _atomic_write(pending, blob)
+        self._whole_max = int(ann.get("whole_max_bytes", 0) or 0)
         status = self.send_update(round_idx, blob, deadline)
         if result is not None and result.steps:
             self._watch(result)
@@ -457,8 +459,11 @@ class DeviceAgent:
     def send_update(self, round_idx: int, blob: bytes, deadline: float) -> str:
         """Chunked upload, re-announced until the server acks it (or the round is long gone)."""
         sha = hashlib.sha256(blob).hexdigest()
+        # a blob the server takes as one message (whole_max_bytes of the announcement) goes
+        # as one: with sharded ingestion it lands on a single ingest worker
         sender = send_blob(self.transport, self.topics.update(self.cfg.device_id, sha), blob,
-                           chunk_size=self.cfg.transport.chunk_size)
+                           chunk_size=self.cfg.transport.chunk_size,
+                           whole_max=self._whole_max)
         give_up = max(deadline, self.clock()) + 3 * self.cfg.ack_timeout_s
         try:
             while not self._pump_until(lambda: sha in self.acks,

@@ -65,14 +65,19 @@ def _lower(ep: Any, backend: Backend, training: bool = False) -> bytes:
         from executorch.backends.xnnpack.partition import config as xnn_config
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
-        configs = None
+        configs, kwargs = None, {}
         if training:
             # The joint graph returns the router softmax (saved for backward) as an output; a
             # delegate whose output is also its input is rejected ("Output node ... is already
             # in the inputs"), so softmax stays on portable kernels in training programs.
             configs = [c for c in xnn_config.ALL_PARTITIONER_CONFIGS
                        if c is not xnn_config.SoftmaxConfig]
-        partitioner = XnnpackPartitioner(configs=configs)
+            # Every GEMM of a training program has a computed operand: the expert weights are
+            # assembled from slots at run time, and the backward multiplies activations by
+            # gradients. XNNPACK takes fp32 mm/addmm/linear with non-constant weights only when
+            # asked; otherwise they all run on the portable (reference) kernels.
+            kwargs["force_non_static_weights_for_f32_linear"] = True
+        partitioner = XnnpackPartitioner(configs=configs, **kwargs)
         return to_edge_transform_and_lower(ep, partitioner=[partitioner]).to_executorch().buffer
     raise ExportError(f"unknown ExecuTorch backend {backend!r} (portable, xnnpack)")
 

@@ -23,8 +23,10 @@ per-client sets at the end.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -41,7 +43,7 @@ from hfedmoe.aggregation import (
     summarize,
 )
 from hfedmoe.errors import AlgorithmError
-from hfedmoe.names import parse_key
+from hfedmoe.names import ExpertId, parse_key
 from hfedmoe.update import SparseUpdate
 
 Tensor = torch.Tensor
@@ -149,3 +151,90 @@ class Aggregator:
     def report(self) -> dict[str, ClientReport]:
         """Per-client routed / updated / aggregated sets, r(c) (Eq. 18) and alpha(c) (Eq. 20)."""
         return build_report(self._summaries.values())
+
+    # --- partial aggregates (sharded ingestion) ---------------------------------------------
+    def merge(self, other: Aggregator) -> None:
+        """Fold in another aggregator's sums over *other* clients: the running sums are
+        associative, so aggregating disjoint shards and merging equals aggregating everything
+        in one place (up to float rounding). The data-size fallback of a gate key survives only
+        while no shard has a sender with ``P > 0`` for it, as in :meth:`add`.
+
+        Raises:
+            AlgorithmError: a client in both, or a key shaped differently.
+        """
+        both = set(self._summaries) & set(other._summaries)
+        if both:
+            raise AlgorithmError(f"clients in two partial aggregates: {sorted(both)[:5]}")
+        for key, shape in other._shapes.items():
+            known = self._shapes.get(key)
+            if known is not None and known != shape:
+                raise AlgorithmError(f"{key}: partial aggregates disagree on the shape "
+                                     f"({tuple(known)} vs {tuple(shape)})")
+        self._shapes.update(other._shapes)
+        for key, theirs in other._sums.items():
+            slot = self._sums.setdefault(key, _KeySum())
+            if theirs.weight > 0 and theirs.total is not None:
+                slot.total = _add_into(slot.total, 1.0, theirs.total)
+                slot.weight += theirs.weight
+                slot.fb_total, slot.fb_weight = None, 0.0
+            elif slot.weight == 0 and theirs.fb_weight > 0 and theirs.fb_total is not None:
+                slot.fb_total = _add_into(slot.fb_total, 1.0, theirs.fb_total)
+                slot.fb_weight += theirs.fb_weight
+        self._summaries.update(other._summaries)
+
+    def to_bytes(self) -> bytes:
+        """The running sums and client summaries as safetensors (no pickle), for
+        :meth:`from_bytes` in another process."""
+        from safetensors.torch import save
+
+        tensors: dict[str, Tensor] = {}
+        sums = {}
+        for key, slot in self._sums.items():
+            if slot.total is not None:
+                tensors[f"total/{key}"] = slot.total.detach().cpu().contiguous()
+            if slot.fb_total is not None:
+                tensors[f"fb/{key}"] = slot.fb_total.detach().cpu().contiguous()
+            sums[key] = [slot.weight, slot.fb_weight]
+        meta = {"sums": sums, "shapes": {k: list(v) for k, v in self._shapes.items()},
+                "clients": [_summary_dict(c) for c in self._summaries.values()]}
+        return save(tensors, metadata={"hfedmoe_partial": json.dumps(meta)})
+
+    @classmethod
+    def from_bytes(cls, data: bytes, rule: AggregationRule,
+                   kinds: Iterable[KeyKind] = ALL_KINDS) -> Aggregator:
+        """An aggregator holding the sums :meth:`to_bytes` wrote.
+
+        Raises:
+            AlgorithmError: not a partial aggregate of this format.
+        """
+        from safetensors.torch import load
+
+        try:
+            n = int.from_bytes(data[:8], "little")
+            meta = json.loads(json.loads(data[8:8 + n])["__metadata__"]["hfedmoe_partial"])
+            tensors = load(data)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise AlgorithmError(f"not a partial aggregate: {exc}") from exc
+        agg = cls(rule, kinds)
+        agg._shapes = {k: torch.Size(v) for k, v in meta["shapes"].items()}
+        for key, (weight, fb_weight) in meta["sums"].items():
+            agg._sums[key] = _KeySum(tensors.get(f"total/{key}"), float(weight),
+                                     tensors.get(f"fb/{key}"), float(fb_weight))
+        for c in meta["clients"]:
+            summary = _summary_from(c)
+            agg._summaries[summary.client_id] = summary
+        return agg
+
+
+def _summary_dict(c: ClientSummary) -> dict[str, Any]:
+    return {"client_id": c.client_id, "num_examples": c.num_examples,
+            "routed": sorted(map(str, c.routed)), "updated": sorted(map(str, c.updated)),
+            "aggregated": sorted(map(str, c.aggregated)),
+            "usage_set": sorted(map(str, c.usage_set)), "gate_mass": c.gate_mass}
+
+
+def _summary_from(d: dict[str, Any]) -> ClientSummary:
+    ids = {k: frozenset(ExpertId.parse(x) for x in d[k])
+           for k in ("routed", "updated", "aggregated", "usage_set")}
+    return ClientSummary(client_id=str(d["client_id"]), num_examples=int(d["num_examples"]),
+                         gate_mass=float(d["gate_mass"]), **ids)

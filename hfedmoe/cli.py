@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "simulate": "server.cli",
     "report": "server.cli",
     "swarm": "server.swarm",
+    "ingest": "server.ingest",
     "export": "export.cli",
     "bench": "benchmarks.cli",
 }

@@ -31,6 +31,15 @@ def register(sub: Any) -> None:
     m.add_argument("--profiles", default="", help="comma-separated profile names or a file with "
                                                   "one per line (default: the shipped ones)")
     m.add_argument("--run-dir", default="")
+    m.add_argument("--backend", choices=("sequential", "ray"), default="sequential",
+                   help="train the devices one after another in this process (sequential) or "
+                        "in parallel on Ray actors (ray; pip install \"hfedmoe[ray]\"): "
+                        "the same metrics for the same seed, timings aside")
+    m.add_argument("--ray-address", default="", help="join this Ray cluster (default: start a "
+                                                     "local Ray)")
+    m.add_argument("--ray-workers", type=int, default=0, metavar="N",
+                   help="Ray actors training devices (default: one per CPU, with train.threads "
+                        "torch threads each, at most the participants of a round)")
     m.set_defaults(func=run_simulate)
 
     r = sub.add_parser("report", help="write the HTML report of a run directory")
@@ -64,10 +73,20 @@ def run_server(args: argparse.Namespace) -> int:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     logging.getLogger("hfedmoe.server").info("config: %s", to_dict(cfg))
+    pool = None
+    if cfg.ingest.workers:
+        from server.ingest import WorkerPool
+
+        pool = WorkerPool(cfg)
     coordinator, transport, broker = build_server(cfg)
     try:
+        if pool is not None:
+            pool.start()
+            coordinator.on_tick = pool.check
         coordinator.run()
     finally:
+        if pool is not None:
+            pool.stop()
         coordinator.close()
         transport.close()
         if broker is not None:

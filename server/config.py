@@ -143,6 +143,34 @@ class RetentionConfig:
 
 
 @dataclass(frozen=True)
+class IngestConfig:
+    """Sharded ingestion: update validation and spooling in worker processes.
+
+    Attributes:
+        workers: ingest worker processes ``hfedmoe server`` starts and restarts (0: the
+            coordinator ingests every update itself). Workers share the updates through an MQTT
+            5 shared subscription (``$share/{group}/...``); an update of at most
+            ``transport.chunk_size`` bytes travels as one message, so it lands on one worker.
+            Larger (multi-chunk) updates are still ingested by the coordinator.
+        group: the shared-subscription group name.
+        partial_timeout_s: at round close, how long the coordinator waits for the live
+            workers' partial aggregates; what a missing one acknowledged is read back from the
+            spool instead (an acknowledged update is never lost).
+    """
+
+    workers: int = 0
+    group: str = "hfedmoe-ingest"
+    partial_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.workers <= 64:
+            raise ConfigError("ingest.workers must be in [0, 64]")
+        check_id(self.group, "ingest.group")
+        if self.partial_timeout_s <= 0:
+            raise ConfigError("ingest.partial_timeout_s must be > 0")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """Everything ``hfedmoe server`` needs."""
 
@@ -161,6 +189,7 @@ class ServerConfig:
     wire: WireConfig = field(default_factory=WireConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
 
     def __post_init__(self) -> None:
         check_id(self.run_id, "run id")

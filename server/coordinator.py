@@ -10,10 +10,12 @@ global model is untouched. A SIGKILL at any point is recovered by :meth:`Coordin
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
 import random
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hfedmoe.aggregator import Aggregator
 from hfedmoe.data import PairDataset, TextDataset
 from hfedmoe.errors import (
     AlgorithmError,
@@ -35,6 +38,7 @@ from hfedmoe.errors import (
 from hfedmoe.lora import LoRASpec, expand, with_factors
 from hfedmoe.models.base import MoEModel
 from hfedmoe.modelsync import ModelManifest, build_shards
+from hfedmoe.names import ExpertId
 from hfedmoe.privacy import privacy_report
 from hfedmoe.signals import round_signals
 from hfedmoe.strategies import get_strategy
@@ -125,6 +129,9 @@ class Coordinator:
         self.metrics_path = Path(cfg.run_dir) / "metrics.jsonl"
         self._receiver: BlobReceiver | None = None
         self._prom = _Prometheus(cfg.prometheus_port)
+        self.on_tick: Callable[[], None] | None = None  # e.g. restarting ingest workers
+        self.workers_online: set[str] = set()  # ingest workers (sharded ingestion)
+        self.partials: dict[tuple[int, str], dict[str, Any]] = {}  # (round, worker) -> notice
         self._registrations: dict[str, tuple[str, dict[str, Any], int]] = {}
         self._declared: dict[str, int | None] | None = None  # local_examples per device
         self._declared_dirty = True
@@ -136,8 +143,14 @@ class Coordinator:
         t.subscribe(self.topics.all_register(), self._on_register)
         t.subscribe(self.topics.all_status(), self._on_status)
         t.subscribe(self.topics.all_fetches(), self._on_fetch)
+        sharded = self.cfg.ingest.workers > 0
+        if sharded:
+            t.subscribe(self.topics.all_ingest("event"), self._on_ingest_event)
+            t.subscribe(self.topics.all_ingest("status"), self._on_ingest_status)
+            t.subscribe(self.topics.all_ingest("partial"), self._on_partial)
         self._receiver = BlobReceiver(
-            t, self.topics.all_updates(), self._on_update_blob,
+            t, self.topics.all_update_pieces() if sharded else self.topics.all_updates(),
+            self._on_update_blob,
             request_topic=self.topics.update_request_for,
             on_error=self._on_transfer_error,
             retry_after=self.cfg.transport.retry_after, timeout=self.cfg.transport.transfer_timeout,
@@ -145,6 +158,7 @@ class Coordinator:
         t.wait_subscribed()
         self.store.set_meta("config", json.dumps(_jsonable(self.cfg)))
         self.resume()
+        log.info("ready: run %s, %d device(s) known", self.cfg.run_id, len(self.store.devices()))
 
     def resume(self) -> None:
         """Load the latest checkpoint; reopen an interrupted round with its spooled updates."""
@@ -241,6 +255,7 @@ class Coordinator:
                 "strategy": self.strategy.name, "method": _jsonable(self.cfg.method),
                 "train": _jsonable(self.cfg.train), "max_length": self.cfg.model.max_length,
                 "participants": participants,
+                "whole_max_bytes": self.cfg.transport.chunk_size,
                 "budgets": {d: devices.get(d, {}).get("budget", 0) for d in participants},
                 "model": manifest.to_dict()})
         self._prom.set_round(round_idx)
@@ -262,6 +277,8 @@ class Coordinator:
         while not finished():
             self.transport.pump(timeout=0.1)
             self._flush_registrations()
+            if self.on_tick is not None:
+                self.on_tick()
             if self._receiver is not None:
                 self._receiver.poll()
 
@@ -270,6 +287,8 @@ class Coordinator:
         assert r is not None
         self.store.set_round_state(r.round_idx, "aggregating")
         t0 = time.perf_counter()
+        if self.cfg.ingest.workers > 0:
+            self._gather_partials(r)
         report = self.aggregator.report()
         if self.aggregator.num_clients:
             new_state = self.aggregator.finalize(self.global_state)
@@ -305,6 +324,8 @@ class Coordinator:
                      r.round_idx, privacy["epsilon_max"], privacy["delta"])
         self.store.save_checkpoint(r.round_idx, self.global_state, {
             k: v for k, v in row.items() if k not in ("devices",)}, new_hash.state_hash)
+        shutil.rmtree(Path(self.cfg.run_dir) / "partials" / f"r{r.round_idx}",
+                      ignore_errors=True)  # the checkpoint holds the round now
         ret = self.cfg.retention
         freed = self.store.prune(r.round_idx, ret.keep_updates, ret.keep_checkpoints,
                                  ret.keep_best)
@@ -467,6 +488,10 @@ class Coordinator:
                 self._prom.count("accepted")
                 self._ack(device, {"type": "ack", "round": round_idx, "sha": sha,
                                    "status": "accepted"})
+                self._notify({"type": "accepted", "round": round_idx, "device": device,
+                              "bytes": len(blob), "usage": {str(e): v for e, v in
+                                                            update.usage.items()},
+                              "disagreement": r.disagreement.get(device)})
             elif round_idx < (r.round_idx if r is not None else self.next_round):
                 self._late(device, round_idx, sha, blob, update)
             else:
@@ -495,6 +520,7 @@ class Coordinator:
             self.store.spool_update(r.round_idx, key, blob, update.num_examples, late=True)
         self._ack(device, {"type": "ack", "round": round_idx, "sha": sha,
                            "status": "late-folded" if fold else "late-dropped"})
+        self._notify({"type": "late", "round": round_idx, "device": device})
         log.info("late update from %s for round %d %s", device, round_idx,
                  "folded into the open round" if fold else "dropped")
 
@@ -554,6 +580,99 @@ class Coordinator:
              "reason": plan.get("reason") or meta.get("budget_reason"),
              "budget_limit": meta.get("budget_limit")})
 
+    # --- sharded ingestion: the coordinator's side ------------------------------------------
+    def _notify(self, event: dict[str, Any]) -> None:
+        """An ingest worker tells the coordinator what it did; the coordinator itself: no-op."""
+
+    def _on_ingest_status(self, message: Message) -> None:
+        worker = self.topics.parse(message.topic)[-1]
+        state = _json_field(message.payload, "state")
+        if state == "online":
+            self.workers_online.add(worker)
+        elif state == "offline":
+            self.workers_online.discard(worker)
+        log.info("ingest worker %s %s (%d online)", worker, state, len(self.workers_online))
+
+    def _on_ingest_event(self, message: Message) -> None:
+        """A worker accepted, rejected or took a late update: the round's counts (its spool
+        and database rows are the durable record; these only drive the round's progress)."""
+        r = self.round
+        try:
+            event = json.loads(message.payload)
+            kind, device, round_idx = event["type"], str(event["device"]), event["round"]
+        except (ValueError, KeyError, TypeError):
+            log.warning("malformed ingest event on %s", message.topic)
+            return
+        if kind == "rejected":
+            self._prom.count("rejected")
+            if r is not None:
+                r.rejected += 1
+                if event.get("sha") and round_idx == r.round_idx:
+                    r.refused.add(device)
+        elif kind == "late":
+            self._prom.count("late")
+            if r is not None:
+                r.late += 1
+        elif kind == "accepted" and r is not None and round_idx == r.round_idx:
+            self._prom.count("accepted")
+            r.accepted[device] = int(event.get("bytes", 0))
+            try:
+                r.usage[device] = {ExpertId.parse(e): float(v)
+                                   for e, v in (event.get("usage") or {}).items()}
+            except (HFedMoEError, TypeError, ValueError):
+                pass
+            dis = event.get("disagreement")
+            if isinstance(dis, (int, float)) and not isinstance(dis, bool):
+                r.disagreement[device] = float(dis)
+
+    def _on_partial(self, message: Message) -> None:
+        worker = self.topics.parse(message.topic)[-1]
+        try:
+            body = json.loads(message.payload)
+            self.partials[(int(body["round"]), worker)] = body
+        except (ValueError, KeyError, TypeError):
+            log.warning("malformed partial-aggregate notice from %s", worker)
+
+    def _gather_partials(self, r: RoundState) -> None:
+        """Close round ``r`` on the workers, merge their partial aggregates into the
+        coordinator's own (multi-chunk updates), then add every acknowledged update of the
+        round that no partial covers (a worker that died or did not answer) from the spool."""
+        self.transport.publish(self.topics.ingest_control(),
+                               json.dumps({"type": "close", "round": r.round_idx}).encode())
+        waiting = set(self.workers_online)
+        self.transport.run_until(
+            lambda: all((r.round_idx, w) in self.partials or w not in self.workers_online
+                        for w in waiting),
+            timeout=self.cfg.ingest.partial_timeout_s)
+        for (round_idx, worker), body in sorted(self.partials.items()):
+            if round_idx != r.round_idx:
+                continue
+            try:
+                data = (Path(self.cfg.run_dir) / body["path"]).read_bytes()
+                if hashlib.sha256(data).hexdigest() != body["sha256"]:
+                    raise AlgorithmError("content does not match the announced sha256")
+                partial = Aggregator.from_bytes(data, self.aggregator.rule, self.aggregator.kinds)
+                if set(partial.summaries) & set(self.aggregator.summaries):
+                    # e.g. the coordinator restarted and re-read the spool: the spool wins
+                    raise AlgorithmError("it overlaps updates already aggregated")
+                self.aggregator.merge(partial)
+            except (OSError, KeyError, AlgorithmError) as exc:
+                log.warning("round %d: partial aggregate of %s unusable (%s); its updates are "
+                            "read from the spool", r.round_idx, worker, exc)
+        covered = set(self.aggregator.summaries)
+        for stored in self.store.updates(r.round_idx):
+            if not stored.late:
+                r.accepted[stored.client_id] = stored.num_bytes
+            if stored.client_id in covered:
+                continue
+            device = stored.client_id.split(LATE_SEP)[0]
+            update = self._decode(self.store.read_update(stored), device, None)
+            if stored.late:
+                update = dataclasses.replace(update, client_id=stored.client_id)
+            self.aggregator.add(update)
+            log.info("round %d: %s read back from the spool", r.round_idx, stored.client_id)
+        self.partials = {k: v for k, v in self.partials.items() if k[0] > r.round_idx}
+
     def _on_transfer_error(self, prefix: str, exc: Exception) -> None:
         """A transfer that cannot complete (too large, corrupt, timed out): tell the device."""
         try:
@@ -570,6 +689,7 @@ class Coordinator:
             if sha and round_idx == self.round.round_idx:
                 self.round.refused.add(device)
         self._prom.count("rejected")
+        self._notify({"type": "rejected", "round": round_idx, "device": device, "sha": sha})
         self.store.reject(round_idx, device, type(exc).__name__, str(exc)[:500])
         log.warning("rejected %s from %s: %s: %s", "update" if sha else "message", device,
                     type(exc).__name__, exc)
@@ -630,6 +750,14 @@ class _Prometheus:
 
 
 __all__ = ["Coordinator", "UnknownClientError"]
+
+
+def _json_field(payload: bytes, key: str) -> Any:
+    try:
+        body = json.loads(payload)
+    except ValueError:
+        return None
+    return body.get(key) if isinstance(body, dict) else None
 
 
 def _declared_examples(report: Any) -> int | None:

@@ -3,10 +3,21 @@
 The same parts as a live run — budgets from the cost model measured on the real expert shape
 and scaled to each device's profile, :func:`device_agent.train.train_round`, the wire format
 (every update is encoded and decoded, so bytes are real), the strategy's streaming aggregator,
-held-out evaluation — with the devices run one after another instead of over a broker. Round
-time is reported in emulated device time: the slowest participant's measured local time
-scaled to its profile. The run directory has the same ``metrics.jsonl``/``run.db`` layout as a
-server's, so ``hfedmoe report`` works on it.
+held-out evaluation — with the devices run one after another instead of over a broker, or in
+parallel on Ray actors (``--backend ray``, :mod:`server.ray_backend`). Round time is reported
+in emulated device time: the slowest participant's measured local time scaled to its profile.
+The run directory has the same ``metrics.jsonl``/``run.db`` layout as a server's, so
+``hfedmoe report`` works on it.
+
+Both backends give the same rows for the same seed and :class:`Calibration`, timing fields
+aside: the driver decides every budget (from the costs it measured) and every participant; a
+device's training randomness depends only on ``(rounds.seed, round, device index)``
+(:func:`device_seed`), never on which devices trained before it in the same process; and the
+updates are decoded and added to the streaming aggregator in the same order. The bits match
+when both backends train with the same torch thread count (``train.threads``; Ray workers use
+1 when it is unset). An update's size can move by the 8-byte alignment of its safetensors
+header, whose JSON carries the device's measured seconds, and DP noise comes from the OS's
+randomness, in either backend.
 """
 
 from __future__ import annotations
@@ -14,17 +25,21 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
 import logging
 import math
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 log = logging.getLogger("hfedmoe.simulate")
+
+BACKENDS = ("sequential", "ray")
 
 
 def _profiles(spec: str, n: int, seed: int) -> list[str]:
@@ -48,7 +63,10 @@ def run_simulation(args: argparse.Namespace) -> int:
     cfg = load_config(ServerConfig, args.config, args.overrides)
     if args.run_dir:
         cfg = dataclasses.replace(cfg, run_dir=args.run_dir)
-    rows = simulate(cfg, args.devices, _profiles(args.profiles, args.devices, cfg.rounds.seed))
+    rows = simulate(cfg, args.devices, _profiles(args.profiles, args.devices, cfg.rounds.seed),
+                    backend=getattr(args, "backend", "sequential"),
+                    ray_address=getattr(args, "ray_address", "") or "",
+                    ray_workers=getattr(args, "ray_workers", 0) or 0)
     final = rows[-1]
     print(json.dumps({k: v for k, v in final.items() if k != "devices"}))
     from server.report import write_report
@@ -57,26 +75,159 @@ def run_simulation(args: argparse.Namespace) -> int:
     return 0
 
 
-def simulate(cfg: Any, num_devices: int, profiles: list[str],
-             measure_repeats: int = 3) -> list[dict[str, Any]]:
-    """Run ``cfg.rounds.rounds`` rounds with ``num_devices`` emulated devices; metrics rows."""
-    from device_agent.costs import decide_budget, make_planner, measure_costs, steps_per_round
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """What the budgets are decided from: the host's probe and the costs measured on it.
+
+    Both are timing measurements, so two runs decide different budgets unless they share one
+    calibration (:func:`calibrate`, ``simulate(..., calibration=...)``)."""
+
+    host: Any  # device_agent.resources.DeviceReport of this machine
+    costs: Any  # device_agent.costs.measure_costs(...) of the model at the configured shape
+
+
+def calibrate(cfg: Any, measure_repeats: int = 3, model: Any = None) -> Calibration:
+    """Probe this host and measure the training costs of ``cfg``'s model (built if not given)."""
+    from device_agent.costs import measure_costs
+    from device_agent.resources import probe_device
+
+    if model is None:
+        from hfedmoe.data import load_task
+        from hfedmoe.models.registry import build_model
+
+        torch.manual_seed(cfg.rounds.seed)
+        model = build_model(cfg.model, cfg.data.task, load_task(cfg.data).num_labels)
+    host = probe_device(matmul_seconds=0.5)
+    costs = measure_costs(model, cfg.train.batch_size, cfg.model.max_length, cfg.train.optimizer,
+                          cfg.train.detach_frozen, repeats=measure_repeats,
+                          adapter=cfg.train.adapter, lora=_lora(cfg))
+    return Calibration(host, costs)
+
+
+def device_seed(seed: int, round_idx: int, device_idx: int) -> int:
+    """The torch seed of one device's work in one round, from a stable hash (SHA-256) of
+    ``(seed, round, device index)``: the same in every process and in any execution order."""
+    digest = hashlib.sha256(f"{seed}:{round_idx}:{device_idx}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceJob:
+    """One device's work in a round, as the driver decided it."""
+
+    index: int  # the device's index: its data shard and its seed
+    device_id: str
+    budget: Any  # device_agent.budget.Budget, decided once by the driver
+    assignment: frozenset | None  # fedmoe's fixed sub-model once known, else None
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceResult:
+    """What a device's round gives the driver: the encoded update and the row's numbers."""
+
+    index: int
+    blob: bytes
+    seconds: float  # measured local time on this host (the driver scales it to the profile)
+    held: dict[str, Any]
+    usage: dict[Any, float]
+    disagreement: float
+    assignment: frozenset | None  # the job's, or the one computed in this round
+
+
+def _lora(cfg: Any) -> Any:
+    from hfedmoe.lora import LoRASpec
+
+    return (LoRASpec(cfg.train.lora_rank, cfg.train.lora_alpha)
+            if cfg.train.adapter == "lora" else None)
+
+
+def train_device(model: Any, data: Any, job: DeviceJob, state: dict[str, torch.Tensor],
+                 round_idx: int, base_hash: str, cfg: Any, strategy: Any) -> DeviceResult:
+    """One device's round on ``model`` (the device's copy, overwritten with ``state``): the
+    fedmoe assignment pass if it needs one, local training within the driver's budget, the
+    encoded update. Its randomness is seeded from ``(seed, round, device index)`` first."""
+    from device_agent.costs import make_planner
+    from device_agent.train import train_round, usage_profile
+    from hfedmoe.quantize import quantize_model
+    from hfedmoe.wire import encode
+
+    torch.manual_seed(device_seed(cfg.rounds.seed, round_idx, job.index))
+    budget = job.budget
+    model.load_state(state)
+    quantize_model(model, cfg.model.quantize)  # "none": nothing
+    assignment = job.assignment
+    if strategy.needs_assignment and assignment is None:
+        usage = usage_profile(model, data, strategy, cfg.train.batch_size, cfg.model.max_length)
+        assignment = strategy.assign(usage, budget.c_budget)
+    res = train_round(model, data, strategy=strategy, budget=budget.c_budget,
+                      train_cfg=cfg.train, method_cfg=cfg.method, run_id=cfg.run_id,
+                      round_idx=round_idx, client_id=job.device_id,
+                      max_length=cfg.model.max_length, assignment=assignment,
+                      base_hash=base_hash,
+                      planner=make_planner(budget, enforce=strategy.uses_budget, resident=0))
+    res = dataclasses.replace(res, update=dataclasses.replace(res.update, meta={
+        **res.update.meta, "budget_limit": budget.limit, "budget_reason": budget.reason}))
+    blob = encode(res.update, cfg.method.tau, cfg.wire)
+    return DeviceResult(job.index, blob, res.seconds, _held(budget.c_budget, res, len(blob)),
+                        dict(res.update.usage),
+                        float(res.update.meta.get("ib_vs_importance", 0.0)), assignment)
+
+
+class SequentialBackend:
+    """The devices one after another on one model copy, in this process."""
+
+    def __init__(self, model: Any, shards: list[Any], cfg: Any, strategy: Any) -> None:
+        self.model, self.shards, self.cfg, self.strategy = model, shards, cfg, strategy
+
+    def run(self, round_idx: int, state: dict[str, torch.Tensor], base_hash: str,
+            jobs: list[DeviceJob]) -> Iterator[DeviceResult]:
+        for job in jobs:  # lazily: the driver adds each update before the next device trains
+            yield train_device(self.model, self.shards[job.index], job, state, round_idx,
+                               base_hash, self.cfg, self.strategy)
+
+    def close(self) -> None:
+        pass
+
+
+def simulate(cfg: Any, num_devices: int, profiles: list[str], measure_repeats: int = 3, *,
+             backend: str = "sequential", ray_address: str = "", ray_workers: int = 0,
+             calibration: Calibration | None = None) -> list[dict[str, Any]]:
+    """Run ``cfg.rounds.rounds`` rounds with ``num_devices`` emulated devices; metrics rows.
+
+    Args:
+        backend: ``"sequential"`` (one process) or ``"ray"`` (devices train in parallel on Ray
+            actors; needs ``pip install "hfedmoe[ray]"``). Same rows for the same seed and
+            calibration, timing fields aside.
+        ray_address: join this Ray cluster; empty: start a local Ray (unless this process
+            already has one).
+        ray_workers: Ray actors (0: the CPUs Ray has over the threads each worker uses), at
+            most the participants of a round.
+        calibration: the host probe and measured costs budgets are decided from (measured
+            now when None); give one to rerun with the same budgets.
+    """
+    from device_agent.costs import decide_budget, steps_per_round
     from device_agent.profiles import load_profile
     from device_agent.report import time_scale
-    from device_agent.resources import probe_device
-    from device_agent.train import train_round, usage_profile
     from hfedmoe.data import load_task
-    from hfedmoe.lora import LoRASpec, expand, with_factors
+    from hfedmoe.errors import ConfigError
+    from hfedmoe.lora import expand, with_factors
     from hfedmoe.models.registry import build_model
     from hfedmoe.modelsync import build_shards
     from hfedmoe.privacy import may_take_part, privacy_report
-    from hfedmoe.quantize import quantize_model
     from hfedmoe.signals import round_signals
     from hfedmoe.strategies import get_strategy
-    from hfedmoe.wire import decode, encode, spec_from_state
+    from hfedmoe.wire import decode, spec_from_state
     from server.evaluate import evaluate
     from server.store import Store
 
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown simulate backend {backend!r}; one of {', '.join(BACKENDS)}")
+    if ray_workers < 0:
+        raise ConfigError(f"ray workers must be >= 0 (0: one per CPU), got {ray_workers}")
+    if backend == "ray":
+        from server.ray_backend import require_ray
+
+        require_ray()  # before anything slow: a missing extra fails at once
     torch.manual_seed(cfg.rounds.seed)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -87,19 +238,14 @@ def simulate(cfg: Any, num_devices: int, profiles: list[str],
     task = load_task(cfg.data)
     shards = task.client_datasets(num_devices)
     model = build_model(cfg.model, cfg.data.task, task.num_labels)
-    # model.quantize: the devices' copy stores its frozen base quantized, re-quantized from the
-    # fp32 global weights every round; the server's model (aggregation, evaluation) stays fp32
-    device_model = copy.deepcopy(model) if cfg.model.quantize != "none" else model
     strategy = get_strategy(cfg.method.strategy, cfg.method)
     spec = spec_from_state(model.state())
-    lora = (LoRASpec(cfg.train.lora_rank, cfg.train.lora_alpha)
-            if cfg.train.adapter == "lora" else None)
+    lora = _lora(cfg)
     if lora is not None:  # updates carry factors; the server averages their products
         spec = with_factors(spec, lora)
-    host = probe_device(matmul_seconds=0.5)
-    costs = measure_costs(model, cfg.train.batch_size, cfg.model.max_length, cfg.train.optimizer,
-                          cfg.train.detach_frozen, repeats=measure_repeats,
-                          adapter=cfg.train.adapter, lora=lora)
+    if calibration is None:
+        calibration = calibrate(cfg, measure_repeats, model)
+    host, costs = calibration.host, calibration.costs
     window = cfg.rounds.train_time_s or cfg.rounds.deadline_s
     devices = []
     for i, name in enumerate(profiles):
@@ -110,7 +256,7 @@ def simulate(cfg: Any, num_devices: int, profiles: list[str],
                                routing_batches=min(cfg.train.selection_batches or steps, steps),
                                min_experts=cfg.train.min_experts)
         dev_id = f"sim{i:03d}-{name}"
-        devices.append({"id": dev_id, "data": shards[i], "report": report, "budget": budget,
+        devices.append({"id": dev_id, "report": report, "budget": budget,
                         "scale": time_scale(host, report), "have": set(), "assignment": None,
                         "dp_rounds": 0})
         store.upsert_device(dev_id, {**report.to_dict(), "budget": budget.to_dict(),
@@ -123,84 +269,91 @@ def simulate(cfg: Any, num_devices: int, profiles: list[str],
     rows = [_write(run_dir, {"round": -1, "phase": "initial", **evaluate(
         model, task.test, cfg.eval_batch_size, cfg.model.max_length, cfg.max_eval_examples)})]
     rng = random.Random(cfg.rounds.seed)
-    for r in range(cfg.rounds.rounds):
-        wall0 = time.perf_counter()
-        manifest, blobs = build_shards(global_state)
-        n = max(1, math.ceil(cfg.rounds.fraction * len(devices)))
-        chosen = sorted(rng.sample(range(len(devices)), n))
-        store.open_round(r, 0.0, [devices[i]["id"] for i in chosen], manifest.state_hash)
-        aggregator = strategy.make_aggregator()
-        bytes_in = bytes_out = 0
-        device_times = []
-        held: dict[str, dict[str, Any]] = {}
-        usages: dict[str, Any] = {}
-        disagreement: dict[str, float] = {}
-        for i in chosen:
-            d = devices[i]
-            if not may_take_part(d["dp_rounds"], cfg.method):  # its epsilon budget is spent
-                log.warning("%s: sits out round %d: one more noised update would pass "
-                            "method.dp_max_epsilon = %g", d["id"], r, cfg.method.dp_max_epsilon)
-                continue
-            missing = set(manifest.shards.values()) - d["have"]
-            bytes_out += sum(len(blobs[s]) for s in missing)
-            d["have"] |= missing
-            device_model.load_state(global_state)
-            quantize_model(device_model, cfg.model.quantize)  # "none": nothing
-            if strategy.needs_assignment and d["assignment"] is None:
-                usage = usage_profile(device_model, d["data"], strategy, cfg.train.batch_size,
-                                      cfg.model.max_length)
-                d["assignment"] = strategy.assign(usage, d["budget"].c_budget)
-            res = train_round(device_model, d["data"], strategy=strategy,
-                              budget=d["budget"].c_budget,
-                              train_cfg=cfg.train, method_cfg=cfg.method, run_id=cfg.run_id,
-                              round_idx=r, client_id=d["id"], max_length=cfg.model.max_length,
-                              assignment=d["assignment"], base_hash=manifest.state_hash,
-                              planner=make_planner(d["budget"], enforce=strategy.uses_budget,
-                                                   resident=0))
-            res = dataclasses.replace(res, update=dataclasses.replace(res.update, meta={
-                **res.update.meta, "budget_limit": d["budget"].limit,
-                "budget_reason": d["budget"].reason}))
-            blob = encode(res.update, cfg.method.tau, cfg.wire)
-            bytes_in += len(blob)
-            update = decode(blob, spec, cfg.wire, round_idx=r, client_id=d["id"])
-            aggregator.add(expand(update, lora) if lora is not None else update)
-            device_times.append(res.seconds * d["scale"])
-            held[d["id"]] = h = _held(d["budget"].c_budget, res, len(blob))
-            usages[d["id"]] = res.update.usage
-            d["dp_rounds"] += int(cfg.method.dp_noise_multiplier > 0)
-            disagreement[d["id"]] = float(res.update.meta.get("ib_vs_importance", 0.0))
-            store.record_participation(r, d["id"], h["budget"], h["experts_sent"],
-                                       h["optimizer_experts"], h)
-        t0 = time.perf_counter()
-        report = aggregator.report()
-        if held:  # every device may sit out (privacy budgets spent): the model stays
-            global_state = aggregator.finalize(global_state)
-        agg_s = time.perf_counter() - t0
-        model.load_state(global_state)
-        metrics = evaluate(model, task.test, cfg.eval_batch_size, cfg.model.max_length,
-                           cfg.max_eval_examples)
-        row = {"round": r, "phase": "round", "participants": len(chosen),
-               "accepted": len(held), "rejected": 0, "late": 0,
-               "experts_updated": len({e for rep in report.values() for e in rep.aggregated}),
-               "bytes_in": bytes_in, "bytes_out": bytes_out, "aggregation_s": agg_s,
-               "round_s": max(device_times, default=0.0), "wall_s": time.perf_counter() - wall0, **metrics,
-               "devices": {c: rep.to_dict() for c, rep in report.items()},
-               "budgets": {devices[i]["id"]: devices[i]["budget"].c_budget for i in chosen},
-               "held": held, "dense_bytes": dense_bytes * len(held),
-               "signals": round_signals({c: rep.to_dict() for c, rep in report.items()}, usages,
-                                        disagreement, cfg.method.tau)}
-        privacy = privacy_report({d["id"]: d["dp_rounds"] for d in devices}, cfg.method)
-        if privacy is not None:
-            row["privacy"] = privacy
-        new_manifest, _ = build_shards(global_state)
-        store.save_checkpoint(r, global_state, {"accuracy": metrics.get("accuracy")},
-                              new_manifest.state_hash)
-        ret = cfg.retention
-        store.prune(r, ret.keep_updates, ret.keep_checkpoints, ret.keep_best)
-        rows.append(_write(run_dir, row))
-        log.info("round %d: %s", r, {k: v for k, v in row.items() if k not in ("devices",
-                                                                              "budgets")})
-    store.close()
+    participants = max(1, math.ceil(cfg.rounds.fraction * len(devices)))
+    runner: Any = None
+    try:
+        if backend == "ray":  # after the calibration: starting actors would skew its timings
+            from server.ray_backend import RayBackend
+
+            runner = RayBackend(cfg, shards, task.num_labels, participants,
+                                address=ray_address, workers=ray_workers)
+        else:
+            # model.quantize: the devices' copy stores its frozen base quantized, re-quantized
+            # from the fp32 global weights every round; the server's model (aggregation,
+            # evaluation) stays fp32
+            device_model = copy.deepcopy(model) if cfg.model.quantize != "none" else model
+            runner = SequentialBackend(device_model, shards, cfg, strategy)
+        for r in range(cfg.rounds.rounds):
+            wall0 = time.perf_counter()
+            manifest, blobs = build_shards(global_state)
+            chosen = sorted(rng.sample(range(len(devices)), participants))
+            store.open_round(r, 0.0, [devices[i]["id"] for i in chosen], manifest.state_hash)
+            aggregator = strategy.make_aggregator()
+            bytes_in = bytes_out = 0
+            device_times = []
+            held: dict[str, dict[str, Any]] = {}
+            usages: dict[str, Any] = {}
+            disagreement: dict[str, float] = {}
+            jobs = []
+            for i in chosen:
+                d = devices[i]
+                if not may_take_part(d["dp_rounds"], cfg.method):  # its epsilon budget is spent
+                    log.warning("%s: sits out round %d: one more noised update would pass "
+                                "method.dp_max_epsilon = %g", d["id"], r,
+                                cfg.method.dp_max_epsilon)
+                    continue
+                missing = set(manifest.shards.values()) - d["have"]
+                bytes_out += sum(len(blobs[s]) for s in missing)
+                d["have"] |= missing
+                jobs.append(DeviceJob(i, d["id"], d["budget"], d["assignment"]))
+            # results come back in the order of ``jobs``, whatever order they trained in
+            for out in runner.run(r, global_state, manifest.state_hash, jobs):
+                d = devices[out.index]
+                d["assignment"] = out.assignment
+                bytes_in += len(out.blob)
+                update = decode(out.blob, spec, cfg.wire, round_idx=r, client_id=d["id"])
+                aggregator.add(expand(update, lora) if lora is not None else update)
+                device_times.append(out.seconds * d["scale"])
+                held[d["id"]] = h = out.held
+                usages[d["id"]] = out.usage
+                d["dp_rounds"] += int(cfg.method.dp_noise_multiplier > 0)
+                disagreement[d["id"]] = out.disagreement
+                store.record_participation(r, d["id"], h["budget"], h["experts_sent"],
+                                           h["optimizer_experts"], h)
+            t0 = time.perf_counter()
+            report = aggregator.report()
+            if held:  # every device may sit out (privacy budgets spent): the model stays
+                global_state = aggregator.finalize(global_state)
+            agg_s = time.perf_counter() - t0
+            model.load_state(global_state)
+            metrics = evaluate(model, task.test, cfg.eval_batch_size, cfg.model.max_length,
+                               cfg.max_eval_examples)
+            row = {"round": r, "phase": "round", "participants": len(chosen),
+                   "accepted": len(held), "rejected": 0, "late": 0,
+                   "experts_updated": len({e for rep in report.values() for e in rep.aggregated}),
+                   "bytes_in": bytes_in, "bytes_out": bytes_out, "aggregation_s": agg_s,
+                   "round_s": max(device_times, default=0.0),
+                   "wall_s": time.perf_counter() - wall0, **metrics,
+                   "devices": {c: rep.to_dict() for c, rep in report.items()},
+                   "budgets": {devices[i]["id"]: devices[i]["budget"].c_budget for i in chosen},
+                   "held": held, "dense_bytes": dense_bytes * len(held),
+                   "signals": round_signals({c: rep.to_dict() for c, rep in report.items()},
+                                            usages, disagreement, cfg.method.tau)}
+            privacy = privacy_report({d["id"]: d["dp_rounds"] for d in devices}, cfg.method)
+            if privacy is not None:
+                row["privacy"] = privacy
+            new_manifest, _ = build_shards(global_state)
+            store.save_checkpoint(r, global_state, {"accuracy": metrics.get("accuracy")},
+                                  new_manifest.state_hash)
+            ret = cfg.retention
+            store.prune(r, ret.keep_updates, ret.keep_checkpoints, ret.keep_best)
+            rows.append(_write(run_dir, row))
+            log.info("round %d: %s", r, {k: v for k, v in row.items()
+                                         if k not in ("devices", "budgets")})
+    finally:
+        if runner is not None:
+            runner.close()
+        store.close()
     return rows
 
 

@@ -103,8 +103,9 @@ class Store:
         (self.run_dir / "updates").mkdir(parents=True, exist_ok=True)
         (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         try:
+            # ingest workers write to the same database: wait for each other's locks
             self.db = sqlite3.connect(self.run_dir / "run.db", isolation_level=None,
-                                      check_same_thread=False)
+                                      check_same_thread=False, timeout=60.0)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(SCHEMA)
@@ -167,6 +168,16 @@ class Store:
         rows = self.db.execute("SELECT device_id, report, budget, status, last_seen FROM devices")
         self._devices = {r[0]: {"report": json.loads(r[1]), "budget": r[2], "status": r[3],
                                 "last_seen": r[4]} for r in rows}
+
+    def refresh_device(self, device_id: str) -> None:
+        """Re-read one device's row (another process, the coordinator, writes the registry)."""
+        row = self.db.execute("SELECT report, budget, status, last_seen FROM devices "
+                              "WHERE device_id=?", (device_id,)).fetchone()
+        if row is None:
+            self._devices.pop(device_id, None)
+        else:
+            self._devices[device_id] = {"report": json.loads(row[0]), "budget": row[1],
+                                        "status": row[2], "last_seen": row[3]}
 
     def set_device_status(self, device_id: str, status: str, now: float | None = None) -> None:
         now = time.time() if now is None else now

@@ -80,6 +80,7 @@ class SwarmConfig:
     chunk_size: int = 1 << 20
     timeout_s: float = 600.0
     seed: int = 0
+    keep_uploads: bool = False  # the report lists every upload (device, round, sha, status)
     config: str = ""  # the server's config file (model, adapter, wire) for canned updates
     overrides: tuple[str, ...] = ()
 
@@ -442,7 +443,8 @@ class SwarmProcess:
                     "start": time.time(), "ack": 0.0, "status": "", "resends": 0}
         self.uploads.append(d.upload)
         d.sender = send_blob(d.transport, self.topics.update(d.id, sha), blob,
-                             chunk_size=self.cfg.chunk_size)
+                             chunk_size=self.cfg.chunk_size,
+                             whole_max=int(body.get("whole_max_bytes", 0) or 0))
         self.loop.later(self.cfg.ack_timeout_s, lambda u=d.upload: self._resend(d, u))
 
     def _resend(self, d: _Device, upload: dict[str, Any]) -> None:
@@ -594,17 +596,9 @@ class _Watch(threading.Thread):
 
     @staticmethod
     def _cpu(p: Any) -> float:
-        """CPU seconds of ``p`` and its live children (a ``timeout`` wrapper, workers)."""
-        import psutil
-
-        total = 0.0
-        for q in [p, *p.children(recursive=True)]:
-            try:
-                t = q.cpu_times()
-            except psutil.Error:
-                continue
-            total += t.user + t.system
-        return total
+        """CPU seconds of ``p`` itself (its children are watched under their own names)."""
+        t = p.cpu_times()
+        return t.user + t.system
 
     def run(self) -> None:
         import psutil
@@ -612,10 +606,7 @@ class _Watch(threading.Thread):
         while not self.stop.wait(self.period):
             for name, p in self.procs.items():
                 try:
-                    rss = p.memory_info().rss
-                    for child in p.children(recursive=True):
-                        rss += child.memory_info().rss
-                    self.peak[name] = max(self.peak[name], rss / 2**20)
+                    self.peak[name] = max(self.peak[name], p.memory_info().rss / 2**20)
                     self.cpu1[name] = self._cpu(p)
                 except psutil.Error:
                     continue
@@ -736,6 +727,7 @@ def _merge(cfg: SwarmConfig, parts: list[dict[str, Any]], t0: float, wall: float
         "errors": [e for part in parts for e in part["errors"]][:20],
         "error_count": sum(part["error_count"] for part in parts),
         "resources": resources,
+        **({"uploads": uploads} if cfg.keep_uploads else {}),
     }
 
 

@@ -295,3 +295,37 @@ def test_streaming_equals_batch_and_untouched_keys_are_identical(updates, plain,
         assert (streamed[c].aggregated, streamed[c].updated) == (rep.aggregated, rep.updated)
         assert streamed[c].alpha == pytest.approx(rep.alpha)
         assert streamed[c].overlap_ratio == rep.overlap_ratio
+
+
+def _more_clients() -> list[SparseUpdate]:
+    c = _update("C", 2, {K00: t(-1, 3), GATE: t(2, 2), HEAD_W: t(2)},
+                {E00: .9, E01: .1, E02: 0.0}, {E00: .4, E01: 0.0, E02: 0.0}, {E00})
+    d = _update("D", 5, {K01: t(1, 1), GATE: t(0, 1), HEAD_W: t(-3)},  # P(D) = 0: fallback only
+                {E00: 0.0, E01: 1.0, E02: 0.0}, {E00: 0.0, E01: 0.0, E02: 0.0}, {E01})
+    return [*_clients(), c, d]
+
+
+@pytest.mark.parametrize("split", [[0, 1, 2, 3], [0, 2, 1, 3], [3, 0, 1, 2]])
+def test_partial_aggregates_merged_equal_one_aggregator(split):
+    """Shards aggregated apart, serialized (as ingest workers write them), read back and merged
+    give the state and report of one aggregator over every update."""
+    updates = _more_clients()
+    whole = Aggregator(RULE)
+    for u in updates:
+        whole.add(u)
+    shards = [Aggregator(RULE), Aggregator(RULE)]
+    for i, u in zip(split, updates, strict=True):
+        shards[i % 2].add(u)
+    merged = Aggregator(RULE)
+    for shard in shards:
+        merged.merge(Aggregator.from_bytes(shard.to_bytes(), RULE))
+    glob = _global()
+    want, got = whole.finalize(glob), merged.finalize(glob)
+    assert want.keys() == got.keys()
+    for key in want:
+        assert torch.allclose(want[key], got[key], atol=1e-6), key
+    assert merged.report() == whole.report()
+    with pytest.raises(AlgorithmError, match="two partial"):
+        merged.merge(Aggregator.from_bytes(shards[0].to_bytes(), RULE))
+    with pytest.raises(AlgorithmError, match="not a partial"):
+        Aggregator.from_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}" + b"x" * 8, RULE)

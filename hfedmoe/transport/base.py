@@ -35,7 +35,10 @@ Handler = Callable[[Message], None]
 
 
 def topic_matches(topic_filter: str, topic: str) -> bool:
-    """MQTT filter matching (``+``/``#``), identical to a broker's."""
+    """MQTT filter matching (``+``/``#``), identical to a broker's; a shared subscription
+    ``$share/{group}/{filter}`` matches what ``filter`` matches."""
+    if topic_filter.startswith("$share/"):
+        topic_filter = topic_filter.split("/", 2)[2] if topic_filter.count("/") >= 2 else ""
     return bool(topic_matches_sub(topic_filter, topic))
 
 

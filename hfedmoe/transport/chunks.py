@@ -7,6 +7,12 @@ publishes a resend request (JSON ``{"manifest": bool, "chunks": [i, ...]}``) lis
 it lacks; the sender answers with just those. Across a dropped connection or a broker restart
 the receiver keeps what it has and asks for the rest, so a transfer resumes instead of starting
 over. Stale transfers time out; all sizes are bounded. The clock is injectable for tests.
+
+A blob of at most ``whole_max`` bytes (the receiver's side says how large, e.g. a round
+announcement) travels as one message ``{prefix}/whole``: ``WHOLE_MAGIC``, the manifest's length
+(4 bytes, big-endian), the manifest, the blob. One message lands on one subscriber, which is what
+lets several receivers share a topic through an MQTT 5 shared subscription (``$share/...``)
+without a transfer's pieces being dealt to different receivers.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ MANIFEST_VERSION = 1
 MAX_MANIFEST_BYTES = 16 << 20  # ~230k chunk hashes
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK_TOPIC = re.compile(r"^(?P<prefix>.+)/chunk/(?P<idx>\d{1,9})$")
+WHOLE_MAGIC = b"HFW1"
 Clock = Callable[[], float]
 
 
@@ -144,15 +151,17 @@ class ChunkSender:
     """Publishes one blob as manifest + chunks and answers resend requests until closed."""
 
     def __init__(self, transport: Transport, topics: TransferTopics, blob: bytes,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE, qos: int = 1, retain: bool = False) -> None:
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, qos: int = 1, retain: bool = False,
+                 whole_max: int = 0) -> None:
         self.transport, self.topics, self.blob = transport, topics, bytes(blob)
         self.manifest = Manifest.build(self.blob, chunk_size)
         self.qos, self.retain = qos, retain
+        self.whole = 0 < len(self.blob) <= whole_max  # one message instead of manifest + chunks
         self.resent = 0
         self._subscribed = False
 
     def start(self) -> ChunkSender:
-        if self.topics.request:
+        if self.topics.request and not self.whole:
             self.transport.subscribe(self.topics.request, self.handle_request, qos=self.qos)
             self._subscribed = True
         self.publish_manifest()
@@ -160,10 +169,23 @@ class ChunkSender:
         return self
 
     def publish_manifest(self) -> None:
+        if self.whole:  # the whole message is manifest and data at once
+            return
         self.transport.publish(f"{self.topics.prefix}/manifest", self.manifest.to_json(),
                                qos=self.qos, retain=self.retain)
 
+    def _publish_whole(self) -> None:
+        head = self.manifest.to_json()
+        self.transport.publish(f"{self.topics.prefix}/whole",
+                               WHOLE_MAGIC + len(head).to_bytes(4, "big") + head + self.blob,
+                               qos=self.qos, retain=self.retain)
+
     def resend(self, indices: Sequence[int] | range, count: bool = True) -> None:
+        if self.whole:
+            if len(indices):
+                self._publish_whole()
+                self.resent += int(count)
+            return
         view, size = memoryview(self.blob), self.manifest.chunk_size
         for i in indices:
             self.transport.publish(f"{self.topics.prefix}/chunk/{i}",
@@ -195,19 +217,21 @@ class ChunkSender:
 
 def send_blob(transport: Transport, topic_prefix: str | TransferTopics, blob: bytes, *,
               chunk_size: int = DEFAULT_CHUNK_SIZE, qos: int = 1,
-              retain: bool = False) -> ChunkSender:
+              retain: bool = False, whole_max: int = 0) -> ChunkSender:
     """Publish ``blob`` under ``topic_prefix`` and keep answering resend requests.
 
     Args:
         topic_prefix: a prefix (requests then arrive on ``{prefix}/request``) or
             :class:`TransferTopics` naming the request topic explicitly.
+        whole_max: a blob of at most this many bytes goes as one ``{prefix}/whole`` message
+            (0: always manifest + chunks).
 
     Returns:
         The sender; call ``close()`` once the receiver acknowledged the blob.
     """
     topics = topic_prefix if isinstance(topic_prefix, TransferTopics) \
         else TransferTopics(topic_prefix, f"{topic_prefix}/request")
-    return ChunkSender(transport, topics, blob, chunk_size, qos, retain).start()
+    return ChunkSender(transport, topics, blob, chunk_size, qos, retain, whole_max).start()
 
 
 @dataclass
@@ -236,14 +260,18 @@ class BlobReceiver:
         max_bytes: largest blob accepted; also bounds buffered early chunks.
     """
 
-    def __init__(self, transport: Transport, topic_filter: str,
+    def __init__(self, transport: Transport, topic_filter: str | Sequence[str],
                  on_blob: Callable[[str, bytes], None], *,
                  request_topic: Callable[[str], str] | None = None,
                  on_error: Callable[[str, TransferError], None] | None = None,
                  clock: Clock = time.monotonic, retry_after: float = 2.0, timeout: float = 300.0,
                  max_bytes: int = 1 << 30, max_chunk_size: int = 16 << 20,
                  max_transfers: int = 256, qos: int = 1) -> None:
-        self.transport, self.topic_filter, self.on_blob = transport, topic_filter, on_blob
+        self.transport, self.on_blob = transport, on_blob
+        # one filter, or several (e.g. only ".../manifest" and ".../chunk/+" of a tree whose
+        # whole messages other receivers take through a shared subscription)
+        self.topic_filters = [topic_filter] if isinstance(topic_filter, str) else list(topic_filter)
+        self.topic_filter = self.topic_filters[0]
         self.request_topic = request_topic or (lambda prefix: f"{prefix}/request")
         self.on_error = on_error
         self.clock, self.retry_after, self.timeout = clock, retry_after, timeout
@@ -256,7 +284,8 @@ class BlobReceiver:
         self._pending_bytes = 0
         self._done: OrderedDict[str, str] = OrderedDict()  # prefix -> sha, bounded
         self.requests_sent = 0
-        transport.subscribe(topic_filter, self._on_message, qos=qos)
+        for f in self.topic_filters:
+            transport.subscribe(f, self._on_message, qos=qos)
 
     # -- message handling (runs on the pumping thread) -------------------------------------
     def _on_message(self, message: Message) -> None:
@@ -265,6 +294,33 @@ class BlobReceiver:
             self._on_manifest(topic[: -len("/manifest")], message.payload)
         elif m := _CHUNK_TOPIC.match(topic):
             self._on_chunk(m.group("prefix"), int(m.group("idx")), message.payload)
+        elif topic.endswith("/whole"):
+            self._on_whole(topic[: -len("/whole")], message.payload)
+
+    def _on_whole(self, prefix: str, payload: bytes) -> None:
+        """A one-message transfer: verify it against its own manifest, hand it over."""
+        try:
+            if payload[:len(WHOLE_MAGIC)] != WHOLE_MAGIC or len(payload) < len(WHOLE_MAGIC) + 4:
+                raise TransferError("whole message without its header")
+            at = len(WHOLE_MAGIC) + 4
+            n = int.from_bytes(payload[len(WHOLE_MAGIC):at], "big")
+            if n > len(payload) - at:
+                raise TransferError(f"whole message: manifest length {n} past the payload")
+            manifest = Manifest.from_json(payload[at:at + n], self.max_bytes,
+                                          self.max_chunk_size)
+            blob = payload[at + n:]
+            if len(blob) != manifest.size or sha256(blob) != manifest.sha256:
+                raise TransferError("whole message: data does not match its manifest")
+        except TransferError as exc:
+            self._fail(prefix, exc)
+            return
+        if self._done.get(prefix) == manifest.sha256:
+            return
+        self.active.pop(prefix, None)
+        self._done[prefix] = manifest.sha256
+        while len(self._done) > 4 * self.max_transfers:
+            self._done.popitem(last=False)
+        self.on_blob(prefix, blob)
 
     def _on_manifest(self, prefix: str, payload: bytes) -> None:
         if prefix in self._done or prefix in self.active:
@@ -363,4 +419,5 @@ class BlobReceiver:
         self._done.pop(prefix, None)
 
     def close(self) -> None:
-        self.transport.unsubscribe(self.topic_filter, self._on_message)
+        for f in self.topic_filters:
+            self.transport.unsubscribe(f, self._on_message)

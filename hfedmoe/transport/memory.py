@@ -1,4 +1,5 @@
-"""In-memory hub and transport: a broker twin for unit tests (wildcards, retain, last will).
+"""In-memory hub and transport: a broker twin for unit tests (wildcards, retain, last will,
+shared subscriptions dealt round-robin like Mosquitto's).
 
 :meth:`MemoryTransport.drop` simulates a lost connection (the last will fires, messages sent
 while offline are lost, subscriptions survive like a persistent session) and
@@ -22,6 +23,7 @@ class MemoryHub:
         self._retained: dict[str, Message] = {}
         self._lock = threading.Lock()
         self.drop_filter: Callable[[Message], bool] | None = None  # tests: return True to lose
+        self._turns: dict[str, int] = {}  # shared subscription group -> messages dealt
 
     def connect(self, client_id: str = "", will: tuple[str, bytes] | None = None) -> MemoryTransport:
         client = MemoryTransport(self, client_id, will)
@@ -40,9 +42,25 @@ class MemoryHub:
                     self._retained.pop(message.topic, None)
             clients = list(self._clients)
         delivered = Message(message.topic, message.payload, message.qos, False)
+        groups: dict[str, list[MemoryTransport]] = {}  # shared subscriptions: one member each
         for client in clients:
-            if client.online and any(topic_matches(f, message.topic) for f in client.filters()):
+            if not client.online:
+                continue
+            direct = False
+            for f in client.filters():
+                if not topic_matches(f, message.topic):
+                    continue
+                if f.startswith("$share/"):
+                    groups.setdefault(f.split("/", 2)[1], []).append(client)
+                else:
+                    direct = True
+            if direct:
                 client._enqueue(delivered)
+        for group, members in sorted(groups.items()):
+            with self._lock:
+                turn = self._turns.get(group, 0)
+                self._turns[group] = turn + 1
+            members[turn % len(members)]._enqueue(delivered)
 
     def _retained_for(self, topic_filter: str) -> list[Message]:
         with self._lock:
@@ -72,6 +90,8 @@ class MemoryTransport(Transport):
         self.hub._route(Message(topic, bytes(payload), qos, retain))
 
     def _do_subscribe(self, topic_filter: str, qos: int) -> None:
+        if topic_filter.startswith("$share/"):
+            return  # a broker sends no retained messages to shared subscriptions
         for message in self.hub._retained_for(topic_filter):
             self._enqueue(message)
 

@@ -44,11 +44,12 @@ class MqttTransport(Transport):
     """
 
     def __init__(self, cfg: TransportConfig, client_id: str,
-                 status_topic: str | None = None) -> None:
+                 status_topic: str | None = None, persistent: bool = True) -> None:
         super().__init__()
         if not cfg.url:
             raise TransportError("MqttTransport needs a broker url (see transport.connect)")
         self.cfg, self.client_id, self.status_topic = cfg, client_id, status_topic
+        self.persistent = persistent  # False: a clean session (nothing queued while away)
         self.address = parse_url(cfg.url)
         self._connected = threading.Event()
         self._failure: str | None = None
@@ -62,7 +63,7 @@ class MqttTransport(Transport):
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id,
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-            clean_session=None if v5 else False)
+            clean_session=None if v5 else not persistent)
         c = self._client
         c.reconnect_delay_set(cfg.reconnect_min, cfg.reconnect_max)
         c.max_inflight_messages_set(cfg.max_inflight)
@@ -135,8 +136,8 @@ class MqttTransport(Transport):
         kwargs: dict = {}
         if self.cfg.protocol == "5":
             props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = self.cfg.session_expiry
-            kwargs = {"clean_start": False, "properties": props}
+            props.SessionExpiryInterval = self.cfg.session_expiry if self.persistent else 0
+            kwargs = {"clean_start": not self.persistent, "properties": props}
         try:
             self._client.connect_async(self.address.host, self.address.port,
                                        keepalive=self.cfg.keepalive, **kwargs)

@@ -10,6 +10,7 @@
     hfedmoe/v1/{run}/update/{device}/fetch/{sha}    device -> server: resend model chunks
     hfedmoe/v1/{run}/ack/{device}                   server -> device: acks and errors
     hfedmoe/v1/{run}/ack/{device}/resend/{sha}      server -> device: resend update chunks
+    hfedmoe/v1/{run}/ingest/...                     coordinator <-> ingest workers (server only)
 
 A device's write set is its own register/status/update tree; its read set is its own ack tree
 plus the broadcast ``round`` and ``model`` topics (see :mod:`hfedmoe.transport.broker_config`).
@@ -115,9 +116,38 @@ class Topics:
         return TransferTopics(f"{self.base}/update/{device}/{check_sha(sha)}",
                               f"{self.ack(device)}/resend/{sha}")
 
+    # sharded ingestion: workers <-> coordinator
+    def ingest_status(self, worker: str) -> str:
+        """Retained ``online``/``offline`` of an ingest worker (its last will)."""
+        return f"{self.base}/ingest/status/{check_id(worker, 'worker id')}"
+
+    def ingest_event(self, worker: str) -> str:
+        """A worker's accepted/rejected/late notices to the coordinator."""
+        return f"{self.base}/ingest/event/{check_id(worker, 'worker id')}"
+
+    def ingest_partial(self, worker: str) -> str:
+        """Where a worker says its partial aggregate of a closed round is written."""
+        return f"{self.base}/ingest/partial/{check_id(worker, 'worker id')}"
+
+    def ingest_control(self) -> str:
+        """Coordinator -> workers: close a round (write your partial aggregate)."""
+        return f"{self.base}/ingest/control"
+
+    def all_ingest(self, kind: str) -> str:
+        return f"{self.base}/ingest/{kind}/+"
+
     # filters used by subscribers
     def all_updates(self) -> str:
         return f"{self.base}/update/+/+/#"
+
+    def all_update_pieces(self) -> list[str]:
+        """Manifests and chunks of every update transfer, not the one-message ``whole`` ones
+        (what the coordinator takes when workers share the rest)."""
+        return [f"{self.base}/update/+/+/manifest", f"{self.base}/update/+/+/chunk/+"]
+
+    def shared_whole_updates(self, group: str) -> str:
+        """Every one-message update, dealt among the members of ``group``."""
+        return f"$share/{check_id(group, 'group')}/{self.base}/update/+/+/whole"
 
     def all_fetches(self) -> str:
         return f"{self.base}/update/+/fetch/+"

@@ -1,0 +1,272 @@
+"""Sharded ingestion: ``hfedmoe ingest`` workers validate, spool and partially aggregate updates.
+
+With ``ingest.workers = N`` the coordinator (``hfedmoe server``) starts N worker processes and
+keeps them running. The workers share the update topics through an MQTT 5 shared subscription
+(``$share/{ingest.group}/hfedmoe/v1/{run}/update/+/+/whole``): the broker deals each update
+to one worker. An update of at most ``transport.chunk_size`` bytes travels as one message (the
+round announcement's ``whole_max_bytes``), so all of it lands on the same worker; a larger one
+still goes as manifest + chunks to the coordinator, which ingests it itself.
+
+A worker runs the coordinator's own update path (:meth:`Coordinator._on_update_blob`: decode,
+the policy, budget, round and base-hash checks, then spool durably, record, ack) against the
+run directory's database and spool, adds the update to its own streaming aggregator, and tells
+the coordinator on ``ingest/event/{worker}`` (the coordinator's round progress). When the
+coordinator closes a round it publishes ``ingest/control``; each worker writes its partial
+aggregate (:meth:`hfedmoe.aggregator.Aggregator.to_bytes`, safetensors) under
+``partials/r{round}/`` and announces it on ``ingest/partial/{worker}``; the coordinator merges
+them (the sums are associative) and reads any acknowledged update that no partial covers (a
+worker that was killed) back from the spool. An acknowledged update is durable before its ack
+leaves the worker, so killing a worker loses nothing it acknowledged.
+
+Workers must share the run directory with the coordinator (same host, or storage that SQLite
+and atomic renames work on). For a broker cluster (EMQX) see docs/deployment.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hfedmoe.errors import ConfigError
+from hfedmoe.modelsync import ModelManifest
+from hfedmoe.transport.base import Message, Transport
+from hfedmoe.transport.chunks import BlobReceiver
+from hfedmoe.transport.topics import check_id
+from server.config import ServerConfig
+from server.coordinator import Coordinator, RoundState
+
+log = logging.getLogger("hfedmoe.ingest")
+
+
+class IngestWorker(Coordinator):
+    """One ingest worker: the coordinator's update path on a share of the update topics."""
+
+    def __init__(self, cfg: ServerConfig, transport: Transport, model: Any,
+                 worker_id: str) -> None:
+        # one metrics endpoint per run: the coordinator's
+        super().__init__(dataclasses.replace(cfg, prometheus_port=0), transport, model, None)
+        self.worker_id = check_id(worker_id, "worker id")
+        self.stop_requested = False
+        self.partials_written = 0
+
+    def start(self) -> None:
+        t = self.transport
+        t.subscribe(self.topics.round(), self._on_announcement)
+        t.subscribe(self.topics.ingest_control(), self._on_control)
+        self._receiver = BlobReceiver(
+            t, self.topics.shared_whole_updates(self.cfg.ingest.group), self._on_update_blob,
+            request_topic=self.topics.update_request_for, on_error=self._on_transfer_error,
+            retry_after=self.cfg.transport.retry_after,
+            timeout=self.cfg.transport.transfer_timeout,
+            max_bytes=self.cfg.wire.max_payload_bytes)
+        t.wait_subscribed()
+
+    def serve(self) -> None:
+        """Ingest until SIGTERM (or :attr:`stop_requested`)."""
+        self.start()
+        log.info("ingest worker %s ready (group %s)", self.worker_id, self.cfg.ingest.group)
+        parent = os.getppid()
+        while not self.stop_requested:
+            self.transport.pump(timeout=0.2)
+            if os.getppid() != parent:  # the server is gone: its successor starts new workers
+                log.warning("worker %s: the server exited; stopping", self.worker_id)
+                break
+
+    # --- the coordinator's messages ----------------------------------------------------------
+    def _on_announcement(self, message: Message) -> None:
+        try:
+            body = json.loads(message.payload)
+        except ValueError:
+            return
+        if not isinstance(body, dict) or body.get("type") != "round":
+            return
+        idx = int(body["round"])
+        if self.round is not None and self.round.round_idx == idx:
+            return  # announced again (a restarted coordinator): keep what was taken in
+        if idx < self.next_round:
+            return  # a round this worker already closed
+        manifest = ModelManifest.from_dict(body["model"])
+        self.round = RoundState(idx, list(body.get("participants", [])),
+                                float(body["deadline"]), manifest.state_hash, manifest,
+                                expected=len(body.get("participants", [])))
+        self.aggregator = self.strategy.make_aggregator()
+        self.next_round = idx
+        log.info("worker %s: round %d open", self.worker_id, idx)
+
+    def _on_control(self, message: Message) -> None:
+        try:
+            body = json.loads(message.payload)
+            idx = int(body["round"])
+        except (ValueError, KeyError, TypeError):
+            return
+        if body.get("type") == "close":
+            self._close(idx)
+
+    def _close(self, idx: int) -> None:
+        """Write this worker's partial aggregate of round ``idx`` and announce it; updates for
+        ``idx`` arriving from now on are late."""
+        agg = self.aggregator if self.round is not None and self.round.round_idx == idx \
+            else self.strategy.make_aggregator()
+        data = agg.to_bytes()
+        rel = Path("partials") / f"r{idx}" / f"{self.worker_id}.safetensors"
+        _atomic_write(Path(self.cfg.run_dir) / rel, data)
+        self.transport.publish(self.topics.ingest_partial(self.worker_id), json.dumps({
+            "round": idx, "path": str(rel), "sha256": hashlib.sha256(data).hexdigest(),
+            "clients": agg.num_clients}).encode())
+        self.partials_written += 1
+        log.info("worker %s: round %d closed with %d update(s)", self.worker_id, idx,
+                 agg.num_clients)
+        if self.round is not None and self.round.round_idx <= idx:
+            self.round = None
+        self.next_round = max(self.next_round, idx + 1)
+        self.aggregator = self.strategy.make_aggregator()
+
+    # --- updates ---------------------------------------------------------------------------
+    def _on_update_blob(self, prefix: str, blob: bytes) -> None:
+        try:
+            device, _ = self.topics.parse_update_prefix(prefix)
+        except Exception:  # noqa: BLE001 - the parent path reports malformed prefixes
+            device = None
+        if device is not None:
+            self.store.refresh_device(device)  # registered (or re-budgeted) since we looked
+        super()._on_update_blob(prefix, blob)
+
+    def _notify(self, event: dict[str, Any]) -> None:
+        self.transport.publish(self.topics.ingest_event(self.worker_id),
+                               json.dumps(event).encode())
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+
+
+class WorkerPool:
+    """The ingest workers of ``hfedmoe server``: started, restarted when one exits, stopped."""
+
+    def __init__(self, cfg: ServerConfig, restart_after: float = 2.0) -> None:
+        if not cfg.transport.url:
+            raise ConfigError("ingest.workers needs an external broker with shared "
+                              "subscriptions (Mosquitto >= 2 or EMQX): set transport.url")
+        self.cfg = cfg
+        self.dir = Path(cfg.run_dir) / "ingest"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.config_path = self.dir / "server.toml"
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.restarts = 0
+        self.restart_after = restart_after
+        self._exited: dict[str, float] = {}
+
+    def start(self) -> WorkerPool:
+        import tomli_w
+
+        from hfedmoe.config import to_dict
+
+        self.config_path.write_text(tomli_w.dumps(_toml_safe(to_dict(self.cfg))))
+        for i in range(self.cfg.ingest.workers):
+            self._spawn(f"w{i}")
+        return self
+
+    def _spawn(self, worker: str) -> None:
+        log_file = open(self.dir / f"{worker}.log", "a")  # noqa: SIM115 - the child owns it
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        self.procs[worker] = subprocess.Popen(
+            [sys.executable, "-m", "hfedmoe.cli", "ingest", "--config", str(self.config_path),
+             "--worker", worker], stdout=log_file, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True)
+        log_file.close()
+        log.info("ingest worker %s started (pid %d)", worker, self.procs[worker].pid)
+
+    def check(self) -> None:
+        """Restart workers that exited (after ``restart_after`` seconds)."""
+        now = time.monotonic()
+        for worker, proc in list(self.procs.items()):
+            if proc.poll() is None:
+                continue
+            first = self._exited.setdefault(worker, now)
+            if now - first >= self.restart_after:
+                log.warning("ingest worker %s exited with %s; restarting", worker,
+                            proc.returncode)
+                del self._exited[worker]
+                self.restarts += 1
+                self._spawn(worker)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+def _toml_safe(value: Any) -> Any:
+    """TOML has no null: drop None values (the config's defaults stand in for them)."""
+    if isinstance(value, dict):
+        return {k: _toml_safe(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_toml_safe(v) for v in value]
+    return value
+
+
+# --- CLI -----------------------------------------------------------------------------------------
+
+
+def register(sub: Any) -> None:
+    from hfedmoe.cli import add_config_args
+
+    s = sub.add_parser("ingest", help="an ingest worker (sharded ingestion; the server starts "
+                                      "them when ingest.workers > 0)")
+    add_config_args(s)
+    s.add_argument("--worker", required=True, help="this worker's id (w0, w1, ...)")
+    s.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    import torch
+
+    from hfedmoe.config import load_config
+    from hfedmoe.data import load_task
+    from hfedmoe.models.registry import build_model
+    from hfedmoe.transport.mqtt import MqttTransport
+
+    cfg = load_config(ServerConfig, args.config, args.overrides)
+    torch.set_num_threads(1)
+    task = load_task(cfg.data)
+    model = build_model(cfg.model, cfg.data.task, task.num_labels)
+    worker = check_id(args.worker, "worker id")
+    from hfedmoe.transport.topics import Topics
+
+    # a client id of its own per process: a restarted pool's worker never kicks an old one
+    transport = MqttTransport(cfg.transport, f"server-{cfg.run_id}-ingest-{worker}-{os.getpid()}",
+                              Topics(cfg.run_id).ingest_status(worker), persistent=False)
+    ingest = IngestWorker(cfg, transport, model, worker)
+
+    def stop(*_: Any) -> None:
+        ingest.stop_requested = True
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        ingest.serve()
+    finally:
+        ingest.close()
+        transport.close()
+    return 0

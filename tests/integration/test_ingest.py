@@ -1,0 +1,85 @@
+"""Sharded ingestion on a real Mosquitto: two ``hfedmoe ingest`` workers share the update
+topics through an MQTT 5 shared subscription, each validates, spools and partially aggregates;
+the coordinator merges the partial aggregates at round close. One worker is SIGKILLed in the
+middle of a round: everything it acknowledged still counts, and the pool restarts it."""
+
+from __future__ import annotations
+
+import re
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+
+from server.swarm import SwarmConfig, run_swarm
+from tests.integration.conftest import SMALL, merge, metrics, spawn, stop, wait_for
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+N = 60
+
+
+def _workers(server_pid: int) -> list[psutil.Process]:
+    return [p for p in psutil.Process(server_pid).children(recursive=True)
+            if "ingest" in " ".join(p.cmdline())]
+
+
+def test_two_workers_one_killed_mid_round(tmp_path, mosquitto):
+    run_id = "sharded"
+    run_dir = tmp_path / "run"
+    cfg = merge(SMALL, {"run_id": run_id, "run_dir": str(run_dir),
+                        "max_eval_examples": 16, "eval_batch_size": 16,
+                        "train": {"adapter": "lora", "lora_rank": 4},
+                        "transport": {"url": mosquitto, "keepalive": 10, "protocol": "5"},
+                        "ingest": {"workers": 2, "partial_timeout_s": 20.0},
+                        "rounds": {"rounds": 2, "min_devices": N, "fraction": 1.0,
+                                   "deadline_s": 60.0, "registration_timeout_s": 90.0}})
+    server = spawn("server", cfg, tmp_path / "server.toml")
+    killed: list[int] = []
+
+    def kill_one_worker() -> None:
+        # round 0 is open once a device saw it; kill a worker while uploads are flowing
+        end = time.monotonic() + 120
+        while time.monotonic() < end and not killed:
+            if (run_dir / "run.db").exists() and len(_workers(server.pid)) == 2 \
+                    and len(list(run_dir.glob("updates/r0/*.bin"))) >= 6:
+                victim = _workers(server.pid)[0]
+                victim.send_signal(signal.SIGKILL)
+                killed.append(victim.pid)
+                return
+            time.sleep(0.05)
+
+    try:
+        wait_for(lambda: len(_workers(server.pid)) == 2, 60, "two ingest workers", [server])
+        killer = threading.Thread(target=kill_one_worker, daemon=True)
+        killer.start()
+        report = run_swarm(SwarmConfig(
+            url=mosquitto, run_id=run_id, devices=N, rounds=2, budgets=(1, 2),
+            train_s=(0.5, 3.0), ack_timeout_s=3.0, timeout_s=200.0, keep_uploads=True,
+            config=str(tmp_path / "server.toml")))
+        killer.join(5)
+        wait_for(lambda: len(metrics(run_dir)) >= 3, 90, "two rounds closed", [server])
+    finally:
+        stop(server)
+    assert killed, "no worker was killed"
+    log = (tmp_path / "server.log").read_text()
+    assert "exited with -9; restarting" in log  # the pool started it again
+    rows = [r for r in metrics(run_dir) if r.get("phase") == "round"]
+    assert [r["round"] for r in rows] == [0, 1]
+    uploads = report["ingest"]
+    assert uploads["sent"] == 2 * N
+    for row in rows:
+        acked = {u["device"] for u in report["uploads"]
+                 if u["round"] == row["round"] and u["status"] == "accepted"}
+        # every acknowledged update is in the round's aggregate, counted once
+        assert row["accepted"] == len(acked) > 0
+        assert set(row["devices"]) == acked
+        assert row["rejected"] == 0
+    # the surviving worker wrote partial aggregates with updates in them
+    logs = "".join((run_dir / "ingest" / f"w{i}.log").read_text() for i in range(2))
+    assert re.search(r"round 1 closed with [1-9]", logs)
+    # the killed worker had acknowledged updates (the broker deals round-robin and six were
+    # spooled): the coordinator read them back from the spool
+    assert "read back from the spool" in log

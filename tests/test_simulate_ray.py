@@ -1,0 +1,131 @@
+"""``hfedmoe simulate --backend ray``: the devices train in parallel on Ray actors and the run
+gives the sequential backend's rows; a device's round does not depend on the devices trained
+before it; without Ray the backend fails with a typed error that names the extra."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from hfedmoe.config import from_dict
+
+PROFILES = ["phone-midrange-6gb", "jetson-orin-nano-8gb", "raspberry-pi-5-8gb"]
+TIMING = {"time", "wall_s", "round_s", "aggregation_s"}  # measured: differ from run to run
+
+
+def _cfg(run_dir):
+    from server.config import ServerConfig
+
+    # fedmoe: budgets, and the assignment pass a device runs on its first round
+    return from_dict(ServerConfig, {
+        "run_dir": str(run_dir), "max_eval_examples": 16,
+        "model": {"num_experts": 2, "top_k": 1, "max_length": 32},
+        "train": {"batch_size": 8, "max_steps": 2, "threads": 1},
+        "rounds": {"rounds": 2, "train_time_s": 5.0, "fraction": 1.0},
+        "method": {"strategy": "fedmoe"}})
+
+
+@pytest.fixture(scope="module")
+def calibration(minilm_available, tmp_path_factory):
+    """One host probe and cost measurement for every run here: budgets are decided from these
+    timings, so runs compared with each other must share them."""
+    if not minilm_available:
+        pytest.skip("assets extra not installed")
+    from server.simulate import calibrate
+
+    return calibrate(_cfg(tmp_path_factory.mktemp("cal")), measure_repeats=1)
+
+
+def _bytes_free(row: dict) -> dict:
+    """A row without its timings and update sizes: every update's JSON header carries the
+    device's measured seconds, so its size may move by the header's 8-byte alignment."""
+    out = {k: v for k, v in row.items() if k not in TIMING | {"bytes_in"}}
+    if "held" in out:
+        out["held"] = {c: {k: v for k, v in h.items() if k != "bytes"}
+                       for c, h in out["held"].items()}
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ray_backend_gives_the_sequential_rows(tmp_path, calibration):
+    ray = pytest.importorskip("ray")
+    from hfedmoe.cli import main
+    from server.simulate import simulate
+
+    seq = simulate(_cfg(tmp_path / "seq"), 3, PROFILES, calibration=calibration)
+    try:
+        par = simulate(_cfg(tmp_path / "ray"), 3, PROFILES, calibration=calibration,
+                       backend="ray", ray_workers=2)
+        assert not ray.is_initialized()  # the local Ray it started is shut down
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    assert [r["round"] for r in par] == [-1, 0, 1]
+    assert all(r["accepted"] == 3 for r in par[1:])
+    for a, b in zip(seq, par, strict=True):
+        assert _bytes_free(a) == _bytes_free(b), a["round"]
+        if a["phase"] == "round":
+            assert abs(a["bytes_in"] - b["bytes_in"]) <= 8 * len(a["held"])
+            for c, h in a["held"].items():
+                assert abs(h["bytes"] - b["held"][c]["bytes"]) <= 8, c
+    run_dir = tmp_path / "ray"
+    assert (run_dir / "metrics.jsonl").is_file() and (run_dir / "run.db").is_file()
+    assert main(["report", str(run_dir)]) == 0
+    assert "Held-out evaluation" in (run_dir / "report.html").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_devices_round_does_not_depend_on_the_devices_before_it(tmp_path, calibration):
+    """The sequential backend trains the devices in reverse order, after the process's random
+    state was moved: every device sends the same update."""
+    from device_agent.costs import decide_budget, steps_per_round
+    from device_agent.profiles import load_profile
+    from hfedmoe.data import load_task
+    from hfedmoe.models.registry import build_model
+    from hfedmoe.strategies import get_strategy
+    from hfedmoe.wire import decode, spec_from_state
+    from server.simulate import DeviceJob, SequentialBackend
+
+    cfg = _cfg(tmp_path / "sim")
+    task = load_task(cfg.data)
+    shards = task.client_datasets(len(PROFILES))
+    torch.manual_seed(cfg.rounds.seed)
+    model = build_model(cfg.model, cfg.data.task, task.num_labels)
+    strategy = get_strategy(cfg.method.strategy, cfg.method)
+    state, spec = model.state(), spec_from_state(model.state())
+    jobs = []
+    for i, name in enumerate(PROFILES):
+        steps = steps_per_round(len(shards[i]), cfg.train.batch_size, 1, cfg.train.max_steps)
+        budget = decide_budget(load_profile(name), calibration.costs.cost,
+                               cfg.rounds.train_time_s, steps, host=calibration.host,
+                               routing_batches=min(cfg.train.selection_batches, steps))
+        jobs.append(DeviceJob(i, f"d{i}", budget, None))
+    backend = SequentialBackend(model, shards, cfg, strategy)
+    forward = {o.index: o for o in backend.run(0, state, "base", jobs)}
+    torch.manual_seed(1234)
+    torch.rand(1000)
+    backward = {o.index: o for o in backend.run(0, state, "base", jobs[::-1])}
+    for i, job in enumerate(jobs):
+        a, b = forward[i], backward[i]
+        assert a.assignment == b.assignment and a.usage == b.usage
+        assert _bytes_free({"held": {0: a.held}}) == _bytes_free({"held": {0: b.held}})
+        da = decode(a.blob, spec, cfg.wire, round_idx=0, client_id=job.device_id).deltas
+        db = decode(b.blob, spec, cfg.wire, round_idx=0, client_id=job.device_id).deltas
+        assert da.keys() == db.keys() and all(torch.equal(da[k], db[k]) for k in da), i
+
+
+def test_backend_ray_without_ray_names_the_extra(tmp_path, monkeypatch, capsys):
+    from hfedmoe.cli import main
+    from hfedmoe.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails
+    run_dir = tmp_path / "sim"
+    code = main(["simulate", "--backend", "ray", "--devices", "2", "--run-dir", str(run_dir)])
+    err = capsys.readouterr().err
+    assert code == ConfigError.exit_code and "ConfigError" in err
+    assert 'pip install "hfedmoe[ray]"' in err
+    assert not (run_dir / "metrics.jsonl").exists()  # failed before any work
