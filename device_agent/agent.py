@@ -30,6 +30,7 @@ from hfedmoe.config import (
     TrainConfig,
     from_dict,
 )
+from hfedmoe.eligibility import EligibilityConfig, check, combine, read_conditions
 from hfedmoe.errors import ConfigError, HFedMoEError, TransportError
 from hfedmoe.modelsync import ModelManifest, ShardCache, manifest_hash
 from hfedmoe.transport.base import Message, Transport
@@ -79,6 +80,8 @@ class AgentConfig:
     matmul_seconds: float = 0.5
     max_rounds: int = 0
     runtime: Literal["eager", "executorch"] = "eager"
+    conditions_file: str = ""  # emulated battery/charging/temperature/metered/idle (JSON)
+    eligibility: EligibilityConfig = field(default_factory=EligibilityConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -104,6 +107,14 @@ class AgentStopped(Exception):
     """Raised inside training when SIGTERM asked the agent to stop."""
 
 
+class ConditionsBroke(Exception):
+    """Raised inside training when the device stopped being eligible and drops its work."""
+
+    def __init__(self, reasons: list[str]) -> None:
+        super().__init__("; ".join(reasons))
+        self.reasons = reasons
+
+
 class DeviceAgent:
     """One device taking part in a federated run."""
 
@@ -127,6 +138,11 @@ class DeviceAgent:
         self.receivers: list[BlobReceiver] = []  # open model-shard transfers
         self.registered = False
         self._whole_max = 0  # the announcement's whole_max_bytes
+        self._rules = cfg.eligibility  # the round's rules (the server's and this device's)
+        self._checked_at = -1e9  # last eligibility check (clock)
+        self._eligible: tuple[int, tuple[str, ...]] | None = None  # (round, reasons) reported
+        self._round_idx: int | None = None
+        self._break: list[str] | None = None  # reasons conditions broke mid-round ("send")
 
     # --- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -296,7 +312,44 @@ class DeviceAgent:
         join = (self.cfg.device_id in ann.get("participants", [])
                 and ann.get("round", -1) > self.local.get("last_round", -1)
                 and ann.get("deadline", 0) > self.clock())
-        return join and self._within_privacy_budget(ann)
+        return join and self._within_privacy_budget(ann) and self._eligible_now(ann)
+
+    def _eligible_now(self, ann: dict[str, Any]) -> bool:
+        """The round's eligibility rules hold now (checked every ``check_every_s`` while the
+        round is open: a device that was plugged in meanwhile joins late). The server hears
+        of every change."""
+        try:
+            server = from_dict(EligibilityConfig, ann.get("eligibility") or {})
+        except HFedMoEError:
+            server = EligibilityConfig()
+        self._rules = combine(server, self.cfg.eligibility)
+        now = self.clock()
+        last = self._eligible
+        if last is not None and last[0] == ann.get("round") and last[1] \
+                and now - self._checked_at < self._rules.check_every_s:
+            return False
+        self._checked_at = now
+        cond = read_conditions(self.cfg.conditions_file)
+        reasons = tuple(check(cond, self._rules))
+        if last != (ann.get("round"), reasons):
+            self._eligible = (ann.get("round"), reasons)
+            self._report_eligibility(ann.get("round"), list(reasons), cond.to_dict())
+            if reasons:
+                log.warning("%s: sits out round %s: %s", self.cfg.device_id, ann.get("round"),
+                            "; ".join(reasons))
+        return not reasons
+
+    def _report_eligibility(self, round_idx: Any, reasons: list[str],
+                            conditions: dict[str, Any], during_round: bool = False,
+                            sending: bool = False) -> None:
+        body = {"state": "online", "eligible": not reasons, "reasons": reasons,
+                "conditions": conditions, "round": round_idx, "during_round": during_round,
+                "sending": sending}
+        try:
+            self.transport.publish(self.topics.status(self.cfg.device_id),
+                                   json.dumps(body).encode(), retain=True)
+        except TransportError as exc:
+            log.warning("%s: cannot report eligibility: %s", self.cfg.device_id, exc)
 
     def _within_privacy_budget(self, ann: dict[str, Any]) -> bool:
         """One more noised update must keep this device within ``method.dp_max_epsilon``;
@@ -360,6 +413,7 @@ class DeviceAgent:
         from hfedmoe.strategies import get_strategy
 
         round_idx = int(ann["round"])
+        self._round_idx = round_idx
         deadline = float(ann["deadline"])
         t0 = self.clock()
         manifest = ModelManifest.from_dict(ann["model"])
@@ -397,27 +451,36 @@ class DeviceAgent:
                      round_idx, self.budget.c_budget, self.budget.limit, train_window)
             from device_agent.costs import make_planner
 
-            result = train_round(
-                self.model, self.data, strategy=strategy, budget=self.budget.c_budget,
-                train_cfg=train, method_cfg=method, run_id=self.cfg.run_id,
-                round_idx=round_idx, client_id=self.cfg.device_id, max_length=max_length,
-                deadline_s=max(train_window, 0.0), assignment=assignment,
-                base_hash=manifest.state_hash, on_step=self._on_step,
-                planner=make_planner(self.budget, enforce=strategy.uses_budget),
-                runtime=self.cfg.runtime)
+            try:
+                result = train_round(
+                    self.model, self.data, strategy=strategy, budget=self.budget.c_budget,
+                    train_cfg=train, method_cfg=method, run_id=self.cfg.run_id,
+                    round_idx=round_idx, client_id=self.cfg.device_id, max_length=max_length,
+                    deadline_s=max(train_window, 0.0), assignment=assignment,
+                    base_hash=manifest.state_hash, on_step=self._on_step,
+                    planner=make_planner(self.budget, enforce=strategy.uses_budget),
+                    runtime=self.cfg.runtime)
+            except ConditionsBroke as exc:  # on_break = "drop": nothing leaves the device
+                self._skip_round(round_idx, exc.reasons)
+                return
             update = dataclasses.replace(result.update, meta={
                 **result.update.meta, "budget_limit": self.budget.limit,
                 "budget_reason": self.budget.reason,
                 "predicted_step_s": (result.plan or {}).get("step_seconds",
                                                              self.budget.step_seconds),
-                "emulated": self.report.emulated, "bytes_down": down})
+                "emulated": self.report.emulated, "bytes_down": down,
+                **({"upload_prev": self.local["last_upload"]}
+                   if self.local.get("last_upload") else {})})
             blob = encode(update, method.tau, self.cfg.wire)
             if method.dp_noise_multiplier > 0:  # a noised update is about to leave the device
                 self.local["dp_rounds"] = int(self.local.get("dp_rounds", 0)) + 1
                 _atomic_write(self.state_path, json.dumps(self.local).encode())
             _atomic_write(pending, blob)
         self._whole_max = int(ann.get("whole_max_bytes", 0) or 0)
+        up0 = self.clock()
         status = self.send_update(round_idx, blob, deadline)
+        self.local["last_upload"] = {"round": round_idx, "seconds": round(self.clock() - up0, 3),
+                                     "bytes": len(blob), "status": status}
         if result is not None and result.steps:
             self._watch(result)
         pending.unlink(missing_ok=True)
@@ -436,6 +499,16 @@ class DeviceAgent:
         log.info("%s: round %d %s: %s", self.cfg.device_id, round_idx, status,
                  ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in row.items() if k not in ("round", "status")))
+
+    def _skip_round(self, round_idx: int, reasons: list[str]) -> None:
+        """Conditions broke mid-round with ``on_break = "drop"``: the round is over for this
+        device (its status already says why)."""
+        self.local["last_round"] = round_idx
+        _atomic_write(self.state_path, json.dumps(self.local).encode())
+        self.rounds_done += 1
+        with open(self.dir / "agent.jsonl", "a") as fh:
+            fh.write(json.dumps({"round": round_idx, "status": "dropped",
+                                 "reasons": reasons}) + "\n")
 
     def _watch(self, result: Any) -> None:
         """Re-measure when the device changed: memory pressure, throttling, drifting steps."""
@@ -500,6 +573,24 @@ class DeviceAgent:
         if self.stop_requested:
             raise AgentStopped
         self.transport.pump(timeout=0)  # keep acks and announcements flowing during training
+        now = self.clock()
+        if now - self._checked_at >= self._rules.check_every_s:
+            self._checked_at = now
+            cond = read_conditions(self.cfg.conditions_file)
+            reasons = check(cond, self._rules)
+            if reasons:
+                log.warning("%s: conditions broke during round %s (%s): %s the partial work",
+                            self.cfg.device_id, self._round_idx, "; ".join(reasons),
+                            "sending" if self._rules.on_break == "send" else "dropping")
+                self._eligible = (self._round_idx, tuple(reasons))
+                self._report_eligibility(self._round_idx, reasons, cond.to_dict(),
+                                         during_round=True,
+                                         sending=self._rules.on_break == "send")
+                if self._rules.on_break == "drop":
+                    raise ConditionsBroke(reasons)
+                from device_agent.train import StopTraining
+
+                raise StopTraining("; ".join(reasons))
         if sys.stderr.isatty() and info["step"] % 5 == 0:
             print(f"\r{self.cfg.device_id} step {info['step']} loss {info['loss']:.3f} "
                   f"experts {info['experts']}/{info['budget']} "

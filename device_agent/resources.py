@@ -242,3 +242,16 @@ def _rss() -> int | None:
         return int(psutil.Process().memory_info().rss)
     except Exception:  # noqa: BLE001 - an unavailable probe is not fatal
         return None
+
+
+def probe_battery_temperature(root: Path = Path("/")) -> tuple[float | None, bool | None,
+                                                              float | None]:
+    """(battery %, charging, hottest temperature in deg C) now, each None when unreadable;
+    cheap enough to call every few seconds during training (eligibility checks)."""
+    log = pr.ProbeLog()
+    battery = _first(log, [("psutil.sensors_battery", _psutil_battery),
+                           ("sysfs_battery", lambda: pr.sysfs_battery(root))]) or {}
+    temps = _first(log, [("thermal_zones", lambda: pr.thermal_zones(root)),
+                         ("psutil.sensors_temperatures", _psutil_temperatures)])
+    return (battery.get("percent"), battery.get("plugged"),
+            max(temps.values()) if temps else None)

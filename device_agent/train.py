@@ -30,9 +30,10 @@ sets; its ``meta`` says what the round held (budget, plan, experts with optimize
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -53,6 +54,67 @@ from hfedmoe.strategies import Strategy
 from hfedmoe.update import SparseUpdate
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+class StopTraining(Exception):
+    """Raised by an ``on_step`` callback to end the round after the current step and send
+    what trained (e.g. the device's conditions broke: eligibility ``on_break = "send"``)."""
+
+
+class PhaseClock:
+    """Seconds per phase of a step; on CUDA each lap waits for the device's queued work."""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.cuda = torch.device(device).type == "cuda"
+        self.t = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self.t
+        self.t = now
+
+
+def latency_summary(phases: Sequence[Mapping[str, float]], step_seconds: Sequence[float],
+                    routing_s: float, peak_rss_mib: float | None = None,
+                    device_peak_mib: float | None = None) -> dict[str, Any]:
+    """The compact per-round timing summary a device sends with its update: per phase the
+    median, p90 and total over the round's steps (seconds), the routing/selection pass, and
+    peak memory. A field trial's latency table is built from these."""
+    out: dict[str, Any] = {"steps": len(step_seconds), "routing_s": round(routing_s, 6)}
+    series = {"step": list(step_seconds)}
+    for name in ("forward", "backward", "optimizer"):
+        vals = [p[name] for p in phases if name in p]
+        if vals:
+            series[name] = vals
+    for name, vals in series.items():
+        if vals:
+            ordered = sorted(vals)
+            out[name] = {"median": round(statistics.median(ordered), 6),
+                         "p90": round(ordered[min(len(ordered) - 1,
+                                                  int(0.9 * (len(ordered) - 1) + 0.5))], 6),
+                         "total": round(sum(ordered), 6)}
+    if peak_rss_mib is not None:
+        out["peak_rss_mib"] = round(peak_rss_mib, 1)
+    if device_peak_mib is not None:
+        out["device_peak_mib"] = round(device_peak_mib, 1)
+    return out
+
+
+def _peak_memory(device: torch.device) -> tuple[float | None, float | None]:
+    """(peak RSS of this process, peak CUDA allocation) in MiB, where they can be read."""
+    rss = None
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    except (ImportError, OSError):
+        pass
+    dev = (torch.cuda.max_memory_allocated(device) / 2**20
+           if torch.device(device).type == "cuda" else None)
+    return rss, dev
+
 
 @dataclass
 class RoundResult:
@@ -205,6 +267,7 @@ class EagerTrainer:
         self.trained: set[ExpertId] = set()  # active experts that received a gradient
         self.steps = 0
         self.max_state_experts = 0
+        self.phases: list[dict[str, float]] = []  # per step: forward/backward/optimizer seconds
 
     def _tensors(self, e: ExpertId) -> list[torch.Tensor]:
         """What of expert ``e`` may train: its parameters, and its LoRA factors if any."""
@@ -230,14 +293,19 @@ class EagerTrainer:
             self.optimizer.add_param_group({"params": fresh})  # the defaults: cfg.lr
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
+        tick = PhaseClock(self.device)
         batch = _to(batch, self.device)
         mask = batch["attention_mask"]
         with autocast_for(self.cfg, self.device), self.model.capture(mask) as cap:
             loss = self.model.module(**batch).loss
+        tick.lap("forward")
         loss.backward()
+        tick.lap("backward")
         got_grad = {e for e in self.active if any(p.grad is not None for p in self._tensors(e))}
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        tick.lap("optimizer")
+        self.phases.append(tick.laps)
         self.trained |= got_grad
         self.acc.add(compute_batch_stats(cap.scores, cap.routed, self.mcfg), got_grad,
                      expert_rows=cap.expert_rows, batch_rows=mask.numel())
@@ -370,6 +438,7 @@ def train_round(model: MoEModel, data: TextDataset | PairDataset, *, strategy: S
     stopped_by = ("plan" if len(batches) < min(len(available), train_cfg.max_steps or 10**9)
                   else "max_steps" if len(batches) < len(available) else "data")
     step_time = 0.0
+    step_seconds: list[float] = []
     device = trainer.device
     for idx in batches:
         if deadline_s is not None and losses and clock() - start + step_time > deadline_s:
@@ -377,6 +446,7 @@ def train_round(model: MoEModel, data: TextDataset | PairDataset, *, strategy: S
             break
         t0 = clock()
         batch = collate(data, idx, model.tokenizer, max_length)
+        step_seconds.append(0.0)
         if per_batch:
             trainer.set_active(_reselect(model, batch, strategy, budget, mcfg, train_cfg,
                                          union, device))
@@ -386,19 +456,26 @@ def train_round(model: MoEModel, data: TextDataset | PairDataset, *, strategy: S
         examples += len(idx)
         tokens += int(batch["attention_mask"].sum())
         dt = clock() - t0
+        step_seconds[-1] = dt
         step_time = dt if len(losses) == 1 else 0.8 * step_time + 0.2 * dt  # smoothed
         if on_step is not None:
-            on_step({"step": len(losses), "loss": losses[-1], "experts": len(trainer.active),
-                     "budget": budget, "tokens_per_s": int(batch["attention_mask"].sum())
-                     / max(dt, 1e-9), "elapsed": clock() - start})
+            try:
+                on_step({"step": len(losses), "loss": losses[-1], "experts": len(trainer.active),
+                         "budget": budget, "tokens_per_s": int(batch["attention_mask"].sum())
+                         / max(dt, 1e-9), "elapsed": clock() - start})
+            except StopTraining:
+                stopped_by = "conditions"
+                break
     deltas = trainer.deltas()
     train_stats = trainer.acc.result() if trainer.acc.num_batches else stats
     updated = frozenset(trainer.trained)
+    latency = latency_summary(trainer.phases, step_seconds[:len(losses)], routing_s,
+                              *_peak_memory(device))
     return _finish(model, deltas, train_stats, updated, len(data), examples, tokens, losses,
                    selections, stopped_by, budget, mcfg, run_id, round_idx, client_id,
                    base_hash, clock, start, tuple(ranked), trainer.max_state_experts,
                    routing_s, plan, {"runtime": "eager", "reselect": train_cfg.reselect,
-                                     "ib_vs_importance": disagreement})
+                                     "ib_vs_importance": disagreement, "latency": latency})
 
 
 def _reselect(model: MoEModel, batch: dict[str, torch.Tensor], strategy: Strategy, budget: int,
@@ -441,6 +518,7 @@ def _train_executorch(model: MoEModel, data: TextDataset | PairDataset, batches:
     encoded = [collate(data, idx, model.tokenizer, max_length, pad_to_max_length=True)
                for idx in batches]
     losses: list[float] = []
+    step_seconds: list[float] = []
     stopped_by = "data"
     deltas: dict[str, torch.Tensor] = {}
     if chosen and encoded:
@@ -455,6 +533,7 @@ def _train_executorch(model: MoEModel, data: TextDataset | PairDataset, batches:
             t0 = clock()
             losses.append(trainer.step(batch))
             step_time = clock() - t0
+            step_seconds.append(step_time)
         deltas = trainer.deltas()
         model.load_state({k: model.parameter(k).detach() + d for k, d in deltas.items()
                            if split_factor_key(k) is None})
@@ -464,7 +543,10 @@ def _train_executorch(model: MoEModel, data: TextDataset | PairDataset, batches:
                    tokens, losses, [sorted(map(str, chosen))] * len(losses), stopped_by, bucket,
                    mcfg, run_id, round_idx, client_id, base_hash, clock, start, tuple(ranked),
                    len(updated), routing_s, plan, {"runtime": "executorch", "bucket": bucket,
-                                                    "ib_vs_importance": disagreement})
+                                                    "ib_vs_importance": disagreement,
+                                                    "latency": latency_summary(
+                                                        [], step_seconds, routing_s,
+                                                        *_peak_memory(torch.device("cpu")))})
 
 
 def _finish(model: MoEModel, deltas: dict[str, torch.Tensor], stats: RoundStats | None,

@@ -12,6 +12,7 @@ from hfedmoe.config import (
     TrainConfig,
     check_quantize_adapter,
 )
+from hfedmoe.eligibility import EligibilityConfig
 from hfedmoe.errors import ConfigError
 from hfedmoe.transport.config import TransportConfig
 from hfedmoe.transport.topics import check_id
@@ -190,6 +191,7 @@ class ServerConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
+    eligibility: EligibilityConfig = field(default_factory=EligibilityConfig)
 
     def __post_init__(self) -> None:
         check_id(self.run_id, "run id")

@@ -85,6 +85,7 @@ class RoundState:
     bytes_out: int = 0
     started: float = field(default_factory=time.time)
     usage: dict[str, Any] = field(default_factory=dict)  # client -> u_c(e), for the signals
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # participant -> why it sat out
     disagreement: dict[str, float] = field(default_factory=dict)
 
 
@@ -131,6 +132,8 @@ class Coordinator:
         self._prom = _Prometheus(cfg.prometheus_port)
         self.on_tick: Callable[[], None] | None = None  # e.g. restarting ingest workers
         self.workers_online: set[str] = set()  # ingest workers (sharded ingestion)
+        # device -> its latest eligibility report (eligible, reasons, conditions, round, at)
+        self.eligibility: dict[str, dict[str, Any]] = {}
         self.partials: dict[tuple[int, str], dict[str, Any]] = {}  # (round, worker) -> notice
         self._registrations: dict[str, tuple[str, dict[str, Any], int]] = {}
         self._declared: dict[str, int | None] | None = None  # local_examples per device
@@ -256,6 +259,7 @@ class Coordinator:
                 "train": _jsonable(self.cfg.train), "max_length": self.cfg.model.max_length,
                 "participants": participants,
                 "whole_max_bytes": self.cfg.transport.chunk_size,
+                "eligibility": self.cfg.eligibility.to_dict(),
                 "budgets": {d: devices.get(d, {}).get("budget", 0) for d in participants},
                 "model": manifest.to_dict()})
         self._prom.set_round(round_idx)
@@ -311,6 +315,7 @@ class Coordinator:
             "held": {p["client"]: {k: v for k, v in p.items() if k not in ("round", "client")}
                      for p in self.store.participation(r.round_idx)},
             "dense_bytes": self.dense_bytes * len(r.accepted),
+            "skipped": dict(r.skipped),
             "signals": round_signals({c: rep.to_dict() for c, rep in report.items()}, r.usage,
                                      r.disagreement, self.cfg.method.tau),
         }
@@ -406,11 +411,36 @@ class Coordinator:
     def _on_status(self, message: Message) -> None:
         device = self.topics.parse(message.topic)[-1]
         try:
-            state = json.loads(message.payload).get("state")
+            body = json.loads(message.payload)
+            state = body.get("state")
         except (ValueError, AttributeError):
             return
-        if state in ("online", "offline") and device in self.store.devices():
+        if device not in self.store.devices():
+            return
+        if state in ("online", "offline"):
             self.store.set_device_status(device, state)
+        if "eligible" in body and len(message.payload) <= 64 << 10:
+            self._on_eligibility(device, body)
+
+    def _on_eligibility(self, device: str, body: dict[str, Any]) -> None:
+        """A device's eligibility report: kept for the dashboard; a participant that is not
+        eligible sits the round out (the round stops waiting for it) and the skip is
+        recorded with its reasons."""
+        reasons = [str(x)[:200] for x in body.get("reasons") or []][:10]
+        conditions = body.get("conditions") if isinstance(body.get("conditions"), dict) else {}
+        round_idx = body.get("round")
+        self.eligibility[device] = {"eligible": bool(body["eligible"]), "reasons": reasons,
+                                    "conditions": conditions, "round": round_idx,
+                                    "at": self.clock()}
+        r = self.round
+        if body["eligible"] or body.get("sending") or r is None or round_idx != r.round_idx \
+                or device not in r.participants or device in r.accepted:
+            return  # a device whose conditions broke mid-round but sends its partial work
+        r.skipped[device] = reasons
+        r.refused.add(device)
+        self.store.record_skip(r.round_idx, device, reasons, conditions,
+                               bool(body.get("during_round")))
+        log.info("%s sits round %d out: %s", device, r.round_idx, "; ".join(reasons))
 
     def _on_fetch(self, message: Message) -> None:
         parts = self.topics.parse(message.topic)  # update/{device}/fetch/{sha}
@@ -576,6 +606,7 @@ class Coordinator:
             round_idx, device, budget, len(experts_in(update)),
             int(state) if isinstance(state, int) and not isinstance(state, bool) else -1,
             {"bytes": nbytes, "steps": meta.get("steps"), "selected": meta.get("selected"),
+             "latency": _latency(meta), "stopped_by": meta.get("stopped_by"),
              "limit": plan.get("limit") or meta.get("budget_limit"),
              "reason": plan.get("reason") or meta.get("budget_reason"),
              "budget_limit": meta.get("budget_limit")})
@@ -750,6 +781,17 @@ class _Prometheus:
 
 
 __all__ = ["Coordinator", "UnknownClientError"]
+
+
+def _latency(meta: Any) -> dict[str, Any] | None:
+    """The device's per-round timing summary and its previous upload, bounded in size."""
+    lat = meta.get("latency")
+    if not isinstance(lat, dict) or len(json.dumps(lat)) > 4096:
+        return None
+    prev = meta.get("upload_prev")
+    if isinstance(prev, dict) and len(json.dumps(prev)) <= 512:
+        lat = {**lat, "upload_prev": prev}
+    return lat
 
 
 def _json_field(payload: bytes, key: str) -> Any:

@@ -9,9 +9,11 @@ the experts each device trained, and accepted/rejected/late counts.
 from __future__ import annotations
 
 import base64
+import csv
 import html
 import io
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -132,10 +134,15 @@ def write_report(run_dir: str | Path) -> Path:
     rows = read_metrics(run_dir)
     store = Store(run_dir)
     try:
-        devices = store.devices()
+        devices = dict(store.devices())
         rejections = store.rejections()
+        participation = store.participation()
+        skips = store.skips()
     finally:
         store.close()
+    latency_rows = latency_table(participation, devices)
+    if latency_rows:
+        write_latency_csv(latency_rows, run_dir / "latency.csv")
     plots = _plots(rows, devices)
     round_cols = ["round", "participants", "accepted", "rejected", "late", "experts_updated",
                   "bytes_in", "dense_bytes", "bytes_out", "aggregation_s", "round_s", "accuracy", "loss",
@@ -184,6 +191,30 @@ def write_report(run_dir: str | Path) -> Path:
                   "counts every update it sent). A device whose next update would pass the "
                   "limit sits the round out.</p>",
                   _table(privacy, list(privacy[0]))]
+    if latency_rows:
+        parts += ["<h2>Step latency on the devices</h2>",
+                  "<p>What each device measured while it trained (seconds per local step; "
+                  "forward, backward and optimizer are parts of a step; routing is the "
+                  "selection pass; upload is from sending the update to the server's ack). "
+                  "Per device and per device class: the median over rounds of each round's "
+                  "median, the median of the rounds' p90, and the spread (fastest to slowest "
+                  "round median). Every round of every device: "
+                  "<a href='latency.csv'>latency.csv</a>.</p>",
+                  "<h3>Per device class</h3>",
+                  _table(latency_summary_rows(latency_rows, "class"), LATENCY_COLS["class"]),
+                  "<h3>Per device</h3>",
+                  _table(latency_summary_rows(latency_rows, "device"), LATENCY_COLS["device"])]
+    if skips:
+        parts += ["<h2>Devices that sat rounds out</h2>",
+                  "<p>A participant whose conditions broke the run's eligibility rules "
+                  "(battery, charging, temperature, metered network, user activity) before or "
+                  "during the round.</p>",
+                  _table([{"round": k["round"], "device": k["client"],
+                           "when": "during the round" if k["during_round"] else "before joining",
+                           "reasons": "; ".join(k["reasons"]),
+                           "conditions": ", ".join(f"{a}={b}" for a, b in k["conditions"].items()
+                                                   if b is not None)} for k in skips],
+                         ["round", "device", "when", "reasons", "conditions"])]
     if rejections:
         parts += ["<h2>Rejected messages</h2>", _table(rejections[:200],
                                                        ["round", "client", "error", "reason"])]
@@ -191,3 +222,86 @@ def write_report(run_dir: str | Path) -> Path:
     out = run_dir / "report.html"
     out.write_text("\n".join(parts))
     return out
+
+
+# --- per-device latency (field trials) -----------------------------------------------------------
+
+LATENCY_FIELDS = ["device", "class", "round", "steps", "step_median_s", "step_p90_s",
+                  "forward_median_s", "backward_median_s", "optimizer_median_s", "routing_s",
+                  "upload_s", "peak_rss_mib"]
+LATENCY_COLS = {
+    key: [key, "rounds", "step median ms", "step p90 ms", "spread ms", "forward ms",
+          "backward ms", "optimizer ms", "routing ms", "upload ms", "peak RSS MiB"]
+    for key in ("device", "class")}
+
+
+def device_class(report: dict[str, Any]) -> str:
+    """A device's class: the emulated profile, else its board, else platform and CPU."""
+    if report.get("emulated") and report.get("source"):
+        return str(report["source"])
+    return str(report.get("board") or
+               f"{report.get('platform', '?')} {report.get('cpu_model') or ''}".strip())
+
+
+def latency_table(participation: list[dict[str, Any]],
+                  devices: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per device and round from the timing summaries devices sent with their updates
+    (a round's upload time arrives with the device's next update)."""
+    uploads = {(p["client"], lat["upload_prev"].get("round")): lat["upload_prev"].get("seconds")
+               for p in participation if isinstance(lat := p.get("latency"), dict)
+               and isinstance(lat.get("upload_prev"), dict)}
+    rows = []
+    for p in participation:
+        lat = p.get("latency")
+        if not isinstance(lat, dict) or not isinstance(lat.get("step"), dict):
+            continue
+        device = str(p["client"]).split("~")[0]
+
+        def med(name: str, lat: dict[str, Any] = lat) -> float | None:
+            part = lat.get(name)
+            return part.get("median") if isinstance(part, dict) else None
+
+        rows.append({"device": device,
+                     "class": device_class(devices.get(device, {}).get("report", {})),
+                     "round": p["round"], "steps": lat.get("steps"),
+                     "step_median_s": med("step"), "step_p90_s": lat["step"].get("p90"),
+                     "forward_median_s": med("forward"), "backward_median_s": med("backward"),
+                     "optimizer_median_s": med("optimizer"), "routing_s": lat.get("routing_s"),
+                     "upload_s": uploads.get((device, p["round"])),
+                     "peak_rss_mib": lat.get("peak_rss_mib")})
+    return rows
+
+
+def latency_summary_rows(rows: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    """Per device (``key="device"``) or device class: medians over rounds, p90, spread."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(r[key], []).append(r)
+
+    def ms(values: list[Any]) -> str:
+        vals = [v for v in values if isinstance(v, (int, float))]
+        return f"{1e3 * statistics.median(vals):.1f}" if vals else "-"
+
+    out = []
+    for name, rs in sorted(groups.items()):
+        meds = [r["step_median_s"] for r in rs if isinstance(r["step_median_s"], (int, float))]
+        rss = [r["peak_rss_mib"] for r in rs if isinstance(r["peak_rss_mib"], (int, float))]
+        out.append({key: name, "rounds": len(rs), "step median ms": ms(meds),
+                    "step p90 ms": ms([r["step_p90_s"] for r in rs]),
+                    "spread ms": f"{1e3 * min(meds):.1f}-{1e3 * max(meds):.1f}" if meds else "-",
+                    "forward ms": ms([r["forward_median_s"] for r in rs]),
+                    "backward ms": ms([r["backward_median_s"] for r in rs]),
+                    "optimizer ms": ms([r["optimizer_median_s"] for r in rs]),
+                    "routing ms": ms([r["routing_s"] for r in rs]),
+                    "upload ms": ms([r["upload_s"] for r in rs]),
+                    "peak RSS MiB": f"{max(rss):.0f}" if rss else "-"})
+    return out
+
+
+def write_latency_csv(rows: list[dict[str, Any]], path: Path) -> Path:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=LATENCY_FIELDS)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: "" if r.get(k) is None else r[k] for k in LATENCY_FIELDS})
+    return path

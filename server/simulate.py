@@ -318,8 +318,11 @@ def simulate(cfg: Any, num_devices: int, profiles: list[str], measure_repeats: i
                 usages[d["id"]] = out.usage
                 d["dp_rounds"] += int(cfg.method.dp_noise_multiplier > 0)
                 disagreement[d["id"]] = out.disagreement
+                # the device's step timings (measured on this host) for the latency report;
+                # kept out of the metrics row, which backends must reproduce exactly
                 store.record_participation(r, d["id"], h["budget"], h["experts_sent"],
-                                           h["optimizer_experts"], h)
+                                           h["optimizer_experts"],
+                                           {**h, "latency": update.meta.get("latency")})
             t0 = time.perf_counter()
             report = aggregator.report()
             if held:  # every device may sit out (privacy budgets spent): the model stays

@@ -57,6 +57,10 @@ CREATE TABLE IF NOT EXISTS participation (
     round_idx INTEGER NOT NULL, client_id TEXT NOT NULL, budget INTEGER NOT NULL,
     experts_sent INTEGER NOT NULL, optimizer_experts INTEGER NOT NULL, info TEXT NOT NULL,
     PRIMARY KEY (round_idx, client_id));
+CREATE TABLE IF NOT EXISTS skips (
+    round_idx INTEGER, client_id TEXT NOT NULL, reasons TEXT NOT NULL,
+    conditions TEXT NOT NULL, during_round INTEGER NOT NULL, at REAL NOT NULL,
+    PRIMARY KEY (round_idx, client_id));
 CREATE TABLE IF NOT EXISTS checkpoints (
     round_idx INTEGER PRIMARY KEY, path TEXT NOT NULL, sha256 TEXT NOT NULL,
     created_at REAL NOT NULL);
@@ -274,6 +278,20 @@ class Store:
         self.db.execute("INSERT INTO rejections(round_idx, client_id, error, reason, at) "
                         "VALUES (?, ?, ?, ?, ?)", (round_idx, client_id, error, reason,
                                                    time.time()))
+
+    def record_skip(self, round_idx: int | None, client_id: str, reasons: list[str],
+                    conditions: Mapping[str, Any], during_round: bool = False) -> None:
+        """A device sat a round out (its conditions broke the eligibility rules)."""
+        self.db.execute("INSERT OR REPLACE INTO skips VALUES (?, ?, ?, ?, ?, ?)",
+                        (round_idx, client_id, json.dumps(reasons), json.dumps(conditions),
+                         int(during_round), time.time()))
+
+    def skips(self, round_idx: int | None = None) -> list[dict[str, Any]]:
+        q = "SELECT round_idx, client_id, reasons, conditions, during_round FROM skips"
+        rows = (self.db.execute(q + " WHERE round_idx=? ORDER BY client_id", (round_idx,))
+                if round_idx is not None else self.db.execute(q + " ORDER BY round_idx, client_id"))
+        return [{"round": r[0], "client": r[1], "reasons": json.loads(r[2]),
+                 "conditions": json.loads(r[3]), "during_round": bool(r[4])} for r in rows]
 
     def rejections(self, round_idx: int | None = None) -> list[dict[str, Any]]:
         q = "SELECT round_idx, client_id, error, reason FROM rejections"

@@ -1,0 +1,156 @@
+"""Device eligibility: a device takes part in a round only while its conditions allow it.
+
+Production cross-device FL trains only on devices that are charging or well charged, cool,
+on an unmetered network and idle. The server sets the rules for the run (``[eligibility]`` in
+its config, sent with every round announcement); a device may add stricter ones of its own
+(the agent's ``[eligibility]``): :func:`combine` keeps the stricter of each.
+
+The agent reads :class:`Conditions` before it joins a round and during training. A device that
+does not meet a rule sits the round out and says why (its status message carries
+``eligible: false`` and the reasons, which the server records, shows on the dashboard and puts
+in the report). When conditions break mid-round, ``on_break`` says what happens to the partial
+work: ``"send"`` stops training and sends what trained, ``"drop"`` sends nothing.
+
+A reading the device cannot take (no battery, no thermal sensor, no way to tell a metered
+network or user activity) never blocks it: it is reported as unknown.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from hfedmoe.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class EligibilityConfig:
+    """The conditions under which a device trains.
+
+    Attributes:
+        min_battery_pct: below this battery level a device trains only while charging
+            (0: no minimum).
+        require_charging: train only while charging.
+        max_temperature_c: above this temperature the device is too hot (0: no limit).
+        allow_metered: train on a metered network (mobile data).
+        require_idle: train only while the user is not using the device.
+        on_break: conditions broke mid-round: ``"send"`` what trained so far, or ``"drop"`` it.
+        check_every_s: how often the agent re-reads conditions while training.
+    """
+
+    min_battery_pct: float = 0.0
+    require_charging: bool = False
+    max_temperature_c: float = 0.0
+    allow_metered: bool = True
+    require_idle: bool = False
+    on_break: Literal["send", "drop"] = "send"
+    check_every_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_battery_pct <= 100:
+            raise ConfigError("eligibility.min_battery_pct must be in [0, 100]")
+        if self.max_temperature_c < 0 or self.check_every_s <= 0:
+            raise ConfigError("eligibility.max_temperature_c must be >= 0 and check_every_s > 0")
+        if self.on_break not in ("send", "drop"):
+            raise ConfigError("eligibility.on_break must be 'send' or 'drop'")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def combine(server: EligibilityConfig, device: EligibilityConfig) -> EligibilityConfig:
+    """The stricter of the server's and the device's rules, rule by rule (``on_break`` and
+    ``check_every_s``: the device's own, where a device knows its app best)."""
+    temps = [t for t in (server.max_temperature_c, device.max_temperature_c) if t > 0]
+    return EligibilityConfig(
+        min_battery_pct=max(server.min_battery_pct, device.min_battery_pct),
+        require_charging=server.require_charging or device.require_charging,
+        max_temperature_c=min(temps) if temps else 0.0,
+        allow_metered=server.allow_metered and device.allow_metered,
+        require_idle=server.require_idle or device.require_idle,
+        on_break=device.on_break if device != EligibilityConfig() else server.on_break,
+        check_every_s=min(server.check_every_s, device.check_every_s))
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """What the device reads about itself; None: it cannot tell."""
+
+    battery_pct: float | None = None
+    charging: bool | None = None
+    temperature_c: float | None = None
+    metered: bool | None = None
+    idle: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check(cond: Conditions, rules: EligibilityConfig) -> list[str]:
+    """The reasons ``cond`` breaks ``rules`` (empty: eligible)."""
+    reasons = []
+    if rules.require_charging and cond.charging is False:
+        reasons.append("not charging (the run trains only while charging)")
+    if (rules.min_battery_pct > 0 and cond.battery_pct is not None and cond.charging is not True
+            and cond.battery_pct < rules.min_battery_pct):
+        reasons.append(f"battery {cond.battery_pct:.0f}% < {rules.min_battery_pct:.0f}% and "
+                       f"not charging")
+    if (rules.max_temperature_c > 0 and cond.temperature_c is not None
+            and cond.temperature_c > rules.max_temperature_c):
+        reasons.append(f"too hot: {cond.temperature_c:.1f} C > {rules.max_temperature_c:.1f} C")
+    if not rules.allow_metered and cond.metered is True:
+        reasons.append("on a metered network")
+    if rules.require_idle and cond.idle is False:
+        reasons.append("the device is in use")
+    return reasons
+
+
+# --- reading the conditions ---------------------------------------------------------------------
+
+
+def read_conditions(emulated: str | Path = "") -> Conditions:
+    """The device's conditions now: from ``emulated`` (a JSON file of :class:`Conditions`
+    fields, re-read on every call so a test or an operator can change it mid-round) when
+    given, else from the live probes (battery and temperature as the device report reads
+    them; a metered network from NetworkManager where it runs; idleness is not detectable on
+    a headless device and stays unknown)."""
+    if emulated:
+        try:
+            raw = json.loads(Path(emulated).read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read emulated conditions {emulated}: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{emulated}: conditions must be a JSON object")
+        unknown = set(raw) - set(Conditions.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"{emulated}: unknown condition field(s) {sorted(unknown)}")
+        return Conditions(**raw)
+    battery_pct = charging = temperature = None
+    try:
+        from device_agent.resources import probe_battery_temperature
+
+        battery_pct, charging, temperature = probe_battery_temperature()
+    except ImportError:
+        pass
+    return Conditions(battery_pct, charging, temperature, _metered(), None)
+
+
+def _metered() -> bool | None:
+    """NetworkManager's view of the connection (``GENERAL.METERED``: yes/no/unknown)."""
+    nmcli = shutil.which("nmcli")
+    if nmcli is None:
+        return None
+    try:
+        out = subprocess.run([nmcli, "-t", "-f", "GENERAL.METERED", "dev", "show"],
+                             capture_output=True, text=True, timeout=2).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    values = {line.split(":", 1)[1].split()[0] for line in out.splitlines()
+              if line.startswith("GENERAL.METERED:") and ":" in line and line.split(":", 1)[1]}
+    if "yes" in values:
+        return True
+    return False if values and values <= {"no"} else None
