@@ -138,7 +138,8 @@ class DeviceAgent:
         self.receivers: list[BlobReceiver] = []  # open model-shard transfers
         self.registered = False
         self._whole_max = 0  # the announcement's whole_max_bytes
-        self._rules = cfg.eligibility  # the round's rules (the server's and this device's)
+        # the round's rules (the server's and this device's)
+        self._rules = combine(EligibilityConfig(), cfg.eligibility)
         self._checked_at = -1e9  # last eligibility check (clock)
         self._eligible: tuple[int, tuple[str, ...]] | None = None  # (round, reasons) reported
         self._round_idx: int | None = None

@@ -38,7 +38,8 @@ class EligibilityConfig:
         max_temperature_c: above this temperature the device is too hot (0: no limit).
         allow_metered: train on a metered network (mobile data).
         require_idle: train only while the user is not using the device.
-        on_break: conditions broke mid-round: ``"send"`` what trained so far, or ``"drop"`` it.
+        on_break: conditions broke mid-round: ``"send"`` what trained so far, or ``"drop"`` it
+            (empty: the other side's choice; ``"send"`` when neither says).
         check_every_s: how often the agent re-reads conditions while training.
     """
 
@@ -47,7 +48,7 @@ class EligibilityConfig:
     max_temperature_c: float = 0.0
     allow_metered: bool = True
     require_idle: bool = False
-    on_break: Literal["send", "drop"] = "send"
+    on_break: Literal["send", "drop", ""] = ""
     check_every_s: float = 2.0
 
     def __post_init__(self) -> None:
@@ -55,16 +56,16 @@ class EligibilityConfig:
             raise ConfigError("eligibility.min_battery_pct must be in [0, 100]")
         if self.max_temperature_c < 0 or self.check_every_s <= 0:
             raise ConfigError("eligibility.max_temperature_c must be >= 0 and check_every_s > 0")
-        if self.on_break not in ("send", "drop"):
-            raise ConfigError("eligibility.on_break must be 'send' or 'drop'")
+        if self.on_break not in ("send", "drop", ""):
+            raise ConfigError("eligibility.on_break must be 'send', 'drop' or empty")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def combine(server: EligibilityConfig, device: EligibilityConfig) -> EligibilityConfig:
-    """The stricter of the server's and the device's rules, rule by rule (``on_break`` and
-    ``check_every_s``: the device's own, where a device knows its app best)."""
+    """The stricter of the server's and the device's rules, rule by rule; ``on_break`` is the
+    device's where it sets one (it knows its app best), else the server's, else ``"send"``."""
     temps = [t for t in (server.max_temperature_c, device.max_temperature_c) if t > 0]
     return EligibilityConfig(
         min_battery_pct=max(server.min_battery_pct, device.min_battery_pct),
@@ -72,7 +73,7 @@ def combine(server: EligibilityConfig, device: EligibilityConfig) -> Eligibility
         max_temperature_c=min(temps) if temps else 0.0,
         allow_metered=server.allow_metered and device.allow_metered,
         require_idle=server.require_idle or device.require_idle,
-        on_break=device.on_break if device != EligibilityConfig() else server.on_break,
+        on_break=device.on_break or server.on_break or "send",
         check_every_s=min(server.check_every_s, device.check_every_s))
 
 

@@ -1,8 +1,9 @@
-"""A field trial's eligibility and latency, end to end over a real Mosquitto: four agents
+"""A field trial's eligibility and latency, end to end over a real Mosquitto: five agents
 with emulated readings (battery, charging, temperature, metered network). Three sit the round
-out before joining, each with its reason; the fourth starts training and its battery drops
-mid-round, so it stops and sends what it trained (``on_break = "send"``). The server records
-every skip with its reasons, the report lists them, and the report's latency table and
+out before joining, each with its reason. Two start training and their batteries drop
+mid-round: "ok" stops and sends what it trained (the run's ``on_break = "send"``), "dropper"
+(whose own config says ``on_break = "drop"``) sends nothing and sits the round out. The server
+records every skip with its reasons, the report lists them, and the report's latency table and
 latency.csv hold the step timings the training device sent with its update."""
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ READINGS = {
     "low": {"battery_pct": 8, "charging": False, "temperature_c": 30.0, "metered": False},
     "hot": {"battery_pct": 90, "charging": True, "temperature_c": 61.5, "metered": False},
     "metered": {"battery_pct": 70, "charging": False, "temperature_c": 30.0, "metered": True},
+    "dropper": {"battery_pct": 60, "charging": False, "temperature_c": 30.0, "metered": False},
 }
 
 
@@ -33,40 +35,47 @@ def test_ineligible_devices_sit_out_with_reasons_and_latency_is_reported(tmp_pat
         "eval_batch_size": 16, "transport": {"url": mosquitto, "keepalive": 5},
         "eligibility": {"min_battery_pct": 20, "max_temperature_c": 45, "allow_metered": False,
                         "on_break": "send", "check_every_s": 0.2},
-        "rounds": {"rounds": 1, "min_devices": 4, "deadline_s": 200.0,
+        "rounds": {"rounds": 1, "min_devices": 5, "deadline_s": 200.0,
                    "registration_timeout_s": 180.0}}), tmp_path / "server.toml")
     agents = {}
     for i, (name, readings) in enumerate(READINGS.items()):
         (tmp_path / f"{name}.json").write_text(json.dumps(readings))
         agents[name] = spawn("agent", merge(SMALL, {
             "device_id": name, "run_id": run_id, "work_dir": str(tmp_path / name),
-            "shard": i, "num_shards": 4, "emulate": "phone-midrange-6gb",
+            "shard": i, "num_shards": 5, "emulate": "phone-midrange-6gb",
             "conditions_file": str(tmp_path / f"{name}.json"), "matmul_seconds": 0.2,
+            **({"eligibility": {"on_break": "drop"}} if name == "dropper" else {}),
             "upload_margin_s": 5.0, "train": {"max_steps": 400, "local_epochs": 50},
             "transport": {"url": mosquitto, "keepalive": 5}}), tmp_path / f"{name}.toml")
     try:
-        ok_log = tmp_path / "ok.log"
-        wait_for(lambda: ok_log.exists() and "round 0," in ok_log.read_text(), 240,
-                 "the eligible device to start training", [server])
-        # the battery drops while it trains: it stops and sends what it trained
-        (tmp_path / "ok.json").write_text(json.dumps({**READINGS["ok"], "battery_pct": 5}))
+        for name in ("ok", "dropper"):
+            log = tmp_path / f"{name}.log"
+            wait_for(lambda log=log: log.exists() and "round 0," in log.read_text(), 240,
+                     f"{name} to start training", [server])
+            # its battery drops while it trains
+            (tmp_path / f"{name}.json").write_text(json.dumps({**READINGS[name],
+                                                               "battery_pct": 5}))
         wait_for(lambda: server.poll() is not None, 240, "the server to finish")
         assert server.returncode == 0
     finally:
         for p in (*agents.values(), server):
             stop(p)
     row = [r for r in metrics(run_dir) if r.get("phase") == "round"][0]
-    assert row["participants"] == 4 and row["accepted"] == 1
+    assert row["participants"] == 5 and row["accepted"] == 1 and "ok" in row["devices"]
     skipped = row["skipped"]
-    assert set(skipped) == {"low", "hot", "metered"}
+    assert set(skipped) == {"low", "hot", "metered", "dropper"}
+    assert skipped["dropper"] == ["battery 5% < 20% and not charging"]
     assert "battery 8% < 20% and not charging" in skipped["low"]
     assert any(r.startswith("too hot: 61.5 C > 45.0 C") for r in skipped["hot"])
     assert skipped["metered"] == ["on a metered network"]
     db = sqlite3.connect(run_dir / "run.db")
     try:
         (info,) = db.execute("SELECT info FROM participation WHERE client_id='ok'").fetchone()
+        during = dict(db.execute("SELECT client_id, during_round FROM skips").fetchall())
     finally:
         db.close()
+    assert during == {"low": 0, "hot": 0, "metered": 0, "dropper": 1}
+    assert "dropping the partial work" in (tmp_path / "dropper.log").read_text()
     info = json.loads(info)
     assert info["stopped_by"] == "conditions"  # partial work, sent
     lat = info["latency"]
