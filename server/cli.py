@@ -110,7 +110,12 @@ def run_simulate(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from server.report import write_report
 
     print(write_report(args.run_dir))
+    csv_path = Path(args.run_dir) / "latency.csv"
+    if csv_path.exists():
+        print(f"per-device latency: {csv_path}")
     return 0
