@@ -679,7 +679,10 @@ class Coordinator:
             if round_idx != r.round_idx:
                 continue
             try:
-                data = (Path(self.cfg.run_dir) / body["path"]).read_bytes()
+                rel = Path(str(body["path"]))
+                if rel.is_absolute() or ".." in rel.parts or rel.parts[:1] != ("partials",):
+                    raise AlgorithmError(f"partial aggregate path {rel} is not under partials/")
+                data = (Path(self.cfg.run_dir) / rel).read_bytes()
                 if hashlib.sha256(data).hexdigest() != body["sha256"]:
                     raise AlgorithmError("content does not match the announced sha256")
                 partial = Aggregator.from_bytes(data, self.aggregator.rule, self.aggregator.kinds)
