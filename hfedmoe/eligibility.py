@@ -113,19 +113,32 @@ def check(cond: Conditions, rules: EligibilityConfig) -> list[str]:
 # --- reading the conditions ---------------------------------------------------------------------
 
 
+_PLAYED: dict[str, int] = {}  # emulated readings file -> readings already played
+
+
 def read_conditions(emulated: str | Path = "") -> Conditions:
-    """The device's conditions now: from ``emulated`` (a JSON file of :class:`Conditions`
-    fields, re-read on every call so a test or an operator can change it mid-round) when
-    given, else from the live probes (battery and temperature as the device report reads
-    them; a metered network from NetworkManager where it runs; idleness is not detectable on
-    a headless device and stays unknown)."""
+    """The device's conditions now: from ``emulated`` when given, else from the live probes
+    (battery and temperature as the device report reads them; a metered network from
+    NetworkManager where it runs; idleness is not detectable on a headless device and stays
+    unknown).
+
+    ``emulated`` is a JSON file re-read on every call, so a test or an operator can change it
+    while the agent runs. It holds one object of :class:`Conditions` fields, or a list of them
+    played in order, one per reading, the last one staying (a battery that drains: the agent
+    reads once before it joins a round and every ``check_every_s`` while it trains)."""
     if emulated:
         try:
             raw = json.loads(Path(emulated).read_text())
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read emulated conditions {emulated}: {exc}") from exc
+        if isinstance(raw, list) and raw:
+            key = str(Path(emulated).resolve())
+            idx = _PLAYED.get(key, 0)
+            _PLAYED[key] = idx + 1
+            raw = raw[min(idx, len(raw) - 1)]
         if not isinstance(raw, dict):
-            raise ConfigError(f"{emulated}: conditions must be a JSON object")
+            raise ConfigError(f"{emulated}: conditions must be a JSON object or a non-empty "
+                              f"list of them")
         unknown = set(raw) - set(Conditions.__dataclass_fields__)
         if unknown:
             raise ConfigError(f"{emulated}: unknown condition field(s) {sorted(unknown)}")

@@ -21,6 +21,9 @@ def register(sub: Any) -> None:
     d.add_argument("--devices", type=int, default=6)
     d.add_argument("--run-dir", default="runs/demo")
     d.add_argument("--deadline", type=float, default=240.0, help="round deadline in seconds")
+    d.add_argument("--dashboard-port", type=int, default=0, metavar="PORT",
+                   help="serve the live dashboard on http://127.0.0.1:PORT/ (e.g. 8765; "
+                        "0: off)")
     d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a server config value, e.g. train.lr=1e-3")
     d.set_defaults(func=run_demo)
@@ -72,7 +75,10 @@ def run_server(args: argparse.Namespace) -> int:
     cfg = load_config(ServerConfig, args.config, args.overrides)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    logging.getLogger("hfedmoe.server").info("config: %s", to_dict(cfg))
+    shown = to_dict(cfg)
+    if shown.get("dashboard_token"):
+        shown["dashboard_token"] = "***"
+    logging.getLogger("hfedmoe.server").info("config: %s", shown)
     pool = None
     if cfg.ingest.workers:
         from server.ingest import WorkerPool

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -17,6 +19,18 @@ from hfedmoe.errors import ConfigError
 from hfedmoe.transport.config import TransportConfig
 from hfedmoe.transport.topics import check_id
 from hfedmoe.wire import WireConfig
+
+DASHBOARD_TOKEN_ENV = "HFEDMOE_DASHBOARD_TOKEN"  # the dashboard's token, kept out of config files
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -173,13 +187,22 @@ class IngestConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """Everything ``hfedmoe server`` needs."""
+    """Everything ``hfedmoe server`` needs.
+
+    The live dashboard (:mod:`server.dashboard`) listens on ``dashboard_host:dashboard_port``
+    (port 0: off). On a non-loopback host it needs a token: ``dashboard_token``, or the
+    environment variable ``HFEDMOE_DASHBOARD_TOKEN`` (so the secret stays out of config files);
+    every request must then carry it (``?token=...`` or ``Authorization: Bearer ...``).
+    """
 
     run_id: str = "hfedmoe"
     run_dir: str = "runs/hfedmoe"
     eval_batch_size: int = 32
     max_eval_examples: int = 0  # 0: the whole held-out split
     prometheus_port: int = 0  # 0: no endpoint
+    dashboard_port: int = 0  # 0: no dashboard
+    dashboard_host: str = "127.0.0.1"
+    dashboard_token: str = ""  # or $HFEDMOE_DASHBOARD_TOKEN; required off loopback
     max_register_bytes: int = 1 << 20
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -198,3 +221,16 @@ class ServerConfig:
         if self.eval_batch_size < 1 or self.max_eval_examples < 0:
             raise ConfigError("eval_batch_size must be >= 1 and max_eval_examples >= 0")
         check_quantize_adapter(self.model, self.train)  # devices quantize, LoRA trains
+        if not 0 <= self.dashboard_port <= 65535:
+            raise ConfigError("dashboard_port must be in [0, 65535] (0: off)")
+        if self.dashboard_port and not is_loopback(self.dashboard_host) \
+                and not self.dashboard_secret:
+            raise ConfigError(f"dashboard_host {self.dashboard_host!r} is not loopback: set "
+                              f"dashboard_token (or the environment variable "
+                              f"{DASHBOARD_TOKEN_ENV}) so that only holders of the token see "
+                              f"the fleet")
+
+    @property
+    def dashboard_secret(self) -> str:
+        """The dashboard's token: ``dashboard_token``, else ``$HFEDMOE_DASHBOARD_TOKEN``."""
+        return self.dashboard_token or os.environ.get(DASHBOARD_TOKEN_ENV, "").strip()

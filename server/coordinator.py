@@ -138,6 +138,10 @@ class Coordinator:
         self._registrations: dict[str, tuple[str, dict[str, Any], int]] = {}
         self._declared: dict[str, int | None] | None = None  # local_examples per device
         self._declared_dirty = True
+        # called on this thread with "tick" (between pumps while waiting), "open" and "close"
+        # (a round): the dashboard's snapshots
+        self.hooks: list[Callable[[str], None]] = []
+        self.dashboard: Any = None  # server.dashboard.Dashboard when dashboard_port is set
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -162,6 +166,10 @@ class Coordinator:
         self.store.set_meta("config", json.dumps(_jsonable(self.cfg)))
         self.resume()
         log.info("ready: run %s, %d device(s) known", self.cfg.run_id, len(self.store.devices()))
+        if self.cfg.dashboard_port:
+            from server.dashboard import Dashboard
+
+            self.dashboard = Dashboard(self).start()
 
     def resume(self) -> None:
         """Load the latest checkpoint; reopen an interrupted round with its spooled updates."""
@@ -207,6 +215,8 @@ class Coordinator:
         return rows
 
     def close(self) -> None:
+        if self.dashboard is not None:
+            self.dashboard.close()
         for sender in self.senders.values():
             sender.close()
         if self._receiver is not None:
@@ -222,11 +232,11 @@ class Coordinator:
         rc = self.cfg.rounds
         ok = self.transport.run_until(lambda: len(self.online_devices()) >= rc.min_devices,
                                       timeout=rc.registration_timeout_s,
-                                      tick=self._flush_registrations)
+                                      tick=self._tick)
         while not self.online_devices():  # a round without devices is pointless: keep waiting
             log.info("waiting for a device to register")
             self.transport.run_until(lambda: bool(self.online_devices()), timeout=30.0,
-                                     tick=self._flush_registrations)
+                                     tick=self._tick)
         online = sorted(self.online_devices())
         if not ok:
             log.warning("only %d of %d devices online after %.0fs; starting anyway",
@@ -265,6 +275,7 @@ class Coordinator:
         self._prom.set_round(round_idx)
         log.info("round %d open: %d participant(s), wait for %d, deadline in %.0fs", round_idx,
                  len(participants), self.round.expected, deadline - self.clock())
+        self._hook("open")
 
     def _collect(self) -> None:
         r = self.round
@@ -283,6 +294,7 @@ class Coordinator:
             self._flush_registrations()
             if self.on_tick is not None:
                 self.on_tick()
+            self._hook("tick")
             if self._receiver is not None:
                 self._receiver.poll()
 
@@ -347,7 +359,17 @@ class Coordinator:
         self._prom.observe(row)
         self.next_round = r.round_idx + 1
         self.round = None
+        self._hook("close")
         return row
+
+    def _tick(self) -> None:
+        """Between pumps while waiting for devices: commit registrations, then the hooks."""
+        self._flush_registrations()
+        self._hook("tick")
+
+    def _hook(self, event: str) -> None:
+        for hook in self.hooks:
+            hook(event)
 
     def _evaluate(self) -> dict[str, float]:
         if self.test_data is None or len(self.test_data) == 0:
@@ -740,7 +762,7 @@ def _jsonable(cfg: Any) -> Any:
 
     if dataclasses.is_dataclass(cfg):
         return {f.name: _jsonable(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
-                if f.name not in ("password",)}
+                if f.name not in ("password", "dashboard_token")}
     if isinstance(cfg, (list, tuple)):
         return [_jsonable(v) for v in cfg]
     return cfg

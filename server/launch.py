@@ -61,6 +61,8 @@ def write_configs(run_dir: Path, broker_url: str, args: argparse.Namespace,
         "method": {"strategy": args.strategy},
         "rounds": {"rounds": args.rounds, "deadline_s": args.deadline,
                    "min_devices": args.devices}})
+    if getattr(args, "dashboard_port", 0):
+        server["dashboard_port"] = args.dashboard_port  # on loopback: no token needed
     server = apply_overrides(server, args.overrides)
     run_dir.mkdir(parents=True, exist_ok=True)
     server_path = run_dir / "server.toml"
@@ -115,6 +117,8 @@ def demo(args: argparse.Namespace) -> int:
     try:
         server = _spawn(["server", "--config", str(server_cfg)], run_dir / "server.log")
         procs.append(server)
+        if getattr(args, "dashboard_port", 0):
+            console.print(f"dashboard: http://127.0.0.1:{args.dashboard_port}/", markup=False)
         for path in agent_cfgs:
             procs.append(_spawn(["agent", "--config", str(path)],
                                 path.with_suffix(".log")))

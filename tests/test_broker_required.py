@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.broker_required import REQUIRE_ENV, skip_or_fail
+import tests.broker_required as rules
+from tests.broker_required import REQUIRE_BROWSER_ENV, REQUIRE_ENV, need_chromium, skip_or_fail
 
 ROOT = Path(__file__).resolve().parents[1]
 BROKER_TESTS = [  # one test behind each broker fixture
@@ -26,6 +27,27 @@ def test_skip_or_fail(monkeypatch):
     monkeypatch.setenv(REQUIRE_ENV, "1")
     with pytest.raises(pytest.fail.Exception, match=REQUIRE_ENV):
         skip_or_fail("no broker")
+
+
+@pytest.mark.parametrize(("broker", "browser", "fails"), [
+    (None, None, False), ("1", None, True), (None, "1", True), ("1", "0", False),
+    ("0", "1", True)])
+def test_missing_chromium_skips_or_fails(monkeypatch, tmp_path, broker, browser, fails):
+    """CI's HFEDMOE_REQUIRE_BROKER=1 (and HFEDMOE_REQUIRE_BROWSER=1) turn a missing Chromium
+    into a failure of the dashboard's browser test."""
+    for env, value in ((REQUIRE_ENV, broker), (REQUIRE_BROWSER_ENV, browser)):
+        if value is None:
+            monkeypatch.delenv(env, raising=False)
+        else:
+            monkeypatch.setenv(env, value)
+    monkeypatch.setattr(rules, "CHROMIUM", str(tmp_path / "no-chromium"))
+    with pytest.raises(pytest.fail.Exception if fails else pytest.skip.Exception,
+                       match="chromium not installed"):
+        need_chromium()
+    found = tmp_path / "chromium"
+    found.write_text("")
+    monkeypatch.setattr(rules, "CHROMIUM", str(found))
+    assert need_chromium() == str(found)
 
 
 @pytest.mark.parametrize("require", ["", "1"])

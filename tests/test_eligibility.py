@@ -59,6 +59,10 @@ def test_emulated_readings_are_read_each_time(tmp_path):
     path.write_text("[1]")
     with pytest.raises(ConfigError, match="JSON object"):
         read_conditions(path)
+    # a list plays in order, one reading per call, the last one staying
+    played = tmp_path / "drain.json"
+    played.write_text(json.dumps([{"battery_pct": 60}, {"battery_pct": 30}, {"battery_pct": 5}]))
+    assert [read_conditions(played).battery_pct for _ in range(5)] == [60, 30, 5, 5, 5]
 
 
 def test_bad_config():

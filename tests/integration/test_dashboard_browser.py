@@ -1,0 +1,178 @@
+"""The dashboard of a running server, rendered by a real headless Chromium (its JavaScript ran:
+the assertions read the rendered DOM's text, and a screenshot of the window)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import subprocess
+import urllib.request
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hfedmoe.transport.broker import free_port
+from tests.broker_required import need_chromium
+from tests.integration.conftest import SMALL, FakeDevice, merge, metrics, spawn, stop, wait_for
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(240)]
+VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source",
+        "track", "wbr"}
+
+
+class Node:
+    def __init__(self, tag: str, attrs: dict[str, str]) -> None:
+        self.tag, self.attrs, self.children = tag, attrs, []
+
+    def text(self) -> str:
+        return " ".join(" ".join(c.text() if isinstance(c, Node) else c
+                                 for c in self.children).split())
+
+    def find(self, pred) -> list[Node]:
+        out = [self] if pred(self) else []
+        for c in self.children:
+            if isinstance(c, Node):
+                out += c.find(pred)
+        return out
+
+    def by_id(self, ident: str) -> Node:
+        (node,) = self.find(lambda n: n.attrs.get("id") == ident)
+        return node
+
+
+class _Tree(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.root = Node("#root", {})
+        self.stack = [self.root]
+
+    def handle_starttag(self, tag, attrs):
+        node = Node(tag, {k: v or "" for k, v in attrs})
+        self.stack[-1].children.append(node)
+        if tag not in VOID:
+            self.stack.append(node)
+
+    def handle_endtag(self, tag):
+        for i in range(len(self.stack) - 1, 0, -1):
+            if self.stack[i].tag == tag:
+                del self.stack[i:]
+                return
+
+    def handle_data(self, data):
+        if self.stack[-1].tag not in ("script", "style"):
+            self.stack[-1].children.append(data)
+
+
+def parse(html: str) -> Node:
+    tree = _Tree()
+    tree.feed(html)
+    return tree.root
+
+
+def chromium(binary: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([binary, "--headless", "--no-sandbox", "--disable-gpu",
+                           "--no-first-run", "--disable-dev-shm-usage", "--hide-scrollbars",
+                           f"--user-data-dir={tmp_path / 'chromium-profile'}", *args],
+                          capture_output=True, text=True, timeout=90)
+
+
+def api_state(url: str) -> dict | None:
+    try:
+        with urllib.request.urlopen(url + "api/state", timeout=5) as resp:
+            return json.loads(resp.read())
+    except OSError:
+        return None
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_dashboard_of_a_running_round_in_chromium(tmp_path, mosquitto, monkeypatch):
+    binary = need_chromium()  # skips, or fails under HFEDMOE_REQUIRE_BROWSER/BROKER=1
+    monkeypatch.delenv("HFEDMOE_DASHBOARD_TOKEN", raising=False)  # loopback, no token
+    run_id, port, n = "dash", free_port(), 3
+    cfg = merge(SMALL, {"run_id": run_id, "run_dir": str(tmp_path / "run"),
+                        "max_eval_examples": 16, "eval_batch_size": 16, "dashboard_port": port,
+                        "transport": {"url": mosquitto, "keepalive": 5},
+                        "rounds": {"rounds": 1, "min_devices": n, "deadline_s": 300.0,
+                                   "registration_timeout_s": 60.0}})
+    server = spawn("server", cfg, tmp_path / "server.toml")
+    devices = [FakeDevice(mosquitto, run_id, f"dev-{i}") for i in range(n)]
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        for d in devices:
+            d.register()
+        # the agents' eligibility reports (status messages; not about a round, so nobody is
+        # skipped): their readings replace the registration's on the dashboard
+        for d, body in ((devices[0], {"eligible": True, "reasons": [], "conditions": {
+                "battery_pct": 80, "charging": True, "temperature_c": 31.5}}),
+                        (devices[2], {"eligible": False, "reasons": [
+                            "battery 8% < 30% and not charging"], "conditions": {
+                            "battery_pct": 8, "charging": False, "temperature_c": 30.0}})):
+            d.t.publish(d.topics.status(d.device_id), json.dumps(
+                {"state": "online", "round": None, **body}).encode(), retain=True)
+        wait_for(lambda: (s := api_state(url)) is not None and s["round"] is not None
+                 and sum(d["eligible"] is not None for d in s["devices"]) == 2,
+                 90, "round 0 and the eligibility reports on the dashboard", [server])
+
+        out = chromium(binary, tmp_path, "--virtual-time-budget=5000", "--dump-dom", url)
+        assert out.returncode == 0, out.stderr[-2000:]
+        dom = parse(out.stdout)
+        rows = [[td.text() for td in tr.find(lambda x: x.tag == "td")]
+                for tr in dom.by_id("fleet").find(lambda x: x.tag == "tr" and x.find(
+                    lambda y: y.tag == "td"))]
+        header = [th.text() for th in dom.by_id("fleet").find(lambda x: x.tag == "th")]
+        table = {r[0]: dict(zip(header, r, strict=True)) for r in rows}
+        assert sorted(table) == [f"dev-{i}" for i in range(n)], rows
+        for row in table.values():
+            assert row["status"] == "online" and row["this round"] == "waiting", row
+            assert row["budget (limited by)"] == "2"
+        assert (table["dev-0"]["battery"], table["dev-0"]["thermal"],
+                table["dev-0"]["eligibility"]) == ("80 % (charging)", "31.5 °C", "eligible")
+        assert (table["dev-2"]["battery"], table["dev-2"]["eligibility"]) == (
+            "8 %", "skip: battery 8% < 30% and not charging")
+        assert table["dev-1"]["battery"] == "–" and table["dev-1"]["eligibility"] == "–"
+        assert dom.by_id("round-title").text().startswith("round 0"), dom.by_id("round-title")
+        progress = dom.by_id("round-kv").text()
+        assert f"answered 0/{n}" in progress and "deadline in" in progress, progress
+        assert dom.by_id("phase").text().startswith("round open")
+        assert dom.by_id("conn").text() == "live"
+        fleet = dom.by_id("fleet-kv").text()
+        assert f"devices {n}" in fleet and f"online {n}" in fleet, fleet
+        # the initial evaluation is already on the charts' table
+        assert "initial" in dom.by_id("rounds").text()
+
+        shot = tmp_path / "dashboard.png"
+        out = chromium(binary, tmp_path, "--virtual-time-budget=5000", "--window-size=1280,900",
+                       f"--screenshot={shot}", url)
+        assert out.returncode == 0 and shot.exists(), out.stderr[-2000:]
+        data = shot.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+        assert struct.unpack(">II", data[16:24]) == (1280, 900)
+        import matplotlib.image
+
+        pixels = matplotlib.image.imread(shot)
+        assert pixels.shape[:2] == (900, 1280)
+        colours = np.unique((pixels[..., :3] * 255).astype(np.uint8).reshape(-1, 3), axis=0)
+        assert len(colours) > 50, len(colours)  # text, table, header bar: not a blank page
+
+        with urllib.request.urlopen(url + "report", timeout=60) as resp:  # written on demand
+            assert resp.status == 200 and b"HFedMoE run" in resp.read()
+
+        for d in devices:  # everyone leaves: the round closes without updates, the run ends
+            d.t.publish(d.topics.status(d.device_id), b'{"state": "offline"}', retain=True)
+        wait_for(lambda: server.poll() is not None, 90, "the server to finish")
+        assert server.returncode == 0
+    finally:
+        stop(server)
+        for d in devices:
+            d.close()
+    assert not listening(port)  # the dashboard stopped with the server
+    log = (tmp_path / "server.log").read_text()
+    assert f"dashboard: {url}" in log
+    assert [r["phase"] for r in metrics(tmp_path / "run")] == ["initial", "round"]
