@@ -11,8 +11,9 @@ does not meet a rule sits the round out and says why (its status message carries
 in the report). When conditions break mid-round, ``on_break`` says what happens to the partial
 work: ``"send"`` stops training and sends what trained, ``"drop"`` sends nothing.
 
-A reading the device cannot take (no battery, no thermal sensor, no way to tell a metered
-network or user activity) never blocks it: it is reported as unknown.
+A reading the device cannot take (no battery, no thermal sensor, no NetworkManager to tell a
+metered network, no logind session to tell user activity) never blocks it: it is reported as
+unknown.
 """
 
 from __future__ import annotations
@@ -119,8 +120,8 @@ _PLAYED: dict[str, int] = {}  # emulated readings file -> readings already playe
 def read_conditions(emulated: str | Path = "") -> Conditions:
     """The device's conditions now: from ``emulated`` when given, else from the live probes
     (battery and temperature as the device report reads them; a metered network from
-    NetworkManager where it runs; idleness is not detectable on a headless device and stays
-    unknown).
+    NetworkManager and user idleness from systemd-logind where they run; unknown elsewhere,
+    e.g. a headless board or Termux).
 
     ``emulated`` is a JSON file re-read on every call, so a test or an operator can change it
     while the agent runs. It holds one object of :class:`Conditions` fields, or a list of them
@@ -150,7 +151,7 @@ def read_conditions(emulated: str | Path = "") -> Conditions:
         battery_pct, charging, temperature = probe_battery_temperature()
     except ImportError:
         pass
-    return Conditions(battery_pct, charging, temperature, _metered(), None)
+    return Conditions(battery_pct, charging, temperature, _metered(), _idle())
 
 
 def _metered() -> bool | None:
@@ -168,3 +169,17 @@ def _metered() -> bool | None:
     if "yes" in values:
         return True
     return False if values and values <= {"no"} else None
+
+
+def _idle() -> bool | None:
+    """systemd-logind's ``IdleHint`` of this process's session (yes/no), where there is one."""
+    loginctl = shutil.which("loginctl")
+    if loginctl is None:
+        return None
+    try:
+        out = subprocess.run([loginctl, "show-session", "self", "-p", "IdleHint", "--value"],
+                             capture_output=True, text=True, timeout=2)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    value = out.stdout.strip().lower() if out.returncode == 0 else ""
+    return {"yes": True, "no": False}.get(value)

@@ -70,3 +70,31 @@ def test_bad_config():
                 {"check_every_s": 0}):
         with pytest.raises(ConfigError):
             EligibilityConfig(**bad)
+
+
+def _fake(bin_dir, name: str, script: str) -> None:
+    path = bin_dir / name
+    path.write_text("#!/bin/sh\n" + script)
+    path.chmod(0o755)
+
+
+@pytest.mark.parametrize("nm, logind, metered, idle", [
+    ("GENERAL.METERED:no\nGENERAL.METERED:yes (guessed)", "yes", True, True),
+    ("GENERAL.METERED:no\nGENERAL.METERED:no", "no", False, False),
+    ("GENERAL.METERED:unknown", "", None, None),
+])
+def test_live_metered_and_idle_readings(tmp_path, monkeypatch, nm, logind, metered, idle):
+    """NetworkManager's GENERAL.METERED and logind's IdleHint, through the real subprocess
+    path (stand-in binaries on PATH print what the real ones print)."""
+    _fake(tmp_path, "nmcli", f"printf '{nm}\\n'\n")
+    _fake(tmp_path, "loginctl", f"printf '{logind}\\n'\n")
+    monkeypatch.setenv("PATH", f"{tmp_path}")
+    cond = read_conditions()
+    assert (cond.metered, cond.idle) == (metered, idle)
+
+
+def test_no_readers_means_unknown(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # neither nmcli nor loginctl
+    cond = read_conditions()
+    assert cond.metered is None and cond.idle is None
+    assert check(cond, EligibilityConfig(allow_metered=False, require_idle=True)) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -44,6 +45,19 @@ def test_short_demo_over_mosquitto_raises_accuracy(tmp_path, mosquitto):
     assert not list((run_dir / "updates").rglob("*.bin"))
     assert len(list((run_dir / "checkpoints").glob("*.safetensors"))) <= 3
     assert "run directory" in proc.stdout.split("report:")[-1]
+    # the field-trial table: `hfedmoe report` on the demo's run directory
+    rep = subprocess.run([sys.executable, "-m", "hfedmoe.cli", "report", str(run_dir)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert rep.returncode == 0 and "per-device latency:" in rep.stdout, rep.stderr[-2000:]
+    html = (run_dir / "report.html").read_text()
+    assert "Step latency on the devices" in html and "Per device class" in html
+    with open(run_dir / "latency.csv") as fh:
+        lat = list(csv.DictReader(fh))
+    assert len(lat) == 12  # 6 devices x 2 rounds
+    assert {r["device"] for r in lat} == {p.parent.name for p in
+                                          (run_dir / "agents").glob("*/agent.jsonl")}
+    assert all(float(r["step_median_s"]) > 0 and float(r["forward_median_s"]) > 0 for r in lat)
+    assert sum(r["upload_s"] != "" for r in lat) == 6  # round 0's uploads, sent in round 1
 
 
 @pytest.mark.broker
