@@ -13,6 +13,11 @@ Inside the worker (:func:`measure`), as ``device_agent.train.train_round`` does 
    trainable (:func:`spread_experts`), gates and head trainable; ``trained_row_fraction`` is
    the share of the routed token-expert rows that went to trained experts.
 
+Under bf16 (``"dtype": "bfloat16"``) the frozen matmul weights are stored in bf16 for the
+measurement, as ``train_round`` does for a round (:class:`hfedmoe.precision.LowPrecisionFrozen`;
+memory-neutral: bf16 value + int16 low bits); ``"frozen_lowp": false`` keeps them fp32 and
+lets autocast cast them on every use.
+
 Time: wall-clock ``step_s`` (median of the timed steps, with min and max) and the process CPU
 time per step ``step_cpu_s`` (all threads; less sensitive to other processes on a shared
 machine, a check on the wall-clock figures).
@@ -136,10 +141,20 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         return autocast if autocast is not None else contextlib.nullcontext()
 
     inputs = {k: v for k, v in batch.items() if k != "labels"}
+    # as train_round does under bf16: frozen matmul weights stored in bf16 for the round (the
+    # routing pass included), what trains put back to fp32; "frozen_lowp": false casts per use
+    low = None
+    if autocast is not None and spec.get("frozen_lowp", True):
+        from hfedmoe.precision import LowPrecisionFrozen
+
+        low = LowPrecisionFrozen(model.module, torch.bfloat16)
+        low.lower()
     with torch.no_grad(), ctx(), model.capture(batch["attention_mask"]) as cap:
         model.module(**inputs)
     active = {ExpertId(li, e) for li, e in spread_experts(cap.routed, spec["budget"])}
     model.set_trainable(active)
+    if low is not None:
+        low.restore(only=model.trainable_parameters().values())
     # as train_round's trainer builds it: the round's experts, gates and head only
     optimizer = make_optimizer(model.trainable_parameters(), TrainConfig(lr=1e-4))
     capture = spec.get("recipe") in ("round", "compare")  # usage from the training forward

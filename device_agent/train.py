@@ -45,6 +45,7 @@ from hfedmoe.importance import compute_batch_stats
 from hfedmoe.lora import ExpertFactors, LoRASpec
 from hfedmoe.models.base import MoEModel
 from hfedmoe.names import ExpertId, expert_key, parse_key
+from hfedmoe.precision import LowPrecisionFrozen
 from hfedmoe.privacy import privatize
 from hfedmoe.quantize import quantized_keys, require_eager, require_lora, weight_mode
 from hfedmoe.round_stats import RoundAccumulator, RoundStats
@@ -238,10 +239,14 @@ class EagerTrainer:
     """
 
     def __init__(self, model: MoEModel, experts: Sequence[ExpertId], train_cfg: TrainConfig,
-                 mcfg: MethodConfig, seed: int = 0) -> None:
+                 mcfg: MethodConfig, seed: int = 0,
+                 low: LowPrecisionFrozen | None = None) -> None:
         self.model, self.cfg, self.mcfg = model, train_cfg, mcfg
         self.device = next(model.module.parameters()).device
         _check_quantized(model, train_cfg, "eager")
+        # frozen weights stored in the autocast dtype for the round: what trains is put back
+        # to fp32 (the optimizer's masters) before anything holds it
+        self.low = low
         model.set_trainable(frozenset(experts))
         # LoRA: the selected experts' w_in/w_out stay frozen and carry factors for the round
         self.factors: dict[ExpertId, ExpertFactors] = {}
@@ -254,6 +259,7 @@ class EagerTrainer:
                 expert.w_out.requires_grad_(False)
                 expert.factors = self.factors[e] = ExpertFactors(expert.w_in, expert.w_out,
                                                                  lora, gen)
+        self._restore_trainable()  # (a LoRA expert's base weights stay frozen, and lowered)
         # the starting values of what may train (its experts, gates, shared parts), for the
         # deltas: a copy of the whole model would hold every expert twice
         self.initial = {k: p.detach().clone() for k, p in model.trainable_parameters().items()}
@@ -268,6 +274,10 @@ class EagerTrainer:
         self.steps = 0
         self.max_state_experts = 0
         self.phases: list[dict[str, float]] = []  # per step: forward/backward/optimizer seconds
+
+    def _restore_trainable(self) -> None:
+        if self.low is not None:
+            self.low.restore(only=self.model.trainable_parameters().values())
 
     def _tensors(self, e: ExpertId) -> list[torch.Tensor]:
         """What of expert ``e`` may train: its parameters, and its LoRA factors if any."""
@@ -284,6 +294,7 @@ class EagerTrainer:
         new = experts - self.active
         self.active = experts
         self.model.set_trainable(experts)
+        self._restore_trainable()
         for k, p in self.model.trainable_parameters().items():
             self.initial.setdefault(k, p.detach().clone())  # before its first step
         known = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
@@ -378,7 +389,10 @@ def train_round(model: MoEModel, data: TextDataset | PairDataset, *, strategy: S
         budget: C_budget, the most experts this device trains, holds state for and sends in
             the round.
         train_cfg: the recipe (batch size, lr, optimizer, dtype, detach_frozen, epochs,
-            selection_batches, reselect).
+            selection_batches, reselect). With ``dtype`` bf16/fp16 on the eager runtime the
+            frozen matmul weights are stored in that dtype for the round
+            (:class:`hfedmoe.precision.LowPrecisionFrozen`) and are back in fp32, unchanged,
+            when it returns.
         method_cfg: overrides ``strategy.cfg`` (lam, beta, tau, DP).
         deadline_s: stop before a step that would end past this many seconds.
         assignment: the fixed sub-model for strategies that need one (fedmoe).
@@ -394,6 +408,28 @@ def train_round(model: MoEModel, data: TextDataset | PairDataset, *, strategy: S
     Returns:
         A :class:`RoundResult` whose ``update`` carries deltas of what trained.
     """
+    kwargs = dict(strategy=strategy, budget=budget, train_cfg=train_cfg, method_cfg=method_cfg,
+                  run_id=run_id, round_idx=round_idx, client_id=client_id,
+                  max_length=max_length, deadline_s=deadline_s, assignment=assignment,
+                  base_hash=base_hash, clock=clock, on_step=on_step, planner=planner,
+                  runtime=runtime, backend=backend)
+    if train_cfg.dtype == "float32" or runtime != "eager":
+        return _train_round(model, data, **kwargs)  # type: ignore[arg-type]
+    with LowPrecisionFrozen(model.module, DTYPES[train_cfg.dtype]) as low:
+        return _train_round(model, data, low=low, **kwargs)  # type: ignore[arg-type]
+
+
+def _train_round(model: MoEModel, data: TextDataset | PairDataset, *, strategy: Strategy,
+                budget: int, train_cfg: TrainConfig, method_cfg: MethodConfig | None = None,
+                run_id: str = "local", round_idx: int = 0, client_id: str = "client",
+                max_length: int = 128, deadline_s: float | None = None,
+                assignment: frozenset[ExpertId] | None = None, base_hash: str = "",
+                clock: Callable[[], float] = time.monotonic,
+                on_step: Callable[[dict[str, Any]], None] | None = None,
+                planner: Callable[[Selection, RoundStats], Any] | None = None,
+                runtime: str = "eager", backend: str = "portable",
+                 low: LowPrecisionFrozen | None = None) -> RoundResult:
+    """:func:`train_round` (``low``: the round's lowered frozen weights, or None)."""
     mcfg = method_cfg or strategy.cfg
     _check_quantized(model, train_cfg, runtime)
     start = clock()
@@ -429,7 +465,7 @@ def train_round(model: MoEModel, data: TextDataset | PairDataset, *, strategy: S
         layer.bank.detach_frozen = train_cfg.detach_frozen
     per_batch = train_cfg.reselect == "batch" and strategy.uses_budget
     trainer = EagerTrainer(model, [] if per_batch else ranked, train_cfg, mcfg,
-                           seed=factor_seed(mcfg, round_idx, client_id))
+                           seed=factor_seed(mcfg, round_idx, client_id), low=low)
     union: set[ExpertId] = set()
     losses: list[float] = []
     selections: list[list[str]] = []
@@ -475,7 +511,10 @@ def train_round(model: MoEModel, data: TextDataset | PairDataset, *, strategy: S
                    selections, stopped_by, budget, mcfg, run_id, round_idx, client_id,
                    base_hash, clock, start, tuple(ranked), trainer.max_state_experts,
                    routing_s, plan, {"runtime": "eager", "reselect": train_cfg.reselect,
-                                     "ib_vs_importance": disagreement, "latency": latency})
+                                     "ib_vs_importance": disagreement, "latency": latency,
+                                     # the dtype the frozen matmul weights were held in
+                                     "frozen_dtype": train_cfg.dtype if low is not None
+                                     and low.lowered_total else "float32"})
 
 
 def _reselect(model: MoEModel, batch: dict[str, torch.Tensor], strategy: Strategy, budget: int,

@@ -137,6 +137,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     local_epochs: int = 1
     max_steps: int = 0  # 0: no limit besides epochs and the deadline
+    # bf16/fp16: autocast, fp32 masters for what trains; frozen matmul weights are held in
+    # this dtype for the round (hfedmoe.precision) and are back in fp32, unchanged, after it
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     detach_frozen: bool = False
     device: str = "auto"

@@ -19,13 +19,16 @@ def read_rows(path: Path) -> list[dict]:
 def test_kernels_quick(tmp_path: Path) -> None:
     out, png = tmp_path / "kernels.jsonl", tmp_path / "kernels.png"
 
-    assert kernels.main(["--quick", "--out", str(out), "--plot", str(png)]) == 0
+    assert kernels.main(["--quick", "--out", str(out), "--plot", str(png), "--bf16-cast"]) == 0
 
     every = read_rows(out)
     rows = [r for r in every if r["bench"] == "kernels"]
     labels = {r["label"] for r in rows}
     assert {"eager", "grouped", "sorted", "sorted+bf16", "sorted+detach",
-            "sorted round recipe"} <= labels
+            "sorted round recipe", "sorted+bf16 cast"} <= labels
+    # bf16 rows hold the frozen weights in bf16 unless marked as casting per use
+    assert {r.get("frozen_lowp", True) for r in rows if r["label"] == "sorted+bf16"} == {True}
+    assert {r["frozen_lowp"] for r in rows if r["label"] == "sorted+bf16 cast"} == {False}
     recipe = next(r for r in every if r["bench"] == "kernels-recipe")
     assert recipe["per_batch_recipe_s"] > 0 and recipe["round_step_s"] > 0
     assert recipe["ratio_step"] == pytest.approx(
@@ -46,7 +49,7 @@ def test_kernels_quick(tmp_path: Path) -> None:
     ref = next(r for r in rows if r["label"] == "sorted" and r["budget"] == 1)
     assert cut["expert_bwd_flops"] < ref["expert_bwd_flops"] < exact["expert_bwd_flops"]
     for r in rows:  # the analytical bound, from the variant's own C = 0, C = E and rest rows
-        if r.get("skip_experts") or r.get("recipe"):
+        if r.get("skip_experts") or r.get("recipe") or r["label"].endswith(" cast"):
             continue
         assert {"bound_s", "bound_ratio_vs_all", "gap_to_bound"} <= r.keys(), r["label"]
         if r["budget"] in (0, most):  # the bound is made of these two measurements
