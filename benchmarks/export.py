@@ -8,8 +8,16 @@ side. Memory: program size, and the process RSS growth from before loading the p
 the timed runs (an upper bound on what the runtime holds; the eager rows measure the growth
 during their runs only).
 
+``--capacity-factor F``: the training programs run the static ``"capacity"`` expert path (each
+expert on ``ceil(F * tokens * top_k / num_experts)`` token rows, the rest dropped) instead of
+``"dense"``, and an ``eager-capacity`` row runs eager PyTorch on the same path, for a like-with-
+like ratio (``ratio_to_eager_capacity``). Every row records ``capacity_factor`` and
+``dropped_fraction``: the routed token-expert pairs that path drops in an eager forward of the
+benchmark batch (0 without a factor); ``expert_path`` says which path the row ran.
+
     python -m benchmarks.export --quick --out results.jsonl   # tiny model, seconds
     python -m benchmarks.export                               # minilm-moe, batch 8 x seq 64
+    python -m benchmarks.export --capacity-factor 1.25        # capacity-padded programs
 """
 
 from __future__ import annotations
@@ -89,17 +97,31 @@ def bench_inference(model: Any, batch: int, seq: int, backends: Sequence[str], w
     return rows
 
 
-def bench_training(model: Any, batch: int, seq: int, k: int, backends: Sequence[str],
-                   warmup: int, repeats: int, lr: float = 1e-3) -> list[dict[str, Any]]:
+def dropped_fraction(model: Any, batch: dict[str, torch.Tensor],
+                     capacity_factor: float | None) -> float:
+    """Routed token-expert pairs the ``"capacity"`` path at ``capacity_factor`` drops in an
+    eager forward of ``batch`` (on a copy of ``model``; 0 without a factor)."""
     import copy
 
-    from export.common import example_inputs
-    from export.runtime import ExecuTorchTrainer, ProgramCache, bucket_holding
-
-    b = example_inputs(model, batch, seq)
-    experts = _experts(model, k)
-    rows = []
+    if capacity_factor is None:
+        return 0.0
     ref = copy.deepcopy(model)
+    ref.set_expert_impl("capacity", capacity_factor=capacity_factor)
+    with torch.no_grad():
+        ref.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    dropped, routed = ref.capacity_drops()
+    return dropped / routed if routed else 0.0
+
+
+def _eager_train_row(model: Any, b: dict[str, torch.Tensor], k: int, experts: list[Any],
+                     warmup: int, repeats: int, lr: float, runtime: str,
+                     capacity_factor: float | None) -> dict[str, Any]:
+    import copy
+
+    ref = copy.deepcopy(model)
+    if capacity_factor is not None:
+        ref.set_expert_impl("capacity", capacity_factor=capacity_factor)
+    path = ref.layers[0].bank.impl
     ref.set_trainable(experts, gates=True, shared=True)
     params = list(ref.trainable_parameters().values())
     opt = torch.optim.SGD(params, lr=lr)
@@ -111,20 +133,39 @@ def bench_training(model: Any, batch: int, seq: int, k: int, backends: Sequence[
 
     rss0 = _rss()
     stats = _time(eager_step, warmup, repeats)
-    rows.append({"task": "train", "experts": k, "runtime": "eager", **stats,
-                 "rss_growth_mib": _rss() - rss0,
-                 "trainable_params": sum(p.numel() for p in params)})
+    return {"task": "train", "experts": k, "runtime": runtime, "expert_path": path, **stats,
+            "rss_growth_mib": _rss() - rss0,
+            "trainable_params": sum(p.numel() for p in params)}
+
+
+def bench_training(model: Any, batch: int, seq: int, k: int, backends: Sequence[str],
+                   warmup: int, repeats: int, lr: float = 1e-3,
+                   capacity_factor: float | None = None) -> list[dict[str, Any]]:
+    """Eager rows (the model's own path; with ``capacity_factor`` also ``eager-capacity``) and
+    one ExecuTorch row per backend (``"dense"`` programs, or ``"capacity"`` ones)."""
+    from export.common import example_inputs
+    from export.programs import expert_path
+    from export.runtime import ExecuTorchTrainer, ProgramCache, bucket_holding
+
+    b = example_inputs(model, batch, seq)
+    experts = _experts(model, k)
+    rows = [_eager_train_row(model, b, k, experts, warmup, repeats, lr, "eager", None)]
+    if capacity_factor is not None:
+        rows.append(_eager_train_row(model, b, k, experts, warmup, repeats, lr,
+                                     "eager-capacity", capacity_factor))
     for backend in backends:
         cache = ProgramCache()
         trainer_bucket = bucket_holding(k)
-        cache.get(model, trainer_bucket, batch, seq, backend=backend)  # export outside the RSS
+        cache.get(model, trainer_bucket, batch, seq, backend=backend,  # type: ignore[arg-type]
+                  capacity_factor=capacity_factor)  # export outside the RSS
         t0 = time.perf_counter()
         rss0 = _rss()
         trainer = ExecuTorchTrainer(model, experts, (batch, seq), lr, backend=backend,  # type: ignore[arg-type]
-                                    cache=cache)
+                                    cache=cache, capacity_factor=capacity_factor)
         setup_s = time.perf_counter() - t0
         stats = _time(lambda t=trainer: t.step(b), warmup, repeats)
         rows.append({"task": "train", "experts": k, "runtime": f"executorch-{backend}",
+                     "expert_path": expert_path(capacity_factor),
                      **stats, "rss_growth_mib": _rss() - rss0, "bucket": trainer.bucket,
                      "program_bytes": len(trainer.program.buffer),
                      "trainable_params": trainer.program.trainable_params,
@@ -135,12 +176,18 @@ def bench_training(model: Any, batch: int, seq: int, k: int, backends: Sequence[
 
 def _with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     base: dict[tuple, float] = {}
+    base_capacity: dict[tuple, float] = {}
     for r in rows:
         if r["runtime"] == "eager":
             base[(r["task"], r.get("experts"))] = r["median_ms"]
+        if r["runtime"] == "eager-capacity":
+            base_capacity[(r["task"], r.get("experts"))] = r["median_ms"]
     for r in rows:
         eager = base.get((r["task"], r.get("experts")))
         r["ratio_to_eager"] = r["median_ms"] / eager if eager else None
+        if r.get("expert_path") == "capacity":
+            same = base_capacity.get((r["task"], r.get("experts")))
+            r["ratio_to_eager_capacity"] = r["median_ms"] / same if same else None
     return rows
 
 
@@ -166,6 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--skip-training", action="store_true")
+    p.add_argument("--capacity-factor", type=float, default=None,
+                   help="training programs (and an eager-capacity row) on the 'capacity' "
+                        "expert path with this factor (default: dense programs)")
     p.add_argument("--out", default=None, help="append JSON lines here")
     args = p.parse_args(argv)
 
@@ -179,18 +229,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     warmup = args.warmup if args.warmup is not None else (3 if args.quick else 2)
     repeats = args.repeats or (20 if args.quick else 7)
     backends = [b for b in args.backends.split(",") if b]
+    if args.capacity_factor is not None and not args.capacity_factor > 0:
+        p.error(f"--capacity-factor must be > 0, got {args.capacity_factor}")
     model = build_model(ModelConfig(name=name), num_labels=4)
+    from export.common import example_inputs
+
+    dropped = dropped_fraction(model, example_inputs(model, batch, seq), args.capacity_factor)
     env = {**_env(), "model": name, "batch": batch, "seq": seq, "warmup": warmup,
-           "repeats": repeats}
+           "repeats": repeats, "capacity_factor": args.capacity_factor,
+           "dropped_fraction": dropped}
     print(json.dumps(env))
     rows = bench_inference(model, batch, seq, backends, warmup, repeats)
+    for r in rows:
+        r["expert_path"] = "dense" if r["runtime"] != "eager" else model.layers[0].bank.impl
     print(json.dumps(rows), flush=True)  # progress: full mode runs for many minutes
     if not args.skip_training:
         for k in (int(x) for x in args.experts.split(",")):
-            rows += bench_training(model, batch, seq, k, backends, warmup, repeats)
-            print(json.dumps(rows[-len(backends) - 1:]), flush=True)
+            new = bench_training(model, batch, seq, k, backends, warmup, repeats,
+                                 capacity_factor=args.capacity_factor)
+            rows += new
+            print(json.dumps(new), flush=True)
     rows = _with_ratios(rows)
-    _print(rows, f"{name} batch {batch} x seq {seq}: median of {repeats} after {warmup} warm-up")
+    title = f"{name} batch {batch} x seq {seq}: median of {repeats} after {warmup} warm-up"
+    if args.capacity_factor is not None:
+        title += (f"; training programs on the capacity path, factor {args.capacity_factor:g} "
+                  f"({100 * dropped:.1f}% of routed pairs dropped on the benchmark batch)")
+    _print(rows, title)
     if args.out:
         with open(args.out, "a") as f:
             for r in rows:

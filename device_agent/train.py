@@ -546,7 +546,9 @@ def _train_executorch(model: MoEModel, data: TextDataset | PairDataset, batches:
     """The ExecuTorch trainer on the round's expert set: batches padded to the program's static
     shape, the program's SGD. Usage and importance come from the routing pass. With
     ``train.adapter = "lora"`` the LoRA program trains factors of the set (sent as factors; the
-    device keeps its base expert weights, as on the eager runtime)."""
+    device keeps its base expert weights, as on the eager runtime). With
+    ``train.executorch_capacity_factor`` the program's experts run the ``"capacity"`` path
+    (:mod:`export.runtime`) instead of ``"dense"``."""
     from export.runtime import ExecuTorchTrainer
     from hfedmoe.lora import split_factor_key
 
@@ -563,7 +565,8 @@ def _train_executorch(model: MoEModel, data: TextDataset | PairDataset, batches:
     if chosen and encoded:
         trainer = ExecuTorchTrainer(model, chosen, (train_cfg.batch_size, max_length),
                                     train_cfg.lr, bucket=bucket, backend=backend, lora=lora,
-                                    seed=factor_seed(mcfg, round_idx, client_id))
+                                    seed=factor_seed(mcfg, round_idx, client_id),
+                                    capacity_factor=train_cfg.executorch_capacity_factor)
         step_time = 0.0
         for batch in encoded:
             if deadline_s is not None and losses and clock() - start + step_time > deadline_s:
@@ -578,14 +581,16 @@ def _train_executorch(model: MoEModel, data: TextDataset | PairDataset, batches:
                            if split_factor_key(k) is None})
     updated = frozenset(chosen) if losses else frozenset()
     tokens = sum(int(b["attention_mask"].sum()) for b in encoded[:len(losses)])
+    extra: dict[str, Any] = {"runtime": "executorch", "bucket": bucket,
+                             "ib_vs_importance": disagreement,
+                             "latency": latency_summary([], step_seconds, routing_s,
+                                                        *_peak_memory(torch.device("cpu")))}
+    if train_cfg.executorch_capacity_factor is not None:
+        extra["capacity_factor"] = train_cfg.executorch_capacity_factor
     return _finish(model, deltas, stats, updated, len(data), len(losses) * train_cfg.batch_size,
                    tokens, losses, [sorted(map(str, chosen))] * len(losses), stopped_by, bucket,
                    mcfg, run_id, round_idx, client_id, base_hash, clock, start, tuple(ranked),
-                   len(updated), routing_s, plan, {"runtime": "executorch", "bucket": bucket,
-                                                    "ib_vs_importance": disagreement,
-                                                    "latency": latency_summary(
-                                                        [], step_seconds, routing_s,
-                                                        *_peak_memory(torch.device("cpu")))})
+                   len(updated), routing_s, plan, extra)
 
 
 def _finish(model: MoEModel, deltas: dict[str, torch.Tensor], stats: RoundStats | None,

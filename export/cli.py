@@ -3,7 +3,9 @@
 ``pte``: inference ``.pte`` (XNNPACK) at ``--batch`` x ``--seq``; ``onnx``: ONNX with a dynamic
 sequence axis where possible; ``train-pte``: the on-device training program of the bucket that
 holds ``--experts`` (e.g. ``0:1,3:5``), checked by a few SGD steps against eager PyTorch
-(``--lora-rank R``: the program with LoRA factor slots, checked against the eager LoRA trainer).
+(``--lora-rank R``: the program with LoRA factor slots, checked against the eager LoRA trainer;
+``--capacity-factor F``: the experts on the ``"capacity"`` path, checked against eager PyTorch on
+the same path).
 Each export prints its size, trainable parameter count and parity report.
 """
 
@@ -31,6 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="train-pte: LoRA factor slots of this rank instead of expert weights "
                         "(0: full experts)")
     p.add_argument("--lora-alpha", type=float, default=16.0, help="train-pte: LoRA alpha")
+    p.add_argument("--capacity-factor", type=float, default=None,
+                   help="train-pte: experts on the static 'capacity' path with this factor "
+                        "(each expert takes ceil(F * tokens * top_k / experts) rows; the rest "
+                        "are dropped) instead of every expert on every token")
     p.add_argument("--static-seq", action="store_true", help="onnx: fixed sequence length")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
@@ -65,6 +71,6 @@ def run(args: argparse.Namespace) -> int:
         lora = LoRASpec(args.lora_rank, args.lora_alpha) if args.lora_rank else None
         report = export_training_pte(model, experts, args.batch, args.seq, out,
                                      mode=args.mode, backend=args.backend or "portable",
-                                     lora=lora)
+                                     lora=lora, capacity_factor=args.capacity_factor)
     print(json.dumps(report.to_dict(), indent=1) if args.json else report.format())
     return 0 if report.ok else 1

@@ -14,7 +14,10 @@ Training (the recipe of executorch's ``extension/training`` examples)::
 Only parameters with ``requires_grad=True`` get gradients in the joint graph, so a program
 trains exactly its slots plus the gates and shared head. ``lora=LoRASpec(...)`` exports the
 LoRA variant (:class:`~export.programs.LoRATrainingProgram`: factor slots, base expert
-weights as constants) through the same route. Two things the model needs for this:
+weights as constants) through the same route. The experts run the ``"dense"`` path (every
+expert on every token), or with ``capacity_factor=f`` the ``"capacity"`` path (each expert on a
+fixed block of ``min(T, ceil(f * T * k / E))`` rows, pairs past it dropped; see
+:mod:`export.programs`). Two things the model needs for this:
 
 - attention runs ``"eager"`` while the training program is exported: the backward of SDPA's CPU
   flash kernel is not a core ATen op (``to_edge`` rejects it). Inference keeps ``sdpa``.
@@ -42,6 +45,7 @@ from export.programs import (
     InferenceProgram,
     LoRATrainingProgram,
     TrainingProgram,
+    expert_path,
     export_mode,
     flat_expert_index,
 )
@@ -154,6 +158,8 @@ class TrainingExport:
     lora_rank: int = 0
     lora_alpha: float = 0.0
     slots: dict[str, str] = field(default_factory=dict)
+    # the "capacity" expert path's factor; None: the "dense" path
+    capacity_factor: float | None = None
 
     def slot_map(self) -> dict[str, str]:
         """Program slot tensor -> the suffix of its canonical key under an expert."""
@@ -166,10 +172,13 @@ class TrainingExport:
 
 def training_key(model: MoEModel, bucket: int, batch: int, seq: int, mode: DropMode = "frozen",
                  backend: Backend = "portable", gates: bool = True, shared: bool = True,
-                 lora: LoRASpec | None = None) -> str:
-    """Cache key of a training program (full-expert keys are as before LoRA programs)."""
-    extra = {} if lora is None else {"adapter": "lora", "lora_rank": lora.rank,
-                                     "lora_alpha": lora.alpha}
+                 lora: LoRASpec | None = None, capacity_factor: float | None = None) -> str:
+    """Cache key of a training program (full-expert dense keys are as before LoRA programs and
+    capacity factors)."""
+    extra: dict[str, Any] = {} if lora is None else {"adapter": "lora", "lora_rank": lora.rank,
+                                                     "lora_alpha": lora.alpha}
+    if capacity_factor is not None:
+        extra["capacity_factor"] = float(capacity_factor)
     return program_key(model, "train-pte", bucket=bucket, batch=batch, seq=seq, mode=mode,
                        backend=backend, gates=gates, shared=shared, **extra)
 
@@ -187,30 +196,36 @@ def _example_train_args(model: MoEModel, program: TrainingProgram | LoRATraining
 def export_training_program(model: MoEModel, bucket: int, batch: int, seq: int,
                             mode: DropMode = "frozen", backend: Backend = "portable",
                             gates: bool = True, shared: bool = True,
-                            lora: LoRASpec | None = None) -> TrainingExport:
+                            lora: LoRASpec | None = None,
+                            capacity_factor: float | None = None) -> TrainingExport:
     """Export the training program of one bucket for ``model``'s current weights.
 
     The program is valid for any expert set of at most ``bucket`` experts (the slots' values
     and the ``slot_expert_index`` input are set at run time), for this model state only.
     With ``lora`` the slots are the experts' LoRA factors (and biases) instead of their
     weights (:class:`~export.programs.LoRATrainingProgram`; ``mode`` must be ``"frozen"``).
+    ``capacity_factor``: the experts run the ``"capacity"`` path with this factor instead of
+    ``"dense"`` (less expert work; pairs past an expert's capacity are dropped).
     """
     if lora is not None and mode != "frozen":
         raise ExportError(f"LoRA training programs keep the other experts frozen, not {mode!r}")
-    key = training_key(model, bucket, batch, seq, mode, backend, gates, shared, lora)
+    expert_path(capacity_factor)  # checks the factor
+    key = training_key(model, bucket, batch, seq, mode, backend, gates, shared, lora,
+                       capacity_factor)
     t0 = time.perf_counter()
     try:
         from torch.export.experimental import _export_forward_backward
 
-        with export_mode(model, attn="eager"):
+        with export_mode(model, attn="eager", capacity_factor=capacity_factor):
             program: TrainingProgram | LoRATrainingProgram
             if lora is None:
-                program = TrainingProgram(model, bucket, mode, gates, shared)
+                program = TrainingProgram(model, bucket, mode, gates, shared, capacity_factor)
                 args = _example_train_args(model, program, batch, seq, [])
                 with program.without_expert_tensors():
                     ep = torch.export.export(program, args)
             else:
-                program = LoRATrainingProgram(model, bucket, lora, gates, shared)
+                program = LoRATrainingProgram(model, bucket, lora, gates, shared,
+                                              capacity_factor)
                 args = _example_train_args(model, program, batch, seq, [])
                 ep = torch.export.export(program, args)
             ep = _export_forward_backward(ep)
@@ -227,12 +242,13 @@ def export_training_program(model: MoEModel, bucket: int, batch: int, seq: int,
         assert isinstance(program, TrainingProgram)
         return TrainingExport(buffer, key, bucket, batch, seq, mode, backend,
                               list(program.param_names), canonical, trainable,
-                              time.perf_counter() - t0)
+                              time.perf_counter() - t0, capacity_factor=capacity_factor)
     assert isinstance(program, LoRATrainingProgram)
     return TrainingExport(buffer, key, bucket, batch, seq, mode, backend,
                           list(program.slots.values()), canonical, trainable,
                           time.perf_counter() - t0, adapter="lora", lora_rank=lora.rank,
-                          lora_alpha=lora.alpha, slots=dict(program.slots))
+                          lora_alpha=lora.alpha, slots=dict(program.slots),
+                          capacity_factor=capacity_factor)
 
 
 def load_training(buffer: bytes) -> Any:

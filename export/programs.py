@@ -1,8 +1,18 @@
 """The modules that get exported: static-shape inference and per-device training programs.
 
-Both wrap a :class:`~hfedmoe.models.base.MoEModel` whose expert banks run the ``"dense"`` path
-(every expert on every token, masked by the routing weights): top-k with a constant k and the
-scatter into a (tokens, experts) weight matrix have static shapes, which ExecuTorch and ONNX need.
+Both wrap a :class:`~hfedmoe.models.base.MoEModel` whose expert banks run a static-shape path,
+which ExecuTorch and ONNX need (:func:`export_mode`):
+
+- ``"dense"`` (the default; inference always): every expert on every token, masked by the
+  routing weights; top-k with a constant k and the scatter into a (tokens, experts) weight
+  matrix. Exact: the model's own forward.
+- ``"capacity"`` (training programs given a ``capacity_factor``): every expert runs on a block
+  of ``cap = min(T, ceil(capacity_factor * T * k / E))`` rows (T tokens of the batch, k routed
+  experts each, E experts per layer), filled first come first served in token order; a
+  token-expert pair past its expert's capacity is dropped (no output, no gradient). The expert
+  work falls to about ``capacity_factor * k / E`` of dense, but the forward is the model's only
+  when nothing is dropped (``capacity_factor >= E / k``); see
+  :func:`hfedmoe.experts.capacity_experts`.
 
 :class:`TrainingProgram` is the on-device training program of one bucket of ``B`` trainable
 experts. Its trainable expert weights are generic *slots* ``slot_w_in`` (B, d_in, d) etc.,
@@ -14,8 +24,9 @@ a one-hot (B, L*E) selection places the slots into the expert positions::
     W_(l,e) =                         sum_b sel_(b, l*E+e) * slot_b      (dropped mode)
 
 with ``keep = 1 - sum_b sel``. Values are exact (x*0 and x*1 are exact in IEEE arithmetic), so
-the forward equals the full model and a slot's gradient is exactly its expert's gradient. One
-program therefore serves every device whose selection fits the bucket, for one global model
+the forward equals the full model (on the program's expert path: with a ``capacity_factor``,
+the model with the same pairs dropped) and a slot's gradient is exactly its expert's gradient.
+One program therefore serves every device whose selection fits the bucket, for one global model
 (the other weights are constants of the program). In ``"dropped"`` mode the other experts are
 not in the program at all and their router logits are masked to -inf, so tokens go to kept
 experts only: **that changes the forward** (a smaller program that computes a different model).
@@ -77,6 +88,7 @@ def flat_expert_index(model: MoEModel, experts: Sequence[ExpertId], bucket: int)
 class _SavedState:
     impl: list[str]
     detach: list[bool]
+    capacity: list[float]
     requires_grad: dict[int, bool]
     training: bool
 
@@ -109,22 +121,55 @@ def attention_implementation(module: nn.Module, impl: str | None) -> Iterator[No
             cfg._attn_implementation = value  # type: ignore[attr-defined]
 
 
+def expert_path(capacity_factor: float | None) -> str:
+    """The static-shape expert path of a program: ``"dense"``, or ``"capacity"`` with a
+    factor."""
+    if capacity_factor is None:
+        return "dense"
+    if not capacity_factor > 0:
+        raise ExportError(f"capacity_factor must be > 0, got {capacity_factor}")
+    return "capacity"
+
+
 @contextlib.contextmanager
-def export_mode(model: MoEModel, attn: str | None = None) -> Iterator[MoEModel]:
-    """Dense static-shape experts and eval mode while inside (and attention ``attn`` if given);
-    the model's state is restored after."""
+def static_experts(model: MoEModel, capacity_factor: float | None = None) -> Iterator[None]:
+    """While inside, every bank runs :func:`expert_path` (``capacity_factor`` with it); the
+    banks' paths and factors are restored after."""
+    impl = expert_path(capacity_factor)
+    saved = [(ly.bank.impl, ly.bank.capacity_factor) for ly in model.layers]
+    for layer in model.layers:
+        layer.bank.impl = impl
+        if capacity_factor is not None:
+            layer.bank.capacity_factor = capacity_factor
+    try:
+        yield
+    finally:
+        for layer, (old_impl, old_factor) in zip(model.layers, saved, strict=True):
+            layer.bank.impl, layer.bank.capacity_factor = old_impl, old_factor
+
+
+@contextlib.contextmanager
+def export_mode(model: MoEModel, attn: str | None = None,
+                capacity_factor: float | None = None) -> Iterator[MoEModel]:
+    """Static-shape experts and eval mode while inside (and attention ``attn`` if given); the
+    model's state is restored after. The experts run ``"dense"``, or ``"capacity"`` with
+    ``capacity_factor`` (:func:`expert_path`)."""
+    impl = expert_path(capacity_factor)
     saved = _SavedState([ly.bank.impl for ly in model.layers],
                         [ly.bank.detach_frozen for ly in model.layers],
+                        [ly.bank.capacity_factor for ly in model.layers],
                         {id(p): p.requires_grad for p in model.module.parameters()},
                         model.module.training)
-    model.set_expert_impl("dense", detach_frozen=False)
+    model.set_expert_impl(impl, detach_frozen=False, capacity_factor=capacity_factor)
     model.module.eval()
     try:
         with attention_implementation(model.module, attn):
             yield model
     finally:
-        for layer, impl, detach in zip(model.layers, saved.impl, saved.detach, strict=True):
+        for layer, impl, detach, factor in zip(model.layers, saved.impl, saved.detach,
+                                               saved.capacity, strict=True):
             layer.bank.impl, layer.bank.detach_frozen = impl, detach
+            layer.bank.capacity_factor = factor
         for p in model.module.parameters():
             p.requires_grad_(saved.requires_grad[id(p)])
         model.module.train(saved.training)
@@ -180,14 +225,18 @@ class TrainingProgram(nn.Module):
 
     Trainable parameters: the slots (``slot_<param>`` of shape (bucket, *expert param shape)),
     plus the gates and shared parts when ``gates``/``shared`` (as ``MoEModel.set_trainable``).
-    Everything else is a frozen constant of the exported program.
+    Everything else is a frozen constant of the exported program. The forward runs the banks on
+    the ``"dense"`` path, or on the ``"capacity"`` path with ``capacity_factor``.
     """
 
     def __init__(self, model: MoEModel, bucket: int, mode: DropMode = "frozen",
-                 gates: bool = True, shared: bool = True) -> None:
+                 gates: bool = True, shared: bool = True,
+                 capacity_factor: float | None = None) -> None:
         super().__init__()
         if mode not in ("frozen", "dropped"):
             raise ExportError(f"unknown expert mode {mode!r} (frozen, dropped)")
+        expert_path(capacity_factor)  # checks the factor
+        self.capacity_factor = capacity_factor
         if model.task != "classification":
             raise ExportError(f"training programs support classification, not {model.task!r}")
         shapes = {(ly.num_experts, ly.bank.shape) for ly in model.layers}
@@ -265,7 +314,7 @@ class TrainingProgram(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 slot_expert_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         overrides = self._overrides(slot_expert_index)
-        with self._routing():
+        with self._routing(), static_experts(self.model, self.capacity_factor):
             out = torch.func.functional_call(
                 self.net, overrides, (),
                 {"input_ids": input_ids, "attention_mask": attention_mask}, strict=False)
@@ -336,14 +385,17 @@ class LoRATrainingProgram(nn.Module):
     and every expert runs ``Expert.forward`` with these factors attached, i.e.
     ``x W^T + scale * x A^T B^T`` (:meth:`hfedmoe.lora.ExpertFactors.apply`). For an expert no
     slot plays the factor term is exactly zero, so the program's forward at B = 0 equals the
-    model's, and a slot's gradient is exactly the gradient of its expert's factors.
+    model's, and a slot's gradient is exactly the gradient of its expert's factors. The banks
+    run ``"dense"``, or ``"capacity"`` with ``capacity_factor`` (both call ``Expert.forward``).
     """
 
     def __init__(self, model: MoEModel, bucket: int, lora: LoRASpec, gates: bool = True,
-                 shared: bool = True) -> None:
+                 shared: bool = True, capacity_factor: float | None = None) -> None:
         super().__init__()
         if model.task != "classification":
             raise ExportError(f"training programs support classification, not {model.task!r}")
+        expert_path(capacity_factor)  # checks the factor
+        self.capacity_factor = capacity_factor
         shapes = {(ly.num_experts, ly.bank.shape) for ly in model.layers}
         if len(shapes) != 1:
             raise ExportError(f"{model.family}: slots need the same experts in every layer")
@@ -411,9 +463,10 @@ class LoRATrainingProgram(nn.Module):
         for ex, f in zip(experts, [f for per_layer in factors for f in per_layer], strict=True):
             ex.factors = f
         try:
-            out = torch.func.functional_call(
-                self.net, overrides, (),
-                {"input_ids": input_ids, "attention_mask": attention_mask}, strict=False)
+            with static_experts(self.model, self.capacity_factor):
+                out = torch.func.functional_call(
+                    self.net, overrides, (),
+                    {"input_ids": input_ids, "attention_mask": attention_mask}, strict=False)
         finally:
             for ex in experts:
                 ex.factors = None

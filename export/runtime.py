@@ -16,13 +16,21 @@ zero), and ``deltas()`` returns the trained factors themselves under the canonic
 dense deltas on the server, plus bias, gate and shared-part deltas.
 
 Programs are keyed by (model state hash, bucket, batch shape, mode, backend[, LoRA rank and
-alpha]): one program serves
+alpha][, capacity factor]): one program serves
 every device of that bucket in a round, whatever its experts (see :mod:`export.programs`). A
 device with budget ``n`` selects at most ``bucket_for(n)`` experts (budget 3 -> bucket 2: round
 down, never above the budget).
 
+Expert compute: by default the program runs the ``"dense"`` path, every expert of a layer on
+every token of the batch (E/k times the routed work). With ``capacity_factor=f`` it runs the
+``"capacity"`` path instead: each expert on a fixed block of ``min(T, ceil(f * T * k / E))``
+rows, about ``f * k / E`` of the dense work, and token-expert pairs past an expert's capacity
+are dropped (first come first served in token order), so the forward is the model's only when
+nothing is dropped (``f >= E / k``). The eager reference of such a program runs the same path
+(:mod:`export.training`).
+
 Cost of the generic slots: the program builds every layer's expert weights from the slots each
-step (one (E, bucket) x (bucket, numel) matmul per layer and parameter), small next to the dense
+step (one (E, bucket) x (bucket, numel) matmul per layer and parameter), small next to the
 expert compute.
 """
 
@@ -69,14 +77,16 @@ class ProgramCache:
 
     def get(self, model: MoEModel, bucket: int, batch: int, seq: int, mode: DropMode = "frozen",
             backend: Backend = "portable", gates: bool = True,
-            shared: bool = True, lora: LoRASpec | None = None) -> TrainingExport:
-        key = training_key(model, bucket, batch, seq, mode, backend, gates, shared, lora)
+            shared: bool = True, lora: LoRASpec | None = None,
+            capacity_factor: float | None = None) -> TrainingExport:
+        key = training_key(model, bucket, batch, seq, mode, backend, gates, shared, lora,
+                           capacity_factor)
         if key in self._mem:
             return self._mem[key]
         found = self._load(key)
         if found is None:
             found = export_training_program(model, bucket, batch, seq, mode, backend,
-                                            gates, shared, lora)
+                                            gates, shared, lora, capacity_factor)
             log.info("exported training program %s (bucket %d, %d bytes, %.1f s)", key,
                      bucket, len(found.buffer), found.export_s)
             self._save(found)
@@ -120,13 +130,15 @@ class ExecuTorchTrainer:
             of their weights.
         seed: seed of the generator the LoRA A factors are drawn from (the eager trainer's
             rule: ``torch.Generator().manual_seed(seed)``, experts in sorted order).
+        capacity_factor: run the experts on the ``"capacity"`` path with this factor (None:
+            the exact ``"dense"`` path; see the module docstring).
     """
 
     def __init__(self, model: MoEModel, experts: Sequence[ExpertId], batch_shape: tuple[int, int],
                  lr: float, *, bucket: int | None = None, mode: DropMode = "frozen",
                  backend: Backend = "portable", gates: bool = True, shared: bool = True,
                  cache: ProgramCache | None = None, lora: LoRASpec | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, capacity_factor: float | None = None) -> None:
         from executorch.extension.training import get_sgd_optimizer
 
         self.model = model
@@ -136,8 +148,10 @@ class ExecuTorchTrainer:
         self.batch_shape = (int(batch_shape[0]), int(batch_shape[1]))
         self.bucket = bucket or bucket_holding(len(self.experts))
         self.index = flat_expert_index(model, self.experts, self.bucket)  # (bucket,)
+        self.capacity_factor = capacity_factor
         self.program = (cache or _DEFAULT_CACHE).get(model, self.bucket, *self.batch_shape,
-                                                     mode, backend, gates, shared, lora)
+                                                     mode, backend, gates, shared, lora,
+                                                     capacity_factor)
         self.module = load_training(self.program.buffer)
         self._prime()
         self._params = self.module.named_parameters()

@@ -12,6 +12,11 @@ and the updates of every trained parameter by canonical name.
 LoRA, :class:`device_agent.train.EagerTrainer` with ``train.adapter = "lora"`` and
 ``optimizer = "sgd"``, from the same factors (the same generator seed); the compared values
 are the factors themselves (what both send) and the deltas of biases, gates and head.
+
+With ``capacity_factor`` the program runs the ``"capacity"`` expert path
+(:func:`hfedmoe.experts.capacity_experts`) and so does the eager reference (its banks switched
+to the same path and factor), so both drop the same token-expert pairs and parity stays exact;
+:attr:`TrainingParity.drops_eager` records the reference's (dropped, routed) pairs per step.
 """
 
 from __future__ import annotations
@@ -25,7 +30,13 @@ import torch
 
 from export.common import ExportReport, example_inputs
 from export.executorch import Backend
-from export.programs import DropMode, TrainingProgram, export_mode, flat_expert_index
+from export.programs import (
+    DropMode,
+    TrainingProgram,
+    expert_path,
+    export_mode,
+    flat_expert_index,
+)
 from export.runtime import ExecuTorchTrainer, ProgramCache
 from hfedmoe.errors import ExportError
 from hfedmoe.lora import LoRASpec
@@ -43,6 +54,15 @@ class TrainingParity:
     losses_eager: list[float] = field(default_factory=list)
     deltas_executorch: dict[str, torch.Tensor] = field(default_factory=dict)
     deltas_eager: dict[str, torch.Tensor] = field(default_factory=dict)
+    # (dropped, routed) token-expert pairs of every eager step, summed over the layers
+    # ("capacity" path only; empty for the dense path)
+    drops_eager: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def dropped_fraction(self) -> float:
+        """Dropped / routed pairs over the eager steps (0 on the dense path)."""
+        routed = sum(r for _, r in self.drops_eager)
+        return sum(d for d, _ in self.drops_eager) / routed if routed else 0.0
 
     @property
     def loss_diff(self) -> float:
@@ -55,11 +75,33 @@ class TrainingParity:
                    for k in self.deltas_executorch)
 
 
+def _use_capacity(model: MoEModel, capacity_factor: float | None) -> None:
+    """Switch ``model``'s banks to the ``"capacity"`` path at ``capacity_factor`` (None: keep
+    the model's own path, which computes what ``"dense"`` does)."""
+    if capacity_factor is not None:
+        expert_path(capacity_factor)  # checks the factor
+        model.set_expert_impl("capacity", capacity_factor=capacity_factor)
+
+
+def _record_drops(model: MoEModel, capacity_factor: float | None,
+                  drops: list[tuple[int, int]] | None) -> None:
+    if drops is not None and capacity_factor is not None:
+        drops.append(model.capacity_drops())
+
+
 def eager_sgd(model: MoEModel, experts: Sequence[ExpertId], batches: Sequence[dict],
               lr: float, mode: DropMode = "frozen", gates: bool = True,
-              shared: bool = True) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Plain PyTorch SGD on a copy of ``model``: per-step losses and canonical deltas."""
+              shared: bool = True, capacity_factor: float | None = None,
+              drops: list[tuple[int, int]] | None = None
+              ) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Plain PyTorch SGD on a copy of ``model``: per-step losses and canonical deltas.
+
+    ``capacity_factor``: the copy's experts run the ``"capacity"`` path at this factor, as the
+    program of that factor does; ``drops`` (if given) then gets every step's
+    ``(dropped, routed)`` pairs (:meth:`MoEModel.capacity_drops`).
+    """
     ref = copy.deepcopy(model)
+    _use_capacity(ref, capacity_factor)
     before = ref.state()
     losses = []
     if mode == "frozen":
@@ -69,12 +111,13 @@ def eager_sgd(model: MoEModel, experts: Sequence[ExpertId], batches: Sequence[di
         for b in batches:
             opt.zero_grad()
             loss = ref.module(**b).loss
+            _record_drops(ref, capacity_factor, drops)
             loss.backward()
             opt.step()
             losses.append(loss.item())
         return losses, {k: p.detach() - before[k] for k, p in ref.trainable_parameters().items()}
-    with export_mode(ref, attn="eager"):
-        prog = TrainingProgram(ref, len(experts), mode, gates, shared)
+    with export_mode(ref, attn="eager", capacity_factor=capacity_factor):
+        prog = TrainingProgram(ref, len(experts), mode, gates, shared, capacity_factor)
         prog.load_slots(experts)
         idx = flat_expert_index(ref, experts, len(experts))
         start = {n: prog.slot(n).detach().clone() for n in prog.param_names}
@@ -82,6 +125,7 @@ def eager_sgd(model: MoEModel, experts: Sequence[ExpertId], batches: Sequence[di
         for b in batches:
             opt.zero_grad()
             loss, _ = prog(b["input_ids"], b["attention_mask"], b["labels"], idx)
+            _record_drops(ref, capacity_factor, drops)
             loss.backward()
             opt.step()
             losses.append(loss.item())
@@ -95,69 +139,86 @@ def eager_sgd(model: MoEModel, experts: Sequence[ExpertId], batches: Sequence[di
 
 def training_parity(model: MoEModel, experts: Sequence[ExpertId], batch: int, seq: int,
                     steps: int = 5, lr: float = 0.1, mode: DropMode = "frozen",
-                    backend: Backend = "portable", cache: ProgramCache | None = None
+                    backend: Backend = "portable", cache: ProgramCache | None = None,
+                    capacity_factor: float | None = None
                     ) -> tuple[ExecuTorchTrainer, TrainingParity]:
-    """``steps`` SGD steps in ExecuTorch and in eager PyTorch on the same batches."""
+    """``steps`` SGD steps in ExecuTorch and in eager PyTorch on the same batches (both on the
+    ``"capacity"`` expert path at ``capacity_factor`` when given)."""
     batches = [example_inputs(model, batch, seq, seed=10 + i) for i in range(steps)]
     trainer = ExecuTorchTrainer(model, experts, (batch, seq), lr, mode=mode, backend=backend,
-                                cache=cache)
+                                cache=cache, capacity_factor=capacity_factor)
     result = TrainingParity()
     result.losses_executorch = [trainer.step(b) for b in batches]
     result.deltas_executorch = trainer.deltas()
-    result.losses_eager, result.deltas_eager = eager_sgd(model, experts, batches, lr, mode)
+    result.losses_eager, result.deltas_eager = eager_sgd(
+        model, experts, batches, lr, mode, capacity_factor=capacity_factor,
+        drops=result.drops_eager)
     return trainer, result
 
 
 def eager_lora_sgd(model: MoEModel, experts: Sequence[ExpertId], batches: Sequence[dict],
-                   lr: float, lora: LoRASpec, seed: int = 0
+                   lr: float, lora: LoRASpec, seed: int = 0,
+                   capacity_factor: float | None = None,
+                   drops: list[tuple[int, int]] | None = None
                    ) -> tuple[list[float], dict[str, torch.Tensor]]:
     """The kit's eager LoRA (``EagerTrainer``, ``adapter="lora"``, plain SGD at one ``lr``)
-    on a copy of ``model``: per-step losses and what it sends (factors + dense deltas)."""
+    on a copy of ``model``: per-step losses and what it sends (factors + dense deltas).
+    ``capacity_factor`` and ``drops`` as in :func:`eager_sgd`."""
     from device_agent.train import EagerTrainer
     from hfedmoe.config import MethodConfig, TrainConfig
 
     ref = copy.deepcopy(model)
+    _use_capacity(ref, capacity_factor)
     cfg = TrainConfig(lr=lr, head_lr=0.0, optimizer="sgd", weight_decay=0.0, adapter="lora",
                       lora_rank=lora.rank, lora_alpha=lora.alpha)
     trainer = EagerTrainer(ref, experts, cfg, MethodConfig(), seed=seed)
-    losses = [trainer.step(b) for b in batches]
+    losses = []
+    for b in batches:
+        losses.append(trainer.step(b))
+        _record_drops(ref, capacity_factor, drops)
     return losses, trainer.deltas()
 
 
 def lora_training_parity(model: MoEModel, experts: Sequence[ExpertId], batch: int, seq: int,
                          lora: LoRASpec, steps: int = 5, lr: float = 0.1, seed: int = 0,
-                         backend: Backend = "portable", cache: ProgramCache | None = None
+                         backend: Backend = "portable", cache: ProgramCache | None = None,
+                         capacity_factor: float | None = None
                          ) -> tuple[ExecuTorchTrainer, TrainingParity]:
     """``steps`` SGD steps in the LoRA ExecuTorch program and in the kit's eager LoRA on the
-    same batches, both from the factors drawn with ``seed``."""
+    same batches, both from the factors drawn with ``seed`` (both on the ``"capacity"``
+    expert path at ``capacity_factor`` when given)."""
     batches = [example_inputs(model, batch, seq, seed=10 + i) for i in range(steps)]
     trainer = ExecuTorchTrainer(model, experts, (batch, seq), lr, backend=backend, cache=cache,
-                                lora=lora, seed=seed)
+                                lora=lora, seed=seed, capacity_factor=capacity_factor)
     result = TrainingParity()
     result.losses_executorch = [trainer.step(b) for b in batches]
     result.deltas_executorch = trainer.deltas()
-    result.losses_eager, result.deltas_eager = eager_lora_sgd(model, experts, batches, lr, lora,
-                                                              seed)
+    result.losses_eager, result.deltas_eager = eager_lora_sgd(
+        model, experts, batches, lr, lora, seed, capacity_factor=capacity_factor,
+        drops=result.drops_eager)
     return trainer, result
 
 
 def export_training_pte(model: MoEModel, experts: Sequence[ExpertId], batch: int, seq: int,
                         out_dir: str | Path, mode: DropMode = "frozen",
                         backend: Backend = "portable", steps: int = 5,
-                        lr: float = 0.1, lora: LoRASpec | None = None) -> ExportReport:
+                        lr: float = 0.1, lora: LoRASpec | None = None,
+                        capacity_factor: float | None = None) -> ExportReport:
     """Export the training program of the bucket holding ``experts`` into ``out_dir``
     (``<key>.pte`` + ``<key>.json``) and check ``steps`` SGD steps against eager (with
-    ``lora``: the LoRA program against the kit's eager LoRA)."""
+    ``lora``: the LoRA program against the kit's eager LoRA; with ``capacity_factor``: both
+    on the ``"capacity"`` expert path)."""
     cache = ProgramCache(out_dir)
     if lora is None:
         trainer, parity = training_parity(model, experts, batch, seq, steps, lr, mode, backend,
-                                          cache)
+                                          cache, capacity_factor)
     else:
         if mode != "frozen":
             raise ExportError(f"LoRA training programs keep the other experts frozen, not "
                               f"{mode!r}")
         trainer, parity = lora_training_parity(model, experts, batch, seq, lora, steps, lr,
-                                               backend=backend, cache=cache)
+                                               backend=backend, cache=cache,
+                                               capacity_factor=capacity_factor)
     prog = trainer.program
     extra = set(parity.deltas_executorch) ^ set(parity.deltas_eager)
     report = ExportReport(
@@ -168,6 +229,9 @@ def export_training_pte(model: MoEModel, experts: Sequence[ExpertId], batch: int
         info={"bucket": prog.bucket, "experts": ",".join(map(str, experts)),
               "mode": mode, "backend": backend, "shape": f"{batch}x{seq}",
               "adapter": f"lora r={lora.rank} alpha={lora.alpha}" if lora else "full",
+              "experts path": ("dense" if capacity_factor is None else
+                               f"capacity {capacity_factor:g} (eager dropped "
+                               f"{100 * parity.dropped_fraction:.1f}% of routed pairs)"),
               "export_s": round(prog.export_s, 2), "sgd steps": f"{steps} (lr {lr})",
               "losses (et)": " ".join(f"{v:.5f}" for v in parity.losses_executorch),
               "losses (eager)": " ".join(f"{v:.5f}" for v in parity.losses_eager)})

@@ -155,6 +155,11 @@ class TrainConfig:
     adapter: Literal["full", "lora"] = "full"
     lora_rank: int = 8
     lora_alpha: float = 16.0
+    # the ExecuTorch runtime's training programs (agent runtime = "executorch"): unset, every
+    # expert runs on every token ("dense", exact); a factor f, each expert runs on at most
+    # ceil(f * tokens * top_k / num_experts) token rows (about f * top_k / num_experts of the
+    # dense expert work) and the routed tokens past that are dropped ("capacity")
+    executorch_capacity_factor: float | None = None
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "train.batch_size must be >= 1")
@@ -168,6 +173,10 @@ class TrainConfig:
         _check(self.adapter in ("full", "lora"), "train.adapter must be 'full' or 'lora'")
         _check(self.lora_rank >= 1, "train.lora_rank must be >= 1")
         _check(self.lora_alpha > 0, "train.lora_alpha must be > 0")
+        _check(self.executorch_capacity_factor is None
+               or 0 < self.executorch_capacity_factor < float("inf"),
+               f"train.executorch_capacity_factor must be a number > 0 (unset: dense experts), "
+               f"got {self.executorch_capacity_factor}")
         _check(not (self.adapter == "lora" and self.reselect == "batch"),
                "train.adapter = 'lora' trains one expert set per round (train.reselect = 'round')")
 

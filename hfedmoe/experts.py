@@ -18,6 +18,16 @@ Paths (``ExpertBank.impl``), all with the same semantics, tested against ``"eage
                scatter-adds. The fastest path for training on CPU (``benchmarks/kernels.py``).
 - ``dense``    every expert on every token, combined with a (tokens, experts) weight matrix;
                static shapes only, for ExecuTorch/ONNX export and tiny models.
+- ``capacity`` static shapes with a fixed number of rows per expert (GShard/Switch capacity):
+               each expert takes at most ``cap = min(T, ceil(capacity_factor * T * k / E))``
+               of its token-expert pairs, first come first served in flat slot order, and runs
+               on a (cap, d) block padded with zero rows; the pairs over capacity are dropped
+               (no output, no gradient, the other routing weights are not renormalised). The
+               expert work is about ``capacity_factor * k / E`` of ``dense``. Exactly the
+               ``eager`` path on an index whose dropped pairs carry an out-of-range id; with
+               ``capacity_factor >= E / k`` nothing is dropped. For ExecuTorch training
+               programs (``export.programs``). The last call's dropped and routed pair counts
+               are kept on the bank (:attr:`ExpertBank.dropped_pairs`, ``routed_pairs``).
 
 ``detach_frozen=True`` runs frozen experts without autograd: their output is a constant for
 backprop, so they save no activations and pass no gradient to their input (an approximation of
@@ -31,6 +41,7 @@ weights it stacks (:meth:`Expert.weights`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -156,14 +167,35 @@ def register_expert_impl(name: str) -> Callable[[ExpertImpl], ExpertImpl]:
     return deco
 
 
+DEFAULT_CAPACITY_FACTOR = 1.25
+
+
+def expert_capacity(num_tokens: int, k: int, num_experts: int, capacity_factor: float) -> int:
+    """Rows per expert of the ``"capacity"`` path: ``min(T, ceil(factor * T * k / E))``.
+
+    A token is routed to an expert at most once, so ``T`` rows always suffice; the 1e-9 keeps
+    a product such as ``1.1 * 10`` (11.000000000000002) from rounding up to one row more, and
+    a positive factor always leaves at least one row.
+    """
+    rows = math.ceil(capacity_factor * num_tokens * k / num_experts - 1e-9)
+    return min(num_tokens, max(rows, 1))
+
+
 class ExpertBank(nn.Module):
     """The experts of one MoE layer, called like transformers' experts modules.
 
     ``forward(hidden_states (T, d), top_k_index (T, k), top_k_weights (T, k)) -> (T, d)``.
+
+    ``capacity_factor`` sizes the expert blocks of the ``"capacity"`` path
+    (:func:`expert_capacity`); the other paths ignore it. After a ``"capacity"`` call outside
+    ``torch.export``/``torch.compile``, ``dropped_pairs`` and ``routed_pairs`` hold that call's
+    number of token-expert pairs dropped over capacity and of pairs routed to an expert of the
+    bank (0-dim int64 tensors; None before the first such call).
     """
 
     def __init__(self, shape: ExpertShape, num_experts: int, impl: str = "grouped",
-                 detach_frozen: bool = False) -> None:
+                 detach_frozen: bool = False,
+                 capacity_factor: float = DEFAULT_CAPACITY_FACTOR) -> None:
         super().__init__()
         if num_experts < 1:
             raise ModelError(f"num_experts must be >= 1, got {num_experts}")
@@ -172,6 +204,19 @@ class ExpertBank(nn.Module):
         self.experts = nn.ModuleList(Expert(shape) for _ in range(num_experts))
         self.impl = impl
         self.detach_frozen = detach_frozen
+        self.capacity_factor = capacity_factor
+        self.dropped_pairs: torch.Tensor | None = None
+        self.routed_pairs: torch.Tensor | None = None
+
+    @property
+    def capacity_factor(self) -> float:
+        return self._capacity_factor
+
+    @capacity_factor.setter
+    def capacity_factor(self, value: float) -> None:
+        if not value > 0 or math.isinf(value):
+            raise ModelError(f"capacity_factor must be a finite number > 0, got {value}")
+        self._capacity_factor = float(value)
 
     @property
     def impl(self) -> str:
@@ -387,3 +432,55 @@ def dense_experts(bank: ExpertBank, x: torch.Tensor, idx: torch.Tensor,
                 y = expert(x)
         out = out + y * combine[:, e : e + 1]
     return out
+
+
+@register_expert_impl("capacity")
+def capacity_experts(bank: ExpertBank, x: torch.Tensor, idx: torch.Tensor,
+                     weights: torch.Tensor) -> torch.Tensor:
+    """Static-shape path with ``cap`` rows per expert (:func:`expert_capacity`).
+
+    The N = T*k token-expert pairs in flat slot order (token-major): a pair's position in its
+    expert is the number of earlier pairs routed to the same expert (a cumulative sum over a
+    one-hot (N, E)); pairs at position >= cap, and pairs with an out-of-range id, are dropped.
+    A kept pair goes to dispatch slot ``expert * cap + position``, a dropped one to the dump
+    slot ``E * cap``. A scatter gives each dispatch slot its token (unused slots: a zero row
+    appended to ``x``), each expert runs :meth:`Expert.forward` on its (cap, d) block, and
+    every pair gathers its row back (the dump slot's row is zero), scaled by its routing weight.
+    No shape depends on the routing, so the path goes through ``torch.export``.
+    """
+    num_tokens, k = idx.shape
+    num_experts = bank.num_experts
+    cap = expert_capacity(num_tokens, k, num_experts, bank.capacity_factor)
+    if cap == 0:  # no tokens
+        return torch.zeros_like(x)
+    flat = idx.reshape(-1).long()  # (N,)
+    experts = torch.arange(num_experts, device=x.device)
+    onehot = (flat[:, None] == experts[None, :]).to(torch.int64)  # (N, E); 0 rows: out of range
+    routed = onehot.sum(1)  # (N,) 1 for an in-range id
+    position = (onehot.cumsum(0) * onehot).sum(1) - 1  # (N,) earlier pairs of the same expert
+    kept = (routed > 0) & (position < cap)  # (N,)
+    dump = num_experts * cap
+    safe = torch.where(kept, flat, torch.zeros_like(flat))
+    slot = torch.where(kept, safe * cap + position, torch.full_like(flat, dump))  # (N,)
+    pair_token = torch.arange(num_tokens, device=x.device)[:, None].expand(num_tokens, k)
+    pair_token = pair_token.reshape(-1)  # (N,) token of every pair
+    # token of every dispatch slot (+ the dump slot); unused slots: the zero row num_tokens
+    src = torch.full((dump + 1,), num_tokens, dtype=torch.int64, device=x.device)
+    src = src.scatter(0, slot, pair_token)[:dump]  # (E*cap,)
+    x_pad = torch.cat([x, x.new_zeros(1, x.shape[1])])  # (T+1, d)
+    xs = x_pad[src].view(num_experts, cap, x.shape[1])  # (E, cap, d)
+    ys = []
+    for e, expert in enumerate(bank.experts):
+        ctx = _frozen_ctx(bank, expert)
+        if ctx is None:
+            ys.append(expert(xs[e]))
+        else:
+            with ctx:
+                ys.append(expert(xs[e]))
+    ys.append(ys[0].new_zeros(1, x.shape[1]))  # the dump slot's row
+    y = torch.cat(ys)  # (E*cap + 1, d)
+    per_pair = y[slot] * (weights.reshape(-1) * kept.to(weights.dtype))[:, None].to(y.dtype)
+    if not torch.compiler.is_compiling():
+        bank.routed_pairs = routed.sum().detach()
+        bank.dropped_pairs = bank.routed_pairs - kept.sum().detach()
+    return per_pair.view(num_tokens, k, -1).sum(1).to(x.dtype)  # (T, d)

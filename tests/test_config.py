@@ -27,6 +27,16 @@ def test_toml_with_overrides(tmp_path):
     assert cfg.model.name == "qwen3-moe-tiny" and cfg.train.optimizer == "sgd"
 
 
+def test_executorch_capacity_factor_is_unset_by_default_and_read_as_a_float(tmp_path):
+    assert KitConfig().train.executorch_capacity_factor is None  # dense, exact
+    path = tmp_path / "kit.toml"
+    path.write_text("[train]\nexecutorch_capacity_factor = 1.25\n")
+    assert load_config(KitConfig, path).train.executorch_capacity_factor == 1.25
+    cfg = load_config(KitConfig, None, ["train.executorch_capacity_factor=2"])
+    assert cfg.train.executorch_capacity_factor == 2.0
+    assert isinstance(cfg.train.executorch_capacity_factor, float)
+
+
 @pytest.mark.parametrize("text,match", [
     ("[method]\nbetaa = 1\n", r"unknown config key\(s\) in \[method\]: betaa"),
     ("[nope]\nx = 1\n", r"unknown config key\(s\): nope"),
@@ -36,6 +46,14 @@ def test_toml_with_overrides(tmp_path):
     ("[train]\ndetach_frozen = 1\n", r"train.detach_frozen: expected true/false"),
     ("[model]\ntop_k = 9\n", r"model.top_k must be in \[1, num_experts=8\]"),
     ("[method]\ndp_noise_multiplier = 1.0\n", r"needs method.dp_clip > 0"),
+    ("[train]\nexecutorch_capacity_factor = 0\n",
+     r"train.executorch_capacity_factor must be a number > 0"),
+    ("[train]\nexecutorch_capacity_factor = -inf\n",
+     r"train.executorch_capacity_factor must be a number > 0"),
+    ("[train]\nexecutorch_capacity_factor = inf\n",
+     r"train.executorch_capacity_factor must be a number > 0"),
+    ("[train]\nexecutorch_capacity_factor = 'big'\n",
+     r"train.executorch_capacity_factor: expected a number"),
     ("[method\n", r"invalid TOML"),
 ])
 def test_bad_config_is_a_clear_typed_error(tmp_path, text, match):

@@ -2,7 +2,9 @@
 
 Tolerances (float32): inference logits max|diff| <= 1e-4 (.pte vs eager, ONNX vs eager, .pte vs
 ONNX); training losses and parameter updates after 5 SGD steps max|diff| <= 1e-5; experts
-outside the trained set are bit-identical.
+outside the trained set are bit-identical. Training programs on the ``"capacity"`` expert path
+match eager SGD on the same path (the same pairs dropped), and at capacity factor E/k (nothing
+dropped) the dense programs' numbers.
 """
 
 import copy
@@ -14,7 +16,12 @@ pytest.importorskip("executorch")
 pytest.importorskip("onnxruntime")
 
 from export.common import example_inputs  # noqa: E402
-from export.executorch import export_inference_pte, load_inference, run_inference  # noqa: E402
+from export.executorch import (  # noqa: E402
+    export_inference_pte,
+    load_inference,
+    run_inference,
+    training_key,
+)
 from export.onnx import export_onnx, run_onnx, session  # noqa: E402
 from export.programs import (  # noqa: E402
     TrainingProgram,
@@ -24,7 +31,7 @@ from export.programs import (  # noqa: E402
     masked_router_forward,
 )
 from export.runtime import ExecuTorchTrainer, ProgramCache, bucket_holding  # noqa: E402
-from export.training import TRAIN_TOL, training_parity  # noqa: E402
+from export.training import TRAIN_TOL, eager_sgd, training_parity  # noqa: E402
 from hfedmoe.errors import ExportError  # noqa: E402
 from hfedmoe.models.base import MoEModel  # noqa: E402
 from hfedmoe.models.hf import build_hf_model  # noqa: E402
@@ -198,6 +205,78 @@ def test_trainer_rejects_a_batch_of_another_shape(qwen, cache):
     trainer = ExecuTorchTrainer(qwen, [E(0, 1), E(1, 2)], (2, 8), 0.1, cache=cache)
     with pytest.raises(ExportError):
         trainer.step(example_inputs(qwen, 2, 9))
+
+
+# --- the capacity expert path ------------------------------------------------------------------
+# qwen3-moe tiny: E = 4 experts, k = 2, batches of 2 x 8 = 16 tokens per layer. Factor 1.0:
+# 8 rows per expert (half the dense work), some pairs dropped; factor 2.0 = E/k: 16 rows, none.
+def test_capacity_program_drops_pairs_like_its_eager_twin(qwen, cache, tmp_path):
+    selected = [E(0, 1), E(1, 2)]
+    trainer, parity = training_parity(qwen, selected, 2, 8, steps=5, lr=0.5, cache=cache,
+                                      capacity_factor=1.0)
+    _check_parity(parity)
+    assert trainer.program.capacity_factor == 1.0 and trainer.bucket == 2
+    assert len(parity.drops_eager) == 5 and all(routed == 2 * 16 * 2
+                                                for _, routed in parity.drops_eager)
+    assert all(dropped > 0 for dropped, _ in parity.drops_eager)
+    assert 0 < parity.dropped_fraction < 0.5
+    # the drops change the forward: it is not the model's
+    b = example_inputs(qwen, 2, 8, seed=3)
+    fresh = ExecuTorchTrainer(qwen, selected, (2, 8), 0.1, cache=cache, capacity_factor=1.0)
+    with torch.no_grad():
+        full = qwen.module(**b).logits
+    assert (fresh.logits(b) - full).abs().max() > 1e-4
+    # programs of other factors (or dense) have other keys; a saved program keeps its factor
+    keys = {training_key(qwen, 2, 2, 8, capacity_factor=f) for f in (None, 1.0, 2.0, 1.25)}
+    assert len(keys) == 4
+    assert training_key(qwen, 2, 2, 8, capacity_factor=1) == trainer.program.key
+    ProgramCache(tmp_path)._save(trainer.program)
+    loaded = ProgramCache(tmp_path).get(qwen, 2, 2, 8, capacity_factor=1.0)  # no export
+    assert loaded.capacity_factor == 1.0 and loaded.buffer == trainer.program.buffer
+
+
+def test_capacity_program_at_factor_e_over_k_is_the_dense_program(qwen, cache):
+    selected = [E(0, 0), E(1, 3)]
+    trainer, parity = training_parity(qwen, selected, 2, 8, steps=5, lr=0.5, cache=cache,
+                                      capacity_factor=2.0)
+    _check_parity(parity)
+    assert parity.drops_eager and all(dropped == 0 for dropped, _ in parity.drops_eager)
+    batches = [example_inputs(qwen, 2, 8, seed=10 + i) for i in range(5)]
+    dense_losses, dense_deltas = eager_sgd(qwen, selected, batches, 0.5)  # model's own path
+    for got, want in zip(parity.losses_executorch, dense_losses, strict=True):
+        assert abs(got - want) <= TRAIN_TOL * max(1.0, abs(want))
+    for key, delta in parity.deltas_executorch.items():
+        torch.testing.assert_close(delta, dense_deltas[key], rtol=0, atol=TRAIN_TOL)
+    b = example_inputs(qwen, 2, 8, seed=3)
+    fresh = ExecuTorchTrainer(qwen, selected, (2, 8), 0.1, cache=cache, capacity_factor=2.0)
+    with torch.no_grad():
+        full = qwen.module(**b).logits
+    torch.testing.assert_close(fresh.logits(b), full, rtol=0, atol=1e-5)
+
+
+def test_capacity_program_in_dropped_mode_matches_its_eager_twin(qwen, cache):
+    """Dropped mode sends every token to the kept experts, so capacity drops many pairs."""
+    trainer, parity = training_parity(qwen, [E(0, 1), E(1, 2)], 2, 8, steps=5, lr=0.5,
+                                      mode="dropped", cache=cache, capacity_factor=1.0)
+    _check_parity(parity)
+    assert trainer.program.mode == "dropped" and parity.dropped_fraction > 0
+
+
+def test_capacity_factor_must_be_positive(qwen):
+    with pytest.raises(ExportError, match="capacity_factor"):
+        TrainingProgram(qwen, 2, capacity_factor=0.0)
+    with pytest.raises(ExportError, match="capacity_factor"), export_mode(qwen,
+                                                                         capacity_factor=-1.0):
+        pass
+    assert all(layer.bank.impl == "grouped" for layer in qwen.layers)
+
+
+@pytest.mark.slow
+def test_xnnpack_capacity_program_matches_eager_sgd(qwen):
+    _, parity = training_parity(qwen, [E(0, 0), E(1, 3)], 2, 8, steps=5, lr=0.5,
+                                backend="xnnpack", cache=ProgramCache(), capacity_factor=1.0)
+    _check_parity(parity)
+    assert all(dropped > 0 for dropped, _ in parity.drops_eager)
 
 
 @pytest.mark.slow

@@ -147,6 +147,16 @@ def test_lora_program_on_a_silu_model_trains_fewer_parameters(qwen, cache):
     assert 2 * factors < 0.1 * 2 * shape.params_per_expert  # the full program's slots
 
 
+def test_lora_program_on_the_capacity_path_matches_the_eager_lora_trainer(qwen, cache):
+    """Capacity factor 1.0 (8 of 16 rows per expert): both drop the same pairs."""
+    selected = [E(0, 1), E(1, 2)]
+    trainer, parity = lora_training_parity(qwen, selected, 2, 8, LORA, steps=5, lr=0.5,
+                                           seed=3, cache=cache, capacity_factor=1.0)
+    _check_parity(parity)
+    assert trainer.program.adapter == "lora" and trainer.program.capacity_factor == 1.0
+    assert len(parity.drops_eager) == 5 and all(d > 0 for d, _ in parity.drops_eager)
+
+
 def test_lora_program_rejects_what_it_does_not_do(qwen, cache):
     with pytest.raises(ExportError, match="frozen"):
         ExecuTorchTrainer(qwen, [E(0, 1)], (2, 8), 0.1, mode="dropped", lora=LORA, cache=cache)

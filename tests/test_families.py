@@ -99,8 +99,9 @@ def test_converted_model_gives_the_family_outputs(model_type):
     assert all(isinstance(m, InterfaceExperts) for m in model.module.modules()
                if hasattr(m, "bank")) and model.num_layers >= 1
     assert model.info["adapter"].startswith("interface")
-    for impl in ("eager", "sorted", "grouped", "dense"):
-        model.set_expert_impl(impl)
+    for impl in ("eager", "sorted", "grouped", "dense", "capacity"):
+        # "capacity" at factor E: every expert has room for every token
+        model.set_expert_impl(impl, capacity_factor=float(model.layers[0].num_experts))
         with torch.no_grad():
             got = model.module(**inputs()).logits
         diff = (got - expected).abs().max().item()

@@ -96,10 +96,11 @@ def test_server_aggregate_is_the_exact_average_of_the_products(tokenizer):
     assert checked >= 2
 
 
-@pytest.mark.parametrize("impl", ["grouped", "sorted", "dense"])
+@pytest.mark.parametrize("impl", ["grouped", "sorted", "dense", "capacity"])
 def test_every_expert_path_sees_the_factors(tokenizer, impl):
     model = tiny(tokenizer)
     bank = model.layers[0].bank
+    bank.capacity_factor = bank.num_experts / 2  # "capacity": E/k, nothing dropped
     gen = torch.Generator().manual_seed(0)
     for e in bank.experts[:2]:
         e.factors = ExpertFactors(e.w_in, e.w_out, LORA, gen)

@@ -142,6 +142,32 @@ def test_executorch_runtime_sends_the_same_update_format(tokenizer):
             assert torch.equal(before[key], after[key]), key
 
 
+@pytest.mark.parametrize("factor", [None, 1.5])
+def test_executorch_runtime_passes_the_capacity_factor_on(tokenizer, monkeypatch, factor):
+    """train.executorch_capacity_factor reaches the ExecuTorch trainer (None: dense) and the
+    update's metadata (only when set)."""
+    import export.runtime
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, model, experts, batch_shape, lr, **kwargs):
+            seen.append(kwargs)
+
+        def step(self, batch):
+            return 1.0
+
+        def deltas(self):
+            return {}
+
+    monkeypatch.setattr(export.runtime, "ExecuTorchTrainer", Recorder)
+    res = train_round(tiny(tokenizer), text_data(), strategy=get_strategy("hfedmoe"), budget=3,
+                      train_cfg=TrainConfig(batch_size=4, executorch_capacity_factor=factor),
+                      max_length=16, runtime="executorch")
+    assert len(seen) == 1 and seen[0]["capacity_factor"] == factor and res.steps > 0
+    assert res.update.meta.get("capacity_factor") == factor
+
+
 @pytest.mark.parametrize("name", ["adamw", "sgd"])
 def test_optimizer_is_fused_on_cpu_and_skips_params_without_grad(name):
     torch.manual_seed(0)

@@ -255,11 +255,29 @@ class MoEModel:
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {k: p for k, p in self._params.items() if p.requires_grad}
 
-    def set_expert_impl(self, impl: str, detach_frozen: bool | None = None) -> None:
+    def set_expert_impl(self, impl: str, detach_frozen: bool | None = None,
+                        capacity_factor: float | None = None) -> None:
+        """Every bank's expert path (``hfedmoe.experts``); ``detach_frozen`` and
+        ``capacity_factor`` (the ``"capacity"`` path's) are set too when given. Clears the
+        banks' drop counts (:meth:`capacity_drops`)."""
         for layer in self.layers:
             layer.bank.impl = impl
+            layer.bank.dropped_pairs = layer.bank.routed_pairs = None
             if detach_frozen is not None:
                 layer.bank.detach_frozen = detach_frozen
+            if capacity_factor is not None:
+                layer.bank.capacity_factor = capacity_factor
+
+    def capacity_drops(self) -> tuple[int, int]:
+        """``(dropped, routed)`` token-expert pairs of the last ``"capacity"`` forward, summed
+        over the layers (``ExpertBank.dropped_pairs``/``routed_pairs``; layers that have not
+        run the path count 0)."""
+        dropped = routed = 0
+        for layer in self.layers:
+            if layer.bank.dropped_pairs is not None and layer.bank.routed_pairs is not None:
+                dropped += int(layer.bank.dropped_pairs)
+                routed += int(layer.bank.routed_pairs)
+        return dropped, routed
 
     # --- gate scores -------------------------------------------------------------------------
     @contextlib.contextmanager
