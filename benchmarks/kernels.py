@@ -9,16 +9,16 @@ reaching >= 40 % of the measured matmul peak of its dtype on the expert FLOPs.
 
     python -m benchmarks.kernels [--quick] [--paths eager,grouped,sorted] [--fast-path sorted]
                                  [--repeats 5] [--threads N] [--out results.jsonl]
-                                 [--plot kernels.png] [--from results.jsonl] [--bf16-cast]
+                                 [--plot kernels.png] [--from results.jsonl] [--bf16-held]
 
 Every configuration runs in a fresh process (:mod:`benchmarks.stepcost`: method, memory and
 FLOP accounting); ``--quick`` (tiny model, budgets 1 and all) measures in-process. A "rest" row
 per dtype runs the same step with the experts' compute removed, to show how much of a step is
 not expert work. ``expert_gflops`` is the expert FLOPs over the whole step, ``expert_part_gflops``
 over the step minus the "rest" row of its dtype. The routing pre-pass of ``train_round`` is
-timed separately (``routing_s``) and is not part of ``step_s``. bf16 rows hold the frozen
-matmul weights in bf16 as ``train_round`` does (:mod:`hfedmoe.precision`); ``--bf16-cast`` adds
-rows with them left in fp32 and cast by autocast on every use. ``--threads`` sets torch's
+timed separately (``routing_s``) and is not part of ``step_s``. In bf16 rows autocast casts the
+fp32 weights on every use; ``--bf16-held`` adds rows with the frozen matmul weights held in bf16
+(``train.hold_frozen_lowp``, :mod:`hfedmoe.precision`). ``--threads`` sets torch's
 threads here and in every worker. Prints a table and writes JSON lines (one per configuration,
 each with the environment).
 """
@@ -45,13 +45,13 @@ def matmul_peaks(quick: bool) -> dict[str, float]:
 
 
 def configs(paths: list[str], fast: str, budgets: list[int],
-            recipe_budget: int | None = None, cast_per_use: bool = False) -> list[dict[str, Any]]:
+            recipe_budget: int | None = None, hold_frozen: bool = False) -> list[dict[str, Any]]:
     """(label, path, dtype, detach_frozen, budget) of every run, 'rest' rows first."""
     variants = [(p, p, "float32", False) for p in paths]
     variants += [(f"{fast}+bf16", fast, "bfloat16", False),
                  (f"{fast}+detach", fast, "float32", True)]
-    # bf16 with frozen weights kept in fp32 and cast by autocast on every use
-    casting = [(f"{fast}+bf16 cast", fast, "bfloat16", False)] if cast_per_use else []
+    # bf16 with the frozen weights held in bf16 for the round (train.hold_frozen_lowp)
+    held = [(f"{fast}+bf16 held", fast, "bfloat16", False)] if hold_frozen else []
     out = [{"label": f"rest fp32 ({fast})", "path": fast, "dtype": "float32", "budget": 0,
             "detach_frozen": False, "skip_experts": True},
            {"label": f"rest bf16 ({fast})", "path": fast, "dtype": "bfloat16", "budget": 0,
@@ -60,9 +60,9 @@ def configs(paths: list[str], fast: str, budgets: list[int],
     for label, path, dtype, detach in variants:
         out += [{"label": label, "path": path, "dtype": dtype, "detach_frozen": detach,
                  "budget": b} for b in with_frozen]
-    for label, path, dtype, detach in casting:
+    for label, path, dtype, detach in held:
         out += [{"label": label, "path": path, "dtype": dtype, "detach_frozen": detach,
-                 "budget": b, "frozen_lowp": False} for b in budgets]
+                 "budget": b, "frozen_lowp": True} for b in budgets]
     quarter = recipe_budget if recipe_budget in budgets else min(budgets)
     out.append({"label": f"{fast} round recipe", "path": fast, "dtype": "float32",
                 "detach_frozen": False, "budget": quarter, "recipe": "compare"})
@@ -156,11 +156,11 @@ def print_table(rows: list[dict[str, Any]], peaks: dict[str, float]) -> None:
     ratios = {}
     for r in rows:  # bf16 against fp32 on the same path, budget by budget
         if not r.get("skip_experts") and not r.get("recipe"):
-            kind = r["dtype"] + ("" if r.get("frozen_lowp", True) else " cast")
+            kind = r["dtype"] + (" held" if r.get("frozen_lowp") else "")
             ratios.setdefault((r["path"], r["budget"], bool(r.get("detach_frozen"))), {})[
                 kind] = r
     for (path, budget, detach), by in sorted(ratios.items()):
-        for kind in ("bfloat16", "bfloat16 cast"):
+        for kind in ("bfloat16", "bfloat16 held"):
             if kind in by and "float32" in by and not detach and budget:
                 b, f = by[kind], by["float32"]
                 print(f"{path} C={budget}: {kind}/fp32 step {b['step_s'] / f['step_s']:.2f}x, "
@@ -206,8 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="torch threads here and in every worker (0: torch's default)")
     p.add_argument("--out", default=None, help="append JSON lines here")
     p.add_argument("--plot", default=None, help="write a PNG of the results here")
-    p.add_argument("--bf16-cast", action="store_true",
-                   help="also bf16 with the frozen weights left fp32 (autocast casts per use)")
+    p.add_argument("--bf16-held", action="store_true",
+                   help="also bf16 with the frozen weights held in bf16 (train.hold_frozen_lowp)")
     p.add_argument("--round-steps", type=int, default=20,
                    help="local steps per round the round's routing pass is spread over")
     p.add_argument("--from", dest="from_jsonl", default=None,
@@ -238,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     peaks = matmul_peaks(args.quick)
     rows = []
     for cfg in configs(args.paths.split(","), args.fast_path, budgets,
-                       recipe_budget=max(1, num_experts // 4), cast_per_use=args.bf16_cast):
+                       recipe_budget=max(1, num_experts // 4), hold_frozen=args.bf16_held):
         env = environment()
         rows.append({"bench": "kernels", **measure_in_subprocess({**base, **cfg},
                                                                  isolate=not args.quick),

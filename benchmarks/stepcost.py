@@ -13,10 +13,9 @@ Inside the worker (:func:`measure`), as ``device_agent.train.train_round`` does 
    trainable (:func:`spread_experts`), gates and head trainable; ``trained_row_fraction`` is
    the share of the routed token-expert rows that went to trained experts.
 
-Under bf16 (``"dtype": "bfloat16"``) the frozen matmul weights are stored in bf16 for the
-measurement, as ``train_round`` does for a round (:class:`hfedmoe.precision.LowPrecisionFrozen`;
-memory-neutral: bf16 value + int16 low bits); ``"frozen_lowp": false`` keeps them fp32 and
-lets autocast cast them on every use.
+Under bf16 (``"dtype": "bfloat16"``) autocast casts the fp32 weights on every use;
+``"frozen_lowp": true`` stores the frozen matmul weights in bf16 for the measurement instead, as
+``train_round`` does with ``train.hold_frozen_lowp`` (:class:`hfedmoe.precision.LowPrecisionFrozen`).
 
 Time: wall-clock ``step_s`` (median of the timed steps, with min and max) and the process CPU
 time per step ``step_cpu_s`` (all threads; less sensitive to other processes on a shared
@@ -141,10 +140,10 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         return autocast if autocast is not None else contextlib.nullcontext()
 
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    # as train_round does under bf16: frozen matmul weights stored in bf16 for the round (the
-    # routing pass included), what trains put back to fp32; "frozen_lowp": false casts per use
+    # as train_round does under bf16 with train.hold_frozen_lowp: frozen matmul weights stored
+    # in bf16 for the round (the routing pass included), what trains put back to fp32
     low = None
-    if autocast is not None and spec.get("frozen_lowp", True):
+    if autocast is not None and spec.get("frozen_lowp", False):
         from hfedmoe.precision import LowPrecisionFrozen
 
         low = LowPrecisionFrozen(model.module, torch.bfloat16)

@@ -389,8 +389,8 @@ def train_round(model: MoEModel, data: TextDataset | PairDataset, *, strategy: S
         budget: C_budget, the most experts this device trains, holds state for and sends in
             the round.
         train_cfg: the recipe (batch size, lr, optimizer, dtype, detach_frozen, epochs,
-            selection_batches, reselect). With ``dtype`` bf16/fp16 on the eager runtime the
-            frozen matmul weights are stored in that dtype for the round
+            selection_batches, reselect). With ``dtype`` bf16/fp16 and ``hold_frozen_lowp`` on
+            the eager runtime the frozen matmul weights are stored in that dtype for the round
             (:class:`hfedmoe.precision.LowPrecisionFrozen`) and are back in fp32, unchanged,
             when it returns.
         method_cfg: overrides ``strategy.cfg`` (lam, beta, tau, DP).
@@ -413,7 +413,7 @@ def train_round(model: MoEModel, data: TextDataset | PairDataset, *, strategy: S
                   max_length=max_length, deadline_s=deadline_s, assignment=assignment,
                   base_hash=base_hash, clock=clock, on_step=on_step, planner=planner,
                   runtime=runtime, backend=backend)
-    if train_cfg.dtype == "float32" or runtime != "eager":
+    if train_cfg.dtype == "float32" or runtime != "eager" or not train_cfg.hold_frozen_lowp:
         return _train_round(model, data, **kwargs)  # type: ignore[arg-type]
     with LowPrecisionFrozen(model.module, DTYPES[train_cfg.dtype]) as low:
         return _train_round(model, data, low=low, **kwargs)  # type: ignore[arg-type]

@@ -137,9 +137,12 @@ class TrainConfig:
     weight_decay: float = 0.0
     local_epochs: int = 1
     max_steps: int = 0  # 0: no limit besides epochs and the deadline
-    # bf16/fp16: autocast, fp32 masters for what trains; frozen matmul weights are held in
-    # this dtype for the round (hfedmoe.precision) and are back in fp32, unchanged, after it
+    # bf16/fp16: autocast, with fp32 masters for what trains
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # with dtype bf16/fp16: hold the frozen matmul weights in that dtype for the round instead
+    # of casting them on every use (hfedmoe.precision; back in fp32, unchanged, after it). No
+    # faster on the CPU measured (benchmarks/precision.py), so off by default
+    hold_frozen_lowp: bool = False
     detach_frozen: bool = False
     device: str = "auto"
     threads: int = 0  # 0: what was measured / torch default

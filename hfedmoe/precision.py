@@ -1,9 +1,12 @@
 """Frozen weights stored in bf16/fp16 for a round, restored bit-exactly after it.
 
+Used when ``train.hold_frozen_lowp`` is set (off by default: on the CPU measured it made a bf16
+step no faster, ``benchmarks/precision.py``).
+
 Under ``torch.autocast`` every matmul casts its fp32 weight to the autocast dtype on every call,
 and autograd keeps the cast copy for the backward: for a frozen weight that is a cast and a
 copy per use, per step, for a value that does not change during the round (on a CPU the casts
-were the largest single cost of a bf16 step in the profiler, ``benchmarks/kernels.py``).
+were the largest single cost of a bf16 step in one profile).
 :class:`LowPrecisionFrozen` instead stores each frozen 2-D matmul weight in the low-precision
 dtype once for the round; autocast then finds it already in its dtype and casts nothing.
 

@@ -19,16 +19,16 @@ def read_rows(path: Path) -> list[dict]:
 def test_kernels_quick(tmp_path: Path) -> None:
     out, png = tmp_path / "kernels.jsonl", tmp_path / "kernels.png"
 
-    assert kernels.main(["--quick", "--out", str(out), "--plot", str(png), "--bf16-cast"]) == 0
+    assert kernels.main(["--quick", "--out", str(out), "--plot", str(png), "--bf16-held"]) == 0
 
     every = read_rows(out)
     rows = [r for r in every if r["bench"] == "kernels"]
     labels = {r["label"] for r in rows}
     assert {"eager", "grouped", "sorted", "sorted+bf16", "sorted+detach",
-            "sorted round recipe", "sorted+bf16 cast"} <= labels
-    # bf16 rows hold the frozen weights in bf16 unless marked as casting per use
-    assert {r.get("frozen_lowp", True) for r in rows if r["label"] == "sorted+bf16"} == {True}
-    assert {r["frozen_lowp"] for r in rows if r["label"] == "sorted+bf16 cast"} == {False}
+            "sorted round recipe", "sorted+bf16 held"} <= labels
+    # bf16 rows cast per use unless marked as holding the frozen weights in bf16
+    assert {r.get("frozen_lowp", False) for r in rows if r["label"] == "sorted+bf16"} == {False}
+    assert {r["frozen_lowp"] for r in rows if r["label"] == "sorted+bf16 held"} == {True}
     recipe = next(r for r in every if r["bench"] == "kernels-recipe")
     assert recipe["per_batch_recipe_s"] > 0 and recipe["round_step_s"] > 0
     assert recipe["ratio_step"] == pytest.approx(
@@ -49,7 +49,7 @@ def test_kernels_quick(tmp_path: Path) -> None:
     ref = next(r for r in rows if r["label"] == "sorted" and r["budget"] == 1)
     assert cut["expert_bwd_flops"] < ref["expert_bwd_flops"] < exact["expert_bwd_flops"]
     for r in rows:  # the analytical bound, from the variant's own C = 0, C = E and rest rows
-        if r.get("skip_experts") or r.get("recipe") or r["label"].endswith(" cast"):
+        if r.get("skip_experts") or r.get("recipe") or r["label"].endswith(" held"):
             continue
         assert {"bound_s", "bound_ratio_vs_all", "gap_to_bound"} <= r.keys(), r["label"]
         if r["budget"] in (0, most):  # the bound is made of these two measurements
@@ -102,3 +102,20 @@ def test_detach_quick(tmp_path: Path, minilm_available: bool) -> None:
     assert [r["detach_frozen"] for r in runs] == [False, True]
     for r in runs:
         assert 0.0 <= r["test_accuracy"] <= 1.0 and r["steps"] == 3
+
+
+def test_precision_quick(tmp_path: Path) -> None:
+    from benchmarks import precision
+
+    out = tmp_path / "precision.jsonl"
+    assert precision.main(["--quick", "--rounds", "3", "--out", str(out)]) == 0
+    rows = read_rows(out)
+    steps = [r for r in rows if r["bench"] == "precision"]
+    assert {(r["budget"], r["variant"]) for r in steps} == {
+        (b, v) for b in (2, 8) for v in precision.VARIANTS}
+    for r in steps:
+        assert len(r["step_samples_s"]) == 3 and r["step_s"] > 0
+        if r["variant"] != "fp32":  # paired ratio with its interval
+            lo, hi = r["ratio_ci95"]
+            assert lo <= r["ratio_to_fp32"] <= hi
+    assert sum(r["bench"] == "precision-frozen" for r in rows) == 2

@@ -86,7 +86,7 @@ def test_bf16_round_trains_fp32_masters_and_leaves_the_model_bit_identical(token
 
     res = train_round(model, text_data(), strategy=get_strategy("hfedmoe"), budget=2,
                       train_cfg=TrainConfig(batch_size=4, dtype="bfloat16", max_steps=2,
-                                            lr=1e-2, adapter=adapter),
+                                            lr=1e-2, adapter=adapter, hold_frozen_lowp=True),
                       on_step=on_step)
     assert res.steps == 2 and res.update.updated
     assert res.update.meta["frozen_dtype"] == "bfloat16"
@@ -99,3 +99,15 @@ def test_bf16_round_trains_fp32_masters_and_leaves_the_model_bit_identical(token
     assert all(after[k].dtype == torch.float32 for k in after)
     # every weight no update carries is back to the bit; the trained ones moved
     assert changed and changed <= set(res.update.deltas)
+
+
+def test_by_default_a_bf16_round_casts_per_use_and_keeps_weights_fp32(tokenizer):
+    from hfedmoe.config import TrainConfig
+
+    model = tiny(tokenizer)
+    seen = []
+    res = train_round(model, text_data(), strategy=get_strategy("hfedmoe"), budget=2,
+                      train_cfg=TrainConfig(batch_size=4, dtype="bfloat16", max_steps=2),
+                      on_step=lambda _f: seen.append({p.dtype for p in model.module.parameters()}))
+    assert res.steps == 2 and seen == [{torch.float32}] * 2
+    assert res.update.meta["frozen_dtype"] == "float32"
