@@ -8,7 +8,9 @@ of percent over minutes, more than the differences asked about; separate runs pe
 (``benchmarks/kernels.py``, which also measures memory in fresh processes) then compare drift.
 Here one model and one batch run every variant in turn, step after step, with the order
 rotated each round, so drift hits all of them alike, and the ratios are paired: variant step /
-fp32 step of the same round, median with a bootstrap 95 % interval.
+fp32 step of the same round, median with a bootstrap 95 % interval. The same interleaving times
+the parts that decide the ratio (:func:`op_timings`): one expert block's GEMM in fp32 and bf16
+and one layer's attention forward+backward in the forms a CPU could run it.
 
 Variants: ``fp32``; ``bf16`` (autocast casts the fp32 weights on every use; fp32 masters for
 what trains: ``train.dtype = "bfloat16"``); ``bf16-held`` (the same with the frozen matmul
@@ -90,6 +92,64 @@ def measure(model_name: str, budget: int, batch_size: int, seq_len: int, rounds:
     return out
 
 
+def op_timings(rounds: int, quick: bool) -> list[dict[str, Any]]:
+    """What bf16 buys on this CPU outside the model, interleaved the same way: one expert
+    block's GEMM (rows x d_model x d_ff of the default model) and one layer's attention
+    forward+backward ([batch, heads, seq, head_dim]) as the flash kernel in fp32 (what bf16
+    steps run on a CPU, ``hfedmoe.models.attention``), the flash kernel in bf16, and plain
+    bf16 matmuls with an fp32 softmax."""
+    import torch
+    import torch.nn.functional as F
+
+    rows_, d, f = (64, 32, 16) if quick else (256, 384, 192)
+    b, h, s, hd = (2, 2, 16, 8) if quick else (8, 12, 128, 32)
+    g = torch.Generator().manual_seed(0)
+
+    def gemm(dtype: Any) -> Any:
+        x, w = torch.randn(rows_, d, generator=g).to(dtype), torch.randn(f, d, generator=g).to(dtype)
+        return lambda: F.linear(x, w)
+
+    def attention(kind: str) -> Any:
+        dtype = torch.float32 if kind == "flash fp32" else torch.bfloat16
+        q, k, v = (torch.randn(b, h, s, hd, generator=g).to(dtype).requires_grad_()
+                   for _ in range(3))
+
+        def run() -> None:
+            if kind == "math bf16":
+                p = torch.softmax((q @ k.transpose(-1, -2)).float() * hd ** -0.5, -1)
+                out = p.to(dtype) @ v
+            else:
+                out = F.scaled_dot_product_attention(q, k, v)
+            out.sum().backward()
+        return run
+
+    ops = {"gemm fp32": gemm(torch.float32), "gemm bf16": gemm(torch.bfloat16),
+           "attention flash fp32": attention("flash fp32"),
+           "attention flash bf16": attention("flash bf16"),
+           "attention math bf16": attention("math bf16")}
+    times: dict[str, list[float]] = {k: [] for k in ops}
+    names = list(ops)
+    for r in range(rounds + 2):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            n = 20 if name.startswith("gemm") else 1  # a GEMM alone is well under 1 ms
+            t0 = time.perf_counter()
+            for _ in range(n):
+                ops[name]()
+            if r >= 2:  # two warm-up rounds
+                times[name].append((time.perf_counter() - t0) / n)
+    out = []
+    for name, ts in times.items():
+        row: dict[str, Any] = {"bench": "precision-ops", "op": name,
+                               "ms": round(1e3 * statistics.median(ts), 3)}
+        if name.startswith("gemm"):
+            row.update(shape=[rows_, d, f],
+                       gflops=round(2 * rows_ * d * f / statistics.median(ts) / 1e9, 1))
+        else:
+            row["shape"] = [b, h, s, hd]
+        out.append(row)
+    return out
+
+
 def summarize(budget: int, times: dict[str, list[float]]) -> list[dict[str, Any]]:
     rows = []
     base = times["fp32"]
@@ -135,6 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         times = measure(model, budget, *shape, rounds=rounds, warmup=1 if args.quick else 2)
         rows += [{**r, "model": model, "batch_size": shape[0], "seq_len": shape[1],
                   "rounds": rounds} for r in summarize(budget, times)]
+    ops = op_timings(rounds, args.quick)
+    rows += ops
     print(f"{model}, batch {shape[0]} x {shape[1]}, {torch.get_num_threads()} threads, "
           f"{rounds} interleaved rounds; ratio: median of per-round ratios [95 % CI]")
     for r in rows:
@@ -142,6 +204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             ratio = (f"{r['ratio_to_fp32']:.3f}x fp32 [{r['ratio_ci95'][0]:.3f}, "
                      f"{r['ratio_ci95'][1]:.3f}]" if "ratio_to_fp32" in r else "")
             print(f"C={r['budget']:<3} {r['variant']:<10} step {r['step_s']:.3f} s  {ratio}")
+        elif r["bench"] == "precision-ops":
+            extra = f", {r['gflops']} GFLOP/s" if "gflops" in r else ""
+            print(f"{r['op']:<22} {r['shape']}: {r['ms']:.3f} ms{extra}")
         else:
             print(f"C={r['budget']:<3} bf16-held / bf16: "
                   f"{r['held_over_cast']:.3f}x [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]")

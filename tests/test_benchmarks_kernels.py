@@ -119,3 +119,7 @@ def test_precision_quick(tmp_path: Path) -> None:
             lo, hi = r["ratio_ci95"]
             assert lo <= r["ratio_to_fp32"] <= hi
     assert sum(r["bench"] == "precision-frozen" for r in rows) == 2
+    ops = {r["op"]: r for r in rows if r["bench"] == "precision-ops"}
+    assert set(ops) == {"gemm fp32", "gemm bf16", "attention flash fp32",
+                        "attention flash bf16", "attention math bf16"}
+    assert all(r["ms"] > 0 for r in ops.values()) and ops["gemm bf16"]["gflops"] > 0
