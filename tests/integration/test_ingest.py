@@ -5,14 +5,19 @@ middle of a round: everything it acknowledged still counts, and the pool restart
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import threading
 import time
+from collections import Counter
+from typing import Any
 
+import paho.mqtt.client as mqtt
 import psutil
 import pytest
 
+from hfedmoe.transport.topics import Topics
 from server.swarm import SwarmConfig, run_swarm
 from tests.integration.conftest import SMALL, merge, metrics, spawn, stop, wait_for
 
@@ -38,16 +43,32 @@ def test_two_workers_one_killed_mid_round(tmp_path, mosquitto):
                                    "deadline_s": 60.0, "registration_timeout_s": 90.0}})
     server = spawn("server", cfg, tmp_path / "server.toml")
     killed: list[int] = []
+    # which worker acknowledged what, as the coordinator hears it (each worker's event topic)
+    accepted: Counter[str] = Counter()
+    lock = threading.Lock()
+    watcher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-watcher")
+    host, port = mosquitto.removeprefix("mqtt://").split(":")
+
+    def on_event(client: Any, userdata: Any, msg: Any) -> None:
+        if json.loads(msg.payload).get("type") == "accepted":
+            with lock:
+                accepted[msg.topic.rsplit("/", 1)[-1]] += 1
+
+    watcher.on_message = on_event
+    watcher.connect(host, int(port))
+    watcher.subscribe(f"{Topics(run_id).base}/ingest/event/+", qos=1)
+    watcher.loop_start()
 
     def kill_one_worker() -> None:
-        # round 0 is open once a device saw it; kill a worker while uploads are flowing
+        # round 0 is open; kill a worker that has acknowledged updates, while uploads flow
         end = time.monotonic() + 120
         while time.monotonic() < end and not killed:
-            if (run_dir / "run.db").exists() and len(_workers(server.pid)) == 2 \
-                    and len(list(run_dir.glob("updates/r0/*.bin"))) >= 6:
-                victim = _workers(server.pid)[0]
-                victim.send_signal(signal.SIGKILL)
-                killed.append(victim.pid)
+            with lock:
+                busy = [w for w, n in accepted.items() if n >= 3]
+            procs = {p.cmdline()[-1]: p for p in _workers(server.pid)}
+            if busy and len(procs) == 2 and busy[0] in procs:
+                procs[busy[0]].send_signal(signal.SIGKILL)
+                killed.append(procs[busy[0]].pid)
                 return
             time.sleep(0.05)
 
@@ -62,6 +83,8 @@ def test_two_workers_one_killed_mid_round(tmp_path, mosquitto):
         killer.join(5)
         wait_for(lambda: len(metrics(run_dir)) >= 3, 90, "two rounds closed", [server])
     finally:
+        watcher.loop_stop()
+        watcher.disconnect()
         stop(server)
     assert killed, "no worker was killed"
     log = (tmp_path / "server.log").read_text()
@@ -80,6 +103,5 @@ def test_two_workers_one_killed_mid_round(tmp_path, mosquitto):
     # the surviving worker wrote partial aggregates with updates in them
     logs = "".join((run_dir / "ingest" / f"w{i}.log").read_text() for i in range(2))
     assert re.search(r"round 1 closed with [1-9]", logs)
-    # the killed worker had acknowledged updates (the broker deals round-robin and six were
-    # spooled): the coordinator read them back from the spool
+    # the killed worker had acknowledged updates: the coordinator read them back from the spool
     assert "read back from the spool" in log
