@@ -10,6 +10,7 @@ session. SIGTERM stops cleanly between steps.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -17,7 +18,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +48,26 @@ SERVER_TRAIN_KEYS = ("batch_size", "lr", "head_lr", "optimizer", "weight_decay",
                      "lora_alpha")
 
 
+@contextlib.contextmanager
+def host_lock(path: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing) for the block; "" holds none.
+
+    Agents that share one host (the demo's emulated devices) take it while they time the host,
+    one at a time, so no agent's step costs include another's measurement."""
+    if not path:
+        yield
+        return
+    import fcntl
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     """Everything ``hfedmoe agent`` needs.
@@ -64,6 +85,9 @@ class AgentConfig:
             re-measured when a round announces another batch size or max_length).
         runtime: ``"eager"`` (PyTorch) or ``"executorch"`` (the training program a phone runs;
             classification models, one expert set per round).
+        measure_lock: a file that the agents sharing one host lock while they measure it (the
+            demo and emulated fleets set it), so one agent's timings do not include another's
+            work; "" measures without a lock.
     """
 
     device_id: str = "device-0"
@@ -80,6 +104,7 @@ class AgentConfig:
     matmul_seconds: float = 0.5
     max_rounds: int = 0
     runtime: Literal["eager", "executorch"] = "eager"
+    measure_lock: str = ""
     conditions_file: str = ""  # emulated battery/charging/temperature/metered/idle (JSON)
     eligibility: EligibilityConfig = field(default_factory=EligibilityConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -158,7 +183,8 @@ class DeviceAgent:
             import torch
 
             torch.set_num_threads(cfg.train.threads)
-        self.host = probe_device(matmul_seconds=cfg.matmul_seconds)  # before the model loads
+        # before the model loads; an emulated device times the host next to its step costs
+        self.host = probe_device(matmul_seconds=0 if cfg.emulate else cfg.matmul_seconds)
         self.report = load_profile(cfg.emulate) if cfg.emulate else self.host
         if cfg.num_shards > 1:
             task = load_task(cfg.data)
@@ -198,11 +224,19 @@ class DeviceAgent:
         from hfedmoe.lora import LoRASpec
 
         train = train or self.cfg.train
-        log.info("%s: measuring step costs at batch %d x %d (%s experts)", self.cfg.device_id,
-                 batch_size, seq_len, train.adapter)
-        return measure_costs(self.model, batch_size, seq_len, train.optimizer,
-                             train.detach_frozen, adapter=train.adapter,
-                             lora=LoRASpec(train.lora_rank, train.lora_alpha))
+        with host_lock(self.cfg.measure_lock):
+            log.info("%s: measuring step costs at batch %d x %d (%s experts)",
+                     self.cfg.device_id, batch_size, seq_len, train.adapter)
+            if self.cfg.emulate and self.cfg.matmul_seconds > 0:
+                # the emulated device's times are the host's scaled by matmul throughput:
+                # both taken under the same conditions, one right after the other
+                from device_agent.resources import measure_throughput
+
+                self.host = dataclasses.replace(self.host, matmul=measure_throughput(
+                    next(self.model.module.parameters()).device, self.cfg.matmul_seconds))
+            return measure_costs(self.model, batch_size, seq_len, train.optimizer,
+                                 train.detach_frozen, adapter=train.adapter,
+                                 lora=LoRASpec(train.lora_rank, train.lora_alpha))
 
     def _decide(self, deadline_s: float, train: TrainConfig) -> Any:
         from device_agent.costs import decide_budget, steps_per_round

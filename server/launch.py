@@ -74,6 +74,8 @@ def write_configs(run_dir: Path, broker_url: str, args: argparse.Namespace,
         agent = {"device_id": device, "run_id": run_id, "emulate": profile,
                  "work_dir": str(run_dir / "agents" / device), "shard": i,
                  "num_shards": args.devices, "upload_margin_s": 10.0,
+                 # the devices share this host: they time it one at a time
+                 "measure_lock": str(run_dir / "agents" / "measure.lock"),
                  "model": server.get("model", {}), "data": server.get("data", {}),
                  "train": {"threads": 1, "batch_size": server["train"]["batch_size"]},
                  "transport": {"url": broker_url}, "wire": server.get("wire", {})}
