@@ -53,8 +53,9 @@ def test_missing_chromium_skips_or_fails(monkeypatch, tmp_path, broker, browser,
 @pytest.mark.parametrize("require", ["", "1"])
 def test_broker_fixtures_honour_require_broker(require):
     env = {**os.environ, "HFEDMOE_MOSQUITTO": "/nonexistent/mosquitto", REQUIRE_ENV: require}
+    # -m "": both tests, slow or not
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          *BROKER_TESTS], cwd=ROOT, env=env,
+                          "-m", "", *BROKER_TESTS], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     tail = out.stdout[-2000:] + out.stderr[-2000:]
     if require:
