@@ -1,9 +1,8 @@
 """``hfedmoe bench NAME [args...]``: run one benchmark of ``benchmarks/`` by name.
 
-``benchmarks`` is not an installed package: it lives next to ``hfedmoe/`` in a source checkout.
-The command finds it there (the directory above the imported ``hfedmoe`` package), or on
-``sys.path``, and says so plainly when neither has it. ``hfedmoe bench --list`` names the
-benchmarks with the first line of each docstring (read without importing the module).
+``hfedmoe bench --list`` names the benchmarks with the first line of each docstring (read
+without importing the module). Results go to ``benchmarks/results/`` of the working directory
+unless ``--out`` says otherwise.
 """
 
 from __future__ import annotations
@@ -19,23 +18,8 @@ NOT_BENCHMARKS = {"cli", "__init__"}
 
 
 def find_package() -> ModuleType:
-    """The ``benchmarks`` package of this source checkout.
-
-    Raises:
-        ConfigError: no ``benchmarks`` directory next to ``hfedmoe`` nor on ``sys.path``.
-    """
-    import hfedmoe
-    from hfedmoe.errors import ConfigError
-
-    root = Path(hfedmoe.__file__).resolve().parent.parent
-    if (root / "benchmarks" / "__init__.py").is_file() and str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    try:
-        return importlib.import_module("benchmarks")
-    except ImportError as exc:
-        raise ConfigError("the benchmarks live in the source checkout (benchmarks/ next to "
-                          f"hfedmoe/), which this installation does not have (looked in "
-                          f"{root}); run from a clone of the repository") from exc
+    """The installed ``benchmarks`` package."""
+    return importlib.import_module("benchmarks")
 
 
 def available() -> dict[str, str]:

@@ -76,7 +76,7 @@ def run_config(model: str, dtype: str, budget: int, batch_size: int, seq_len: in
 
     import torch
 
-    from device_agent.train import DTYPES
+    from hfedmoe.trainer import DTYPES
 
     if threads:
         torch.set_num_threads(threads)

@@ -5,7 +5,7 @@ non-IID data (Dirichlet alpha 0.5 and 0.1), how do HFedMoE, its ablations (impor
 ranking; uniform aggregation) and the baselines (FedAvg-full, which ignores budgets; FedAvg
 with random routed experts in the budget; FedMoE's fixed sub-model by routing frequency)
 compare in held-out accuracy per round, final accuracy, and rounds / emulated device time /
-uploaded bytes to reach a target accuracy? Each run is :func:`server.simulate.simulate` (real
+uploaded bytes to reach a target accuracy? Each run is :func:`lab.simulate.simulate` (real
 training, real wire bytes, budgets from the cost model scaled to each profile). Step costs and
 the host's throughput are measured once per benchmark and pinned (also across ``--jobs``
 workers), so every strategy, seed and alpha gets exactly the same budgets.
@@ -94,7 +94,7 @@ def pinned_costs(cache: dict[str, Any] | None = None) -> Iterator[dict[str, Any]
 
 
 def measure_pins(args: argparse.Namespace) -> dict[str, Any]:
-    """Step costs and host throughput, measured as :func:`server.simulate.simulate` does."""
+    """Step costs and host throughput, measured as :func:`lab.simulate.simulate` does."""
     import device_agent.costs as costs
     import device_agent.resources as resources
     from hfedmoe.config import ModelConfig
@@ -151,7 +151,7 @@ def server_config(args: argparse.Namespace, strategy: str, alpha: float, seed: i
 
 def run_one(args: argparse.Namespace, strategy: str, alpha: float, seed: int,
             profiles: list[str]) -> list[dict]:
-    from server.simulate import simulate
+    from lab.simulate import simulate
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = server_config(args, strategy, alpha, seed, str(Path(tmp) / "run"))

@@ -52,10 +52,10 @@ def measure(model_name: str, budget: int, batch_size: int, seq_len: int, rounds:
     """Step seconds per variant, ``rounds`` interleaved samples each."""
     import torch
 
-    from device_agent.train import make_optimizer
     from hfedmoe.config import TrainConfig
     from hfedmoe.names import ExpertId
     from hfedmoe.precision import LowPrecisionFrozen
+    from hfedmoe.trainer import make_optimizer
 
     model = _build({"model": model_name, "path": path, "num_labels": 8})
     batch = _batch(model, batch_size, seq_len, 8)

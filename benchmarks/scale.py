@@ -70,7 +70,7 @@ def run_point(devices: int, fraction: float, workers: int, train_s: tuple[float,
     import psutil
     import tomli_w
 
-    from server.swarm import SwarmConfig, run_swarm
+    from lab.swarm import SwarmConfig, run_swarm
 
     tmp = Path(tempfile.mkdtemp(prefix="hfedmoe-scale-"))
     port = _free_port()

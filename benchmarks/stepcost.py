@@ -120,10 +120,10 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     from device_agent.costs import _experts_skipped
     from device_agent.throughput import PeakRSSSampler, _rss_bytes
-    from device_agent.train import make_optimizer
     from hfedmoe.config import MethodConfig, TrainConfig
     from hfedmoe.importance import compute_batch_stats
     from hfedmoe.names import ExpertId
+    from hfedmoe.trainer import make_optimizer
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -247,10 +247,11 @@ def measure_round(spec: dict[str, Any]) -> dict[str, Any]:
 
     from device_agent.costs import measure_costs, release_freed_memory, resident_bytes
     from device_agent.throughput import PeakRSSSampler
-    from device_agent.train import EagerTrainer, round_batches, routing_pass, selection_sample
+    from device_agent.train import round_batches, routing_pass, selection_sample
     from hfedmoe.config import DataConfig, MethodConfig, TrainConfig
     from hfedmoe.data import collate, load_task
     from hfedmoe.strategies import get_strategy
+    from hfedmoe.trainer import EagerTrainer
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -268,7 +269,7 @@ def measure_round(spec: dict[str, Any]) -> dict[str, Any]:
         model.set_expert_impl(spec["path"])
     adapter = spec.get("adapter", "full")
     if spec.get("quantize", "none") != "none":  # the frozen base, as a device stores it
-        from hfedmoe.quantize import quantize_model
+        from hfedmoe.models.quantize import quantize_model
 
         quantize_model(model, spec["quantize"])
     costs = measure_costs(model, batch_size, seq_len, repeats=spec.get("cost_repeats", 3),

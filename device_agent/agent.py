@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from device_agent.conditions import read_conditions
 from device_agent.monitor import BudgetMonitor, Observation
 from hfedmoe.config import (
     DataConfig,
@@ -31,7 +32,7 @@ from hfedmoe.config import (
     TrainConfig,
     from_dict,
 )
-from hfedmoe.eligibility import EligibilityConfig, check, combine, read_conditions
+from hfedmoe.eligibility import EligibilityConfig, check, combine
 from hfedmoe.errors import ConfigError, HFedMoEError, TransportError
 from hfedmoe.modelsync import ModelManifest, ShardCache, manifest_hash
 from hfedmoe.transport.base import Message, Transport
@@ -211,7 +212,7 @@ class DeviceAgent:
         """Store the model's frozen base quantized (``model.quantize``; a no-op for "none" and
         for weights already quantized). Training over it needs ``train.adapter = "lora"``:
         :func:`device_agent.train.train_round` refuses a round announced otherwise."""
-        from hfedmoe.quantize import quantize_model
+        from hfedmoe.models.quantize import quantize_model
 
         report = quantize_model(self.model, self.cfg.model.quantize)
         if report.experts or report.linears:
@@ -623,7 +624,7 @@ class DeviceAgent:
                                          sending=self._rules.on_break == "send")
                 if self._rules.on_break == "drop":
                     raise ConditionsBroke(reasons)
-                from device_agent.train import StopTraining
+                from hfedmoe.trainer import StopTraining
 
                 raise StopTraining("; ".join(reasons))
         if sys.stderr.isatty() and info["step"] % 5 == 0:

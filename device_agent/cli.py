@@ -64,8 +64,9 @@ def model_costs(report: DeviceReport, args: argparse.Namespace) -> dict[str, Any
     import dataclasses
 
     from device_agent.costs import decide_budget, measure_costs
+    from device_agent.plan import plan_costs
     from hfedmoe.config import ModelConfig
-    from hfedmoe.models.plan import build_meta_model, is_config_only, plan_costs
+    from hfedmoe.models.plan import build_meta_model, is_config_only
     from hfedmoe.models.registry import build_model
 
     host = None if not report.emulated else _host(args)
@@ -94,8 +95,8 @@ def print_costs(costs: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    if costs.get("planned"):  # a config-only directory (hfedmoe.models.plan)
-        from hfedmoe.models.plan import print_plan_costs
+    if costs.get("planned"):  # a config-only directory (device_agent.plan)
+        from device_agent.plan import print_plan_costs
 
         print_plan_costs(costs)
         return

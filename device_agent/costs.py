@@ -284,7 +284,7 @@ def resident_bytes() -> int:
 
 def _optimizer(params: list[torch.nn.Parameter], name: str) -> torch.optim.Optimizer:
     """The optimizer ``train_round`` uses, at a learning rate that keeps the timed steps tame."""
-    from device_agent.train import make_optimizer
+    from hfedmoe.trainer import make_optimizer
 
     cfg = TrainConfig(optimizer="sgd" if name == "sgd" else "adamw", lr=1e-6)
     return make_optimizer({str(i): p for i, p in enumerate(params)}, cfg)

@@ -29,52 +29,36 @@ sets; its ``meta`` says what the round held (budget, plan, experts with optimize
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
-import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from hfedmoe.config import MethodConfig, TrainConfig
 from hfedmoe.data import PairDataset, TextDataset, collate, iter_minibatches
 from hfedmoe.importance import compute_batch_stats
-from hfedmoe.lora import ExpertFactors, LoRASpec
+from hfedmoe.lora import LoRASpec
 from hfedmoe.models.base import MoEModel
-from hfedmoe.names import ExpertId, expert_key, parse_key
+from hfedmoe.names import ExpertId
 from hfedmoe.precision import LowPrecisionFrozen
 from hfedmoe.privacy import privatize
-from hfedmoe.quantize import quantized_keys, require_eager, require_lora, weight_mode
 from hfedmoe.round_stats import RoundAccumulator, RoundStats
 from hfedmoe.selection import Selection, rank_experts, selection_generator
 from hfedmoe.signals import ranking_disagreement
 from hfedmoe.strategies import Strategy
+from hfedmoe.trainer import (
+    DTYPES,
+    EagerTrainer,
+    StopTraining,
+    autocast_for,
+    check_quantized,
+    factor_seed,
+    to_device,
+)
 from hfedmoe.update import SparseUpdate
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-class StopTraining(Exception):
-    """Raised by an ``on_step`` callback to end the round after the current step and send
-    what trained (e.g. the device's conditions broke: eligibility ``on_break = "send"``)."""
-
-
-class PhaseClock:
-    """Seconds per phase of a step; on CUDA each lap waits for the device's queued work."""
-
-    def __init__(self, device: torch.device | str = "cpu") -> None:
-        self.cuda = torch.device(device).type == "cuda"
-        self.t = time.perf_counter()
-        self.laps: dict[str, float] = {}
-
-    def lap(self, name: str) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        self.laps[name] = self.laps.get(name, 0.0) + now - self.t
-        self.t = now
 
 
 def latency_summary(phases: Sequence[Mapping[str, float]], step_seconds: Sequence[float],
@@ -140,47 +124,6 @@ class RoundResult:
         return sum(self.losses) / max(len(self.losses), 1)
 
 
-def make_optimizer(params: dict[str, torch.Tensor], cfg: TrainConfig
-                   ) -> torch.optim.Optimizer:
-    """AdamW (default) or SGD over every parameter that may train this round.
-
-    Shared parts (canonical keys ``shared.*``, e.g. a new classification head) get
-    ``cfg.head_lr`` when it is set, everything else ``cfg.lr``. Parameters whose ``.grad`` is
-    None in a step (frozen experts) are skipped by both: they get no update and no optimizer
-    state. The fused kernels are used where torch has them (CPU and CUDA floating-point
-    parameters): one pass per tensor instead of the foreach path's temporaries, which on CPU
-    made AdamW's step ~7x slower and doubled its transient memory (``benchmarks/kernels.py``).
-    """
-    plist = list(params.values())
-    fused = bool(plist) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
-                                for p in plist)
-    groups: list[dict[str, Any]] = [{"params": plist}]
-    if cfg.head_lr:
-        head = [p for k, p in params.items() if k.startswith("shared.")]
-        rest = [p for k, p in params.items() if not k.startswith("shared.")]
-        groups = [g for g in ({"params": rest}, {"params": head, "lr": cfg.head_lr})
-                  if g["params"]] or [{"params": []}]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                               fused=fused or None)
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                             fused=fused or None)
-
-
-def autocast_for(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16/fp16 autocast on the device when configured; master weights stay fp32."""
-    if cfg.dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=DTYPES[cfg.dtype])
-
-
-def _batches(data: TextDataset | PairDataset, cfg: TrainConfig, seed: int,
-             round_idx: int) -> Iterator[Any]:
-    for epoch in range(cfg.local_epochs):
-        yield from iter_minibatches(len(data), cfg.batch_size, seed=seed,
-                                    epoch=round_idx * cfg.local_epochs + epoch)
-
-
 def _batches(data: TextDataset | PairDataset, cfg: TrainConfig, seed: int,
              round_idx: int) -> Iterator[Any]:
     for epoch in range(cfg.local_epochs):
@@ -195,10 +138,6 @@ def round_batches(data: TextDataset | PairDataset, cfg: TrainConfig, seed: int,
     return out[: cfg.max_steps] if cfg.max_steps else out
 
 
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
 def routing_pass(model: MoEModel, data: TextDataset | PairDataset, batches: Sequence[Any],
                  cfg: MethodConfig, train_cfg: TrainConfig, max_length: int,
                  pad_to_max_length: bool = False) -> RoundStats:
@@ -208,7 +147,7 @@ def routing_pass(model: MoEModel, data: TextDataset | PairDataset, batches: Sequ
     acc = RoundAccumulator()
     with torch.no_grad():
         for idx in batches:
-            batch = _to(collate(data, idx, model.tokenizer, max_length, pad_to_max_length),
+            batch = to_device(collate(data, idx, model.tokenizer, max_length, pad_to_max_length),
                         device)
             mask = batch["attention_mask"]
             with autocast_for(train_cfg, device), model.capture(mask) as cap:
@@ -221,146 +160,6 @@ def routing_pass(model: MoEModel, data: TextDataset | PairDataset, batches: Sequ
 def selection_sample(batches: Sequence[Any], n: int) -> list[Any]:
     """The routing pass's sample: the first ``n`` of the round's (shuffled) batches; 0: all."""
     return list(batches[:n]) if n else list(batches)
-
-
-class Trainer(Protocol):
-    """Trains a fixed expert set (plus gates and shared parts) one batch at a time."""
-
-    def step(self, batch: dict[str, torch.Tensor]) -> float: ...
-
-    def deltas(self) -> dict[str, torch.Tensor]: ...
-
-
-class EagerTrainer:
-    """PyTorch training of ``experts`` + gates + shared parts; nothing else holds state.
-
-    Each training forward captures its gate scores, so the round's usage and importance need
-    no extra pass (:attr:`acc`).
-    """
-
-    def __init__(self, model: MoEModel, experts: Sequence[ExpertId], train_cfg: TrainConfig,
-                 mcfg: MethodConfig, seed: int = 0,
-                 low: LowPrecisionFrozen | None = None) -> None:
-        self.model, self.cfg, self.mcfg = model, train_cfg, mcfg
-        self.device = next(model.module.parameters()).device
-        _check_quantized(model, train_cfg, "eager")
-        # frozen weights stored in the autocast dtype for the round: what trains is put back
-        # to fp32 (the optimizer's masters) before anything holds it
-        self.low = low
-        model.set_trainable(frozenset(experts))
-        # LoRA: the selected experts' w_in/w_out stay frozen and carry factors for the round
-        self.factors: dict[ExpertId, ExpertFactors] = {}
-        if train_cfg.adapter == "lora":
-            lora = LoRASpec(train_cfg.lora_rank, train_cfg.lora_alpha)
-            gen = torch.Generator().manual_seed(seed)
-            for e in sorted(experts):
-                expert = model.layer(e.layer_idx).bank.experts[e.expert_idx]
-                expert.w_in.requires_grad_(False)
-                expert.w_out.requires_grad_(False)
-                expert.factors = self.factors[e] = ExpertFactors(expert.w_in, expert.w_out,
-                                                                 lora, gen)
-        self._restore_trainable()  # (a LoRA expert's base weights stay frozen, and lowered)
-        # the starting values of what may train (its experts, gates, shared parts), for the
-        # deltas: a copy of the whole model would hold every expert twice
-        self.initial = {k: p.detach().clone() for k, p in model.trainable_parameters().items()}
-        self.active = frozenset(experts)
-        params: dict[str, torch.Tensor] = dict(model.trainable_parameters())
-        for e, f in self.factors.items():
-            params.update({expert_key(e.layer_idx, e.expert_idx, n): t
-                           for n, t in f.factors.items()})
-        self.optimizer = make_optimizer(params, train_cfg)
-        self.acc = RoundAccumulator()
-        self.trained: set[ExpertId] = set()  # active experts that received a gradient
-        self.steps = 0
-        self.max_state_experts = 0
-        self.phases: list[dict[str, float]] = []  # per step: forward/backward/optimizer seconds
-
-    def _restore_trainable(self) -> None:
-        if self.low is not None:
-            self.low.restore(only=self.model.trainable_parameters().values())
-
-    def _tensors(self, e: ExpertId) -> list[torch.Tensor]:
-        """What of expert ``e`` may train: its parameters, and its LoRA factors if any."""
-        out = list(self.model.expert_parameters(e).values())
-        if e in self.factors:
-            out += list(self.factors[e].factors.values())
-        return out
-
-    def set_active(self, experts: frozenset[ExpertId]) -> None:
-        """Change the active set (per-batch mode); experts leaving free their optimizer state."""
-        for e in self.active - experts:
-            for p in self.model.expert_parameters(e).values():
-                self.optimizer.state.pop(p, None)
-        new = experts - self.active
-        self.active = experts
-        self.model.set_trainable(experts)
-        self._restore_trainable()
-        for k, p in self.model.trainable_parameters().items():
-            self.initial.setdefault(k, p.detach().clone())  # before its first step
-        known = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
-        fresh = [p for e in sorted(new) for p in self.model.expert_parameters(e).values()
-                 if id(p) not in known]
-        if fresh:
-            self.optimizer.add_param_group({"params": fresh})  # the defaults: cfg.lr
-
-    def step(self, batch: dict[str, torch.Tensor]) -> float:
-        tick = PhaseClock(self.device)
-        batch = _to(batch, self.device)
-        mask = batch["attention_mask"]
-        with autocast_for(self.cfg, self.device), self.model.capture(mask) as cap:
-            loss = self.model.module(**batch).loss
-        tick.lap("forward")
-        loss.backward()
-        tick.lap("backward")
-        got_grad = {e for e in self.active if any(p.grad is not None for p in self._tensors(e))}
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        tick.lap("optimizer")
-        self.phases.append(tick.laps)
-        self.trained |= got_grad
-        self.acc.add(compute_batch_stats(cap.scores, cap.routed, self.mcfg), got_grad,
-                     expert_rows=cap.expert_rows, batch_rows=mask.numel())
-        self.max_state_experts = max(self.max_state_experts, self.state_experts())
-        self.steps += 1
-        return float(loss.detach())
-
-    def state_experts(self) -> int:
-        """Experts whose parameters hold optimizer state now."""
-        held = {id(p) for p in self.optimizer.state}
-        return sum(1 for e in self.model.expert_ids()
-                   if any(id(p) in held for p in self._tensors(e)))
-
-    def deltas(self) -> dict[str, torch.Tensor]:
-        """Deltas of what trained; with LoRA, the factors of the trained experts instead of
-        their weight deltas (the server expands them, :func:`hfedmoe.lora.expand`). The
-        factors are detached from the model, which keeps its base weights."""
-        self.model.set_trainable(())
-        self.optimizer.state.clear()  # the round is over: free the moments before the deltas
-        out = _deltas(self.model, self.initial, frozenset(self.trained),
-                      trained_any=self.steps > 0)
-        for e, f in self.factors.items():
-            if e in self.trained:
-                out.update({expert_key(e.layer_idx, e.expert_idx, n): t.detach().clone()
-                            for n, t in f.factors.items()})
-            self.model.layer(e.layer_idx).bank.experts[e.expert_idx].factors = None
-        self.factors = {}
-        return out
-
-
-def factor_seed(mcfg: MethodConfig, round_idx: int, client_id: str) -> int:
-    """Seed of the generator a round's LoRA A factors are drawn from (eager and ExecuTorch
-    trainers alike, so both runtimes start a round from the same factors)."""
-    return zlib.crc32(f"{mcfg.seed}:{round_idx}:{client_id}".encode())
-
-
-def _check_quantized(model: MoEModel, train_cfg: TrainConfig, runtime: str) -> None:
-    """A device whose base is stored quantized (``model.quantize``) trains LoRA factors only,
-    on the eager runtime: a round announced with ``train.adapter = "full"`` is refused, naming
-    the fix, and so is the ExecuTorch runtime (its programs are exported from fp32 weights)."""
-    keys = quantized_keys(model)
-    if keys:
-        require_lora(weight_mode(model.parameter(keys[0])), train_cfg.adapter)
-        require_eager(runtime)
 
 
 def _select(strategy: Strategy, stats: RoundStats, budget: int, mcfg: MethodConfig,
@@ -431,7 +230,7 @@ def _train_round(model: MoEModel, data: TextDataset | PairDataset, *, strategy: 
                  low: LowPrecisionFrozen | None = None) -> RoundResult:
     """:func:`train_round` (``low``: the round's lowered frozen weights, or None)."""
     mcfg = method_cfg or strategy.cfg
-    _check_quantized(model, train_cfg, runtime)
+    check_quantized(model, train_cfg, runtime)
     start = clock()
     batches = round_batches(data, train_cfg, mcfg.seed, round_idx)
     executorch = runtime == "executorch"
@@ -622,22 +421,6 @@ def _finish(model: MoEModel, deltas: dict[str, torch.Tensor], stats: RoundStats 
     return RoundResult(update, len(losses), examples, tokens, losses, clock() - start,
                        stopped_by, budget, selections, selected, state_experts, routing_s,
                        plan.to_dict() if plan is not None else None)
-
-
-def _deltas(model: MoEModel, initial: dict[str, torch.Tensor], updated: frozenset[ExpertId],
-            trained_any: bool) -> dict[str, torch.Tensor]:
-    """trained - initial for the updated experts, and for gates/shared parts if any step ran.
-
-    ``initial`` holds the starting values of every parameter that may have trained."""
-    out = {}
-    for key, start in initial.items():
-        pk = parse_key(key)
-        if pk.kind == "expert" and pk.expert not in updated:
-            continue
-        if pk.kind != "expert" and not trained_any:
-            continue
-        out[key] = model.parameter(key).detach() - start
-    return out
 
 
 def usage_profile(model: MoEModel, data: TextDataset | PairDataset, strategy: Strategy,

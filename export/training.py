@@ -9,7 +9,7 @@ and the updates of every trained parameter by canonical name.
 
 :func:`lora_training_parity` does the same for the LoRA program
 (:class:`~export.programs.LoRATrainingProgram`): the eager reference is the kit's own eager
-LoRA, :class:`device_agent.train.EagerTrainer` with ``train.adapter = "lora"`` and
+LoRA, :class:`hfedmoe.trainer.EagerTrainer` with ``train.adapter = "lora"`` and
 ``optimizer = "sgd"``, from the same factors (the same generator seed); the compared values
 are the factors themselves (what both send) and the deltas of biases, gates and head.
 
@@ -164,8 +164,8 @@ def eager_lora_sgd(model: MoEModel, experts: Sequence[ExpertId], batches: Sequen
     """The kit's eager LoRA (``EagerTrainer``, ``adapter="lora"``, plain SGD at one ``lr``)
     on a copy of ``model``: per-step losses and what it sends (factors + dense deltas).
     ``capacity_factor`` and ``drops`` as in :func:`eager_sgd`."""
-    from device_agent.train import EagerTrainer
     from hfedmoe.config import MethodConfig, TrainConfig
+    from hfedmoe.trainer import EagerTrainer
 
     ref = copy.deepcopy(model)
     _use_capacity(ref, capacity_factor)

@@ -1,37 +1,24 @@
-"""The ``hfedmoe`` command: one CLI, one subcommand per workflow.
+"""The ``hfedmoe`` command: a dispatcher over the ``hfedmoe.commands`` entry-point group.
 
-Subcommand modules are imported only to build the parser; each keeps heavy imports (torch,
-executorch, paho) inside its handler so ``hfedmoe --help`` stays fast. Errors of the kit's
+Each package of the kit registers its subcommands into that group (``pyproject.toml``:
+``[project.entry-points."hfedmoe.commands"]``, value ``module:register``); the core names no
+upper package. A registering module keeps heavy imports (torch, executorch, paho) inside its
+handlers so ``hfedmoe --help`` stays fast. A group entry whose module cannot be imported (an
+extra that is not installed) is listed as unavailable with the reason. Errors of the kit's
 exception tree become a one-line message and the error's exit code.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
-from collections.abc import Sequence
-from pathlib import Path
-from types import ModuleType
+from collections.abc import Callable, Sequence
+from importlib.metadata import EntryPoint, entry_points
 
 from hfedmoe.errors import ConfigError, HFedMoEError
 
-# name -> module providing ``register(subparsers)``; later workflows add themselves here.
-COMMANDS: dict[str, str] = {
-    "models": "hfedmoe.models.cli",
-    "certs": "hfedmoe.transport.cli",
-    "profile": "device_agent.cli",
-    "agent": "device_agent.cli",
-    "server": "server.cli",
-    "demo": "server.cli",
-    "simulate": "server.cli",
-    "report": "server.cli",
-    "swarm": "server.swarm",
-    "ingest": "server.ingest",
-    "export": "export.cli",
-    "bench": "benchmarks.cli",
-}
+GROUP = "hfedmoe.commands"
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -41,28 +28,17 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
                         metavar="KEY=VALUE", help="override a config value, e.g. method.beta=0.2")
 
 
-def _import_command(module: str) -> ModuleType | None:
-    """Import a command module; a top-level package that lives only in a source checkout
-    (``benchmarks``) is looked for next to ``hfedmoe/``. None if it is not there either."""
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        top = module.split(".")[0]
-        if exc.name != top:
-            raise
-        root = Path(__file__).resolve().parent.parent
-        if not (root / top / "__init__.py").is_file():
-            return None
-        sys.path.insert(0, str(root))
-        return importlib.import_module(module)
+def command_entry_points() -> list[EntryPoint]:
+    """The registered command groups, in name order (one entry may add several commands)."""
+    return sorted(entry_points(group=GROUP), key=lambda ep: ep.name)
 
 
-def _unavailable(sub: argparse._SubParsersAction, name: str, module: str) -> None:
+def _unavailable(sub: argparse._SubParsersAction, ep: EntryPoint, exc: ImportError) -> None:
     def fail(args: argparse.Namespace) -> int:
-        raise ConfigError(f"'{name}' needs {module.split('.')[0]}/ from the source checkout, "
-                          "which this installation does not have; run from a clone")
+        raise ConfigError(f"the '{ep.name}' commands need {ep.module}, which cannot be "
+                          f"imported here ({exc}); install the kit's extra that provides it")
 
-    p = sub.add_parser(name, help=f"(unavailable: needs {module.split('.')[0]}/ of a checkout)")
+    p = sub.add_parser(ep.name, help=f"(unavailable: {exc})")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=fail)
 
@@ -73,18 +49,27 @@ def build_parser() -> argparse.ArgumentParser:
                                     "Mixture-of-Experts models on phones, Jetson boards and laptops")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in dict.fromkeys(COMMANDS.values()):  # a module may provide several commands
-        mod = _import_command(module)
-        if mod is not None:
-            mod.register(sub)
-        else:
-            for name in (n for n, m in COMMANDS.items() if m == module):
-                _unavailable(sub, name, module)
+    eps = command_entry_points()
+    if not eps:
+        raise ConfigError(f"no commands are registered in the {GROUP!r} entry-point group: "
+                          "install the kit (pip install -e .) so its metadata is present")
+    for ep in eps:
+        try:
+            register: Callable[[argparse._SubParsersAction], None] = ep.load()
+        except ImportError as exc:
+            _unavailable(sub, ep, exc)
+            continue
+        register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()
+    except HFedMoEError as exc:
+        print(f"hfedmoe: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -5,7 +5,7 @@ on an unmetered network and idle. The server sets the rules for the run (``[elig
 its config, sent with every round announcement); a device may add stricter ones of its own
 (the agent's ``[eligibility]``): :func:`combine` keeps the stricter of each.
 
-The agent reads :class:`Conditions` before it joins a round and during training. A device that
+The agent reads :class:`Conditions` (:mod:`device_agent.conditions`) before it joins a round and during training. A device that
 does not meet a rule sits the round out and says why (its status message carries
 ``eligible: false`` and the reasons, which the server records, shows on the dashboard and puts
 in the report). When conditions break mid-round, ``on_break`` says what happens to the partial
@@ -18,11 +18,7 @@ unknown.
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from hfedmoe.errors import ConfigError
@@ -109,77 +105,3 @@ def check(cond: Conditions, rules: EligibilityConfig) -> list[str]:
     if rules.require_idle and cond.idle is False:
         reasons.append("the device is in use")
     return reasons
-
-
-# --- reading the conditions ---------------------------------------------------------------------
-
-
-_PLAYED: dict[str, int] = {}  # emulated readings file -> readings already played
-
-
-def read_conditions(emulated: str | Path = "") -> Conditions:
-    """The device's conditions now: from ``emulated`` when given, else from the live probes
-    (battery and temperature as the device report reads them; a metered network from
-    NetworkManager and user idleness from systemd-logind where they run; unknown elsewhere,
-    e.g. a headless board or Termux).
-
-    ``emulated`` is a JSON file re-read on every call, so a test or an operator can change it
-    while the agent runs. It holds one object of :class:`Conditions` fields, or a list of them
-    played in order, one per reading, the last one staying (a battery that drains: the agent
-    reads once before it joins a round and every ``check_every_s`` while it trains)."""
-    if emulated:
-        try:
-            raw = json.loads(Path(emulated).read_text())
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot read emulated conditions {emulated}: {exc}") from exc
-        if isinstance(raw, list) and raw:
-            key = str(Path(emulated).resolve())
-            idx = _PLAYED.get(key, 0)
-            _PLAYED[key] = idx + 1
-            raw = raw[min(idx, len(raw) - 1)]
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{emulated}: conditions must be a JSON object or a non-empty "
-                              f"list of them")
-        unknown = set(raw) - set(Conditions.__dataclass_fields__)
-        if unknown:
-            raise ConfigError(f"{emulated}: unknown condition field(s) {sorted(unknown)}")
-        return Conditions(**raw)
-    battery_pct = charging = temperature = None
-    try:
-        from device_agent.resources import probe_battery_temperature
-
-        battery_pct, charging, temperature = probe_battery_temperature()
-    except ImportError:
-        pass
-    return Conditions(battery_pct, charging, temperature, _metered(), _idle())
-
-
-def _metered() -> bool | None:
-    """NetworkManager's view of the connection (``GENERAL.METERED``: yes/no/unknown)."""
-    nmcli = shutil.which("nmcli")
-    if nmcli is None:
-        return None
-    try:
-        out = subprocess.run([nmcli, "-t", "-f", "GENERAL.METERED", "dev", "show"],
-                             capture_output=True, text=True, timeout=2).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    values = {line.split(":", 1)[1].split()[0] for line in out.splitlines()
-              if line.startswith("GENERAL.METERED:") and ":" in line and line.split(":", 1)[1]}
-    if "yes" in values:
-        return True
-    return False if values and values <= {"no"} else None
-
-
-def _idle() -> bool | None:
-    """systemd-logind's ``IdleHint`` of this process's session (yes/no), where there is one."""
-    loginctl = shutil.which("loginctl")
-    if loginctl is None:
-        return None
-    try:
-        out = subprocess.run([loginctl, "show-session", "self", "-p", "IdleHint", "--value"],
-                             capture_output=True, text=True, timeout=2)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    value = out.stdout.strip().lower() if out.returncode == 0 else ""
-    return {"yes": True, "no": False}.get(value)

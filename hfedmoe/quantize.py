@@ -2,7 +2,9 @@
 
 With ``train.adapter = "lora"`` every expert weight is frozen during a round (the selected
 experts train rank-r factors beside them), so a device may store the base quantized, as QLoRA
-does. :func:`quantize_model` replaces, in place:
+does. This module is the tensor level (quantize, dequantize, the frozen linear and its
+autograd); :func:`hfedmoe.models.quantize.quantize_model` applies it to a model and replaces, in
+place:
 
 - every expert's ``w_in`` / ``w_out`` (canonical ``layers.{l}.experts.{e}.w_in|w_out``), and
 - every other ``nn.Linear`` of the network whose weight is not federated (attention and dense
@@ -39,8 +41,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -48,10 +49,6 @@ from torch import nn
 
 from hfedmoe.config import quantize_adapter_problem
 from hfedmoe.errors import ConfigError, ModelError
-from hfedmoe.names import parse_key
-
-if TYPE_CHECKING:
-    from hfedmoe.models.base import MoEModel
 
 QuantizeMode = Literal["none", "int8", "int4"]
 QUANTIZE_MODES: tuple[str, ...] = ("none", "int8", "int4")
@@ -214,97 +211,6 @@ class QuantizedLinear(nn.Module):
                 f"bias={self.bias is not None}, weight={weight_mode(self.weight)}")
 
 
-# --- the model ---------------------------------------------------------------------------
-
-
-@dataclass
-class QuantizeReport:
-    """What :func:`quantize_model` stored quantized (tensor names are module paths or keys)."""
-
-    mode: str
-    experts: int = 0  # expert weights (w_in, w_out) quantized by this call
-    linears: int = 0  # other nn.Linear weights quantized by this call
-    int8_fallback: list[str] = field(default_factory=list)  # int4 asked, int8 stored
-    bytes_before: int = 0
-    bytes_after: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "experts": self.experts, "linears": self.linears,
-                "int8_fallback": len(self.int8_fallback), "bytes_before": self.bytes_before,
-                "bytes_after": self.bytes_after}
-
-
-def _protected(model: MoEModel) -> set[int]:
-    """ids of what must stay float: every federated tensor but the expert weights."""
-    keep = set()
-    for key in model.keys():
-        pk = parse_key(key)
-        if not (pk.kind == "expert" and pk.param in EXPERT_WEIGHTS):
-            keep.add(id(model.parameter(key)))
-    return keep
-
-
-def _frozen_linears(model: MoEModel) -> list[tuple[str, nn.Linear]]:
-    """The network's ``nn.Linear`` modules that hold no federated tensor and no tied weight."""
-    protected = _protected(model)
-    uses: dict[int, int] = {}
-    for _, p in model.module.named_parameters(remove_duplicate=False):
-        uses[id(p)] = uses.get(id(p), 0) + 1
-    out = []
-    for name, mod in model.module.named_modules():
-        if type(mod) is not nn.Linear or is_quantized(mod.weight):
-            continue
-        params = [mod.weight] + ([mod.bias] if mod.bias is not None else [])
-        if any(id(p) in protected for p in params) or uses.get(id(mod.weight), 0) > 1:
-            continue
-        out.append((name, mod))
-    return out
-
-
-def quantize_model(model: MoEModel, mode: str) -> QuantizeReport:
-    """Store the frozen base of ``model`` quantized, in place (see the module doc).
-
-    Idempotent: weights already stored quantized stay as they are, so a device may call it
-    after every load. ``"none"`` does nothing.
-
-    Raises:
-        ConfigError: a bad mode, torchao missing, or an expert weight that trains now
-            (full fine-tuning: a quantized base needs ``train.adapter = "lora"``).
-    """
-    check_mode(mode)
-    report = QuantizeReport(mode)
-    if mode == "none":
-        return report
-    _torchao()
-    report.bytes_before = weight_bytes(model.module)
-    for layer in model.layers:
-        for e, expert in enumerate(layer.bank.experts):
-            for name in EXPERT_WEIGHTS:
-                w = getattr(expert, name)
-                if is_quantized(w):
-                    continue
-                key = f"layers.{layer.layer_idx}.experts.{e}.{name}"
-                if w.requires_grad:
-                    raise ConfigError(f"{key} trains (train.adapter = 'full'); "
-                                      f"a quantized base needs train.adapter = \"lora\"")
-                q = quantize_weight(w, mode)
-                if mode == "int4" and weight_mode(q) == "int8":
-                    report.int8_fallback.append(key)
-                model.replace_expert_weight(key, nn.Parameter(q, requires_grad=False))
-                report.experts += 1
-    for name, mod in _frozen_linears(model):
-        q = quantize_weight(mod.weight, mode)
-        if mode == "int4" and weight_mode(q) == "int8":
-            report.int8_fallback.append(name)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.module.get_submodule(parent_name) if parent_name else model.module
-        setattr(parent, child, QuantizedLinear(q, mod.bias))
-        report.linears += 1
-    report.bytes_after = weight_bytes(model.module)
-    release_freed_memory()
-    return report
-
-
 def release_freed_memory() -> None:
     """Hand the memory of the replaced fp32 weights back to the OS where the C library
     allows it (glibc keeps freed heap pages otherwise, so the resident size would not fall)."""
@@ -325,11 +231,6 @@ def requantize(current: torch.Tensor, value: torch.Tensor) -> nn.Parameter:
         return nn.Parameter(value, requires_grad=False)
     return nn.Parameter(quantize_weight(value.to(current.device), weight_mode(current)),
                         requires_grad=False)
-
-
-def quantized_keys(model: MoEModel) -> list[str]:
-    """Canonical keys of the weights ``model`` stores quantized."""
-    return [k for k in model.keys() if is_quantized(model.parameter(k))]
 
 
 # --- memory ------------------------------------------------------------------------------
@@ -354,8 +255,7 @@ def weight_bytes(module: nn.Module) -> int:
     return total
 
 
-__all__ = ["INT4_GROUP_SIZE", "QUANTIZE_MODES", "QuantizeReport", "QuantizedLinear",
+__all__ = ["EXPERT_WEIGHTS", "INT4_GROUP_SIZE", "QUANTIZE_MODES", "QuantizedLinear",
            "check_mode", "dequantize_weight", "frozen_linear", "int4_packable", "is_quantized",
-           "plain_weight", "quantize_model", "quantize_weight", "quantized_keys",
-           "release_freed_memory", "require_eager", "require_lora", "requantize",
-           "tensor_bytes", "weight_bytes", "weight_mode"]
+           "plain_weight", "quantize_weight", "release_freed_memory", "require_eager",
+           "require_lora", "requantize", "tensor_bytes", "weight_bytes", "weight_mode"]

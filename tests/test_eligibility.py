@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from hfedmoe.eligibility import Conditions, EligibilityConfig, check, combine, read_conditions
+from device_agent.conditions import read_conditions
+from hfedmoe.eligibility import Conditions, EligibilityConfig, check, combine
 from hfedmoe.errors import ConfigError
 
 RULES = EligibilityConfig(min_battery_pct=20, max_temperature_c=45, allow_metered=False)

@@ -58,7 +58,7 @@ def test_host_lock_is_exclusive(tmp_path):
 
 
 def test_demo_devices_share_one_measure_lock(tmp_path):
-    from server.launch import write_configs
+    from lab.launch import write_configs
 
     args = argparse.Namespace(strategy="hfedmoe", rounds=1, deadline=60.0, devices=3,
                               overrides=[], dashboard_port=0)

@@ -1,4 +1,4 @@
-"""Planning real model sizes from config.json alone (hfedmoe.models.plan)."""
+"""Planning real model sizes from config.json alone (hfedmoe.models.plan, device_agent.plan)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.plan import EXAMPLES_DIR
+from device_agent.plan import plan_costs
 from hfedmoe.errors import ModelError
 from hfedmoe.models.hf import FAMILIES, build_config, build_hf_model
-from hfedmoe.models.plan import (
-    EXAMPLES_DIR,
-    MODES,
-    build_meta_model,
-    is_config_only,
-    plan_costs,
-    plan_model,
-)
+from hfedmoe.models.plan import MODES, build_meta_model, is_config_only, plan_model
 
 
 def _config_dir(tmp_path: Path, family: str, **overrides: object) -> Path:

@@ -25,15 +25,14 @@ from hfedmoe.data import collate
 from hfedmoe.errors import ConfigError
 from hfedmoe.experts import EXPERT_IMPLS, ExpertBank, ExpertShape
 from hfedmoe.lora import LORA_A, LORA_B, ExpertFactors, LoRASpec, expand, with_factors
+from hfedmoe.models.quantize import quantize_model, quantized_keys
 from hfedmoe.names import parse_key
 from hfedmoe.quantize import (
     QuantizedLinear,
     dequantize_weight,
     frozen_linear,
     is_quantized,
-    quantize_model,
     quantize_weight,
-    quantized_keys,
     weight_bytes,
     weight_mode,
 )
@@ -304,8 +303,8 @@ def test_simulate_lora_over_an_int8_base(tmp_path, minilm_available):
     if not minilm_available:
         pytest.skip("assets extra not installed")
     from hfedmoe.config import apply_overrides
+    from lab.simulate import simulate
     from server.config import ServerConfig
-    from server.simulate import simulate
 
     data = apply_overrides({
         "run_dir": str(tmp_path / "sim"), "max_eval_examples": 32,

@@ -366,9 +366,10 @@ def test_cli_live_and_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 def test_profile_command_is_registered_and_light() -> None:
     import subprocess
 
-    from hfedmoe.cli import COMMANDS
+    from hfedmoe.cli import command_entry_points
 
-    assert COMMANDS["profile"] == "device_agent.cli"
+    eps = {ep.name: ep.value for ep in command_entry_points()}
+    assert eps["device"] == "device_agent.cli:register"
     code = "import sys, device_agent.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -33,7 +33,7 @@ def calibration(minilm_available, tmp_path_factory):
     timings, so runs compared with each other must share them."""
     if not minilm_available:
         pytest.skip("assets extra not installed")
-    from server.simulate import calibrate
+    from lab.devices import calibrate
 
     return calibrate(_cfg(tmp_path_factory.mktemp("cal")), measure_repeats=1)
 
@@ -53,7 +53,7 @@ def _bytes_free(row: dict) -> dict:
 def test_ray_backend_gives_the_sequential_rows(tmp_path, calibration):
     ray = pytest.importorskip("ray")
     from hfedmoe.cli import main
-    from server.simulate import simulate
+    from lab.simulate import simulate
 
     seq = simulate(_cfg(tmp_path / "seq"), 3, PROFILES, calibration=calibration)
     try:
@@ -88,7 +88,7 @@ def test_a_devices_round_does_not_depend_on_the_devices_before_it(tmp_path, cali
     from hfedmoe.models.registry import build_model
     from hfedmoe.strategies import get_strategy
     from hfedmoe.wire import decode, spec_from_state
-    from server.simulate import DeviceJob, SequentialBackend
+    from lab.devices import DeviceJob, SequentialBackend
 
     cfg = _cfg(tmp_path / "sim")
     task = load_task(cfg.data)

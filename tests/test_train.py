@@ -6,12 +6,13 @@ import math
 import pytest
 import torch
 
-from device_agent.train import make_optimizer, train_round
+from device_agent.train import train_round
 from hfedmoe.config import MethodConfig, TrainConfig
 from hfedmoe.data import PairDataset, TextDataset
 from hfedmoe.models.hf import build_hf_model
 from hfedmoe.names import parse_key
 from hfedmoe.strategies import get_strategy
+from hfedmoe.trainer import make_optimizer
 
 TEXTS = ["how do I reset my router", "what is a neural network", "tell me about football",
          "who wrote hamlet", "my laptop will not start", "explain gradient descent",

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from hfedmoe.transport.topics import Topics
-from server.swarm import SwarmConfig, run_swarm
+from lab.swarm import SwarmConfig, run_swarm
 from tests.integration.conftest import SMALL, merge, metrics, spawn, stop, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]

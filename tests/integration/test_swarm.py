@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from server.swarm import SwarmConfig, run_swarm
+from lab.swarm import SwarmConfig, run_swarm
 from tests.integration.conftest import SMALL, merge, metrics, spawn, stop, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]

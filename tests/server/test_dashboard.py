@@ -204,7 +204,7 @@ def test_demo_passes_its_dashboard_port_to_the_server(tmp_path, monkeypatch):
     import argparse
 
     from hfedmoe.config import load_config
-    from server.launch import write_configs
+    from lab.launch import write_configs
 
     monkeypatch.delenv(DASHBOARD_TOKEN_ENV, raising=False)
     args = argparse.Namespace(strategy="hfedmoe", rounds=1, deadline=60.0, devices=2,

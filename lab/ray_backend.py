@@ -4,7 +4,7 @@ Each actor builds the model and receives the task's client shards once, when it 
 trains with ``train.threads`` torch threads (1 when unset), reserving that many Ray CPUs. Every
 round the driver puts the global state in Ray's object store once; an actor fetches it at its
 first job of the round and, per job, does exactly what the sequential backend does
-(:func:`server.simulate.train_device`: the device's seed, the global state loaded,
+(:func:`lab.devices.train_device`: the device's seed, the global state loaded,
 ``model.quantize``, fedmoe's assignment pass, local training within the budget the driver
 decided, the encoded update). Jobs go to whichever actor is free; results come back to the
 driver in the order of the round's participants, so decoding and the streaming aggregation run
@@ -72,7 +72,7 @@ class DeviceWorker:
         the state once per round rather than once per job."""
         import ray
 
-        from server.simulate import train_device
+        from lab.devices import train_device
 
         if self.round != round_idx:
             self.state, self.round = None, None  # free the last round's state first

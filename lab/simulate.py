@@ -4,15 +4,15 @@ The same parts as a live run — budgets from the cost model measured on the rea
 and scaled to each device's profile, :func:`device_agent.train.train_round`, the wire format
 (every update is encoded and decoded, so bytes are real), the strategy's streaming aggregator,
 held-out evaluation — with the devices run one after another instead of over a broker, or in
-parallel on Ray actors (``--backend ray``, :mod:`server.ray_backend`). Round time is reported
+parallel on Ray actors (``--backend ray``, :mod:`lab.ray_backend`). Round time is reported
 in emulated device time: the slowest participant's measured local time scaled to its profile.
 The run directory has the same ``metrics.jsonl``/``run.db`` layout as a server's, so
 ``hfedmoe report`` works on it.
 
-Both backends give the same rows for the same seed and :class:`Calibration`, timing fields
+Both backends give the same rows for the same seed and :class:`~lab.devices.Calibration`, timing fields
 aside: the driver decides every budget (from the costs it measured) and every participant; a
 device's training randomness depends only on ``(rounds.seed, round, device index)``
-(:func:`device_seed`), never on which devices trained before it in the same process; and the
+(:func:`lab.devices.device_seed`), never on which devices trained before it in the same process; and the
 updates are decoded and added to the streaming aggregator in the same order. The bits match
 when both backends train with the same torch thread count (``train.threads``; Ray workers use
 1 when it is unset). An update's size can move by the 8-byte alignment of its safetensors
@@ -25,17 +25,17 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import hashlib
 import json
 import logging
 import math
 import random
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from lab.devices import Calibration, DeviceJob, SequentialBackend, _lora, calibrate
 
 log = logging.getLogger("hfedmoe.simulate")
 
@@ -75,120 +75,6 @@ def run_simulation(args: argparse.Namespace) -> int:
     return 0
 
 
-@dataclasses.dataclass(frozen=True)
-class Calibration:
-    """What the budgets are decided from: the host's probe and the costs measured on it.
-
-    Both are timing measurements, so two runs decide different budgets unless they share one
-    calibration (:func:`calibrate`, ``simulate(..., calibration=...)``)."""
-
-    host: Any  # device_agent.resources.DeviceReport of this machine
-    costs: Any  # device_agent.costs.measure_costs(...) of the model at the configured shape
-
-
-def calibrate(cfg: Any, measure_repeats: int = 3, model: Any = None) -> Calibration:
-    """Probe this host and measure the training costs of ``cfg``'s model (built if not given)."""
-    from device_agent.costs import measure_costs
-    from device_agent.resources import probe_device
-
-    if model is None:
-        from hfedmoe.data import load_task
-        from hfedmoe.models.registry import build_model
-
-        torch.manual_seed(cfg.rounds.seed)
-        model = build_model(cfg.model, cfg.data.task, load_task(cfg.data).num_labels)
-    host = probe_device(matmul_seconds=0.5)
-    costs = measure_costs(model, cfg.train.batch_size, cfg.model.max_length, cfg.train.optimizer,
-                          cfg.train.detach_frozen, repeats=measure_repeats,
-                          adapter=cfg.train.adapter, lora=_lora(cfg))
-    return Calibration(host, costs)
-
-
-def device_seed(seed: int, round_idx: int, device_idx: int) -> int:
-    """The torch seed of one device's work in one round, from a stable hash (SHA-256) of
-    ``(seed, round, device index)``: the same in every process and in any execution order."""
-    digest = hashlib.sha256(f"{seed}:{round_idx}:{device_idx}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-@dataclasses.dataclass(frozen=True)
-class DeviceJob:
-    """One device's work in a round, as the driver decided it."""
-
-    index: int  # the device's index: its data shard and its seed
-    device_id: str
-    budget: Any  # device_agent.budget.Budget, decided once by the driver
-    assignment: frozenset | None  # fedmoe's fixed sub-model once known, else None
-
-
-@dataclasses.dataclass(frozen=True)
-class DeviceResult:
-    """What a device's round gives the driver: the encoded update and the row's numbers."""
-
-    index: int
-    blob: bytes
-    seconds: float  # measured local time on this host (the driver scales it to the profile)
-    held: dict[str, Any]
-    usage: dict[Any, float]
-    disagreement: float
-    assignment: frozenset | None  # the job's, or the one computed in this round
-
-
-def _lora(cfg: Any) -> Any:
-    from hfedmoe.lora import LoRASpec
-
-    return (LoRASpec(cfg.train.lora_rank, cfg.train.lora_alpha)
-            if cfg.train.adapter == "lora" else None)
-
-
-def train_device(model: Any, data: Any, job: DeviceJob, state: dict[str, torch.Tensor],
-                 round_idx: int, base_hash: str, cfg: Any, strategy: Any) -> DeviceResult:
-    """One device's round on ``model`` (the device's copy, overwritten with ``state``): the
-    fedmoe assignment pass if it needs one, local training within the driver's budget, the
-    encoded update. Its randomness is seeded from ``(seed, round, device index)`` first."""
-    from device_agent.costs import make_planner
-    from device_agent.train import train_round, usage_profile
-    from hfedmoe.quantize import quantize_model
-    from hfedmoe.wire import encode
-
-    torch.manual_seed(device_seed(cfg.rounds.seed, round_idx, job.index))
-    budget = job.budget
-    model.load_state(state)
-    quantize_model(model, cfg.model.quantize)  # "none": nothing
-    assignment = job.assignment
-    if strategy.needs_assignment and assignment is None:
-        usage = usage_profile(model, data, strategy, cfg.train.batch_size, cfg.model.max_length)
-        assignment = strategy.assign(usage, budget.c_budget)
-    res = train_round(model, data, strategy=strategy, budget=budget.c_budget,
-                      train_cfg=cfg.train, method_cfg=cfg.method, run_id=cfg.run_id,
-                      round_idx=round_idx, client_id=job.device_id,
-                      max_length=cfg.model.max_length, assignment=assignment,
-                      base_hash=base_hash,
-                      planner=make_planner(budget, enforce=strategy.uses_budget, resident=0))
-    res = dataclasses.replace(res, update=dataclasses.replace(res.update, meta={
-        **res.update.meta, "budget_limit": budget.limit, "budget_reason": budget.reason}))
-    blob = encode(res.update, cfg.method.tau, cfg.wire)
-    return DeviceResult(job.index, blob, res.seconds, _held(budget.c_budget, res, len(blob)),
-                        dict(res.update.usage),
-                        float(res.update.meta.get("ib_vs_importance", 0.0)), assignment)
-
-
-class SequentialBackend:
-    """The devices one after another on one model copy, in this process."""
-
-    def __init__(self, model: Any, shards: list[Any], cfg: Any, strategy: Any) -> None:
-        self.model, self.shards, self.cfg, self.strategy = model, shards, cfg, strategy
-
-    def run(self, round_idx: int, state: dict[str, torch.Tensor], base_hash: str,
-            jobs: list[DeviceJob]) -> Iterator[DeviceResult]:
-        for job in jobs:  # lazily: the driver adds each update before the next device trains
-            yield train_device(self.model, self.shards[job.index], job, state, round_idx,
-                               base_hash, self.cfg, self.strategy)
-
-    def close(self) -> None:
-        pass
-
-
 def simulate(cfg: Any, num_devices: int, profiles: list[str], measure_repeats: int = 3, *,
              backend: str = "sequential", ray_address: str = "", ray_workers: int = 0,
              calibration: Calibration | None = None) -> list[dict[str, Any]]:
@@ -225,7 +111,7 @@ def simulate(cfg: Any, num_devices: int, profiles: list[str], measure_repeats: i
     if ray_workers < 0:
         raise ConfigError(f"ray workers must be >= 0 (0: one per CPU), got {ray_workers}")
     if backend == "ray":
-        from server.ray_backend import require_ray
+        from lab.ray_backend import require_ray
 
         require_ray()  # before anything slow: a missing extra fails at once
     torch.manual_seed(cfg.rounds.seed)
@@ -273,7 +159,7 @@ def simulate(cfg: Any, num_devices: int, profiles: list[str], measure_repeats: i
     runner: Any = None
     try:
         if backend == "ray":  # after the calibration: starting actors would skew its timings
-            from server.ray_backend import RayBackend
+            from lab.ray_backend import RayBackend
 
             runner = RayBackend(cfg, shards, task.num_labels, participants,
                                 address=ray_address, workers=ray_workers)
@@ -358,16 +244,6 @@ def simulate(cfg: Any, num_devices: int, profiles: list[str], measure_repeats: i
             runner.close()
         store.close()
     return rows
-
-
-def _held(budget: int, res: Any, nbytes: int) -> dict[str, Any]:
-    """Per device and round: the budget, what was sent and what held optimizer state."""
-    meta = res.update.meta
-    return {"budget": budget, "experts_sent": len(res.update.updated),
-            "optimizer_experts": res.optimizer_experts, "selected": len(res.selected),
-            "steps": res.steps, "limit": (res.plan or {}).get("limit", meta.get("budget_limit")),
-            "reason": (res.plan or {}).get("reason", meta.get("budget_reason")),
-            "bytes": nbytes}
 
 
 def dense_update_bytes(state: dict[str, torch.Tensor], wire: Any) -> int:

@@ -221,6 +221,6 @@ def _summary(console: Any, table_cls: Any, run_dir: Path, seconds: float) -> Non
 
 
 def simulate(args: argparse.Namespace) -> int:
-    from server.simulate import run_simulation
+    from lab.simulate import run_simulation
 
     return run_simulation(args)
