@@ -4,6 +4,11 @@ Reads ``metrics.jsonl`` (one row per round, plus the initial evaluation) and ``r
 (devices with their reports and budgets, rejections). Plots: accuracy/loss per round and per
 wall-clock second, bytes per round, per-device budgets and measured step times, a heatmap of
 the experts each device trained, and accepted/rejected/late counts.
+
+The page is ``server/dashboard/templates/report.html`` (:mod:`server.pages`), styled by the
+live dashboard's stylesheet, inlined. Rounds are numbered as the console numbers them
+(:func:`server.rounds.round_label`: initial, 1, 2, ...); ``latency.csv`` keeps the stored
+0-based round index, as every data file does.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from hfedmoe.errors import StoreError
+from server.pages import stylesheet, template
+from server.rounds import INITIAL, round_label
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -27,90 +34,127 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _png(fig: Any) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def _plots(rows: list[dict[str, Any]], devices: dict[str, Any]) -> dict[str, str]:
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rounds = [r for r in rows if r.get("phase") == "round"]
-    initial = [r for r in rows if r.get("phase") == "initial"]
-    t0 = (initial or rows)[0]["time"]
-    out: dict[str, str] = {}
-    metric = "accuracy" if any("accuracy" in r for r in rows) else "loss"
-    xs = [r["round"] + 1 for r in initial + rounds]
-    ts = [r["time"] - t0 for r in initial + rounds]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), layout="constrained")
-    for ax, x, label in ((axes[0], xs, "round"), (axes[1], ts, "wall-clock seconds")):
-        ax.plot(x, [r.get(metric) for r in initial + rounds], "o-", label=metric)
+    return plt
+
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    _pyplot().close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _round_axis(ax: Any, rows: list[dict[str, Any]]) -> list[int]:
+    """Rounds on the x axis as the console numbers them: initial at 0, round_idx 0 at 1."""
+    xs = [0 if r.get("phase") == INITIAL else int(r["round"]) + 1 for r in rows]
+    step = max(1, len(xs) // 12)
+    ax.set_xticks(xs[::step], [round_label(r) for r in rows][::step])
+    ax.set_xlabel("round")
+    return xs
+
+
+def _evaluation_plot(evals: list[dict[str, Any]]) -> str:
+    """Accuracy (else loss) per round and per wall-clock second; loss on a twin axis."""
+    fig, axes = _pyplot().subplots(1, 2, figsize=(11, 3.6), layout="constrained")
+    metric = "accuracy" if any("accuracy" in r for r in evals) else "loss"
+    t0 = evals[0]["time"]
+    for ax, by_round in ((axes[0], True), (axes[1], False)):
+        if by_round:
+            x = _round_axis(ax, evals)
+        else:
+            x = [r["time"] - t0 for r in evals]
+            ax.set_xlabel("wall-clock seconds")
+        ax.plot(x, [r.get(metric) for r in evals], "o-", label=metric)
         if metric == "accuracy":
             ax2 = ax.twinx()
-            ax2.plot(x, [r.get("loss") for r in initial + rounds], "s--", color="tab:red",
-                     label="loss")
+            ax2.plot(x, [r.get("loss") for r in evals], "s--", color="tab:red", label="loss")
             ax2.set_ylabel("loss")
-        ax.set_xlabel(label)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-    fig.suptitle("held-out evaluation (round 0 = before training)")
-    out["evaluation"] = _png(fig)
+    fig.suptitle("held-out evaluation (initial = before training)")
+    return _png(fig)
 
+
+def _bytes_plot(rounds: list[dict[str, Any]]) -> str:
+    fig, ax = _pyplot().subplots(figsize=(6, 3.2))
+    x = _round_axis(ax, rounds)
+    ax.bar([i - 0.2 for i in x], [r["bytes_in"] / 1e6 for r in rounds], 0.4, label="updates in")
+    ax.bar([i + 0.2 for i in x], [r["bytes_out"] / 1e6 for r in rounds], 0.4, label="model out")
+    ax.set_ylabel("MB")
+    ax.legend()
+    return _png(fig)
+
+
+def _outcomes_plot(rounds: list[dict[str, Any]]) -> str:
+    fig, ax = _pyplot().subplots(figsize=(6, 3.2))
+    x = _round_axis(ax, rounds)
+    for key, color in (("accepted", "tab:green"), ("rejected", "tab:red"),
+                       ("late", "tab:orange")):
+        ax.plot(x, [r.get(key, 0) for r in rounds], "o-", label=key, color=color)
+    ax.set_ylabel("updates")
+    ax.legend()
+    return _png(fig)
+
+
+def _experts_plot(rounds: list[dict[str, Any]]) -> str | None:
+    """Heatmap: how many rounds each device trained each expert (None: no expert trained)."""
+    names = sorted({d for r in rounds for d in r.get("devices", {})})
+    experts = sorted({e for r in rounds for d in r.get("devices", {}).values()
+                      for e in d["updated"]}, key=lambda s: tuple(map(int, s.split(":"))))
+    if not (names and experts):
+        return None
+    grid = [[sum(e in r.get("devices", {}).get(n, {}).get("updated", []) for r in rounds)
+             for e in experts] for n in names]
+    fig, ax = _pyplot().subplots(figsize=(max(6, len(experts) * 0.16), 0.4 * len(names) + 1.5))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis")
+    ax.set_yticks(range(len(names)), names)
+    step = max(1, len(experts) // 16)
+    ax.set_xticks(range(0, len(experts), step), experts[::step], rotation=90)
+    ax.set_xlabel("expert (layer:index)")
+    fig.colorbar(im, ax=ax, label="rounds trained")
+    return _png(fig)
+
+
+def _devices_plot(devices: dict[str, Any]) -> str:
+    names = sorted(devices)
+    fig, axes = _pyplot().subplots(1, 2, figsize=(10, 3.2))
+    axes[0].bar(names, [devices[n]["budget"] for n in names])
+    axes[0].set_ylabel("C_budget (experts)")
+    steps = [devices[n]["report"].get("budget", {}).get("step_seconds", 0) for n in names]
+    axes[1].bar(names, steps)
+    axes[1].set_ylabel("predicted step time (s)")
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=45)
+    return _png(fig)
+
+
+def _plots(rows: list[dict[str, Any]], devices: dict[str, Any]) -> dict[str, str]:
+    """The report's PNGs (base64) by name: evaluation, bytes, outcomes, experts, devices."""
+    initial = [r for r in rows if r.get("phase") == INITIAL]
+    rounds = [r for r in rows if r.get("phase") == "round"]
+    out = {"evaluation": _evaluation_plot(initial + rounds)} if initial or rounds else {}
     if rounds:
-        fig, ax = plt.subplots(figsize=(6, 3.2))
-        idx = [r["round"] for r in rounds]
-        ax.bar([i - 0.2 for i in idx], [r["bytes_in"] / 1e6 for r in rounds], 0.4,
-               label="updates in")
-        ax.bar([i + 0.2 for i in idx], [r["bytes_out"] / 1e6 for r in rounds], 0.4,
-               label="model out")
-        ax.set_xlabel("round")
-        ax.set_ylabel("MB")
-        ax.legend()
-        out["bytes"] = _png(fig)
-
-        fig, ax = plt.subplots(figsize=(6, 3.2))
-        for key, color in (("accepted", "tab:green"), ("rejected", "tab:red"),
-                           ("late", "tab:orange")):
-            ax.plot(idx, [r.get(key, 0) for r in rounds], "o-", label=key, color=color)
-        ax.set_xlabel("round")
-        ax.set_ylabel("updates")
-        ax.legend()
-        out["outcomes"] = _png(fig)
-
-        names = sorted({d for r in rounds for d in r.get("devices", {})})
-        experts = sorted({e for r in rounds for d in r.get("devices", {}).values()
-                          for e in d["updated"]}, key=lambda s: tuple(map(int, s.split(":"))))
-        if names and experts:
-            grid = [[sum(e in r.get("devices", {}).get(n, {}).get("updated", [])
-                         for r in rounds) for e in experts] for n in names]
-            fig, ax = plt.subplots(figsize=(max(6, len(experts) * 0.16), 0.4 * len(names) + 1.5))
-            im = ax.imshow(grid, aspect="auto", cmap="viridis")
-            ax.set_yticks(range(len(names)), names)
-            step = max(1, len(experts) // 16)
-            ax.set_xticks(range(0, len(experts), step), experts[::step], rotation=90)
-            ax.set_xlabel("expert (layer:index)")
-            fig.colorbar(im, ax=ax, label="rounds trained")
-            out["experts"] = _png(fig)
-
+        out["bytes"] = _bytes_plot(rounds)
+        out["outcomes"] = _outcomes_plot(rounds)
+        experts = _experts_plot(rounds)
+        if experts is not None:
+            out["experts"] = experts
     if devices:
-        names = sorted(devices)
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
-        axes[0].bar(names, [devices[n]["budget"] for n in names])
-        axes[0].set_ylabel("C_budget (experts)")
-        steps = [devices[n]["report"].get("budget", {}).get("step_seconds", 0) for n in names]
-        axes[1].bar(names, steps)
-        axes[1].set_ylabel("predicted step time (s)")
-        for ax in axes:
-            ax.tick_params(axis="x", rotation=45)
-        out["devices"] = _png(fig)
+        out["devices"] = _devices_plot(devices)
     return out
+
+
+# --- the page ------------------------------------------------------------------------------------
+
+def _label(round_idx: Any) -> str:
+    """A stored round index as :func:`round_label` shows it ("-" where a row has none)."""
+    return round_label(int(round_idx)) if isinstance(round_idx, int) else "-"
 
 
 def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:
@@ -120,107 +164,162 @@ def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:
         cells = []
         for c in cols:
             v = r.get(c, "")
-            cells.append(f"<td>{v:.4f}</td>" if isinstance(v, float) else
+            cells.append(f"<td class='num'>{v:.4f}</td>" if isinstance(v, float) else
                          f"<td>{html.escape(str(v))}</td>")
         body += "<tr>" + "".join(cells) + "</tr>"
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<div class='scroll'><table><tr>{head}</tr>{body}</table></div>"
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """Write ``RUN_DIR/report.html``; returns its path."""
-    from server.store import Store
+def _section(title: str, *parts: str, note: str = "") -> str:
+    """One card of the report: a heading, an optional note, then tables or plots."""
+    note_html = f"<p class='note'>{note}</p>" if note else ""
+    return f"<section><h2>{html.escape(title)}</h2>{note_html}{''.join(parts)}</section>"
 
-    run_dir = Path(run_dir)
-    rows = read_metrics(run_dir)
-    store = Store(run_dir)
-    try:
-        devices = dict(store.devices())
-        rejections = store.rejections()
-        participation = store.participation()
-        skips = store.skips()
-    finally:
-        store.close()
-    latency_rows = latency_table(participation, devices)
-    if latency_rows:
-        write_latency_csv(latency_rows, run_dir / "latency.csv")
-    plots = _plots(rows, devices)
-    round_cols = ["round", "participants", "accepted", "rejected", "late", "experts_updated",
-                  "bytes_in", "dense_bytes", "bytes_out", "aggregation_s", "round_s", "accuracy", "loss",
-                  "perplexity"]
-    present = [c for c in round_cols if any(c in r for r in rows)]
-    dev_rows = [{"device": n, "budget": d["budget"], "status": d["status"],
-                 "limit": d["report"].get("budget", {}).get("limit", ""),
-                 "emulated": d["report"].get("source", "") if d["report"].get("emulated")
-                 else "measured",
-                 "trained experts (all rounds)": len({e for r in rows if r.get("phase") == "round"
-                                                      for e in r.get("devices", {})
-                                                      .get(n, {}).get("updated", [])})}
-                for n, d in sorted(devices.items())]
-    parts = ["<html><head><meta charset='utf-8'><title>HFedMoE run report</title><style>",
-             "body{font-family:sans-serif;margin:2em;max-width:1100px}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
-             "padding:3px 8px;font-size:13px}img{max-width:100%}",
-             "</style></head><body>",
-             f"<h1>HFedMoE run: {html.escape(run_dir.name)}</h1>",
-             "<h2>Rounds</h2>", _table(rows, present)]
-    titles = {"evaluation": "Held-out evaluation", "bytes": "Bytes per round",
-              "outcomes": "Accepted / rejected / late updates", "devices": "Devices",
-              "experts": "Experts trained per device"}
-    for key, title in titles.items():
-        if key in plots:
-            parts.append(f"<h2>{title}</h2><img src='data:image/png;base64,{plots[key]}'>")
+
+def _img(png: str) -> str:
+    return f"<img alt='' src='data:image/png;base64,{png}'>"
+
+
+ROUND_COLS = ["round", "participants", "accepted", "rejected", "late", "experts_updated",
+              "bytes_in", "dense_bytes", "bytes_out", "aggregation_s", "round_s", "accuracy",
+              "loss", "perplexity"]
+PLOT_TITLES = {"evaluation": "Held-out evaluation", "bytes": "Bytes per round",
+               "outcomes": "Accepted / rejected / late updates", "devices": "Devices",
+               "experts": "Experts trained per device"}
+
+
+def _rounds_section(rows: list[dict[str, Any]]) -> str:
+    present = [c for c in ROUND_COLS if any(c in r for r in rows)]
+    labelled = [{**r, "round": round_label(r)} for r in rows]
+    return _section("Rounds", _table(labelled, present))
+
+
+def _device_rows(rows: list[dict[str, Any]], devices: dict[str, Any]) -> list[dict[str, Any]]:
+    rounds = [r for r in rows if r.get("phase") == "round"]
+    return [{"device": n, "budget": d["budget"], "status": d["status"],
+             "limit": d["report"].get("budget", {}).get("limit", ""),
+             "emulated": d["report"].get("source", "") if d["report"].get("emulated")
+             else "measured",
+             "trained experts (all rounds)": len({e for r in rounds for e in r.get(
+                 "devices", {}).get(n, {}).get("updated", [])})}
+            for n, d in sorted(devices.items())]
+
+
+def _plot_sections(plots: dict[str, str], dev_rows: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for key, title in PLOT_TITLES.items():
+        parts = [_img(plots[key])] if key in plots else []
         if key == "devices" and dev_rows:
             parts.append(_table(dev_rows, list(dev_rows[0])))
-    held = [{"round": r["round"] + 1, "device": name, **h} for r in rows
-             if r.get("phase") == "round" for name, h in sorted(r.get("held", {}).items())]
-    if held:
-        cols = ["round", "device", "budget", "experts_sent", "optimizer_experts", "steps",
-                "limit", "reason", "bytes"]
-        parts += ["<h2>Budget per device and round</h2>",
-                  "<p>C_budget registered by the device, experts its update carried, experts "
-                  "that held optimizer state, local steps, and what limited the round.</p>",
-                  _table(held, [c for c in cols if any(c in h for h in held)])]
-    privacy = [{"round": r["round"] + 1, "device": name, "noised updates": p["rounds"][name],
+        if parts:
+            out.append(_section(title, *parts))
+    return out
+
+
+def _budget_section(rows: list[dict[str, Any]]) -> str:
+    held = [{"round": round_label(r), "device": name, **h} for r in rows
+            if r.get("phase") == "round" for name, h in sorted(r.get("held", {}).items())]
+    if not held:
+        return ""
+    cols = ["round", "device", "budget", "experts_sent", "optimizer_experts", "steps", "limit",
+            "reason", "bytes"]
+    return _section("Budget per device and round",
+                    _table(held, [c for c in cols if any(c in h for h in held)]),
+                    note="C_budget registered by the device, experts its update carried, "
+                         "experts that held optimizer state, local steps, and what limited the "
+                         "round.")
+
+
+def _privacy_section(rows: list[dict[str, Any]]) -> str:
+    privacy = [{"round": round_label(r), "device": name, "noised updates": p["rounds"][name],
                 "epsilon": eps, "delta": p["delta"], "epsilon limit": p.get("max_epsilon") or "-"}
                for r in rows if r.get("phase") == "round" and r.get("privacy")
                for p in [r["privacy"]] for name, eps in p["epsilon"].items()]
-    if privacy:
-        parts += ["<h2>Differential privacy</h2>",
-                  "<p>Epsilon each device has spent at delta, after every round (RDP accountant "
-                  "of dp-accounting over the noised updates the server accepted; a device "
-                  "counts every update it sent). A device whose next update would pass the "
-                  "limit sits the round out.</p>",
-                  _table(privacy, list(privacy[0]))]
+    if not privacy:
+        return ""
+    return _section("Differential privacy", _table(privacy, list(privacy[0])),
+                    note="Epsilon each device has spent at delta, after every round (RDP "
+                         "accountant of dp-accounting over the noised updates the server "
+                         "accepted; a device counts every update it sent). A device whose next "
+                         "update would pass the limit sits the round out.")
+
+
+def _latency_section(latency_rows: list[dict[str, Any]]) -> str:
+    if not latency_rows:
+        return ""
+    return _section(
+        "Step latency on the devices",
+        "<h3>Per device class</h3>",
+        _table(latency_summary_rows(latency_rows, "class"), LATENCY_COLS["class"]),
+        "<h3>Per device</h3>",
+        _table(latency_summary_rows(latency_rows, "device"), LATENCY_COLS["device"]),
+        note="What each device measured while it trained (seconds per local step; forward, "
+             "backward and optimizer are parts of a step; routing is the selection pass; upload "
+             "is from sending the update to the server's ack). Per device and per device class: "
+             "the median over rounds of each round's median, the median of the rounds' p90, and "
+             "the spread (fastest to slowest round median). Every round of every device: "
+             "<a href='latency.csv'>latency.csv</a>.")
+
+
+def _skips_section(skips: list[dict[str, Any]]) -> str:
+    if not skips:
+        return ""
+    rows = [{"round": _label(k["round"]), "device": k["client"],
+             "when": "during the round" if k["during_round"] else "before joining",
+             "reasons": "; ".join(k["reasons"]),
+             "conditions": ", ".join(f"{a}={b}" for a, b in k["conditions"].items()
+                                     if b is not None)} for k in skips]
+    return _section("Devices that sat rounds out",
+                    _table(rows, ["round", "device", "when", "reasons", "conditions"]),
+                    note="A participant whose conditions broke the run's eligibility rules "
+                         "(battery, charging, temperature, metered network, user activity) "
+                         "before or during the round.")
+
+
+def _rejections_section(rejections: list[dict[str, Any]]) -> str:
+    if not rejections:
+        return ""
+    rows = [{**r, "round": _label(r["round"])} for r in rejections[:200]]
+    return _section("Rejected messages", _table(rows, ["round", "client", "error", "reason"]))
+
+
+def _read_store(run_dir: Path) -> dict[str, Any]:
+    from server.store import Store
+
+    store = Store(run_dir)
+    try:
+        return {"devices": dict(store.devices()), "rejections": store.rejections(),
+                "participation": store.participation(), "skips": store.skips()}
+    finally:
+        store.close()
+
+
+def render_report(run_name: str, rows: list[dict[str, Any]], stored: dict[str, Any],
+                  latency_rows: list[dict[str, Any]]) -> str:
+    """The report page: ``templates/report.html`` filled with its sections."""
+    devices = stored["devices"]
+    sections = [_rounds_section(rows),
+                *_plot_sections(_plots(rows, devices), _device_rows(rows, devices)),
+                _budget_section(rows), _privacy_section(rows), _latency_section(latency_rows),
+                _skips_section(stored["skips"]), _rejections_section(stored["rejections"])]
+    finished = sum(r.get("phase") == "round" for r in rows)
+    summary = f"{finished} round{'s' * (finished != 1)} · {len(devices)} devices"
+    return template("report.html").substitute(
+        run=html.escape(run_name), summary=summary, stylesheet=stylesheet(),
+        sections="\n".join(s for s in sections if s))
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``RUN_DIR/report.html`` (and ``latency.csv`` where devices sent timings); returns
+    the report's path."""
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir)
+    stored = _read_store(run_dir)
+    latency_rows = latency_table(stored["participation"], stored["devices"])
     if latency_rows:
-        parts += ["<h2>Step latency on the devices</h2>",
-                  "<p>What each device measured while it trained (seconds per local step; "
-                  "forward, backward and optimizer are parts of a step; routing is the "
-                  "selection pass; upload is from sending the update to the server's ack). "
-                  "Per device and per device class: the median over rounds of each round's "
-                  "median, the median of the rounds' p90, and the spread (fastest to slowest "
-                  "round median). Every round of every device: "
-                  "<a href='latency.csv'>latency.csv</a>.</p>",
-                  "<h3>Per device class</h3>",
-                  _table(latency_summary_rows(latency_rows, "class"), LATENCY_COLS["class"]),
-                  "<h3>Per device</h3>",
-                  _table(latency_summary_rows(latency_rows, "device"), LATENCY_COLS["device"])]
-    if skips:
-        parts += ["<h2>Devices that sat rounds out</h2>",
-                  "<p>A participant whose conditions broke the run's eligibility rules "
-                  "(battery, charging, temperature, metered network, user activity) before or "
-                  "during the round.</p>",
-                  _table([{"round": k["round"], "device": k["client"],
-                           "when": "during the round" if k["during_round"] else "before joining",
-                           "reasons": "; ".join(k["reasons"]),
-                           "conditions": ", ".join(f"{a}={b}" for a, b in k["conditions"].items()
-                                                   if b is not None)} for k in skips],
-                         ["round", "device", "when", "reasons", "conditions"])]
-    if rejections:
-        parts += ["<h2>Rejected messages</h2>", _table(rejections[:200],
-                                                       ["round", "client", "error", "reason"])]
-    parts.append("</body></html>")
+        write_latency_csv(latency_rows, run_dir / "latency.csv")
     out = run_dir / "report.html"
-    out.write_text("\n".join(parts))
+    out.write_text(render_report(run_dir.name, rows, stored, latency_rows), encoding="utf-8")
     return out
 
 

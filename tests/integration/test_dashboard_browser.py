@@ -18,7 +18,7 @@ from hfedmoe.transport.broker import free_port
 from tests.broker_required import need_chromium
 from tests.integration.conftest import SMALL, FakeDevice, merge, metrics, spawn, stop, wait_for
 
-pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source",
         "track", "wbr"}
 
@@ -92,6 +92,7 @@ def listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+@pytest.mark.broker
 def test_dashboard_of_a_running_round_in_chromium(tmp_path, mosquitto, monkeypatch):
     binary = need_chromium()  # skips, or fails under HFEDMOE_REQUIRE_BROWSER/BROKER=1
     monkeypatch.delenv("HFEDMOE_DASHBOARD_TOKEN", raising=False)  # loopback, no token
@@ -137,7 +138,8 @@ def test_dashboard_of_a_running_round_in_chromium(tmp_path, mosquitto, monkeypat
         assert (table["dev-2"]["battery"], table["dev-2"]["eligibility"]) == (
             "8 %", "skip: battery 8% < 30% and not charging")
         assert table["dev-1"]["battery"] == "–" and table["dev-1"]["eligibility"] == "–"
-        assert dom.by_id("round-title").text().startswith("round 0"), dom.by_id("round-title")
+        # round_idx 0 is round 1, as the console says
+        assert dom.by_id("round-title").text() == "round 1 of 1", dom.by_id("round-title").text()
         progress = dom.by_id("round-kv").text()
         assert f"answered 0/{n}" in progress and "deadline in" in progress, progress
         assert dom.by_id("phase").text().startswith("round open")
@@ -176,3 +178,47 @@ def test_dashboard_of_a_running_round_in_chromium(tmp_path, mosquitto, monkeypat
     log = (tmp_path / "server.log").read_text()
     assert f"dashboard: {url}" in log
     assert [r["phase"] for r in metrics(tmp_path / "run")] == ["initial", "round"]
+
+
+def column(table: Node, header: str) -> list[str]:
+    """The texts of ``table``'s column ``header``, top to bottom."""
+    heads = [th.text() for th in table.find(lambda x: x.tag == "th")]
+    rows = [[td.text() for td in tr.find(lambda x: x.tag == "td")]
+            for tr in table.find(lambda x: x.tag == "tr" and x.find(lambda y: y.tag == "td"))]
+    return [r[heads.index(header)] for r in rows]
+
+
+def test_dashboard_numbers_rounds_like_the_console(tmp_path, monkeypatch):
+    """A run directory with the initial evaluation and rounds 0 and 1, and round_idx 2 open:
+    the page says initial, 1, 2 in its table and round 3 over it (server.rounds.round_label)."""
+    from types import SimpleNamespace
+
+    from server.config import DASHBOARD_TOKEN_ENV, RoundConfig, ServerConfig
+    from server.dashboard import Dashboard
+    from server.store import Store
+    from tests.server.run_dir import write_run
+
+    binary = need_chromium()
+    monkeypatch.delenv(DASHBOARD_TOKEN_ENV, raising=False)
+    store = Store(write_run(tmp_path / "run"))
+    open_round = SimpleNamespace(round_idx=2, participants=["phone", "laptop"], accepted={},
+                                 refused={}, expected=2, rejected=0, late=0, deadline=None,
+                                 started=1.0, skipped={})
+    c = SimpleNamespace(cfg=ServerConfig(run_id="two", run_dir=str(tmp_path / "run"),
+                                         rounds=RoundConfig(rounds=3)),
+                        store=store, round=open_round, next_round=2, clock=lambda: 2.0,
+                        strategy=SimpleNamespace(name="hfedmoe"), hooks=[])
+    dashboard = Dashboard(c, port=0).start()
+    try:
+        out = chromium(binary, tmp_path, "--virtual-time-budget=3000", "--dump-dom",
+                       dashboard.url)
+    finally:
+        dashboard.close()
+        store.close()
+    assert out.returncode == 0, out.stderr[-2000:]
+    dom = parse(out.stdout)
+    assert column(dom.by_id("rounds"), "round") == ["2", "1", "initial"]  # newest first
+    assert dom.by_id("round-title").text() == "round 3 of 3"
+    last = dict(zip(column(dom.by_id("fleet"), "device"),
+                    column(dom.by_id("fleet"), "last round"), strict=True))
+    assert last == {"laptop": "1", "phone": "2"}  # round_idx 0 and 1

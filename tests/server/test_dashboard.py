@@ -3,15 +3,21 @@ and the token rules (loopback open, elsewhere a token, compared on every request
 
 from __future__ import annotations
 
+import fnmatch
+import http.client
 import json
 import socket
 import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+from urllib.parse import urlsplit
 
 import pytest
 
+import server.dashboard
 from hfedmoe.errors import ConfigError
 from hfedmoe.models.hf import build_hf_model
 from hfedmoe.transport.broker import free_port
@@ -20,6 +26,7 @@ from hfedmoe.transport.topics import Topics
 from server.config import DASHBOARD_TOKEN_ENV, RoundConfig, ServerConfig, is_loopback
 from server.coordinator import Coordinator
 from server.dashboard import Dashboard
+from tests.server.run_dir import write_run
 
 
 def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
@@ -90,8 +97,12 @@ def test_state_of_a_running_round(tmp_path, monkeypatch):
         # the page is up before any device
         wait_listening(port)
         code, page = get(f"http://127.0.0.1:{port}/")
-        assert code == 200 and b"<script>" in page and b"api/state" in page
-        assert b"http://" not in page.replace(b"http://www.w3.org/2000/svg", b"")  # no CDN
+        assert code == 200 and b'<script src="dashboard.js"' in page
+        assert b'<link rel="stylesheet" href="dashboard.css">' in page
+        script = get(f"http://127.0.0.1:{port}/dashboard.js")[1]
+        assert b"api/state" in script
+        for body in (page, script):  # no CDN
+            assert b"http://" not in body.replace(b"http://www.w3.org/2000/svg", b"")
         s = wait_state(port, lambda s: s["phase"] == "waiting for devices", "the first state")
         assert s["devices"] == [] and s["round"] is None
         for budget, (d, t) in enumerate(devices.items(), start=1):
@@ -170,7 +181,7 @@ def test_token_required_on_every_request(tmp_path, monkeypatch):
     coordinator.start()
     try:
         base = f"http://127.0.0.1:{port}"
-        for path in ("/", "/api/state", "/report"):
+        for path in ("/", "/index.html", "/api/state", "/report", "/nothing"):
             assert get(base + path)[0] == 401
             assert get(base + path + "?token=wrong")[0] == 401
             assert get(base + path, {"Authorization": "Bearer wrong"})[0] == 401
@@ -180,6 +191,9 @@ def test_token_required_on_every_request(tmp_path, monkeypatch):
         code, page = get(base + "/?token=tok-123")
         assert code == 200 and b"tok-123" not in page  # the page reads it from its own URL
         assert get(base + "/report?token=tok-123")[0] == 404  # no evaluation yet
+        # the page's stylesheet and script (package files, no run data) need no token: a
+        # browser cannot add one to <link> and <script> requests
+        assert get(base + "/dashboard.css")[0] == get(base + "/dashboard.js")[0] == 200
     finally:
         coordinator.close()
 
@@ -219,8 +233,6 @@ def test_demo_passes_its_dashboard_port_to_the_server(tmp_path, monkeypatch):
 
 
 def test_a_failing_snapshot_does_not_stop_the_round(tmp_path, caplog):
-    from types import SimpleNamespace
-
     from server.store import Store
 
     store = Store(tmp_path)
@@ -238,3 +250,78 @@ def test_a_failing_snapshot_does_not_stop_the_round(tmp_path, caplog):
     assert json.loads(d.state_bytes())["now"] == 1.0  # the last good snapshot is served
     assert sum("snapshot failed" in r.message for r in caplog.records) == 1
     store.close()
+
+
+PACKAGE = Path(server.dashboard.__file__).parent
+
+
+@pytest.fixture
+def served(tmp_path, monkeypatch):
+    """A dashboard over a finished two-round run directory, serving; yields its base URL."""
+    from server.store import Store
+
+    monkeypatch.delenv(DASHBOARD_TOKEN_ENV, raising=False)
+    write_run(tmp_path)
+    store = Store(tmp_path)
+    c = SimpleNamespace(cfg=ServerConfig(run_id="two", run_dir=str(tmp_path),
+                                         rounds=RoundConfig(rounds=2)),
+                        store=store, round=None, next_round=2, clock=lambda: 1.0,
+                        strategy=SimpleNamespace(name="hfedmoe"), hooks=[])
+    d = Dashboard(c, port=0).start()
+    try:
+        yield d.url.rstrip("/")
+    finally:
+        d.close()
+        store.close()
+
+
+def raw_get(url: str, path: str) -> tuple[int, bytes, str]:
+    """GET ``path`` exactly as written (no client-side normalisation of ``..`` or ``%2e``)."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read(), resp.getheader("Content-Type", "")
+    finally:
+        conn.close()
+
+
+def test_the_page_is_the_packages_files(served):
+    for path, name, ctype in (("/", "index.html", "text/html; charset=utf-8"),
+                              ("/index.html", "index.html", "text/html; charset=utf-8"),
+                              ("/dashboard.css", "dashboard.css", "text/css; charset=utf-8"),
+                              ("/dashboard.js", "dashboard.js",
+                               "text/javascript; charset=utf-8")):
+        code, body, got = raw_get(served, path)
+        assert (code, got) == (200, ctype), path
+        assert body == (PACKAGE / "static" / name).read_bytes(), path
+    # and it loads exactly those: no inline style or script (the page's CSP forbids them)
+    page = (PACKAGE / "static" / "index.html").read_text()
+    assert "style=" not in page and "<style" not in page and "<script>" not in page
+
+
+@pytest.mark.parametrize("path", [
+    "/nothing", "/static/dashboard.css", "/app.py", "/__init__.py", "/handler.py",
+    "/templates/report.html", "/report.html", "/../app.py", "/static/../app.py",
+    "/%2e%2e/app.py", "/..%2fapp.py", "/dashboard.css/../app.py", "//etc/passwd",
+    "/metrics.jsonl", "/run.db", "/index.html/", "/DASHBOARD.JS"])
+def test_unknown_paths_are_404(served, path):
+    code, body, _ = raw_get(served, path)
+    assert code == 404 and body == b"not found\n", path
+
+
+def test_an_installed_kit_ships_the_page_files():
+    """Every page file matches a pattern of the server's package data (pyproject), so a
+    non-editable install carries them."""
+    from hfedmoe.config import tomllib
+
+    root = PACKAGE.parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]["server"]
+    files = [p.relative_to(root / "server") for p in
+             (*PACKAGE.glob("static/*"), *PACKAGE.glob("templates/*"))]
+    assert {"index.html", "dashboard.css", "dashboard.js", "report.html"} <= {
+        f.name for f in files}
+    for f in files:
+        assert any(fnmatch.fnmatch(f.as_posix(), p) for p in patterns), f
