@@ -41,7 +41,7 @@ def measure(model_cfg: dict, budgets: list[int], max_steps: int, batch_size: int
             adapters: Sequence[str] = ("full",), lora_rank: int = 8) -> list[dict]:
     import torch
 
-    from device_agent.train import train_round, usage_profile
+    from device_agent.train import RoundContext, RoundIds, train_round, usage_profile
     from hfedmoe.config import DataConfig, MethodConfig, ModelConfig, TrainConfig
     from hfedmoe.data import load_task
     from hfedmoe.models.registry import build_model
@@ -71,9 +71,10 @@ def measure(model_cfg: dict, budgets: list[int], max_steps: int, batch_size: int
                 usage = usage_profile(model, shard, strategy, batch_size, mcfg.max_length)
                 assignment = strategy.assign(usage, budget)
             t0 = time.perf_counter()
-            res = train_round(model, shard, strategy=strategy, budget=budget, train_cfg=tcfg,
-                              method_cfg=method, round_idx=0, client_id="dev0",
-                              max_length=mcfg.max_length, assignment=assignment)
+            res = train_round(RoundContext(
+                model, shard, strategy=strategy, budget=budget, train=tcfg, method=method,
+                ids=RoundIds(round_idx=0, client_id="dev0"), max_length=mcfg.max_length,
+                assignment=assignment))
             train_s = time.perf_counter() - t0
             upd = res.update
             experts = {parse_key(k).expert for k in upd.deltas} - {None}

@@ -92,7 +92,7 @@ def grad_agreement(model: Any, data: Any, batches: int, budget: int, max_length:
 
 def train_and_eval(quick: bool, detach: bool, steps: int, budget: int, task: Any, impl: str,
                    lr: float) -> dict[str, Any]:
-    from device_agent.train import train_round
+    from device_agent.train import RoundContext, train_round
     from hfedmoe.config import MethodConfig, TrainConfig
     from hfedmoe.strategies import get_strategy
     from server.evaluate import evaluate
@@ -100,8 +100,9 @@ def train_and_eval(quick: bool, detach: bool, steps: int, budget: int, task: Any
     model = _model(quick, task.num_labels, impl)
     cfg = TrainConfig(batch_size=8, lr=lr, max_steps=steps, detach_frozen=detach)
     t0 = time.perf_counter()
-    result = train_round(model, task.train, strategy=get_strategy("hfedmoe", MethodConfig()),
-                         budget=budget, train_cfg=cfg, max_length=64 if quick else 128)
+    result = train_round(RoundContext(
+        model, task.train, strategy=get_strategy("hfedmoe", MethodConfig()), budget=budget,
+        train=cfg, max_length=64 if quick else 128))
     seconds = time.perf_counter() - t0
     ev = evaluate(model, task.test, max_length=64 if quick else 128,
                   max_examples=64 if quick else 0)

@@ -445,7 +445,7 @@ class DeviceAgent:
 
     def play_round(self, ann: dict[str, Any]) -> None:
         """One round: fetch, train within the deadline, send, wait for the ack."""
-        from device_agent.train import train_round
+        from device_agent.train import RoundContext, RoundIds, train_round
         from hfedmoe.strategies import get_strategy
 
         round_idx = int(ann["round"])
@@ -488,14 +488,14 @@ class DeviceAgent:
             from device_agent.costs import make_planner
 
             try:
-                result = train_round(
+                result = train_round(RoundContext(
                     self.model, self.data, strategy=strategy, budget=self.budget.c_budget,
-                    train_cfg=train, method_cfg=method, run_id=self.cfg.run_id,
-                    round_idx=round_idx, client_id=self.cfg.device_id, max_length=max_length,
-                    deadline_s=max(train_window, 0.0), assignment=assignment,
-                    base_hash=manifest.state_hash, on_step=self._on_step,
+                    train=train, method=method, ids=RoundIds(
+                        self.cfg.run_id, round_idx, self.cfg.device_id, manifest.state_hash),
+                    max_length=max_length, deadline_s=max(train_window, 0.0),
+                    assignment=assignment, on_step=self._on_step,
                     planner=make_planner(self.budget, enforce=strategy.uses_budget),
-                    runtime=self.cfg.runtime)
+                    runtime=self.cfg.runtime))
             except ConditionsBroke as exc:  # on_break = "drop": nothing leaves the device
                 self._skip_round(round_idx, exc.reasons)
                 return

@@ -12,11 +12,18 @@ One round, one expert set (METHOD.md section 3, revised Decision; docs/method.md
    sub-model for fedmoe, a seeded draw among the routed experts for fedavg-random). A planner
    (the device's cost model) may keep a shorter prefix, or fewer steps, so that the round fits
    memory and the window under the real routing.
-3. **Train.** A trainer (eager PyTorch, or the ExecuTorch program a phone runs) trains exactly
-   that set, the gates and the shared parts for every step of the round: other experts get no
-   gradient and no optimizer state. There is no routing pass per step: usage u_c(e) (Eq. 16)
-   and importance for the update come from the training forwards' own gate capture (the
-   ExecuTorch program does not expose its gates, so there they come from the routing pass).
+3. **Train.** One loop over a :class:`~hfedmoe.trainer.Trainer` (eager PyTorch, or the
+   ExecuTorch program a phone runs; the runtime only decides which trainer is built and the
+   batch shape) trains exactly that set, the gates and the shared parts for every step of the
+   round: other experts get no gradient and no optimizer state. The loop stops at the end of
+   the batches, before a step that would overrun the deadline, or when ``on_step`` raises
+   :class:`~hfedmoe.trainer.StopTraining`. There is no routing pass per step: usage u_c(e)
+   (Eq. 16) and importance for the update come from the training forwards' own gate capture
+   (the ExecuTorch program does not expose its gates, so there they come from the routing
+   pass).
+
+A round is given one :class:`RoundContext` (model, data, strategy, budget, configs, ids,
+limits and hooks): ``train_round(RoundContext(model, data, strategy=s, budget=4, train=cfg))``.
 
 ``train.reselect = "batch"`` keeps the paper's per-batch selection as an option, bounded so the
 round's union never exceeds C_budget (an expert that leaves the active set frees its optimizer
@@ -33,12 +40,15 @@ import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
+from export.programs import bucket_for
+from export.runtime import ExecuTorchTrainer
 from hfedmoe.config import MethodConfig, TrainConfig
 from hfedmoe.data import PairDataset, TextDataset, collate, iter_minibatches
+from hfedmoe.errors import ConfigError
 from hfedmoe.importance import compute_batch_stats
 from hfedmoe.lora import LoRASpec
 from hfedmoe.models.base import MoEModel
@@ -53,6 +63,7 @@ from hfedmoe.trainer import (
     DTYPES,
     EagerTrainer,
     StopTraining,
+    Trainer,
     autocast_for,
     check_quantized,
     factor_seed,
@@ -162,166 +173,277 @@ def selection_sample(batches: Sequence[Any], n: int) -> list[Any]:
     return list(batches[:n]) if n else list(batches)
 
 
-def _select(strategy: Strategy, stats: RoundStats, budget: int, mcfg: MethodConfig,
-            client_id: str, round_idx: int,
-            assignment: frozenset[ExpertId] | None) -> Selection:
-    generator = (selection_generator(mcfg.seed, client_id, round_idx)
-                 if strategy.needs_generator else None)
-    return strategy.select(stats, budget, generator=generator, assignment=assignment)
+@dataclass(frozen=True)
+class RoundIds:
+    """Whose round this is: what the update is labelled with."""
+
+    run_id: str = "local"
+    round_idx: int = 0
+    client_id: str = "client"
+    base_hash: str = ""  # hash of the global model the deltas are relative to
 
 
-def train_round(model: MoEModel, data: TextDataset | PairDataset, *, strategy: Strategy,
-                budget: int, train_cfg: TrainConfig, method_cfg: MethodConfig | None = None,
-                run_id: str = "local", round_idx: int = 0, client_id: str = "client",
-                max_length: int = 128, deadline_s: float | None = None,
-                assignment: frozenset[ExpertId] | None = None, base_hash: str = "",
-                clock: Callable[[], float] = time.monotonic,
-                on_step: Callable[[dict[str, Any]], None] | None = None,
-                planner: Callable[[Selection, RoundStats], Any] | None = None,
-                runtime: str = "eager", backend: str = "portable") -> RoundResult:
-    """Fine-tune ``model`` on ``data`` for one round and return the sparse update.
+@dataclass(frozen=True)
+class RoundContext:
+    """Everything one local round is given.
 
-    Args:
+    Attributes:
         model: the client's copy of the global model (modified in place).
         data: the client's local examples.
         strategy: selection and aggregation rule (``hfedmoe.strategies.get_strategy``).
         budget: C_budget, the most experts this device trains, holds state for and sends in
             the round.
-        train_cfg: the recipe (batch size, lr, optimizer, dtype, detach_frozen, epochs,
+        train: the recipe (batch size, lr, optimizer, dtype, detach_frozen, epochs,
             selection_batches, reselect). With ``dtype`` bf16/fp16 and ``hold_frozen_lowp`` on
             the eager runtime the frozen matmul weights are stored in that dtype for the round
             (:class:`hfedmoe.precision.LowPrecisionFrozen`) and are back in fp32, unchanged,
             when it returns.
-        method_cfg: overrides ``strategy.cfg`` (lam, beta, tau, DP).
-        deadline_s: stop before a step that would end past this many seconds.
+        method: overrides ``strategy.cfg`` (lam, beta, tau, DP).
+        ids: run, round, client and base model hash the update is labelled with.
+        max_length: tokens per example (the ExecuTorch program's static sequence length).
         assignment: the fixed sub-model for strategies that need one (fedmoe).
-        base_hash: hash of the global model the deltas are relative to.
-        clock: injectable monotonic clock (tests).
-        on_step: called after every step with a dict of progress facts.
+        deadline_s: stop before a step that would end past this many seconds.
         planner: ``planner(selection, routing_stats)`` returns a
             :class:`~device_agent.budget.RoundPlan` (experts to keep, steps); None keeps the
             selection and every step.
+        on_step: called after every step with a dict of progress facts; may raise
+            :class:`~hfedmoe.trainer.StopTraining` to end the round and send what trained.
+        clock: injectable monotonic clock (tests).
         runtime: ``"eager"`` or ``"executorch"`` (the training program a phone runs).
         backend: ExecuTorch backend (``"portable"`` or ``"xnnpack"``).
+    """
+
+    model: MoEModel
+    data: TextDataset | PairDataset
+    strategy: Strategy
+    budget: int
+    train: TrainConfig
+    method: MethodConfig | None = None
+    ids: RoundIds = RoundIds()
+    max_length: int = 128
+    assignment: frozenset[ExpertId] | None = None
+    deadline_s: float | None = None
+    planner: Callable[[Selection, RoundStats], Any] | None = None
+    on_step: Callable[[dict[str, Any]], None] | None = None
+    clock: Callable[[], float] = time.monotonic
+    runtime: Literal["eager", "executorch"] = "eager"
+    backend: str = "portable"
+
+    def __post_init__(self) -> None:
+        if self.runtime not in ("eager", "executorch"):
+            raise ConfigError(f"runtime must be 'eager' or 'executorch', not {self.runtime!r}")
+
+    @property
+    def mcfg(self) -> MethodConfig:
+        return self.method or self.strategy.cfg
+
+
+@dataclass(frozen=True)
+class _Runtime:
+    """What the runtime fixes before the round: the batches it takes, its budget, reselection."""
+
+    name: str
+    budget: int  # the ExecuTorch runtime: the program bucket (<= C_budget)
+    pad: bool  # every batch padded to max_length (a program's static shape)
+    full_batches_only: bool  # batches shorter than batch_size dropped (static shape)
+    per_batch: bool  # train.reselect = "batch"
+
+
+@dataclass(frozen=True)
+class _Choice:
+    """The routing pass and the selection: the round's expert set and batches."""
+
+    stats: RoundStats | None
+    ranked: tuple[ExpertId, ...]
+    batches: list[Any]
+    stopped_by: str  # what ends the round if nothing else does: "data", "max_steps", "plan"
+    routing_s: float
+    disagreement: float = 0.0
+    plan: Any = None
+
+
+@dataclass
+class _Progress:
+    """What the loop has done so far."""
+
+    stopped_by: str
+    losses: list[float] = field(default_factory=list)
+    selections: list[list[str]] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
+    examples: int = 0
+    tokens: int = 0
+
+
+class _NoTrainer:
+    """The ExecuTorch runtime's round without experts or batches: nothing trains or is sent."""
+
+    device = torch.device("cpu")
+
+    def __init__(self) -> None:
+        self.active: frozenset[ExpertId] = frozenset()
+        self.trained: set[ExpertId] = set()
+        self.acc = RoundAccumulator()
+        self.phases: list[dict[str, float]] = []
+        self.max_state_experts = 0
+
+    def set_active(self, experts: frozenset[ExpertId]) -> None:
+        raise AssertionError("a round without a trainer has no steps")
+
+    def step(self, batch: dict[str, torch.Tensor]) -> float:
+        raise AssertionError("a round without a trainer has no steps")
+
+    def deltas(self) -> dict[str, torch.Tensor]:
+        return {}
+
+
+def train_round(ctx: RoundContext) -> RoundResult:
+    """Fine-tune ``ctx.model`` on ``ctx.data`` for one round and return the sparse update:
+    route, select (and plan), then one loop over the runtime's :class:`Trainer`.
 
     Returns:
         A :class:`RoundResult` whose ``update`` carries deltas of what trained.
     """
-    kwargs = dict(strategy=strategy, budget=budget, train_cfg=train_cfg, method_cfg=method_cfg,
-                  run_id=run_id, round_idx=round_idx, client_id=client_id,
-                  max_length=max_length, deadline_s=deadline_s, assignment=assignment,
-                  base_hash=base_hash, clock=clock, on_step=on_step, planner=planner,
-                  runtime=runtime, backend=backend)
-    if train_cfg.dtype == "float32" or runtime != "eager" or not train_cfg.hold_frozen_lowp:
-        return _train_round(model, data, **kwargs)  # type: ignore[arg-type]
-    with LowPrecisionFrozen(model.module, DTYPES[train_cfg.dtype]) as low:
-        return _train_round(model, data, low=low, **kwargs)  # type: ignore[arg-type]
+    check_quantized(ctx.model, ctx.train, ctx.runtime)
+    train = ctx.train
+    if train.dtype == "float32" or ctx.runtime != "eager" or not train.hold_frozen_lowp:
+        return _run(ctx, None)
+    with LowPrecisionFrozen(ctx.model.module, DTYPES[train.dtype]) as low:
+        return _run(ctx, low)
 
 
-def _train_round(model: MoEModel, data: TextDataset | PairDataset, *, strategy: Strategy,
-                budget: int, train_cfg: TrainConfig, method_cfg: MethodConfig | None = None,
-                run_id: str = "local", round_idx: int = 0, client_id: str = "client",
-                max_length: int = 128, deadline_s: float | None = None,
-                assignment: frozenset[ExpertId] | None = None, base_hash: str = "",
-                clock: Callable[[], float] = time.monotonic,
-                on_step: Callable[[dict[str, Any]], None] | None = None,
-                planner: Callable[[Selection, RoundStats], Any] | None = None,
-                runtime: str = "eager", backend: str = "portable",
-                 low: LowPrecisionFrozen | None = None) -> RoundResult:
+def _run(ctx: RoundContext, low: LowPrecisionFrozen | None) -> RoundResult:
     """:func:`train_round` (``low``: the round's lowered frozen weights, or None)."""
-    mcfg = method_cfg or strategy.cfg
-    check_quantized(model, train_cfg, runtime)
-    start = clock()
-    batches = round_batches(data, train_cfg, mcfg.seed, round_idx)
-    executorch = runtime == "executorch"
-    if executorch:
-        if model.task != "classification":
-            raise ValueError("ExecuTorch training programs support classification models only")
-        from export.programs import bucket_for
+    start = ctx.clock()
+    rt = _runtime(ctx)
+    choice = _choose(ctx, rt, start)
+    batches = choice.batches
+    trainer = _make_trainer(ctx, rt, choice.ranked, batches, low)
+    if trainer is None:
+        trainer, batches = _NoTrainer(), []
+    progress = _loop(ctx, rt, trainer, batches, start, choice.stopped_by)
+    deltas, noise_std = _privatize(ctx.mcfg, trainer.deltas())
+    stats = trainer.acc.result() if trainer.acc.num_batches else choice.stats
+    latency = latency_summary(trainer.phases, progress.step_seconds, choice.routing_s,
+                              *_peak_memory(trainer.device))
+    meta = _round_meta(ctx, rt, choice, progress, trainer.max_state_experts, latency, low,
+                       noise_std, start)
+    return _finish(ctx, choice, progress, deltas, stats, frozenset(trainer.trained),
+                   trainer.max_state_experts, rt.budget, meta, start)
 
-        batches = [b for b in batches if len(b) == train_cfg.batch_size]  # static shape
-        budget = bucket_for(budget) if budget else 0
-    stats = routing_pass(model, data, selection_sample(batches, train_cfg.selection_batches),
-                         mcfg, train_cfg, max_length, pad_to_max_length=executorch) \
-        if batches else None
-    routing_s = clock() - start
-    selection = (_select(strategy, stats, budget, mcfg, client_id, round_idx, assignment)
-                 if stats is not None else Selection(frozenset()))
-    ranked = list(selection.ranked())
-    disagreement = (ranking_disagreement(stats.scores("ib"), stats.scores("importance"), budget)
-                    if stats is not None else 0.0)
-    plan = planner(selection, stats) if planner is not None and stats is not None else None
+
+def _runtime(ctx: RoundContext) -> _Runtime:
+    """Eager PyTorch, or the ExecuTorch program: classification only, static batch shape,
+    the budget rounded down to a program bucket, one expert set for the round."""
+    if ctx.runtime == "eager":
+        return _Runtime("eager", ctx.budget, pad=False, full_batches_only=False,
+                        per_batch=ctx.train.reselect == "batch" and ctx.strategy.uses_budget)
+    if ctx.model.task != "classification":
+        raise ValueError("ExecuTorch training programs support classification models only")
+    return _Runtime("executorch", bucket_for(ctx.budget) if ctx.budget else 0, pad=True,
+                    full_batches_only=True, per_batch=False)
+
+
+def _choose(ctx: RoundContext, rt: _Runtime, start: float) -> _Choice:
+    """Route a sample of the round's batches, select E_active within the budget, plan."""
+    mcfg, cfg = ctx.mcfg, ctx.train
+    available = [b for b in _batches(ctx.data, cfg, mcfg.seed, ctx.ids.round_idx)
+                 if not rt.full_batches_only or len(b) == cfg.batch_size]
+    batches = available[: cfg.max_steps] if cfg.max_steps else available
+    cut = "max_steps" if len(batches) < len(available) else "data"
+    if not batches:
+        return _Choice(None, (), batches, cut, ctx.clock() - start)
+    stats = routing_pass(ctx.model, ctx.data, selection_sample(batches, cfg.selection_batches),
+                         mcfg, cfg, ctx.max_length, pad_to_max_length=rt.pad)
+    routing_s = ctx.clock() - start
+    generator = (selection_generator(mcfg.seed, ctx.ids.client_id, ctx.ids.round_idx)
+                 if ctx.strategy.needs_generator else None)
+    selection = ctx.strategy.select(stats, rt.budget, generator=generator,
+                                    assignment=ctx.assignment)
+    ranked = tuple(selection.ranked())
+    disagreement = ranking_disagreement(stats.scores("ib"), stats.scores("importance"),
+                                        rt.budget)
+    plan = ctx.planner(selection, stats) if ctx.planner is not None else None
     if plan is not None:
-        ranked = list(plan.experts)
+        ranked = tuple(plan.experts)
         if plan.steps < len(batches):
-            batches = batches[: plan.steps]
-    if executorch:
-        return _train_executorch(model, data, batches, ranked, stats, budget, train_cfg, mcfg,
-                                 run_id, round_idx, client_id, max_length, deadline_s,
-                                 base_hash, clock, start, backend, plan, routing_s,
-                                 disagreement)
-    for layer in model.layers:
-        layer.bank.detach_frozen = train_cfg.detach_frozen
-    per_batch = train_cfg.reselect == "batch" and strategy.uses_budget
-    trainer = EagerTrainer(model, [] if per_batch else ranked, train_cfg, mcfg,
-                           seed=factor_seed(mcfg, round_idx, client_id), low=low)
+            batches, cut = batches[: plan.steps], "plan"
+    return _Choice(stats, ranked, batches, cut, routing_s, disagreement, plan)
+
+
+def _make_trainer(ctx: RoundContext, rt: _Runtime, ranked: Sequence[ExpertId],
+                  batches: Sequence[Any], low: LowPrecisionFrozen | None) -> Trainer | None:
+    """The runtime's trainer of ``ranked`` (per-batch reselection: of none yet).
+
+    The ExecuTorch program trains with its SGD on batches padded to its static shape; with
+    ``train.adapter = "lora"`` the LoRA program trains factors of the set (sent as factors;
+    the device keeps its base expert weights, as on the eager runtime); with
+    ``train.executorch_capacity_factor`` its experts run the ``"capacity"`` path
+    (:mod:`export.runtime`). None: nothing to train on that runtime."""
+    cfg = ctx.train
+    seed = factor_seed(ctx.mcfg, ctx.ids.round_idx, ctx.ids.client_id)
+    if rt.name == "executorch":
+        if not (ranked and batches):
+            return None
+        lora = LoRASpec(cfg.lora_rank, cfg.lora_alpha) if cfg.adapter == "lora" else None
+        return ExecuTorchTrainer(ctx.model, sorted(ranked), (cfg.batch_size, ctx.max_length),
+                                 cfg.lr, bucket=rt.budget, backend=ctx.backend, lora=lora,
+                                 seed=seed, capacity_factor=cfg.executorch_capacity_factor,
+                                 write_back=True)
+    for layer in ctx.model.layers:
+        layer.bank.detach_frozen = cfg.detach_frozen
+    return EagerTrainer(ctx.model, [] if rt.per_batch else list(ranked), cfg, ctx.mcfg,
+                        seed=seed, low=low)
+
+
+def _loop(ctx: RoundContext, rt: _Runtime, trainer: Trainer, batches: Sequence[Any],
+          start: float, stopped_by: str) -> _Progress:
+    """One step per batch until the batches end, the deadline nears or ``on_step`` stops it."""
+    done = _Progress(stopped_by)
     union: set[ExpertId] = set()
-    losses: list[float] = []
-    selections: list[list[str]] = []
-    examples = tokens = 0
-    available = list(_batches(data, train_cfg, mcfg.seed, round_idx))
-    stopped_by = ("plan" if len(batches) < min(len(available), train_cfg.max_steps or 10**9)
-                  else "max_steps" if len(batches) < len(available) else "data")
-    step_time = 0.0
-    step_seconds: list[float] = []
-    device = trainer.device
+    step_time = 0.0  # smoothed: the deadline check's estimate of the next step
     for idx in batches:
-        if deadline_s is not None and losses and clock() - start + step_time > deadline_s:
-            stopped_by = "deadline"
+        if (ctx.deadline_s is not None and done.losses
+                and ctx.clock() - start + step_time > ctx.deadline_s):
+            done.stopped_by = "deadline"
             break
-        t0 = clock()
-        batch = collate(data, idx, model.tokenizer, max_length)
-        step_seconds.append(0.0)
-        if per_batch:
-            trainer.set_active(_reselect(model, batch, strategy, budget, mcfg, train_cfg,
-                                         union, device))
+        t0 = ctx.clock()
+        batch = collate(ctx.data, idx, ctx.model.tokenizer, ctx.max_length, rt.pad)
+        if rt.per_batch:
+            trainer.set_active(_reselect(ctx, rt.budget, batch, union, trainer.device))
             union |= trainer.active
-        losses.append(trainer.step(batch))
-        selections.append(sorted(str(e) for e in trainer.active))
-        examples += len(idx)
-        tokens += int(batch["attention_mask"].sum())
-        dt = clock() - t0
-        step_seconds[-1] = dt
-        step_time = dt if len(losses) == 1 else 0.8 * step_time + 0.2 * dt  # smoothed
-        if on_step is not None:
-            try:
-                on_step({"step": len(losses), "loss": losses[-1], "experts": len(trainer.active),
-                         "budget": budget, "tokens_per_s": int(batch["attention_mask"].sum())
-                         / max(dt, 1e-9), "elapsed": clock() - start})
-            except StopTraining:
-                stopped_by = "conditions"
-                break
-    deltas = trainer.deltas()
-    train_stats = trainer.acc.result() if trainer.acc.num_batches else stats
-    updated = frozenset(trainer.trained)
-    latency = latency_summary(trainer.phases, step_seconds[:len(losses)], routing_s,
-                              *_peak_memory(device))
-    return _finish(model, deltas, train_stats, updated, len(data), examples, tokens, losses,
-                   selections, stopped_by, budget, mcfg, run_id, round_idx, client_id,
-                   base_hash, clock, start, tuple(ranked), trainer.max_state_experts,
-                   routing_s, plan, {"runtime": "eager", "reselect": train_cfg.reselect,
-                                     "ib_vs_importance": disagreement, "latency": latency,
-                                     # the dtype the frozen matmul weights were held in
-                                     "frozen_dtype": train_cfg.dtype if low is not None
-                                     and low.lowered_total else "float32"})
+        done.losses.append(trainer.step(batch))
+        done.selections.append(sorted(str(e) for e in trainer.active))
+        done.examples += len(idx)
+        done.tokens += int(batch["attention_mask"].sum())
+        dt = ctx.clock() - t0
+        done.step_seconds.append(dt)
+        step_time = dt if len(done.losses) == 1 else 0.8 * step_time + 0.2 * dt
+        if not _report_step(ctx, done, len(trainer.active), rt.budget, batch, dt, start):
+            done.stopped_by = "conditions"
+            break
+    return done
 
 
-def _reselect(model: MoEModel, batch: dict[str, torch.Tensor], strategy: Strategy, budget: int,
-              mcfg: MethodConfig, train_cfg: TrainConfig, union: set[ExpertId],
-              device: torch.device) -> frozenset[ExpertId]:
+def _report_step(ctx: RoundContext, done: _Progress, experts: int, budget: int,
+                 batch: dict[str, torch.Tensor], dt: float, start: float) -> bool:
+    """Tell ``on_step`` the step's facts; False when it asks the round to stop."""
+    if ctx.on_step is None:
+        return True
+    try:
+        ctx.on_step({"step": len(done.losses), "loss": done.losses[-1], "experts": experts,
+                     "budget": budget, "tokens_per_s": int(batch["attention_mask"].sum())
+                     / max(dt, 1e-9), "elapsed": ctx.clock() - start})
+    except StopTraining:
+        return False
+    return True
+
+
+def _reselect(ctx: RoundContext, budget: int, batch: dict[str, torch.Tensor],
+              union: set[ExpertId], device: torch.device) -> frozenset[ExpertId]:
     """Per-batch Eq. 15 within C_budget for the round: once ``budget`` distinct experts have
     trained, only they stay candidates."""
-    with torch.no_grad(), autocast_for(train_cfg, device), \
+    model, mcfg = ctx.model, ctx.mcfg
+    with torch.no_grad(), autocast_for(ctx.train, device), \
             model.capture(batch["attention_mask"].to(device)) as cap:
         model.module(input_ids=batch["input_ids"].to(device),
                      attention_mask=batch["attention_mask"].to(device))
@@ -336,91 +458,62 @@ def _reselect(model: MoEModel, batch: dict[str, torch.Tensor], strategy: Strateg
     return frozenset(chosen)
 
 
-def _train_executorch(model: MoEModel, data: TextDataset | PairDataset, batches: list[Any],
-                      ranked: list[ExpertId], stats: RoundStats | None, bucket: int,
-                      train_cfg: TrainConfig, mcfg: MethodConfig, run_id: str, round_idx: int,
-                      client_id: str, max_length: int, deadline_s: float | None,
-                      base_hash: str, clock: Callable[[], float], start: float, backend: str,
-                      plan: Any, routing_s: float, disagreement: float = 0.0) -> RoundResult:
-    """The ExecuTorch trainer on the round's expert set: batches padded to the program's static
-    shape, the program's SGD. Usage and importance come from the routing pass. With
-    ``train.adapter = "lora"`` the LoRA program trains factors of the set (sent as factors; the
-    device keeps its base expert weights, as on the eager runtime). With
-    ``train.executorch_capacity_factor`` the program's experts run the ``"capacity"`` path
-    (:mod:`export.runtime`) instead of ``"dense"``."""
-    from export.runtime import ExecuTorchTrainer
-    from hfedmoe.lora import split_factor_key
-
-    lora = (LoRASpec(train_cfg.lora_rank, train_cfg.lora_alpha)
-            if train_cfg.adapter == "lora" else None)
-
-    chosen = sorted(ranked)
-    encoded = [collate(data, idx, model.tokenizer, max_length, pad_to_max_length=True)
-               for idx in batches]
-    losses: list[float] = []
-    step_seconds: list[float] = []
-    stopped_by = "data"
-    deltas: dict[str, torch.Tensor] = {}
-    if chosen and encoded:
-        trainer = ExecuTorchTrainer(model, chosen, (train_cfg.batch_size, max_length),
-                                    train_cfg.lr, bucket=bucket, backend=backend, lora=lora,
-                                    seed=factor_seed(mcfg, round_idx, client_id),
-                                    capacity_factor=train_cfg.executorch_capacity_factor)
-        step_time = 0.0
-        for batch in encoded:
-            if deadline_s is not None and losses and clock() - start + step_time > deadline_s:
-                stopped_by = "deadline"
-                break
-            t0 = clock()
-            losses.append(trainer.step(batch))
-            step_time = clock() - t0
-            step_seconds.append(step_time)
-        deltas = trainer.deltas()
-        model.load_state({k: model.parameter(k).detach() + d for k, d in deltas.items()
-                           if split_factor_key(k) is None})
-    updated = frozenset(chosen) if losses else frozenset()
-    tokens = sum(int(b["attention_mask"].sum()) for b in encoded[:len(losses)])
-    extra: dict[str, Any] = {"runtime": "executorch", "bucket": bucket,
-                             "ib_vs_importance": disagreement,
-                             "latency": latency_summary([], step_seconds, routing_s,
-                                                        *_peak_memory(torch.device("cpu")))}
-    if train_cfg.executorch_capacity_factor is not None:
-        extra["capacity_factor"] = train_cfg.executorch_capacity_factor
-    return _finish(model, deltas, stats, updated, len(data), len(losses) * train_cfg.batch_size,
-                   tokens, losses, [sorted(map(str, chosen))] * len(losses), stopped_by, bucket,
-                   mcfg, run_id, round_idx, client_id, base_hash, clock, start, tuple(ranked),
-                   len(updated), routing_s, plan, extra)
+def _round_meta(ctx: RoundContext, rt: _Runtime, choice: _Choice, done: _Progress,
+                state_experts: int, latency: dict[str, Any], low: LowPrecisionFrozen | None,
+                dp_noise_std: float | None, start: float) -> dict[str, Any]:
+    """The update's ``meta``: what the round held (budget, plan, experts with optimizer
+    state), how it ended, its latency, and what the runtime ran."""
+    cfg = ctx.train
+    meta: dict[str, Any] = {
+        "loss": sum(done.losses) / max(len(done.losses), 1), "steps": len(done.losses),
+        "stopped_by": done.stopped_by, "budget": rt.budget, "seconds": ctx.clock() - start,
+        "examples_processed": done.examples, "selected": len(choice.ranked),
+        "optimizer_experts": state_experts, "routing_s": choice.routing_s,
+        "runtime": rt.name, "ib_vs_importance": choice.disagreement, "latency": latency}
+    if rt.name == "executorch":
+        meta["bucket"] = rt.budget
+        if cfg.executorch_capacity_factor is not None:
+            meta["capacity_factor"] = cfg.executorch_capacity_factor
+    else:
+        meta["reselect"] = cfg.reselect
+        # the dtype the frozen matmul weights were held in
+        meta["frozen_dtype"] = (cfg.dtype if low is not None and low.lowered_total
+                                else "float32")
+    if choice.plan is not None:
+        meta["plan"] = choice.plan.to_dict()
+    if dp_noise_std is not None:
+        meta.update(dp_noise_std=dp_noise_std, dp_clip=ctx.mcfg.dp_clip)
+    return meta
 
 
-def _finish(model: MoEModel, deltas: dict[str, torch.Tensor], stats: RoundStats | None,
-            updated: frozenset[ExpertId], num_examples: int, examples: int, tokens: int,
-            losses: list[float], selections: list[list[str]], stopped_by: str, budget: int,
-            mcfg: MethodConfig, run_id: str, round_idx: int, client_id: str, base_hash: str,
-            clock: Callable[[], float], start: float, selected: tuple[ExpertId, ...],
-            state_experts: int, routing_s: float, plan: Any,
-            extra: dict[str, Any]) -> RoundResult:
-    meta: dict[str, Any] = {"loss": sum(losses) / max(len(losses), 1), "steps": len(losses),
-                            "stopped_by": stopped_by, "budget": budget,
-                            "seconds": clock() - start, "examples_processed": examples,
-                            "selected": len(selected), "optimizer_experts": state_experts,
-                            "routing_s": routing_s, **extra}
-    if plan is not None:
-        meta["plan"] = plan.to_dict()
-    if mcfg.dp_clip > 0 and deltas:
-        # noise from the OS's randomness; the norm and the clip factor stay on the device
-        private = privatize(deltas, mcfg.dp_clip, mcfg.dp_noise_multiplier)
-        deltas = dict(private.deltas)
-        meta.update(dp_noise_std=private.noise_std, dp_clip=mcfg.dp_clip)
+def _privatize(mcfg: MethodConfig, deltas: dict[str, torch.Tensor]
+               ) -> tuple[dict[str, torch.Tensor], float | None]:
+    """Clipped and noised deltas when DP is configured, and the noise's std (else None).
+    The noise comes from the OS's randomness; the norm and the clip factor stay on the
+    device."""
+    if mcfg.dp_clip <= 0 or not deltas:
+        return deltas, None
+    private = privatize(deltas, mcfg.dp_clip, mcfg.dp_noise_multiplier)
+    return dict(private.deltas), private.noise_std
+
+
+def _finish(ctx: RoundContext, choice: _Choice, done: _Progress,
+            deltas: dict[str, torch.Tensor], stats: RoundStats | None,
+            updated: frozenset[ExpertId], state_experts: int, budget: int,
+            meta: dict[str, Any], start: float) -> RoundResult:
+    """The sparse update and the round's result."""
+    ids = ctx.ids
     update = SparseUpdate(
-        run_id=run_id, round_idx=round_idx, client_id=client_id,
-        num_examples=max(num_examples, 1), deltas=deltas,
+        run_id=ids.run_id, round_idx=ids.round_idx, client_id=ids.client_id,
+        num_examples=max(len(ctx.data), 1), deltas=deltas,
         usage=dict(stats.usage) if stats else {},
         importance=dict(stats.importance) if stats else {},
         routed=stats.routed if stats else frozenset(), updated=updated,
-        base_model_hash=base_hash, meta=meta)
-    return RoundResult(update, len(losses), examples, tokens, losses, clock() - start,
-                       stopped_by, budget, selections, selected, state_experts, routing_s,
-                       plan.to_dict() if plan is not None else None)
+        base_model_hash=ids.base_hash, meta=meta)
+    return RoundResult(update, len(done.losses), done.examples, done.tokens, done.losses,
+                       ctx.clock() - start, done.stopped_by, budget, done.selections,
+                       choice.ranked, state_experts, choice.routing_s,
+                       choice.plan.to_dict() if choice.plan is not None else None)
 
 
 def usage_profile(model: MoEModel, data: TextDataset | PairDataset, strategy: Strategy,

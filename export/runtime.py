@@ -56,6 +56,7 @@ from hfedmoe.errors import ExportError
 from hfedmoe.lora import ExpertFactors, LoRASpec, split_factor_key
 from hfedmoe.models.base import MoEModel
 from hfedmoe.names import ExpertId, expert_key
+from hfedmoe.round_stats import RoundAccumulator
 
 log = logging.getLogger(__name__)
 
@@ -132,13 +133,24 @@ class ExecuTorchTrainer:
             rule: ``torch.Generator().manual_seed(seed)``, experts in sorted order).
         capacity_factor: run the experts on the ``"capacity"`` path with this factor (None:
             the exact ``"dense"`` path; see the module docstring).
+        write_back: :meth:`deltas` also writes the trained weights (not LoRA factors) into
+            ``model``, which then holds what trained as after eager training (a round's
+            recipe); False leaves ``model`` as it was (the parity checks).
+
+    It follows :class:`hfedmoe.trainer.Trainer`: one expert set for the round (no per-batch
+    reselection); the program does not expose its gates, so :attr:`acc` stays empty and a
+    round's usage and importance come from its routing pass; SGD holds no state beyond the
+    set's slots (:attr:`max_state_experts` is the set's size once a step ran).
     """
+
+    device = torch.device("cpu")
 
     def __init__(self, model: MoEModel, experts: Sequence[ExpertId], batch_shape: tuple[int, int],
                  lr: float, *, bucket: int | None = None, mode: DropMode = "frozen",
                  backend: Backend = "portable", gates: bool = True, shared: bool = True,
                  cache: ProgramCache | None = None, lora: LoRASpec | None = None,
-                 seed: int = 0, capacity_factor: float | None = None) -> None:
+                 seed: int = 0, capacity_factor: float | None = None,
+                 write_back: bool = False) -> None:
         from executorch.extension.training import get_sgd_optimizer
 
         self.model = model
@@ -160,6 +172,12 @@ class ExecuTorchTrainer:
         self.initial = self._current()
         self.optimizer = get_sgd_optimizer(self._params, lr, 0, 0, 0, False)
         self.steps = 0
+        self.write_back = write_back
+        self.active = frozenset(self.experts)
+        self.trained: set[ExpertId] = set()
+        self.acc = RoundAccumulator()  # the program's gates are not visible: stays empty
+        self.phases: list[dict[str, float]] = []
+        self.max_state_experts = 0
 
     def _prime(self) -> None:
         # ExecuTorch's TrainingModule exposes its parameter tensors only after a first
@@ -223,7 +241,15 @@ class ExecuTorchTrainer:
         out = self.module.forward_backward("forward", args)
         self.optimizer.step(self.module.named_gradients())
         self.steps += 1
+        self.trained = set(self.experts)
+        self.max_state_experts = len(self.experts)
         return float(out[0])
+
+    def set_active(self, experts: frozenset[ExpertId]) -> None:
+        """The program's expert set is fixed for the round: only the same set is accepted."""
+        if frozenset(experts) != self.active:
+            raise ExportError("an ExecuTorch training program trains one expert set per "
+                              "round; per-batch reselection runs on the eager runtime")
 
     def logits(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The forward's logits (runs forward and backward, without an optimizer step)."""
@@ -239,5 +265,9 @@ class ExecuTorchTrainer:
         factors (``...w_in.lora_A`` etc.) are sent as their trained values, not as deltas
         (the server expands each pair to ``scale * B @ A``, :func:`hfedmoe.lora.expand`)."""
         now = self._current()
-        return {k: now[k] if split_factor_key(k) is not None else now[k] - self.initial[k]
-                for k in self.initial}
+        out = {k: now[k] if split_factor_key(k) is not None else now[k] - self.initial[k]
+               for k in self.initial}
+        if self.write_back:
+            self.model.load_state({k: self.model.parameter(k).detach() + d
+                                   for k, d in out.items() if split_factor_key(k) is None})
+        return out

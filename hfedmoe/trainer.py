@@ -91,11 +91,39 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 class Trainer(Protocol):
-    """Trains a fixed expert set (plus gates and shared parts) one batch at a time."""
+    """Trains an expert set (plus gates and shared parts) one batch at a time.
 
-    def step(self, batch: dict[str, torch.Tensor]) -> float: ...
+    What a round's loop (:func:`device_agent.train.train_round`) reads besides the losses:
 
-    def deltas(self) -> dict[str, torch.Tensor]: ...
+    Attributes:
+        device: where its batches go (the routing of a per-batch reselection runs there).
+        active: the experts training now.
+        trained: the active experts that received a gradient so far (the update's
+            ``updated``).
+        acc: usage and importance from the training forwards' gate capture; empty where the
+            trainer cannot see its gates (the ExecuTorch program), and the round then takes
+            them from its routing pass.
+        phases: per step, seconds per phase (``forward``/``backward``/``optimizer``) where
+            the trainer can time them.
+        max_state_experts: the most experts holding optimizer state at any step.
+    """
+
+    device: torch.device
+    active: frozenset[ExpertId]
+    trained: set[ExpertId]
+    acc: RoundAccumulator
+    phases: list[dict[str, float]]
+    max_state_experts: int
+
+    def set_active(self, experts: frozenset[ExpertId]) -> None:
+        """Change the active set (``train.reselect = "batch"``)."""
+
+    def step(self, batch: dict[str, torch.Tensor]) -> float:
+        """One forward, backward and optimizer step; returns the loss."""
+
+    def deltas(self) -> dict[str, torch.Tensor]:
+        """End the round: the deltas of what trained by canonical key (LoRA: the factors);
+        the model holds the trained weights (LoRA: its base weights)."""
 
 
 class EagerTrainer:

@@ -14,7 +14,7 @@ import torch
 
 from device_agent.costs import make_planner, measure_costs
 from device_agent.resources import probe_device
-from device_agent.train import train_round, usage_profile
+from device_agent.train import RoundContext, RoundIds, train_round, usage_profile
 from hfedmoe.data import load_task
 from hfedmoe.lora import LoRASpec
 from hfedmoe.models.quantize import quantize_model
@@ -93,12 +93,11 @@ def train_device(model: Any, data: Any, job: DeviceJob, state: dict[str, torch.T
     if strategy.needs_assignment and assignment is None:
         usage = usage_profile(model, data, strategy, cfg.train.batch_size, cfg.model.max_length)
         assignment = strategy.assign(usage, budget.c_budget)
-    res = train_round(model, data, strategy=strategy, budget=budget.c_budget,
-                      train_cfg=cfg.train, method_cfg=cfg.method, run_id=cfg.run_id,
-                      round_idx=round_idx, client_id=job.device_id,
-                      max_length=cfg.model.max_length, assignment=assignment,
-                      base_hash=base_hash,
-                      planner=make_planner(budget, enforce=strategy.uses_budget, resident=0))
+    res = train_round(RoundContext(
+        model, data, strategy=strategy, budget=budget.c_budget, train=cfg.train,
+        method=cfg.method, ids=RoundIds(cfg.run_id, round_idx, job.device_id, base_hash),
+        max_length=cfg.model.max_length, assignment=assignment,
+        planner=make_planner(budget, enforce=strategy.uses_budget, resident=0)))
     res = dataclasses.replace(res, update=dataclasses.replace(res.update, meta={
         **res.update.meta, "budget_limit": budget.limit, "budget_reason": budget.reason}))
     blob = encode(res.update, cfg.method.tau, cfg.wire)

@@ -167,7 +167,7 @@ def test_executorch_lora_round_sends_factors_the_server_accepts(tokenizer):
     """train_round(runtime="executorch", adapter="lora"): only factor keys for experts, which
     the server's LoRA wire spec validates and ``expand`` turns into dense deltas; the same
     round on the eager runtime (same seed rule, SGD, one learning rate) sends the same update."""
-    from device_agent.train import train_round
+    from device_agent.train import RoundContext, RoundIds, train_round
     from hfedmoe.aggregation import PLAIN_RULE
     from hfedmoe.aggregator import Aggregator
     from hfedmoe.config import TrainConfig
@@ -181,8 +181,9 @@ def test_executorch_lora_round_sends_factors_the_server_accepts(tokenizer):
                       lora_rank=LORA.rank, lora_alpha=LORA.alpha)
 
     def run(m, runtime):
-        return train_round(m, text_data(), strategy=get_strategy("hfedmoe"), budget=2,
-                           train_cfg=cfg, max_length=16, runtime=runtime, client_id="c1")
+        return train_round(RoundContext(
+            m, text_data(), strategy=get_strategy("hfedmoe"), budget=2, train=cfg, max_length=16,
+            runtime=runtime, ids=RoundIds(client_id="c1")))
 
     res = run(model, "executorch")
     assert res.steps == 3 and all(map(math.isfinite, res.losses))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from device_agent.train import train_round
+from device_agent.train import RoundContext, RoundIds, train_round
 from hfedmoe.aggregation import PLAIN_RULE
 from hfedmoe.aggregator import Aggregator
 from hfedmoe.config import TrainConfig
@@ -23,8 +23,9 @@ LORA = LoRASpec(2, 4.0)
 
 
 def _round(model, data, client="c1", cfg=LORA_CFG, budget=2):
-    return train_round(model, data, strategy=get_strategy("hfedmoe"), budget=budget,
-                       train_cfg=cfg, client_id=client)
+    return train_round(RoundContext(
+        model, data, strategy=get_strategy("hfedmoe"), budget=budget, train=cfg,
+        ids=RoundIds(client_id=client)))
 
 
 def test_lora_round_sends_factors_of_the_selected_experts_and_keeps_the_base(tokenizer):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from device_agent.train import train_round
+from device_agent.train import RoundContext, train_round
 from hfedmoe.errors import ModelError
 from hfedmoe.precision import LowPrecisionFrozen, _join_bf16, _split_bf16, lowerable
 from hfedmoe.strategies import get_strategy
@@ -84,10 +84,11 @@ def test_bf16_round_trains_fp32_masters_and_leaves_the_model_bit_identical(token
         trained = {p.dtype for p in model.trainable_parameters().values()}
         seen.append((dtypes, trained))
 
-    res = train_round(model, text_data(), strategy=get_strategy("hfedmoe"), budget=2,
-                      train_cfg=TrainConfig(batch_size=4, dtype="bfloat16", max_steps=2,
-                                            lr=1e-2, adapter=adapter, hold_frozen_lowp=True),
-                      on_step=on_step)
+    res = train_round(RoundContext(
+        model, text_data(), strategy=get_strategy("hfedmoe"), budget=2,
+        train=TrainConfig(batch_size=4, dtype="bfloat16", max_steps=2, lr=1e-2,
+                          adapter=adapter, hold_frozen_lowp=True),
+        on_step=on_step))
     assert res.steps == 2 and res.update.updated
     assert res.update.meta["frozen_dtype"] == "bfloat16"
     assert all(torch.bfloat16 in dtypes and trained == {torch.float32}
@@ -106,8 +107,9 @@ def test_by_default_a_bf16_round_casts_per_use_and_keeps_weights_fp32(tokenizer)
 
     model = tiny(tokenizer)
     seen = []
-    res = train_round(model, text_data(), strategy=get_strategy("hfedmoe"), budget=2,
-                      train_cfg=TrainConfig(batch_size=4, dtype="bfloat16", max_steps=2),
-                      on_step=lambda _f: seen.append({p.dtype for p in model.module.parameters()}))
+    res = train_round(RoundContext(
+        model, text_data(), strategy=get_strategy("hfedmoe"), budget=2,
+        train=TrainConfig(batch_size=4, dtype="bfloat16", max_steps=2),
+        on_step=lambda _f: seen.append({p.dtype for p in model.module.parameters()})))
     assert res.steps == 2 and seen == [{torch.float32}] * 2
     assert res.update.meta["frozen_dtype"] == "float32"

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from device_agent.train import train_round
+from device_agent.train import RoundContext, RoundIds, train_round
 from hfedmoe.config import KitConfig, ModelConfig, TrainConfig, from_dict, load_config
 from hfedmoe.data import collate
 from hfedmoe.errors import ConfigError
@@ -79,11 +79,13 @@ def test_a_round_announced_with_full_fine_tuning_is_refused_on_a_quantized_devic
     model = tiny(tokenizer)
     quantize_model(model, "int8")
     with pytest.raises(ConfigError, match="train.adapter"):
-        train_round(model, text_data(), strategy=get_strategy("hfedmoe"), budget=2,
-                    train_cfg=TrainConfig(batch_size=2), client_id="c1")
+        train_round(RoundContext(
+            model, text_data(), strategy=get_strategy("hfedmoe"), budget=2,
+            train=TrainConfig(batch_size=2), ids=RoundIds(client_id="c1")))
     with pytest.raises(ConfigError, match="eager"):  # ExecuTorch exports from fp32 weights
-        train_round(model, text_data(), strategy=get_strategy("hfedmoe"), budget=2,
-                    train_cfg=LORA_CFG, client_id="c1", runtime="executorch")
+        train_round(RoundContext(
+            model, text_data(), strategy=get_strategy("hfedmoe"), budget=2, train=LORA_CFG,
+            runtime="executorch", ids=RoundIds(client_id="c1")))
 
 
 # --- what is quantized --------------------------------------------------------------------------
@@ -229,8 +231,9 @@ def test_lora_round_over_an_int8_base_sends_what_an_fp32_device_sends(tokenizer)
         model = tiny(tokenizer)
         quantize_model(model, mode)
         base = {k: dequantize_weight(model.parameter(k)).clone() for k in model.keys()}
-        res = train_round(model, text_data(), strategy=get_strategy("fedavg-full"), budget=0,
-                          train_cfg=LORA_CFG, client_id="c1")
+        res = train_round(RoundContext(
+            model, text_data(), strategy=get_strategy("fedavg-full"), budget=0, train=LORA_CFG,
+            ids=RoundIds(client_id="c1")))
         assert res.steps > 0
         # the base did not move (a quantized weight is never written), factors are gone
         for k in model.keys():

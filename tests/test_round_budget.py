@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from device_agent.budget import CostModel, Limits, compute_budget, plan_round
-from device_agent.train import train_round
+from device_agent.train import RoundContext, RoundIds, train_round
 from hfedmoe.config import TrainConfig
 from hfedmoe.errors import ConfigError
 from hfedmoe.names import ExpertId, parse_key
@@ -108,8 +108,9 @@ def _expert_keys(update) -> set[ExpertId]:
 def test_one_expert_set_per_round_within_the_budget(tokenizer, strategy) -> None:
     model = tiny(tokenizer)
     before = model.state()
-    res = train_round(model, text_data(), strategy=get_strategy(strategy), budget=2,
-                      train_cfg=TrainConfig(batch_size=2, lr=1e-2), client_id="c1")
+    res = train_round(RoundContext(
+        model, text_data(), strategy=get_strategy(strategy), budget=2,
+        train=TrainConfig(batch_size=2, lr=1e-2), ids=RoundIds(client_id="c1")))
     assert res.steps == 6
     assert len({tuple(s) for s in res.selections}) == 1  # the same set every step
     assert len(res.selected) == 2 and res.optimizer_experts <= 2
@@ -124,8 +125,9 @@ def test_one_expert_set_per_round_within_the_budget(tokenizer, strategy) -> None
 
 def test_per_batch_reselection_keeps_the_round_union_within_the_budget(tokenizer) -> None:
     model = tiny(tokenizer)
-    res = train_round(model, text_data(), strategy=get_strategy("hfedmoe"), budget=3,
-                      train_cfg=TrainConfig(batch_size=2, lr=1e-2, reselect="batch"))
+    res = train_round(RoundContext(
+        model, text_data(), strategy=get_strategy("hfedmoe"), budget=3,
+        train=TrainConfig(batch_size=2, lr=1e-2, reselect="batch")))
     union = {e for s in res.selections for e in s}
     assert len(union) <= 3 and res.optimizer_experts <= 3
     assert len(_expert_keys(res.update)) <= 3
@@ -141,8 +143,9 @@ def test_planner_shrinks_the_set_and_the_update_follows(tokenizer) -> None:
                           list(selection.ranked())[:1], seen["rows"], stats.batch_rows)
         return dataclasses.replace(plan, steps=2)
 
-    res = train_round(model, text_data(), strategy=get_strategy("hfedmoe"), budget=3,
-                      train_cfg=TrainConfig(batch_size=2, lr=1e-2), planner=planner)
+    res = train_round(RoundContext(
+        model, text_data(), strategy=get_strategy("hfedmoe"), budget=3,
+        train=TrainConfig(batch_size=2, lr=1e-2), planner=planner))
     assert res.steps == 2 and res.stopped_by == "plan" and len(res.selected) == 1
     assert len(_expert_keys(res.update)) <= 1
     assert sum(seen["rows"].values()) > 0  # the routing pass counted every expert's rows
