@@ -64,14 +64,12 @@ class DeviceJob:
 
 @dataclasses.dataclass(frozen=True)
 class DeviceResult:
-    """What a device's round gives the driver: the encoded update and the row's numbers."""
+    """What a device's round gives the driver: the encoded update (the driver decodes it and
+    reads the round's record from it, as the coordinator does) and the time it took."""
 
     index: int
     blob: bytes
     seconds: float  # measured local time on this host (the driver scales it to the profile)
-    held: dict[str, Any]
-    usage: dict[Any, float]
-    disagreement: float
     assignment: frozenset | None  # the job's, or the one computed in this round
 
 
@@ -101,9 +99,7 @@ def train_device(model: Any, data: Any, job: DeviceJob, state: dict[str, torch.T
     res = dataclasses.replace(res, update=dataclasses.replace(res.update, meta={
         **res.update.meta, "budget_limit": budget.limit, "budget_reason": budget.reason}))
     blob = encode(res.update, cfg.method.tau, cfg.wire)
-    return DeviceResult(job.index, blob, res.seconds, _held(budget.c_budget, res, len(blob)),
-                        dict(res.update.usage),
-                        float(res.update.meta.get("ib_vs_importance", 0.0)), assignment)
+    return DeviceResult(job.index, blob, res.seconds, assignment)
 
 
 class SequentialBackend:
@@ -120,13 +116,3 @@ class SequentialBackend:
 
     def close(self) -> None:
         pass
-
-
-def _held(budget: int, res: Any, nbytes: int) -> dict[str, Any]:
-    """Per device and round: the budget, what was sent and what held optimizer state."""
-    meta = res.update.meta
-    return {"budget": budget, "experts_sent": len(res.update.updated),
-            "optimizer_experts": res.optimizer_experts, "selected": len(res.selected),
-            "steps": res.steps, "limit": (res.plan or {}).get("limit", meta.get("budget_limit")),
-            "reason": (res.plan or {}).get("reason", meta.get("budget_reason")),
-            "bytes": nbytes}

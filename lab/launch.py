@@ -19,6 +19,8 @@ from typing import Any
 
 import tomli_w
 
+from server.rounds import INITIAL, round_label
+
 DEMO_PROFILES = ("phone-midrange-6gb", "jetson-orin-nano-8gb", "phone-flagship-12gb",
                  "raspberry-pi-5-8gb", "laptop-cpu-16gb", "jetson-agx-orin-32gb",
                  "phone-midrange-6gb", "jetson-orin-nano-8gb")
@@ -97,63 +99,22 @@ def demo(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from hfedmoe.transport.broker import EmbeddedBroker
-
     console = Console() if sys.stdout.isatty() else Console(width=150)
     run_dir = Path(args.run_dir)
     if (run_dir / "run.db").exists():
         import shutil
 
         shutil.rmtree(run_dir)  # a demo always starts fresh
-    run_id = f"demo-{int(time.time())}"
-    broker = None
-    url = args.broker
-    if not url:
-        broker = EmbeddedBroker().start()
-        url = broker.url
-        console.print(f"embedded MQTT broker (amqtt) on {url}")
-    server_cfg, agent_cfgs = write_configs(run_dir, url, args, run_id)
+    broker, url = _broker(args, console)
+    server_cfg, agent_cfgs = write_configs(run_dir, url, args, f"demo-{int(time.time())}")
     console.print(f"run directory {run_dir}; server config {server_cfg}")
     procs: list[subprocess.Popen] = []
     start = time.time()
     try:
-        server = _spawn(["server", "--config", str(server_cfg)], run_dir / "server.log")
-        procs.append(server)
-        if getattr(args, "dashboard_port", 0):
-            console.print(f"dashboard: http://127.0.0.1:{args.dashboard_port}/", markup=False)
-        for path in agent_cfgs:
-            procs.append(_spawn(["agent", "--config", str(path)],
-                                path.with_suffix(".log")))
-        console.print(f"{len(agent_cfgs)} device agents started (budgets come from emulated "
-                      f"device profiles: {', '.join(DEMO_PROFILES[:len(agent_cfgs)])})")
-        seen = 0
-        while server.poll() is None:
-            time.sleep(1.0)
-            rows = _rows(run_dir)
-            for r in rows[seen:]:
-                what = ("initial model" if r.get("phase") == "initial"
-                        else f"round {r['round'] + 1}/{args.rounds}")
-                acc = f"accuracy {r['accuracy']:.3f}" if "accuracy" in r else \
-                    f"loss {r.get('loss', float('nan')):.3f}"
-                extra = "" if r.get("phase") == "initial" else (
-                    f", {r['accepted']}/{r['participants']} updates, "
-                    f"{r['experts_updated']} experts aggregated, {_updates_vs_dense(r)}, "
-                    f"{r['bytes_out'] / 1e6:.1f} MB of model shards out")
-                console.print(f"[{time.time() - start:6.1f}s] {what}: {acc}{extra}")
-            seen = len(rows)
-            if time.time() - start > 3600:
-                console.print("[red]demo did not finish within an hour; stopping[/red]")
-                break
-        code = server.wait(timeout=60) if server.poll() is None else server.returncode
+        procs = _start(args, console, run_dir, server_cfg, agent_cfgs)
+        code = _follow(procs[0], console, run_dir, args.rounds, start)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        _stop(procs)
         if broker is not None:
             broker.stop()
     if code != 0:
@@ -161,6 +122,74 @@ def demo(args: argparse.Namespace) -> int:
         return 1
     _summary(console, Table, run_dir, time.time() - start)
     return 0
+
+
+def _broker(args: argparse.Namespace, console: Any) -> tuple[Any, str]:
+    """The broker to use: ``--broker``, else an embedded one (returned, to stop at the end)."""
+    from hfedmoe.transport.broker import EmbeddedBroker
+
+    if args.broker:
+        return None, args.broker
+    broker = EmbeddedBroker().start()
+    console.print(f"embedded MQTT broker (amqtt) on {broker.url}")
+    return broker, broker.url
+
+
+def _start(args: argparse.Namespace, console: Any, run_dir: Path, server_cfg: Path,
+           agent_cfgs: list[Path]) -> list[subprocess.Popen]:
+    """The server and every device agent, each in its own process; the server first."""
+    procs = [_spawn(["server", "--config", str(server_cfg)], run_dir / "server.log")]
+    if getattr(args, "dashboard_port", 0):
+        console.print(f"dashboard: http://127.0.0.1:{args.dashboard_port}/", markup=False)
+    for path in agent_cfgs:
+        procs.append(_spawn(["agent", "--config", str(path)], path.with_suffix(".log")))
+    console.print(f"{len(agent_cfgs)} device agents started (budgets come from emulated "
+                  f"device profiles: {', '.join(DEMO_PROFILES[:len(agent_cfgs)])})")
+    return procs
+
+
+def _follow(server: subprocess.Popen, console: Any, run_dir: Path, rounds: int,
+            start: float) -> int | None:
+    """Print each metrics row as the server writes it, until the server exits (or an hour
+    has passed); the server's exit code."""
+    seen = 0
+    while server.poll() is None:
+        time.sleep(1.0)
+        rows = _rows(run_dir)
+        for r in rows[seen:]:
+            console.print(f"[{time.time() - start:6.1f}s] {_progress(r, rounds)}")
+        seen = len(rows)
+        if time.time() - start > 3600:
+            console.print("[red]demo did not finish within an hour; stopping[/red]")
+            break
+    return server.wait(timeout=60) if server.poll() is None else server.returncode
+
+
+def _progress(row: dict[str, Any], rounds: int) -> str:
+    """One console line for a metrics row: 'initial: accuracy ...' or 'round 2/3: ...'
+    (rounds numbered as the dashboard and the report number them)."""
+    label = round_label(row)
+    initial = label == INITIAL
+    what = label if initial else f"round {label}/{rounds}"
+    acc = f"accuracy {row['accuracy']:.3f}" if "accuracy" in row else \
+        f"loss {row.get('loss', float('nan')):.3f}"
+    extra = "" if initial else (
+        f", {row['accepted']}/{row['participants']} updates, "
+        f"{row['experts_updated']} experts aggregated, {_updates_vs_dense(row)}, "
+        f"{row['bytes_out'] / 1e6:.1f} MB of model shards out")
+    return f"{what}: {acc}{extra}"
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """Terminate what is still running; kill what does not stop within 30 s."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
 
 
 def _updates_vs_dense(row: dict[str, Any]) -> str:
@@ -181,8 +210,8 @@ def _summary(console: Any, table_cls: Any, run_dir: Path, seconds: float) -> Non
                 "dense fedavg-full MB", "share", "MB out", "seconds"):
         t.add_column(col)
     for r in rows:
-        initial = r.get("phase") == "initial"
-        t.add_row("initial" if initial else str(r["round"] + 1),
+        initial = round_label(r) == INITIAL
+        t.add_row(round_label(r),
                   f"{r.get('accuracy', float('nan')):.3f}", f"{r.get('loss', float('nan')):.3f}",
                   "" if initial else str(r["participants"]), "" if initial else str(r["accepted"]),
                   "" if initial else f"{r['bytes_in'] / 1e6:.1f}",

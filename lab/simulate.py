@@ -27,7 +27,6 @@ import copy
 import dataclasses
 import json
 import logging
-import math
 import random
 import time
 from pathlib import Path
@@ -36,6 +35,14 @@ from typing import Any
 import torch
 
 from lab.devices import Calibration, DeviceJob, SequentialBackend, _lora, calibrate
+from server.rounds import (
+    choose_participants,
+    dense_update_bytes,
+    disagreement_of,
+    initial_row,
+    participation_record,
+    round_row,
+)
 
 log = logging.getLogger("hfedmoe.simulate")
 
@@ -91,20 +98,67 @@ def simulate(cfg: Any, num_devices: int, profiles: list[str], measure_repeats: i
         calibration: the host probe and measured costs budgets are decided from (measured
             now when None); give one to rerun with the same budgets.
     """
-    from device_agent.costs import decide_budget, steps_per_round
-    from device_agent.profiles import load_profile
-    from device_agent.report import time_scale
-    from hfedmoe.data import load_task
+    _check_backend(backend, ray_workers)
+    sim = _setup(cfg, num_devices, profiles, measure_repeats, calibration)
+    try:
+        rows = [_write(sim.run_dir, initial_row(_evaluate(sim)))]
+        # after the calibration: starting actors would skew its timings
+        sim.runner = _runner(sim, backend, ray_address, ray_workers)
+        for r in range(cfg.rounds.rounds):
+            row = _round(sim, r)
+            rows.append(_write(sim.run_dir, row))
+            log.info("round %d: %s", r, {k: v for k, v in row.items()
+                                         if k not in ("devices", "budgets", "held")})
+    finally:
+        if sim.runner is not None:
+            sim.runner.close()
+        sim.store.close()
+    return rows
+
+
+@dataclasses.dataclass
+class SimDevice:
+    """An emulated device as the driver keeps it between rounds."""
+
+    index: int  # its data shard and its seed
+    id: str
+    budget: Any  # device_agent.budget.Budget, decided once from the calibration
+    scale: float  # its profile's time over this host's
+    have: set[str]  # model shards it holds
+    assignment: frozenset | None = None  # fedmoe's fixed sub-model once known
+    dp_rounds: int = 0  # noised updates it has sent
+
+
+@dataclasses.dataclass
+class _Simulation:
+    """What every round of a simulation uses."""
+
+    cfg: Any
+    run_dir: Path
+    store: Any  # server.store.Store
+    task: Any  # hfedmoe.data task: shards and the held-out split
+    model: Any  # the server's model (aggregation, evaluation)
+    strategy: Any
+    spec: Any  # the wire's tensor spec (with LoRA factors when train.adapter = "lora")
+    devices: list[SimDevice]
+    shards: list[Any]
+    global_state: dict[str, torch.Tensor]
+    runner: Any = None  # SequentialBackend or lab.ray_backend.RayBackend
+
+
+@dataclasses.dataclass
+class _Tally:
+    """What the round's updates said, in the order of its jobs."""
+
+    accepted: dict[str, int] = dataclasses.field(default_factory=dict)  # device -> bytes
+    records: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    usage: dict[str, Any] = dataclasses.field(default_factory=dict)
+    disagreement: dict[str, float] = dataclasses.field(default_factory=dict)
+    device_s: list[float] = dataclasses.field(default_factory=list)  # emulated seconds
+
+
+def _check_backend(backend: str, ray_workers: int) -> None:
     from hfedmoe.errors import ConfigError
-    from hfedmoe.lora import expand, with_factors
-    from hfedmoe.models.registry import build_model
-    from hfedmoe.modelsync import build_shards
-    from hfedmoe.privacy import may_take_part, privacy_report
-    from hfedmoe.signals import round_signals
-    from hfedmoe.strategies import get_strategy
-    from hfedmoe.wire import decode, spec_from_state
-    from server.evaluate import evaluate
-    from server.store import Store
 
     if backend not in BACKENDS:
         raise ConfigError(f"unknown simulate backend {backend!r}; one of {', '.join(BACKENDS)}")
@@ -114,23 +168,50 @@ def simulate(cfg: Any, num_devices: int, profiles: list[str], measure_repeats: i
         from lab.ray_backend import require_ray
 
         require_ray()  # before anything slow: a missing extra fails at once
+
+
+def _setup(cfg: Any, num_devices: int, profiles: list[str], measure_repeats: int,
+           calibration: Calibration | None) -> _Simulation:
+    """A fresh run directory, the task, the model and the devices with their budgets."""
+    from hfedmoe.data import load_task
+    from hfedmoe.lora import with_factors
+    from hfedmoe.models.registry import build_model
+    from hfedmoe.modelsync import build_shards
+    from hfedmoe.strategies import get_strategy
+    from hfedmoe.wire import spec_from_state
+    from server.store import Store
+
     torch.manual_seed(cfg.rounds.seed)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     run_dir = Path(cfg.run_dir)
-    if (run_dir / "metrics.jsonl").exists():
-        (run_dir / "metrics.jsonl").unlink()
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     store = Store(run_dir)
     task = load_task(cfg.data)
     shards = task.client_datasets(num_devices)
     model = build_model(cfg.model, cfg.data.task, task.num_labels)
-    strategy = get_strategy(cfg.method.strategy, cfg.method)
     spec = spec_from_state(model.state())
-    lora = _lora(cfg)
-    if lora is not None:  # updates carry factors; the server averages their products
-        spec = with_factors(spec, lora)
+    if _lora(cfg) is not None:  # updates carry factors; the server averages their products
+        spec = with_factors(spec, _lora(cfg))
     if calibration is None:
         calibration = calibrate(cfg, measure_repeats, model)
+    devices = _register_devices(cfg, profiles, shards, calibration, store)
+    base_manifest, _ = build_shards(model.state())
+    for d in devices:
+        d.have = set(base_manifest.shards.values())
+    return _Simulation(cfg, run_dir, store, task, model,
+                       get_strategy(cfg.method.strategy, cfg.method), spec, devices, shards,
+                       model.state())
+
+
+def _register_devices(cfg: Any, profiles: list[str], shards: list[Any],
+                      calibration: Calibration, store: Any) -> list[SimDevice]:
+    """One device per profile, its budget decided from the calibration, registered in the
+    store as a live device registers."""
+    from device_agent.costs import decide_budget, steps_per_round
+    from device_agent.profiles import load_profile
+    from device_agent.report import time_scale
+
     host, costs = calibration.host, calibration.costs
     window = cfg.rounds.train_time_s or cfg.rounds.deadline_s
     devices = []
@@ -141,115 +222,135 @@ def simulate(cfg: Any, num_devices: int, profiles: list[str], measure_repeats: i
         budget = decide_budget(report, costs.cost, window, steps, host=host,
                                routing_batches=min(cfg.train.selection_batches or steps, steps),
                                min_experts=cfg.train.min_experts)
-        dev_id = f"sim{i:03d}-{name}"
-        devices.append({"id": dev_id, "report": report, "budget": budget,
-                        "scale": time_scale(host, report), "have": set(), "assignment": None,
-                        "dp_rounds": 0})
-        store.upsert_device(dev_id, {**report.to_dict(), "budget": budget.to_dict(),
+        dev = SimDevice(i, f"sim{i:03d}-{name}", budget, time_scale(host, report), set())
+        store.upsert_device(dev.id, {**report.to_dict(), "budget": budget.to_dict(),
                                      "local_examples": len(shards[i])}, budget.c_budget)
-    global_state = model.state()
-    dense_bytes = dense_update_bytes(global_state, cfg.wire)
-    base_manifest, _ = build_shards(global_state)
-    for d in devices:
-        d["have"] = set(base_manifest.shards.values())
-    rows = [_write(run_dir, {"round": -1, "phase": "initial", **evaluate(
-        model, task.test, cfg.eval_batch_size, cfg.model.max_length, cfg.max_eval_examples)})]
-    rng = random.Random(cfg.rounds.seed)
-    participants = max(1, math.ceil(cfg.rounds.fraction * len(devices)))
-    runner: Any = None
-    try:
-        if backend == "ray":  # after the calibration: starting actors would skew its timings
-            from lab.ray_backend import RayBackend
-
-            runner = RayBackend(cfg, shards, task.num_labels, participants,
-                                address=ray_address, workers=ray_workers)
-        else:
-            # model.quantize: the devices' copy stores its frozen base quantized, re-quantized
-            # from the fp32 global weights every round; the server's model (aggregation,
-            # evaluation) stays fp32
-            device_model = copy.deepcopy(model) if cfg.model.quantize != "none" else model
-            runner = SequentialBackend(device_model, shards, cfg, strategy)
-        for r in range(cfg.rounds.rounds):
-            wall0 = time.perf_counter()
-            manifest, blobs = build_shards(global_state)
-            chosen = sorted(rng.sample(range(len(devices)), participants))
-            store.open_round(r, 0.0, [devices[i]["id"] for i in chosen], manifest.state_hash)
-            aggregator = strategy.make_aggregator()
-            bytes_in = bytes_out = 0
-            device_times = []
-            held: dict[str, dict[str, Any]] = {}
-            usages: dict[str, Any] = {}
-            disagreement: dict[str, float] = {}
-            jobs = []
-            for i in chosen:
-                d = devices[i]
-                if not may_take_part(d["dp_rounds"], cfg.method):  # its epsilon budget is spent
-                    log.warning("%s: sits out round %d: one more noised update would pass "
-                                "method.dp_max_epsilon = %g", d["id"], r,
-                                cfg.method.dp_max_epsilon)
-                    continue
-                missing = set(manifest.shards.values()) - d["have"]
-                bytes_out += sum(len(blobs[s]) for s in missing)
-                d["have"] |= missing
-                jobs.append(DeviceJob(i, d["id"], d["budget"], d["assignment"]))
-            # results come back in the order of ``jobs``, whatever order they trained in
-            for out in runner.run(r, global_state, manifest.state_hash, jobs):
-                d = devices[out.index]
-                d["assignment"] = out.assignment
-                bytes_in += len(out.blob)
-                update = decode(out.blob, spec, cfg.wire, round_idx=r, client_id=d["id"])
-                aggregator.add(expand(update, lora) if lora is not None else update)
-                device_times.append(out.seconds * d["scale"])
-                held[d["id"]] = h = out.held
-                usages[d["id"]] = out.usage
-                d["dp_rounds"] += int(cfg.method.dp_noise_multiplier > 0)
-                disagreement[d["id"]] = out.disagreement
-                # the device's step timings (measured on this host) for the latency report;
-                # kept out of the metrics row, which backends must reproduce exactly
-                store.record_participation(r, d["id"], h["budget"], h["experts_sent"],
-                                           h["optimizer_experts"],
-                                           {**h, "latency": update.meta.get("latency")})
-            t0 = time.perf_counter()
-            report = aggregator.report()
-            if held:  # every device may sit out (privacy budgets spent): the model stays
-                global_state = aggregator.finalize(global_state)
-            agg_s = time.perf_counter() - t0
-            model.load_state(global_state)
-            metrics = evaluate(model, task.test, cfg.eval_batch_size, cfg.model.max_length,
-                               cfg.max_eval_examples)
-            row = {"round": r, "phase": "round", "participants": len(chosen),
-                   "accepted": len(held), "rejected": 0, "late": 0,
-                   "experts_updated": len({e for rep in report.values() for e in rep.aggregated}),
-                   "bytes_in": bytes_in, "bytes_out": bytes_out, "aggregation_s": agg_s,
-                   "round_s": max(device_times, default=0.0),
-                   "wall_s": time.perf_counter() - wall0, **metrics,
-                   "devices": {c: rep.to_dict() for c, rep in report.items()},
-                   "budgets": {devices[i]["id"]: devices[i]["budget"].c_budget for i in chosen},
-                   "held": held, "dense_bytes": dense_bytes * len(held),
-                   "signals": round_signals({c: rep.to_dict() for c, rep in report.items()},
-                                            usages, disagreement, cfg.method.tau)}
-            privacy = privacy_report({d["id"]: d["dp_rounds"] for d in devices}, cfg.method)
-            if privacy is not None:
-                row["privacy"] = privacy
-            new_manifest, _ = build_shards(global_state)
-            store.save_checkpoint(r, global_state, {"accuracy": metrics.get("accuracy")},
-                                  new_manifest.state_hash)
-            ret = cfg.retention
-            store.prune(r, ret.keep_updates, ret.keep_checkpoints, ret.keep_best)
-            rows.append(_write(run_dir, row))
-            log.info("round %d: %s", r, {k: v for k, v in row.items()
-                                         if k not in ("devices", "budgets")})
-    finally:
-        if runner is not None:
-            runner.close()
-        store.close()
-    return rows
+        devices.append(dev)
+    return devices
 
 
-def dense_update_bytes(state: dict[str, torch.Tensor], wire: Any) -> int:
-    """Bytes of a dense (fedavg-full) update of ``state`` in the wire dtype, uncompressed."""
-    width = {"float32": 4, "bfloat16": 2, "float16": 2}.get(getattr(wire, "dtype", "float32"), 4)
-    return sum(t.numel() for t in state.values()) * width
+def _runner(sim: _Simulation, backend: str, ray_address: str, ray_workers: int) -> Any:
+    cfg = sim.cfg
+    if backend == "ray":
+        from lab.ray_backend import RayBackend
+
+        most = len(_choose(sim, 0))  # the participants of any round
+        return RayBackend(cfg, sim.shards, sim.task.num_labels, most, address=ray_address,
+                          workers=ray_workers)
+    # model.quantize: the devices' copy stores its frozen base quantized, re-quantized from the
+    # fp32 global weights every round; the server's model (aggregation, evaluation) stays fp32
+    device_model = copy.deepcopy(sim.model) if cfg.model.quantize != "none" else sim.model
+    return SequentialBackend(device_model, sim.shards, cfg, sim.strategy)
+
+
+def _choose(sim: _Simulation, round_idx: int) -> list[SimDevice]:
+    """The round's participants (:func:`server.rounds.choose_participants`), in device order.
+    No over-selection: every chosen device reports, there are no stragglers to cover."""
+    rc = sim.cfg.rounds
+    by_id = {d.id: d for d in sim.devices}
+    chosen = choose_participants(by_id, round_idx, fraction=rc.fraction, seed=rc.seed)
+    return sorted((by_id[c] for c in chosen), key=lambda d: d.index)
+
+
+def _round(sim: _Simulation, r: int) -> dict[str, Any]:
+    """One round: choose, hand out the model, train, aggregate, evaluate; its metrics row."""
+    from hfedmoe.modelsync import build_shards
+
+    wall0 = time.perf_counter()
+    manifest, blobs = build_shards(sim.global_state)
+    chosen = _choose(sim, r)
+    sim.store.open_round(r, 0.0, [d.id for d in chosen], manifest.state_hash)
+    jobs, skipped, bytes_out = _jobs(sim, r, chosen, manifest, blobs)
+    aggregator = sim.strategy.make_aggregator()
+    tally = _train(sim, r, manifest.state_hash, jobs, aggregator)
+    t0 = time.perf_counter()
+    report = aggregator.report()
+    if tally.accepted:  # every device may sit out (privacy budgets spent): the model stays
+        sim.global_state = aggregator.finalize(sim.global_state)
+    agg_s = time.perf_counter() - t0
+    sim.model.load_state(sim.global_state)
+    metrics = _evaluate(sim)
+    row = round_row(
+        r, participants=[d.id for d in chosen], accepted=tally.accepted, report=report,
+        metrics=metrics, budgets={d.id: d.budget.c_budget for d in sim.devices},
+        records=tally.records, usage=tally.usage, disagreement=tally.disagreement,
+        dense_bytes=dense_update_bytes(sim.global_state, sim.cfg.wire.dtype),
+        method=sim.cfg.method, noised_updates={d.id: d.dp_rounds for d in sim.devices},
+        aggregation_s=agg_s, round_s=max(tally.device_s, default=0.0),
+        wall_s=time.perf_counter() - wall0, bytes_out=bytes_out, skipped=skipped)
+    row["run_dir_bytes"] = _checkpoint(sim, r, metrics)
+    return row
+
+
+def _jobs(sim: _Simulation, r: int, chosen: list[SimDevice], manifest: Any,
+          blobs: dict[str, bytes]) -> tuple[list[DeviceJob], dict[str, list[str]], int]:
+    """The chosen devices' jobs, the devices that sit out and why, and the model bytes the
+    jobs' devices fetch (the shards they lack)."""
+    from hfedmoe.privacy import may_take_part
+
+    method = sim.cfg.method
+    jobs, skipped, bytes_out = [], {}, 0
+    for d in chosen:
+        if not may_take_part(d.dp_rounds, method):  # its epsilon budget is spent
+            why = (f"one more noised update would pass method.dp_max_epsilon = "
+                   f"{method.dp_max_epsilon:g}")
+            log.warning("%s: sits out round %d: %s", d.id, r, why)
+            skipped[d.id] = [why]
+            continue
+        missing = set(manifest.shards.values()) - d.have
+        bytes_out += sum(len(blobs[s]) for s in missing)
+        d.have |= missing
+        jobs.append(DeviceJob(d.index, d.id, d.budget, d.assignment))
+    return jobs, skipped, bytes_out
+
+
+def _train(sim: _Simulation, r: int, base_hash: str, jobs: list[DeviceJob],
+           aggregator: Any) -> _Tally:
+    """Train the jobs on the backend; decode each update, add it to ``aggregator`` and record
+    what it says, as the coordinator does with an accepted update."""
+    from hfedmoe.lora import expand
+    from hfedmoe.wire import decode
+
+    lora, tally = _lora(sim.cfg), _Tally()
+    # results come back in the order of ``jobs``, whatever order they trained in
+    for out in sim.runner.run(r, sim.global_state, base_hash, jobs):
+        d = sim.devices[out.index]
+        d.assignment = out.assignment
+        update = decode(out.blob, sim.spec, sim.cfg.wire, round_idx=r, client_id=d.id)
+        update = expand(update, lora) if lora is not None else update
+        aggregator.add(update)
+        d.dp_rounds += int(sim.cfg.method.dp_noise_multiplier > 0)
+        rec = participation_record(d.budget.c_budget, update, len(out.blob))
+        sim.store.record_participation(r, d.id, rec.budget, rec.experts_sent,
+                                       rec.optimizer_experts, rec.info())
+        tally.accepted[d.id] = len(out.blob)
+        tally.records[d.id] = rec.to_dict()
+        tally.usage[d.id] = update.usage
+        dis = disagreement_of(update)
+        if dis is not None:
+            tally.disagreement[d.id] = dis
+        tally.device_s.append(out.seconds * d.scale)
+    return tally
+
+
+def _evaluate(sim: _Simulation) -> dict[str, float]:
+    from server.evaluate import evaluate
+
+    cfg = sim.cfg
+    return evaluate(sim.model, sim.task.test, cfg.eval_batch_size, cfg.model.max_length,
+                    cfg.max_eval_examples)
+
+
+def _checkpoint(sim: _Simulation, r: int, metrics: dict[str, float]) -> int:
+    """Checkpoint the round and apply the retention settings; the run directory's bytes."""
+    from hfedmoe.modelsync import build_shards
+
+    new_manifest, _ = build_shards(sim.global_state)
+    sim.store.save_checkpoint(r, sim.global_state, {"accuracy": metrics.get("accuracy")},
+                              new_manifest.state_hash)
+    ret = sim.cfg.retention
+    sim.store.prune(r, ret.keep_updates, ret.keep_checkpoints, ret.keep_best)
+    return sim.store.size_bytes()
 
 
 def _write(run_dir: Path, row: dict[str, Any]) -> dict[str, Any]:

@@ -13,8 +13,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
-import random
 import shutil
 import time
 from collections import Counter
@@ -39,8 +37,6 @@ from hfedmoe.lora import LoRASpec, expand, with_factors
 from hfedmoe.models.base import MoEModel
 from hfedmoe.modelsync import ModelManifest, build_shards
 from hfedmoe.names import ExpertId
-from hfedmoe.privacy import privacy_report
-from hfedmoe.signals import round_signals
 from hfedmoe.strategies import get_strategy
 from hfedmoe.transport.base import Message, Transport
 from hfedmoe.transport.chunks import BlobReceiver, ChunkSender
@@ -49,19 +45,22 @@ from hfedmoe.update import SparseUpdate
 from hfedmoe.wire import decode, decode_full, spec_from_state
 from server.config import ServerConfig
 from server.evaluate import evaluate
+from server.rounds import (
+    choose_participants,
+    dense_update_bytes,
+    disagreement_of,
+    experts_in,
+    initial_row,
+    participation_record,
+    round_row,
+    updates_expected,
+)
 from server.store import Store
 
 REGISTRATION_BATCH = 512  # registrations committed (one fsync) and acked together, at most
 
 log = logging.getLogger("hfedmoe.server")
 LATE_SEP = "~"  # "device~r3": a late update of round 3 folded into a later round
-
-
-def experts_in(update: SparseUpdate) -> frozenset:
-    """The experts an update carries deltas for (from its tensor keys)."""
-    from hfedmoe.names import parse_key
-
-    return frozenset(pk.expert for k in update.deltas if (pk := parse_key(k)).kind == "expert")
 
 
 class UnknownClientError(WireError):
@@ -119,8 +118,7 @@ class Coordinator:
             self.spec = with_factors(self.spec, self.lora)
         self.global_state = model.state()
         # what one dense (fedavg-full) update of this model weighs on the wire, uncompressed
-        width = 2 if cfg.wire.dtype in ("bfloat16", "float16") else 4
-        self.dense_bytes = sum(t.numel() for t in self.global_state.values()) * width
+        self.dense_bytes = dense_update_bytes(self.global_state, cfg.wire.dtype)
         self.blobs: dict[str, bytes] = {}  # shard sha -> blob, current and previous round
         self.senders: dict[str, ChunkSender] = {}
         self.sent_full: dict[str, float] = {}  # shard sha -> when it was last sent whole
@@ -202,8 +200,7 @@ class Coordinator:
         self.start()
         rows = []
         if self.next_round == 0 and self.round is None and not self.metrics_path.exists():
-            rows.append(self._write_metrics({"round": -1, "phase": "initial",
-                                             **self._evaluate()}))
+            rows.append(self._write_metrics(initial_row(self._evaluate())))
         while self.next_round < self.cfg.rounds.rounds or self.round is not None:
             if self.round is None:
                 participants = self._choose_participants()
@@ -237,24 +234,21 @@ class Coordinator:
             log.info("waiting for a device to register")
             self.transport.run_until(lambda: bool(self.online_devices()), timeout=30.0,
                                      tick=self._tick)
-        online = sorted(self.online_devices())
+        online = self.online_devices()
         if not ok:
             log.warning("only %d of %d devices online after %.0fs; starting anyway",
                         len(online), rc.min_devices, rc.registration_timeout_s)
-        n = max(1, math.ceil(rc.fraction * len(online)))
-        n_sel = min(len(online), math.ceil(n * (1 + rc.over_select)))
-        rng = random.Random(f"{rc.seed}:{self.next_round}")
-        return sorted(rng.sample(online, n_sel)) if online else []
+        return choose_participants(online, self.next_round, fraction=rc.fraction, seed=rc.seed,
+                                   over_select=rc.over_select)
 
     def _open_round(self, round_idx: int, participants: list[str], deadline: float,
                     announce: bool) -> None:
         manifest, blobs = build_shards(self.global_state)
         self.blobs = {**{s: b for s, b in self.blobs.items() if s in set(blobs)}, **blobs}
-        expected = self.cfg.rounds.min_updates or len(participants)
-        if self.cfg.rounds.over_select and not self.cfg.rounds.min_updates:
-            expected = max(1, math.ceil(len(participants) / (1 + self.cfg.rounds.over_select)))
+        rc = self.cfg.rounds
         self.round = RoundState(round_idx, participants, deadline, manifest.state_hash, manifest,
-                                min(expected, max(len(participants), 1)))
+                                updates_expected(len(participants), rc.min_updates,
+                                                 rc.over_select))
         self.aggregator = self.strategy.make_aggregator()
         self.store.open_round(round_idx, deadline, participants, manifest.state_hash)
         if announce:
@@ -302,43 +296,13 @@ class Coordinator:
         r = self.round
         assert r is not None
         self.store.set_round_state(r.round_idx, "aggregating")
-        t0 = time.perf_counter()
-        if self.cfg.ingest.workers > 0:
-            self._gather_partials(r)
-        report = self.aggregator.report()
-        if self.aggregator.num_clients:
-            new_state = self.aggregator.finalize(self.global_state)
-        else:
-            new_state = self.global_state
-        agg_s = time.perf_counter() - t0
-        self.model.load_state(new_state)
-        self.global_state = self.model.state()
+        report, agg_s = self._aggregate(r)
         metrics = self._evaluate()
         new_hash, _ = build_shards(self.global_state)
-        row = {
-            "round": r.round_idx, "phase": "round", "participants": len(r.participants),
-            "accepted": len(r.accepted), "rejected": r.rejected, "late": r.late,
-            "experts_updated": len({e for rep in report.values() for e in rep.aggregated}),
-            "bytes_in": sum(r.accepted.values()), "bytes_out": r.bytes_out,
-            "aggregation_s": agg_s, "round_s": self.clock() - r.started, **metrics,
-            "devices": {c: rep.to_dict() for c, rep in report.items()},
-            "budgets": {d: info["budget"] for d, info in self.store.devices().items()
-                        if d in r.participants},
-            "held": {p["client"]: {k: v for k, v in p.items() if k not in ("round", "client")}
-                     for p in self.store.participation(r.round_idx)},
-            "dense_bytes": self.dense_bytes * len(r.accepted),
-            "skipped": dict(r.skipped),
-            "signals": round_signals({c: rep.to_dict() for c, rep in report.items()}, r.usage,
-                                     r.disagreement, self.cfg.method.tau),
-        }
-        # epsilon per device over the noised updates the server accepted (a device counts
-        # every update it sent, so its own figure can only be higher)
-        privacy = privacy_report(Counter(p["client"] for p in self.store.participation()),
-                                 self.cfg.method)
-        if privacy is not None:
-            row["privacy"] = privacy
+        row = self._round_row(r, report, metrics, agg_s)
+        if "privacy" in row:
             log.info("round %d: privacy: epsilon <= %.3f at delta %g (max over devices)",
-                     r.round_idx, privacy["epsilon_max"], privacy["delta"])
+                     r.round_idx, row["privacy"]["epsilon_max"], row["privacy"]["delta"])
         self.store.save_checkpoint(r.round_idx, self.global_state, {
             k: v for k, v in row.items() if k not in ("devices",)}, new_hash.state_hash)
         shutil.rmtree(Path(self.cfg.run_dir) / "partials" / f"r{r.round_idx}",
@@ -361,6 +325,38 @@ class Coordinator:
         self.round = None
         self._hook("close")
         return row
+
+    def _aggregate(self, r: RoundState) -> tuple[dict[str, Any], float]:
+        """Fold the round's updates into the global model; its report and the seconds taken."""
+        t0 = time.perf_counter()
+        if self.cfg.ingest.workers > 0:
+            self._gather_partials(r)
+        report = self.aggregator.report()
+        if self.aggregator.num_clients:
+            new_state = self.aggregator.finalize(self.global_state)
+        else:
+            new_state = self.global_state
+        agg_s = time.perf_counter() - t0
+        self.model.load_state(new_state)
+        self.global_state = self.model.state()
+        return report, agg_s
+
+    def _round_row(self, r: RoundState, report: dict[str, Any], metrics: dict[str, float],
+                   agg_s: float) -> dict[str, Any]:
+        """The round's metrics row (:func:`server.rounds.round_row`) from the open round and
+        the participation records stored for it (by this process or an ingest worker)."""
+        noised = (Counter(p["client"] for p in self.store.participation())
+                  if self.cfg.method.dp_noise_multiplier > 0 else {})
+        round_s = self.clock() - r.started
+        return round_row(
+            r.round_idx, participants=r.participants, accepted=r.accepted, report=report,
+            metrics=metrics,
+            budgets={d: info["budget"] for d, info in self.store.devices().items()},
+            records={p["client"]: p for p in self.store.participation(r.round_idx)},
+            usage=r.usage, disagreement=r.disagreement, dense_bytes=self.dense_bytes,
+            method=self.cfg.method, noised_updates=noised, aggregation_s=agg_s,
+            round_s=round_s, wall_s=round_s, rejected=r.rejected, late=r.late,
+            bytes_out=r.bytes_out, skipped=r.skipped)
 
     def _tick(self) -> None:
         """Between pumps while waiting for devices: commit registrations, then the hooks."""
@@ -534,9 +530,9 @@ class Coordinator:
                 self._record(round_idx, device, budget, update, len(blob))
                 r.accepted[device] = len(blob)
                 r.usage[device] = update.usage
-                dis = update.meta.get("ib_vs_importance")
-                if isinstance(dis, (int, float)) and not isinstance(dis, bool):
-                    r.disagreement[device] = float(dis)
+                dis = disagreement_of(update)
+                if dis is not None:
+                    r.disagreement[device] = dis
                 self._prom.count("accepted")
                 self._ack(device, {"type": "ack", "round": round_idx, "sha": sha,
                                    "status": "accepted"})
@@ -621,17 +617,9 @@ class Coordinator:
 
     def _record(self, round_idx: int, device: str, budget: int, update: SparseUpdate,
                 nbytes: int) -> None:
-        meta = update.meta
-        plan = meta.get("plan") if isinstance(meta.get("plan"), dict) else {}
-        state = meta.get("optimizer_experts")
-        self.store.record_participation(
-            round_idx, device, budget, len(experts_in(update)),
-            int(state) if isinstance(state, int) and not isinstance(state, bool) else -1,
-            {"bytes": nbytes, "steps": meta.get("steps"), "selected": meta.get("selected"),
-             "latency": _latency(meta), "stopped_by": meta.get("stopped_by"),
-             "limit": plan.get("limit") or meta.get("budget_limit"),
-             "reason": plan.get("reason") or meta.get("budget_reason"),
-             "budget_limit": meta.get("budget_limit")})
+        rec = participation_record(budget, update, nbytes)
+        self.store.record_participation(round_idx, device, rec.budget, rec.experts_sent,
+                                        rec.optimizer_experts, rec.info())
 
     # --- sharded ingestion: the coordinator's side ------------------------------------------
     def _notify(self, event: dict[str, Any]) -> None:
@@ -806,17 +794,6 @@ class _Prometheus:
 
 
 __all__ = ["Coordinator", "UnknownClientError"]
-
-
-def _latency(meta: Any) -> dict[str, Any] | None:
-    """The device's per-round timing summary and its previous upload, bounded in size."""
-    lat = meta.get("latency")
-    if not isinstance(lat, dict) or len(json.dumps(lat)) > 4096:
-        return None
-    prev = meta.get("upload_prev")
-    if isinstance(prev, dict) and len(json.dumps(prev)) <= 512:
-        lat = {**lat, "upload_prev": prev}
-    return lat
 
 
 def _json_field(payload: bytes, key: str) -> Any:

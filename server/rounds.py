@@ -1,5 +1,12 @@
 """The values that make a round, built once for the live coordinator and the simulator.
 
+Pure functions over values (no clock, file or socket): which devices take part in a round
+(:func:`choose_participants`), what one accepted update says about its device's round (the
+participation record, :func:`participation_record`), and the metrics row of a closed round
+(:func:`round_row`) or of the initial evaluation (:func:`initial_row`). The coordinator
+(:mod:`server.coordinator`) and the simulator (:mod:`lab.simulate`) both call them, so a live
+run and a simulated one write rows with the same keys and meanings.
+
 Rounds are numbered one way everywhere a person reads them: the evaluation of the model before
 any round is "initial", and round ``round_idx`` (0-based in rows, topics and the store) is shown
 as ``round_idx + 1``: the demo's console, the dashboard and the report say initial, 1, 2, 3.
@@ -7,9 +14,25 @@ as ``round_idx + 1``: the demo's console, the dashboard and the report say initi
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
+import random
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from hfedmoe.names import ExpertId, parse_key
+from hfedmoe.privacy import privacy_report
+from hfedmoe.signals import round_signals
+from hfedmoe.update import SparseUpdate
+
 INITIAL = "initial"
+MAX_LATENCY_JSON = 4096  # a device's timing summary kept with its record, at most (bytes)
+MAX_UPLOAD_PREV_JSON = 512
+# in the participation store but not in a row's ``held``: measured on the device, so two runs
+# (or the simulator's two backends) would never write the same row
+TIMINGS = ("latency",)
+WIRE_WIDTH = {"float32": 4, "bfloat16": 2, "float16": 2}  # bytes per element on the wire
 
 
 def round_label(row_or_idx: dict[str, Any] | int) -> str:
@@ -20,3 +43,169 @@ def round_label(row_or_idx: dict[str, Any] | int) -> str:
             return INITIAL
         row_or_idx = int(row_or_idx["round"])
     return INITIAL if row_or_idx < 0 else str(row_or_idx + 1)
+
+
+# --- participants --------------------------------------------------------------------------------
+def choose_participants(online: Iterable[str], round_idx: int, *, fraction: float, seed: int,
+                        over_select: float = 0.0) -> list[str]:
+    """The devices of round ``round_idx``, sorted: ``ceil(fraction * n)`` of the ``n`` online
+    (at least one), plus ``over_select`` of that on top (at most all), drawn with a generator
+    seeded by ``(seed, round_idx)`` alone, so a resumed run draws the same devices."""
+    pool = sorted(online)
+    if not pool:
+        return []
+    n = max(1, math.ceil(fraction * len(pool)))
+    n_sel = min(len(pool), math.ceil(n * (1 + over_select)))
+    return sorted(random.Random(f"{seed}:{round_idx}").sample(pool, n_sel))
+
+
+def updates_expected(participants: int, min_updates: int = 0, over_select: float = 0.0) -> int:
+    """How many updates close a round early: ``min_updates`` (k of n) when set; with
+    over-selection, the participants without the extra share; else every participant."""
+    expected = min_updates or participants
+    if over_select and not min_updates:
+        expected = max(1, math.ceil(participants / (1 + over_select)))
+    return min(expected, max(participants, 1))
+
+
+# --- what an accepted update says --------------------------------------------------------------
+def experts_in(update: SparseUpdate) -> frozenset[ExpertId]:
+    """The experts an update carries deltas for (from its tensor keys)."""
+    return frozenset(pk.expert for k in update.deltas if (pk := parse_key(k)).kind == "expert")
+
+
+def disagreement_of(update: SparseUpdate) -> float | None:
+    """How far the device's selection ranked experts apart from importance (None: unsaid)."""
+    dis = update.meta.get("ib_vs_importance")
+    return float(dis) if _is_number(dis) else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Participation:
+    """Per device and round: the budget, what was sent, what held optimizer state, and what
+    the device's plan says limited it. ``optimizer_experts`` is -1 when not reported."""
+
+    budget: int
+    experts_sent: int
+    optimizer_experts: int
+    bytes: int
+    steps: int | None = None
+    selected: int | None = None
+    limit: str | None = None
+    reason: str | None = None
+    stopped_by: str | None = None
+    budget_limit: str | None = None
+    latency: dict[str, Any] | None = None  # the device's step timings (see TIMINGS)
+
+    def info(self) -> dict[str, Any]:
+        """What the participation store keeps besides budget, experts_sent and
+        optimizer_experts."""
+        columns = ("budget", "experts_sent", "optimizer_experts")
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in columns}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def participation_record(budget: int, update: SparseUpdate, nbytes: int) -> Participation:
+    """The participation record of one accepted update of ``nbytes`` on the wire, from the
+    device's registered ``budget`` and what the update's ``meta`` says about its round."""
+    meta = update.meta
+    plan = meta.get("plan") if isinstance(meta.get("plan"), dict) else {}
+    state = meta.get("optimizer_experts")
+    return Participation(
+        budget=budget, experts_sent=len(experts_in(update)),
+        optimizer_experts=state if _is_int(state) else -1, bytes=nbytes,
+        steps=meta.get("steps"), selected=meta.get("selected"),
+        limit=plan.get("limit") or meta.get("budget_limit"),
+        reason=plan.get("reason") or meta.get("budget_reason"),
+        stopped_by=meta.get("stopped_by"), budget_limit=meta.get("budget_limit"),
+        latency=_latency(meta))
+
+
+def held_entry(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A participation record as a row's ``held`` shows it: without its round, device and
+    timings (a stored record carries ``round`` and ``client``)."""
+    return {k: v for k, v in record.items() if k not in ("round", "client", *TIMINGS)}
+
+
+# --- rows ----------------------------------------------------------------------------------------
+def initial_row(metrics: Mapping[str, float]) -> dict[str, Any]:
+    """The metrics row of the evaluation before any round."""
+    return {"round": -1, "phase": INITIAL, **metrics}
+
+
+def round_row(round_idx: int, *, participants: Sequence[str], accepted: Mapping[str, int],
+              report: Mapping[str, Any], metrics: Mapping[str, float],
+              budgets: Mapping[str, int], records: Mapping[str, Mapping[str, Any]],
+              usage: Mapping[str, Mapping[ExpertId, float]],
+              disagreement: Mapping[str, float], dense_bytes: int, method: Any,
+              noised_updates: Mapping[str, int], aggregation_s: float, round_s: float,
+              wall_s: float, rejected: int = 0, late: int = 0, bytes_out: int = 0,
+              skipped: Mapping[str, list[str]] | None = None) -> dict[str, Any]:
+    """The metrics row of a closed round.
+
+    Args:
+        round_idx: the round (0-based).
+        participants: the devices chosen for it.
+        accepted: device -> bytes of its accepted update (late updates not included).
+        report: client -> :class:`~hfedmoe.aggregation.ClientReport` of the aggregation.
+        metrics: the held-out evaluation after the round.
+        budgets: device -> registered C_budget (participants' only are kept).
+        records: device -> its participation record of the round (a :meth:`Participation.
+            to_dict` or a stored one).
+        usage, disagreement: per device, for :func:`~hfedmoe.signals.round_signals`.
+        dense_bytes: what one dense (fedavg-full) update weighs on the wire.
+        method: the method config (``tau``, the privacy settings).
+        noised_updates: device -> its updates accepted so far (for the privacy report).
+        aggregation_s: seconds the aggregation took.
+        round_s: the round's time (wall time live, emulated device time simulated).
+        wall_s: the round's wall time on the driver.
+        rejected, late, bytes_out: the round's rejected and late updates, model bytes sent.
+        skipped: participant -> why it sat the round out.
+    """
+    devices = {c: rep.to_dict() for c, rep in report.items()}
+    row = {
+        "round": round_idx, "phase": "round", "participants": len(participants),
+        "accepted": len(accepted), "rejected": rejected, "late": late,
+        "experts_updated": len({e for rep in report.values() for e in rep.aggregated}),
+        "bytes_in": sum(accepted.values()), "bytes_out": bytes_out,
+        "aggregation_s": aggregation_s, "round_s": round_s, "wall_s": wall_s, **metrics,
+        "devices": devices,
+        "budgets": {d: budgets[d] for d in participants if d in budgets},
+        "held": {d: held_entry(records[d]) for d in sorted(records)},
+        "dense_bytes": dense_bytes * len(accepted),
+        "skipped": dict(skipped or {}),
+        "signals": round_signals(devices, usage, disagreement, method.tau),
+    }
+    # epsilon per device over the noised updates accepted (a device counts every update it
+    # sent, so its own figure can only be higher)
+    privacy = privacy_report(noised_updates, method)
+    if privacy is not None:
+        row["privacy"] = privacy
+    return row
+
+
+def dense_update_bytes(state: Mapping[str, Any], dtype: str) -> int:
+    """Bytes of a dense (fedavg-full) update of ``state`` (name -> tensor) in the wire
+    ``dtype``, uncompressed."""
+    return sum(t.numel() for t in state.values()) * WIRE_WIDTH.get(dtype, 4)
+
+
+def _latency(meta: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The device's per-round timing summary and its previous upload, bounded in size."""
+    lat = meta.get("latency")
+    if not isinstance(lat, dict) or len(json.dumps(lat)) > MAX_LATENCY_JSON:
+        return None
+    prev = meta.get("upload_prev")
+    if isinstance(prev, dict) and len(json.dumps(prev)) <= MAX_UPLOAD_PREV_JSON:
+        lat = {**lat, "upload_prev": prev}
+    return lat
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
