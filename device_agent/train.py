@@ -58,7 +58,7 @@ from hfedmoe.trainer import (
     factor_seed,
     to_device,
 )
-from hfedmoe.update import SparseUpdate
+from hfedmoe.update import SparseUpdate, UpdateMeta
 
 
 def latency_summary(phases: Sequence[Mapping[str, float]], step_seconds: Sequence[float],
@@ -399,18 +399,16 @@ def _finish(model: MoEModel, deltas: dict[str, torch.Tensor], stats: RoundStats 
             clock: Callable[[], float], start: float, selected: tuple[ExpertId, ...],
             state_experts: int, routing_s: float, plan: Any,
             extra: dict[str, Any]) -> RoundResult:
-    meta: dict[str, Any] = {"loss": sum(losses) / max(len(losses), 1), "steps": len(losses),
-                            "stopped_by": stopped_by, "budget": budget,
-                            "seconds": clock() - start, "examples_processed": examples,
-                            "selected": len(selected), "optimizer_experts": state_experts,
-                            "routing_s": routing_s, **extra}
-    if plan is not None:
-        meta["plan"] = plan.to_dict()
+    meta = UpdateMeta(loss=sum(losses) / max(len(losses), 1), steps=len(losses),
+                      stopped_by=stopped_by, budget=budget, seconds=clock() - start,
+                      examples_processed=examples, selected=len(selected),
+                      optimizer_experts=state_experts, routing_s=routing_s,
+                      plan=plan.to_dict() if plan is not None else None, **extra)
     if mcfg.dp_clip > 0 and deltas:
         # noise from the OS's randomness; the norm and the clip factor stay on the device
         private = privatize(deltas, mcfg.dp_clip, mcfg.dp_noise_multiplier)
         deltas = dict(private.deltas)
-        meta.update(dp_noise_std=private.noise_std, dp_clip=mcfg.dp_clip)
+        meta = meta.replace(dp_noise_std=private.noise_std, dp_clip=mcfg.dp_clip)
     update = SparseUpdate(
         run_id=run_id, round_idx=round_idx, client_id=client_id,
         num_examples=max(num_examples, 1), deltas=deltas,

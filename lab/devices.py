@@ -99,12 +99,12 @@ def train_device(model: Any, data: Any, job: DeviceJob, state: dict[str, torch.T
                       max_length=cfg.model.max_length, assignment=assignment,
                       base_hash=base_hash,
                       planner=make_planner(budget, enforce=strategy.uses_budget, resident=0))
-    res = dataclasses.replace(res, update=dataclasses.replace(res.update, meta={
-        **res.update.meta, "budget_limit": budget.limit, "budget_reason": budget.reason}))
+    meta = res.update.meta.replace(budget_limit=budget.limit, budget_reason=budget.reason)
+    res = dataclasses.replace(res, update=dataclasses.replace(res.update, meta=meta))
     blob = encode(res.update, cfg.method.tau, cfg.wire)
     return DeviceResult(job.index, blob, res.seconds, _held(budget.c_budget, res, len(blob)),
                         dict(res.update.usage),
-                        float(res.update.meta.get("ib_vs_importance", 0.0)), assignment)
+                        float(res.update.meta.ib_vs_importance or 0.0), assignment)
 
 
 class SequentialBackend:
@@ -128,6 +128,6 @@ def _held(budget: int, res: Any, nbytes: int) -> dict[str, Any]:
     meta = res.update.meta
     return {"budget": budget, "experts_sent": len(res.update.updated),
             "optimizer_experts": res.optimizer_experts, "selected": len(res.selected),
-            "steps": res.steps, "limit": (res.plan or {}).get("limit", meta.get("budget_limit")),
-            "reason": (res.plan or {}).get("reason", meta.get("budget_reason")),
+            "steps": res.steps, "limit": (res.plan or {}).get("limit", meta.budget_limit),
+            "reason": (res.plan or {}).get("reason", meta.budget_reason),
             "bytes": nbytes}
