@@ -33,8 +33,19 @@ from hfedmoe.config import (
     from_dict,
 )
 from hfedmoe.eligibility import EligibilityConfig, check, combine
-from hfedmoe.errors import ConfigError, HFedMoEError, TransportError
-from hfedmoe.modelsync import ModelManifest, ShardCache, manifest_hash
+from hfedmoe.errors import ConfigError, HFedMoEError, ProtocolError, TransportError
+from hfedmoe.modelsync import ModelManifest, ShardCache
+from hfedmoe.protocol import (
+    DeviceStatus,
+    Done,
+    FetchRequest,
+    Registered,
+    Registration,
+    RoundAnnouncement,
+    UpdateAck,
+    decode_ack,
+    decode_round,
+)
 from hfedmoe.transport.base import Message, Transport
 from hfedmoe.transport.chunks import BlobReceiver, send_blob
 from hfedmoe.transport.config import TransportConfig
@@ -42,11 +53,6 @@ from hfedmoe.transport.topics import Topics, check_device_id, check_id
 from hfedmoe.wire import WireConfig, encode
 
 log = logging.getLogger("hfedmoe.agent")
-
-# Hyper-parameters the server decides for every device; the rest of [train] stays local.
-SERVER_TRAIN_KEYS = ("batch_size", "lr", "head_lr", "optimizer", "weight_decay", "local_epochs",
-                     "max_steps", "selection_batches", "reselect", "adapter", "lora_rank",
-                     "lora_alpha")
 
 
 @contextlib.contextmanager
@@ -157,8 +163,8 @@ class DeviceAgent:
         self._owns_transport = transport is None
         self._broker = None
         self.stop_requested = False
-        self.announcement: dict[str, Any] | None = None
-        self.acks: dict[str, dict[str, Any]] = {}
+        self.announcement: RoundAnnouncement | None = None
+        self.acks: dict[str, UpdateAck] = {}
         self.done = False
         self.rounds_done = 0
         self.receivers: list[BlobReceiver] = []  # open model-shard transfers
@@ -260,7 +266,7 @@ class DeviceAgent:
         t.subscribe(self.topics.round(), self._on_round)
         t.subscribe(self.topics.ack_tree(self.cfg.device_id), self._on_ack)
         t.wait_subscribed()
-        t.publish(self.topics.status(self.cfg.device_id), json.dumps({"state": "online"}).encode(),
+        t.publish(self.topics.status(self.cfg.device_id), DeviceStatus("online").to_bytes(),
                   retain=True)
         # the server may start after this device: register until it answers
         while not self._pump_until(lambda: self.registered, self.clock() + 5.0):
@@ -268,18 +274,18 @@ class DeviceAgent:
 
     def register(self) -> None:
         self.registered = False
-        body = {"device_id": self.cfg.device_id, "budget": self.budget.c_budget,
-                "report": {**self.report.to_dict(), "budget": self.budget.to_dict(),
-                           "local_examples": len(self.data),
-                           "measured_step": dataclasses.asdict(self.costs.steps)}}
-        self.transport.publish(self.topics.register(self.cfg.device_id),
-                               json.dumps(body, default=str).encode())
+        reg = Registration(
+            device_id=self.cfg.device_id, budget=self.budget.c_budget,
+            report={**self.report.to_dict(), "budget": self.budget.to_dict(),
+                    "local_examples": len(self.data),
+                    "measured_step": dataclasses.asdict(self.costs.steps)})
+        self.transport.publish(self.topics.register(self.cfg.device_id), reg.to_bytes())
 
     def close(self) -> None:
         if self.transport is not None and self._owns_transport:
             try:
                 self.transport.publish(self.topics.status(self.cfg.device_id),
-                                       json.dumps({"state": "offline"}).encode(), retain=True)
+                                       DeviceStatus("offline").to_bytes(), retain=True)
                 self.transport.close()
             except TransportError:
                 pass
@@ -289,25 +295,27 @@ class DeviceAgent:
     # --- messages ----------------------------------------------------------------------------
     def _on_round(self, message: Message) -> None:
         try:
-            body = json.loads(message.payload)
-        except ValueError:
+            msg = decode_round(message.payload)
+        except ProtocolError as exc:
+            log.warning("%s: ignoring a malformed round announcement: %s", self.cfg.device_id, exc)
             return
-        if isinstance(body, dict) and body.get("type") == "done":
+        if isinstance(msg, Done):
             self.done = True
-        elif isinstance(body, dict) and body.get("type") == "round":
-            self.announcement = body
+        else:
+            self.announcement = msg
 
     def _on_ack(self, message: Message) -> None:
         try:
-            body = json.loads(message.payload)
-        except ValueError:
+            ack = decode_ack(message.payload)
+        except ProtocolError as exc:
+            log.warning("%s: ignoring a malformed ack: %s", self.cfg.device_id, exc)
             return
-        if isinstance(body, dict) and body.get("type") == "registered":
+        if isinstance(ack, Registered):
             self.registered = True
-        elif isinstance(body, dict) and body.get("sha"):
-            self.acks[body["sha"]] = body
-        elif isinstance(body, dict) and body.get("type") == "error":
-            log.warning("server rejected a message: %s: %s", body.get("error"), body.get("reason"))
+        elif ack.sha:
+            self.acks[ack.sha] = ack
+        elif ack.rejected:
+            log.warning("server rejected a message: %s: %s", ack.error, ack.reason)
 
     def _on_shard(self, prefix: str, blob: bytes) -> None:
         sha = prefix.rsplit("/", 1)[-1]
@@ -344,66 +352,66 @@ class DeviceAgent:
     def _sigterm(self, *_: Any) -> None:
         self.stop_requested = True
 
-    def _should_join(self, ann: dict[str, Any]) -> bool:
-        join = (self.cfg.device_id in ann.get("participants", [])
-                and ann.get("round", -1) > self.local.get("last_round", -1)
-                and ann.get("deadline", 0) > self.clock())
+    def _should_join(self, ann: RoundAnnouncement) -> bool:
+        join = (ann.takes_part(self.cfg.device_id)
+                and ann.round_idx > self.local.get("last_round", -1)
+                and ann.deadline > self.clock())
         return join and self._within_privacy_budget(ann) and self._eligible_now(ann)
 
-    def _eligible_now(self, ann: dict[str, Any]) -> bool:
+    def _eligible_now(self, ann: RoundAnnouncement) -> bool:
         """The round's eligibility rules hold now (checked every ``check_every_s`` while the
         round is open: a device that was plugged in meanwhile joins late). The server hears
         of every change."""
         try:
-            server = from_dict(EligibilityConfig, ann.get("eligibility") or {})
+            server = from_dict(EligibilityConfig, dict(ann.eligibility))
         except HFedMoEError:
             server = EligibilityConfig()
         self._rules = combine(server, self.cfg.eligibility)
         now = self.clock()
         last = self._eligible
-        if last is not None and last[0] == ann.get("round") and last[1] \
+        if last is not None and last[0] == ann.round_idx and last[1] \
                 and now - self._checked_at < self._rules.check_every_s:
             return False
         self._checked_at = now
         cond = read_conditions(self.cfg.conditions_file)
         reasons = tuple(check(cond, self._rules))
-        if last != (ann.get("round"), reasons):
-            self._eligible = (ann.get("round"), reasons)
-            self._report_eligibility(ann.get("round"), list(reasons), cond.to_dict())
+        if last != (ann.round_idx, reasons):
+            self._eligible = (ann.round_idx, reasons)
+            self._report_eligibility(ann.round_idx, list(reasons), cond.to_dict())
             if reasons:
-                log.warning("%s: sits out round %s: %s", self.cfg.device_id, ann.get("round"),
+                log.warning("%s: sits out round %s: %s", self.cfg.device_id, ann.round_idx,
                             "; ".join(reasons))
         return not reasons
 
-    def _report_eligibility(self, round_idx: Any, reasons: list[str],
+    def _report_eligibility(self, round_idx: int | None, reasons: list[str],
                             conditions: dict[str, Any], during_round: bool = False,
                             sending: bool = False) -> None:
-        body = {"state": "online", "eligible": not reasons, "reasons": reasons,
-                "conditions": conditions, "round": round_idx, "during_round": during_round,
-                "sending": sending}
+        status = DeviceStatus("online", eligible=not reasons, reasons=tuple(reasons),
+                              conditions=conditions, round_idx=round_idx,
+                              during_round=during_round, sending=sending)
         try:
-            self.transport.publish(self.topics.status(self.cfg.device_id),
-                                   json.dumps(body).encode(), retain=True)
+            self.transport.publish(self.topics.status(self.cfg.device_id), status.to_bytes(),
+                                   retain=True)
         except TransportError as exc:
             log.warning("%s: cannot report eligibility: %s", self.cfg.device_id, exc)
 
-    def _within_privacy_budget(self, ann: dict[str, Any]) -> bool:
+    def _within_privacy_budget(self, ann: RoundAnnouncement) -> bool:
         """One more noised update must keep this device within ``method.dp_max_epsilon``;
         otherwise it sits the round out (once per round, logged) and sends nothing."""
         from hfedmoe.privacy import epsilon, may_take_part
 
         try:
-            method = from_dict(MethodConfig, ann.get("method", {}))
+            method = from_dict(MethodConfig, dict(ann.method))
         except HFedMoEError:
             return True  # play_round rejects a malformed announcement
         spent = int(self.local.get("dp_rounds", 0))
         if may_take_part(spent, method):
             return True
-        if self.local.get("dp_refused_round") != ann.get("round"):
-            self.local["dp_refused_round"] = ann.get("round")
+        if self.local.get("dp_refused_round") != ann.round_idx:
+            self.local["dp_refused_round"] = ann.round_idx
             log.warning("%s: sits out round %s: its %d noised updates spent epsilon %.3f at "
                         "delta %g; one more would pass method.dp_max_epsilon = %g",
-                        self.cfg.device_id, ann.get("round"), spent,
+                        self.cfg.device_id, ann.round_idx, spent,
                         epsilon(method.dp_noise_multiplier, spent, method.dp_delta),
                         method.dp_delta, method.dp_max_epsilon)
         return False
@@ -433,7 +441,7 @@ class DeviceAgent:
             t.wait_subscribed()
             for sha in missing:
                 t.publish(self.topics.model_fetch(device, sha),
-                          json.dumps({"manifest": True, "chunks": []}).encode())
+                          FetchRequest(manifest=True).to_bytes())
             if not self._pump_until(lambda: not self.cache.missing(manifest), deadline):
                 raise TransportError(f"{len(self.cache.missing(manifest))} model shard(s) did "
                                      f"not arrive before the deadline")
@@ -443,18 +451,15 @@ class DeviceAgent:
             self.receivers = []
         return self.cache.nbytes(missing)
 
-    def play_round(self, ann: dict[str, Any]) -> None:
+    def play_round(self, ann: RoundAnnouncement) -> None:
         """One round: fetch, train within the deadline, send, wait for the ack."""
         from device_agent.train import RoundContext, RoundIds, train_round
         from hfedmoe.strategies import get_strategy
 
-        round_idx = int(ann["round"])
-        self._round_idx = round_idx
-        deadline = float(ann["deadline"])
+        round_idx = self._round_idx = ann.round_idx
+        deadline = float(ann.deadline)
         t0 = self.clock()
-        manifest = ModelManifest.from_dict(ann["model"])
-        if manifest_hash(manifest.shards) != manifest.state_hash:
-            raise HFedMoEError("round announcement: model manifest hash mismatch")
+        manifest = ann.model  # its hash checked when the announcement was read
         pending = self.dir / f"pending_r{round_idx}.bin"
         if pending.exists():  # trained before a restart; send it again
             blob = pending.read_bytes()
@@ -464,18 +469,17 @@ class DeviceAgent:
             down = self.fetch_model(manifest, deadline)
             self.model.load_state(self.cache.assemble(manifest))
             self._quantize()  # the round's global weights, re-quantized (the server keeps fp32)
-            method = from_dict(MethodConfig, ann["method"])
-            strategy = get_strategy(ann["strategy"], method)
-            server_train = {k: ann["train"][k] for k in SERVER_TRAIN_KEYS if k in ann["train"]}
-            train = self._train = dataclasses.replace(self.cfg.train, **server_train)
-            max_length = int(ann.get("max_length", self.cfg.model.max_length))
+            method = from_dict(MethodConfig, dict(ann.method))
+            strategy = get_strategy(ann.strategy, method)
+            train = self._train = dataclasses.replace(self.cfg.train, **ann.server_train())
+            max_length = ann.max_length or self.cfg.model.max_length
             if ((self.costs.batch_size, self.costs.seq_len, self.costs.adapter)
                     != (train.batch_size, max_length, train.adapter)
                     or (train.adapter == "lora" and self.costs.lora_rank != train.lora_rank)):
                 # the announced shape and adapter
                 self.costs = self._measure(train.batch_size, max_length, train)
             train_window = deadline - self.clock() - self.cfg.upload_margin_s
-            window = float(ann.get("train_time_s") or train_window)
+            window = float(ann.train_time_s or train_window)
             registered = self.budget.c_budget
             self.budget = self._decide(window, train)
             if self.budget.c_budget != registered:  # tell the server the new budget
@@ -499,20 +503,18 @@ class DeviceAgent:
             except ConditionsBroke as exc:  # on_break = "drop": nothing leaves the device
                 self._skip_round(round_idx, exc.reasons)
                 return
-            update = dataclasses.replace(result.update, meta={
-                **result.update.meta, "budget_limit": self.budget.limit,
-                "budget_reason": self.budget.reason,
-                "predicted_step_s": (result.plan or {}).get("step_seconds",
-                                                             self.budget.step_seconds),
-                "emulated": self.report.emulated, "bytes_down": down,
-                **({"upload_prev": self.local["last_upload"]}
-                   if self.local.get("last_upload") else {})})
+            update = dataclasses.replace(result.update, meta=result.update.meta.replace(
+                budget_limit=self.budget.limit, budget_reason=self.budget.reason,
+                predicted_step_s=(result.plan or {}).get("step_seconds",
+                                                         self.budget.step_seconds),
+                emulated=self.report.emulated, bytes_down=down,
+                upload_prev=self.local.get("last_upload") or None))
             blob = encode(update, method.tau, self.cfg.wire)
             if method.dp_noise_multiplier > 0:  # a noised update is about to leave the device
                 self.local["dp_rounds"] = int(self.local.get("dp_rounds", 0)) + 1
                 _atomic_write(self.state_path, json.dumps(self.local).encode())
             _atomic_write(pending, blob)
-        self._whole_max = int(ann.get("whole_max_bytes", 0) or 0)
+        self._whole_max = ann.whole_max_bytes
         up0 = self.clock()
         status = self.send_update(round_idx, blob, deadline)
         self.local["last_upload"] = {"round": round_idx, "seconds": round(self.clock() - up0, 3),
@@ -585,10 +587,10 @@ class DeviceAgent:
         finally:
             sender.close()
         ack = self.acks.pop(sha)
-        if ack.get("status") == "rejected":
-            log.warning("%s: update rejected: %s: %s", self.cfg.device_id, ack.get("error"),
-                        ack.get("reason"))
-        return str(ack.get("status"))
+        if ack.rejected:
+            log.warning("%s: update rejected: %s: %s", self.cfg.device_id, ack.error,
+                        ack.reason)
+        return ack.status
 
     def _assignment(self, strategy: Any, train: TrainConfig) -> frozenset:
         """fedmoe: the fixed sub-model from a forward-only usage pass over the local data."""

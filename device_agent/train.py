@@ -69,7 +69,7 @@ from hfedmoe.trainer import (
     factor_seed,
     to_device,
 )
-from hfedmoe.update import SparseUpdate
+from hfedmoe.update import SparseUpdate, UpdateMeta
 
 
 def latency_summary(phases: Sequence[Mapping[str, float]], step_seconds: Sequence[float],
@@ -460,30 +460,26 @@ def _reselect(ctx: RoundContext, budget: int, batch: dict[str, torch.Tensor],
 
 def _round_meta(ctx: RoundContext, rt: _Runtime, choice: _Choice, done: _Progress,
                 state_experts: int, latency: dict[str, Any], low: LowPrecisionFrozen | None,
-                dp_noise_std: float | None, start: float) -> dict[str, Any]:
+                dp_noise_std: float | None, start: float) -> UpdateMeta:
     """The update's ``meta``: what the round held (budget, plan, experts with optimizer
     state), how it ended, its latency, and what the runtime ran."""
     cfg = ctx.train
-    meta: dict[str, Any] = {
-        "loss": sum(done.losses) / max(len(done.losses), 1), "steps": len(done.losses),
-        "stopped_by": done.stopped_by, "budget": rt.budget, "seconds": ctx.clock() - start,
-        "examples_processed": done.examples, "selected": len(choice.ranked),
-        "optimizer_experts": state_experts, "routing_s": choice.routing_s,
-        "runtime": rt.name, "ib_vs_importance": choice.disagreement, "latency": latency}
-    if rt.name == "executorch":
-        meta["bucket"] = rt.budget
-        if cfg.executorch_capacity_factor is not None:
-            meta["capacity_factor"] = cfg.executorch_capacity_factor
-    else:
-        meta["reselect"] = cfg.reselect
+    executorch = rt.name == "executorch"
+    return UpdateMeta(
+        loss=sum(done.losses) / max(len(done.losses), 1), steps=len(done.losses),
+        stopped_by=done.stopped_by, budget=rt.budget, seconds=ctx.clock() - start,
+        examples_processed=done.examples, selected=len(choice.ranked),
+        optimizer_experts=state_experts, routing_s=choice.routing_s, runtime=rt.name,
+        ib_vs_importance=choice.disagreement, latency=latency,
+        bucket=rt.budget if executorch else None,
+        capacity_factor=cfg.executorch_capacity_factor if executorch else None,
+        reselect=None if executorch else cfg.reselect,
         # the dtype the frozen matmul weights were held in
-        meta["frozen_dtype"] = (cfg.dtype if low is not None and low.lowered_total
-                                else "float32")
-    if choice.plan is not None:
-        meta["plan"] = choice.plan.to_dict()
-    if dp_noise_std is not None:
-        meta.update(dp_noise_std=dp_noise_std, dp_clip=ctx.mcfg.dp_clip)
-    return meta
+        frozen_dtype=None if executorch else (
+            cfg.dtype if low is not None and low.lowered_total else "float32"),
+        plan=choice.plan.to_dict() if choice.plan is not None else None,
+        dp_noise_std=dp_noise_std,
+        dp_clip=ctx.mcfg.dp_clip if dp_noise_std is not None else None)
 
 
 def _privatize(mcfg: MethodConfig, deltas: dict[str, torch.Tensor]
@@ -500,7 +496,7 @@ def _privatize(mcfg: MethodConfig, deltas: dict[str, torch.Tensor]
 def _finish(ctx: RoundContext, choice: _Choice, done: _Progress,
             deltas: dict[str, torch.Tensor], stats: RoundStats | None,
             updated: frozenset[ExpertId], state_experts: int, budget: int,
-            meta: dict[str, Any], start: float) -> RoundResult:
+            meta: UpdateMeta, start: float) -> RoundResult:
     """The sparse update and the round's result."""
     ids = ctx.ids
     update = SparseUpdate(

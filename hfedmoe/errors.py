@@ -12,6 +12,7 @@ error message on the wire::
     ├── AlgorithmError           inconsistent inputs to the paper's equations (shapes, budgets)
     ├── WireError                a payload that fails validation (never unpickled)
     │   ├── SchemaError          wrong schema version / missing or malformed header fields
+    │   │   └── ProtocolError    a control message (hfedmoe.protocol) that fails validation
     │   ├── PayloadTooLarge      over the configured size limit
     │   ├── UnknownKeyError      a tensor key the model does not have
     │   ├── ShapeError           shape or dtype does not match the model
@@ -69,6 +70,11 @@ class WireError(HFedMoEError):
 
 class SchemaError(WireError):
     """Schema version unknown, or a header field missing/malformed."""
+
+
+class ProtocolError(SchemaError):
+    """A control message (:mod:`hfedmoe.protocol`) is not JSON, lacks a field, has a field of
+    the wrong type or out of range, or is too large."""
 
 
 class PayloadTooLarge(WireError):

@@ -3,7 +3,7 @@
 The canonical state is cut into shards: one per expert (``layers.{l}.experts.{e}``), one per
 gate (``layers.{l}.gate``) and one for the shared parts (``shared``). Each shard is a
 safetensors blob (sorted keys, no metadata) named by its sha256. A round announcement carries a
-:class:`ModelManifest` (group -> sha); a device keeps a :class:`ShardCache` of every shard it has
+:class:`~hfedmoe.protocol.ModelManifest` (group -> sha); a device keeps a :class:`ShardCache` of every shard it has
 seen or computed from its own copy of the base model, and asks the server only for the shas it
 lacks. After a round of HFedMoE only the aggregated experts, the gates and the head change, so
 a device downloads a small fraction of the model.
@@ -12,9 +12,7 @@ a device downloads a small fraction of the model.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
 import torch
 from safetensors.torch import load as st_load
@@ -22,6 +20,7 @@ from safetensors.torch import save as st_save
 
 from hfedmoe.errors import ModelError, WireError
 from hfedmoe.names import parse_key
+from hfedmoe.protocol import ModelManifest, manifest_hash
 
 
 def group_of(key: str) -> str:
@@ -44,33 +43,6 @@ def split_state(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.
     for key, value in state.items():
         groups.setdefault(group_of(key), {})[key] = value
     return groups
-
-
-@dataclass(frozen=True)
-class ModelManifest:
-    """What the global model of a round is: group -> shard sha256, and the whole state's hash."""
-
-    state_hash: str
-    shards: Mapping[str, str]
-
-    def to_dict(self) -> dict:
-        return {"state_hash": self.state_hash, "shards": dict(sorted(self.shards.items()))}
-
-    @classmethod
-    def from_dict(cls, data: object) -> ModelManifest:
-        if not isinstance(data, dict) or not isinstance(data.get("shards"), dict) \
-                or not isinstance(data.get("state_hash"), str):
-            raise WireError("model manifest must have 'state_hash' and a 'shards' table")
-        shards = data["shards"]
-        if not all(isinstance(k, str) and isinstance(v, str) and len(v) == 64
-                   for k, v in shards.items()):
-            raise WireError("model manifest shards must map group names to sha256 strings")
-        return cls(data["state_hash"], dict(shards))
-
-
-def manifest_hash(shards: Mapping[str, str]) -> str:
-    """The state hash: sha256 over the sorted (group, shard sha) pairs."""
-    return hashlib.sha256(json.dumps(sorted(shards.items())).encode()).hexdigest()
 
 
 def build_shards(state: Mapping[str, torch.Tensor]) -> tuple[ModelManifest, dict[str, bytes]]:

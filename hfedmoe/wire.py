@@ -177,7 +177,7 @@ def encode(update: SparseUpdate, tau: float, cfg: WireConfig = WireConfig()) -> 
         "usage": {str(e): float(v) for e, v in sorted(update.usage.items())},
         "importance": {str(e): float(v) for e, v in sorted(update.importance.items())},
         "routed": _ids(update.routed), "updated": _ids(update.updated),
-        "aggregated": _ids(update.aggregated(tau)), "meta": dict(update.meta),
+        "aggregated": _ids(update.aggregated(tau)), "meta": update.meta.to_dict(),
     }
     try:
         text = json.dumps(header, allow_nan=False, sort_keys=True)

@@ -96,8 +96,8 @@ def train_device(model: Any, data: Any, job: DeviceJob, state: dict[str, torch.T
         method=cfg.method, ids=RoundIds(cfg.run_id, round_idx, job.device_id, base_hash),
         max_length=cfg.model.max_length, assignment=assignment,
         planner=make_planner(budget, enforce=strategy.uses_budget, resident=0)))
-    res = dataclasses.replace(res, update=dataclasses.replace(res.update, meta={
-        **res.update.meta, "budget_limit": budget.limit, "budget_reason": budget.reason}))
+    meta = res.update.meta.replace(budget_limit=budget.limit, budget_reason=budget.reason)
+    res = dataclasses.replace(res, update=dataclasses.replace(res.update, meta=meta))
     blob = encode(res.update, cfg.method.tau, cfg.wire)
     return DeviceResult(job.index, blob, res.seconds, assignment)
 

@@ -47,7 +47,16 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from hfedmoe.errors import ConfigError
+from hfedmoe.errors import ConfigError, ProtocolError
+from hfedmoe.protocol import (
+    DeviceStatus,
+    Done,
+    Registered,
+    Registration,
+    RoundAnnouncement,
+    decode_ack,
+    decode_round,
+)
 from hfedmoe.transport.base import Message, Transport
 from hfedmoe.transport.chunks import ChunkSender, send_blob
 from hfedmoe.transport.config import parse_url
@@ -56,6 +65,7 @@ from hfedmoe.transport.topics import Topics, check_id
 log = logging.getLogger("hfedmoe.swarm")
 
 _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+_ONLINE, _OFFLINE = DeviceStatus("online").to_bytes(), DeviceStatus("offline").to_bytes()
 
 
 @dataclass(frozen=True)
@@ -141,7 +151,7 @@ class UpdateFactory:
 
     def blob(self, run_id: str, round_idx: int, device: str, base_hash: str, k: int,
              num_examples: int, rng: random.Random) -> tuple[bytes, int]:
-        from hfedmoe.update import SparseUpdate
+        from hfedmoe.update import SparseUpdate, UpdateMeta
         from hfedmoe.wire import encode
 
         chosen = rng.sample(self.experts, min(k, len(self.experts)))
@@ -151,7 +161,7 @@ class UpdateFactory:
                               num_examples=num_examples, deltas=deltas, usage=usage,
                               importance=usage, routed=frozenset(self.experts),
                               updated=frozenset(chosen), base_model_hash=base_hash,
-                              meta={"swarm": True, "steps": 1})
+                              meta=UpdateMeta(swarm=True, steps=1))
         return encode(update, 0.0, self.cfg.wire), len(chosen)
 
 
@@ -267,11 +277,11 @@ class _DeviceTransport(Transport):
 
 
 @lru_cache(maxsize=8)
-def _parse_json(payload: bytes) -> Any:
-    """Every device in a process gets the same announcement: parse it once."""
+def _round_message(payload: bytes) -> RoundAnnouncement | Done | None:
+    """Every device in a process gets the same announcement: read it once (None: malformed)."""
     try:
-        return json.loads(payload)
-    except ValueError:
+        return decode_round(payload)
+    except ProtocolError:
         return None
 
 
@@ -319,7 +329,7 @@ class SwarmProcess:
                       "budget": {"c_budget": budget, "limit": "swarm", "reason": "drawn"},
                       "swarm": True}
             self.devices.append(_Device(f"{cfg.prefix}-{i:05d}", i, budget, examples, report))
-        self.announcements: dict[int, dict[str, Any]] = {}  # round -> body (opened_at, ...)
+        self.announcements: dict[int, RoundAnnouncement] = {}  # round -> its announcement
         self.uploads: list[dict[str, Any]] = []
         self.done = False
         self.handled_rounds: set[int] = set()
@@ -331,7 +341,7 @@ class SwarmProcess:
     def _make_client(self, d: _Device) -> None:
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=d.id, protocol=mqtt.MQTTv311,
                         clean_session=not self.cfg.persistent)
-        c.will_set(self.topics.status(d.id), b'{"state": "offline"}', qos=1, retain=True)
+        c.will_set(self.topics.status(d.id), _OFFLINE, qos=1, retain=True)
         c.max_inflight_messages_set(64)
         c.user_data_set(d)
         c.on_connect = self._on_connect
@@ -360,7 +370,7 @@ class SwarmProcess:
             self._connacks += 1
         for topic_filter, qos in d.transport.subs.items():
             client.subscribe(topic_filter, qos)
-        client.publish(self.topics.status(d.id), b'{"state": "online"}', qos=1, retain=True)
+        client.publish(self.topics.status(d.id), _ONLINE, qos=1, retain=True)
         if not d.registered_t:
             self._register(d)
 
@@ -368,8 +378,8 @@ class SwarmProcess:
         if d.registered_t or not d.connected:
             return
         d.registrations += 1
-        body = {"device_id": d.id, "budget": d.budget, "report": d.report}
-        d.client.publish(self.topics.register(d.id), json.dumps(body).encode(), qos=1)
+        reg = Registration(budget=d.budget, report=d.report, device_id=d.id)
+        d.client.publish(self.topics.register(d.id), reg.to_bytes(), qos=1)
         # the agent registers again every 5 s until the server answers
         self.loop.later(5.0, lambda: self._register(d))
 
@@ -404,25 +414,23 @@ class SwarmProcess:
 
     def _on_round(self, d: _Device, message: Message) -> None:
         now = time.time()
-        body = _parse_json(message.payload)
-        if not isinstance(body, dict):
+        ann = _round_message(message.payload)
+        if ann is None:
             return
-        if body.get("type") == "done":
+        if isinstance(ann, Done):
             # a retained "done" is a finished run's (the broker kept it): not this swarm's end
             self.done = self.done or not message.retain
             return
-        if body.get("type") != "round":
-            return
-        r = int(body["round"])
+        r = ann.round_idx
         if r in d.rounds_seen:
             return
         d.rounds_seen[r] = now
-        self.announcements.setdefault(r, body)
+        self.announcements.setdefault(r, ann)
         if len(self.handled_rounds) < self.cfg.rounds:
             self.handled_rounds.add(r)
-        if r not in self.handled_rounds or d.id not in _participants(message.payload):
+        if r not in self.handled_rounds or not ann.takes_part(d.id):
             return
-        if body.get("deadline", 0) <= now:
+        if ann.deadline <= now:
             return
         train_s = self.rng.uniform(*self.cfg.train_s)
         if self.rng.random() < self.cfg.dropout:
@@ -433,10 +441,10 @@ class SwarmProcess:
         if not d.connected:  # dropped: send once it is back
             self.loop.later(0.5, lambda: self._send(d, r))
             return
-        body = self.announcements[r]
-        if self.factory is None or time.time() > float(body["deadline"]):
+        ann = self.announcements[r]
+        if self.factory is None or time.time() > ann.deadline:
             return
-        blob, k = self.factory.blob(self.cfg.run_id, r, d.id, body["model"]["state_hash"],
+        blob, k = self.factory.blob(self.cfg.run_id, r, d.id, ann.model.state_hash,
                                     d.budget, d.examples, self.rng)
         sha = hashlib.sha256(blob).hexdigest()
         d.upload = {"device": d.id, "round": r, "sha": sha, "bytes": len(blob), "experts": k,
@@ -444,13 +452,13 @@ class SwarmProcess:
         self.uploads.append(d.upload)
         d.sender = send_blob(d.transport, self.topics.update(d.id, sha), blob,
                              chunk_size=self.cfg.chunk_size,
-                             whole_max=int(body.get("whole_max_bytes", 0) or 0))
+                             whole_max=ann.whole_max_bytes)
         self.loop.later(self.cfg.ack_timeout_s, lambda u=d.upload: self._resend(d, u))
 
     def _resend(self, d: _Device, upload: dict[str, Any]) -> None:
         if upload["ack"] or d.sender is None or d.upload is not upload:
             return
-        if time.time() > float(self.announcements[upload["round"]]["deadline"]) \
+        if time.time() > self.announcements[upload["round"]].deadline \
                 + 3 * self.cfg.ack_timeout_s:
             upload["status"] = "unacknowledged"
             d.sender.close()
@@ -463,15 +471,16 @@ class SwarmProcess:
         self.loop.later(self.cfg.ack_timeout_s, lambda: self._resend(d, upload))
 
     def _on_ack(self, d: _Device, message: Message) -> None:
-        body = _parse_json(message.payload)
-        if not isinstance(body, dict):
+        try:
+            ack = decode_ack(message.payload)
+        except ProtocolError:
             return
-        if body.get("type") == "registered":
+        if isinstance(ack, Registered):
             if not d.registered_t:
                 d.registered_t = time.time()
-        elif d.upload is not None and body.get("sha") == d.upload["sha"] and not d.upload["ack"]:
+        elif d.upload is not None and ack.sha == d.upload["sha"] and not d.upload["ack"]:
             d.upload["ack"] = time.time()
-            d.upload["status"] = str(body.get("status"))
+            d.upload["status"] = ack.status
             if d.sender is not None:
                 d.sender.close()
                 d.sender = None
@@ -497,10 +506,10 @@ class SwarmProcess:
         if pending:
             return False
         # participants of the last handled round whose upload is still scheduled
-        body = self.announcements[last]
-        mine = {d.id for d in self.devices} & set(body.get("participants", []))
+        ann = self.announcements[last]
+        mine = {d.id for d in self.devices if ann.takes_part(d.id)}
         sent = {u["device"] for u in self.uploads if u["round"] == last}
-        return mine <= sent or time.time() > float(body["deadline"])
+        return mine <= sent or time.time() > ann.deadline
 
     def run(self) -> dict[str, Any]:
         for d in self.devices:
@@ -528,8 +537,7 @@ class SwarmProcess:
         self.done = True
         for d in self.devices:
             if d.client is not None and d.connected:
-                d.client.publish(self.topics.status(d.id), b'{"state": "offline"}', qos=0,
-                                 retain=True)
+                d.client.publish(self.topics.status(d.id), _OFFLINE, qos=0, retain=True)
                 d.client.disconnect()
         end = time.monotonic() + 1.0
         while time.monotonic() < end and self.loop.sel.get_map():
@@ -543,23 +551,17 @@ class SwarmProcess:
             "connected": [d.connack_t - self.t0 for d in self.devices if d.connack_t],
             "registrations": sum(d.registrations for d in self.devices),
             "devices": len(self.devices),
-            "announce": {str(r): {"opened_at": float(body.get("opened_at", 0.0)),
-                                  "participants": len(body.get("participants", [])),
+            "announce": {str(r): {"opened_at": float(ann.opened_at),
+                                  "participants": len(ann.participants),
                                   "received": [d.rounds_seen[r] for d in self.devices
                                                if r in d.rounds_seen]}
-                         for r, body in self.announcements.items()},
+                         for r, ann in self.announcements.items()},
             "uploads": self.uploads,
             "drops": sum(d.drops for d in self.devices),
             "reconnects": sum(d.reconnects for d in self.devices),
             "errors": self.errors[:20],
             "error_count": len(self.errors),
         }
-
-
-@lru_cache(maxsize=8)
-def _participants(payload: bytes) -> frozenset[str]:
-    body = _parse_json(payload)
-    return frozenset(body.get("participants", [])) if isinstance(body, dict) else frozenset()
 
 
 # --- the whole swarm -------------------------------------------------------------------------

@@ -30,13 +30,25 @@ from hfedmoe.errors import (
     HFedMoEError,
     MismatchError,
     PolicyError,
-    SchemaError,
+    ProtocolError,
     WireError,
 )
 from hfedmoe.lora import LoRASpec, expand, with_factors
 from hfedmoe.models.base import MoEModel
 from hfedmoe.modelsync import ModelManifest, build_shards
 from hfedmoe.names import ExpertId
+from hfedmoe.protocol import (
+    CloseRound,
+    DeviceStatus,
+    Done,
+    FetchRequest,
+    IngestEvent,
+    PartialNotice,
+    Registered,
+    Registration,
+    RoundAnnouncement,
+    UpdateAck,
+)
 from hfedmoe.strategies import get_strategy
 from hfedmoe.transport.base import Message, Transport
 from hfedmoe.transport.chunks import BlobReceiver, ChunkSender
@@ -132,7 +144,7 @@ class Coordinator:
         self.workers_online: set[str] = set()  # ingest workers (sharded ingestion)
         # device -> its latest eligibility report (eligible, reasons, conditions, round, at)
         self.eligibility: dict[str, dict[str, Any]] = {}
-        self.partials: dict[tuple[int, str], dict[str, Any]] = {}  # (round, worker) -> notice
+        self.partials: dict[tuple[int, str], PartialNotice] = {}  # (round, worker) -> notice
         self._registrations: dict[str, tuple[str, dict[str, Any], int]] = {}
         self._declared: dict[str, int | None] | None = None  # local_examples per device
         self._declared_dirty = True
@@ -208,7 +220,7 @@ class Coordinator:
                 self._open_round(self.next_round, participants, deadline, announce=True)
             self._collect()
             rows.append(self._close_round())
-        self._announce({"type": "done", "rounds": self.cfg.rounds.rounds})
+        self._announce(Done(self.cfg.rounds.rounds))
         return rows
 
     def close(self) -> None:
@@ -253,19 +265,17 @@ class Coordinator:
         self.store.open_round(round_idx, deadline, participants, manifest.state_hash)
         if announce:
             devices = self.store.devices()
-            self._announce({
-                "type": "round", "round": round_idx, "deadline": deadline,
-                "opened_at": self.clock(),
-                "deadline_s": max(0.0, deadline - self.clock()),
-                **({"train_time_s": self.cfg.rounds.train_time_s}
-                   if self.cfg.rounds.train_time_s else {}),
-                "strategy": self.strategy.name, "method": _jsonable(self.cfg.method),
-                "train": _jsonable(self.cfg.train), "max_length": self.cfg.model.max_length,
-                "participants": participants,
-                "whole_max_bytes": self.cfg.transport.chunk_size,
-                "eligibility": self.cfg.eligibility.to_dict(),
-                "budgets": {d: devices.get(d, {}).get("budget", 0) for d in participants},
-                "model": manifest.to_dict()})
+            self._announce(RoundAnnouncement(
+                round_idx=round_idx, deadline=deadline, opened_at=self.clock(),
+                deadline_s=max(0.0, deadline - self.clock()),
+                train_time_s=self.cfg.rounds.train_time_s or None,
+                strategy=self.strategy.name, method=_jsonable(self.cfg.method),
+                train=_jsonable(self.cfg.train), max_length=self.cfg.model.max_length,
+                participants=tuple(participants),
+                whole_max_bytes=self.cfg.transport.chunk_size,
+                eligibility=self.cfg.eligibility.to_dict(),
+                budgets={d: devices.get(d, {}).get("budget", 0) for d in participants},
+                model=manifest))
         self._prom.set_round(round_idx)
         log.info("round %d open: %d participant(s), wait for %d, deadline in %.0fs", round_idx,
                  len(participants), self.round.expected, deadline - self.clock())
@@ -380,26 +390,19 @@ class Coordinator:
         return row
 
     # --- messages ----------------------------------------------------------------------------
-    def _announce(self, body: dict[str, Any]) -> None:
-        self.transport.publish(self.topics.round(), json.dumps(body).encode(), retain=True)
+    def _announce(self, message: RoundAnnouncement | Done) -> None:
+        self.transport.publish(self.topics.round(), message.to_bytes(), retain=True)
 
-    def _ack(self, device: str, body: dict[str, Any]) -> None:
-        self.transport.publish(self.topics.ack(device), json.dumps(body).encode())
+    def _ack(self, device: str, message: Registered | UpdateAck) -> None:
+        self.transport.publish(self.topics.ack(device), message.to_bytes())
 
     def _on_register(self, message: Message) -> None:
         device = self.topics.parse(message.topic)[-1]
         try:
             check_device_id(device)  # ReservedIdError: "server" is the coordinator's account
-            if len(message.payload) > self.cfg.max_register_bytes:
-                raise SchemaError(f"registration is {len(message.payload)} bytes")
-            body = json.loads(message.payload)
-            if not isinstance(body, dict) or not isinstance(body.get("budget"), int) \
-                    or body["budget"] < 0 or not isinstance(body.get("report", {}), dict):
-                raise SchemaError("registration needs an integer 'budget' >= 0 and a 'report'")
-            declared = body.get("report", {}).get("local_examples")
-            if declared is not None and not (
-                    isinstance(declared, int) and not isinstance(declared, bool)
-                    and 0 <= declared <= self.cfg.policy.max_registered_examples):
+            reg = Registration.from_bytes(message.payload, self.cfg.max_register_bytes)
+            declared = reg.local_examples
+            if declared is not None and declared > self.cfg.policy.max_registered_examples:
                 raise PolicyError(f"registration declares local_examples={declared!r} (an int "
                                   f"in [0, {self.cfg.policy.max_registered_examples}])")
             allowed = self.cfg.rounds.allowed_devices
@@ -408,7 +411,7 @@ class Coordinator:
         except (ValueError, HFedMoEError) as exc:
             self._reject(device, None, exc)
             return
-        self._registrations[device] = (device, body.get("report", {}), body["budget"])
+        self._registrations[device] = (device, dict(reg.report), reg.budget)
         if self.transport.pending() == 0 or len(self._registrations) >= REGISTRATION_BATCH:
             self._flush_registrations()
 
@@ -423,41 +426,36 @@ class Coordinator:
         self._declared_dirty = True
         for device, _, budget in rows:
             log.debug("device %s registered (budget %d)", device, budget)
-            self._ack(device, {"type": "registered", "run_id": self.cfg.run_id})
+            self._ack(device, Registered(self.cfg.run_id))
         log.info("%d device(s) registered (%d known)", len(rows), len(self.store.devices()))
 
     def _on_status(self, message: Message) -> None:
         device = self.topics.parse(message.topic)[-1]
         try:
-            body = json.loads(message.payload)
-            state = body.get("state")
-        except (ValueError, AttributeError):
+            status = DeviceStatus.from_bytes(message.payload)
+        except ProtocolError:
             return
         if device not in self.store.devices():
             return
-        if state in ("online", "offline"):
-            self.store.set_device_status(device, state)
-        if "eligible" in body and len(message.payload) <= 64 << 10:
-            self._on_eligibility(device, body)
+        self.store.set_device_status(device, status.state)
+        if status.eligible is not None:
+            self._on_eligibility(device, status)
 
-    def _on_eligibility(self, device: str, body: dict[str, Any]) -> None:
+    def _on_eligibility(self, device: str, status: DeviceStatus) -> None:
         """A device's eligibility report: kept for the dashboard; a participant that is not
         eligible sits the round out (the round stops waiting for it) and the skip is
         recorded with its reasons."""
-        reasons = [str(x)[:200] for x in body.get("reasons") or []][:10]
-        conditions = body.get("conditions") if isinstance(body.get("conditions"), dict) else {}
-        round_idx = body.get("round")
-        self.eligibility[device] = {"eligible": bool(body["eligible"]), "reasons": reasons,
-                                    "conditions": conditions, "round": round_idx,
+        reasons, conditions = list(status.reasons), dict(status.conditions)
+        self.eligibility[device] = {"eligible": status.eligible, "reasons": reasons,
+                                    "conditions": conditions, "round": status.round_idx,
                                     "at": self.clock()}
         r = self.round
-        if body["eligible"] or body.get("sending") or r is None or round_idx != r.round_idx \
+        if status.eligible or status.sending or r is None or status.round_idx != r.round_idx \
                 or device not in r.participants or device in r.accepted:
             return  # a device whose conditions broke mid-round but sends its partial work
         r.skipped[device] = reasons
         r.refused.add(device)
-        self.store.record_skip(r.round_idx, device, reasons, conditions,
-                               bool(body.get("during_round")))
+        self.store.record_skip(r.round_idx, device, reasons, conditions, status.during_round)
         log.info("%s sits round %d out: %s", device, r.round_idx, "; ".join(reasons))
 
     def _on_fetch(self, message: Message) -> None:
@@ -466,30 +464,29 @@ class Coordinator:
         blob = self.blobs.get(sha)
         if blob is None or device not in self.store.devices():
             return
+        try:
+            want = FetchRequest.from_bytes(message.payload)
+        except ProtocolError:
+            return
         sender = self.senders.get(sha)
         if sender is None:
             sender = self.senders[sha] = ChunkSender(self.transport, self.topics.model(sha), blob,
                                                      self.cfg.transport.chunk_size)
-        try:
-            want = json.loads(message.payload)
-            chunks = want.get("chunks") or []
-        except (ValueError, AttributeError):
-            return
         recently = time.monotonic() - self.sent_full.get(sha, -1e9) < self.cfg.transport.retry_after
-        if want.get("manifest") and recently:
+        if want.manifest and recently:
             # every device asks at the start of a round; one broadcast serves all of them,
             # and a device that subscribed late asks for the chunks it lacks
             sender.publish_manifest()
             sent = 0
-        elif want.get("manifest"):
+        elif want.manifest:
             sender.publish_manifest()
             sender.resend(range(len(sender.manifest.chunks)))
             self.sent_full[sha] = time.monotonic()
             sent = len(blob)
         else:
-            sender.handle_request(message)
-            sent = sum(sender.manifest.chunk_len(i) for i in chunks
-                       if isinstance(i, int) and 0 <= i < len(sender.manifest.chunks))
+            sender.answer(want, message.topic)
+            n = len(sender.manifest.chunks)
+            sent = sum(sender.manifest.chunk_len(i) for i in want.chunks) if want.fits(n) else 0
         if self.round is not None:
             self.round.bytes_out += sent
 
@@ -513,8 +510,7 @@ class Coordinator:
             update = self._check_weights(device, update)
             stored = self.store.update(round_idx, device)
             if stored is not None:  # a resend of an acknowledged update
-                self._ack(device, {"type": "ack", "round": round_idx, "sha": sha,
-                                   "status": "accepted"})
+                self._ack(device, UpdateAck(round_idx, sha, "accepted"))
                 return
             if r is not None and round_idx == r.round_idx:
                 if device not in r.participants:
@@ -534,12 +530,11 @@ class Coordinator:
                 if dis is not None:
                     r.disagreement[device] = dis
                 self._prom.count("accepted")
-                self._ack(device, {"type": "ack", "round": round_idx, "sha": sha,
-                                   "status": "accepted"})
-                self._notify({"type": "accepted", "round": round_idx, "device": device,
-                              "bytes": len(blob), "usage": {str(e): v for e, v in
-                                                            update.usage.items()},
-                              "disagreement": r.disagreement.get(device)})
+                self._ack(device, UpdateAck(round_idx, sha, "accepted"))
+                self._notify(IngestEvent(
+                    "accepted", device, round_idx, nbytes=len(blob),
+                    usage={str(e): v for e, v in update.usage.items()},
+                    disagreement=r.disagreement.get(device)))
             elif round_idx < (r.round_idx if r is not None else self.next_round):
                 self._late(device, round_idx, sha, blob, update)
             else:
@@ -566,9 +561,8 @@ class Coordinator:
                 self._reject(device, round_idx, exc, sha)
                 return
             self.store.spool_update(r.round_idx, key, blob, update.num_examples, late=True)
-        self._ack(device, {"type": "ack", "round": round_idx, "sha": sha,
-                           "status": "late-folded" if fold else "late-dropped"})
-        self._notify({"type": "late", "round": round_idx, "device": device})
+        self._ack(device, UpdateAck(round_idx, sha, "late-folded" if fold else "late-dropped"))
+        self._notify(IngestEvent("late", device, round_idx))
         log.info("late update from %s for round %d %s", device, round_idx,
                  "folded into the open round" if fold else "dropped")
 
@@ -622,15 +616,19 @@ class Coordinator:
                                         rec.optimizer_experts, rec.info())
 
     # --- sharded ingestion: the coordinator's side ------------------------------------------
-    def _notify(self, event: dict[str, Any]) -> None:
+    def _notify(self, event: IngestEvent) -> None:
         """An ingest worker tells the coordinator what it did; the coordinator itself: no-op."""
 
     def _on_ingest_status(self, message: Message) -> None:
         worker = self.topics.parse(message.topic)[-1]
-        state = _json_field(message.payload, "state")
+        try:
+            state = DeviceStatus.from_bytes(message.payload).state
+        except ProtocolError:
+            log.warning("malformed ingest worker status on %s", message.topic)
+            return
         if state == "online":
             self.workers_online.add(worker)
-        elif state == "offline":
+        else:
             self.workers_online.discard(worker)
         log.info("ingest worker %s %s (%d online)", worker, state, len(self.workers_online))
 
@@ -639,68 +637,66 @@ class Coordinator:
         and database rows are the durable record; these only drive the round's progress)."""
         r = self.round
         try:
-            event = json.loads(message.payload)
-            kind, device, round_idx = event["type"], str(event["device"]), event["round"]
-        except (ValueError, KeyError, TypeError):
-            log.warning("malformed ingest event on %s", message.topic)
+            event = IngestEvent.from_bytes(message.payload)
+        except ProtocolError as exc:
+            log.warning("malformed ingest event on %s: %s", message.topic, exc)
             return
-        if kind == "rejected":
+        device = event.device
+        if event.kind == "rejected":
             self._prom.count("rejected")
             if r is not None:
                 r.rejected += 1
-                if event.get("sha") and round_idx == r.round_idx:
+                if event.sha and event.round_idx == r.round_idx:
                     r.refused.add(device)
-        elif kind == "late":
+        elif event.kind == "late":
             self._prom.count("late")
             if r is not None:
                 r.late += 1
-        elif kind == "accepted" and r is not None and round_idx == r.round_idx:
+        elif r is not None and event.round_idx == r.round_idx:  # accepted
             self._prom.count("accepted")
-            r.accepted[device] = int(event.get("bytes", 0))
+            r.accepted[device] = event.nbytes
             try:
-                r.usage[device] = {ExpertId.parse(e): float(v)
-                                   for e, v in (event.get("usage") or {}).items()}
-            except (HFedMoEError, TypeError, ValueError):
+                r.usage[device] = {ExpertId.parse(e): float(v) for e, v in event.usage.items()}
+            except HFedMoEError:
                 pass
-            dis = event.get("disagreement")
-            if isinstance(dis, (int, float)) and not isinstance(dis, bool):
-                r.disagreement[device] = float(dis)
+            if event.disagreement is not None:
+                r.disagreement[device] = float(event.disagreement)
 
     def _on_partial(self, message: Message) -> None:
         worker = self.topics.parse(message.topic)[-1]
         try:
-            body = json.loads(message.payload)
-            self.partials[(int(body["round"]), worker)] = body
-        except (ValueError, KeyError, TypeError):
-            log.warning("malformed partial-aggregate notice from %s", worker)
+            notice = PartialNotice.from_bytes(message.payload)
+        except ProtocolError as exc:
+            log.warning("malformed partial-aggregate notice from %s: %s", worker, exc)
+            return
+        self.partials[(notice.round_idx, worker)] = notice
 
     def _gather_partials(self, r: RoundState) -> None:
         """Close round ``r`` on the workers, merge their partial aggregates into the
         coordinator's own (multi-chunk updates), then add every acknowledged update of the
         round that no partial covers (a worker that died or did not answer) from the spool."""
-        self.transport.publish(self.topics.ingest_control(),
-                               json.dumps({"type": "close", "round": r.round_idx}).encode())
+        self.transport.publish(self.topics.ingest_control(), CloseRound(r.round_idx).to_bytes())
         waiting = set(self.workers_online)
         self.transport.run_until(
             lambda: all((r.round_idx, w) in self.partials or w not in self.workers_online
                         for w in waiting),
             timeout=self.cfg.ingest.partial_timeout_s)
-        for (round_idx, worker), body in sorted(self.partials.items()):
+        for (round_idx, worker), notice in sorted(self.partials.items()):
             if round_idx != r.round_idx:
                 continue
             try:
-                rel = Path(str(body["path"]))
+                rel = Path(notice.path)
                 if rel.is_absolute() or ".." in rel.parts or rel.parts[:1] != ("partials",):
                     raise AlgorithmError(f"partial aggregate path {rel} is not under partials/")
                 data = (Path(self.cfg.run_dir) / rel).read_bytes()
-                if hashlib.sha256(data).hexdigest() != body["sha256"]:
+                if hashlib.sha256(data).hexdigest() != notice.sha256:
                     raise AlgorithmError("content does not match the announced sha256")
                 partial = Aggregator.from_bytes(data, self.aggregator.rule, self.aggregator.kinds)
                 if set(partial.summaries) & set(self.aggregator.summaries):
                     # e.g. the coordinator restarted and re-read the spool: the spool wins
                     raise AlgorithmError("it overlaps updates already aggregated")
                 self.aggregator.merge(partial)
-            except (OSError, KeyError, AlgorithmError) as exc:
+            except (OSError, AlgorithmError) as exc:
                 log.warning("round %d: partial aggregate of %s unusable (%s); its updates are "
                             "read from the spool", r.round_idx, worker, exc)
         covered = set(self.aggregator.summaries)
@@ -733,14 +729,13 @@ class Coordinator:
             if sha and round_idx == self.round.round_idx:
                 self.round.refused.add(device)
         self._prom.count("rejected")
-        self._notify({"type": "rejected", "round": round_idx, "device": device, "sha": sha})
+        self._notify(IngestEvent("rejected", device, round_idx, sha=sha))
         self.store.reject(round_idx, device, type(exc).__name__, str(exc)[:500])
         log.warning("rejected %s from %s: %s: %s", "update" if sha else "message", device,
                     type(exc).__name__, exc)
         try:
-            self._ack(device, {"type": "error", "round": round_idx, "sha": sha,
-                               "status": "rejected", "error": type(exc).__name__,
-                               "reason": str(exc)[:500]})
+            self._ack(device, UpdateAck(round_idx, sha, "rejected", type(exc).__name__,
+                                        str(exc)[:500]))
         except HFedMoEError:  # an id that cannot even form a topic
             pass
 
@@ -794,14 +789,6 @@ class _Prometheus:
 
 
 __all__ = ["Coordinator", "UnknownClientError"]
-
-
-def _json_field(payload: bytes, key: str) -> Any:
-    try:
-        body = json.loads(payload)
-    except ValueError:
-        return None
-    return body.get(key) if isinstance(body, dict) else None
 
 
 def _declared_examples(report: Any) -> int | None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import signal
@@ -37,8 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hfedmoe.errors import ConfigError
-from hfedmoe.modelsync import ModelManifest
+from hfedmoe.errors import ConfigError, ProtocolError
+from hfedmoe.protocol import CloseRound, IngestEvent, PartialNotice, RoundAnnouncement
 from hfedmoe.transport.base import Message, Transport
 from hfedmoe.transport.chunks import BlobReceiver
 from hfedmoe.transport.topics import check_id
@@ -85,32 +84,27 @@ class IngestWorker(Coordinator):
     # --- the coordinator's messages ----------------------------------------------------------
     def _on_announcement(self, message: Message) -> None:
         try:
-            body = json.loads(message.payload)
-        except ValueError:
+            ann = RoundAnnouncement.from_bytes(message.payload)
+        except ProtocolError:  # "done", or not an announcement
             return
-        if not isinstance(body, dict) or body.get("type") != "round":
-            return
-        idx = int(body["round"])
+        idx = ann.round_idx
         if self.round is not None and self.round.round_idx == idx:
             return  # announced again (a restarted coordinator): keep what was taken in
         if idx < self.next_round:
             return  # a round this worker already closed
-        manifest = ModelManifest.from_dict(body["model"])
-        self.round = RoundState(idx, list(body.get("participants", [])),
-                                float(body["deadline"]), manifest.state_hash, manifest,
-                                expected=len(body.get("participants", [])))
+        self.round = RoundState(idx, list(ann.participants), ann.deadline,
+                                ann.model.state_hash, ann.model,
+                                expected=len(ann.participants))
         self.aggregator = self.strategy.make_aggregator()
         self.next_round = idx
         log.info("worker %s: round %d open", self.worker_id, idx)
 
     def _on_control(self, message: Message) -> None:
         try:
-            body = json.loads(message.payload)
-            idx = int(body["round"])
-        except (ValueError, KeyError, TypeError):
+            close = CloseRound.from_bytes(message.payload)
+        except ProtocolError:
             return
-        if body.get("type") == "close":
-            self._close(idx)
+        self._close(close.round_idx)
 
     def _close(self, idx: int) -> None:
         """Write this worker's partial aggregate of round ``idx`` and announce it; updates for
@@ -120,9 +114,8 @@ class IngestWorker(Coordinator):
         data = agg.to_bytes()
         rel = Path("partials") / f"r{idx}" / f"{self.worker_id}.safetensors"
         _atomic_write(Path(self.cfg.run_dir) / rel, data)
-        self.transport.publish(self.topics.ingest_partial(self.worker_id), json.dumps({
-            "round": idx, "path": str(rel), "sha256": hashlib.sha256(data).hexdigest(),
-            "clients": agg.num_clients}).encode())
+        self.transport.publish(self.topics.ingest_partial(self.worker_id), PartialNotice(
+            idx, str(rel), hashlib.sha256(data).hexdigest(), agg.num_clients).to_bytes())
         self.partials_written += 1
         log.info("worker %s: round %d closed with %d update(s)", self.worker_id, idx,
                  agg.num_clients)
@@ -141,9 +134,8 @@ class IngestWorker(Coordinator):
             self.store.refresh_device(device)  # registered (or re-budgeted) since we looked
         super()._on_update_blob(prefix, blob)
 
-    def _notify(self, event: dict[str, Any]) -> None:
-        self.transport.publish(self.topics.ingest_event(self.worker_id),
-                               json.dumps(event).encode())
+    def _notify(self, event: IngestEvent) -> None:
+        self.transport.publish(self.topics.ingest_event(self.worker_id), event.to_bytes())
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -15,7 +15,6 @@ as ``round_idx + 1``: the demo's console, the dashboard and the report say initi
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,8 +26,6 @@ from hfedmoe.signals import round_signals
 from hfedmoe.update import SparseUpdate
 
 INITIAL = "initial"
-MAX_LATENCY_JSON = 4096  # a device's timing summary kept with its record, at most (bytes)
-MAX_UPLOAD_PREV_JSON = 512
 # in the participation store but not in a row's ``held``: measured on the device, so two runs
 # (or the simulator's two backends) would never write the same row
 TIMINGS = ("latency",)
@@ -76,7 +73,7 @@ def experts_in(update: SparseUpdate) -> frozenset[ExpertId]:
 
 def disagreement_of(update: SparseUpdate) -> float | None:
     """How far the device's selection ranked experts apart from importance (None: unsaid)."""
-    dis = update.meta.get("ib_vs_importance")
+    dis = update.meta.ib_vs_importance
     return float(dis) if _is_number(dis) else None
 
 
@@ -111,16 +108,13 @@ def participation_record(budget: int, update: SparseUpdate, nbytes: int) -> Part
     """The participation record of one accepted update of ``nbytes`` on the wire, from the
     device's registered ``budget`` and what the update's ``meta`` says about its round."""
     meta = update.meta
-    plan = meta.get("plan") if isinstance(meta.get("plan"), dict) else {}
-    state = meta.get("optimizer_experts")
+    state = meta.optimizer_experts
     return Participation(
         budget=budget, experts_sent=len(experts_in(update)),
-        optimizer_experts=state if _is_int(state) else -1, bytes=nbytes,
-        steps=meta.get("steps"), selected=meta.get("selected"),
-        limit=plan.get("limit") or meta.get("budget_limit"),
-        reason=plan.get("reason") or meta.get("budget_reason"),
-        stopped_by=meta.get("stopped_by"), budget_limit=meta.get("budget_limit"),
-        latency=_latency(meta))
+        optimizer_experts=state if state is not None else -1, bytes=nbytes,
+        steps=meta.steps, selected=meta.selected, limit=meta.limit, reason=meta.reason,
+        stopped_by=meta.stopped_by, budget_limit=meta.budget_limit,
+        latency=meta.recorded_latency())
 
 
 def held_entry(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -190,21 +184,6 @@ def dense_update_bytes(state: Mapping[str, Any], dtype: str) -> int:
     """Bytes of a dense (fedavg-full) update of ``state`` (name -> tensor) in the wire
     ``dtype``, uncompressed."""
     return sum(t.numel() for t in state.values()) * WIRE_WIDTH.get(dtype, 4)
-
-
-def _latency(meta: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The device's per-round timing summary and its previous upload, bounded in size."""
-    lat = meta.get("latency")
-    if not isinstance(lat, dict) or len(json.dumps(lat)) > MAX_LATENCY_JSON:
-        return None
-    prev = meta.get("upload_prev")
-    if isinstance(prev, dict) and len(json.dumps(prev)) <= MAX_UPLOAD_PREV_JSON:
-        lat = {**lat, "upload_prev": prev}
-    return lat
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _is_number(x: Any) -> bool:

@@ -3,7 +3,7 @@
 A sender publishes ``{prefix}/manifest`` (JSON: sha256 of the whole, size, chunk size, the
 sha256 of every chunk) and ``{prefix}/chunk/{i}`` (raw bytes). A receiver reassembles in any
 order, verifies every chunk and the whole, drops duplicates, and when a transfer stalls it
-publishes a resend request (JSON ``{"manifest": bool, "chunks": [i, ...]}``) listing only what
+publishes a resend request (:class:`hfedmoe.protocol.FetchRequest`) listing only what
 it lacks; the sender answers with just those. Across a dropped connection or a broker restart
 the receiver keeps what it has and asks for the rest, so a transfer resumes instead of starting
 over. Stale transfers time out; all sizes are bounded. The clock is injectable for tests.
@@ -26,7 +26,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from hfedmoe.errors import TransferError
+from hfedmoe.errors import ProtocolError, TransferError
+from hfedmoe.protocol import FetchRequest
 from hfedmoe.transport.base import Message, Transport
 from hfedmoe.transport.topics import TransferTopics
 
@@ -194,20 +195,22 @@ class ChunkSender:
             self.resent += int(count)
 
     def handle_request(self, message: Message) -> None:
-        """Answer ``{"manifest": bool, "chunks": [...]}`` with only what is listed."""
+        """Answer a :class:`~hfedmoe.protocol.FetchRequest` with only what it lists."""
         try:
-            raw = json.loads(message.payload)
-            chunks = raw.get("chunks", [])
-            n = len(self.manifest.chunks)
-            if not (isinstance(chunks, list) and len(chunks) <= n
-                    and all(type(i) is int and 0 <= i < n for i in chunks)):
-                raise ValueError("bad chunk list")
-        except (ValueError, AttributeError, RecursionError) as exc:
+            request = FetchRequest.from_bytes(message.payload)
+        except ProtocolError as exc:
             log.warning("ignoring malformed resend request on %s: %s", message.topic, exc)
             return
-        if raw.get("manifest"):
+        self.answer(request, message.topic)
+
+    def answer(self, request: FetchRequest, topic: str = "") -> None:
+        """Send the manifest and the chunks ``request`` lists (none if one does not exist)."""
+        if not request.fits(len(self.manifest.chunks)):
+            log.warning("ignoring resend request on %s: chunk out of range", topic)
+            return
+        if request.manifest:
             self.publish_manifest()
-        self.resend(sorted(set(chunks)))
+        self.resend(sorted(set(request.chunks)))
 
     def close(self) -> None:
         if self._subscribed:
@@ -402,7 +405,7 @@ class BlobReceiver:
                 pend.last_request = now
 
     def _request(self, prefix: str, manifest: bool, chunks: list[int]) -> None:
-        body = json.dumps({"manifest": manifest, "chunks": chunks}).encode()
+        body = FetchRequest(manifest, tuple(chunks)).to_bytes()
         self.transport.publish(self.request_topic(prefix), body, qos=self.qos)
         self.requests_sent += 1
 

@@ -12,7 +12,6 @@ a username that differs from the certificate's CN is logged (it is not the ident
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -23,14 +22,15 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from hfedmoe.errors import TransportError
+from hfedmoe.protocol import DeviceStatus
 from hfedmoe.transport.base import Message, Transport
 from hfedmoe.transport.config import TransportConfig, parse_url
 
 log = logging.getLogger(__name__)
 
 
-def status_payload(state: str, **extra: object) -> bytes:
-    return json.dumps({"state": state, **extra}).encode()
+def status_payload(state: str) -> bytes:
+    return DeviceStatus(state).to_bytes()
 
 
 class MqttTransport(Transport):
