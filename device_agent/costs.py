@@ -45,7 +45,7 @@ from device_agent.report import DeviceReport, time_scale
 from device_agent.throughput import StepCosts, _time_calls, measure_step_costs
 from hfedmoe.config import MethodConfig, TrainConfig
 from hfedmoe.errors import DeviceError
-from hfedmoe.experts import Expert
+from hfedmoe.experts import Expert, ExpertShape
 from hfedmoe.importance import compute_batch_stats
 from hfedmoe.lora import ExpertFactors, LoRASpec, attach_factors, detach_factors, factor_params
 from hfedmoe.models.base import MoEModel
@@ -92,22 +92,14 @@ def _sample_batch(model: MoEModel, batch_size: int, seq_len: int) -> dict[str, t
     return batch
 
 
-def measure_costs(model: MoEModel, batch_size: int, seq_len: int, optimizer: str = "adamw",
-                  detach_frozen: bool = False, repeats: int = 5, adapter: str = "full",
-                  lora: LoRASpec | None = None) -> MeasuredCosts:
-    """Time one expert (trained and frozen) and the non-expert step of ``model`` here.
-
-    ``adapter="lora"`` (with ``lora``, default rank 8) measures experts trained through LoRA
-    factors instead of their weights.
-    """
-    lora = _lora_spec(adapter, lora)
-    layer = model.layers[0]
-    shape = layer.bank.shape
-    device = next(model.module.parameters()).device
-    tokens = tokens_per_expert(batch_size, seq_len, layer.top_k, layer.num_experts)
+def _expert_steps(shape: ExpertShape, tokens: int, device: torch.device, optimizer: str,
+                  detach_frozen: bool, lora: LoRASpec | None
+                  ) -> tuple[Callable[[], None], Callable[[], None]]:
+    """One expert of the model's shape on ``tokens`` rows: a trained step (forward, backward,
+    optimizer step; through LoRA factors when ``lora`` is given) and a frozen one (no weight
+    gradient; the input gradient flows through unless ``detach_frozen``)."""
     expert = Expert(shape).to(device)
     x = torch.randn(tokens, shape.d_model, device=device)
-
     trained: list[torch.Tensor] = list(expert.parameters())
     factors = None
     if lora is not None:  # the base weights stay frozen; factors and biases train
@@ -136,8 +128,14 @@ def measure_costs(model: MoEModel, batch_size: int, seq_len: int, optimizer: str
             xin = x.clone().requires_grad_(True)
             expert(xin).sum().backward()
 
-    baseline = resident_bytes()  # the process before any training state exists
-    batch = {k: v.to(device) for k, v in _sample_batch(model, batch_size, seq_len).items()}
+    return run_expert, run_frozen
+
+
+def _model_steps(model: MoEModel, batch: dict[str, torch.Tensor], optimizer: str
+                 ) -> tuple[Callable[[], None], Callable[[], None], Callable[[], None]]:
+    """Steps of the whole model on ``batch``, gates and head trained as in every step: the
+    non-expert part (experts' compute skipped), the routing pre-pass (a forward without
+    autograd, plus the batch statistics), and a whole step with no expert trained."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     model.set_trainable(())  # gates and head train, as in every step
     rest_opt = _optimizer(list(model.trainable_parameters().values()), optimizer)
@@ -157,6 +155,27 @@ def measure_costs(model: MoEModel, batch_size: int, seq_len: int, optimizer: str
         model.module(**batch).loss.backward()
         rest_opt.step()
         model.module.zero_grad(set_to_none=True)
+
+    return run_rest, run_routing, run_step
+
+
+def measure_costs(model: MoEModel, batch_size: int, seq_len: int, optimizer: str = "adamw",
+                  detach_frozen: bool = False, repeats: int = 5, adapter: str = "full",
+                  lora: LoRASpec | None = None) -> MeasuredCosts:
+    """Time one expert (trained and frozen) and the non-expert step of ``model`` here.
+
+    ``adapter="lora"`` (with ``lora``, default rank 8) measures experts trained through LoRA
+    factors instead of their weights.
+    """
+    lora = _lora_spec(adapter, lora)
+    layer = model.layers[0]
+    device = next(model.module.parameters()).device
+    tokens = tokens_per_expert(batch_size, seq_len, layer.top_k, layer.num_experts)
+    run_expert, run_frozen = _expert_steps(layer.bank.shape, tokens, device, optimizer,
+                                           detach_frozen, lora)
+    baseline = resident_bytes()  # the process before any training state exists
+    batch = {k: v.to(device) for k, v in _sample_batch(model, batch_size, seq_len).items()}
+    run_rest, run_routing, run_step = _model_steps(model, batch, optimizer)
 
     snapshot = model.state()
     steps = measure_step_costs(run_expert, run_rest, device, repeats,

@@ -43,7 +43,7 @@ from device_agent.budget import (
     tokens_per_expert,
 )
 from device_agent.costs import _optimizer, decide_budget
-from hfedmoe.experts import Expert
+from hfedmoe.experts import Expert, ExpertShape
 from hfedmoe.lora import ExpertFactors, LoRASpec, factor_params
 from hfedmoe.models.base import MoEModel
 from hfedmoe.models.plan import MODES, QUANT_NOTE, expert_weight_bytes, weight_bytes_by_dtype
@@ -105,21 +105,18 @@ def _dense_linear_params(model: MoEModel) -> int:
     return n
 
 
-def cost_models(model: MoEModel, times: dict[str, float], batch: int, seq: int,
-                optimizer: str = "adamw", rank: int = 8) -> dict[str, Any]:
-    """A :class:`~device_agent.budget.CostModel` per mode from the timed expert and the
-    config's counts (see the module doc for what is estimated)."""
-    layer = model.layers[0]
-    shape = layer.bank.shape
-    tokens = tokens_per_expert(batch, seq, layer.top_k, layer.num_experts)
+def _step_seconds(model: MoEModel, times: dict[str, float], batch: int, seq: int,
+                  tokens: int, trainable_rest: int) -> tuple[float, float, float]:
+    """Time terms: the throughput the timed frozen expert achieved here, and at that rate the
+    non-expert step (its matmul FLOPs plus attention) and the routing pre-pass (a forward of
+    the dense parts, attention and every routed expert).
+
+    Returns:
+        (FLOP/s, non-expert step seconds, routing pre-pass seconds).
+    """
+    shape = model.layers[0].bank.shape
     rows = batch * seq
     cfg = getattr(model.module, "config", None)
-    num_experts = sum(x.num_experts for x in model.layers)
-    ppe = shape.params_per_expert
-    d_in = shape.d_ff * (2 if shape.gated else 1)
-    weights = weight_bytes_by_dtype(model)
-    model.set_trainable(())
-    trainable_rest = sum(p.numel() for p in model.trainable_parameters().values())
     # throughput the frozen expert achieved (forward + input gradient: 2x forward FLOPs)
     flops_per_s = 2 * shape.flops_per_token() * tokens / max(times["frozen"], 1e-9)
     n_layers = getattr(cfg, "num_hidden_layers", model.num_layers)
@@ -133,37 +130,86 @@ def cost_models(model: MoEModel, times: dict[str, float], batch: int, seq: int,
     routing_seconds = (2 * dense * rows + attn
                        + sum(x.top_k for x in model.layers) * shape.flops_per_token() * rows
                        ) / flops_per_s
+    return flops_per_s, rest_seconds, routing_seconds
+
+
+def _activation_dtype_bytes(base: str) -> int:
+    """Bytes per activation: a bf16 or int4 base computes in bf16, fp32 and int8 in fp32."""
+    return 2 if base in ("bf16", "int4") else 4
+
+
+def _non_expert_activation_bytes(model: MoEModel, base: str, rows: int, trainable_rest: int,
+                                 optimizer: str) -> int:
+    """Memory of the non-expert part of a step: ``8 x hidden`` activations per token per
+    layer, a causal LM's fp32 logits and their gradient, and the gradients and optimizer
+    state of the trainable non-expert parts (routers, shared experts)."""
+    cfg = getattr(model.module, "config", None)
+    n_layers = getattr(cfg, "num_hidden_layers", model.num_layers)
+    hidden = model.layers[0].bank.shape.d_model
     vocab = getattr(cfg, "vocab_size", 0) or 0
-    lora = LoRASpec(rank=rank)
+    logits = 2 * rows * vocab * 4 if model.task == "causal-lm" else 0
+    return (_activation_dtype_bytes(base) * rows * 8 * hidden * n_layers + logits
+            + expert_state_bytes(trainable_rest, optimizer))
+
+
+def _lora_trained_params(shape: ExpertShape, rank: int) -> int:
+    """Elements a LoRA-trained expert trains: its rank-``rank`` factors and its biases."""
+    d_in = shape.d_ff * (2 if shape.gated else 1)
     biases = (d_in + shape.d_model) if shape.bias else 0
-    n_factors = factor_params(shape.d_model, d_in, shape.d_ff, lora)
+    return factor_params(shape.d_model, d_in, shape.d_ff, LoRASpec(rank=rank)) + biases
+
+
+def _trained_expert_bytes(shape: ExpertShape, adapter: str, base: str, tokens: int,
+                          optimizer: str, rank: int, lora_trained: int) -> dict[str, int]:
+    """Memory terms of one expert in a mode: what a trained one holds (optimizer state,
+    gradients, the starting values for the delta, saved activations with LoRA's rank-r
+    intermediates) and what a frozen one saves, as :class:`CostModel` fields."""
+    act = _activation_dtype_bytes(base)
+    pbytes = 2 if base == "bf16" else 4
+    if adapter == "full":
+        ppe = shape.params_per_expert
+        trained, grad_b = ppe, pbytes
+        state = expert_state_bytes(ppe, optimizer, param_dtype_bytes=pbytes)
+        snapshot, rank_act = pbytes * ppe, 0
+    else:
+        trained, grad_b = lora_trained, 4
+        state = expert_state_bytes(trained, optimizer)
+        snapshot, rank_act = 4 * trained, tokens * 2 * rank * act
+    d_in = shape.d_ff * (2 if shape.gated else 1)
+    return {"expert_state_bytes": state,
+            "expert_activation_bytes": expert_activation_bytes(
+                tokens, shape.d_model, shape.d_ff, dtype_bytes=act, gated=shape.gated)
+            + rank_act,
+            "expert_grad_bytes": grad_b * trained, "expert_snapshot_bytes": snapshot,
+            "expert_frozen_activation_bytes": tokens * d_in * act}
+
+
+def cost_models(model: MoEModel, times: dict[str, float], batch: int, seq: int,
+                optimizer: str = "adamw", rank: int = 8) -> dict[str, Any]:
+    """A :class:`~device_agent.budget.CostModel` per mode from the timed expert and the
+    config's counts (see the module doc for what is estimated)."""
+    layer = model.layers[0]
+    shape = layer.bank.shape
+    tokens = tokens_per_expert(batch, seq, layer.top_k, layer.num_experts)
+    rows = batch * seq
+    num_experts = sum(x.num_experts for x in model.layers)
+    weights = weight_bytes_by_dtype(model)
+    model.set_trainable(())
+    trainable_rest = sum(p.numel() for p in model.trainable_parameters().values())
+    flops_per_s, rest_seconds, routing_seconds = _step_seconds(model, times, batch, seq, tokens,
+                                                               trainable_rest)
+    lora_trained = _lora_trained_params(shape, rank)
     out = {}
     for adapter, base in MODES:
-        act = 2 if base in ("bf16", "int4") else 4
-        pbytes = 2 if base == "bf16" else 4
-        logits = 2 * rows * vocab * 4 if model.task == "causal-lm" else 0
-        non_expert_act = (act * rows * 8 * hidden * n_layers + logits
-                          + expert_state_bytes(trainable_rest, optimizer))
         e_weight = expert_weight_bytes(model, base)
-        if adapter == "full":
-            trained, grad_b, seconds = ppe, pbytes, times["full"]
-            state = expert_state_bytes(ppe, optimizer, param_dtype_bytes=pbytes)
-            snapshot, rank_act = pbytes * ppe, 0
-        else:
-            trained, grad_b, seconds = n_factors + biases, 4, times["lora"]
-            state = expert_state_bytes(trained, optimizer)
-            snapshot, rank_act = 4 * trained, tokens * 2 * rank * act
+        seconds = times["full"] if adapter == "full" else times["lora"]
         out[f"{adapter}-{base}"] = CostModel(
             num_experts=num_experts,
             non_expert_weight_bytes=weights[base] - num_experts * e_weight,
             expert_weight_bytes=e_weight,
-            expert_state_bytes=state,
-            expert_activation_bytes=expert_activation_bytes(
-                tokens, shape.d_model, shape.d_ff, dtype_bytes=act, gated=shape.gated) + rank_act,
-            expert_grad_bytes=grad_b * trained,
-            expert_snapshot_bytes=snapshot,
-            expert_frozen_activation_bytes=tokens * d_in * act,
-            non_expert_activation_bytes=non_expert_act,
+            **_trained_expert_bytes(shape, adapter, base, tokens, optimizer, rank, lora_trained),
+            non_expert_activation_bytes=_non_expert_activation_bytes(
+                model, base, rows, trainable_rest, optimizer),
             rest_step_seconds=rest_seconds,
             expert_frozen_seconds=times["frozen"],
             expert_trained_seconds=max(seconds, times["frozen"]),

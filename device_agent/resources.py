@@ -147,6 +147,71 @@ def _jetson(log: pr.ProbeLog, root: Path, live: bool, runner: pr.CommandRunner,
     return out
 
 
+UNIFIED_MEMORY_NOTE = ("unified memory: the GPU allocates from system RAM; "
+                       "the budget uses system available memory")
+
+
+def _compute(log: pr.ProbeLog, root: Path, env: Mapping[str, str], system: str,
+             live: bool) -> dict[str, Any]:
+    """Compute probes: the platform, the board, the CPU model and its core counts.
+
+    Returns:
+        The :class:`DeviceReport` fields ``platform``, ``board``, ``cpu_model``,
+        ``logical_cores`` and ``physical_cores``.
+    """
+    kind = log.run("platform", lambda: pr.detect_platform(root, env, system)) or "linux"
+    board = log.run("board", lambda: pr.device_tree_model(root))
+    cpu = log.run("cpuinfo", lambda: pr.parse_cpuinfo(pr.read_text(root, "/proc/cpuinfo"))) or {}
+    cpu_model = cpu.get("model") or (_platform.processor() if live else None) or None
+    logical, physical = _cores(log, live, cpu)
+    return {"platform": kind, "board": board, "cpu_model": cpu_model,
+            "logical_cores": logical, "physical_cores": physical}
+
+
+def _gpu(cuda: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The :class:`DeviceReport`'s GPU fields from the CUDA probe (None: no GPU)."""
+    return {"gpu_name": cuda and cuda["name"], "gpu_memory_total_bytes": cuda and cuda["total"],
+            "gpu_memory_free_bytes": cuda and cuda["free"]}
+
+
+def _power_and_heat(log: pr.ProbeLog, root: Path, live: bool) -> dict[str, Any]:
+    """Power and thermal probes: the battery, the hottest sensor, the CPU frequency's cap.
+
+    Live, psutil is asked first for the battery and after sysfs for temperatures and
+    frequencies.
+
+    Returns:
+        The :class:`DeviceReport` fields ``battery_percent``, ``battery_plugged``,
+        ``temperature_c``, ``cpufreq_ratio`` and ``throttled``.
+    """
+    batt_attempts = [("sysfs_battery", lambda: pr.sysfs_battery(root))]
+    if live:
+        batt_attempts.insert(0, ("psutil.sensors_battery", _psutil_battery))
+    battery = _first(log, batt_attempts) or {}
+    temp_attempts = [("thermal_zones", lambda: pr.thermal_zones(root))]
+    freq_attempts = [("cpufreq", lambda: pr.cpufreq(root))]
+    if live:
+        temp_attempts.append(("psutil.sensors_temperatures", _psutil_temperatures))
+        freq_attempts.append(("psutil.cpu_freq", _psutil_cpufreq))
+    temps = _first(log, temp_attempts)
+    freq = _first(log, freq_attempts) or {}
+    return {"battery_percent": battery.get("percent"), "battery_plugged": battery.get("plugged"),
+            "temperature_c": max(temps.values()) if temps else None,
+            "cpufreq_ratio": freq.get("ratio"), "throttled": freq.get("capped")}
+
+
+def _matmul(log: pr.ProbeLog, dev: str, seconds: float,
+            n: int | None) -> dict[str, MatmulResult]:
+    """The throughput probe: sustained matmul rate per dtype on ``dev`` (``seconds`` 0: skip)."""
+    if seconds > 0:
+        matmul = log.run("matmul", lambda: measure_throughput(dev, seconds, n)) or {}
+        if matmul:
+            log.results["matmul"]["value"] = sorted(matmul)
+        return matmul
+    log.skip("matmul", "matmul_seconds = 0")
+    return {}
+
+
 def probe_device(root: str | Path = "/", *, live: bool | None = None,
                  env: Mapping[str, str] | None = None, system: str | None = None,
                  runner: pr.CommandRunner | None = None,
@@ -175,61 +240,26 @@ def probe_device(root: str | Path = "/", *, live: bool | None = None,
 
     root = Path(root)
     live = root == Path("/") if live is None else live
-    env = os.environ if env is None else env
-    system = _platform.system() if system is None else system
-    runner = runner or pr.default_runner
-    first_line = first_line or pr.first_line_runner
     log = pr.ProbeLog()
-    notes: list[str] = []
-
-    kind = log.run("platform", lambda: pr.detect_platform(root, env, system)) or "linux"
-    board = log.run("board", lambda: pr.device_tree_model(root))
-    cpu = log.run("cpuinfo", lambda: pr.parse_cpuinfo(pr.read_text(root, "/proc/cpuinfo"))) or {}
-    cpu_model = cpu.get("model") or (_platform.processor() if live else None) or None
-    logical, physical = _cores(log, live, cpu)
-    total, avail = _memory(log, root, live, kind)
-
+    compute = _compute(log, root, os.environ if env is None else env,
+                       _platform.system() if system is None else system, live)
+    jetson = compute["platform"] == "jetson"
+    total, avail = _memory(log, root, live, compute["platform"])
     cuda = log.run("cuda", _cuda_info) if live else log.skip("cuda", "not the live system")
-    extra: dict[str, Any] = {}
-    if kind == "jetson":
-        notes.append("unified memory: the GPU allocates from system RAM; "
-                     "the budget uses system available memory")
-        extra = _jetson(log, root, live, runner, first_line, use_jtop)
-
-    batt_attempts = [("sysfs_battery", lambda: pr.sysfs_battery(root))]
-    if live:
-        batt_attempts.insert(0, ("psutil.sensors_battery", _psutil_battery))
-    battery = _first(log, batt_attempts) or {}
-    temp_attempts = [("thermal_zones", lambda: pr.thermal_zones(root))]
-    freq_attempts = [("cpufreq", lambda: pr.cpufreq(root))]
-    if live:
-        temp_attempts.append(("psutil.sensors_temperatures", _psutil_temperatures))
-        freq_attempts.append(("psutil.cpu_freq", _psutil_cpufreq))
-    temps = _first(log, temp_attempts)
-    freq = _first(log, freq_attempts) or {}
-
+    power_mode = None
+    if jetson:
+        power_mode = _jetson(log, root, live, runner or pr.default_runner,
+                             first_line or pr.first_line_runner, use_jtop).get("power_mode")
+    sensors = _power_and_heat(log, root, live)
     dev = device or ("cuda" if cuda else "cpu")
-    matmul: dict[str, MatmulResult] = {}
-    if matmul_seconds > 0:
-        matmul = log.run("matmul", lambda: measure_throughput(dev, matmul_seconds, matmul_n)) or {}
-        if matmul:
-            log.results["matmul"]["value"] = sorted(matmul)
-    else:
-        log.skip("matmul", "matmul_seconds = 0")
-
+    matmul = _matmul(log, dev, matmul_seconds, matmul_n)
     return DeviceReport(
-        platform=kind, cpu_model=cpu_model, logical_cores=logical, physical_cores=physical,
-        torch_threads=torch.get_num_threads(),
+        **compute, torch_threads=torch.get_num_threads(),
         cpu_capability=log.run("cpu_capability", torch.backends.cpu.get_cpu_capability),
         memory_total_bytes=total, memory_available_bytes=avail,
-        accelerator="cuda" if dev.startswith("cuda") else "cpu",
-        gpu_name=cuda and cuda["name"], gpu_memory_total_bytes=cuda and cuda["total"],
-        gpu_memory_free_bytes=cuda and cuda["free"], unified_memory=kind == "jetson",
-        board=board, power_mode=extra.get("power_mode"),
-        battery_percent=battery.get("percent"), battery_plugged=battery.get("plugged"),
-        temperature_c=max(temps.values()) if temps else None,
-        cpufreq_ratio=freq.get("ratio"), throttled=freq.get("capped"),
-        matmul=matmul, notes=tuple(notes), probes=log.results,
+        accelerator="cuda" if dev.startswith("cuda") else "cpu", **_gpu(cuda),
+        unified_memory=jetson, power_mode=power_mode, **sensors, matmul=matmul,
+        notes=(UNIFIED_MEMORY_NOTE,) if jetson else (), probes=log.results,
         process_rss_bytes=_rss(),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )

@@ -106,3 +106,40 @@ def test_inspect_cli_on_config_dir(tmp_path: Path, capsys: pytest.CaptureFixture
     info = json.loads(capsys.readouterr().out)
     assert info["weights"] == "none (meta device)" and set(info["weight_bytes"]) == {
         "fp32", "bf16", "int8", "int4"}
+
+
+# (weights, expert weight, state, activations, non-expert activations, frozen activations,
+#  grads, snapshot, trained seconds) of each mode of qwen2-moe's test config at batch 2 x seq 16
+PINNED_QWEN2_COSTS = {
+    "full-fp32": (207232, 18432, 55296, 11264, 199680, 6144, 18432, 18432, 0.002),
+    "full-bf16": (103616, 9216, 46080, 5632, 166912, 3072, 9216, 9216, 0.002),
+    "lora-fp32": (207232, 18432, 9984, 11776, 199680, 6144, 3328, 3328, 0.0015),
+    "lora-bf16": (103616, 9216, 9984, 5888, 166912, 3072, 3328, 3328, 0.0015),
+    "lora-int8": (106696, 5120, 9984, 11776, 199680, 6144, 3328, 3328, 0.0015),
+    "lora-int4": (89544, 3584, 9984, 5888, 166912, 3072, 3328, 3328, 0.0015),
+}
+
+
+def test_cost_models_of_a_planned_model_are_pinned(tmp_path: Path) -> None:
+    from device_agent.plan import cost_models
+
+    model = build_meta_model(_config_dir(tmp_path, "qwen2-moe"))
+
+    built = cost_models(model, {"full": 2e-3, "lora": 1.5e-3, "frozen": 1e-3}, 2, 16,
+                        "adamw", 4)
+
+    assert (built["tokens_per_expert"], built["lora_rank"]) == (16, 4)
+    assert built["flops_per_second"] == pytest.approx(294912000.0, rel=1e-12)
+    assert list(built["costs"]) == [f"{a}-{b}" for a, b in MODES]
+    for name, cost in built["costs"].items():
+        fields = (cost.non_expert_weight_bytes, cost.expert_weight_bytes,
+                  cost.expert_state_bytes, cost.expert_activation_bytes,
+                  cost.non_expert_activation_bytes, cost.expert_frozen_activation_bytes,
+                  cost.expert_grad_bytes, cost.expert_snapshot_bytes)
+        assert fields == PINNED_QWEN2_COSTS[name][:-1], name
+        assert cost.expert_trained_seconds == pytest.approx(PINNED_QWEN2_COSTS[name][-1])
+        assert (cost.num_experts, cost.expert_rows, cost.batch_rows) == (8, 16, 32)
+        assert (cost.process_baseline_bytes, cost.expert_optimizer_seconds) == (0, 0.0)
+        assert cost.expert_frozen_seconds == 1e-3
+        assert cost.rest_step_seconds == pytest.approx(0.016083333333333335, rel=1e-12)
+        assert cost.routing_seconds == pytest.approx(0.012013888888888888, rel=1e-12)

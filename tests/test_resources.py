@@ -388,3 +388,36 @@ def test_cuda_matmul_and_step_costs() -> None:
     costs = measure_step_costs(run_expert, run_expert, "cuda", repeats=2)
     assert costs.memory_method == "cuda-max-allocated"
     assert costs.expert_peak_bytes >= 4 * 1024 * 1024
+
+
+
+def test_probe_order_and_report_of_a_fake_jetson_are_pinned(jetson_root: Path) -> None:
+    report = probe_device(jetson_root, env={}, system="Linux", runner=no_command,
+                          first_line=no_command, matmul_seconds=0)
+
+    assert list(report.probes) == [
+        "platform", "board", "cpuinfo", "meminfo", "cgroup_memory", "cuda", "nvpmodel_status",
+        "gpu_load", "sysfs_battery", "thermal_zones", "cpufreq", "matmul", "cpu_capability"]
+    assert report.probes["cuda"] == {"ok": False, "error": "skipped: not the live system"}
+    assert report.probes["matmul"] == {"ok": False, "error": "skipped: matmul_seconds = 0"}
+    host_dependent = {"probes", "torch_threads", "cpu_capability", "process_rss_bytes", "created"}
+    assert {k: v for k, v in report.to_dict().items() if k not in host_dependent} == {
+        "platform": "jetson", "cpu_model": None, "logical_cores": 6, "physical_cores": None,
+        "memory_total_bytes": 7800000 * 1024, "memory_available_bytes": 6000000 * 1024,
+        "accelerator": "cpu", "gpu_name": None, "gpu_memory_total_bytes": None,
+        "gpu_memory_free_bytes": None, "unified_memory": True,
+        "board": "NVIDIA Jetson Orin Nano Developer Kit", "power_mode": "mode 2",
+        "battery_percent": None, "battery_plugged": None, "temperature_c": 52.25,
+        "cpufreq_ratio": 0.5, "throttled": True, "matmul": {}, "emulated": False,
+        "source": "live", "speed_factor": None, "training_memory_quota_bytes": None,
+        "notes": ["unified memory: the GPU allocates from system RAM; the budget uses system "
+                  "available memory"], "schema_version": 1}
+
+
+def test_probe_order_of_a_fake_android_is_pinned(android_root: Path) -> None:
+    report = probe_device(android_root, env={}, system="Linux", matmul_seconds=0)
+
+    assert list(report.probes) == [
+        "platform", "board", "cpuinfo", "meminfo", "cgroup_memory", "cuda", "sysfs_battery",
+        "thermal_zones", "cpufreq", "matmul", "cpu_capability"]
+    assert (report.platform, report.unified_memory, report.notes) == ("android", False, ())

@@ -1,0 +1,95 @@
+"""measure_costs end to end on a tiny model, with the clock and the memory readings replaced.
+
+Every timed closure still runs on the real model; only the seconds and bytes they report are
+fixed, so the resulting cost model is exact and pinned field by field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+
+import pytest
+import torch
+
+from device_agent import costs
+from device_agent.throughput import StepCosts
+from tests.test_train import tiny
+
+STEPS = StepCosts(device="cpu", repeats=2, expert_seconds=0.02, rest_seconds=0.3,
+                  expert_frozen_seconds=0.01, expert_peak_bytes=1000, rest_peak_bytes=50000,
+                  memory_method="rss-sampler", expert_samples=(0.02, 0.02),
+                  rest_samples=(0.3, 0.3), routing_seconds=0.05)
+
+# what the fixed readings give: bytes from the tiny model's counts, seconds anchored on the
+# fixed whole steps (0.4 s with no expert trained; 0.5 s and 0.9 s with E/4 and all trained)
+PINNED_FULL = {
+    "num_experts": 8, "non_expert_weight_bytes": 3933580, "expert_weight_bytes": 18432,
+    "expert_state_bytes": 55296, "expert_activation_bytes": 11264,
+    "non_expert_activation_bytes": 1950848, "rest_step_seconds": 0.32,
+    "expert_frozen_seconds": 0.01, "expert_trained_seconds": 0.07176470588235294,
+    "routing_seconds": 0.05, "expert_frozen_activation_bytes": 6144,
+    "expert_grad_bytes": 18432, "expert_rows": 16, "batch_rows": 32,
+    "process_baseline_bytes": 123456789, "expert_optimizer_seconds": 0.0003125,
+    "expert_snapshot_bytes": 18432,
+}
+PINNED_LORA = {**PINNED_FULL, "expert_state_bytes": 4992, "expert_activation_bytes": 11520,
+               "expert_grad_bytes": 1664, "expert_snapshot_bytes": 1664}
+
+
+@pytest.fixture
+def fixed_readings(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Replace the clock and memory readings; return the log of closures timed."""
+    timed: list[str] = []
+    step_seconds = iter([0.4, 0.5, 0.9])  # no expert trained, then E/4 and all trained
+    now = [0.0]
+
+    def perf_counter() -> float:
+        now[0] += 0.001  # every optimizer step reads 1 ms
+        return now[0]
+
+    def measure_step_costs(run_expert, run_rest, device, repeats, *, run_expert_frozen,
+                           run_routing):
+        for name, fn in [("expert", run_expert), ("rest", run_rest),
+                         ("frozen", run_expert_frozen), ("routing", run_routing)]:
+            fn()
+            timed.append(name)
+        return STEPS
+
+    def time_calls(fn, dev, repeats, warmup):
+        for _ in range(warmup + repeats):
+            fn()
+        timed.append("step")
+        return [next(step_seconds)] * repeats, 2_000_000
+
+    monkeypatch.setattr(costs, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    monkeypatch.setattr(costs, "measure_step_costs", measure_step_costs)
+    monkeypatch.setattr(costs, "_time_calls", time_calls)
+    monkeypatch.setattr(costs, "resident_bytes", lambda: 123_456_789)
+    return timed
+
+
+def test_measured_costs_are_pinned(tokenizer, fixed_readings: list[str]) -> None:
+    model = tiny(tokenizer)
+    before = model.state()
+
+    got = costs.measure_costs(model, 2, 16, repeats=2)
+
+    assert fixed_readings == ["expert", "rest", "frozen", "routing", "step", "step", "step"]
+    assert (got.steps, got.tokens_per_expert, got.batch_size, got.seq_len) == (STEPS, 16, 2, 16)
+    assert (got.adapter, got.lora_rank) == ("full", 0)
+    assert dataclasses.asdict(got.cost) == pytest.approx(PINNED_FULL)
+    after = model.state()  # the timing steps leave the model as it was
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_measured_lora_costs_are_pinned(tokenizer, fixed_readings: list[str]) -> None:
+    from hfedmoe.lora import LoRASpec
+
+    model = tiny(tokenizer)
+
+    got = costs.measure_costs(model, 2, 16, repeats=2, adapter="lora", lora=LoRASpec(2, 4.0))
+
+    assert (got.adapter, got.lora_rank) == ("lora", 2)
+    assert dataclasses.asdict(got.cost) == pytest.approx(PINNED_LORA)
+    assert all(e.factors is None for layer in model.layers for e in layer.bank.experts)
