@@ -20,14 +20,8 @@ MAX_CLASS_LINES = 300
 ALLOWED: dict[str, str] = {
     "device_agent/agent.py::DeviceAgent": "the device loop class; being split by its own change",
     "device_agent/agent.py::DeviceAgent.play_round": "one round on the device; being split",
-    "device_agent/train.py::_train_round": "the training recipe; becomes a context and steps",
     "server/coordinator.py::Coordinator": "round state machine with intake and registry; "
                                           "being split into intake.py and registry.py",
-    "server/coordinator.py::Coordinator._close_round": "closing a round; moves to rounds.py",
-    "server/report.py::_plots": "the report's plots; being split per figure",
-    "server/report.py::write_report": "the report page; being split into sections",
-    "lab/launch.py::demo": "the demo launcher; being split into setup and run steps",
-    "lab/simulate.py::simulate": "the simulation loop; shares round values with the server",
 }
 
 
