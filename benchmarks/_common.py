@@ -1,8 +1,11 @@
 """Shared parts of the benchmarks: environment, JSON lines, isolated runs, plots, statistics.
 
 Every JSON line a benchmark writes carries :func:`environment` (git sha, versions, CPU/GPU,
-threads) plus the load average at the moment the line was written: the machines these numbers
-come from are often shared, and the load says how much to trust a timing.
+threads), the command that made it (:func:`command_line`) and the load average at the moment the
+line was written: the machines these numbers come from are often shared, and the load says how
+much to trust a timing. A benchmark that builds the kit's model also stores its
+:func:`model_descriptor`, which ``benchmarks/tables.py`` compares with :func:`default_descriptor`
+to tell a current figure from a stale one.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -56,6 +60,61 @@ def environment(**extra: Any) -> dict[str, Any]:
             "gpu": torch.cuda.get_device_name(0) if cuda else None, **extra}
 
 
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """The command that runs this process, as a user would type it.
+
+    ``python -m benchmarks.NAME args`` for a benchmark run as a module, ``hfedmoe bench NAME
+    args`` through the CLI (which sets ``sys.argv[0]`` so); ``argv`` defaults to
+    ``sys.argv[1:]``.
+    """
+    prog = sys.argv[0] if sys.argv else ""
+    path = Path(prog)
+    if path.suffix == ".py" and path.parent.name == "benchmarks":
+        prog = f"python -m benchmarks.{path.stem}"
+    args = list(sys.argv[1:] if argv is None else argv)
+    return " ".join(filter(None, [prog, shlex.join(args)]))
+
+
+# descriptor keys: which model, and the training settings that define "the default"
+MODEL_KEYS = ("name", "upcycle", "experts_per_layer", "top_k")
+SHAPE_KEYS = ("batch_size", "seq_len")
+RATE_KEYS = ("lr", "head_lr")
+
+
+def model_descriptor(model: Any = None, train: Any = None, *, built: Any = None,
+                     **settings: Any) -> dict[str, Any]:
+    """What a row was measured on: ``model`` (a ModelConfig: name, upcycling, experts per
+    layer, top_k, sequence length), ``train`` (a TrainConfig: batch size, learning rates),
+    ``built`` (the MoEModel built from them: its parameter count and actual upcycling) and
+    ``settings`` overriding any key (``seq_len=64``; ``lr=None`` drops a key)."""
+    from hfedmoe.config import ModelConfig
+
+    model = model or ModelConfig()
+    out: dict[str, Any] = {"name": model.name, "upcycle": model.upcycle,
+                           "experts_per_layer": model.num_experts, "top_k": model.top_k,
+                           "seq_len": model.max_length}
+    if train is not None:
+        out.update(batch_size=train.batch_size, lr=train.lr, head_lr=train.head_lr)
+    if built is not None:
+        out["upcycle"] = built.info.get("upcycling")
+        out["params"] = count_params(built)
+    out.update(settings)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def default_descriptor() -> dict[str, Any]:
+    """The kit's current default model and settings, from ``hfedmoe.config``'s dataclass
+    defaults (``ModelConfig()``, ``TrainConfig()``); no parameter count (that needs the model)."""
+    from hfedmoe.config import ModelConfig, TrainConfig
+
+    return model_descriptor(ModelConfig(), TrainConfig())
+
+
+def count_params(model: Any) -> int:
+    """Parameters of a built kit model (an ``MoEModel``)."""
+    return sum(p.numel() for p in model.module.parameters())
+
+
 def loadavg() -> list[float]:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -64,14 +123,18 @@ def loadavg() -> list[float]:
 
 
 def write_rows(path: str | Path | None, rows: Iterable[dict[str, Any]],
-               env: dict[str, Any]) -> None:
-    """Append ``rows`` as JSON lines to ``path``, each with the environment and load average."""
+               env: dict[str, Any], descriptor: dict[str, Any] | None = None) -> None:
+    """Append ``rows`` as JSON lines to ``path``, each with the environment, the command and the
+    load average, and ``descriptor`` (:func:`model_descriptor`) unless the row has its own."""
     if not path:
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+    command = env.get("command") or command_line()
     with open(path, "a") as fh:
         for r in rows:
-            fh.write(json.dumps({**r, "env": {**env, "loadavg": loadavg()}}) + "\n")
+            extra = {"descriptor": descriptor} if descriptor and "descriptor" not in r else {}
+            fh.write(json.dumps({**r, **extra, "env": {**env, "command": command,
+                                                        "loadavg": loadavg()}}) + "\n")
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:

@@ -23,11 +23,13 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from benchmarks._common import (
     RssSampler,
     environment,
     loadavg,
+    model_descriptor,
     plot_path,
     pyplot,
     run_isolated,
@@ -128,12 +130,15 @@ def run_config(shapes_path: str, n: int, k: int, mode: str, pool: int = 4,
             "loadavg_at_measurement": loadavg()}
 
 
-def model_shapes(model_cfg: dict) -> dict[str, list[int]]:
+def model_shapes(model_cfg: dict) -> tuple[dict[str, list[int]], dict[str, Any]]:
+    """The update shapes of the model ``model_cfg`` builds, and its descriptor."""
     from hfedmoe.config import ModelConfig
     from hfedmoe.models.registry import build_model
 
-    model = build_model(ModelConfig(**model_cfg), "classification", 10)
-    return {key: list(shape) for key, shape in model.spec().items()}
+    cfg = ModelConfig(**model_cfg)
+    model = build_model(cfg, "classification", 10)
+    shapes = {key: list(shape) for key, shape in model.spec().items()}
+    return shapes, model_descriptor(cfg, built=model, seq_len=None)
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -180,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ks = [int(x) for x in args.experts.split(",")] if args.experts else ks
     batch_upto = args.batch_upto if args.batch_upto is not None else batch_upto
     env = environment(benchmark="aggregation", device="cpu", worker_threads=1)
-    shapes = model_shapes(model_cfg)
+    shapes, descriptor = model_shapes(model_cfg)
     total_experts = len({k.rsplit(".", 1)[0] for k in shapes if ".experts." in k})
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -210,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      and x["experts_per_update"] == r["experts_per_update"])
             r["stream_peak_ratio_vs_batch"] = round(
                 s["peak_rss_delta_mb"] / max(r["peak_rss_delta_mb"], 1e-9), 3)
-    write_rows(args.out, rows, env)
+    write_rows(args.out, rows, env, descriptor)
     print(f"streaming aggregation, {total_experts}-expert model, update = all gates + head + k "
           "experts (fp32 on the wire)")
     print(table([[r["mode"], r["updates"], r["experts_per_update"], r["update_mb"],

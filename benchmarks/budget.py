@@ -134,7 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out:
         _common.write_rows(args.out, ({k: v for k, v in r.items() if k != "env"}
                                       for r in rows + ratios + profiles),
-                           rows[0]["env"] if rows else environment())
+                           rows[0]["env"] if rows else environment(),
+                           rows[0].get("descriptor") if rows else None)  # ratios, profiles
     if args.plot:
         plot([r for r in rows if (r["adapter"], r["quantize"]) == variants[0]], args.plot)
     return 0

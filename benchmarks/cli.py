@@ -51,11 +51,12 @@ def run(args: argparse.Namespace) -> int:
     if args.name not in names:
         raise ConfigError(f"unknown benchmark {args.name!r}; available: {', '.join(names)}")
     module = importlib.import_module(f"benchmarks.{args.name}")
-    argv0, sys.argv[0] = sys.argv[0], f"hfedmoe bench {args.name}"  # argparse's prog
+    # argparse's prog, and the command a row records (benchmarks._common.command_line)
+    saved, sys.argv = sys.argv, [f"hfedmoe bench {args.name}", *args.rest]
     try:
         return int(module.main(list(args.rest)) or 0)
     finally:
-        sys.argv[0] = argv0
+        sys.argv = saved
 
 
 def register(sub: argparse._SubParsersAction) -> None:

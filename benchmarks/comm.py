@@ -28,7 +28,15 @@ import sys
 import time
 from collections.abc import Sequence
 
-from benchmarks._common import environment, plot_path, pyplot, savefig, table, write_rows
+from benchmarks._common import (
+    environment,
+    model_descriptor,
+    plot_path,
+    pyplot,
+    savefig,
+    table,
+    write_rows,
+)
 
 STRATEGIES = ("hfedmoe", "hfedmoe-importance", "hfedmoe-uniform", "fedmoe", "fedavg-random",
               "fedavg-full")
@@ -55,6 +63,7 @@ def measure(model_cfg: dict, budgets: list[int], max_steps: int, batch_size: int
     shards = task.client_datasets(6)
     shard = max(shards, key=len)  # enough data for max_steps batches
     model = build_model(mcfg, "classification", task.num_labels)
+    descriptor = model_descriptor(mcfg, built=model, batch_size=batch_size, lr=lr)
     initial = model.state()
     dense_params = sum(t.numel() for t in initial.values())
     num_experts = len(model.expert_ids())
@@ -83,7 +92,7 @@ def measure(model_cfg: dict, budgets: list[int], max_steps: int, batch_size: int
                 t0 = time.perf_counter()
                 blob = encode(upd, method.tau, WireConfig(dtype=dtype, compress=compress))
                 rows.append({
-                    "bench": "comm", "strategy": name, "budget": budget, "adapter": adapter,
+                    "descriptor": descriptor, "bench": "comm", "strategy": name, "budget": budget, "adapter": adapter,
                     "lora_rank": lora_rank if adapter == "lora" else 0,
                     "expert_params_in_update": sum(
                         t.numel() for k, t in upd.deltas.items()

@@ -21,13 +21,13 @@ Two measurements on the default model and the bundled chatterbot classification 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
+from benchmarks._common import model_descriptor, write_rows
 from benchmarks.stepcost import QUICK_MODEL, environment, spread_experts
 
 
@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--out", default=None, help="append JSON lines here")
     args = p.parse_args(argv)
-    from hfedmoe.config import DataConfig
+    from hfedmoe.config import DataConfig, ModelConfig, TrainConfig
     from hfedmoe.data import load_task
     from server.evaluate import evaluate
 
@@ -131,6 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = _model(args.quick, task.num_labels, args.impl)
     num_experts = len(model.expert_ids())
     budget = max(1, num_experts // 4)
+    seq_len = 64 if args.quick else 128
+    descriptor = (None if args.quick else model_descriptor(
+        ModelConfig(max_length=seq_len), TrainConfig(batch_size=8, lr=args.lr), built=model,
+        head_lr=None))
     base = evaluate(model, task.test, max_length=64 if args.quick else 128,
                     max_examples=64 if args.quick else 0)
     rows: list[dict[str, Any]] = [{
@@ -154,10 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"detach_frozen={r['detach_frozen']!s:<5} {r['steps']} steps in "
               f"{r['round_s']:.1f}s: train loss (last 5) {r['train_loss_last5']:.3f}  "
               f"test acc {r['test_accuracy']:.3f}  test loss {r['test_loss']:.3f}")
-    if args.out:
-        with open(args.out, "a") as fh:
-            for r in rows:
-                fh.write(json.dumps({**r, "env": env}) + "\n")
+    write_rows(args.out, rows, env, descriptor)
     return 0
 
 

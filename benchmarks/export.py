@@ -36,6 +36,8 @@ from typing import Any
 import psutil
 import torch
 
+from benchmarks._common import command_line, model_descriptor
+
 
 def _env() -> dict[str, Any]:
     import executorch.version
@@ -256,9 +258,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"({100 * dropped:.1f}% of routed pairs dropped on the benchmark batch)")
     _print(rows, title)
     if args.out:
+        descriptor = model_descriptor(ModelConfig(name=name), built=model, batch_size=batch,
+                                      seq_len=seq)
         with open(args.out, "a") as f:
             for r in rows:
-                f.write(json.dumps({"bench": "export", **env, **r}) + "\n")
+                f.write(json.dumps({"bench": "export", **env, **r, "descriptor": descriptor,
+                                    "command": command_line()}) + "\n")
     return 0
 
 

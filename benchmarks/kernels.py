@@ -260,7 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out:
         _common.write_rows(args.out, ({k: v for k, v in r.items() if k != "env"}
                                       for r in rows + ([recipe] if recipe else [])),
-                           rows[0]["env"] if rows else environment())
+                           rows[0]["env"] if rows else environment(),
+                           rows[-1].get("descriptor") if rows else None)  # the recipe row
     if args.plot:
         plot(rows, args.plot)
     return 0

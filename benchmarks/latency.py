@@ -28,6 +28,7 @@ from benchmarks._common import (
     environment,
     loadavg,
     med,
+    model_descriptor,
     plot_path,
     pyplot,
     run_isolated,
@@ -136,6 +137,11 @@ def run_config(model: str, dtype: str, budget: int, batch_size: int, seq_len: in
         row[f"{name}_s"] = round(med(ts), 4)
         row[f"{name}_spread_s"] = spread(ts)
     row["step_s"] = round(row["fwd_bwd_s"] + row["optimizer_s"], 4)
+    if model == "minilm-moe":
+        from hfedmoe.config import ModelConfig
+
+        row["descriptor"] = model_descriptor(ModelConfig(max_length=seq_len), built=m,
+                                             batch_size=batch_size)
     row["loadavg_at_measurement"] = loadavg()
     row["peak_rss_mb"] = round(mem.peak / MB, 1)
     row["train_peak_delta_mb"] = round(mem.delta / MB, 1)

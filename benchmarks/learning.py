@@ -50,7 +50,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import environment, plot_path, pyplot, savefig, table, write_rows
+from benchmarks._common import (
+    environment,
+    model_descriptor,
+    plot_path,
+    pyplot,
+    savefig,
+    table,
+    write_rows,
+)
 
 STRATEGIES = ("hfedmoe", "hfedmoe-importance", "hfedmoe-uniform", "fedmoe", "fedavg-random",
               "fedavg-full")
@@ -100,10 +108,12 @@ def measure_pins(args: argparse.Namespace) -> dict[str, Any]:
     from hfedmoe.config import ModelConfig
     from hfedmoe.models.registry import build_model
 
-    model = build_model(ModelConfig(num_experts=args.num_experts, top_k=args.top_k,
-                                    max_length=args.max_length, upcycle=args.upcycle),
-                        "classification", 2)
+    cfg = ModelConfig(num_experts=args.num_experts, top_k=args.top_k,
+                      max_length=args.max_length, upcycle=args.upcycle)
+    model = build_model(cfg, "classification", 2)
     return {"experts": len(model.expert_ids()),
+            "descriptor": model_descriptor(cfg, built=model, batch_size=args.batch_size,
+                                           lr=args.lr, head_lr=args.head_lr),
             "host": resources.probe_device(matmul_seconds=0.5),
             "costs": costs.measure_costs(model, args.batch_size, args.max_length, "adamw",
                                          False, repeats=3)}
@@ -321,7 +331,7 @@ def run_all(args: argparse.Namespace, alphas: list[float], seeds: list[int],
         alpha, seed, s = task
         for r in rs:
             r.update(settings=settings, profiles=profiles)
-        write_rows(args.out, rs, env)
+        write_rows(args.out, rs, env, (pins or {}).get("descriptor"))
         done[task] = rs
         last = rs[-1]
         budgets = [last["budgets"][d] for d in sorted(last["budgets"])]
@@ -475,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r in summary:
         r.update(settings=settings, profiles=profiles,
                  benchmark_wall_s=round(time.perf_counter() - t_start, 1))
-    write_rows(args.out, summary, env)
+    write_rows(args.out, summary, env, pins["descriptor"])
     print(f"settings: {settings}; profiles {profiles}; seeds {seeds}")
     print_summary(summary)
     plot(rows, str(plot_path(args.out, "learning.png")))

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from benchmarks import _common
-from benchmarks.stepcost import QUICK_MODEL, _batch, _build, spread_experts
+from benchmarks.stepcost import QUICK_MODEL, _batch, _build, _descriptor, spread_experts
 
 VARIANTS = ("fp32", "bf16", "bf16-held")
 
@@ -48,8 +48,9 @@ def bootstrap_median(xs: Sequence[float], n: int = 2000, seed: int = 0) -> tuple
 
 
 def measure(model_name: str, budget: int, batch_size: int, seq_len: int, rounds: int,
-            warmup: int, path: str = "sorted") -> dict[str, list[float]]:
-    """Step seconds per variant, ``rounds`` interleaved samples each."""
+            warmup: int, path: str = "sorted") -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Step seconds per variant, ``rounds`` interleaved samples each, and the model's
+    descriptor."""
     import torch
 
     from hfedmoe.config import TrainConfig
@@ -57,7 +58,9 @@ def measure(model_name: str, budget: int, batch_size: int, seq_len: int, rounds:
     from hfedmoe.precision import LowPrecisionFrozen
     from hfedmoe.trainer import make_optimizer
 
-    model = _build({"model": model_name, "path": path, "num_labels": 8})
+    spec = {"model": model_name, "path": path, "num_labels": 8, "batch_size": batch_size,
+            "seq_len": seq_len}
+    model = _build(spec)
     batch = _batch(model, batch_size, seq_len, 8)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad(), model.capture(batch["attention_mask"]) as cap:
@@ -89,7 +92,7 @@ def measure(model_name: str, budget: int, batch_size: int, seq_len: int, rounds:
         order = VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]
         for v in order:
             out[v].append(step(v))
-    return out
+    return out, _descriptor(model, spec)
 
 
 def op_timings(rounds: int, quick: bool) -> list[dict[str, Any]]:
@@ -192,8 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     shape = (2, 16) if args.quick else (8, 128)
     rows: list[dict[str, Any]] = []
     for budget in budgets:
-        times = measure(model, budget, *shape, rounds=rounds, warmup=1 if args.quick else 2)
-        rows += [{**r, "model": model, "batch_size": shape[0], "seq_len": shape[1],
+        times, descriptor = measure(model, budget, *shape, rounds=rounds,
+                                    warmup=1 if args.quick else 2)
+        rows += [{**r, "descriptor": descriptor, "model": model, "batch_size": shape[0], "seq_len": shape[1],
                   "rounds": rounds} for r in summarize(budget, times)]
     ops = op_timings(rounds, args.quick)
     rows += ops

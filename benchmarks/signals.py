@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from benchmarks._common import environment, table, write_rows
+from benchmarks._common import environment, model_descriptor, table, write_rows
 
 SCALES = ("raw", "standardized")  # method.layer_scale
 
@@ -39,9 +39,9 @@ def measure(upcycle: str, alpha: float, args: argparse.Namespace) -> dict[str, A
     from hfedmoe.update import SparseUpdate
 
     task = load_task(DataConfig(alpha=alpha, seed=args.seed))
-    model = build_model(ModelConfig(upcycle=upcycle, num_experts=args.num_experts,
-                                    top_k=args.top_k, max_length=args.max_length,
-                                    name=args.model), "classification", task.num_labels)
+    cfg = ModelConfig(upcycle=upcycle, num_experts=args.num_experts, top_k=args.top_k,
+                      max_length=args.max_length, name=args.model)
+    model = build_model(cfg, "classification", task.num_labels)
     mcfg = MethodConfig(tau=args.tau, beta=args.beta)
     train = TrainConfig(batch_size=8)
     usage, dis, reports, updates = {}, {}, {}, []
@@ -75,7 +75,8 @@ def measure(upcycle: str, alpha: float, args: argparse.Namespace) -> dict[str, A
     for scale, counts in picks.items():  # share of all picks that went to each layer
         total = max(sum(counts), 1)
         sig[f"layer_share_{scale}"] = [round(c / total, 3) for c in counts]
-    return {"bench": "signals", "upcycle": upcycle, "alpha": alpha, "budget": args.budget,
+    return {"descriptor": model_descriptor(cfg, train, built=model, lr=None, head_lr=None),
+            "bench": "signals", "upcycle": upcycle, "alpha": alpha, "budget": args.budget,
             "tau": args.tau, "beta": args.beta, "devices": args.devices, "batches": args.batches, **sig}
 
 

@@ -84,6 +84,15 @@ def _build(spec: dict[str, Any]) -> Any:
     return build_model(cfg, "classification", spec.get("num_labels", 8))
 
 
+def _descriptor(model: Any, spec: dict[str, Any]) -> dict[str, Any]:
+    """The row's model descriptor (:func:`benchmarks._common.model_descriptor`)."""
+    from hfedmoe.config import ModelConfig
+
+    return _common.model_descriptor(ModelConfig(name=spec.get("model", "minilm-moe")),
+                                    built=model, batch_size=spec["batch_size"],
+                                    seq_len=spec["seq_len"])
+
+
 def _batch(model: Any, batch_size: int, seq_len: int, num_labels: int) -> dict[str, Any]:
     import torch
 
@@ -215,6 +224,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
               "trained_row_fraction": 0.0} if skip
              else _flops(model, cap.routed, input_grad, bool(spec.get("detach_frozen"))))
     return {
+        "descriptor": _descriptor(model, spec),
         "trained_experts": len(active),
         "step_s": statistics.median(steps), "step_min_s": min(steps), "step_max_s": max(steps),
         "routing_s": statistics.median(routes), "routing_min_s": min(routes),
@@ -302,6 +312,7 @@ def measure_round(spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     routing_pass(model, task.train, batches[:1], mcfg, train_cfg, seq_len, pad_to_max_length=True)
     return {
+        "descriptor": _descriptor(model, spec),
         "trained_experts": len(ranked), "optimizer_experts": trainer.state_experts(),
         "trained_row_fraction": round(sum(trained_rows) / max(all_rows, 1.0), 4),
         "balanced_row_fraction": round(len(ranked) / cost.num_experts, 4),

@@ -90,7 +90,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """HFedMoE hyper-parameters (METHOD.md; defaults are the paper's)."""
+    """HFedMoE hyper-parameters (docs/method.md, "Defaults": lam is the paper's; beta and tau
+    are changed from the paper's, with the evidence there)."""
 
     strategy: str = "hfedmoe"
     lam: float = 0.5  # Eq. 5

@@ -1,0 +1,569 @@
+"""Write every table and headline figure of README's Results and docs/results.md from the JSON lines.
+
+    python -m benchmarks.tables            # rewrite the generated regions in place
+    python -m benchmarks.tables --check    # exit 1 with a diff if the committed docs differ
+    python -m benchmarks.tables --stale    # the regions measured on another model, and their commands
+
+A generated region sits between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``: on
+lines of their own for a table, inside a sentence for a single figure. Its content comes from the
+function registered for NAME (:data:`REGIONS`), reading ``benchmarks/results/*.jsonl``; nothing
+between the markers is written by hand, and prose outside them states no measured figure. Every
+region names its provenance: the JSON lines file, the commit(s) of its rows (``env.git_sha``),
+the model and settings they were measured on and the command that made them.
+
+A region marked *default* claims to describe the kit's current default model and settings: its
+rows must carry a model descriptor (:func:`benchmarks._common.model_descriptor`) equal to
+:func:`benchmarks._common.default_descriptor` on the region's keys. When they do not (rows
+measured on another model, or before rows carried a descriptor), the region shows no figure,
+only that it is stale, what its rows were measured on and the command that re-measures it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks._common import MODEL_KEYS, RATE_KEYS, ROOT, SHAPE_KEYS
+from benchmarks._tables import (
+    DOCS,
+    REGIONS,
+    Results,
+    Rows,
+    check,
+    ci,
+    describe,
+    f2,
+    f3,
+    generate,
+    mb,
+    mismatches,
+    pct,
+    region,
+    region_names,
+    shas,
+    span,
+    stale_regions,
+    table,
+)
+
+DEFAULT_MODEL = MODEL_KEYS
+DEFAULT_SHAPE = MODEL_KEYS + SHAPE_KEYS
+
+# ---------------------------------------------------------------- the regions
+def pick(rows: Rows, **kw: Any) -> list[dict[str, Any]]:
+    return [r for r in rows if all(r.get(k) == v for k, v in kw.items())]
+
+
+def one(rows: Rows, **kw: Any) -> dict[str, Any]:
+    found = pick(rows, **kw)
+    if not found:
+        raise LookupError(f"no row with {kw}")
+    return found[0]
+
+
+@region("latency", "latency-1thread.jsonl",
+        "python -m benchmarks.latency --models minilm-moe --threads 1 "
+        "--out benchmarks/results/latency-1thread.jsonl",
+        default=DEFAULT_SHAPE, select=lambda r: r.get("model") == "minilm-moe")
+def latency(rows: Rows) -> str:
+    return table(["dtype", "C (trained experts)", "step s", "x C = 0", "training peak MB"],
+                 [[r["dtype"], f"{r['budget']}/{r['num_experts']}", f3(r["step_s"]),
+                   f2(r["step_ratio_vs_budget0"]), r["train_peak_delta_mb"]] for r in rows])
+
+
+@region("kernels", "kernels.jsonl",
+        "python -m benchmarks.kernels --threads 1 --out benchmarks/results/kernels.jsonl",
+        default=DEFAULT_SHAPE, select=lambda r: r.get("bench") == "kernels")
+def kernels(rows: Rows) -> str:
+    return table(["path", "dtype", "C", "step s", "training peak MB", "of matmul peak"],
+                 [[r["label"], r["dtype"], r["budget"], f3(r["step_s"]),
+                   mb(r["train_peak_bytes"]), f2(r.get("fraction_of_peak") or 0)]
+                  for r in rows])
+
+
+@region("kernels-round", "kernels-round.jsonl",
+        "python -m benchmarks.kernels --paths sorted --budgets 12,48 --repeats 7 --threads 2 "
+        "--out benchmarks/results/kernels-round.jsonl",
+        default=DEFAULT_SHAPE)
+def kernels_round(rows: Rows) -> str:
+    rec = [r for r in rows if r.get("bench") == "kernels-recipe"]
+    return table(["C", "per-batch recipe s", "round step s", "ratio", "with routing pass", "ratio"],
+                 [[r["budget"], f3(r["per_batch_recipe_s"]), f3(r["round_step_s"]),
+                   f2(r["ratio_step"]), f3(r["round_recipe_amortized_s"]),
+                   f2(r["ratio_amortized"])] for r in rec])
+
+
+@region("kernels-bf16", "kernels-bf16.jsonl",
+        "python -m benchmarks.kernels --paths eager,grouped,sorted --budgets 12,48 --threads 2 "
+        "--out benchmarks/results/kernels-bf16.jsonl",
+        default=DEFAULT_SHAPE, select=lambda r: r.get("bench") == "kernels")
+def kernels_bf16(rows: Rows) -> str:
+    return kernels(rows)
+
+
+@region("precision", "precision.jsonl",
+        "python -m benchmarks.precision --threads 2 --rounds 30 "
+        "--out benchmarks/results/precision.jsonl",
+        default=DEFAULT_SHAPE, select=lambda r: r.get("bench") != "precision-ops")
+def precision(rows: Rows) -> str:
+    out = [[r["budget"], r["variant"], f3(r["step_s"]),
+            f"{r['ratio_to_fp32']:.3f}x {ci(r['ratio_ci95'])}" if "ratio_to_fp32" in r else "-"]
+           for r in pick(rows, bench="precision")]
+    out += [[r["budget"], "bf16-held / bf16", "-", f"{r['held_over_cast']:.3f}x {ci(r['ci95'])}"]
+            for r in pick(rows, bench="precision-frozen")]
+    return table(["C", "variant", "step s", "ratio [95% CI]"], out)
+
+
+@region("budget-round", "budget-round.jsonl",
+        "python -m benchmarks.budget --threads 2 --out benchmarks/results/budget-round.jsonl",
+        default=DEFAULT_SHAPE)
+def budget_round(rows: Rows) -> str:
+    return table(["C", "step: predicted vs measured", "peak: predicted vs measured",
+                  "rows the chosen experts compute"],
+                 [[r["budget"], pct(r["step_error"]), pct(r["memory_error"]),
+                   f2(r["trained_row_fraction"])] for r in rows])
+
+
+@region("budget-lora", "budget-lora.jsonl",
+        "python -m benchmarks.budget --adapters full,lora --quantize none,int8 --budgets 12 "
+        "--threads 1 --seq-len 64 --out benchmarks/results/budget-lora.jsonl",
+        default=DEFAULT_MODEL)
+def budget_lora(rows: Rows) -> str:
+    rnd = {(r["adapter"], r["quantize"]): r for r in pick(rows, kind="round")}
+    ratio = {(r["adapter"], r["quantize"]): r for r in pick(rows, kind="ratio")}
+    prof: dict[tuple[str, str], list[int]] = {}
+    for r in pick(rows, kind="profile"):
+        prof.setdefault((r["adapter"], r["quantize"]), []).append(r["c_budget"])
+    return table(["adapter", "base", "per trained expert MB", "peak MB (x full)",
+                  "peak predicted vs measured", "profiles' budgets"],
+                 [[a, q, mb(r["per_trained_expert_bytes"]),
+                   f"{mb(r['measured_peak_bytes'])} ({f2(ratio[(a, q)]['peak_vs_full_fp32'])}x)",
+                   pct(r["memory_error"]), f"{min(prof[(a, q)])}-{max(prof[(a, q)])}"]
+                  for (a, q), r in rnd.items()])
+
+
+@region("detach", "detach.jsonl",
+        "python -m benchmarks.detach --steps 30 --out benchmarks/results/detach.jsonl",
+        default=DEFAULT_MODEL)
+def detach(rows: Rows) -> str:
+    g = one(rows, kind="grad_agreement")
+    out = [[f"detach_frozen={r['detach_frozen']}", r["steps"], f3(r["test_accuracy"]),
+            f3(r["test_loss"])] for r in pick(rows, kind="train_eval")]
+    return (table(["run", "steps", "held-out accuracy", "held-out loss"], out)
+            + f"\n\nGradient cosine (all trained experts, median): {f2(g['cos_all_median'])}")
+
+
+COMM_SHOWN = ("hfedmoe", "fedmoe", "fedavg-random", "fedavg-full")
+
+
+@region("comm", "comm.jsonl", "python -m benchmarks.comm --out benchmarks/results/comm.jsonl",
+        default=DEFAULT_MODEL)
+def comm(rows: Rows) -> str:
+    out = []
+    for r in pick(rows, wire_dtype="float32", zstd=False):
+        if r["strategy"] in COMM_SHOWN and r.get("adapter", "full") == "full":
+            z = next((x for x in pick(rows, strategy=r["strategy"], budget=r["budget"],
+                                      wire_dtype="bfloat16", zstd=True)
+                      if x.get("adapter", "full") == "full"), None)
+            out.append([r["strategy"], r["budget"], r["experts_in_update"], mb(r["bytes"]),
+                        f2(r["ratio_vs_dense_fp32"]), f3(z["ratio_vs_dense_fp32"]) if z else "-"])
+    return table(["strategy", "C", "experts in update", "MB (fp32)", "x dense fp32",
+                  "x dense, bf16 + zstd"], out)
+
+
+@region("comm-lora", "comm-lora.jsonl",
+        "python -m benchmarks.comm --adapters full,lora --out benchmarks/results/comm-lora.jsonl",
+        default=DEFAULT_MODEL)
+def comm_lora(rows: Rows) -> str:
+    out = []
+    for r in pick(rows, strategy="hfedmoe", wire_dtype="float32", zstd=False, adapter="lora"):
+        full = one(rows, strategy="hfedmoe", wire_dtype="float32", zstd=False, adapter="full",
+                   budget=r["budget"])
+        out.append([r["budget"], mb(full["bytes"]), mb(r["bytes"]), f2(r["bytes"] / full["bytes"])])
+    return table(["C", "full experts MB", "LoRA MB", "LoRA x full"], out)
+
+
+@region("comm-plan", "comm-plan.jsonl",
+        "python -m benchmarks.comm --plan-only --out benchmarks/results/comm-plan.jsonl")
+def comm_plan(rows: Rows) -> str:
+    return table(["model", "expert shape", "full expert MB", "rank-8 LoRA MB", "LoRA x full"],
+                 [[r["model"], f"{r['d_model']}x{r['d_ff']}", mb(r["full_expert_bytes"]),
+                   mb(r["lora_expert_bytes"]), f"{100 * r['lora_vs_full_bytes']:.1f}%"]
+                  for r in rows])
+
+
+@region("aggregation", "aggregation.jsonl",
+        "python -m benchmarks.aggregation --out benchmarks/results/aggregation.jsonl",
+        default=DEFAULT_MODEL)
+def aggregation(rows: Rows) -> str:
+    return table(["mode", "updates", "experts per update", "decode + add + finalize s",
+                  "peak MB above start", "peak x smallest round"],
+                 [[r["mode"], r["updates"], r["experts_per_update"],
+                   f2(r["add_s"] + r["decode_s"] + r["finalize_s"]), r["peak_rss_delta_mb"],
+                   r.get("peak_ratio_vs_smallest_round", "-")] for r in rows])
+
+
+@region("transport", "transport.jsonl",
+        "python -m benchmarks.transport --out benchmarks/results/transport.jsonl",
+        select=lambda r: r.get("bench") == "transfer")
+def transport(rows: Rows) -> str:
+    msgs = one(rows, name="raw_paho_1mib_msgs")
+    return table(["transfer", "MB", "MB/s", "x raw 1 MiB messages (like for like)",
+                  "x raw single publish"],
+                 [[r["name"], r["size_mb"], r["mb_s"], f2(r["mb_s"] / msgs["mb_s"]),
+                   f2(r["ratio_vs_raw_single"])] for r in rows])
+
+
+@region("transport-headline", "transport.jsonl", transport_cmd := (
+        "python -m benchmarks.transport --out benchmarks/results/transport.jsonl"),
+        select=lambda r: r.get("bench") == "transfer", inline=True)
+def transport_headline(rows: Rows) -> str:
+    kit, msgs = one(rows, name="kit_chunked"), one(rows, name="raw_paho_1mib_msgs")
+    return (f"kit chunked {kit['mb_s']} MB/s = {f2(kit['mb_s'] / msgs['mb_s'])}x raw 1 MiB "
+            f"messages (like for like; target >= 0.5x), {f2(kit['ratio_vs_raw_single'])}x one "
+            f"raw {kit['size_mb']:g} MB publish")
+
+
+@region("wire", "transport.jsonl", transport_cmd, select=lambda r: r.get("bench") == "wire")
+def wire(rows: Rows) -> str:
+    return table(["dtype", "zstd", "MB on the wire (of fp32 MB)", "encode MB/s", "decode MB/s"],
+                 [[r["dtype"], r["compress"], f"{r['wire_mb']} ({r['fp32_mb']})",
+                   r["encode_mb_s"], r["decode_mb_s"]] for r in rows])
+
+
+STUDY = ("python -m benchmarks.learning --jobs 2 --threads 1 --strategies "
+         "hfedmoe,fedavg-random,fedmoe,fedavg-full,hfedmoe+lora "
+         "--out benchmarks/results/learning-study.jsonl")
+
+
+def _diff(r: dict[str, Any], key: str) -> str:
+    d = r.get(key)
+    if not d:
+        return "-"
+    text = f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+    return f"**{text}**" if d["ci95"][0] > 0 or d["ci95"][1] < 0 else text
+
+
+def _hf(r: dict[str, Any], key: str) -> str:
+    v, c = r.get(key), r.get(f"{key}_ci95")
+    if v is None:
+        return "-"
+    text = f"{v:+.3f} [{c[0]:+.3f}, {c[1]:+.3f}]"
+    return f"**{text}**" if c[0] > 0 or c[1] < 0 else text
+
+
+@region("learning-study", "learning-study.jsonl", STUDY, default=MODEL_KEYS + RATE_KEYS,
+        select=lambda r: r.get("kind") == "summary", legacy={"name": "minilm-moe"})
+def learning_study(rows: Rows) -> str:
+    out = [[r["alpha"], r["strategy"],
+            f"{f3(r['final_accuracy_mean'])} {ci(r['final_accuracy_ci95'])}",
+            _hf(r, "hfedmoe_minus_this"),
+            f"{f3(r['last5_accuracy_mean'])} {ci(r['last5_accuracy_ci95'])}",
+            _hf(r, "hfedmoe_minus_this_last5"),
+            f"{r['rounds_to_target_mean']} ({r['seeds_reaching_target']} of {len(r['seeds'])} seeds)",
+            f3(r["bytes_total_vs_fedavg_full"])] for r in rows]
+    s = rows[0]["settings"]
+    return (f"{s['devices']} devices, {s['rounds']} rounds of {s['max_steps']} local steps, "
+            f"{len(rows[0]['seeds'])} seeds, target accuracy {rows[0]['target_accuracy']}; "
+            "HFedMoE minus each strategy paired by seed, 95% t intervals (bold: excludes zero).\n\n"
+            + table(["alpha", "strategy", "final accuracy [95% CI]", "HFedMoE minus this",
+                     "last-5-round mean", "HFedMoE minus this (last 5)", "rounds to target",
+                     "uploaded bytes x fedavg-full"], out))
+
+
+@region("learning-headline", "learning-study.jsonl", STUDY, default=MODEL_KEYS + RATE_KEYS,
+        select=lambda r: r.get("kind") == "summary", legacy={"name": "minilm-moe"}, inline=True)
+def learning_headline(rows: Rows) -> str:
+    h = pick(rows, strategy="hfedmoe")
+    lora = pick(rows, strategy="hfedmoe+lora")
+    text = ("HFedMoE uploads " + " / ".join(f"{f3(r['bytes_total_vs_fedavg_full'])}x"
+                                             for r in h)
+            + " of FedAvg-full's bytes at alpha " + " / ".join(str(r["alpha"]) for r in h))
+    if lora:
+        text += "; with LoRA experts " + " / ".join(
+            f"{f3(r['bytes_total_vs_fedavg_full'])}x" for r in lora)
+    return text
+
+
+@region("lr-sweep", "lr-sweep.jsonl",
+        "python -m benchmarks.lr_sweep --jobs 2 --out benchmarks/results/lr-sweep.jsonl",
+        select=lambda r: r.get("kind") == "summary")
+def lr_sweep(rows: Rows) -> str:
+    return table(["alpha", "strategy", "lr", "head_lr", "last-5 accuracy [95% CI]", "best"],
+                 [[r["alpha"], r["strategy"], f"{r['lr']:g}", f"{r['head_lr']:g}",
+                   f"{f3(r['last5_accuracy_mean'])} {ci(r['last5_accuracy_ci95'])}",
+                   "**best**" if r.get("best_in_group") else ""]
+                  for r in sorted(rows, key=lambda r: (r["strategy"], -r["last5_accuracy_mean"]))])
+
+
+@region("signals", "signals.jsonl",
+        "python -m benchmarks.signals --upcycles copy,moefy --betas 0.1,1,3,5,10 --tau 0.05 "
+        "--out benchmarks/results/signals.jsonl")
+def signals(rows: Rows) -> str:
+    return table(["upcycling", "alpha", "beta", "tau", "IB changes the choice (share)",
+                  "clients where it does", "pairs below tau", "usage range"],
+                 [[r["upcycle"], r["alpha"], r["beta"], r["tau"], f3(r["ib_disagreement"]),
+                   f"{r['clients_with_disagreement']}/{r['clients']}", f3(r["below_tau"]),
+                   f"[{f3(r['usage_min'])}, {f3(r['usage_max'])}]"] for r in rows])
+
+
+def _export(rows: Rows) -> str:
+    return table(["task", "experts", "runtime", "median ms", "x eager", "program MB", "export s"],
+                 [[r["task"], r.get("experts", "-"), r["runtime"], f"{r['median_ms']:.1f}",
+                   f2(r["ratio_to_eager"]), mb(r["program_bytes"]) if "program_bytes" in r else "-",
+                   r.get("export_s", "-")] for r in rows])
+
+
+@region("export", "export-default.jsonl",
+        "python -m benchmarks.export --experts 1,2,4 --backends xnnpack --warmup 1 --repeats 5 "
+        "--out benchmarks/results/export-default.jsonl", default=DEFAULT_SHAPE)
+def export(rows: Rows) -> str:
+    return _export(rows)
+
+
+@region("export-capacity", "export-default-capacity.jsonl",
+        "python -m benchmarks.export --experts 1,2,4 --backends xnnpack --capacity-factor 1.25 "
+        "--out benchmarks/results/export-default-capacity.jsonl", default=DEFAULT_SHAPE)
+def export_capacity(rows: Rows) -> str:
+    return _export(rows) + f"\n\nRouted pairs dropped: {100 * rows[0]['dropped_fraction']:.1f}%"
+
+
+@region("scale", "scale.jsonl", "python -m benchmarks.scale --out benchmarks/results/scale.jsonl")
+def scale(rows: Rows) -> str:
+    out = []
+    for r in rows:
+        ing, rnd = r.get("ingest") or {}, r.get("server_round") or {}
+        out.append([r["question"], r["devices"], r.get("all_registered_s", "-"),
+                    r.get("announce_all_received_since_start_s", "-"),
+                    (r.get("fanout_s") or {}).get("p99", "-"), rnd.get("accepted", "-"),
+                    ing.get("updates_per_s", "-"),
+                    f"{rnd['round_s']:.1f}" if "round_s" in rnd else "-"])
+    return table(["question", "devices", "all registered s", "announcement at all s",
+                  "fan-out p99 s", "updates accepted", "updates/s (swarm side)", "round s"], out)
+
+
+def last_run(rows: Rows) -> Rows:
+    """The rows of the last demo run in ``rows`` (each run starts with its initial evaluation)."""
+    starts = [i for i, r in enumerate(rows) if r.get("phase") == "initial"]
+    return rows[starts[-1]:] if starts else rows
+
+
+@region("demo", "demo.jsonl", "hfedmoe demo", select=lambda r: r.get("kind") != "run_dir")
+def demo(rows: Rows) -> str:
+    rows = last_run(rows)
+    out = []
+    for r in rows:
+        b = list((r.get("budgets") or {}).values())
+        out.append([r["phase"] if r["round"] < 0 else r["round"] + 1, f3(r["accuracy"]),
+                    f"{min(b)}-{max(b)}" if b else "-", mb(r["bytes_in"]) if "bytes_in" in r
+                    else "-", f"{r['round_s']:.1f}" if "round_s" in r else "-"])
+    return table(["round", "held-out accuracy", "budgets", "MB uploaded", "round s"], out)
+
+
+@region("demo-run-dir", "demo.jsonl", "hfedmoe demo", select=lambda r: r.get("kind") == "run_dir")
+def demo_run_dir(rows: Rows) -> str:
+    return table(["command", "run directory MB"],
+                 [[f"`{r['command']}`", mb(r["run_dir_bytes"])] for r in rows])
+
+
+@region("device-install", "device-install.jsonl", "python tools/device_install.py check")
+def device_install(rows: Rows) -> str:
+    return table(["row", "python", "platform", "extras", "resolves"],
+                 [[r["row"], r["python"], r["platform"], ",".join(r["extras"]),
+                   "yes" if r["ok"] else f"no: {r.get('error', '')}"] for r in rows])
+
+
+@region("plan", "plan.jsonl", "python -m benchmarks.plan --out benchmarks/results/plan.jsonl")
+def plan(rows: Rows) -> str:
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    cells: dict[tuple[str, str], dict[str, int]] = {}
+    for r in rows:
+        cells.setdefault((r["model"], r["profile"]), {})[r["mode"]] = r["c_budget"]
+    return table(["model", "profile", *(f"C ({m})" for m in modes)],
+                 [[m, p, *(c.get(x, "-") for x in modes)] for (m, p), c in cells.items()])
+
+
+def headline(base: str) -> Callable[[Callable[[Rows], str]], Callable[[Rows], str]]:
+    """Register an inline region ``BASE-headline`` over region ``base``'s rows."""
+    reg = REGIONS[base]
+    return region(f"{base}-headline", reg.files, reg.command, default=reg.default,
+                  select=reg.select, legacy=reg.legacy, inline=True)
+
+
+@headline("latency")
+def latency_h(rows: Rows) -> str:
+    fp = sorted(pick(rows, dtype="float32"), key=lambda r: r["budget"])
+    return (f"fp32 step {f2(fp[0]['step_s'])} s with no expert trained to "
+            f"{f2(fp[-1]['step_s'])} s with all {fp[-1]['budget']}; training peak "
+            f"+{fp[0]['train_peak_delta_mb']} to +{fp[-1]['train_peak_delta_mb']} MB")
+
+
+@headline("kernels")
+def kernels_h(rows: Rows) -> str:
+    full = one(rows, label="sorted", dtype="float32", budget=max(r["budget"] for r in rows))
+    quarter = one(rows, label="sorted", dtype="float32", budget=full["budget"] // 4)
+    return (f"sorted path, C = {quarter['budget']}: {f3(quarter['step_s'])} s = "
+            f"{f2(quarter['step_s'] / full['step_s'])}x of training all {full['budget']}")
+
+
+@headline("kernels-round")
+def kernels_round_h(rows: Rows) -> str:
+    r = one(rows, bench="kernels-recipe")
+    return (f"C = {r['budget']}: round step {f3(r['round_step_s'])} s vs per-batch recipe "
+            f"{f3(r['per_batch_recipe_s'])} s = {f2(r['ratio_step'])}x")
+
+
+@headline("kernels-bf16")
+def kernels_bf16_h(rows: Rows) -> str:
+    return "; ".join(f"C = {b}: bf16 {f3(one(rows, label='sorted+bf16', budget=b)['step_s'])} s "
+                     f"vs fp32 {f3(one(rows, label='sorted', budget=b)['step_s'])} s"
+                     for b in sorted({r["budget"] for r in pick(rows, label="sorted+bf16")}))
+
+
+@headline("precision")
+def precision_h(rows: Rows) -> str:
+    return "; ".join(f"C = {r['budget']}: bf16 {r['ratio_to_fp32']:.2f}x {ci(r['ratio_ci95'])} "
+                     "of fp32" for r in pick(rows, bench="precision", variant="bf16"))
+
+
+@headline("budget-round")
+def budget_round_h(rows: Rows) -> str:
+    return (f"step predicted within {span([r['step_error'] for r in rows], pct)}, peak within "
+            f"{span([r['memory_error'] for r in rows], pct)} at C = "
+            f"{', '.join(str(b) for b in dict.fromkeys(r['budget'] for r in rows))}")
+
+
+@headline("budget-lora")
+def budget_lora_h(rows: Rows) -> str:
+    per = {r["adapter"]: r for r in pick(rows, kind="round", quantize="none")}
+    return (f"{mb(per['full']['per_trained_expert_bytes'])} MB per trained expert (full) vs "
+            f"{mb(per['lora']['per_trained_expert_bytes'])} MB (LoRA)")
+
+
+@headline("detach")
+def detach_h(rows: Rows) -> str:
+    acc = {r["detach_frozen"]: r["test_accuracy"] for r in pick(rows, kind="train_eval")}
+    return (f"held-out accuracy {f3(acc[False])} exact vs {f3(acc[True])} detached; gradient "
+            f"cosine {f2(one(rows, kind='grad_agreement')['cos_all_median'])}")
+
+
+@headline("comm")
+def comm_h(rows: Rows) -> str:
+    h = sorted(pick(rows, strategy="hfedmoe", wire_dtype="float32", zstd=False),
+               key=lambda r: r["budget"])
+    return ("HFedMoE update " + " / ".join(f2(r["ratio_vs_dense_fp32"]) for r in h)
+            + "x of dense FedAvg fp32 at C = " + " / ".join(str(r["budget"]) for r in h)
+            + " (experts in the update: " + " / ".join(str(r["experts_in_update"]) for r in h)
+            + ")")
+
+
+@headline("aggregation")
+def aggregation_h(rows: Rows) -> str:
+    s = pick(rows, mode="stream")
+    return (f"streaming peak x{span([r['peak_ratio_vs_smallest_round'] for r in s])} of the "
+            f"smallest round from {min(r['updates'] for r in s)} to "
+            f"{max(r['updates'] for r in s)} updates")
+
+
+@headline("comm-plan")
+def comm_plan_h(rows: Rows) -> str:
+    return ("a rank-8 LoRA expert is " + span([100 * r["lora_vs_full_bytes"] for r in rows],
+                                              lambda x: f"{x:.1f}")
+            + "% of a whole expert's bytes at real models' expert shapes")
+
+
+@headline("signals")
+def signals_h(rows: Rows) -> str:
+    by = {}
+    for r in rows:
+        by.setdefault(r["upcycle"], []).append(r["ib_disagreement"])
+    return "; ".join(f"{u}: IB changes {span(v, f3)} of the choice" for u, v in by.items())
+
+
+@headline("lr-sweep")
+def lr_sweep_h(rows: Rows) -> str:
+    return "; ".join(f"{r['strategy']} (alpha {r['alpha']}) best at lr {r['lr']:g} / head_lr "
+                     f"{r['head_lr']:g}" for r in rows if r.get("best_in_group"))
+
+
+@headline("export")
+def export_h(rows: Rows) -> str:
+    inf = one(rows, task="inference", runtime="executorch-xnnpack")
+    tr = [r for r in pick(rows, task="train") if r["runtime"] != "eager"]
+    return (f"inference XNNPACK {f2(inf['ratio_to_eager'])}x eager; training step "
+            f"{span([r['ratio_to_eager'] for r in tr])}x eager")
+
+
+@headline("scale")
+def scale_h(rows: Rows) -> str:
+    big = max(pick(rows, question="control-plane"), key=lambda r: r["devices"])
+    return (f"{big['devices']:,} devices registered in {big['all_registered_s']} s, the "
+            f"announcement at all by {big['announce_all_received_since_start_s']} s")
+
+
+@headline("demo")
+def demo_h(rows: Rows) -> str:
+    rows = last_run(rows)
+    return ("accuracy " + " -> ".join(f3(r["accuracy"]) for r in rows)
+            + f" over {len(rows) - 1} rounds")
+
+
+@headline("device-install")
+def device_install_h(rows: Rows) -> str:
+    ok = [r for r in rows if r["ok"]]
+    return f"{len(ok)} of {len(rows)} install rows resolve"
+
+@region("machine", tuple(dict.fromkeys(f for r in list(REGIONS.values()) for f in r.files)),
+        "the commands of the sections below")
+def machine(rows: Rows) -> str:
+    envs = [r.get("env") or {} for r in rows]
+    cpus = sorted({e["cpu"] for e in envs if e.get("cpu")})
+    torches = sorted({e["torch"] for e in envs if e.get("torch")})
+    return (f"CPUs: {'; '.join(cpus)}. torch: {', '.join(torches)}. "
+            f"Commits of the rows: {', '.join(shas(rows))}.")
+
+
+# ---------------------------------------------------------------- command line
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true",
+                   help="exit 1 with a diff when the committed docs differ from the generated")
+    p.add_argument("--stale", action="store_true",
+                   help="list the stale regions and the commands that re-measure them")
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--root", default=str(ROOT), help="where README.md and docs/ are")
+    args = p.parse_args(argv)
+    root, results = Path(args.root), Results(args.results)
+    if args.stale:
+        used = {n for doc in DOCS for n in region_names((root / doc).read_text())}
+        seen: dict[str, list[str]] = {}
+        for reg in stale_regions(results, sorted(used)):
+            seen.setdefault(reg.command, []).append(reg.name)
+            if len(seen[reg.command]) == 1:
+                for d in mismatches(reg, results.of(reg)):
+                    print(f"{', '.join(reg.files)}: measured on {describe(d)}")
+                print(f"    re-measure: {reg.command}")
+        for names in seen.values():
+            print(f"stale regions: {', '.join(names)}")
+        return 0
+    if args.check:
+        diffs = check(root, results)
+        for d in diffs:
+            sys.stdout.write(d)
+        return 1 if diffs else 0
+    for doc in DOCS:
+        path = root / doc
+        old = path.read_text()
+        new = generate(old, results)
+        if new != old:
+            path.write_text(new)
+            print(f"rewrote {doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
