@@ -288,15 +288,56 @@ def learning_headline(rows: Rows) -> str:
     return text
 
 
+def _verdict(d: dict[str, Any] | None, ci95: list[float] | None) -> str:
+    if d is None or ci95 is None:
+        return "-"
+    if ci95[0] > 0:
+        return "ahead"
+    return "behind" if ci95[1] < 0 else "level"
+
+
+@region("learning-verdict", "learning-study.jsonl", STUDY, default=MODEL_KEYS + RATE_KEYS,
+        select=lambda r: r.get("kind") == "summary", legacy={"name": "minilm-moe"})
+def learning_verdict(rows: Rows) -> str:
+    """What the study's paired intervals support, and no more: HFedMoE is "ahead" of a
+    strategy only where the interval of HFedMoE minus it lies above zero, "behind" where it
+    lies below, "level" where it contains zero."""
+    out, ahead = [], []
+    for r in rows:
+        if r["strategy"] == "hfedmoe":
+            continue
+        final = _verdict(r.get("hfedmoe_minus_this"), r.get("hfedmoe_minus_this_ci95"))
+        last5 = _verdict(r.get("hfedmoe_minus_this_last5"),
+                         r.get("hfedmoe_minus_this_last5_ci95"))
+        out.append([r["alpha"], r["strategy"], final, last5])
+        if "ahead" in (final, last5):
+            ahead.append(f"{r['strategy']} (alpha {r['alpha']})")
+    claim = ("**HFedMoE is shown ahead of: " + ", ".join(ahead) + ".**" if ahead else
+             "**HFedMoE is not shown to learn better than any strategy it was compared with.**")
+    return (claim + "\n\n" + table(["alpha", "HFedMoE against", "final round",
+                                     "last-5-round mean"], out))
+
+
 @region("lr-sweep", "lr-sweep.jsonl",
         "python -m benchmarks.lr_sweep --jobs 2 --out benchmarks/results/lr-sweep.jsonl",
         select=lambda r: r.get("kind") == "summary")
 def lr_sweep(rows: Rows) -> str:
+    best = {id(r) for r in _best_per_strategy(rows).values()}
     return table(["alpha", "strategy", "lr", "head_lr", "last-5 accuracy [95% CI]", "best"],
                  [[r["alpha"], r["strategy"], f"{r['lr']:g}", f"{r['head_lr']:g}",
                    f"{f3(r['last5_accuracy_mean'])} {ci(r['last5_accuracy_ci95'])}",
-                   "**best**" if r.get("best_in_group") else ""]
+                   "**best**" if id(r) in best else ""]
                   for r in sorted(rows, key=lambda r: (r["strategy"], -r["last5_accuracy_mean"]))])
+
+
+def _best_per_strategy(rows: Rows) -> dict[tuple[str, float], dict[str, Any]]:
+    """The (lr, head_lr) pair with the highest last-5 mean, per (strategy, alpha)."""
+    best: dict[tuple[str, float], dict[str, Any]] = {}
+    for r in rows:
+        key = (r["strategy"], r["alpha"])
+        if key not in best or r["last5_accuracy_mean"] > best[key]["last5_accuracy_mean"]:
+            best[key] = r
+    return best
 
 
 @region("signals", "signals.jsonl",
@@ -486,7 +527,8 @@ def signals_h(rows: Rows) -> str:
 @headline("lr-sweep")
 def lr_sweep_h(rows: Rows) -> str:
     return "; ".join(f"{r['strategy']} (alpha {r['alpha']}) best at lr {r['lr']:g} / head_lr "
-                     f"{r['head_lr']:g}" for r in rows if r.get("best_in_group"))
+                     f"{r['head_lr']:g} (last-5 accuracy {f3(r['last5_accuracy_mean'])})"
+                     for r in _best_per_strategy(rows).values())
 
 
 @headline("export")
