@@ -410,6 +410,42 @@ def demo_run_dir(rows: Rows) -> str:
                  [[f"`{r['command']}`", mb(r["run_dir_bytes"])] for r in rows])
 
 
+def _last_demo(rows: Rows) -> Rows:
+    """The rows of the last ``benchmarks.demo`` run: its initial evaluation to its summary."""
+    ends = [i for i, r in enumerate(rows) if r.get("kind") == "run"]
+    if not ends:
+        return []
+    starts = [i for i in range(ends[-1]) if rows[i].get("phase") == "initial"]
+    return rows[starts[-1] if starts else 0: ends[-1] + 1]
+
+
+DEMO = "python -m benchmarks.demo --out benchmarks/results/demo.jsonl"
+
+
+@region("demo-quickstart", "demo.jsonl", DEMO, default=MODEL_KEYS + RATE_KEYS, inline=True,
+        select=lambda r: r.get("bench") == "demo")
+def demo_quickstart(rows: Rows) -> str:
+    """The README's account of a fresh ``hfedmoe demo``: time, accuracy, budgets, bytes."""
+    run = _last_demo(rows)
+    rounds = [r for r in run if r.get("phase") == "round"]
+    init = next(r for r in run if r.get("phase") == "initial")
+    summary, last = run[-1], rounds[-1]
+    held = last.get("held") or {}
+    budgets = ", ".join(str(h["budget"]) for h in held.values())
+    limits = sorted({str(h.get("budget_limit") or h.get("limit")) for h in held.values()})
+    sent = all(h["experts_sent"] <= h["budget"] for r in rounds for h in r["held"].values())
+    return (f"a run took {summary['wall_s']:.0f} s and raised held-out accuracy from "
+            f"{f3(init['accuracy'])} (the initial model) to {f3(last['accuracy'])} over "
+            f"{len(rounds)} rounds; in its last round the {len(held)} devices trained {budgets} "
+            f"experts (budgets limited by: {', '.join(limits)}), "
+            + ("each sending at most its budget's worth, " if sent else
+               "**some sending more than their budget**, ")
+            + f"and the round's updates were {mb(last['bytes_in'])} MB, "
+            f"{100 * last['bytes_in'] / last['dense_bytes']:.0f}% of the "
+            f"{mb(last['dense_bytes'])} MB dense fedavg-full would send for the same devices; "
+            f"the run directory held {mb(summary['run_dir_bytes'])} MB at the end")
+
+
 @region("device-install", "device-install.jsonl", "python tools/device_install.py check")
 def device_install(rows: Rows) -> str:
     return table(["row", "python", "platform", "extras", "resolves"],
