@@ -68,3 +68,29 @@ def test_rows_record_their_command_and_descriptor(tmp_path, monkeypatch):
     assert row["env"]["command"] == "python -m benchmarks.latency --quick"
     assert row["descriptor"]["batch_size"] == 4
     assert row["descriptor"]["upcycle"] == default_descriptor()["upcycle"]
+
+
+def _demo_rows() -> list[dict]:
+    held = {f"dev{i}": {"budget": b, "experts_sent": b, "optimizer_experts": b,
+                        "budget_limit": "quota"} for i, b in enumerate((4, 12))}
+    rounds = [{"bench": "demo", "kind": "round", "phase": "round", "round": i,
+               "accuracy": acc, "held": held, "bytes_in": 25_000_000, "dense_bytes": 100_000_000}
+              for i, acc in enumerate((0.75, 0.875))]
+    return [{"bench": "demo", "kind": "initial", "phase": "initial", "round": -1,
+             "accuracy": 0.125}, *rounds,
+            {"bench": "demo", "kind": "run", "wall_s": 91.4, "rounds": 2,
+             "run_dir_bytes": 57_000_000}]
+
+
+def test_the_quick_start_reads_the_last_demo_run(tmp_path):
+    stale = [{**r, "accuracy": 0.5} if "accuracy" in r else r for r in _demo_rows()]
+    write_rows(tmp_path / "demo.jsonl", stale + _demo_rows(), {"git_sha": "abc1234"},
+               default_descriptor())
+    text = render(tables.REGIONS["demo-quickstart"], Results(tmp_path))
+    assert text.startswith("a run took 91 s and raised held-out accuracy from 0.125 (the "
+                           "initial model) to 0.875 over 2 rounds")
+    assert "trained 4, 12 experts (budgets limited by: quota)" in text
+    assert "25.0 MB, 25% of the 100.0 MB dense fedavg-full" in text and "0.500" not in text
+    write_rows(tmp_path / "demo.jsonl", _demo_rows(), {"git_sha": "abc1234"},
+               {**default_descriptor(), "upcycle": "copy"})  # a later run on another model
+    assert "**stale**" in render(tables.REGIONS["demo-quickstart"], Results(tmp_path))
