@@ -7,7 +7,7 @@ to one worker. An update of at most ``transport.chunk_size`` bytes travels as on
 round announcement's ``whole_max_bytes``), so all of it lands on the same worker; a larger one
 still goes as manifest + chunks to the coordinator, which ingests it itself.
 
-A worker runs the coordinator's own update path (:meth:`Coordinator._on_update_blob`: decode,
+A worker composes the coordinator's own update intake (:class:`server.intake.Intake`: decode,
 the policy, budget, round and base-hash checks, then spool durably, record, ack) against the
 run directory's database and spool, adds the update to its own streaming aggregator, and tells
 the coordinator on ``ingest/event/{worker}`` (the coordinator's round progress). When the
@@ -36,27 +36,55 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hfedmoe.errors import ConfigError, ProtocolError
-from hfedmoe.protocol import CloseRound, IngestEvent, PartialNotice, RoundAnnouncement
+from hfedmoe.aggregator import Aggregator
+from hfedmoe.errors import AlgorithmError, ConfigError, ProtocolError
+from hfedmoe.protocol import (
+    CloseRound,
+    DeviceStatus,
+    IngestEvent,
+    PartialNotice,
+    RoundAnnouncement,
+)
+from hfedmoe.strategies import get_strategy
 from hfedmoe.transport.base import Message, Transport
 from hfedmoe.transport.chunks import BlobReceiver
-from hfedmoe.transport.topics import check_id
+from hfedmoe.transport.topics import Topics, check_id
 from server.config import ServerConfig
-from server.coordinator import Coordinator, RoundState
+from server.intake import Intake
+from server.registry import DeclaredExamples
+from server.rounds import RoundState
+from server.store import Store
 
 log = logging.getLogger("hfedmoe.ingest")
+server_log = logging.getLogger("hfedmoe.server")
 
 
-class IngestWorker(Coordinator):
-    """One ingest worker: the coordinator's update path on a share of the update topics."""
+class IngestWorker:
+    """One ingest worker: the coordinator's update intake on a share of the update topics.
+
+    It holds the round the coordinator announced (``round``, ``next_round`` and its own
+    ``aggregator``: a :class:`server.rounds.RoundHolder`) and runs an :class:`Intake` with the
+    coordinator's rules against the run directory's store; the intake's outcomes go to the
+    coordinator as ingest events.
+    """
 
     def __init__(self, cfg: ServerConfig, transport: Transport, model: Any,
                  worker_id: str) -> None:
-        # one metrics endpoint per run: the coordinator's
-        super().__init__(dataclasses.replace(cfg, prometheus_port=0), transport, model, None)
+        self.cfg = dataclasses.replace(cfg, prometheus_port=0)  # one endpoint per run
+        self.transport = transport
         self.worker_id = check_id(worker_id, "worker id")
+        self.topics = Topics(cfg.run_id)
+        self.store = Store(cfg.run_dir)
+        self.strategy = get_strategy(cfg.method.strategy, cfg.method)
+        self.round: RoundState | None = None
+        self.next_round = 0
+        self.aggregator = self.strategy.make_aggregator()
+        self.intake = Intake(self.cfg, transport, self.store, model.state(), self,
+                             strategy=self.strategy, declared=DeclaredExamples(self.store),
+                             notify=self._notify)
         self.stop_requested = False
         self.partials_written = 0
+        self._receiver: BlobReceiver | None = None
 
     def start(self) -> None:
         t = self.transport
@@ -64,7 +92,8 @@ class IngestWorker(Coordinator):
         t.subscribe(self.topics.ingest_control(), self._on_control)
         self._receiver = BlobReceiver(
             t, self.topics.shared_whole_updates(self.cfg.ingest.group), self._on_update_blob,
-            request_topic=self.topics.update_request_for, on_error=self._on_transfer_error,
+            request_topic=self.topics.update_request_for,
+            on_error=self.intake.on_transfer_error,
             retry_after=self.cfg.transport.retry_after,
             timeout=self.cfg.transport.transfer_timeout,
             max_bytes=self.cfg.wire.max_payload_bytes)
@@ -80,6 +109,11 @@ class IngestWorker(Coordinator):
             if os.getppid() != parent:  # the server is gone: its successor starts new workers
                 log.warning("worker %s: the server exited; stopping", self.worker_id)
                 break
+
+    def close(self) -> None:
+        if self._receiver is not None:
+            self._receiver.close()
+        self.store.close()
 
     # --- the coordinator's messages ----------------------------------------------------------
     def _on_announcement(self, message: Message) -> None:
@@ -128,14 +162,117 @@ class IngestWorker(Coordinator):
     def _on_update_blob(self, prefix: str, blob: bytes) -> None:
         try:
             device, _ = self.topics.parse_update_prefix(prefix)
-        except Exception:  # noqa: BLE001 - the parent path reports malformed prefixes
+        except Exception:  # noqa: BLE001 - the intake reports malformed prefixes
             device = None
         if device is not None:
             self.store.refresh_device(device)  # registered (or re-budgeted) since we looked
-        super()._on_update_blob(prefix, blob)
+        self.intake.receive(prefix, blob)
 
     def _notify(self, event: IngestEvent) -> None:
         self.transport.publish(self.topics.ingest_event(self.worker_id), event.to_bytes())
+
+
+class IngestLink:
+    """The coordinator's end of sharded ingestion: which workers are online, what their
+    intakes did (counted by the coordinator's own :meth:`Intake.count`), and their partial
+    aggregates, merged into the round's aggregate when the round closes (:meth:`gather`).
+
+    The merge lives here, beside the worker that writes the partials, so that both ends of the
+    close-round exchange (``ingest/control``, ``partials/r{round}/``, ``ingest/partial``) read
+    in one file; the coordinator only calls :meth:`gather` at close.
+    """
+
+    def __init__(self, cfg: ServerConfig, transport: Transport, store: Store,
+                 intake: Intake) -> None:
+        self.cfg = cfg
+        self.transport = transport
+        self.store = store
+        self.intake = intake
+        self.topics = Topics(cfg.run_id)
+        self.workers_online: set[str] = set()
+        self.partials: dict[tuple[int, str], PartialNotice] = {}  # (round, worker) -> notice
+
+    def subscribe(self) -> None:
+        t = self.transport
+        t.subscribe(self.topics.all_ingest("event"), self.on_event)
+        t.subscribe(self.topics.all_ingest("status"), self.on_status)
+        t.subscribe(self.topics.all_ingest("partial"), self.on_partial)
+
+    def on_status(self, message: Message) -> None:
+        worker = self.topics.parse(message.topic)[-1]
+        try:
+            state = DeviceStatus.from_bytes(message.payload).state
+        except ProtocolError:
+            server_log.warning("malformed ingest worker status on %s", message.topic)
+            return
+        if state == "online":
+            self.workers_online.add(worker)
+        else:
+            self.workers_online.discard(worker)
+        server_log.info("ingest worker %s %s (%d online)", worker, state,
+                        len(self.workers_online))
+
+    def on_event(self, message: Message) -> None:
+        """A worker accepted, rejected or took a late update: the round's counts."""
+        try:
+            event = IngestEvent.from_bytes(message.payload)
+        except ProtocolError as exc:
+            server_log.warning("malformed ingest event on %s: %s", message.topic, exc)
+            return
+        self.intake.count(event)
+
+    def on_partial(self, message: Message) -> None:
+        worker = self.topics.parse(message.topic)[-1]
+        try:
+            notice = PartialNotice.from_bytes(message.payload)
+        except ProtocolError as exc:
+            server_log.warning("malformed partial-aggregate notice from %s: %s", worker, exc)
+            return
+        self.partials[(notice.round_idx, worker)] = notice
+
+    def gather(self, r: RoundState, aggregator: Aggregator) -> None:
+        """Close round ``r`` on the workers, merge their partial aggregates into
+        ``aggregator`` (the coordinator's own: multi-chunk updates), then add every
+        acknowledged update of the round that no partial covers (a worker that died or did
+        not answer) from the spool."""
+        self.transport.publish(self.topics.ingest_control(), CloseRound(r.round_idx).to_bytes())
+        waiting = set(self.workers_online)
+        self.transport.run_until(
+            lambda: all((r.round_idx, w) in self.partials or w not in self.workers_online
+                        for w in waiting),
+            timeout=self.cfg.ingest.partial_timeout_s)
+        for (round_idx, worker), notice in sorted(self.partials.items()):
+            if round_idx != r.round_idx:
+                continue
+            try:
+                aggregator.merge(self._partial(notice, aggregator))
+            except (OSError, AlgorithmError) as exc:
+                server_log.warning("round %d: partial aggregate of %s unusable (%s); its "
+                                   "updates are read from the spool", r.round_idx, worker, exc)
+        covered = set(aggregator.summaries)
+        for stored in self.store.updates(r.round_idx):
+            if not stored.late:
+                r.accepted[stored.client_id] = stored.num_bytes
+            if stored.client_id in covered:
+                continue
+            aggregator.add(self.intake.read_back(stored))
+            server_log.info("round %d: %s read back from the spool", r.round_idx,
+                            stored.client_id)
+        self.partials = {k: v for k, v in self.partials.items() if k[0] > r.round_idx}
+
+    def _partial(self, notice: PartialNotice, aggregator: Aggregator) -> Aggregator:
+        """The partial aggregate a notice announces, checked (path, sha256, no overlap)."""
+        rel = Path(notice.path)
+        if rel.is_absolute() or ".." in rel.parts or rel.parts[:1] != ("partials",):
+            raise AlgorithmError(f"partial aggregate path {rel} is not under partials/")
+        data = (Path(self.cfg.run_dir) / rel).read_bytes()
+        if hashlib.sha256(data).hexdigest() != notice.sha256:
+            raise AlgorithmError("content does not match the announced sha256")
+        partial = Aggregator.from_bytes(data, aggregator.rule, aggregator.kinds)
+        if set(partial.summaries) & set(aggregator.summaries):
+            # e.g. the coordinator restarted and re-read the spool: the spool wins
+            raise AlgorithmError("it overlaps updates already aggregated")
+        return partial
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -245,8 +382,6 @@ def _main(args: argparse.Namespace) -> int:
     task = load_task(cfg.data)
     model = build_model(cfg.model, cfg.data.task, task.num_labels)
     worker = check_id(args.worker, "worker id")
-    from hfedmoe.transport.topics import Topics
-
     # a client id of its own per process: a restarted pool's worker never kicks an old one
     transport = MqttTransport(cfg.transport, f"server-{cfg.run_id}-ingest-{worker}-{os.getpid()}",
                               Topics(cfg.run_id).ingest_status(worker), persistent=False)

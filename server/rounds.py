@@ -7,6 +7,10 @@ participation record, :func:`participation_record`), and the metrics row of a cl
 (:mod:`server.coordinator`) and the simulator (:mod:`lab.simulate`) both call them, so a live
 run and a simulated one write rows with the same keys and meanings.
 
+The open round of the live server is one value too (:class:`RoundState`): the coordinator opens
+and closes it, its update intake (:mod:`server.intake`) and device registry
+(:mod:`server.registry`) count into it, and :func:`round_row` reads it at close.
+
 Rounds are numbered one way everywhere a person reads them: the evaluation of the model before
 any round is "initial", and round ``round_idx`` (0-based in rows, topics and the store) is shown
 as ``round_idx + 1``: the demo's console, the dashboard and the report say initial, 1, 2, 3.
@@ -17,9 +21,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
+from hfedmoe.aggregator import Aggregator
+from hfedmoe.modelsync import ModelManifest
 from hfedmoe.names import ExpertId, parse_key
 from hfedmoe.privacy import privacy_report
 from hfedmoe.signals import round_signals
@@ -40,6 +47,44 @@ def round_label(row_or_idx: dict[str, Any] | int) -> str:
             return INITIAL
         row_or_idx = int(row_or_idx["round"])
     return INITIAL if row_or_idx < 0 else str(row_or_idx + 1)
+
+
+# --- the open round ------------------------------------------------------------------------------
+@dataclasses.dataclass
+class RoundState:
+    """The open round: who takes part, until when, on which model, and what came in so far.
+
+    ``accepted`` maps a device to the bytes of its update; ``refused`` holds the participants
+    whose update was rejected or who sat the round out (the round stops waiting for them);
+    ``usage`` maps a device to its expert usage u_c(e) (for the signals); ``skipped`` maps a
+    participant that sat out to its reasons.
+    """
+
+    round_idx: int
+    participants: list[str]
+    deadline: float  # time.time() seconds
+    base_hash: str
+    manifest: ModelManifest
+    expected: int
+    accepted: dict[str, int] = dataclasses.field(default_factory=dict)
+    refused: set[str] = dataclasses.field(default_factory=set)
+    rejected: int = 0
+    late: int = 0
+    bytes_out: int = 0
+    started: float = dataclasses.field(default_factory=time.time)
+    usage: dict[str, Any] = dataclasses.field(default_factory=dict)
+    skipped: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    disagreement: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+class RoundHolder(Protocol):
+    """Who holds the open round (the coordinator, or an ingest worker): what its intake and
+    registry read. ``round`` is None between rounds; ``next_round`` is the round to open next;
+    ``aggregator`` sums the open round's updates."""
+
+    round: RoundState | None
+    next_round: int
+    aggregator: Aggregator
 
 
 # --- participants --------------------------------------------------------------------------------

@@ -20,8 +20,6 @@ MAX_CLASS_LINES = 300
 ALLOWED: dict[str, str] = {
     "device_agent/agent.py::DeviceAgent": "the device loop class; being split by its own change",
     "device_agent/agent.py::DeviceAgent.play_round": "one round on the device; being split",
-    "server/coordinator.py::Coordinator": "round state machine with intake and registry; "
-                                          "being split into intake.py and registry.py",
 }
 
 
