@@ -529,8 +529,8 @@ def detach_h(rows: Rows) -> str:
 
 @headline("comm")
 def comm_h(rows: Rows) -> str:
-    h = sorted(pick(rows, strategy="hfedmoe", wire_dtype="float32", zstd=False),
-               key=lambda r: r["budget"])
+    h = sorted((r for r in pick(rows, strategy="hfedmoe", wire_dtype="float32", zstd=False)
+                if r.get("adapter", "full") == "full"), key=lambda r: r["budget"])
     return ("HFedMoE update " + " / ".join(f2(r["ratio_vs_dense_fp32"]) for r in h)
             + "x of dense FedAvg fp32 at C = " + " / ".join(str(r["budget"]) for r in h)
             + " (experts in the update: " + " / ".join(str(r["experts_in_update"]) for r in h)
