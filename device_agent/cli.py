@@ -53,7 +53,8 @@ def register(sub: Any) -> None:
 
 def run_agent(args: argparse.Namespace) -> int:
     """Handler of ``hfedmoe agent``."""
-    from device_agent.agent import DeviceAgent, load_agent_config
+    from device_agent.agent import DeviceAgent
+    from device_agent.config import load_agent_config
 
     cfg = load_agent_config(args.config, args.overrides)
     return DeviceAgent(cfg).run()

@@ -1,5 +1,7 @@
 """What the device reads before it joins a round and while it trains (the rules it checks them
-against are :mod:`hfedmoe.eligibility`).
+against are :mod:`hfedmoe.eligibility`), and the gate that decides from them: whether the device
+joins an announced round (:meth:`JoinGate.admits`) and whether it may go on training
+(:meth:`JoinGate.check_training`).
 
 Battery and temperature come from the device probes (:mod:`device_agent.resources`), a metered
 network from NetworkManager and user idleness from systemd-logind where they run; a reading the
@@ -10,13 +12,21 @@ re-read on every call) let a test or an operator play conditions to a running ag
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
+import time
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
+from typing import Any
 
 from device_agent.resources import probe_battery_temperature
-from hfedmoe.eligibility import Conditions
-from hfedmoe.errors import ConfigError
+from hfedmoe.config import MethodConfig, from_dict
+from hfedmoe.eligibility import Conditions, EligibilityConfig, check, combine
+from hfedmoe.errors import ConfigError, HFedMoEError, TransportError
+from hfedmoe.protocol import DeviceStatus, RoundAnnouncement
+
+log = logging.getLogger("hfedmoe.agent")
 
 _PLAYED: dict[str, int] = {}  # emulated readings file -> readings already played
 
@@ -81,3 +91,130 @@ def _idle() -> bool | None:
         return None
     value = out.stdout.strip().lower() if out.returncode == 0 else ""
     return {"yes": True, "no": False}.get(value)
+
+
+class ConditionsBroke(Exception):
+    """Raised inside training when the device stopped being eligible and drops its work."""
+
+    def __init__(self, reasons: list[str]) -> None:
+        super().__init__("; ".join(reasons))
+        self.reasons = reasons
+
+
+class JoinGate:
+    """Whether this device joins an announced round, and whether it may go on training.
+
+    A device joins a round that names it, newer than its last one and still open, when one
+    more noised update keeps it within ``method.dp_max_epsilon`` and the round's eligibility
+    rules (the server's combined with its own: the stricter of each) hold now. Every change of
+    its eligibility is published as a :class:`DeviceStatus` through ``publish``.
+
+    Args:
+        device_id: this device (the participant name and the log prefix).
+        own_rules: the device's own eligibility rules.
+        conditions_file: emulated readings (:func:`read_conditions`); "" reads the probes.
+        local: the device's persisted state: ``last_round`` and ``dp_rounds`` are read,
+            ``dp_refused_round`` is written (the caller saves it).
+        publish: sends a status to the server; may raise :class:`TransportError`.
+        clock: wall-clock seconds (the announcement's deadline is one).
+    """
+
+    def __init__(self, device_id: str, own_rules: EligibilityConfig, conditions_file: str,
+                 local: MutableMapping[str, Any], publish: Callable[[DeviceStatus], None],
+                 clock: Callable[[], float] = time.time) -> None:
+        self.device_id = device_id
+        self.own_rules = own_rules
+        self.conditions_file = conditions_file
+        self.local = local
+        self.publish = publish
+        self.clock = clock
+        self.rules = combine(EligibilityConfig(), own_rules)  # the round's (server's and own)
+        self.checked_at = -1e9  # last eligibility check (clock)
+        self.reported: tuple[int | None, tuple[str, ...]] | None = None  # (round, reasons) published
+
+    def admits(self, ann: RoundAnnouncement) -> bool:
+        """The join decision for ``ann``."""
+        join = (ann.takes_part(self.device_id)
+                and ann.round_idx > self.local.get("last_round", -1)
+                and ann.deadline > self.clock())
+        return join and self.within_privacy_budget(ann) and self.eligible_now(ann)
+
+    def within_privacy_budget(self, ann: RoundAnnouncement) -> bool:
+        """One more noised update must keep this device within ``method.dp_max_epsilon``;
+        otherwise it sits the round out (once per round, logged) and sends nothing."""
+        from hfedmoe.privacy import epsilon, may_take_part
+
+        try:
+            method = from_dict(MethodConfig, dict(ann.method))
+        except HFedMoEError:
+            return True  # the round itself rejects a malformed announcement
+        spent = int(self.local.get("dp_rounds", 0))
+        if may_take_part(spent, method):
+            return True
+        if self.local.get("dp_refused_round") != ann.round_idx:
+            self.local["dp_refused_round"] = ann.round_idx
+            log.warning("%s: sits out round %s: its %d noised updates spent epsilon %.3f at "
+                        "delta %g; one more would pass method.dp_max_epsilon = %g",
+                        self.device_id, ann.round_idx, spent,
+                        epsilon(method.dp_noise_multiplier, spent, method.dp_delta),
+                        method.dp_delta, method.dp_max_epsilon)
+        return False
+
+    def eligible_now(self, ann: RoundAnnouncement) -> bool:
+        """The round's eligibility rules hold now (checked every ``check_every_s`` while the
+        round is open: a device that was plugged in meanwhile joins late). The server hears
+        of every change."""
+        try:
+            server = from_dict(EligibilityConfig, dict(ann.eligibility))
+        except HFedMoEError:
+            server = EligibilityConfig()
+        self.rules = combine(server, self.own_rules)
+        now = self.clock()
+        last = self.reported
+        if last is not None and last[0] == ann.round_idx and last[1] \
+                and now - self.checked_at < self.rules.check_every_s:
+            return False
+        self.checked_at = now
+        cond = read_conditions(self.conditions_file)
+        reasons = tuple(check(cond, self.rules))
+        if last != (ann.round_idx, reasons):
+            self.reported = (ann.round_idx, reasons)
+            self._report(ann.round_idx, list(reasons), cond.to_dict())
+            if reasons:
+                log.warning("%s: sits out round %s: %s", self.device_id, ann.round_idx,
+                            "; ".join(reasons))
+        return not reasons
+
+    def check_training(self, round_idx: int | None) -> None:
+        """Called on every training step: every ``check_every_s``, read the conditions; when
+        they broke, report it and stop (``on_break = "send"``: :class:`StopTraining`, the
+        partial work is sent) or drop the round (:class:`ConditionsBroke`)."""
+        now = self.clock()
+        if now - self.checked_at < self.rules.check_every_s:
+            return
+        self.checked_at = now
+        cond = read_conditions(self.conditions_file)
+        reasons = check(cond, self.rules)
+        if not reasons:
+            return
+        sending = self.rules.on_break == "send"
+        log.warning("%s: conditions broke during round %s (%s): %s the partial work",
+                    self.device_id, round_idx, "; ".join(reasons),
+                    "sending" if sending else "dropping")
+        self.reported = (round_idx, tuple(reasons))
+        self._report(round_idx, reasons, cond.to_dict(), during_round=True, sending=sending)
+        if self.rules.on_break == "drop":
+            raise ConditionsBroke(reasons)
+        from hfedmoe.trainer import StopTraining
+
+        raise StopTraining("; ".join(reasons))
+
+    def _report(self, round_idx: int | None, reasons: list[str], conditions: dict[str, Any],
+                during_round: bool = False, sending: bool = False) -> None:
+        status = DeviceStatus("online", eligible=not reasons, reasons=tuple(reasons),
+                              conditions=conditions, round_idx=round_idx,
+                              during_round=during_round, sending=sending)
+        try:
+            self.publish(status)
+        except TransportError as exc:
+            log.warning("%s: cannot report eligibility: %s", self.device_id, exc)

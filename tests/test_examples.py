@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from device_agent.agent import AgentConfig
+from device_agent.config import AgentConfig
 from hfedmoe.config import load_config
 from server.config import ServerConfig
 

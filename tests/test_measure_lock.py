@@ -10,7 +10,8 @@ from types import SimpleNamespace
 
 import torch
 
-from device_agent.agent import AgentConfig, DeviceAgent, host_lock
+from device_agent.capacity import Capacity, host_lock
+from device_agent.config import AgentConfig
 from device_agent.resources import probe_device
 from hfedmoe.config import load_config
 
@@ -79,13 +80,12 @@ def test_emulated_agent_times_the_host_under_the_lock(tmp_path, monkeypatch):
         return "costs"
 
     monkeypatch.setattr(costs, "measure_costs", fake_measure_costs)
-    agent = DeviceAgent.__new__(DeviceAgent)
-    agent.cfg = AgentConfig(device_id="dev0", emulate="phone-midrange-6gb",
-                            matmul_seconds=0.01, measure_lock=str(lock))
-    agent.model = SimpleNamespace(module=torch.nn.Linear(4, 4))
-    agent.host = probe_device(matmul_seconds=0)  # as setup probes an emulated device's host
+    cfg = AgentConfig(device_id="dev0", emulate="phone-midrange-6gb", matmul_seconds=0.01,
+                      measure_lock=str(lock))
+    host = probe_device(matmul_seconds=0)  # as setup probes an emulated device's host
+    agent = Capacity(cfg, SimpleNamespace(module=torch.nn.Linear(4, 4)), 16, host, host)
     assert not agent.host.matmul
-    assert agent._measure(8, 32) == "costs"
+    assert agent.measure(8, 32) == "costs"
     assert seen["locked"]  # measured while holding the host's lock
     assert "float32" in seen["host_matmul"] and seen["host_matmul"]["float32"].gflops > 0
     assert not _locked(lock)  # released after

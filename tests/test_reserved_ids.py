@@ -43,7 +43,7 @@ def test_certs_refuses_reserved_device_id(tmp_path, capsys, name):
 
 @pytest.mark.parametrize("name", RESERVED)
 def test_agent_config_refuses_reserved_device_id(name):
-    from device_agent.agent import AgentConfig
+    from device_agent.config import AgentConfig
     from hfedmoe.config import from_dict
 
     with pytest.raises(ReservedIdError):

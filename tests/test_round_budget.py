@@ -93,7 +93,7 @@ def test_bad_round_settings_are_config_errors(bad) -> None:
 
 
 def test_bad_agent_quota_is_a_config_error() -> None:
-    from device_agent.agent import AgentConfig
+    from device_agent.config import AgentConfig
 
     with pytest.raises(ConfigError):
         AgentConfig(training_memory_mib=-1.0)
