@@ -265,21 +265,32 @@ def round_row(round_idx: int, status: str, bytes_up: int, bytes_down: int, budge
 
 
 def load_local(cfg: AgentConfig) -> tuple[Any, Any]:
-    """``(data, model)``: this device's examples (its shard of ``data.source`` in a
-    simulation) and the model, on ``train.device``."""
-    from hfedmoe.data import load_dataset, load_task
+    """``(data, model)``: this device's examples (:func:`local_data`) and the model, on
+    ``train.device``."""
     from hfedmoe.models.registry import build_model
 
-    if cfg.num_shards > 1:
-        task = load_task(cfg.data)
-        data = task.client_datasets(cfg.num_shards)[cfg.shard]
-        num_labels = task.num_labels
-    else:
-        data = load_dataset(cfg.data)
-        num_labels = data.num_labels
+    data, num_labels = local_data(cfg)
     model = build_model(cfg.model, cfg.data.task, num_labels)
     model.module.to(resolve_device(cfg.train.device))
     return data, model
+
+
+def local_data(cfg: AgentConfig) -> tuple[Any, int]:
+    """``(examples, num_labels)`` this device trains on: its shard of ``data.source`` in a
+    simulation (``num_shards > 1``); else the whole source, except for the bundled corpus
+    (``"chatterbot"``), which the server also holds its test split out of: a device then takes
+    the training split only (the same ``data.test_fraction`` and ``data.seed`` as the server),
+    so the held-out examples never train."""
+    from hfedmoe.data import load_dataset, load_task
+
+    if cfg.num_shards > 1:
+        task = load_task(cfg.data)
+        return task.client_datasets(cfg.num_shards)[cfg.shard], task.num_labels
+    if cfg.data.source == "chatterbot":
+        task = load_task(cfg.data)
+        return task.train, task.num_labels
+    data = load_dataset(cfg.data)
+    return data, data.num_labels
 
 
 def resolve_device(name: str) -> str:

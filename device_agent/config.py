@@ -25,7 +25,8 @@ class AgentConfig:
         training_memory_mib: memory training may add on top of the loaded model (an app's
             share; 0: the profile's figure, else no quota besides available memory).
         shard, num_shards: this device's part of ``data.source`` (simulation); with
-            ``num_shards = 1`` the whole file is the device's data.
+            ``num_shards = 1`` the whole file is the device's data, except the bundled corpus,
+            whose server-held test split never trains (:func:`device_agent.agent.local_data`).
         upload_margin_s: training stops this long before the round deadline.
         measure_seq_len: sequence length of the cost measurement (0: the model's max_length;
             re-measured when a round announces another batch size or max_length).
