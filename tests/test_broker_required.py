@@ -1,4 +1,4 @@
-"""CI's HFEDMOE_REQUIRE_BROKER=1: the broker fixtures of tests/transport and tests/integration
+"""CI's HFEDMOE_REQUIRE_BROKER=1: the broker fixtures of tests/hfedmoe/transport and tests/integration
 fail instead of skipping when Mosquitto is missing (so broker tests cannot vanish silently)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from tests.broker_required import REQUIRE_BROWSER_ENV, REQUIRE_ENV, need_chromiu
 
 ROOT = Path(__file__).resolve().parents[1]
 BROKER_TESTS = [  # one test behind each broker fixture
-    "tests/transport/test_mosquitto_security.py::test_tls_with_client_cert_connects",
+    "tests/hfedmoe/transport/test_mosquitto_security.py::test_tls_with_client_cert_connects",
     "tests/integration/test_server_rounds.py::test_device_killed_mid_round_does_not_stall_the_round",
 ]
 

@@ -16,7 +16,7 @@ from hfedmoe.lora import LORA_A, LORA_B, ExpertFactors, LoRASpec, expand, with_f
 from hfedmoe.names import parse_key
 from hfedmoe.strategies import get_strategy
 from hfedmoe.wire import decode, encode, spec_from_state
-from tests.test_train import text_data, tiny
+from tests.device_agent.test_train import text_data, tiny
 
 LORA_CFG = TrainConfig(batch_size=2, lr=1e-2, adapter="lora", lora_rank=2, lora_alpha=4.0)
 LORA = LoRASpec(2, 4.0)

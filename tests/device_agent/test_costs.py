@@ -14,7 +14,7 @@ import torch
 
 from device_agent import costs
 from device_agent.throughput import StepCosts
-from tests.test_train import tiny
+from tests.device_agent.test_train import tiny
 
 STEPS = StepCosts(device="cpu", repeats=2, expert_seconds=0.02, rest_seconds=0.3,
                   expert_frozen_seconds=0.01, expert_peak_bytes=1000, rest_peak_bytes=50000,

@@ -17,7 +17,7 @@ from hfedmoe.config import TrainConfig
 from hfedmoe.errors import ConfigError
 from hfedmoe.names import ExpertId, parse_key
 from hfedmoe.strategies import get_strategy
-from tests.test_train import text_data, tiny
+from tests.device_agent.test_train import text_data, tiny
 
 # 8 experts, measured with 10 rows each in a batch of 40 rows; resident 1000 B.
 COST = CostModel(num_experts=8, non_expert_weight_bytes=1000, expert_weight_bytes=100,

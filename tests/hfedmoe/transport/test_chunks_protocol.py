@@ -15,7 +15,7 @@ from hfedmoe.transport.config import TransportConfig
 from hfedmoe.transport.memory import MemoryHub
 from hfedmoe.transport.mqtt import MqttTransport
 from hfedmoe.transport.topics import Topics
-from tests.transport.conftest import ManualClock, make_mosquitto
+from tests.hfedmoe.transport.conftest import ManualClock, make_mosquitto
 
 pytestmark = pytest.mark.timeout(60)
 

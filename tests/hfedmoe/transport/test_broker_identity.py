@@ -27,11 +27,11 @@ from hfedmoe.transport.config import TransportConfig
 from hfedmoe.transport.mqtt import MqttTransport
 from hfedmoe.transport.topics import Topics
 from tests.broker_required import need_mosquitto
-from tests.transport.conftest import DEVICES, Mosquitto, _wait_port
+from tests.hfedmoe.transport.conftest import DEVICES, Mosquitto, _wait_port
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "field-trials.md"
+DOC = Path(__file__).resolve().parents[3] / "docs" / "field-trials.md"
 
 
 def _tag() -> str:

@@ -34,7 +34,7 @@ from hfedmoe.protocol import (
 )
 from hfedmoe.update import UpdateMeta
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # --- strategies ---------------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from hfedmoe.errors import ExportError  # noqa: E402
 from hfedmoe.lora import LORA_A, LORA_B, ExpertFactors, LoRASpec, expand, with_factors  # noqa: E402
 from hfedmoe.models.hf import build_hf_model  # noqa: E402
 from hfedmoe.names import ExpertId, expert_key, parse_key  # noqa: E402
-from tests.test_export import tiny_bert_moe  # noqa: E402
+from tests.export.test_export import tiny_bert_moe  # noqa: E402
 
 E = ExpertId
 LORA = LoRASpec(2, 4.0)
@@ -173,7 +173,7 @@ def test_executorch_lora_round_sends_factors_the_server_accepts(tokenizer):
     from hfedmoe.config import TrainConfig
     from hfedmoe.strategies import get_strategy
     from hfedmoe.wire import decode, encode, spec_from_state
-    from tests.test_train import text_data, tiny
+    from tests.device_agent.test_train import text_data, tiny
 
     model = tiny(tokenizer)
     before = model.state()

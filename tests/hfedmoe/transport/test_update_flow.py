@@ -13,7 +13,7 @@ from hfedmoe.transport.chunks import BlobReceiver, ChunkSender, send_blob, sha25
 from hfedmoe.transport.memory import MemoryHub
 from hfedmoe.transport.topics import Topics
 from hfedmoe.update import SparseUpdate
-from tests.transport.conftest import ManualClock
+from tests.hfedmoe.transport.conftest import ManualClock
 
 
 def test_update_over_chunks_decodes():

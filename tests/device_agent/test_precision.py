@@ -8,7 +8,7 @@ from device_agent.train import RoundContext, train_round
 from hfedmoe.errors import ModelError
 from hfedmoe.precision import LowPrecisionFrozen, _join_bf16, _split_bf16, lowerable
 from hfedmoe.strategies import get_strategy
-from tests.test_train import text_data, tiny
+from tests.device_agent.test_train import text_data, tiny
 
 
 def test_split_is_bit_exact_and_rounds_to_nearest():

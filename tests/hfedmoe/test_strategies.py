@@ -30,7 +30,7 @@ NAMES = ["fedavg-full", "fedavg-random", "fedmoe", "hfedmoe", "hfedmoe-importanc
 
 
 def _stats():
-    # Layer 0 of the worked example in tests/test_importance.py: routed {(0,0), (0,1)};
+    # Layer 0 of the worked example in tests/hfedmoe/test_importance.py: routed {(0,0), (0,1)};
     # I_b = [0.43537626, 0.5, 0.17883566], s_b = [0.4375, 0.5, 0.1875].
     g = torch.tensor([[0.5, 0.5, 0.0], [0.25, 0.5, 0.25]], dtype=torch.float64)
     return compute_batch_stats({0: g}, {0: torch.tensor([[0], [1]])}, MethodConfig())

@@ -1,6 +1,6 @@
 """Budgeted selection (Eq. 15), its tie-breaking and budget scopes, and the baselines' rules.
 
-Worked example (see tests/test_importance.py for the numbers): routed experts and their scores
+Worked example (see tests/hfedmoe/test_importance.py for the numbers): routed experts and their scores
 
     expert   I_b (Eq. 14)      s_b (Eq. 5)
     (0,0)    0.43537626        0.4375

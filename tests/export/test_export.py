@@ -211,7 +211,7 @@ def test_trainer_rejects_a_batch_of_another_shape(qwen, cache):
 # qwen3-moe tiny: E = 4 experts, k = 2, batches of 2 x 8 = 16 tokens per layer. Factor 1.0:
 # 8 rows per expert (half the dense work), some pairs dropped. That nothing is dropped at
 # factor E/k, where the path is the model's own, is checked on the eager path
-# (tests/test_experts.py); each export here costs about a minute.
+# (tests/hfedmoe/test_experts.py); each export here costs about a minute.
 def test_capacity_program_drops_pairs_like_its_eager_twin(qwen, cache, tmp_path):
     selected = [E(0, 1), E(1, 2)]
     trainer, parity = training_parity(qwen, selected, 2, 8, steps=5, lr=0.5, cache=cache,

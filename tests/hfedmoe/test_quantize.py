@@ -38,7 +38,7 @@ from hfedmoe.quantize import (
 )
 from hfedmoe.strategies import get_strategy
 from hfedmoe.wire import decode, encode, spec_from_state
-from tests.test_train import text_data, tiny
+from tests.device_agent.test_train import text_data, tiny
 
 LORA_CFG = TrainConfig(batch_size=2, lr=1e-2, adapter="lora", lora_rank=2, lora_alpha=4.0)
 # relative L2 error of a model's logits, quantized vs fp32 (measured: see the module doc)
