@@ -392,7 +392,8 @@ def last_run(rows: Rows) -> Rows:
     return rows[starts[-1]:] if starts else rows
 
 
-@region("demo", "demo.jsonl", "hfedmoe demo", select=lambda r: r.get("kind") != "run_dir")
+@region("demo", "demo.jsonl", "hfedmoe demo",
+        select=lambda r: r.get("kind") not in ("run_dir", "run"))
 def demo(rows: Rows) -> str:
     rows = last_run(rows)
     out = []
@@ -404,10 +405,12 @@ def demo(rows: Rows) -> str:
     return table(["round", "held-out accuracy", "budgets", "MB uploaded", "round s"], out)
 
 
-@region("demo-run-dir", "demo.jsonl", "hfedmoe demo", select=lambda r: r.get("kind") == "run_dir")
+@region("demo-run-dir", "demo.jsonl", "hfedmoe demo",
+        select=lambda r: r.get("kind") in ("run_dir", "run"))
 def demo_run_dir(rows: Rows) -> str:
     return table(["command", "run directory MB"],
-                 [[f"`{r['command']}`", mb(r["run_dir_bytes"])] for r in rows])
+                 [[f"`{r.get('demo_command') or r['command']}`", mb(r["run_dir_bytes"])]
+                  for r in rows])
 
 
 def _last_demo(rows: Rows) -> Rows:
