@@ -150,6 +150,9 @@ def provenance(reg: Region, rows: Rows) -> str:
 
 
 def stale_text(reg: Region, rows: Rows) -> str:
+    if not rows:
+        text = f"**not measured**: no rows in `{'`, `'.join(reg.files)}`; measure with `{reg.command}`"
+        return text if reg.inline else f"| not measured |\n|---|\n| {text} |"
     bad = mismatches(reg, rows)
     if reg.inline:
         measured = "; ".join(describe(d) for d in bad)
