@@ -21,6 +21,7 @@ import json
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ def _pool(shapes: dict[str, list[int]], k: int, size: int, seed: int) -> list[by
 
     g = torch.Generator().manual_seed(seed)
     experts = sorted({parse_key(key).expert for key in shapes} - {None})
+    per_layer = Counter(e.layer_idx for e in experts)
     blobs = []
     for i in range(size):
         pick = {experts[j] for j in torch.randperm(len(experts), generator=g)[:k].tolist()}
@@ -59,8 +61,9 @@ def _pool(shapes: dict[str, list[int]], k: int, size: int, seed: int) -> list[by
             e = parse_key(key).expert
             if e is None or e in pick:
                 deltas[key] = torch.randn(shape, generator=g) * 1e-3
-        usage = {e: float(u) for e, u in zip(sorted(pick), torch.rand(k, generator=g).tolist(),
-                                             strict=True)}
+        # Eq. 16 usage: gate probabilities averaged over tokens, so a layer's sum is <= 1
+        usage = {e: float(u) / per_layer[e.layer_idx]
+                 for e, u in zip(sorted(pick), torch.rand(k, generator=g).tolist(), strict=True)}
         imp = {e: float(u) for e, u in zip(sorted(pick), torch.rand(k, generator=g).tolist(),
                                            strict=True)}
         upd = SparseUpdate("bench", 0, f"pool{i}", 64, deltas, usage=usage, importance=imp,

@@ -158,6 +158,8 @@ def _row(m: dict[str, Any], model: str, impl: str, b: int, batch_size: int, seq_
            "measured_step_s": m["step_s"], "measured_step_min_s": m["step_min_s"],
            "measured_step_max_s": m["step_max_s"],
            "env": {**env, "loadavg_end": environment()["loadavg"]}}
+    if m.get("descriptor"):
+        row["descriptor"] = m["descriptor"]
     row["step_error"] = round(row["predicted_step_s"] / row["measured_step_s"] - 1, 3)
     row["balanced_step_error"] = round(row["balanced_step_s"] / row["measured_step_s"] - 1, 3)
     row["memory_error"] = round(row["predicted_peak_bytes"]
