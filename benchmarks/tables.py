@@ -119,7 +119,7 @@ def precision(rows: Rows) -> str:
 
 @region("budget-round", "budget-round.jsonl",
         "python -m benchmarks.budget --threads 2 --out benchmarks/results/budget-round.jsonl",
-        default=DEFAULT_SHAPE)
+        default=DEFAULT_SHAPE, select=lambda r: r.get("kind", "round") == "round")
 def budget_round(rows: Rows) -> str:
     return table(["C", "step: predicted vs measured", "peak: predicted vs measured",
                   "rows the chosen experts compute"],
