@@ -6,9 +6,10 @@ encoded and decoded on the wire, and the participation record the simulator and 
 keep (:func:`server.rounds.participation_record`), measured by
 :func:`server.rounds.selection_measures`.
 
-Issue 30 asks that HFedMoE's sets for such clients overlap less than FedMoE's. Selection today
-ranks one standardized score whose order the clients largely share, so that assertion is an
-expected failure (strict: it fails loudly once selection becomes client-specific).
+Issue 30 asks that HFedMoE's sets for such clients overlap less than FedMoE's. Measured with
+these settings (torch 1 thread): HFedMoE's two sets share 5 of their 6 experts (Jaccard 0.714,
+overlap coefficient 0.833: they differ in layer 3 only), FedMoE's are the same 6 (Jaccard 1.0);
+HFedMoE's overlap is below FedMoE's, but not by much. Slow: about a minute on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ BUDGET = 6  # E/8 of the 48 experts: what the study's smallest profiles train
 MAX_LENGTH = 32
 TRAIN = TrainConfig(batch_size=8, max_steps=2, selection_batches=2, threads=1)
 PER_CLIENT = 32  # examples per client
+
+pytestmark = pytest.mark.slow
 
 
 def disjoint_clients() -> tuple[dict[str, object], int]:
@@ -95,7 +98,7 @@ def test_disjoint_clients_sets_and_their_overlap_are_measured(measured, record_p
         assert max(map(len, sets.values())) <= m["union"] <= 2 * BUDGET
 
 
-@pytest.mark.xfail(strict=True, reason="PLACEHOLDER")
 def test_hfedmoe_sets_overlap_less_than_fedmoes_for_disjoint_labels(measured):
     hfedmoe, fedmoe = measured["hfedmoe"][1], measured["fedmoe"][1]
+    # measured: hfedmoe 0.714 (5 of 7 experts shared), fedmoe 1.0 (the same 6 experts)
     assert hfedmoe["jaccard"] < fedmoe["jaccard"]
