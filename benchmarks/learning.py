@@ -14,6 +14,11 @@ Statistics: per strategy the mean final accuracy over seeds with a 95% t interva
 paired difference to HFedMoE by seed (same partition, budgets and initial model) with its
 interval; the same for the mean accuracy of the last 5 rounds (less round-to-round noise).
 
+Selection: every round row keeps the experts each device trained (``selected``) and how those
+sets overlap and what they cover (``selection``: mean pairwise Jaccard overlap and overlap
+coefficient, distinct experts and their share of the model; :func:`server.rounds.
+selection_measures`); the summary has their means over rounds (``selection_mean``).
+
 Budgets: ``--train-time-s`` is the compute window each device budgets for (emulated seconds).
 The default 600 is long enough for 2 steps that the profiles' training-memory quotas set the
 budgets (3-20 of 48 here, 8 of 10 devices at or below E/4); ``auto`` picks the shortest window
@@ -25,7 +30,7 @@ accuracy at that alpha. ``--data PATH`` runs on a user dataset (.jsonl/.csv/.par
 text and label columns) instead of the bundled ChatterBot corpus.
 
     python -m benchmarks.learning [--quick] [--jobs 2] [--data PATH] [--alphas 0.5,0.1]
-                                  [--seeds 0,1,2,3,4] [--out r.jsonl]
+                                  [--seeds 0,1,2,3,4] [--fraction 1.0] [--out r.jsonl]
     python -m benchmarks.learning --from-rows a.jsonl,b.jsonl --out summary.jsonl
 
 Defaults (the study in docs/results.md, which was run with ``--lr 1e-4 --head-lr 1e-3``
@@ -59,11 +64,14 @@ from benchmarks._common import (
     table,
     write_rows,
 )
+from hfedmoe.errors import ConfigError
 
 STRATEGIES = ("hfedmoe", "hfedmoe-importance", "hfedmoe-uniform", "fedmoe", "fedavg-random",
               "fedavg-full")
-SETTINGS = ("data", "devices", "rounds", "max_steps", "selection_batches", "num_experts", "top_k",
-            "max_length", "batch_size", "lr", "head_lr", "upcycle", "train_time_s", "max_eval")
+SETTINGS = ("data", "devices", "fraction", "rounds", "max_steps", "selection_batches",
+            "num_experts", "top_k", "max_length", "batch_size", "lr", "head_lr", "upcycle",
+            "train_time_s", "max_eval")
+SELECTION = ("jaccard", "overlap_coef", "union", "coverage")  # server.rounds.selection_measures
 STUDY = ("hfedmoe", "fedavg-random", "fedmoe", "fedavg-full")  # the default run; ablations opt in
 PROFILES = ("phone-midrange-6gb", "raspberry-pi-5-8gb", "jetson-orin-nano-8gb",
             "phone-flagship-12gb", "laptop-cpu-16gb", "jetson-agx-orin-32gb")
@@ -155,7 +163,8 @@ def server_config(args: argparse.Namespace, strategy: str, alpha: float, seed: i
                           max_steps=args.max_steps, threads=args.threads,
                           selection_batches=args.selection_batches, adapter=adapter or "full"),
         rounds=RoundConfig(rounds=args.rounds, train_time_s=args.train_time_s,
-                           deadline_s=max(120.0, args.train_time_s), seed=seed),
+                           deadline_s=max(120.0, args.train_time_s), seed=seed,
+                           fraction=args.fraction),
         wire=WireConfig())
 
 
@@ -168,12 +177,22 @@ def run_one(args: argparse.Namespace, strategy: str, alpha: float, seed: int,
         t0 = time.perf_counter()
         metrics = simulate(cfg, args.devices, profiles)
         wall = time.perf_counter() - t0
+    return study_rows(metrics, strategy, alpha, seed, wall)
+
+
+def study_rows(metrics: list[dict], strategy: str, alpha: float, seed: int,
+               wall: float) -> list[dict]:
+    """The study's round rows of one run from the simulation's metrics rows: accuracy, bytes
+    and emulated time (per round and cumulated), budgets, signals, what each device held and
+    the experts each trained (``selected``: device -> expert ids), and the round's overlap and
+    coverage of those sets (``selection``, :func:`server.rounds.selection_measures`)."""
     rows = []
     cum_bytes = cum_time = 0.0
     for m in metrics:
         if m["phase"] == "round":
             cum_bytes += m["bytes_in"]
             cum_time += m["round_s"]
+        held = m.get("held", {})
         rows.append({"bench": "learning", "kind": "round", "strategy": strategy, "alpha": alpha,
                      "seed": seed, "round": m["round"], "accuracy": m.get("accuracy"),
                      "loss": m.get("loss"), "bytes_in": m.get("bytes_in", 0),
@@ -181,8 +200,24 @@ def run_one(args: argparse.Namespace, strategy: str, alpha: float, seed: int,
                      "cum_emulated_s": round(cum_time, 2), "wall_s": m.get("wall_s", 0.0),
                      "experts_updated": m.get("experts_updated", 0),
                      "budgets": m.get("budgets", {}), "signals": m.get("signals", {}),
-                     "held": m.get("held", {}), "run_wall_s": round(wall, 1)})
+                     "held": held, "run_wall_s": round(wall, 1),
+                     "selected": {d: h["expert_ids"] for d, h in sorted(held.items())
+                                  if "expert_ids" in h},
+                     "selection": m.get("selection", {})})
     return rows
+
+
+def selection_mean(rows: list[dict]) -> dict[str, float]:
+    """Per measure of the rounds' ``selection`` (Jaccard overlap, overlap coefficient, union,
+    coverage), its mean over the round rows that have it (a round with fewer than two
+    clients has no overlap)."""
+    out = {}
+    for k in SELECTION:
+        values = [v for r in rows if isinstance(v := (r.get("selection") or {}).get(k),
+                                                (int, float))]
+        if values:
+            out[k] = round(statistics.fmean(values), 4)
+    return out
 
 
 # two-sided 95% Student t quantiles t_{0.975, df}
@@ -241,8 +276,9 @@ def summarize(rows: list[dict], strategies: Sequence[str], target: float | None,
                     reached.append(hit)
             tmean, thalf = ci95([tail(s, sd) for sd in seeds])
             mean, half = ci95(finals)
-            signals = [r.get("signals") or {} for r in rows
-                       if (r["alpha"], r["strategy"]) == (alpha, s) and r["round"] >= 0]
+            runs = [r for r in rows if (r["alpha"], r["strategy"]) == (alpha, s)
+                    and r["round"] >= 0]
+            signals = [r.get("signals") or {} for r in runs]
             row = {"bench": "learning", "kind": "summary", "strategy": s, "alpha": alpha,
                    "seeds": seeds, "target_accuracy": round(tgt, 4),
                    "final_accuracy_ci95": [round(mean - half, 4), round(mean + half, 4)],
@@ -251,6 +287,7 @@ def summarize(rows: list[dict], strategies: Sequence[str], target: float | None,
                    "signals_mean": {k: round(statistics.fmean(sg[k] for sg in signals
                                                               if k in sg), 4)
                                     for k in sorted({k for sg in signals for k in sg})},
+                   "selection_mean": selection_mean(runs),
                    "initial_accuracy_mean": round(statistics.mean(initial), 4),
                    "final_accuracy_mean": round(statistics.mean(finals), 4),
                    "final_accuracy_std": round(statistics.pstdev(finals), 4),
@@ -374,11 +411,13 @@ def print_summary(summary: list[dict]) -> None:
                   r.get("rounds_to_target_mean", "-"), r.get("emulated_s_to_target_mean", "-"),
                   f"{r['bytes_to_target_mean'] / 1e6:.0f}" if "bytes_to_target_mean" in r
                   else "-", f"{r['bytes_total_mean'] / 1e6:.0f}",
-                  r.get("bytes_total_vs_fedavg_full", "")] for r in summary],
+                  r.get("bytes_total_vs_fedavg_full", ""),
+                  r.get("selection_mean", {}).get("jaccard", "-"),
+                  r.get("selection_mean", {}).get("union", "-")] for r in summary],
                 ["alpha", "strategy", "initial acc", "final acc [95% CI]",
                  "hfedmoe - this", "last-5 acc", "hfedmoe - this (last 5)", "target",
                  "reached", "rounds to tgt", "emul. s to tgt", "MB to tgt", "MB total",
-                 "bytes x full"]))
+                 "bytes x full", "Jaccard", "experts / round"]))
 
 
 def summarize_stored(args: argparse.Namespace) -> int:
@@ -416,6 +455,8 @@ def build_parser(description: str = __doc__.splitlines()[0]) -> argparse.Argumen
                         "NAME+lora trains LoRA factors on the selected experts (train.adapter)")
     p.add_argument("--profiles", default=",".join(PROFILES), help="device profiles, cycled")
     p.add_argument("--devices", type=int, default=None)
+    p.add_argument("--fraction", type=float, default=1.0,
+                   help="share of the devices sampled each round (rounds.fraction, in (0, 1])")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--num-experts", type=int, default=None)
@@ -441,8 +482,12 @@ def build_parser(description: str = __doc__.splitlines()[0]) -> argparse.Argumen
     return p
 
 
+COUNTS = ("devices", "rounds")  # 0 is a count that makes no sense, not "the default"
+
+
 def resolve_defaults(args: argparse.Namespace) -> None:
-    """Fill the options left unset: the study's values, or the quick run's."""
+    """Fill the options left unset (or 0, besides :data:`COUNTS`): the study's values, or the
+    quick run's."""
     q = args.quick
     defaults = dict(alphas="0.5" if q else "0.5,0.1", seeds="0" if q else "0,1,2,3,4",
                     strategies="hfedmoe,fedavg-full" if q else ",".join(STUDY),
@@ -450,7 +495,8 @@ def resolve_defaults(args: argparse.Namespace) -> None:
                     num_experts=2 if q else 8, top_k=1 if q else 2,
                     max_length=32 if q else 64, max_eval=32 if q else 0)
     for k, v in defaults.items():
-        if getattr(args, k) in (None, 0) or (k == "max_eval" and q and args.max_eval == 0):
+        unset = getattr(args, k) is None or (getattr(args, k) == 0 and k not in COUNTS)
+        if unset or (k == "max_eval" and q and args.max_eval == 0):
             setattr(args, k, v)
     if q and args.train_time_s == "600":
         args.train_time_s = "auto"
@@ -458,14 +504,49 @@ def resolve_defaults(args: argparse.Namespace) -> None:
         args.threads = max(1, (os.cpu_count() or 1) // args.jobs)
 
 
+def _numbers(text: str, kind: type, option: str) -> list[Any]:
+    try:
+        return [kind(x) for x in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{option} wants a comma list of {kind.__name__}s, got {text!r}"
+                          ) from None
+
+
+def check_args(args: argparse.Namespace) -> tuple[list[float], list[int], list[str]]:
+    """The study's alphas, seeds and strategies from ``args`` (defaults resolved); a setting
+    that makes no sense is a :class:`~hfedmoe.errors.ConfigError` before anything runs."""
+    alphas = _numbers(args.alphas, float, "--alphas")
+    seeds = _numbers(args.seeds, int, "--seeds")
+    strategies = args.strategies.split(",")
+    problems = [
+        (any(a <= 0 for a in alphas), f"--alphas must be > 0 (Dirichlet), got {args.alphas}"),
+        (any(sd < 0 for sd in seeds), f"--seeds must be >= 0, got {args.seeds}"),
+        (len(set(seeds)) < len(seeds), f"--seeds repeats a seed: {args.seeds}"),
+        (args.devices < 1, f"--devices must be >= 1 (the clients), got {args.devices}"),
+        (not 0 < args.fraction <= 1,
+         f"--fraction (the share of the {args.devices} devices sampled each round) must be "
+         f"in (0, 1], got {args.fraction}"),
+        (args.rounds < 1, f"--rounds must be >= 1, got {args.rounds}"),
+        (args.jobs < 1, f"--jobs must be >= 1, got {args.jobs}"),
+        (args.threads < 0, f"--threads must be >= 0 (0: CPUs / jobs), got {args.threads}"),
+        (args.max_eval < 0, f"--max-eval must be >= 0 (0: all), got {args.max_eval}"),
+    ]
+    unknown = [s for s in strategies if (name := s.partition("+"))[0] not in STRATEGIES
+               or name[2] not in ("", "lora")]
+    problems.append((bool(unknown), f"unknown strategies {unknown}: each is one of "
+                                    f"{', '.join(STRATEGIES)}, alone or with +lora"))
+    bad = [msg for wrong, msg in problems if wrong]
+    if bad:
+        raise ConfigError("; ".join(bad))
+    return alphas, seeds, strategies
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.from_rows:
         return summarize_stored(args)
     resolve_defaults(args)
-    alphas = [float(x) for x in args.alphas.split(",")]
-    seeds = [int(x) for x in args.seeds.split(",")]
-    strategies = args.strategies.split(",")
+    alphas, seeds, strategies = check_args(args)
     profile_names = args.profiles.split(",")
     profiles = [profile_names[i % len(profile_names)] for i in range(args.devices)]
     rows: list[dict] = []

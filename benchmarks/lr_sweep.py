@@ -98,9 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     learning.resolve_defaults(args)
     lrs = [float(x) for x in args.lrs.split(",")]
     head_lrs = [float(x) for x in args.head_lrs.split(",")]
-    alphas = [float(x) for x in args.alphas.split(",")]
-    seeds = [int(x) for x in args.seeds.split(",")]
-    strategies = args.strategies.split(",")
+    alphas, seeds, strategies = learning.check_args(args)
     names = args.profiles.split(",")
     profiles = [names[i % len(names)] for i in range(args.devices)]
     pins = learning.measure_pins(args)

@@ -64,6 +64,7 @@ class ModelConfig:
         _check(self.num_labels >= 0, "model.num_labels must be >= 0")
         _check(self.router_jitter >= 0, "model.router_jitter must be >= 0")
         _check(8 <= self.max_length <= 4096, "model.max_length must be in [8, 4096]")
+        _check(self.seed >= 0, f"model.seed must be >= 0, got {self.seed}")
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class DataConfig:
         _check(self.alpha > 0, f"data.alpha must be > 0, got {self.alpha}")
         _check(self.labels_per_client >= 1, "data.labels_per_client must be >= 1")
         _check(0.0 < self.test_fraction < 1.0, "data.test_fraction must be in (0, 1)")
+        _check(self.seed >= 0, f"data.seed must be >= 0, got {self.seed}")
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,7 @@ class MethodConfig:
         _check(not (self.dp_max_epsilon > 0 and self.dp_noise_multiplier == 0),
                "method.dp_max_epsilon needs method.dp_noise_multiplier > 0 (without noise "
                "every round spends an infinite epsilon)")
+        _check(self.seed >= 0, f"method.seed must be >= 0, got {self.seed}")
 
 
 @dataclass(frozen=True)

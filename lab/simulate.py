@@ -99,6 +99,7 @@ def simulate(cfg: Any, num_devices: int, profiles: list[str], measure_repeats: i
             now when None); give one to rerun with the same budgets.
     """
     _check_backend(backend, ray_workers)
+    check_devices(cfg, num_devices, profiles)
     sim = _setup(cfg, num_devices, profiles, measure_repeats, calibration)
     try:
         rows = [_write(sim.run_dir, initial_row(_evaluate(sim)))]
@@ -168,6 +169,21 @@ def _check_backend(backend: str, ray_workers: int) -> None:
         from lab.ray_backend import require_ray
 
         require_ray()  # before anything slow: a missing extra fails at once
+
+
+def check_devices(cfg: Any, num_devices: int, profiles: list[str]) -> None:
+    """Refuse a simulation whose devices make no sense, before anything is built: no device,
+    a profile list that does not give each device one, or more updates asked of a round
+    (``rounds.min_updates``) than there are devices."""
+    from hfedmoe.errors import ConfigError
+
+    if num_devices < 1:
+        raise ConfigError(f"a simulation needs at least one device, got {num_devices}")
+    if len(profiles) != num_devices:
+        raise ConfigError(f"{len(profiles)} device profiles for {num_devices} devices")
+    if cfg.rounds.min_updates > num_devices:
+        raise ConfigError(f"rounds.min_updates = {cfg.rounds.min_updates} asks each round for "
+                          f"more updates than the {num_devices} simulated devices")
 
 
 def _setup(cfg: Any, num_devices: int, profiles: list[str], measure_repeats: int,
@@ -277,7 +293,8 @@ def _round(sim: _Simulation, r: int) -> dict[str, Any]:
         dense_bytes=dense_update_bytes(sim.global_state, sim.cfg.wire.dtype),
         method=sim.cfg.method, noised_updates={d.id: d.dp_rounds for d in sim.devices},
         aggregation_s=agg_s, round_s=max(tally.device_s, default=0.0),
-        wall_s=time.perf_counter() - wall0, bytes_out=bytes_out, skipped=skipped)
+        wall_s=time.perf_counter() - wall0, num_experts=len(sim.model.expert_ids()),
+        bytes_out=bytes_out, skipped=skipped)
     row["run_dir_bytes"] = _checkpoint(sim, r, metrics)
     return row
 

@@ -74,8 +74,13 @@ class RoundConfig:
             raise ConfigError("rounds.deadline_s must be > 0 and registration_timeout_s >= 0")
         if self.min_updates < 0 or self.min_devices < 1:
             raise ConfigError("rounds.min_updates must be >= 0 and min_devices >= 1")
-        if not 0 < self.fraction <= 1 or self.over_select < 0:
-            raise ConfigError("rounds.fraction must be in (0, 1] and over_select >= 0")
+        if not 0 < self.fraction <= 1:
+            raise ConfigError(f"rounds.fraction (the share of online devices chosen each "
+                              f"round) must be in (0, 1], got {self.fraction}")
+        if self.over_select < 0:
+            raise ConfigError(f"rounds.over_select must be >= 0, got {self.over_select}")
+        if self.seed < 0:
+            raise ConfigError(f"rounds.seed must be >= 0, got {self.seed}")
         for d in self.allowed_devices:
             check_id(d, "device id")
 

@@ -302,7 +302,8 @@ class Coordinator:
             records={p["client"]: p for p in self.store.participation(r.round_idx)},
             usage=r.usage, disagreement=r.disagreement, dense_bytes=self.dense_bytes,
             method=self.cfg.method, noised_updates=noised, aggregation_s=agg_s,
-            round_s=round_s, wall_s=round_s, rejected=r.rejected, late=r.late,
+            round_s=round_s, wall_s=round_s, num_experts=len(self.model.expert_ids()),
+            rejected=r.rejected, late=r.late,
             bytes_out=r.bytes_out, skipped=r.skipped)
 
     def _tick(self) -> None:

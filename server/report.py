@@ -3,7 +3,8 @@
 Reads ``metrics.jsonl`` (one row per round, plus the initial evaluation) and ``run.db``
 (devices with their reports and budgets, rejections). Plots: accuracy/loss per round and per
 wall-clock second, bytes per round, per-device budgets and measured step times, a heatmap of
-the experts each device trained, and accepted/rejected/late counts.
+the experts each device trained, and accepted/rejected/late counts. Per round, which device
+trained which expert and how the devices' sets overlap (:mod:`server.selection_view`).
 
 The page is ``server/dashboard/templates/report.html`` (:mod:`server.pages`), styled by the
 live dashboard's stylesheet, inlined. Rounds are numbered as the console numbers them
@@ -25,6 +26,7 @@ from typing import Any
 from hfedmoe.errors import StoreError
 from server.pages import stylesheet, template
 from server.rounds import INITIAL, round_label
+from server.selection_view import selection_section
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -300,7 +302,7 @@ def render_report(run_name: str, rows: list[dict[str, Any]], stored: dict[str, A
     devices = stored["devices"]
     sections = [_rounds_section(rows),
                 *_plot_sections(_plots(rows, devices), _device_rows(rows, devices)),
-                _budget_section(rows), _privacy_section(rows), _latency_section(latency_rows),
+                selection_section(rows), _budget_section(rows), _privacy_section(rows), _latency_section(latency_rows),
                 _skips_section(stored["skips"]), _rejections_section(stored["rejections"])]
     finished = sum(r.get("phase") == "round" for r in rows)
     summary = f"{finished} round{'s' * (finished != 1)} · {len(devices)} devices"

@@ -2,8 +2,10 @@
 
 Pure functions over values (no clock, file or socket): which devices take part in a round
 (:func:`choose_participants`), what one accepted update says about its device's round (the
-participation record, :func:`participation_record`), and the metrics row of a closed round
-(:func:`round_row`) or of the initial evaluation (:func:`initial_row`). The coordinator
+participation record, :func:`participation_record`, with the experts the update trained),
+how the clients' trained sets of a round overlap and what they cover
+(:func:`selection_measures`), and the metrics row of a closed round (:func:`round_row`) or of
+the initial evaluation (:func:`initial_row`). The coordinator
 (:mod:`server.coordinator`) and the simulator (:mod:`lab.simulate`) both call them, so a live
 run and a simulated one write rows with the same keys and meanings.
 
@@ -19,8 +21,10 @@ as ``round_idx + 1``: the demo's console, the dashboard and the report say initi
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import random
+import statistics
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
@@ -116,6 +120,12 @@ def experts_in(update: SparseUpdate) -> frozenset[ExpertId]:
     return frozenset(pk.expert for k in update.deltas if (pk := parse_key(k)).kind == "expert")
 
 
+def expert_ids_of(update: SparseUpdate) -> tuple[str, ...]:
+    """The experts an update trained, as sorted ``"layer:expert"`` ids (by layer, then expert):
+    what a participation record and a row keep of the device's selection."""
+    return tuple(str(e) for e in sorted(experts_in(update)))
+
+
 def disagreement_of(update: SparseUpdate) -> float | None:
     """How far the device's selection ranked experts apart from importance (None: unsaid)."""
     dis = update.meta.ib_vs_importance
@@ -125,12 +135,14 @@ def disagreement_of(update: SparseUpdate) -> float | None:
 @dataclasses.dataclass(frozen=True)
 class Participation:
     """Per device and round: the budget, what was sent, what held optimizer state, and what
-    the device's plan says limited it. ``optimizer_experts`` is -1 when not reported."""
+    the device's plan says limited it. ``optimizer_experts`` is -1 when not reported;
+    ``expert_ids`` are the experts the update trained (:func:`expert_ids_of`)."""
 
     budget: int
     experts_sent: int
     optimizer_experts: int
     bytes: int
+    expert_ids: tuple[str, ...] = ()
     steps: int | None = None
     selected: int | None = None
     limit: str | None = None
@@ -143,10 +155,11 @@ class Participation:
         """What the participation store keeps besides budget, experts_sent and
         optimizer_experts."""
         columns = ("budget", "experts_sent", "optimizer_experts")
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in columns}
+        return {k: v for k, v in self.to_dict().items() if k not in columns}
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """JSON-ready (``expert_ids`` as a list, as a stored record reads back)."""
+        return {**dataclasses.asdict(self), "expert_ids": list(self.expert_ids)}
 
 
 def participation_record(budget: int, update: SparseUpdate, nbytes: int) -> Participation:
@@ -154,9 +167,10 @@ def participation_record(budget: int, update: SparseUpdate, nbytes: int) -> Part
     device's registered ``budget`` and what the update's ``meta`` says about its round."""
     meta = update.meta
     state = meta.optimizer_experts
+    ids = expert_ids_of(update)
     return Participation(
-        budget=budget, experts_sent=len(experts_in(update)),
-        optimizer_experts=state if state is not None else -1, bytes=nbytes,
+        budget=budget, experts_sent=len(ids),
+        optimizer_experts=state if state is not None else -1, bytes=nbytes, expert_ids=ids,
         steps=meta.steps, selected=meta.selected, limit=meta.limit, reason=meta.reason,
         stopped_by=meta.stopped_by, budget_limit=meta.budget_limit,
         latency=meta.recorded_latency())
@@ -166,6 +180,43 @@ def held_entry(record: Mapping[str, Any]) -> dict[str, Any]:
     """A participation record as a row's ``held`` shows it: without its round, device and
     timings (a stored record carries ``round`` and ``client``)."""
     return {k: v for k, v in record.items() if k not in ("round", "client", *TIMINGS)}
+
+
+# --- what the round's clients selected -------------------------------------------------------
+def selection_measures(sets: Mapping[str, Iterable[Any]], num_experts: int) -> dict[str, Any]:
+    """How much the experts the clients of one round trained overlap, and what they cover.
+
+    Over every pair of clients: the mean Jaccard overlap |A ∩ B| / |A ∪ B| and the mean overlap
+    coefficient |A ∩ B| / min(|A|, |B|) (1 whenever the smaller set lies inside the larger, as
+    when every client trains a prefix of one ranking). A pair of empty sets has no Jaccard
+    overlap and a pair with an empty set no overlap coefficient; a mean over no pair is None
+    (fewer than two clients). ``union`` counts the distinct experts any client trained;
+    ``coverage`` is that over the model's ``num_experts`` (None when 0: unknown).
+
+    Args:
+        sets: client -> the experts its update trained (any hashable ids).
+        num_experts: experts in the model (all layers).
+    """
+    named = {c: frozenset(s) for c, s in sets.items()}
+    jaccard, coef = [], []
+    for a, b in itertools.combinations(sorted(named), 2):
+        both, either = named[a] & named[b], named[a] | named[b]
+        if either:
+            jaccard.append(len(both) / len(either))
+        if named[a] and named[b]:
+            coef.append(len(both) / min(len(named[a]), len(named[b])))
+    union = len(frozenset().union(*named.values()))
+    return {"clients": len(named),
+            "jaccard": statistics.fmean(jaccard) if jaccard else None,
+            "overlap_coef": statistics.fmean(coef) if coef else None,
+            "union": union, "coverage": union / num_experts if num_experts > 0 else None}
+
+
+def selected_sets(records: Mapping[str, Mapping[str, Any]]) -> dict[str, list[str]]:
+    """Device -> the experts its update trained, from the round's participation records (a
+    record stored before records carried ``expert_ids`` is left out)."""
+    return {d: list(rec["expert_ids"]) for d, rec in sorted(records.items())
+            if rec.get("expert_ids") is not None}
 
 
 # --- rows ----------------------------------------------------------------------------------------
@@ -180,8 +231,9 @@ def round_row(round_idx: int, *, participants: Sequence[str], accepted: Mapping[
               usage: Mapping[str, Mapping[ExpertId, float]],
               disagreement: Mapping[str, float], dense_bytes: int, method: Any,
               noised_updates: Mapping[str, int], aggregation_s: float, round_s: float,
-              wall_s: float, rejected: int = 0, late: int = 0, bytes_out: int = 0,
-              skipped: Mapping[str, list[str]] | None = None) -> dict[str, Any]:
+              wall_s: float, num_experts: int, rejected: int = 0, late: int = 0,
+              bytes_out: int = 0, skipped: Mapping[str, list[str]] | None = None
+              ) -> dict[str, Any]:
     """The metrics row of a closed round.
 
     Args:
@@ -200,6 +252,7 @@ def round_row(round_idx: int, *, participants: Sequence[str], accepted: Mapping[
         aggregation_s: seconds the aggregation took.
         round_s: the round's time (wall time live, emulated device time simulated).
         wall_s: the round's wall time on the driver.
+        num_experts: experts in the model (all layers), for the round's coverage.
         rejected, late, bytes_out: the round's rejected and late updates, model bytes sent.
         skipped: participant -> why it sat the round out.
     """
@@ -216,6 +269,7 @@ def round_row(round_idx: int, *, participants: Sequence[str], accepted: Mapping[
         "dense_bytes": dense_bytes * len(accepted),
         "skipped": dict(skipped or {}),
         "signals": round_signals(devices, usage, disagreement, method.tau),
+        "selection": selection_measures(selected_sets(records), num_experts),
     }
     # epsilon per device over the noised updates accepted (a device counts every update it
     # sent, so its own figure can only be higher)

@@ -141,6 +141,11 @@ def test_learning_quick(tmp_path, needs_minilm):
         lo, hi = r["last5_accuracy_ci95"]
         assert lo <= r["last5_accuracy_mean"] <= hi
     assert "hfedmoe_minus_this_last5" in next(r for r in summary if r["strategy"] != "hfedmoe")
+    # each device's trained experts per round, and the round's overlap and coverage
+    for r in (r for r in rounds if r["round"] >= 0):
+        assert sorted(r["selected"]) == sorted(r["held"]) and r["selection"]["clients"] == 3
+        assert r["selection"]["union"] == len({e for s in r["selected"].values() for e in s})
+    assert all({"jaccard", "union", "coverage"} <= set(r["selection_mean"]) for r in summary)
     _plot_ok(tmp_path / "r.png")
 
 

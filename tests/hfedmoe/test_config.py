@@ -55,6 +55,9 @@ def test_executorch_capacity_factor_is_unset_by_default_and_read_as_a_float(tmp_
     ("[train]\nexecutorch_capacity_factor = 'big'\n",
      r"train.executorch_capacity_factor: expected a number"),
     ("[method\n", r"invalid TOML"),
+    ("[model]\nseed = -1\n", r"model.seed must be >= 0, got -1"),
+    ("[data]\nseed = -3\n", r"data.seed must be >= 0, got -3"),
+    ("[method]\nseed = -2\n", r"method.seed must be >= 0, got -2"),
 ])
 def test_bad_config_is_a_clear_typed_error(tmp_path, text, match):
     path = tmp_path / "bad.toml"

@@ -4,6 +4,7 @@ file, styled by the dashboard's stylesheet."""
 from __future__ import annotations
 
 import html.parser
+import re
 from pathlib import Path
 
 import server.dashboard
@@ -79,3 +80,17 @@ def test_report_is_its_template_with_the_dashboards_stylesheet(tmp_path):
     assert page.count("data:image/png;base64,") == 5
     assert "<h1>HFedMoE run: run</h1>" in page and "2 rounds · 2 devices" in page
     assert first_column(t.tables["Per device"]) == ["laptop", "phone"]
+
+
+def test_report_shows_which_device_trained_which_expert_and_the_overlap(tmp_path):
+    page, t = report(tmp_path)
+    # round, devices, Jaccard, overlap coefficient, experts trained, share of the 16 experts
+    assert t.tables["Experts selected per round"][1:] == [
+        ["1", "2", "0.500", "1.000", "2", "12.5%"],
+        ["2", "1", "-", "-", "2", "12.5%"]]
+    # a column per expert trained in the run, by layer then index; the last line counts
+    assert re.findall(r"<th class='e'>([^<]+)</th>", page) == ["0:1", "1:2", "1:3"] * 2
+    assert t.tables["Round 1"][1:] == [["laptop", "■", "", ""], ["phone", "■", "■", ""],
+                                      ["devices", "2", "1", "0"]]
+    assert t.tables["Round 2"][1:] == [["phone", "■", "", "■"], ["devices", "1", "0", "1"]]
+    assert page.count("<details open>") == 1  # the last round's matrix

@@ -26,6 +26,8 @@ from server.rounds import (
     participation_record,
     round_label,
     round_row,
+    selected_sets,
+    selection_measures,
     updates_expected,
 )
 
@@ -80,16 +82,17 @@ def test_participation_record_reads_the_update_and_its_plan():
                       "ib_vs_importance": 0.25})
     rec = participation_record(5, update, 1234)
     assert rec == Participation(budget=5, experts_sent=2, optimizer_experts=2, bytes=1234,
-                                steps=3, selected=4, limit="memory", reason="2 experts fit",
-                                stopped_by="plan", budget_limit="time",
+                                expert_ids=("1:2", "1:3"), steps=3, selected=4, limit="memory",
+                                reason="2 experts fit", stopped_by="plan", budget_limit="time",
                                 latency={"step": {"median": 0.25}, "upload_prev": {"s": 1.5}})
-    assert rec.info() == {"bytes": 1234, "steps": 3, "selected": 4, "limit": "memory",
-                          "reason": "2 experts fit", "stopped_by": "plan",
+    # JSON-ready: the ids as a list, as the store reads them back
+    assert rec.info() == {"bytes": 1234, "expert_ids": ["1:2", "1:3"], "steps": 3, "selected": 4,
+                          "limit": "memory", "reason": "2 experts fit", "stopped_by": "plan",
                           "budget_limit": "time", "latency": rec.latency}
     assert held_entry({"round": 0, "client": "d", **rec.to_dict()}) == {
-        "budget": 5, "experts_sent": 2, "optimizer_experts": 2, "bytes": 1234, "steps": 3,
-        "selected": 4, "limit": "memory", "reason": "2 experts fit", "stopped_by": "plan",
-        "budget_limit": "time"}
+        "budget": 5, "experts_sent": 2, "optimizer_experts": 2, "bytes": 1234,
+        "expert_ids": ["1:2", "1:3"], "steps": 3, "selected": 4, "limit": "memory",
+        "reason": "2 experts fit", "stopped_by": "plan", "budget_limit": "time"}
     assert disagreement_of(update) == 0.25
 
 
@@ -104,6 +107,47 @@ def test_participation_record_without_a_plan_or_with_odd_meta():
     assert experts_in(_update({}, experts=(E12, E20))) == {E12, E20}
 
 
+def test_participation_record_sorts_expert_ids_by_layer_then_expert():
+    e = [ExpertId(10, 0), ExpertId(2, 11), ExpertId(2, 3)]  # as strings "10:0" < "2:11" < "2:3"
+    rec = participation_record(3, _update({}, experts=e), 1)
+    assert rec.expert_ids == ("2:3", "2:11", "10:0") and rec.experts_sent == 3
+
+
+# --- what the round's clients selected ---------------------------------------------------------
+def test_selection_measures_of_three_clients_on_hand_made_sets():
+    sets = {"a": {"0:1", "0:2", "1:0", "1:1"}, "b": {"0:1", "0:2"}, "c": {"2:0", "2:1"}}
+    # pairs a-b: 2 shared of 4 (Jaccard 1/2), b inside a (coefficient 1); a-c, b-c: disjoint
+    assert selection_measures(sets, 48) == {"clients": 3, "jaccard": 1 / 6,
+                                            "overlap_coef": 1 / 3, "union": 6,
+                                            "coverage": 0.125}
+
+
+def test_prefixes_of_one_ranking_overlap_fully_by_the_coefficient():
+    ranking = ["1:4", "0:0", "2:7", "0:3"]
+    sets = {"small": ranking[:1], "mid": ranking[:2], "big": ranking}
+    m = selection_measures(sets, 8)
+    # Jaccard: mid/big 2/4, small/big 1/4, small/mid 1/2
+    assert m == {"clients": 3, "jaccard": (0.5 + 0.25 + 0.5) / 3, "overlap_coef": 1.0,
+                 "union": 4, "coverage": 0.5}
+
+
+def test_selection_measures_with_one_client_empty_sets_or_no_model_size():
+    assert selection_measures({"a": {"0:1", "0:2"}}, 16) == {
+        "clients": 1, "jaccard": None, "overlap_coef": None, "union": 2, "coverage": 0.125}
+    assert selection_measures({}, 16) == {"clients": 0, "jaccard": None, "overlap_coef": None,
+                                          "union": 0, "coverage": 0.0}
+    # a client that trained no expert (budget 0): Jaccard 0 with a non-empty set, no
+    # coefficient; two empty sets: neither
+    assert selection_measures({"a": set(), "b": {"0:1"}, "c": set()}, 0) == {
+        "clients": 3, "jaccard": 0.0, "overlap_coef": None, "union": 1, "coverage": None}
+
+
+def test_selected_sets_from_live_and_stored_records():
+    records = {"b": {"expert_ids": ["0:1"]}, "a": {"expert_ids": []},
+               "old": {"budget": 2}}  # stored before records carried the ids
+    assert selected_sets(records) == {"a": [], "b": ["0:1"]}
+
+
 # --- rows ----------------------------------------------------------------------------------------
 def _report(client: str, updated, aggregated, alpha: float) -> ClientReport:
     return ClientReport(client, 4, frozenset(updated), frozenset(updated), frozenset(aggregated),
@@ -112,29 +156,32 @@ def _report(client: str, updated, aggregated, alpha: float) -> ClientReport:
 
 def _row(method: MethodConfig, **over):
     report = {"a": _report("a", {E12, E13}, {E12}, 0.5), "b": _report("b", {E12}, {E12}, 0.5)}
-    records = {c: participation_record(3, _update({"steps": 1}), n).to_dict()
-               for c, n in (("a", 100), ("b", 50))}
+    records = {c: participation_record(3, _update({"steps": 1}, experts), n).to_dict()
+               for c, n, experts in (("a", 100, (E12, E13)), ("b", 50, (E12,)))}
     args = dict(participants=["a", "b", "c"], accepted={"a": 100, "b": 50}, report=report,
                 metrics={"accuracy": 0.5}, budgets={"a": 3, "b": 3, "c": 2, "z": 9},
                 records=records, usage={"a": {E12: 0.5}, "b": {E12: 0.25}},
                 disagreement={"a": 0.5, "b": 0.25}, dense_bytes=1000, method=method,
                 noised_updates={"a": 2, "b": 1}, aggregation_s=0.25, round_s=3.0, wall_s=4.0,
-                rejected=1, late=2, bytes_out=70, skipped={"c": ["battery 10% < 20%"]})
+                num_experts=16, rejected=1, late=2, bytes_out=70, skipped={"c": ["battery 10% < 20%"]})
     return round_row(3, **{**args, **over})
 
 
 def test_round_row_from_hand_made_values():
     row = _row(MethodConfig(tau=0.3))
-    held = {"budget": 3, "experts_sent": 2, "optimizer_experts": -1, "steps": 1,
-            "selected": None, "limit": None, "reason": None, "stopped_by": None,
-            "budget_limit": None}
+    held = {"budget": 3, "optimizer_experts": -1, "steps": 1, "selected": None, "limit": None,
+            "reason": None, "stopped_by": None, "budget_limit": None}
     assert {k: v for k, v in row.items() if k not in ("devices", "signals")} == {
         "round": 3, "phase": "round", "participants": 3, "accepted": 2, "rejected": 1,
         "late": 2, "experts_updated": 1, "bytes_in": 150, "bytes_out": 70,
         "aggregation_s": 0.25, "round_s": 3.0, "wall_s": 4.0, "accuracy": 0.5,
         "budgets": {"a": 3, "b": 3, "c": 2}, "dense_bytes": 2000,
-        "held": {"a": {**held, "bytes": 100}, "b": {**held, "bytes": 50}},
-        "skipped": {"c": ["battery 10% < 20%"]}}
+        "held": {"a": {**held, "bytes": 100, "experts_sent": 2, "expert_ids": ["1:2", "1:3"]},
+                 "b": {**held, "bytes": 50, "experts_sent": 1, "expert_ids": ["1:2"]}},
+        "skipped": {"c": ["battery 10% < 20%"]},
+        # a: {1:2, 1:3}, b: {1:2}: Jaccard 1/2, b inside a; 2 of the model's 16 experts
+        "selection": {"clients": 2, "jaccard": 0.5, "overlap_coef": 1.0, "union": 2,
+                      "coverage": 0.125}}
     assert row["devices"]["a"] == {"routed": ["1:2", "1:3"], "updated": ["1:2", "1:3"],
                                    "aggregated": ["1:2"], "alpha": 0.5, "overlap": 1.0}
     signals = row["signals"]
@@ -155,6 +202,8 @@ def test_an_empty_round_and_the_initial_row():
     row = _row(MethodConfig(), accepted={}, report={}, records={}, usage={}, disagreement={})
     assert (row["accepted"], row["bytes_in"], row["dense_bytes"], row["held"]) == (0, 0, 0, {})
     assert row["experts_updated"] == 0 and row["signals"]["ib_disagreement"] == 0.0
+    assert row["selection"] == {"clients": 0, "jaccard": None, "overlap_coef": None,
+                                "union": 0, "coverage": 0.0}
     initial = initial_row({"accuracy": 0.25})
     assert initial == {"round": -1, "phase": "initial", "accuracy": 0.25}
     assert round_label(initial) == "initial" and round_label(row) == "4"
@@ -247,8 +296,17 @@ def test_the_coordinator_and_the_simulator_write_rows_of_the_same_shape(
         initial, row = rows
         evaluation = set(initial) - {"time", "round", "phase"}
         return (set(initial) - evaluation, set(row) - evaluation,
-                {frozenset(h) for h in row["held"].values()}, set(row["signals"]))
+                {frozenset(h) for h in row["held"].values()}, set(row["signals"]),
+                set(row["selection"]))
 
     assert [r["round"] for r in live] == [r["round"] for r in sim] == [-1, 0]
     assert shape(live) == shape(sim)
     assert live[1]["accepted"] == sim[1]["accepted"] == 2
+    # each live device sent expert 1:2 alone (the store's record read back); the tiny model
+    # has 2 MoE layers of 4 experts
+    assert [h["expert_ids"] for h in live[1]["held"].values()] == [["1:2"], ["1:2"]]
+    assert live[1]["selection"] == {"clients": 2, "jaccard": 1.0, "overlap_coef": 1.0,
+                                    "union": 1, "coverage": 1 / 8}
+    for h in sim[1]["held"].values():
+        assert h["experts_sent"] == len(h["expert_ids"])
+    assert sim[1]["selection"]["clients"] == 2
