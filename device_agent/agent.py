@@ -167,7 +167,8 @@ class DeviceAgent:
             max_length=max_length, deadline_s=max(train_window, 0.0),
             assignment=assignment, on_step=self._on_step,
             planner=make_planner(budget, enforce=strategy.uses_budget),
-            runtime=self.cfg.runtime))
+            runtime=self.cfg.runtime,
+            prior={ExpertId.parse(e): v for e, v in ann.prior.items()} or None))
         blob = encode(self._stamped(result, down), method.tau, self.cfg.wire)
         if method.dp_noise_multiplier > 0:  # a noised update is about to leave the device
             self.local["dp_rounds"] = int(self.local.get("dp_rounds", 0)) + 1

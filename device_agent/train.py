@@ -56,7 +56,7 @@ from hfedmoe.names import ExpertId
 from hfedmoe.precision import LowPrecisionFrozen
 from hfedmoe.privacy import privatize
 from hfedmoe.round_stats import RoundAccumulator, RoundStats
-from hfedmoe.selection import Selection, rank_experts, selection_generator
+from hfedmoe.selection import Selection, rank_experts, selection_generator, selection_scores
 from hfedmoe.signals import ranking_disagreement
 from hfedmoe.strategies import Strategy
 from hfedmoe.trainer import (
@@ -211,6 +211,10 @@ class RoundContext:
         clock: injectable monotonic clock (tests).
         runtime: ``"eager"`` or ``"executorch"`` (the training program a phone runs).
         backend: ExecuTorch backend (``"portable"`` or ``"xnnpack"``).
+        prior: the global routing prior u_global(e) the server announced (the selection's
+            client-specificity term, ``method.specificity``); None: none yet.
+        selection_data: the data the routing pass ranks experts on when the strategy reads
+            another client's (the ``hfedmoe-other`` control); None: ``data``.
     """
 
     model: MoEModel
@@ -228,6 +232,8 @@ class RoundContext:
     clock: Callable[[], float] = time.monotonic
     runtime: Literal["eager", "executorch"] = "eager"
     backend: str = "portable"
+    prior: Mapping[ExpertId, float] | None = None
+    selection_data: TextDataset | PairDataset | None = None
 
     def __post_init__(self) -> None:
         if self.runtime not in ("eager", "executorch"):
@@ -352,13 +358,12 @@ def _choose(ctx: RoundContext, rt: _Runtime, start: float) -> _Choice:
     cut = "max_steps" if len(batches) < len(available) else "data"
     if not batches:
         return _Choice(None, (), batches, cut, ctx.clock() - start)
-    stats = routing_pass(ctx.model, ctx.data, selection_sample(batches, cfg.selection_batches),
-                         mcfg, cfg, ctx.max_length, pad_to_max_length=rt.pad)
+    stats = _routing_stats(ctx, rt, batches)
     routing_s = ctx.clock() - start
     generator = (selection_generator(mcfg.seed, ctx.ids.client_id, ctx.ids.round_idx)
                  if ctx.strategy.needs_generator else None)
     selection = ctx.strategy.select(stats, rt.budget, generator=generator,
-                                    assignment=ctx.assignment)
+                                    assignment=ctx.assignment, prior=ctx.prior)
     ranked = tuple(selection.ranked())
     disagreement = ranking_disagreement(stats.scores("ib"), stats.scores("importance"),
                                         rt.budget)
@@ -368,6 +373,23 @@ def _choose(ctx: RoundContext, rt: _Runtime, start: float) -> _Choice:
         if plan.steps < len(batches):
             batches, cut = batches[: plan.steps], "plan"
     return _Choice(stats, ranked, batches, cut, routing_s, disagreement, plan)
+
+
+def _routing_stats(ctx: RoundContext, rt: _Runtime, batches: Sequence[Any]) -> RoundStats:
+    """The routing pass over a sample of the round's batches (of another client's data when the
+    strategy ranks on that, as many batches)."""
+    mcfg, cfg = ctx.mcfg, ctx.train
+    sample = selection_sample(batches, cfg.selection_batches)
+    data = ctx.data
+    if ctx.strategy.other_data:
+        if ctx.selection_data is None or not len(ctx.selection_data):
+            raise ConfigError(f"strategy {ctx.strategy.name} ranks experts on another client's "
+                              "data: only the simulator can give a device that")
+        data = ctx.selection_data
+        sample = selection_sample(round_batches(data, cfg, mcfg.seed, ctx.ids.round_idx),
+                                  len(sample))
+    return routing_pass(ctx.model, data, sample, mcfg, cfg, ctx.max_length,
+                        pad_to_max_length=rt.pad)
 
 
 def _make_trainer(ctx: RoundContext, rt: _Runtime, ranked: Sequence[ExpertId],
@@ -448,7 +470,7 @@ def _reselect(ctx: RoundContext, budget: int, batch: dict[str, torch.Tensor],
         model.module(input_ids=batch["input_ids"].to(device),
                      attention_mask=batch["attention_mask"].to(device))
     stats = compute_batch_stats(cap.scores, cap.routed, mcfg)
-    scores = stats.scores(mcfg.selection_key)
+    scores = selection_scores(stats, mcfg, ctx.prior)
     chosen: list[ExpertId] = []
     for e in rank_experts(scores):
         if len(chosen) >= budget:

@@ -8,6 +8,7 @@ and fall back to a plain string when they are not valid TOML.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -105,6 +106,14 @@ class MethodConfig:
     # "raw": rank scores as computed; "standardized": per layer (score - mean) / std over the
     # layer's candidates before the global sort, so no layer wins by the scale of its router
     layer_scale: Literal["raw", "standardized"] = "standardized"
+    # weight of the client-specificity term added to the standardized selection score: each
+    # routed expert's share of the client's divergence from the global routing prior the server
+    # announces, u_c(e) log(u_c(e) / u_global(e)) (docs/method.md, "Selection that reflects the
+    # client"); 0 is the paper's rule (Eq. 15 on I_b alone)
+    specificity: float = 0.0
+    # Eq. 18-21 gate weights: "importance" alpha(c) as the paper; "importance-size" alpha(c) x
+    # |D_c|; "data-size" |D_c| (FedAvg)
+    gate_weighting: Literal["importance", "importance-size", "data-size"] = "importance"
     eps: float = 1e-12
     dp_clip: float = 0.0  # 0: differential privacy off
     dp_noise_multiplier: float = 0.0
@@ -117,6 +126,11 @@ class MethodConfig:
         _check(self.beta >= 0.0, f"method.beta must be >= 0, got {self.beta}")
         _check(0.0 <= self.tau <= 1.0, f"method.tau must be in [0, 1], got {self.tau}")
         _check(self.per_layer_cap >= 0, "method.per_layer_cap must be >= 0")
+        _check(math.isfinite(self.specificity) and self.specificity >= 0,
+               f"method.specificity must be a finite number >= 0, got {self.specificity}")
+        _check(self.gate_weighting in ("importance", "importance-size", "data-size"),
+               f"method.gate_weighting must be importance, importance-size or data-size, "
+               f"got {self.gate_weighting!r}")
         _check(self.eps > 0, "method.eps must be > 0")
         _check(self.dp_clip >= 0 and self.dp_noise_multiplier >= 0,
                "method.dp_clip and method.dp_noise_multiplier must be >= 0")

@@ -47,6 +47,9 @@ _REQUIRED: Any = object()
 # --- reading untrusted JSON ---------------------------------------------------------------------
 
 
+_EXPERT_ID = re.compile(r"\d{1,6}:\d{1,6}")
+
+
 def _load(data: Any, max_bytes: int, what: str) -> dict[str, Any]:
     """``data`` as a JSON object of at most ``max_bytes`` bytes."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -376,6 +379,9 @@ class RoundAnnouncement:
     whole_max_bytes: int = 0
     eligibility: Mapping[str, Any] = field(default_factory=dict)
     budgets: Mapping[str, int] = field(default_factory=dict)
+    # the global routing prior u_global(e) by expert id "layer:expert" (server.rounds.
+    # routing_prior); empty before the first round closes
+    prior: Mapping[str, float] = field(default_factory=dict)
     MAX_BYTES: ClassVar[int] = 64 << 20
 
     def __post_init__(self) -> None:
@@ -402,6 +408,7 @@ class RoundAnnouncement:
             **({"max_length": self.max_length} if self.max_length is not None else {}),
             "participants": list(self.participants), "whole_max_bytes": self.whole_max_bytes,
             "eligibility": dict(self.eligibility), "budgets": dict(self.budgets),
+            **({"prior": dict(self.prior)} if self.prior else {}),
             "model": self.model.to_dict()})
 
     @classmethod
@@ -419,6 +426,10 @@ class RoundAnnouncement:
         budgets = _obj(raw, "budgets", w, {})
         _check(all(type(b) is int and b >= 0 for b in budgets.values()),
                f"{w}: budgets must be integers >= 0")
+        prior = _obj(raw, "prior", w, {})
+        _check(all(isinstance(k, str) and _EXPERT_ID.fullmatch(k) and type(v) in (int, float)
+                   and _finite(v) and 0.0 <= v <= 1.0 for k, v in prior.items()),
+               f"{w}: prior must map expert ids 'layer:expert' to usage in [0, 1]")
         return cls(
             round_idx=_int(raw, "round", w), deadline=_num(raw, "deadline", w),
             strategy=_str(raw, "strategy", w), method=_obj(raw, "method", w),
@@ -428,7 +439,8 @@ class RoundAnnouncement:
             train_time_s=_num(raw, "train_time_s", w, None, none=True),
             max_length=_int(raw, "max_length", w, None, lo=1, none=True),
             whole_max_bytes=_int(raw, "whole_max_bytes", w, 0),
-            eligibility=_obj(raw, "eligibility", w, {}), budgets=budgets)
+            eligibility=_obj(raw, "eligibility", w, {}), budgets=budgets,
+            prior={k: float(v) for k, v in prior.items()})
 
 
 @dataclass(frozen=True)

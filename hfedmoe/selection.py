@@ -20,6 +20,7 @@ largest sum of scores; with a cardinality budget that is a sort. Conventions of 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -29,6 +30,7 @@ from hfedmoe.config import MethodConfig
 from hfedmoe.errors import AlgorithmError
 from hfedmoe.importance import BatchStats
 from hfedmoe.names import ExpertId
+from hfedmoe.round_stats import RoundStats
 
 
 @dataclass(frozen=True)
@@ -115,13 +117,20 @@ def top_budget(scores: Mapping[ExpertId, float], budget: int, *, per_layer_cap: 
     return frozenset(kept)
 
 
-def select_experts(stats: BatchStats, budget: int, cfg: MethodConfig) -> Selection:
+def select_experts(stats: BatchStats | RoundStats, budget: int, cfg: MethodConfig,
+                   prior: Mapping[ExpertId, float] | None = None, *,
+                   reverse: bool = False) -> Selection:
     """Budgeted selection of Eq. 15: keep the top C_budget routed experts by I_b (or s_b).
 
     Args:
-        stats: the batch's statistics; candidates are ``stats.routed`` (E_union).
+        stats: the batch's (or round's) statistics; candidates are ``stats.routed`` (E_union).
         budget: C_budget of the client.
-        cfg: ``selection_key``, ``budget_scope`` and ``per_layer_cap``.
+        cfg: ``selection_key``, ``layer_scale``, ``specificity``, ``budget_scope`` and
+            ``per_layer_cap``.
+        prior: the global routing prior u_global(e) the server announces; with
+            ``cfg.specificity > 0`` the score gains ``specificity`` x the standardized
+            client-specificity term (:func:`specificity_scores`). None or empty: no such term.
+        reverse: keep the *bottom* C_budget by the same score (the anti-selection control).
 
     Returns:
         The :class:`Selection`, with the scores of every routed expert.
@@ -130,9 +139,9 @@ def select_experts(stats: BatchStats, budget: int, cfg: MethodConfig) -> Selecti
         AlgorithmError: negative budget or unknown selection key.
     """
     _check_budget(budget)
-    scores = stats.scores(cfg.selection_key)
-    if cfg.layer_scale == "standardized":
-        scores = standardize_per_layer(scores)
+    scores = selection_scores(stats, cfg, prior)
+    if reverse:
+        scores = {e: -v for e, v in scores.items()}
     quotas = None
     if cfg.budget_scope == "per-layer":
         quotas = _layer_quotas(stats.layers, budget, cfg.per_layer_cap)
@@ -140,6 +149,45 @@ def select_experts(stats: BatchStats, budget: int, cfg: MethodConfig) -> Selecti
     order = tuple(e for e in rank_experts(scores) if e in chosen)
     return Selection(experts=chosen, scores=scores, key=cfg.selection_key, budget=budget,
                      order=order)
+
+
+def selection_scores(stats: BatchStats | RoundStats, cfg: MethodConfig,
+                     prior: Mapping[ExpertId, float] | None = None) -> dict[ExpertId, float]:
+    """The score Eq. 15 ranks the routed experts by: I_b (or s_b), standardized per layer when
+    ``cfg.layer_scale`` says so, plus ``cfg.specificity`` x the standardized specificity term
+    when a prior is given."""
+    scores = stats.scores(cfg.selection_key)
+    if cfg.layer_scale == "standardized":
+        scores = standardize_per_layer(scores)
+    if cfg.specificity > 0 and prior:
+        spec = standardize_per_layer(specificity_scores(client_usage(stats), prior, cfg.eps))
+        scores = {e: v + cfg.specificity * spec.get(e, 0.0) for e, v in scores.items()}
+    return scores
+
+
+def client_usage(stats: BatchStats | RoundStats) -> dict[ExpertId, float]:
+    """u_c(e) of every routed expert: the mean gate score over the client's tokens (Eq. 10/16)."""
+    if isinstance(stats, RoundStats):
+        return {e: float(stats.usage.get(e, 0.0)) for e in sorted(stats.routed)}
+    return {e: float(stats.p_z[e.layer_idx][e.expert_idx]) for e in sorted(stats.routed)}
+
+
+def specificity_scores(usage: Mapping[ExpertId, float], prior: Mapping[ExpertId, float],
+                       eps: float = 1e-12) -> dict[ExpertId, float]:
+    """Each expert's share of the client's divergence from the global routing prior,
+    ``u_c(e) * log(u_c(e) / u_global(e))``: large for an expert this client routes to more than
+    the clients do on average, negative for one it routes to less. An expert missing from the
+    prior (never reported) gets the layer's mean prior, so it is neither favoured nor punished
+    for being new."""
+    by_layer: dict[int, list[float]] = {}
+    for e, v in prior.items():
+        by_layer.setdefault(e.layer_idx, []).append(v)
+    layer_mean = {layer: sum(vs) / len(vs) for layer, vs in by_layer.items()}
+    out = {}
+    for e, u in usage.items():
+        ref = prior.get(e, layer_mean.get(e.layer_idx, u))
+        out[e] = u * math.log((u + eps) / (ref + eps))
+    return out
 
 
 def standardize_per_layer(scores: Mapping[ExpertId, float]) -> dict[ExpertId, float]:

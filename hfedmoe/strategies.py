@@ -8,9 +8,18 @@ of them side by side (METHOD.md section 7):
 name                 selection (once per round)         aggregation
 ==================== ================================= =========================================
 hfedmoe              top C_budget routed by I_b (Eq.    Eq. 17 (tau) experts, Eq. 18-21 (alpha)
-                     15), or s_b if selection_key says  gates, FedAvg shared
+                     15), or s_b if selection_key says, gates (method.gate_weighting), FedAvg
+                     plus method.specificity x the      shared
+                     client-specificity term
 hfedmoe-importance   top C_budget routed by s_b         as hfedmoe
 hfedmoe-uniform      as hfedmoe                         per-key data-size mean of what was sent
+hfedmoe-paper        the paper as written: raw I_b,     as hfedmoe, tau 0.01, alpha(c) gates
+                     beta 0.1, no specificity term
+hfedmoe-anti         control: the bottom C_budget by    as hfedmoe
+                     the same score
+hfedmoe-other        control: the rule on another       as hfedmoe
+                     client's data (simulator only)
+budget-zero          control: no expert trains          as hfedmoe (gates and shared parts)
 fedavg-full          every expert (budget ignored)      per-key data-size mean (dense: all sent)
 fedavg-random        C_budget experts drawn among the   per-key data-size mean of what was sent
                      routed ones (seeded generator)
@@ -38,6 +47,7 @@ from hfedmoe.config import MethodConfig
 from hfedmoe.errors import AlgorithmError, ConfigError
 from hfedmoe.importance import BatchStats
 from hfedmoe.names import ExpertId
+from hfedmoe.round_stats import RoundStats
 from hfedmoe.selection import (
     Selection,
     fedmoe_assignment,
@@ -48,7 +58,7 @@ from hfedmoe.selection import (
 )
 from hfedmoe.update import SparseUpdate
 
-SelectorKind = Literal["budgeted", "random", "all", "fixed"]
+SelectorKind = Literal["budgeted", "anti", "none", "random", "all", "fixed"]
 
 
 @dataclass(frozen=True)
@@ -58,9 +68,12 @@ class Strategy:
     Attributes:
         name: registry name.
         cfg: the method config it runs with (``cfg.strategy == name``).
-        selector: "budgeted" (Eq. 15), "random", "all" or "fixed".
+        selector: "budgeted" (Eq. 15), "anti" (the bottom C_budget by the same score), "none"
+            (no expert trains), "random", "all" or "fixed".
         rule: the aggregation weighting.
         description: one line for logs and ``--help``.
+        other_data: the routing pass that ranks the experts reads another client's data (the
+            "another client's set" control; only the simulator can give a device that).
     """
 
     name: str
@@ -68,6 +81,7 @@ class Strategy:
     selector: SelectorKind
     rule: AggregationRule
     description: str = ""
+    other_data: bool = False
 
     @property
     def uses_budget(self) -> bool:
@@ -84,8 +98,10 @@ class Strategy:
         """True when selection draws random numbers (fedavg-random)."""
         return self.selector == "random"
 
-    def select(self, stats: BatchStats, budget: int, *, generator: torch.Generator | None = None,
-               assignment: Iterable[ExpertId] | None = None) -> Selection:
+    def select(self, stats: BatchStats | RoundStats, budget: int, *,
+               generator: torch.Generator | None = None,
+               assignment: Iterable[ExpertId] | None = None,
+               prior: Mapping[ExpertId, float] | None = None) -> Selection:
         """Experts to train on this batch (Eq. 15 for the HFedMoE family).
 
         Args:
@@ -94,12 +110,16 @@ class Strategy:
             generator: required by fedavg-random (see
                 :func:`hfedmoe.selection.selection_generator`).
             assignment: required by fedmoe (see :meth:`assign`).
+            prior: the global routing prior the server announced (``method.specificity``).
 
         Raises:
             AlgorithmError: a required generator or assignment is missing, or a bad budget.
         """
-        if self.selector == "budgeted":
-            return select_experts(stats, budget, self.cfg)
+        if self.selector in ("budgeted", "anti"):
+            return select_experts(stats, budget, self.cfg, prior,
+                                  reverse=self.selector == "anti")
+        if self.selector == "none":
+            return select_experts(stats, 0, self.cfg)
         if self.selector == "all":
             return select_all(stats)
         if self.selector == "random":
@@ -131,7 +151,7 @@ class Strategy:
 
 
 def _hfedmoe_rule(cfg: MethodConfig) -> AggregationRule:
-    return AggregationRule("usage-threshold", "importance", cfg.tau)
+    return AggregationRule("usage-threshold", cfg.gate_weighting, cfg.tau)
 
 
 def _hfedmoe(cfg: MethodConfig) -> Strategy:
@@ -148,6 +168,29 @@ def _hfedmoe_importance(cfg: MethodConfig) -> Strategy:
 def _hfedmoe_uniform(cfg: MethodConfig) -> Strategy:
     return Strategy("hfedmoe-uniform", cfg, "budgeted", PLAIN_RULE,
                     "ablation: HFedMoE selection; per-key data-size mean of what was sent")
+
+
+def _hfedmoe_paper(cfg: MethodConfig) -> Strategy:
+    cfg = dataclasses.replace(cfg, lam=0.5, beta=0.1, tau=0.01, selection_key="ib",
+                              layer_scale="raw", specificity=0.0, gate_weighting="importance")
+    return Strategy("hfedmoe-paper", cfg, "budgeted", _hfedmoe_rule(cfg),
+                    "the paper as written: raw I_b, beta 0.1, tau 0.01, alpha(c) gate weights")
+
+
+def _hfedmoe_anti(cfg: MethodConfig) -> Strategy:
+    return Strategy("hfedmoe-anti", cfg, "anti", _hfedmoe_rule(cfg),
+                    "control: the bottom C_budget routed experts by HFedMoE's score")
+
+
+def _hfedmoe_other(cfg: MethodConfig) -> Strategy:
+    return Strategy("hfedmoe-other", cfg, "budgeted", _hfedmoe_rule(cfg),
+                    "control: HFedMoE's rule on another client's data (simulator only)",
+                    other_data=True)
+
+
+def _budget_zero(cfg: MethodConfig) -> Strategy:
+    return Strategy("budget-zero", cfg, "none", _hfedmoe_rule(cfg),
+                    "control: no expert trains; gates and shared parts only")
 
 
 def _fedavg_full(cfg: MethodConfig) -> Strategy:
@@ -169,6 +212,10 @@ REGISTRY: dict[str, Callable[[MethodConfig], Strategy]] = {
     "hfedmoe": _hfedmoe,
     "hfedmoe-importance": _hfedmoe_importance,
     "hfedmoe-uniform": _hfedmoe_uniform,
+    "hfedmoe-paper": _hfedmoe_paper,
+    "hfedmoe-anti": _hfedmoe_anti,
+    "hfedmoe-other": _hfedmoe_other,
+    "budget-zero": _budget_zero,
     "fedavg-full": _fedavg_full,
     "fedavg-random": _fedavg_random,
     "fedmoe": _fedmoe,

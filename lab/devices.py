@@ -60,6 +60,8 @@ class DeviceJob:
     device_id: str
     budget: Any  # device_agent.budget.Budget, decided once by the driver
     assignment: frozenset | None  # fedmoe's fixed sub-model once known, else None
+    prior: dict | None = None  # the global routing prior (server.rounds.routing_prior)
+    other: int | None = None  # the shard the hfedmoe-other control ranks experts on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,10 +81,12 @@ def _lora(cfg: Any) -> Any:
 
 
 def train_device(model: Any, data: Any, job: DeviceJob, state: dict[str, torch.Tensor],
-                 round_idx: int, base_hash: str, cfg: Any, strategy: Any) -> DeviceResult:
+                 round_idx: int, base_hash: str, cfg: Any, strategy: Any,
+                 other_data: Any = None) -> DeviceResult:
     """One device's round on ``model`` (the device's copy, overwritten with ``state``): the
     fedmoe assignment pass if it needs one, local training within the driver's budget, the
-    encoded update. Its randomness is seeded from ``(seed, round, device index)`` first."""
+    encoded update. Its randomness is seeded from ``(seed, round, device index)`` first.
+    ``other_data`` is the shard ``job.other`` (the hfedmoe-other control ranks on it)."""
     torch.manual_seed(device_seed(cfg.rounds.seed, round_idx, job.index))
     budget = job.budget
     model.load_state(state)
@@ -95,7 +99,8 @@ def train_device(model: Any, data: Any, job: DeviceJob, state: dict[str, torch.T
         model, data, strategy=strategy, budget=budget.c_budget, train=cfg.train,
         method=cfg.method, ids=RoundIds(cfg.run_id, round_idx, job.device_id, base_hash),
         max_length=cfg.model.max_length, assignment=assignment,
-        planner=make_planner(budget, enforce=strategy.uses_budget, resident=0)))
+        planner=make_planner(budget, enforce=strategy.uses_budget, resident=0),
+        prior=job.prior, selection_data=other_data))
     meta = res.update.meta.replace(budget_limit=budget.limit, budget_reason=budget.reason)
     res = dataclasses.replace(res, update=dataclasses.replace(res.update, meta=meta))
     blob = encode(res.update, cfg.method.tau, cfg.wire)
@@ -111,8 +116,9 @@ class SequentialBackend:
     def run(self, round_idx: int, state: dict[str, torch.Tensor], base_hash: str,
             jobs: list[DeviceJob]) -> Iterator[DeviceResult]:
         for job in jobs:  # lazily: the driver adds each update before the next device trains
+            other = self.shards[job.other] if job.other is not None else None
             yield train_device(self.model, self.shards[job.index], job, state, round_idx,
-                               base_hash, self.cfg, self.strategy)
+                               base_hash, self.cfg, self.strategy, other)
 
     def close(self) -> None:
         pass

@@ -77,8 +77,9 @@ class DeviceWorker:
         if self.round != round_idx:
             self.state, self.round = None, None  # free the last round's state first
             self.state, self.round = ray.get(state_box[0]), round_idx
+        other = self.shards[job.other] if job.other is not None else None
         return train_device(self.model, self.shards[job.index], job, self.state, round_idx,
-                            base_hash, self.cfg, self.strategy)
+                            base_hash, self.cfg, self.strategy, other)
 
 
 class RayBackend:

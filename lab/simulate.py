@@ -39,9 +39,11 @@ from server.rounds import (
     choose_participants,
     dense_update_bytes,
     disagreement_of,
+    evaluates,
     initial_row,
     participation_record,
     round_row,
+    routing_prior,
 )
 
 log = logging.getLogger("hfedmoe.simulate")
@@ -145,6 +147,7 @@ class _Simulation:
     shards: list[Any]
     global_state: dict[str, torch.Tensor]
     runner: Any = None  # SequentialBackend or lab.ray_backend.RayBackend
+    prior: dict = dataclasses.field(default_factory=dict)  # server.rounds.routing_prior
 
 
 @dataclasses.dataclass
@@ -283,9 +286,12 @@ def _round(sim: _Simulation, r: int) -> dict[str, Any]:
     report = aggregator.report()
     if tally.accepted:  # every device may sit out (privacy budgets spent): the model stays
         sim.global_state = aggregator.finalize(sim.global_state)
+        sim.prior = routing_prior(sim.prior, tally.usage,
+                                  {d.id: len(sim.shards[d.index]) for d in chosen})
     agg_s = time.perf_counter() - t0
     sim.model.load_state(sim.global_state)
-    metrics = _evaluate(sim)
+    metrics = (_evaluate(sim) if evaluates(r, sim.cfg.rounds.rounds, sim.cfg.eval_every)
+               else {})
     row = round_row(
         r, participants=[d.id for d in chosen], accepted=tally.accepted, report=report,
         metrics=metrics, budgets={d.id: d.budget.c_budget for d in sim.devices},
@@ -317,7 +323,8 @@ def _jobs(sim: _Simulation, r: int, chosen: list[SimDevice], manifest: Any,
         missing = set(manifest.shards.values()) - d.have
         bytes_out += sum(len(blobs[s]) for s in missing)
         d.have |= missing
-        jobs.append(DeviceJob(d.index, d.id, d.budget, d.assignment))
+        other = (d.index + 1) % len(sim.devices) if sim.strategy.other_data else None
+        jobs.append(DeviceJob(d.index, d.id, d.budget, d.assignment, dict(sim.prior), other))
     return jobs, skipped, bytes_out
 
 

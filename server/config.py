@@ -204,6 +204,9 @@ class ServerConfig:
     run_dir: str = "runs/hfedmoe"
     eval_batch_size: int = 32
     max_eval_examples: int = 0  # 0: the whole held-out split
+    # evaluate after every eval_every-th round and after each of the last EVAL_TAIL rounds
+    # (server.rounds.evaluates); 1: every round
+    eval_every: int = 1
     prometheus_port: int = 0  # 0: no endpoint
     dashboard_port: int = 0  # 0: no dashboard
     dashboard_host: str = "127.0.0.1"
@@ -225,6 +228,8 @@ class ServerConfig:
         check_id(self.run_id, "run id")
         if self.eval_batch_size < 1 or self.max_eval_examples < 0:
             raise ConfigError("eval_batch_size must be >= 1 and max_eval_examples >= 0")
+        if self.eval_every < 1:
+            raise ConfigError(f"eval_every must be >= 1 (1: every round), got {self.eval_every}")
         check_quantize_adapter(self.model, self.train)  # devices quantize, LoRA trains
         if not 0 <= self.dashboard_port <= 65535:
             raise ConfigError("dashboard_port must be in [0, 65535] (0: off)")

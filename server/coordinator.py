@@ -38,12 +38,15 @@ from server.ingest import IngestLink
 from server.intake import LATE_SEP, Intake
 from server.metrics import Prometheus
 from server.registry import DeclaredExamples, Registry, UnknownClientError
+from hfedmoe.names import ExpertId
 from server.rounds import (
     RoundState,
     choose_participants,
     dense_update_bytes,
+    evaluates,
     initial_row,
     round_row,
+    routing_prior,
     updates_expected,
 )
 from server.shards import ModelShards
@@ -79,6 +82,9 @@ class Coordinator:
         self.dense_bytes = dense_update_bytes(self.global_state, cfg.wire.dtype)
         self.round: RoundState | None = None
         self.next_round = 0
+        # the global routing prior the rounds announce (server.rounds.routing_prior); rebuilt
+        # from the next round's updates after a restart
+        self.prior: dict[ExpertId, float] = {}
         self.aggregator = self.strategy.make_aggregator()
         self.metrics_path = Path(cfg.run_dir) / "metrics.jsonl"
         self._receiver: BlobReceiver | None = None
@@ -212,7 +218,7 @@ class Coordinator:
                 whole_max_bytes=self.cfg.transport.chunk_size,
                 eligibility=self.cfg.eligibility.to_dict(),
                 budgets={d: devices.get(d, {}).get("budget", 0) for d in participants},
-                model=manifest))
+                prior={str(e): v for e, v in sorted(self.prior.items())}, model=manifest))
         self._prom.set_round(round_idx)
         log.info("round %d open: %d participant(s), wait for %d, deadline in %.0fs", round_idx,
                  len(participants), self.round.expected, deadline - self.clock())
@@ -244,7 +250,14 @@ class Coordinator:
         assert r is not None
         self.store.set_round_state(r.round_idx, "aggregating")
         report, agg_s = self._aggregate(r)
-        metrics = self._evaluate()
+        if r.accepted:
+            devices = self.store.devices()
+            self.prior = routing_prior(self.prior, {d: r.usage[d] for d in r.accepted
+                                                    if d in r.usage},
+                                       {d: int(devices.get(d, {}).get("local_examples") or 1)
+                                        for d in r.accepted})
+        metrics = (self._evaluate() if evaluates(r.round_idx, self.cfg.rounds.rounds,
+                                                  self.cfg.eval_every) else {})
         new_hash, _ = build_shards(self.global_state)
         row = self._round_row(r, report, metrics, agg_s)
         if "privacy" in row:

@@ -219,6 +219,48 @@ def selected_sets(records: Mapping[str, Mapping[str, Any]]) -> dict[str, list[st
             if rec.get("expert_ids") is not None}
 
 
+EVAL_TAIL = 5  # the last rounds always evaluated (a run's last-5 accuracy)
+
+
+def evaluates(round_idx: int, rounds: int, every: int) -> bool:
+    """Whether the held-out split is evaluated after round ``round_idx`` (0-based) of
+    ``rounds``: every ``every``-th round and each of the last :data:`EVAL_TAIL`."""
+    return every <= 1 or (round_idx + 1) % every == 0 or round_idx >= rounds - EVAL_TAIL
+
+
+PRIOR_KEEP = 0.5  # the weight of the earlier prior when a round's usage is folded in
+
+
+def routing_prior(prior: Mapping[ExpertId, float], usage: Mapping[str, Mapping[ExpertId, float]],
+                  examples: Mapping[str, int], keep: float = PRIOR_KEEP) -> dict[ExpertId, float]:
+    """The global routing prior u_global(e) after a round: the |D_c|-weighted mean of the usage
+    u_c(e) (Eq. 16) the round's clients reported, folded into the earlier prior
+    (``keep`` x earlier + (1 - keep) x this round, per expert; an expert no client reported
+    keeps its earlier value, a new one takes this round's). The server announces it so that a
+    device can rank experts by how much more its data routes to them than the clients' do
+    (``method.specificity``); it is an aggregate of what updates already carry.
+
+    Args:
+        prior: the prior before the round (empty before the first).
+        usage: client -> u_c(e) from its accepted update.
+        examples: client -> |D_c| (a client missing here weighs 1).
+        keep: in [0, 1).
+    """
+    sums: dict[ExpertId, float] = {}
+    weights: dict[ExpertId, float] = {}
+    for client, u in usage.items():
+        w = float(max(examples.get(client, 1), 1))
+        for e, v in u.items():
+            if math.isfinite(v):
+                sums[e] = sums.get(e, 0.0) + w * v
+                weights[e] = weights.get(e, 0.0) + w
+    out = dict(prior)
+    for e, total in sums.items():
+        now = total / weights[e]
+        out[e] = keep * out[e] + (1 - keep) * now if e in out else now
+    return out
+
+
 # --- rows ----------------------------------------------------------------------------------------
 def initial_row(metrics: Mapping[str, float]) -> dict[str, Any]:
     """The metrics row of the evaluation before any round."""

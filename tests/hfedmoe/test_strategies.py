@@ -25,8 +25,8 @@ from hfedmoe.strategies import REGISTRY, get_strategy
 from hfedmoe.update import SparseUpdate
 
 E = ExpertId
-NAMES = ["fedavg-full", "fedavg-random", "fedmoe", "hfedmoe", "hfedmoe-importance",
-         "hfedmoe-uniform"]
+NAMES = ["budget-zero", "fedavg-full", "fedavg-random", "fedmoe", "hfedmoe", "hfedmoe-anti",
+         "hfedmoe-importance", "hfedmoe-other", "hfedmoe-paper", "hfedmoe-uniform"]
 
 
 def _stats():
