@@ -447,7 +447,7 @@ def build_parser(description: str = __doc__.splitlines()[0]) -> argparse.Argumen
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true",
                    help="2 experts top-1, 3 devices, 2 rounds, 1 step, hfedmoe and fedavg-full")
-    p.add_argument("--data", default="chatterbot", help="chatterbot or a dataset file")
+    p.add_argument("--data", default="chatterbot", help="chatterbot, fortunes or a dataset file")
     p.add_argument("--alphas", default=None, help="comma list (default 0.5,0.1)")
     p.add_argument("--seeds", default=None, help="comma list (default 0,1)")
     p.add_argument("--strategies", default=None,

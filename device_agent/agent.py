@@ -278,16 +278,18 @@ def load_local(cfg: AgentConfig) -> tuple[Any, Any]:
 
 def local_data(cfg: AgentConfig) -> tuple[Any, int]:
     """``(examples, num_labels)`` this device trains on: its shard of ``data.source`` in a
-    simulation (``num_shards > 1``); else the whole source, except for the bundled corpus
-    (``"chatterbot"``), which the server also holds its test split out of: a device then takes
-    the training split only (the same ``data.test_fraction`` and ``data.seed`` as the server),
-    so the held-out examples never train."""
+    simulation (``num_shards > 1``); else the whole source, except for a builtin one
+    (``"chatterbot"``, ``"fortunes"``), which the server also holds its test and validation
+    splits out of: a device then takes the training split only (the same ``data.test_fraction``,
+    ``data.validation_fraction`` and ``data.seed`` as the server), so the held-out examples
+    never train."""
     from hfedmoe.data import load_dataset, load_task
+    from hfedmoe.data.task import BUILTIN_SOURCES
 
     if cfg.num_shards > 1:
         task = load_task(cfg.data)
         return task.client_datasets(cfg.num_shards)[cfg.shard], task.num_labels
-    if cfg.data.source == "chatterbot":
+    if cfg.data.source in BUILTIN_SOURCES:
         task = load_task(cfg.data)
         return task.train, task.num_labels
     data = load_dataset(cfg.data)

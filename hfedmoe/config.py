@@ -72,7 +72,9 @@ class ModelConfig:
 class DataConfig:
     """Dataset source and its federated partition."""
 
-    source: str = "chatterbot"  # "chatterbot" or a path to .jsonl/.csv/.parquet/a save_to_disk dir
+    # "chatterbot", "fortunes" (apt-get install fortunes fortunes-min; directory overridable
+    # with $HFEDMOE_FORTUNES_DIR) or a path to .jsonl/.csv/.parquet/a save_to_disk dir
+    source: str = "chatterbot"
     task: Literal["classification", "causal-lm"] = "classification"
     text_column: str = "text"
     label_column: str = "label"
@@ -82,12 +84,24 @@ class DataConfig:
     alpha: float = 0.5
     labels_per_client: int = 2
     test_fraction: float = 0.2
+    # held out of the clients' pool after the test split (hfedmoe.data.task.load_task)
+    validation_fraction: float = 0.0
+    eval_split: Literal["test", "validation"] = "test"  # the split the server evaluates on
     seed: int = 0
 
     def __post_init__(self) -> None:
         _check(self.alpha > 0, f"data.alpha must be > 0, got {self.alpha}")
         _check(self.labels_per_client >= 1, "data.labels_per_client must be >= 1")
         _check(0.0 < self.test_fraction < 1.0, "data.test_fraction must be in (0, 1)")
+        _check(0.0 <= self.validation_fraction < 1.0,
+               f"data.validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        _check(self.test_fraction + self.validation_fraction < 1.0,
+               f"data.test_fraction + data.validation_fraction must be < 1 (training needs "
+               f"examples), got {self.test_fraction} + {self.validation_fraction}")
+        _check(self.eval_split in ("test", "validation"),
+               f"data.eval_split must be 'test' or 'validation', got {self.eval_split!r}")
+        _check(self.eval_split != "validation" or self.validation_fraction > 0,
+               "data.eval_split = 'validation' needs data.validation_fraction > 0")
         _check(self.seed >= 0, f"data.seed must be >= 0, got {self.seed}")
 
 

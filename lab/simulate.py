@@ -357,12 +357,13 @@ def _train(sim: _Simulation, r: int, base_hash: str, jobs: list[DeviceJob],
     return tally
 
 
-def _evaluate(sim: _Simulation) -> dict[str, float]:
+def _evaluate(sim: _Simulation) -> dict[str, Any]:
+    """The held-out evaluation (``data.eval_split``), with the split's name."""
     from server.evaluate import evaluate
 
     cfg = sim.cfg
-    return evaluate(sim.model, sim.task.test, cfg.eval_batch_size, cfg.model.max_length,
-                    cfg.max_eval_examples)
+    return {**evaluate(sim.model, sim.task.held_out, cfg.eval_batch_size, cfg.model.max_length,
+                       cfg.max_eval_examples), "eval_split": cfg.data.eval_split}
 
 
 def _checkpoint(sim: _Simulation, r: int, metrics: dict[str, float]) -> int:

@@ -24,7 +24,8 @@ def register(sub: Any) -> None:
 
 
 def build_server(cfg: Any) -> Any:
-    """The coordinator for ``cfg`` with its model, held-out data and transport."""
+    """The coordinator for ``cfg`` with its model, held-out data (``data.eval_split``) and
+    transport."""
     from hfedmoe.data import load_task
     from hfedmoe.models.registry import build_model
     from hfedmoe.transport.mqtt import open_transport
@@ -33,7 +34,7 @@ def build_server(cfg: Any) -> Any:
     task = load_task(cfg.data)
     model = build_model(cfg.model, cfg.data.task, task.num_labels)
     transport, broker = open_transport(cfg.transport, f"server-{cfg.run_id}")
-    coordinator = Coordinator(cfg, transport, model, task.test)
+    coordinator = Coordinator(cfg, transport, model, task.held_out)
     return coordinator, transport, broker
 
 

@@ -62,7 +62,8 @@ class Coordinator:
         cfg: the server config.
         transport: a connected transport (MQTT or in-memory).
         model: the server's model (global state lives in it between rounds).
-        test_data: the held-out split for evaluation.
+        test_data: the held-out split for evaluation (``Task.held_out``; the rows name it
+            as ``eval_split``, from ``cfg.data.eval_split``).
         clock: wall clock (``time.time``); injectable for tests.
     """
 
@@ -328,11 +329,12 @@ class Coordinator:
         for hook in self.hooks:
             hook(event)
 
-    def _evaluate(self) -> dict[str, float]:
+    def _evaluate(self) -> dict[str, Any]:
         if self.test_data is None or len(self.test_data) == 0:
             return {}
-        return evaluate(self.model, self.test_data, self.cfg.eval_batch_size,
-                        self.cfg.model.max_length, self.cfg.max_eval_examples)
+        return {**evaluate(self.model, self.test_data, self.cfg.eval_batch_size,
+                           self.cfg.model.max_length, self.cfg.max_eval_examples),
+                "eval_split": self.cfg.data.eval_split}
 
     def _write_metrics(self, row: dict[str, Any]) -> dict[str, Any]:
         row = {"time": self.clock(), **row}

@@ -8,14 +8,19 @@ Modules:
   the file and the line/row;
 * :mod:`~hfedmoe.data.chatterbot` -- the bundled English ChatterBot corpus (source
   ``"chatterbot"``);
+* :mod:`~hfedmoe.data.fortunes` -- the fortune cookies of Debian's ``fortunes`` packages as
+  topic classification (source ``"fortunes"``; ``$HFEDMOE_FORTUNES_DIR`` names another
+  directory);
 * :mod:`~hfedmoe.data.partition` -- the server's stratified test split and the
   Dirichlet/IID/k-labels client partition;
 * :mod:`~hfedmoe.data.tokenization` -- classification and response-only causal-LM batches;
-* :mod:`~hfedmoe.data.task` -- :func:`load_task` from a ``DataConfig`` and seeded minibatches.
+* :mod:`~hfedmoe.data.task` -- :func:`load_task` from a ``DataConfig`` (train, test and
+  validation splits) and seeded minibatches.
 """
 
 from hfedmoe.data.chatterbot import chatterbot_classification, chatterbot_pairs
 from hfedmoe.data.dataset import PairDataset, TextDataset, build_label_vocab, encode_labels
+from hfedmoe.data.fortunes import fortunes_classification, read_fortunes
 from hfedmoe.data.partition import (
     label_histogram,
     mean_label_entropy,
@@ -44,6 +49,7 @@ __all__ = [
     "collate",
     "detect_format",
     "encode_labels",
+    "fortunes_classification",
     "iter_minibatches",
     "label_histogram",
     "load_dataset",
@@ -52,6 +58,7 @@ __all__ = [
     "load_text_file",
     "mean_label_entropy",
     "partition",
+    "read_fortunes",
     "read_records",
     "stratified_split",
 ]

@@ -1,10 +1,14 @@
 """A federated task from a :class:`~hfedmoe.config.DataConfig`, and seeded minibatches.
 
-:func:`load_task` resolves ``cfg.source`` (``"chatterbot"`` for the bundled corpus, or a path to
-a ``.jsonl``/``.csv``/``.parquet`` file or a ``save_to_disk`` directory), builds the dataset for
-``cfg.task``, and takes the server's stratified test split (``cfg.test_fraction``, ``cfg.seed``)
-before anything is partitioned. :meth:`Task.partition` then spreads the training split over the
-clients with ``cfg.partition``, ``cfg.alpha`` and ``cfg.labels_per_client``.
+:func:`load_task` resolves ``cfg.source`` (``"chatterbot"`` for the bundled corpus,
+``"fortunes"`` for Debian's fortune cookies, or a path to a ``.jsonl``/``.csv``/``.parquet`` file
+or a ``save_to_disk`` directory), builds the dataset for ``cfg.task``, and takes the server's
+stratified test split (``cfg.test_fraction``, ``cfg.seed``) before anything is partitioned. With
+``cfg.validation_fraction > 0`` a stratified validation split then comes out of what is left
+(the test split is the same as without it). :meth:`Task.partition` spreads the remaining
+training split over the clients with ``cfg.partition``, ``cfg.alpha`` and
+``cfg.labels_per_client``; :attr:`Task.held_out` is the split the server evaluates on
+(``cfg.eval_split``).
 
 :func:`iter_minibatches` yields index arrays, which is all a training loop needs::
 
@@ -22,29 +26,41 @@ import numpy as np
 from hfedmoe.config import DataConfig
 from hfedmoe.data.chatterbot import chatterbot_classification, chatterbot_pairs
 from hfedmoe.data.dataset import PairDataset, TextDataset
+from hfedmoe.data.fortunes import fortunes_classification
 from hfedmoe.data.partition import partition, stratified_split
 from hfedmoe.data.readers import load_pair_file, load_text_file
+from hfedmoe.errors import DataError
 
-__all__ = ["BUILTIN_SOURCES", "Task", "iter_minibatches", "load_dataset", "load_task"]
+__all__ = ["BUILTIN_SOURCES", "Task", "iter_minibatches", "load_dataset", "load_task",
+           "validation_seed"]
 
-BUILTIN_SOURCES = ("chatterbot",)
+BUILTIN_SOURCES = ("chatterbot", "fortunes")
 
 
 @dataclass(frozen=True, eq=False)
 class Task:
-    """A dataset split into the clients' training pool and the server's test set.
+    """A dataset split into the clients' training pool and the server's held-out sets.
 
     Attributes:
         train: Training examples (to be partitioned over clients).
-        test: The server's held-out examples, never given to a client.
-        label_names: The label vocabulary shared by both splits.
+        test: The server's held-out test examples, never given to a client.
+        validation: Held-out validation examples, never given to a client (empty when
+            ``cfg.validation_fraction`` is 0).
+        label_names: The label vocabulary shared by all splits.
         cfg: The data config the task was built from.
     """
 
     train: TextDataset | PairDataset
     test: TextDataset | PairDataset
+    validation: TextDataset | PairDataset
     label_names: tuple[str, ...]
     cfg: DataConfig
+
+    @property
+    def held_out(self) -> TextDataset | PairDataset:
+        """The split the server evaluates on: :attr:`test` or :attr:`validation`, as
+        ``cfg.eval_split`` says."""
+        return self.validation if self.cfg.eval_split == "validation" else self.test
 
     @property
     def num_labels(self) -> int:
@@ -70,26 +86,45 @@ def load_dataset(cfg: DataConfig) -> TextDataset | PairDataset:
     """
     if cfg.source == "chatterbot":
         return chatterbot_classification() if cfg.task == "classification" else chatterbot_pairs()
+    if cfg.source == "fortunes":
+        if cfg.task != "classification":
+            raise DataError("the 'fortunes' dataset is a classification task (texts and "
+                            "categories, no responses); use data.task = \"classification\"")
+        return fortunes_classification()
     if cfg.task == "classification":
         return load_text_file(cfg.source, cfg.text_column, cfg.label_column)
     return load_pair_file(cfg.source, cfg.prompt_column, cfg.response_column, cfg.label_column)
 
 
+def validation_seed(seed: int) -> int:
+    """The seed of the validation split, derived from ``data.seed`` (not the test split's)."""
+    return int(np.random.SeedSequence([seed, 1]).generate_state(1)[0])
+
+
 def load_task(cfg: DataConfig) -> Task:
-    """Load ``cfg.source`` and hold out the server's stratified test split.
+    """Load ``cfg.source`` and hold out the server's stratified test and validation splits.
+
+    The test split is taken first, exactly as without a validation split; the validation split
+    (``cfg.validation_fraction`` of the whole, stratified, seeded by :func:`validation_seed`)
+    then comes out of the remaining pool, and what is left is the clients' training split.
 
     Args:
-        cfg: Source, task, column names, test fraction and seed.
+        cfg: Source, task, column names, test and validation fractions and seed.
 
     Returns:
-        The train/test split and the label names; deterministic for a given config.
+        The train/test/validation splits and the label names; deterministic for a given config.
 
     Raises:
         DataError: The source is unknown or a file is bad (naming the file and row).
     """
     data = load_dataset(cfg)
     train_idx, test_idx = stratified_split(data.labels, cfg.test_fraction, cfg.seed)
-    return Task(data.subset(train_idx), data.subset(test_idx), data.label_names, cfg)
+    pool, test = data.subset(train_idx), data.subset(test_idx)
+    if cfg.validation_fraction == 0:
+        return Task(pool, test, test.subset([]), data.label_names, cfg)
+    fraction = cfg.validation_fraction / (1.0 - cfg.test_fraction)
+    keep_idx, val_idx = stratified_split(pool.labels, fraction, validation_seed(cfg.seed))
+    return Task(pool.subset(keep_idx), test, pool.subset(val_idx), data.label_names, cfg)
 
 
 def iter_minibatches(num_examples: int, batch_size: int, *, seed: int = 0, epoch: int = 0,

@@ -38,3 +38,30 @@ def test_the_cli_refuses_them_before_any_work(tmp_path, capsys, argv, says):
     err = capsys.readouterr().err
     assert code == ConfigError.exit_code and "ConfigError" in err and says in err
     assert not (run_dir / "metrics.jsonl").exists()
+
+
+def test_a_run_evaluates_on_the_split_eval_split_names(tmp_path, minilm_available):
+    """``data.eval_split = "validation"`` from a TOML file: every evaluation of the run is
+    over the validation examples, and the rows say so."""
+    if not minilm_available:
+        pytest.skip("assets extra not installed")
+    import json
+
+    from hfedmoe.data import load_task
+    from lab.simulate import simulate
+
+    path = tmp_path / "sim.toml"
+    path.write_text(f'run_dir = "{tmp_path / "sim"}"\nmax_eval_examples = 0\n'
+                    "[model]\nnum_experts = 2\ntop_k = 1\nmax_length = 32\nupcycle = \"copy\"\n"
+                    "[train]\nbatch_size = 8\nmax_steps = 1\nthreads = 1\n"
+                    "[rounds]\nrounds = 1\ntrain_time_s = 5.0\n"
+                    '[data]\nvalidation_fraction = 0.05\neval_split = "validation"\n')
+    cfg = load_config(ServerConfig, path)
+    task = load_task(cfg.data)
+    assert len(task.validation) == 32 and len(task.test) == 129  # the counts tell them apart
+    rows = simulate(cfg, 2, ["phone-midrange-6gb", "jetson-orin-nano-8gb"], measure_repeats=1)
+    lines = (tmp_path / "sim" / "metrics.jsonl").read_text().splitlines()
+    written = [json.loads(x) for x in lines]
+    assert [r["phase"] for r in written] == [r["phase"] for r in rows] == ["initial", "round"]
+    for r in (*rows, *written):
+        assert r["eval_split"] == "validation" and r["examples"] == len(task.validation)

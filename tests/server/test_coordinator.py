@@ -308,3 +308,33 @@ def test_malformed_lora_factors_are_rejected_and_the_model_is_unchanged(tmp_path
     assert not thread.is_alive()
     _, state = Store(tmp_path).latest_checkpoint()
     assert all(torch.equal(state[k], before[k]) for k in state)
+
+
+def test_the_server_evaluates_on_the_split_eval_split_names(tmp_path, monkeypatch,
+                                                            minilm_available):
+    """``hfedmoe server`` hands the coordinator ``Task.held_out``: with ``data.eval_split =
+    "validation"`` it evaluates the validation examples, and its rows say so."""
+    if not minilm_available:
+        pytest.skip("assets extra not installed")
+    import hfedmoe.transport.mqtt
+    from hfedmoe.config import from_dict
+    from hfedmoe.data import load_task
+    from server.cli import build_server
+
+    hub = MemoryHub()
+    monkeypatch.setattr(hfedmoe.transport.mqtt, "open_transport",
+                        lambda cfg, client_id, *a: (hub.connect(client_id), None))
+    cfg = from_dict(ServerConfig, {
+        "run_id": "val", "run_dir": str(tmp_path), "max_eval_examples": 0,
+        "model": {"num_experts": 2, "top_k": 1, "max_length": 32, "upcycle": "copy"},
+        "data": {"validation_fraction": 0.05, "eval_split": "validation"}})
+    task = load_task(cfg.data)
+    coordinator, transport, broker = build_server(cfg)
+    try:
+        assert broker is None and coordinator.test_data.texts == task.validation.texts
+        metrics = coordinator._evaluate()
+        assert metrics["eval_split"] == "validation"
+        assert metrics["examples"] == len(task.validation) != len(task.test)
+    finally:
+        coordinator.close()
+        transport.close()
