@@ -66,11 +66,12 @@ from benchmarks._common import (
 )
 from hfedmoe.errors import ConfigError
 
-STRATEGIES = ("hfedmoe", "hfedmoe-importance", "hfedmoe-uniform", "fedmoe", "fedavg-random",
-              "fedavg-full")
+STRATEGIES = ("hfedmoe", "hfedmoe-importance", "hfedmoe-uniform", "hfedmoe-paper", "hfedmoe-anti",
+              "hfedmoe-other", "budget-zero", "fedmoe", "fedavg-random", "fedavg-full")
 SETTINGS = ("data", "devices", "fraction", "rounds", "max_steps", "selection_batches",
             "num_experts", "top_k", "max_length", "batch_size", "lr", "head_lr", "upcycle",
-            "train_time_s", "max_eval")
+            "train_time_s", "max_eval", "eval_every", "test_fraction", "validation_fraction",
+            "split", "optimizer", "budget_share")
 SELECTION = ("jaccard", "overlap_coef", "union", "coverage")  # server.rounds.selection_measures
 STUDY = ("hfedmoe", "fedavg-random", "fedmoe", "fedavg-full")  # the default run; ablations opt in
 PROFILES = ("phone-midrange-6gb", "raspberry-pi-5-8gb", "jetson-orin-nano-8gb",
@@ -129,11 +130,20 @@ def measure_pins(args: argparse.Namespace) -> dict[str, Any]:
 
 def planned_budgets(args: argparse.Namespace, profiles: list[str], pins: dict[str, Any],
                     window: float) -> list[int]:
-    from device_agent.costs import decide_budget
-    from device_agent.profiles import load_profile
+    """The budgets the simulator will plan for ``profiles`` (:func:`lab.simulate.plan_budget`),
+    with the study's pinned measurement."""
+    import dataclasses
 
-    return [decide_budget(load_profile(p), pins["costs"].cost, window, args.max_steps,
-                          host=pins["host"]).c_budget for p in profiles]
+    from device_agent.profiles import load_profile
+    from lab.devices import Calibration
+    from lab.simulate import plan_budget
+
+    cfg = server_config(args, "hfedmoe", 0.5, 0, "unused")
+    cfg = dataclasses.replace(cfg, rounds=dataclasses.replace(cfg.rounds, train_time_s=window,
+                                                              deadline_s=max(120.0, window)))
+    reports = [load_profile(p) for p in profiles]
+    calibration = Calibration(pins["host"], pins["costs"])
+    return [plan_budget(cfg, r, calibration, args.max_steps, reports).c_budget for r in reports]
 
 
 def auto_window(args: argparse.Namespace, profiles: list[str],
@@ -146,26 +156,68 @@ def auto_window(args: argparse.Namespace, profiles: list[str],
     return w, planned_budgets(args, profiles, pins, w)
 
 
+def strategy_spec(spec: str) -> tuple[str, str, dict[str, Any]]:
+    """``NAME[+lora][@key=value;key=value]`` -> (strategy, adapter, method overrides): the
+    study's label for one arm, e.g. ``hfedmoe@specificity=0`` or
+    ``hfedmoe@gate_weighting=importance-size``; values take the type of the
+    :class:`~hfedmoe.config.MethodConfig` field.
+
+    Raises:
+        ConfigError: an unknown strategy, adapter or method key, or a value of the wrong type.
+    """
+    import dataclasses
+
+    from hfedmoe.config import MethodConfig
+
+    head, _, tail = spec.partition("@")
+    name, _, adapter = head.partition("+")
+    if name not in STRATEGIES or adapter not in ("", "lora"):
+        raise ConfigError(f"unknown strategy {spec!r}: each is one of {', '.join(STRATEGIES)}, "
+                          "alone or with +lora, then optionally @key=value;key=value")
+    fields = {f.name: f for f in dataclasses.fields(MethodConfig)}
+    overrides: dict[str, Any] = {}
+    for item in filter(None, tail.split(";")):
+        key, eq, text = item.partition("=")
+        if not eq or key not in fields or key == "strategy":
+            raise ConfigError(f"{spec!r}: {item!r} is not method_key=value "
+                              f"(keys: {', '.join(k for k in fields if k != 'strategy')})")
+        kind = type(getattr(MethodConfig(), key))
+        try:
+            overrides[key] = text if kind is str else kind(float(text)) if kind is int else kind(text)
+        except ValueError:
+            raise ConfigError(f"{spec!r}: method.{key} wants a {kind.__name__}, got {text!r}"
+                              ) from None
+    MethodConfig(**overrides)  # a value out of range is a ConfigError now
+    return name, adapter or "full", overrides
+
+
 def server_config(args: argparse.Namespace, strategy: str, alpha: float, seed: int,
                   run_dir: str) -> Any:
     from hfedmoe.config import DataConfig, MethodConfig, ModelConfig, TrainConfig
     from hfedmoe.wire import WireConfig
     from server.config import RoundConfig, ServerConfig
 
-    strategy, _, adapter = strategy.partition("+")  # "hfedmoe+lora": the strategy, LoRA experts
+    name, adapter, overrides = strategy_spec(strategy)
     return ServerConfig(
         run_id="bench", run_dir=run_dir, max_eval_examples=args.max_eval,
+        eval_every=args.eval_every,
         model=ModelConfig(num_experts=args.num_experts, top_k=args.top_k,
                           max_length=args.max_length, seed=seed, upcycle=args.upcycle),
-        data=DataConfig(source=args.data, alpha=alpha, seed=seed),
-        method=MethodConfig(strategy=strategy, seed=seed),
+        data=DataConfig(source=args.data, alpha=alpha, seed=seed,
+                        test_fraction=args.test_fraction,
+                        validation_fraction=args.validation_fraction, eval_split=args.split),
+        method=MethodConfig(**{**METHOD_DEFAULTS, **overrides, "strategy": name, "seed": seed}),
         train=TrainConfig(batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr,
                           max_steps=args.max_steps, threads=args.threads,
-                          selection_batches=args.selection_batches, adapter=adapter or "full"),
+                          optimizer=args.optimizer,
+                          selection_batches=args.selection_batches, adapter=adapter),
         rounds=RoundConfig(rounds=args.rounds, train_time_s=args.train_time_s,
                            deadline_s=max(120.0, args.train_time_s), seed=seed,
-                           fraction=args.fraction),
+                           fraction=args.fraction, budget_share=args.budget_share),
         wire=WireConfig())
+
+
+METHOD_DEFAULTS: dict[str, Any] = {}  # the study's method settings besides the arm's overrides
 
 
 def run_one(args: argparse.Namespace, strategy: str, alpha: float, seed: int,
@@ -336,7 +388,7 @@ def plot(rows: list[dict], path: str) -> None:
     for ax, alpha in zip(axes[0], alphas, strict=True):
         for s in dict.fromkeys(r["strategy"] for r in rows if r["kind"] == "round"):
             rs = [r for r in rows if r["kind"] == "round" and r["alpha"] == alpha
-                  and r["strategy"] == s]
+                  and r["strategy"] == s and r["accuracy"] is not None]
             rounds = sorted({r["round"] for r in rs})
             means = [statistics.mean(r["accuracy"] for r in rs if r["round"] == k)
                      for k in rounds]
@@ -471,6 +523,18 @@ def build_parser(description: str = __doc__.splitlines()[0]) -> argparse.Argumen
     p.add_argument("--train-time-s", default="600",
                    help="compute window each device budgets for (emulated seconds), or auto")
     p.add_argument("--max-eval", type=int, default=0, help="held-out examples (0: all)")
+    p.add_argument("--eval-every", type=int, default=1,
+                   help="evaluate every N rounds and in each of the last 5 (eval_every)")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="data.test_fraction")
+    p.add_argument("--validation-fraction", type=float, default=0.0,
+                   help="data.validation_fraction: a validation split held out of training")
+    p.add_argument("--split", default="test", choices=("test", "validation"),
+                   help="the split evaluated (data.eval_split): tune on validation")
+    p.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"),
+                   help="train.optimizer (sgd: an update's size follows its gradients)")
+    p.add_argument("--budget-share", type=float, default=0.0,
+                   help="rounds.budget_share: budgets as a share of the experts x the "
+                        "profile's memory over the largest (0: the cost model and quotas)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads per run (0: the CPU count divided by --jobs)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (worker processes)")
@@ -531,13 +595,18 @@ def check_args(args: argparse.Namespace) -> tuple[list[float], list[int], list[s
         (args.threads < 0, f"--threads must be >= 0 (0: CPUs / jobs), got {args.threads}"),
         (args.max_eval < 0, f"--max-eval must be >= 0 (0: all), got {args.max_eval}"),
     ]
-    unknown = [s for s in strategies if (name := s.partition("+"))[0] not in STRATEGIES
-               or name[2] not in ("", "lora")]
-    problems.append((bool(unknown), f"unknown strategies {unknown}: each is one of "
-                                    f"{', '.join(STRATEGIES)}, alone or with +lora"))
+    problems += [
+        (args.eval_every < 1, f"--eval-every must be >= 1, got {args.eval_every}"),
+        (not 0 <= args.budget_share <= 1, f"--budget-share must be in [0, 1], got "
+                                          f"{args.budget_share}"),
+        (args.split == "validation" and args.validation_fraction <= 0,
+         "--split validation needs --validation-fraction > 0"),
+    ]
     bad = [msg for wrong, msg in problems if wrong]
     if bad:
         raise ConfigError("; ".join(bad))
+    for s in strategies:
+        strategy_spec(s)
     return alphas, seeds, strategies
 
 

@@ -318,6 +318,60 @@ def learning_verdict(rows: Rows) -> str:
                                      "last-5-round mean"], out))
 
 
+SWEEP = ("python -m benchmarks.learning --data fortunes --devices 30 --fraction 0.1 --rounds 30 "
+         "--max-steps 5 --max-length 32 --num-experts 32 --top-k 4 --eval-every 10 "
+         "--budget-share 0.25 --test-fraction 0.15 --validation-fraction 0.1 --split validation "
+         "--alphas 0.1 --seeds 0,1 --jobs 2 --threads 1 --strategies ARMS "
+         "--out benchmarks/results/learning-sweep.jsonl")
+FINE = ("python -m benchmarks.learning --data fortunes --devices 30 --fraction 0.1 --rounds 50 "
+        "--max-steps 5 --max-length 32 --num-experts 32 --top-k 4 --eval-every 25 "
+        "--budget-share 0.25 --test-fraction 0.15 --validation-fraction 0.1 --alphas 0.1 "
+        "--seeds 0,1,2,3,4 --jobs 2 --threads 1 --strategies STRATEGIES "
+        "--out benchmarks/results/learning-fortunes-fine.jsonl")
+
+
+def _selection_cols(r: dict[str, Any]) -> list[str]:
+    sel = r.get("selection_mean") or {}
+    return [f"{sel['jaccard']:.2f}" if "jaccard" in sel else "-",
+            f"{sel['union']:.1f}" if "union" in sel else "-"]
+
+
+@region("study-sweep", "learning-sweep.jsonl", SWEEP, select=lambda r: r.get("kind") == "summary")
+def study_sweep(rows: Rows) -> str:
+    """The method settings tried on the validation split, best last-5 accuracy first."""
+    s = rows[0]["settings"]
+    out = [[r["strategy"], f"{f3(r['last5_accuracy_mean'])} {ci(r['last5_accuracy_ci95'])}",
+            f"{f3(r['final_accuracy_mean'])} {ci(r['final_accuracy_ci95'])}",
+            *_selection_cols(r)]
+           for r in sorted(rows, key=lambda r: -r["last5_accuracy_mean"])]
+    return (f"Validation split ({s['data']}, {s['num_experts']} experts/layer top-{s['top_k']}), "
+            f"{s['devices']} devices, {s['fraction']:g} sampled per round, {s['rounds']} rounds "
+            f"of {s['max_steps']} steps, Dirichlet {rows[0]['alpha']}, seeds "
+            f"{', '.join(map(str, rows[0]['seeds']))}; mean over seeds, 95% t interval.\n\n"
+            + table(["arm", "last-5 accuracy (validation)", "final accuracy (validation)",
+                     "Jaccard of the clients' sets", "distinct experts / round"], out))
+
+
+@region("study-fortunes-fine", "learning-fortunes-fine.jsonl", FINE,
+        select=lambda r: r.get("kind") == "summary")
+def study_fortunes_fine(rows: Rows) -> str:
+    s = rows[0]["settings"]
+    out = [[r["alpha"], r["strategy"],
+            f"{f3(r['final_accuracy_mean'])} {ci(r['final_accuracy_ci95'])}",
+            f"{f3(r['last5_accuracy_mean'])} {ci(r['last5_accuracy_ci95'])}",
+            _hf(r, "hfedmoe_minus_this_last5"), *_selection_cols(r),
+            f3(r["bytes_total_vs_fedavg_full"]) if "bytes_total_vs_fedavg_full" in r else "-"]
+           for r in rows]
+    return (f"Test split ({s['data']}), {s['num_experts']} experts/layer top-{s['top_k']}, "
+            f"{s['devices']} devices with {s['fraction']:g} sampled per round, {s['rounds']} "
+            f"rounds of {s['max_steps']} local steps, budgets a {s['budget_share']:g} share of "
+            f"the experts x the profile's memory, {len(rows[0]['seeds'])} seeds; HFedMoE minus "
+            "each strategy paired by seed, 95% t intervals (bold: excludes zero).\n\n"
+            + table(["alpha", "strategy", "final accuracy [95% CI]", "last-5-round mean",
+                     "HFedMoE minus this (last 5)", "Jaccard", "experts / round",
+                     "uploaded bytes x fedavg-full"], out))
+
+
 @region("lr-sweep", "lr-sweep.jsonl",
         "python -m benchmarks.lr_sweep --jobs 2 --out benchmarks/results/lr-sweep.jsonl",
         select=lambda r: r.get("kind") == "summary")

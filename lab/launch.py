@@ -175,9 +175,18 @@ def _progress(row: dict[str, Any], rounds: int) -> str:
         f"loss {row.get('loss', float('nan')):.3f}"
     extra = "" if initial else (
         f", {row['accepted']}/{row['participants']} updates, "
-        f"{row['experts_updated']} experts aggregated, {_updates_vs_dense(row)}, "
+        f"{row['experts_updated']} experts aggregated, {_sets(row)}, {_updates_vs_dense(row)}, "
         f"{row['bytes_out'] / 1e6:.1f} MB of model shards out")
     return f"{what}: {acc}{extra}"
+
+
+def _sets(row: dict[str, Any]) -> str:
+    """How the devices' trained sets of a round row overlap: 'trained sets: Jaccard 0.31, 22
+    distinct experts' (server.rounds.selection_measures)."""
+    sel = row.get("selection") or {}
+    jac = sel.get("jaccard")
+    return (f"trained sets: Jaccard {jac:.2f}" if jac is not None else "trained sets: -") + \
+        f", {sel.get('union', 0)} distinct experts"
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
@@ -206,14 +215,18 @@ def _summary(console: Any, table_cls: Any, run_dir: Path, seconds: float) -> Non
 
     rows = _rows(run_dir)
     t = table_cls(title="Rounds")
-    for col in ("round", "accuracy", "loss", "participants", "accepted", "MB updates",
-                "dense fedavg-full MB", "share", "MB out", "seconds"):
+    for col in ("round", "accuracy", "loss", "participants", "accepted", "Jaccard",
+                "experts trained", "MB updates", "dense fedavg-full MB", "share", "MB out",
+                "seconds"):
         t.add_column(col)
     for r in rows:
         initial = round_label(r) == INITIAL
+        sel = r.get("selection") or {}
         t.add_row(round_label(r),
                   f"{r.get('accuracy', float('nan')):.3f}", f"{r.get('loss', float('nan')):.3f}",
                   "" if initial else str(r["participants"]), "" if initial else str(r["accepted"]),
+                  f"{sel['jaccard']:.2f}" if sel.get("jaccard") is not None else "",
+                  str(sel.get("union", "")),
                   "" if initial else f"{r['bytes_in'] / 1e6:.1f}",
                   "" if initial else f"{r.get('dense_bytes', 0) / 1e6:.1f}",
                   "" if initial or not r.get("dense_bytes") else

@@ -29,6 +29,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -227,25 +228,48 @@ def _register_devices(cfg: Any, profiles: list[str], shards: list[Any],
                       calibration: Calibration, store: Any) -> list[SimDevice]:
     """One device per profile, its budget decided from the calibration, registered in the
     store as a live device registers."""
-    from device_agent.costs import decide_budget, steps_per_round
+    from device_agent.costs import steps_per_round
     from device_agent.profiles import load_profile
     from device_agent.report import time_scale
 
-    host, costs = calibration.host, calibration.costs
-    window = cfg.rounds.train_time_s or cfg.rounds.deadline_s
+    reports = [load_profile(name) for name in profiles]
     devices = []
-    for i, name in enumerate(profiles):
-        report = load_profile(name)
+    for i, (name, report) in enumerate(zip(profiles, reports, strict=True)):
         steps = steps_per_round(len(shards[i]), cfg.train.batch_size, cfg.train.local_epochs,
                                 cfg.train.max_steps)
-        budget = decide_budget(report, costs.cost, window, steps, host=host,
-                               routing_batches=min(cfg.train.selection_batches or steps, steps),
-                               min_experts=cfg.train.min_experts)
-        dev = SimDevice(i, f"sim{i:03d}-{name}", budget, time_scale(host, report), set())
+        budget = plan_budget(cfg, report, calibration, steps, reports)
+        dev = SimDevice(i, f"sim{i:03d}-{name}", budget, time_scale(calibration.host, report),
+                        set())
         store.upsert_device(dev.id, {**report.to_dict(), "budget": budget.to_dict(),
                                      "local_examples": len(shards[i])}, budget.c_budget)
         devices.append(dev)
     return devices
+
+
+def share_cap(share: float, num_experts: int, report: Any, reports: Sequence[Any]) -> int:
+    """``rounds.budget_share``'s cap: ``share`` x ``num_experts`` x the device's available
+    memory over the largest of ``reports``', rounded, at least 1."""
+    most = max(r.memory_available_bytes or 0 for r in reports)
+    mine = report.memory_available_bytes or 0
+    return max(1, round(share * num_experts * mine / most)) if most > 0 else 1
+
+
+def plan_budget(cfg: Any, report: Any, calibration: Calibration, steps: int,
+                reports: Sequence[Any]) -> Any:
+    """An emulated device's budget: the cost model's plan within the window (and the
+    profile's training-memory quota), or with ``rounds.budget_share`` > 0 the share cap, the
+    quota lifted to the profile's available memory."""
+    from device_agent.costs import decide_budget
+
+    window = cfg.rounds.train_time_s or cfg.rounds.deadline_s
+    kw: dict[str, Any] = {}
+    if cfg.rounds.budget_share > 0:
+        kw = {"cap": share_cap(cfg.rounds.budget_share, calibration.costs.cost.num_experts,
+                               report, reports),
+              "quota_bytes": report.memory_available_bytes}
+    return decide_budget(report, calibration.costs.cost, window, steps, host=calibration.host,
+                         routing_batches=min(cfg.train.selection_batches or steps, steps),
+                         min_experts=cfg.train.min_experts, **kw)
 
 
 def _runner(sim: _Simulation, backend: str, ray_address: str, ray_workers: int) -> Any:

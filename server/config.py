@@ -51,6 +51,10 @@ class RoundConfig:
             the next round's aggregation.
         allowed_devices: if set, only these device ids may register.
         seed: participant sampling seed.
+        budget_share: the simulator's budgets (0: planned by the cost model from each
+            profile's quota and rates): each emulated device trains at most this share of the
+            model's experts x its profile's available memory over the largest of the run's
+            profiles, at least 1 (:func:`lab.simulate.share_cap`).
     """
 
     rounds: int = 3
@@ -64,6 +68,7 @@ class RoundConfig:
     late_policy: Literal["drop", "fold"] = "drop"
     allowed_devices: tuple[str, ...] = ()
     seed: int = 0
+    budget_share: float = 0.0
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -81,6 +86,9 @@ class RoundConfig:
             raise ConfigError(f"rounds.over_select must be >= 0, got {self.over_select}")
         if self.seed < 0:
             raise ConfigError(f"rounds.seed must be >= 0, got {self.seed}")
+        if not 0 <= self.budget_share <= 1:
+            raise ConfigError(f"rounds.budget_share must be in [0, 1] (0: the cost model), "
+                              f"got {self.budget_share}")
         for d in self.allowed_devices:
             check_id(d, "device id")
 

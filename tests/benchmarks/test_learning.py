@@ -83,8 +83,15 @@ def test_study_settings_are_checked_and_parsed():
     (["--devices", "-2"], r"--devices must be >= 1 \(the clients\), got -2"),
     (["--alphas", "0.5,0"], r"--alphas must be > 0"),
     (["--rounds", "0"], r"--rounds must be >= 1, got 0"),
-    (["--strategies", "hfedmoe,fedprox"], r"unknown strategies \['fedprox'\]"),
-    (["--strategies", "hfedmoe+qlora"], r"unknown strategies \['hfedmoe\+qlora'\]"),
+    (["--strategies", "hfedmoe,fedprox"], r"unknown strategy 'fedprox'"),
+    (["--strategies", "hfedmoe+qlora"], r"unknown strategy 'hfedmoe\+qlora'"),
+    (["--strategies", "hfedmoe@gamma=1"], r"'gamma=1' is not method_key=value"),
+    (["--strategies", "hfedmoe@beta=high"], r"method.beta wants a float, got 'high'"),
+    (["--strategies", "hfedmoe@tau=2"], r"method.tau must be in \[0, 1\]"),
+    (["--strategies", "hfedmoe@specificity=-1"], r"method.specificity must be"),
+    (["--eval-every", "0"], r"--eval-every must be >= 1"),
+    (["--budget-share", "1.5"], r"--budget-share must be in \[0, 1\]"),
+    (["--split", "validation"], r"--split validation needs --validation-fraction > 0"),
 ])
 def test_a_study_setting_that_makes_no_sense_is_a_config_error(argv, match):
     with pytest.raises(ConfigError, match=match):

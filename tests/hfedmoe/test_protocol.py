@@ -412,3 +412,17 @@ def test_a_coordinator_survives_malformed_messages_of_every_kind(tmp_path):
         coordinator.close()
     assert not thread.is_alive() and result["rows"][-1]["accepted"] == 0
     assert all(torch.equal(v, before[k]) for k, v in coordinator.global_state.items())
+
+
+def test_the_announced_routing_prior_round_trips_and_bad_priors_are_protocol_errors():
+    shards = {"shared": "a" * 64}
+    ann = RoundAnnouncement(2, 1.0, "hfedmoe", {}, {}, ("a",),
+                            ModelManifest(manifest_hash(shards), shards),
+                            prior={"0:3": 0.25, "5:0": 0.0})
+    back = RoundAnnouncement.from_bytes(ann.to_bytes())
+    assert back.prior == {"0:3": 0.25, "5:0": 0.0}
+    raw = json.loads(ann.to_bytes())
+    for bad in ({"0:3": 1.5}, {"0:3": -0.1}, {"gate": 0.2}, {"0:3": "x"}, {"0:3": None},
+                {"-1:2": 0.1}, ["0:3"]):
+        with pytest.raises(ProtocolError, match="prior"):
+            RoundAnnouncement.from_bytes(json.dumps({**raw, "prior": bad}).encode())

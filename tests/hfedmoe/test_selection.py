@@ -16,6 +16,7 @@ I_b order: (1,0) > (0,1) > (1,1) > (0,0).  s_b order: (1,0) > (0,1) = (1,1) > (0
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hfedmoe.config import MethodConfig
-from hfedmoe.errors import AlgorithmError
+from hfedmoe.errors import AlgorithmError, ConfigError
 from hfedmoe.importance import BatchStats, compute_batch_stats
 from hfedmoe.names import ExpertId
 from hfedmoe.round_stats import RoundAccumulator
@@ -35,6 +36,7 @@ from hfedmoe.selection import (
     select_fixed,
     select_random,
     selection_generator,
+    specificity_scores,
     standardize_per_layer,
 )
 
@@ -187,3 +189,62 @@ def test_selection_respects_budget_and_routing(stats, budget, key, cap, scope):
         if sel.experts and left:  # optimality of the sort: no better expert was left out
             assert min(scores[e] for e in sel.experts) >= max(scores[e] for e in left)
     assert select_experts(stats, budget, cfg) == sel  # deterministic
+
+
+# --- the client-specificity term (method.specificity) -------------------------------------------
+def test_specificity_is_each_experts_share_of_the_divergence_from_the_prior():
+    usage = {E(0, 0): 0.5, E(0, 1): 0.1}
+    prior = {E(0, 0): 0.25, E(0, 1): 0.1}
+    spec = specificity_scores(usage, prior)
+    assert spec[E(0, 0)] == pytest.approx(0.5 * math.log(2.0))  # twice the clients' average
+    assert spec[E(0, 1)] == pytest.approx(0.0, abs=1e-9)  # exactly the average
+    assert specificity_scores({E(0, 0): 0.1}, {E(0, 0): 0.4})[E(0, 0)] < 0  # used less
+    # an expert the prior does not know takes the layer's mean prior: neither bonus nor penalty
+    # beyond its usage against that mean
+    new = specificity_scores({E(0, 2): 0.175}, prior)
+    assert new[E(0, 2)] == pytest.approx(0.0, abs=1e-9)
+
+
+def _client(g0: list[list[float]]) -> BatchStats:
+    gates = torch.tensor(g0, dtype=torch.float64)
+    routed = gates.argsort(dim=1, descending=True)[:, :2]
+    return compute_batch_stats({0: gates}, {0: routed}, MethodConfig())
+
+
+# two clients whose tokens route alike to the popular experts 0 and 1, and each to one expert
+# the other client never uses: expert 2 (client a), expert 3 (client b)
+A = _client([[0.5, 0.3, 0.2, 0.0], [0.45, 0.35, 0.2, 0.0], [0.35, 0.3, 0.35, 0.0]])
+B = _client([[0.5, 0.3, 0.0, 0.2], [0.45, 0.35, 0.0, 0.2], [0.35, 0.3, 0.0, 0.35]])
+
+
+def test_without_a_prior_two_different_clients_pick_the_same_popular_experts():
+    cfg = MethodConfig(specificity=1.0)
+    a, b = select_experts(A, 2, cfg), select_experts(B, 2, cfg)
+    assert a.experts == b.experts == {E(0, 0), E(0, 1)}
+
+
+def test_with_the_global_prior_each_client_picks_the_expert_its_data_wants():
+    prior = {E(0, i): v for i, v in enumerate((0.42, 0.35, 0.12, 0.11))}
+    cfg = MethodConfig(specificity=1.0)
+    a, b = select_experts(A, 2, cfg, prior), select_experts(B, 2, cfg, prior)
+    assert E(0, 2) in a.experts and E(0, 3) in b.experts
+    assert len(a.experts & b.experts) == 1
+    # specificity 0 is the paper's rule: the prior changes nothing
+    paper = MethodConfig(specificity=0.0)
+    assert select_experts(A, 2, paper, prior).experts == select_experts(A, 2, paper).experts
+
+
+def test_anti_selection_keeps_the_bottom_of_the_same_score():
+    cfg = MethodConfig()
+    top = select_experts(A, 1, cfg)
+    bottom = select_experts(A, 1, cfg, reverse=True)
+    assert not top.experts & bottom.experts and len(bottom) == 1
+    assert bottom.experts <= A.routed
+
+
+def test_specificity_must_be_a_finite_number_at_least_zero():
+    for bad in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="method.specificity"):
+            MethodConfig(specificity=bad)
+    with pytest.raises(ConfigError, match="method.gate_weighting"):
+        MethodConfig(gate_weighting="votes")

@@ -310,3 +310,28 @@ def test_the_coordinator_and_the_simulator_write_rows_of_the_same_shape(
     for h in sim[1]["held"].values():
         assert h["experts_sent"] == len(h["expert_ids"])
     assert sim[1]["selection"]["clients"] == 2
+
+
+# --- the global routing prior and the evaluation schedule ---------------------------------------
+def test_the_routing_prior_is_the_data_weighted_usage_folded_into_the_last_one():
+    from server.rounds import routing_prior
+
+    e0, e1 = ExpertId(0, 0), ExpertId(0, 1)
+    first = routing_prior({}, {"a": {e0: 0.6, e1: 0.2}, "b": {e0: 0.0}}, {"a": 3, "b": 1})
+    assert first == {e0: pytest.approx(0.45), e1: pytest.approx(0.2)}
+    second = routing_prior(first, {"c": {e0: 0.05, ExpertId(1, 0): 0.3}}, {"c": 10}, keep=0.5)
+    assert second[e0] == pytest.approx(0.25)  # half the old, half this round's
+    assert second[e1] == pytest.approx(0.2)  # nobody reported it: kept
+    assert second[ExpertId(1, 0)] == pytest.approx(0.3)  # new: this round's
+    assert routing_prior(first, {"d": {e0: float("nan")}}, {}) == first  # NaN never enters
+
+
+@pytest.mark.parametrize("every, evaluated", [
+    (1, list(range(12))),
+    (5, [4, 7, 8, 9, 10, 11]),  # every 5th and the last 5
+    (100, [7, 8, 9, 10, 11]),
+])
+def test_rounds_evaluated(every, evaluated):
+    from server.rounds import evaluates
+
+    assert [r for r in range(12) if evaluates(r, 12, every)] == evaluated
