@@ -34,7 +34,8 @@ def round_measures(row: Mapping[str, Any]) -> dict[str, Any]:
     return dict(row.get("selection") or selection_measures(round_sets(row), 0))
 
 
-def _expert_order(expert: str) -> tuple[int, int]:
+def expert_order(expert: str) -> tuple[int, int]:
+    """Sort key of a ``"layer:expert"`` id: by layer, then expert."""
     e = ExpertId.parse(expert)
     return e.layer_idx, e.expert_idx
 
@@ -71,7 +72,7 @@ def selection_section(rows: list[dict[str, Any]]) -> str:
     rounds = [r for r in rows if r.get("phase") == "round"]
     per_round = [(r, round_sets(r)) for r in rounds]
     experts = sorted({e for _, sets in per_round for s in sets.values() for e in s},
-                     key=_expert_order)
+                     key=expert_order)
     if not experts:
         return ""
     head = "".join(f"<th>{c}</th>" for c in COLUMNS)

@@ -9,8 +9,9 @@ beyond the server itself and the page works offline (its own CSS and JavaScript,
   any other path is 404). The page polls ``/api/state`` every second and shows the fleet
   (device class, online/offline, battery, temperature, budget and what limited it, the last
   round it trained, experts and bytes it sent, its median step time, whether it is eligible or
-  why it sits out), the open round's progress and deadline, and accuracy, loss and bytes per
-  round.
+  why it sits out), the open round's progress and deadline, accuracy, loss and bytes per
+  round, and which experts each device trained in the last closed round with how the
+  devices' sets overlapped over the recent rounds (:mod:`server.dashboard.selection`).
 * ``/api/state``: the latest snapshot as JSON.
 * ``/report``: the full HTML report (:func:`server.report.write_report`), written on demand and
   again only when a round finished since.
@@ -29,6 +30,7 @@ Rounds are shown as :func:`server.rounds.round_label` numbers them (initial, 1, 
 ``dashboard.js`` maps ``api/state``'s 0-based round indices the same way.
 
 Modules: :mod:`server.dashboard.app` (the :class:`Dashboard` and its snapshots),
+:mod:`server.dashboard.selection` (the "Experts trained" panel's part of a snapshot),
 :mod:`server.dashboard.handler` (HTTP).
 """
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from hfedmoe.errors import ConfigError, HFedMoEError
 from server.dashboard.handler import DashboardServer, Handler
+from server.dashboard.selection import ExpertsTrained
 
 log = logging.getLogger("hfedmoe.server")
 
@@ -47,6 +48,7 @@ class Dashboard:
         self._failures = 0
         self._history: list[dict[str, Any]] = []
         self._metrics_offset = 0
+        self._experts = ExpertsTrained()  # the "Experts trained" panel, from the round rows
         self._latest: dict[str, dict[str, Any]] = {}  # device -> its latest participation row
         self._part_key: tuple[int, int, int] | None = None
         self._report_lock = threading.Lock()
@@ -172,7 +174,7 @@ class Dashboard:
             "counts": {"devices": len(fleet), "online": online, "offline": len(fleet) - online},
             "round": round_state, "devices": fleet, "history": self._history[-HISTORY_ROWS:],
             "last_skipped": last.get("skipped", {}) if last else {},
-            "report": "/report"}
+            "selection": self._experts.state(), "report": "/report"}
 
     def _device(self, name: str, info: dict[str, Any], elig: Any, r: Any,
                 skipped: dict[str, list[str]]) -> dict[str, Any]:
@@ -244,6 +246,7 @@ class Dashboard:
                 continue
             if isinstance(row, dict):
                 self._history.append(_compact(row))
+                self._experts.add(row)
         del self._history[:-HISTORY_ROWS]
 
     # --- HTTP side (HTTP threads) -----------------------------------------------------------

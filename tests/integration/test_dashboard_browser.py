@@ -1,5 +1,6 @@
 """The dashboard of a running server, rendered by a real headless Chromium (its JavaScript ran:
-the assertions read the rendered DOM's text, and a screenshot of the window)."""
+the assertions read the rendered DOM's text, and a screenshot of the window), before and after
+a round with updates."""
 
 from __future__ import annotations
 
@@ -8,15 +9,21 @@ import socket
 import struct
 import subprocess
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from hfedmoe.config import ModelConfig
+from hfedmoe.models import build_model
+from hfedmoe.names import ExpertId
 from hfedmoe.transport.broker import free_port
+from hfedmoe.wire import encode
 from tests.broker_required import need_chromium
 from tests.integration.conftest import SMALL, FakeDevice, merge, metrics, spawn, stop, wait_for
+from tests.integration.test_server_rounds import make_update, round_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source",
@@ -92,17 +99,58 @@ def listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def base_model():
+    """The model the server builds (same config and seed): the shapes of hand-made updates."""
+    return build_model(ModelConfig(num_experts=2, top_k=1, max_length=32), "classification", 10)
+
+
+def send_updates(devices: list[FakeDevice], model, run_id: str,
+                 trained: dict[str, tuple[ExpertId, ...]]) -> None:
+    """Each device in ``trained`` sends round 0 an update of those experts; all accepted."""
+    base = round_of(devices[0], 0)["model"]["state_hash"]
+    for d in devices:
+        if d.device_id in trained:
+            sha = d.send(encode(make_update(model, run_id, 0, d.device_id, base,
+                                            experts=trained[d.device_id]), 0.01))
+            d.wait(lambda d=d, sha=sha: d.ack_for(sha) is not None, 60, "the ack")
+            assert d.ack_for(sha)["status"] == "accepted", d.ack_for(sha)
+
+
+def check_experts_trained(dom: Node, trained: dict[str, tuple[ExpertId, ...]]) -> None:
+    """The "Experts trained" panel shows round 0's grid: a row per device that sent an
+    update, a column per expert any of them trained (grouped by layer), a cell filled for each
+    expert a device trained."""
+    grid = dom.by_id("sel-grid")
+    rows = grid.find(lambda x: x.tag == "tr" and x.find(lambda y: y.tag == "td"))
+    assert [r.attrs.get("data-device") for r in rows] == sorted(trained)
+    filled = {r.attrs["data-device"]: len(r.find(lambda x: x.tag == "td" and "on" in x.attrs.get(
+        "class", "").split())) for r in rows}
+    assert filled == {d: len(e) for d, e in trained.items()}, filled
+    experts = {e for es in trained.values() for e in es}
+    assert all(len(r.find(lambda x: x.tag == "td")) == len(experts) for r in rows)
+    layers = [th.text() for th in grid.find(lambda x: x.tag == "th" and x.text().startswith(
+        "layer"))]
+    assert layers == [f"layer {i}" for i in sorted({e.layer_idx for e in experts})]
+    measures = dom.by_id("sel-kv").text()  # one pair of devices: {0:0} and {0:0, 1:1}
+    for part in ("round 1", "devices 2", "Jaccard 0.500", "overlap coef. 1.000",
+                 "experts trained 2", "coverage 16.7 %"):  # 2 of 12 experts
+        assert part in measures, measures
+
+
 @pytest.mark.broker
 def test_dashboard_of_a_running_round_in_chromium(tmp_path, mosquitto, monkeypatch):
     binary = need_chromium()  # skips, or fails under HFEDMOE_REQUIRE_BROWSER/BROKER=1
     monkeypatch.delenv("HFEDMOE_DASHBOARD_TOKEN", raising=False)  # loopback, no token
     run_id, port, n = "dash", free_port(), 3
+    # round 0 closes once two updates are in; round 1 is open while the page is checked again
     cfg = merge(SMALL, {"run_id": run_id, "run_dir": str(tmp_path / "run"),
                         "max_eval_examples": 16, "eval_batch_size": 16, "dashboard_port": port,
                         "transport": {"url": mosquitto, "keepalive": 5},
-                        "rounds": {"rounds": 1, "min_devices": n, "deadline_s": 300.0,
-                                   "registration_timeout_s": 60.0}})
+                        "rounds": {"rounds": 2, "min_devices": n, "min_updates": 2,
+                                   "deadline_s": 300.0, "registration_timeout_s": 60.0}})
     server = spawn("server", cfg, tmp_path / "server.toml")
+    building = ThreadPoolExecutor(1)
+    model = building.submit(base_model)  # while the server starts
     devices = [FakeDevice(mosquitto, run_id, f"dev-{i}") for i in range(n)]
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -139,7 +187,7 @@ def test_dashboard_of_a_running_round_in_chromium(tmp_path, mosquitto, monkeypat
             "8 %", "skip: battery 8% < 30% and not charging")
         assert table["dev-1"]["battery"] == "–" and table["dev-1"]["eligibility"] == "–"
         # round_idx 0 is round 1, as the console says
-        assert dom.by_id("round-title").text() == "round 1 of 1", dom.by_id("round-title").text()
+        assert dom.by_id("round-title").text() == "round 1 of 2", dom.by_id("round-title").text()
         progress = dom.by_id("round-kv").text()
         assert f"answered 0/{n}" in progress and "deadline in" in progress, progress
         assert dom.by_id("phase").text().startswith("round open")
@@ -148,6 +196,7 @@ def test_dashboard_of_a_running_round_in_chromium(tmp_path, mosquitto, monkeypat
         assert f"devices {n}" in fleet and f"online {n}" in fleet, fleet
         # the initial evaluation is already on the charts' table
         assert "initial" in dom.by_id("rounds").text()
+        assert "no round closed yet" in dom.by_id("sel-note").text()
 
         shot = tmp_path / "dashboard.png"
         out = chromium(binary, tmp_path, "--virtual-time-budget=5000", "--window-size=1280,900",
@@ -166,18 +215,30 @@ def test_dashboard_of_a_running_round_in_chromium(tmp_path, mosquitto, monkeypat
         with urllib.request.urlopen(url + "report", timeout=60) as resp:  # written on demand
             assert resp.status == 200 and b"HFedMoE run" in resp.read()
 
-        for d in devices:  # everyone leaves: the round closes without updates, the run ends
+        # two devices train different experts in round 0: the page shows who trained what
+        trained = {"dev-0": (ExpertId(0, 0),), "dev-1": (ExpertId(0, 0), ExpertId(1, 1))}
+        send_updates(devices, model.result(timeout=120), run_id, trained)
+        wait_for(lambda: (s := api_state(url)) is not None and s["selection"]["round"] == 0,
+                 90, "round 0's selection on the dashboard", [server])
+        out = chromium(binary, tmp_path, "--virtual-time-budget=3000", "--dump-dom", url)
+        assert out.returncode == 0, out.stderr[-2000:]
+        check_experts_trained(parse(out.stdout), trained)
+
+        for d in devices:  # everyone leaves: round 1 closes without updates, the run ends
             d.t.publish(d.topics.status(d.device_id), b'{"state": "offline"}', retain=True)
         wait_for(lambda: server.poll() is not None, 90, "the server to finish")
         assert server.returncode == 0
     finally:
+        building.shutdown()
         stop(server)
         for d in devices:
             d.close()
     assert not listening(port)  # the dashboard stopped with the server
     log = (tmp_path / "server.log").read_text()
     assert f"dashboard: {url}" in log
-    assert [r["phase"] for r in metrics(tmp_path / "run")] == ["initial", "round"]
+    rows = metrics(tmp_path / "run")
+    assert [r["phase"] for r in rows] == ["initial", "round", "round"]
+    assert rows[1]["selection"]["union"] == 2 and sorted(rows[1]["held"]) == sorted(trained)
 
 
 def column(table: Node, header: str) -> list[str]:

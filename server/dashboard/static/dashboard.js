@@ -214,11 +214,109 @@ function renderRounds() {
   });
   $("rounds").tBodies[0].replaceChildren(...rows);
 }
+// The "Experts trained" panel (server/dashboard/selection.py): which experts each device trained
+// in the last closed round, as a grid (a row per device, a column per expert, grouped by layer),
+// its overlap measures, and the recent rounds' measures as a sparkline. Text goes in through
+// textContent and attribute values through setAttribute/dataset only.
+function layerGroups(experts) {
+  const groups = [];
+  for (const e of experts) {
+    const [layer, idx] = e.split(":");
+    const last = groups[groups.length - 1];
+    if (last && last.layer === layer) last.experts.push([e, idx]);
+    else groups.push({layer, experts: [[e, idx]]});
+  }
+  return groups;
+}
+let selKey = null;  // the grid is rebuilt only when its round or its sets change
+function renderSelectionGrid(sel) {
+  const key = JSON.stringify([sel.round, sel.experts, sel.devices]);
+  if (key === selKey) return;
+  selKey = key;
+  const groups = layerGroups(sel.experts);
+  const top = el("tr"), sub = el("tr");
+  const corner = el("th", "device"); corner.rowSpan = 2; top.appendChild(corner);
+  for (const g of groups) {
+    const th = el("th", "layer " + g.layer, "ls"); th.colSpan = g.experts.length; top.appendChild(th);
+    g.experts.forEach(([e, idx], i) => sub.appendChild(el("th", idx, i ? "" : "ls", "expert " + e)));
+  }
+  const rows = Object.entries(sel.devices).map(([dev, ids]) => {
+    const trained = new Set(ids);
+    const tr = el("tr"); tr.dataset.device = dev;
+    tr.appendChild(el("th", dev, "", dev + ": " + ids.length + " expert(s) shown"));
+    for (const g of groups) {
+      g.experts.forEach(([e], i) => tr.appendChild(el("td", null,
+        [i ? "" : "ls", trained.has(e) ? "on" : ""].join(" ").trim(),
+        dev + (trained.has(e) ? " trained " : " did not train ") + e)));
+    }
+    return tr;
+  });
+  $("sel-grid").tHead.replaceChildren(...(groups.length ? [top, sub] : []));
+  $("sel-grid").tBodies[0].replaceChildren(...(groups.length ? rows : []));
+}
+const SEL_SERIES = [["jaccard", "Jaccard", "var(--acc)", (v) => v.toFixed(3)],
+  ["coverage", "coverage", "var(--loss)", (v) => (100 * v).toFixed(1) + " %"],
+  ["union", "experts trained", "var(--out)", (v) => String(v)]];
+function renderSelectionSeries(series) {
+  const svg = $("sel-chart");
+  if (!series.length) { svg.replaceChildren(); $("sel-legend").replaceChildren(); return; }
+  const W = 440, H = 90, L = 30, R = 10, T = 6, B = 18, n = series.length;
+  const sx = (i) => L + (n === 1 ? (W - L - R) / 2 : i / (n - 1) * (W - L - R));
+  const sy = (v) => H - B - v * (H - T - B);
+  const umax = Math.max(1, ...series.map(p => p.union || 0));
+  svg.replaceChildren();
+  for (const v of [0, 1]) {
+    svg.appendChild(svgEl("line", {x1: L, x2: W - R, y1: sy(v), y2: sy(v), stroke: "#e3e6ec"}));
+    svg.appendChild(svgEl("text", {x: L - 4, y: sy(v) + 4, "text-anchor": "end"}, String(v)));
+  }
+  for (const i of n > 1 ? [0, n - 1] : [0]) {
+    svg.appendChild(svgEl("text", {x: sx(i), y: H - 4, "text-anchor": "middle"}, roundLabel(series[i].round)));
+  }
+  const legend = [];
+  for (const [k, name, color, fmt] of SEL_SERIES) {
+    const scale = k === "union" ? 1 / umax : 1;
+    let seg = [];
+    const flush = () => {
+      if (seg.length > 1) svg.appendChild(svgEl("polyline", {points: seg.join(" "), fill: "none", stroke: color, "stroke-width": 1.5}));
+      seg = [];
+    };
+    series.forEach((p, i) => {
+      if (p[k] === null || p[k] === undefined) { flush(); return; }
+      const x = sx(i), y = sy(p[k] * scale); seg.push(x + "," + y);
+      const c = svgEl("circle", {cx: x, cy: y, r: 2.5, fill: color});
+      c.appendChild(svgEl("title", {}, name + ", round " + roundLabel(p.round) + ": " + fmt(p[k])));
+      svg.appendChild(c);
+    });
+    flush();
+    const s = el("span"); const i = el("i"); i.style.background = color; s.appendChild(i);
+    s.appendChild(document.createTextNode(name + (k === "union" ? " (max " + umax + " = top)" : "")));
+    legend.push(s);
+  }
+  $("sel-legend").replaceChildren(el("span", "last " + n + " round(s):"), ...legend);
+}
+function renderSelection() {
+  const sel = state.selection;
+  if (!sel) return;
+  const m = sel.measures || {};
+  const pct = (v) => (v === null || v === undefined) ? "–" : (100 * v).toFixed(1) + " %";
+  kv($("sel-kv"), [["round", roundLabel(sel.round)], ["devices", m.clients ?? "–"],
+    ["Jaccard", fmtNum(m.jaccard, 3)], ["overlap coef.", fmtNum(m.overlap_coef, 3)],
+    ["experts trained", m.union ?? "–"], ["coverage", pct(m.coverage)]]);
+  const notes = [];
+  if (sel.round === null) notes.push("no round closed yet");
+  else if (!sel.experts.length) notes.push("no device trained an expert in round " + roundLabel(sel.round));
+  if (sel.devices_more) notes.push("showing " + Object.keys(sel.devices).length + " of " + sel.devices_total + " devices");
+  if (sel.experts_more) notes.push(sel.experts_more + " more expert(s) not shown");
+  $("sel-note").textContent = notes.join("; ");
+  renderSelectionGrid(sel);
+  renderSelectionSeries(sel.series || []);
+}
 function render() {
   if (!state) return;
   $("run").textContent = "run " + state.run_id;
   $("phase").textContent = state.phase + " · " + state.strategy;
-  renderRound(); renderFleet(); renderEval(); renderBytes(); renderRounds();
+  renderRound(); renderFleet(); renderSelection(); renderEval(); renderBytes();
+  renderRounds();
 }
 async function poll() {
   try {
