@@ -25,6 +25,20 @@ budgets (3-20 of 48 here, 8 of 10 devices at or below E/4); ``auto`` picks the s
 in which the slowest profile can train at least E/8 experts, so that time binds instead. The
 budgets are printed and stored with every row.
 
+Arms: a strategy name (``hfedmoe``, its ablations and controls ``hfedmoe-paper``,
+``hfedmoe-anti``, ``hfedmoe-other``, ``budget-zero``, and the baselines), optionally
+``+lora``, optionally ``@key=value;key=value`` method settings (``hfedmoe@specificity=0``,
+``hfedmoe@gate_weighting=importance-size``): the sweep and the ablations are arms.
+
+The fine-grained study (docs/results.md, "Selection per client"): the Debian fortune-cookie
+collections (``--data fortunes``: 39 categories, 15,046 texts; 2,257 test and 1,505
+validation examples with ``--test-fraction 0.15 --validation-fraction 0.1``), the MoEfied
+MiniLM at 32 experts per layer, top-4 (192 experts), 30 devices with 10% sampled per round,
+50 rounds of 5 local steps, budgets ``--budget-share 0.25`` (4-48 experts: a quarter of the
+experts on the largest profile, scaled by each profile's memory), evaluated every 25 rounds
+and in each of the last 5. Settings are chosen on ``--split validation`` (the sweep), the
+study reports the test split.
+
 The target is ``--target`` if given, else ``--target-frac`` (0.9) of FedAvg-full's mean final
 accuracy at that alpha. ``--data PATH`` runs on a user dataset (.jsonl/.csv/.parquet with
 text and label columns) instead of the bundled ChatterBot corpus.
