@@ -429,6 +429,7 @@ def run_all(args: argparse.Namespace, alphas: list[float], seeds: list[int],
     soon as it ends, so a long study that stops early keeps its whole seeds."""
     tasks = [(alpha, seed, s) for alpha in alphas for seed in seeds for s in strategies]
     done: dict[tuple[float, int, str], list[dict]] = {}
+    failed: dict[tuple[float, int, str], str] = {}
 
     def record(task: tuple[float, int, str], rs: list[dict], seconds: float) -> None:
         alpha, seed, s = task
@@ -455,7 +456,16 @@ def run_all(args: argparse.Namespace, alphas: list[float], seeds: list[int],
             futures = {ex.submit(_run_task, args, s, alpha, seed, profiles, pins):
                        (alpha, seed, s) for alpha, seed, s in tasks}
             for fut in as_completed(futures):
-                record(futures[fut], fut.result(), time.perf_counter() - t0)
+                try:
+                    rs = fut.result()
+                except Exception as exc:  # one arm's failure must not hold up the others
+                    failed[futures[fut]] = f"{type(exc).__name__}: {exc}"
+                    print(f"  FAILED {futures[fut]}: {failed[futures[fut]]}", flush=True)
+                    continue
+                record(futures[fut], rs, time.perf_counter() - t0)
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(tasks)} runs failed (the others' rows are "
+                           f"in {args.out}): {failed}")
     return [r for task in tasks for r in done[task]]
 
 

@@ -372,6 +372,13 @@ def study_fortunes_fine(rows: Rows) -> str:
                      "uploaded bytes x fedavg-full"], out))
 
 
+@region("study-fortunes-fine-verdict", "learning-fortunes-fine.jsonl", FINE,
+        select=lambda r: r.get("kind") == "summary")
+def study_fortunes_fine_verdict(rows: Rows) -> str:
+    """:func:`learning_verdict` of the fine-grained study."""
+    return learning_verdict(rows)
+
+
 @region("lr-sweep", "lr-sweep.jsonl",
         "python -m benchmarks.lr_sweep --jobs 2 --out benchmarks/results/lr-sweep.jsonl",
         select=lambda r: r.get("kind") == "summary")

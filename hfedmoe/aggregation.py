@@ -49,18 +49,19 @@ class AggregationRule:
 
     Attributes:
         expert_weighting: "usage-threshold" (Eq. 17) or "data-size" (all senders, by |D_c|).
-        gate_weighting: "importance" (Eq. 18-21, normalised) or "data-size".
+        gate_weighting: "importance" (Eq. 18-21, normalised), "importance-size" (alpha(c) x
+            |D_c|, normalised) or "data-size".
         tau: usage threshold of Eq. 16-18.
     """
 
     expert_weighting: Literal["usage-threshold", "data-size"] = "usage-threshold"
-    gate_weighting: Literal["importance", "data-size"] = "importance"
+    gate_weighting: Literal["importance", "importance-size", "data-size"] = "importance"
     tau: float = 0.01
 
     def __post_init__(self) -> None:
         if self.expert_weighting not in ("usage-threshold", "data-size"):
             raise AlgorithmError(f"unknown expert_weighting {self.expert_weighting!r}")
-        if self.gate_weighting not in ("importance", "data-size"):
+        if self.gate_weighting not in ("importance", "importance-size", "data-size"):
             raise AlgorithmError(f"unknown gate_weighting {self.gate_weighting!r}")
         if not 0.0 <= self.tau <= 1.0:
             raise AlgorithmError(f"tau must be in [0, 1], got {self.tau}")
@@ -132,6 +133,8 @@ def raw_weight(summary: ClientSummary, parsed: ParamKey,
         return (size if parsed.expert in summary.aggregated else 0.0), None
     if parsed.kind == "gate" and rule.gate_weighting == "importance":
         return summary.gate_mass, size
+    if parsed.kind == "gate" and rule.gate_weighting == "importance-size":
+        return summary.gate_mass * size, size
     return size, None
 
 

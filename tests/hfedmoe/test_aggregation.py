@@ -329,3 +329,11 @@ def test_partial_aggregates_merged_equal_one_aggregator(split):
         merged.merge(Aggregator.from_bytes(shards[0].to_bytes(), RULE))
     with pytest.raises(AlgorithmError, match="not a partial"):
         Aggregator.from_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}" + b"x" * 8, RULE)
+
+
+def test_importance_size_gate_weights_are_alpha_times_data_size():
+    # gate masses P = (0.25, 0.55) and |D_c| = (1, 3): weights 0.25 and 1.65 of 1.9
+    rule = AggregationRule("usage-threshold", "importance-size", 0.01)
+    w = key_weights(_clients(), rule)
+    assert w[GATE] == pytest.approx({"A": 0.25 / 1.9, "B": 1.65 / 1.9})
+    assert w[K00] == key_weights(_clients(), RULE)[K00]  # experts: Eq. 17 either way

@@ -175,3 +175,10 @@ def test_dp_bad_arguments_raise():
         privatize(deltas, clip=0.0, noise_multiplier=1.0)
     with pytest.raises(AlgorithmError):
         privatize({"a": torch.tensor([math.inf])}, clip=1.0, noise_multiplier=0.0)
+
+
+@pytest.mark.parametrize("gates", ["importance", "importance-size", "data-size"])
+def test_every_gate_weighting_builds_the_hfedmoe_rule(gates):
+    strategy = get_strategy("hfedmoe", MethodConfig(gate_weighting=gates))
+    assert strategy.rule.gate_weighting == gates
+    assert strategy.make_aggregator() is not None
