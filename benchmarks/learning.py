@@ -146,15 +146,12 @@ def planned_budgets(args: argparse.Namespace, profiles: list[str], pins: dict[st
                     window: float) -> list[int]:
     """The budgets the simulator will plan for ``profiles`` (:func:`lab.simulate.plan_budget`),
     with the study's pinned measurement."""
-    import dataclasses
-
     from device_agent.profiles import load_profile
     from lab.devices import Calibration
     from lab.simulate import plan_budget
 
-    cfg = server_config(args, "hfedmoe", 0.5, 0, "unused")
-    cfg = dataclasses.replace(cfg, rounds=dataclasses.replace(cfg.rounds, train_time_s=window,
-                                                              deadline_s=max(120.0, window)))
+    cfg = server_config(argparse.Namespace(**{**vars(args), "train_time_s": window}),
+                        "hfedmoe", 0.5, 0, "unused")
     reports = [load_profile(p) for p in profiles]
     calibration = Calibration(pins["host"], pins["costs"])
     return [plan_budget(cfg, r, calibration, args.max_steps, reports).c_budget for r in reports]
