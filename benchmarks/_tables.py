@@ -168,6 +168,9 @@ def stale_text(reg: Region, rows: Rows) -> str:
 
 def render(reg: Region, results: Results) -> str:
     rows = results.of(reg)
+    if not rows:  # nothing measured yet: say how to measure it
+        body = f"*Not measured yet: `{reg.command}`.*"
+        return body if reg.inline else f"\n{body}\n"
     if mismatches(reg, rows):
         body = stale_text(reg, rows)
         return body if reg.inline else f"\n{body}\n"

@@ -94,3 +94,8 @@ def test_the_quick_start_reads_the_last_demo_run(tmp_path):
     write_rows(tmp_path / "demo.jsonl", _demo_rows(), {"git_sha": "abc1234"},
                {**default_descriptor(), "upcycle": "copy"})  # a later run on another model
     assert "**stale**" in render(tables.REGIONS["demo-quickstart"], Results(tmp_path))
+
+
+def test_a_region_without_rows_says_how_to_measure_it(tmp_path):
+    text = render(tables.REGIONS["detach"], Results(tmp_path))
+    assert text.strip().startswith("*Not measured yet: `python -m benchmarks.detach")
