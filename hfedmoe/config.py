@@ -113,7 +113,7 @@ class MethodConfig:
     strategy: str = "hfedmoe"
     lam: float = 0.5  # Eq. 5
     beta: float = 3.0  # Eq. 14 (the paper: 0.1; docs/results.md, "signals")
-    tau: float = 0.05  # Eq. 16-18 usage threshold (the paper: 0.01)
+    tau: float = 0.01  # Eq. 16-18 usage threshold (the paper's; docs/method.md, "Defaults")
     selection_key: Literal["ib", "importance"] = "ib"
     budget_scope: Literal["global", "per-layer"] = "global"
     per_layer_cap: int = 0  # 0: no cap
@@ -123,8 +123,8 @@ class MethodConfig:
     # weight of the client-specificity term added to the standardized selection score: each
     # routed expert's share of the client's divergence from the global routing prior the server
     # announces, u_c(e) log(u_c(e) / u_global(e)) (docs/method.md, "Selection that reflects the
-    # client"); 0 is the paper's rule (Eq. 15 on I_b alone)
-    specificity: float = 0.0
+    # client"; 1 chosen on the validation split); 0 is the paper's rule (Eq. 15 on I_b alone)
+    specificity: float = 1.0
     # Eq. 18-21 gate weights: "importance" alpha(c) as the paper; "importance-size" alpha(c) x
     # |D_c|; "data-size" |D_c| (FedAvg)
     gate_weighting: Literal["importance", "importance-size", "data-size"] = "importance"
