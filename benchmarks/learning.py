@@ -319,31 +319,33 @@ def summarize(rows: list[dict], strategies: Sequence[str], target: float | None,
                          == (alpha, s, seed) and r["round"] >= 0), key=lambda r: r["round"])
             return statistics.fmean(r["accuracy"] for r in rs[-n:])
 
+        ran = {(r["strategy"], r["seed"]) for r in rows if r["alpha"] == alpha}
         if target is not None:
             tgt = target
         elif "fedavg-full" in strategies:
             tgt = target_frac * statistics.mean(final("fedavg-full", sd)["accuracy"]
-                                                for sd in seeds)
+                                                for sd in seeds if ("fedavg-full", sd) in ran)
         else:
-            tgt = target_frac * max(final(s, sd)["accuracy"] for s in strategies for sd in seeds)
+            tgt = target_frac * max(final(s, sd)["accuracy"] for s, sd in ran)
         for s in strategies:
-            finals = [final(s, sd)["accuracy"] for sd in seeds]
+            mine = [sd for sd in seeds if (s, sd) in ran]  # an arm may have fewer seeds
+            finals = [final(s, sd)["accuracy"] for sd in mine]
             initial = [r["accuracy"] for r in rows if (r["alpha"], r["strategy"]) == (alpha, s)
                        and r["round"] == -1]
             reached = []
-            for sd in seeds:
+            for sd in mine:
                 rs = sorted((r for r in rows if (r["alpha"], r["strategy"], r["seed"])
                              == (alpha, s, sd)), key=lambda r: r["round"])
                 hit = _reach(rs, tgt)
                 if hit is not None:
                     reached.append(hit)
-            tmean, thalf = ci95([tail(s, sd) for sd in seeds])
+            tmean, thalf = ci95([tail(s, sd) for sd in mine])
             mean, half = ci95(finals)
             runs = [r for r in rows if (r["alpha"], r["strategy"]) == (alpha, s)
                     and r["round"] >= 0]
             signals = [r.get("signals") or {} for r in runs]
             row = {"bench": "learning", "kind": "summary", "strategy": s, "alpha": alpha,
-                   "seeds": seeds, "target_accuracy": round(tgt, 4),
+                   "seeds": mine, "target_accuracy": round(tgt, 4),
                    "final_accuracy_ci95": [round(mean - half, 4), round(mean + half, 4)],
                    "last5_accuracy_mean": round(tmean, 4),
                    "last5_accuracy_ci95": [round(tmean - thalf, 4), round(tmean + thalf, 4)],
@@ -357,9 +359,9 @@ def summarize(rows: list[dict], strategies: Sequence[str], target: float | None,
                    "final_accuracy_spread": [round(min(finals), 4), round(max(finals), 4)],
                    "seeds_reaching_target": len(reached),
                    "bytes_total_mean": int(statistics.mean(final(s, sd)["cum_bytes_in"]
-                                                           for sd in seeds)),
+                                                           for sd in mine)),
                    "emulated_s_total_mean": round(statistics.mean(
-                       final(s, sd)["cum_emulated_s"] for sd in seeds), 1)}
+                       final(s, sd)["cum_emulated_s"] for sd in mine), 1)}
             if reached:  # means over the seeds that reached the target
                 row["rounds_to_target_mean"] = round(statistics.mean(r["round"] + 1
                                                                      for r in reached), 2)
@@ -369,14 +371,18 @@ def summarize(rows: list[dict], strategies: Sequence[str], target: float | None,
                                                                   for r in reached))
             out.append(row)
         if "hfedmoe" in strategies:  # paired by seed: same partition, budgets and model init
-            base = {sd: final("hfedmoe", sd)["accuracy"] for sd in seeds}
+            base = {sd: final("hfedmoe", sd)["accuracy"] for sd in seeds
+                    if ("hfedmoe", sd) in ran}
             for r in out:
                 if r["alpha"] == alpha and r["strategy"] != "hfedmoe":
-                    diffs = [base[sd] - final(r["strategy"], sd)["accuracy"] for sd in seeds]
+                    both = [sd for sd in r["seeds"] if sd in base]
+                    if not both:
+                        continue
+                    diffs = [base[sd] - final(r["strategy"], sd)["accuracy"] for sd in both]
                     mean, half = ci95(diffs)
                     r["hfedmoe_minus_this"] = round(mean, 4)
                     r["hfedmoe_minus_this_ci95"] = [round(mean - half, 4), round(mean + half, 4)]
-                    diffs = [tail("hfedmoe", sd) - tail(r["strategy"], sd) for sd in seeds]
+                    diffs = [tail("hfedmoe", sd) - tail(r["strategy"], sd) for sd in both]
                     mean, half = ci95(diffs)
                     r["hfedmoe_minus_this_last5"] = round(mean, 4)
                     r["hfedmoe_minus_this_last5_ci95"] = [round(mean - half, 4),
@@ -503,7 +509,8 @@ def summarize_stored(args: argparse.Namespace) -> int:
     strategies = list(dict.fromkeys(r["strategy"] for r in rows))
     done = {(r["alpha"], r["seed"], r["strategy"]) for r in rows}  # runs with stored rows
     whole = {(a, sd) for a, sd, _ in done if all((a, sd, s) in done for s in strategies)}
-    rows = [r for r in rows if (r["alpha"], r["seed"]) in whole]  # seeds every strategy ran
+    if not args.all_seeds:
+        rows = [r for r in rows if (r["alpha"], r["seed"]) in whole]  # seeds every arm ran
     summary = summarize(rows, strategies, args.target, args.target_frac)
     for r in summary:
         r.update(settings=rows[0]["settings"], profiles=rows[0]["profiles"],
@@ -562,6 +569,9 @@ def build_parser(description: str = __doc__.splitlines()[0]) -> argparse.Argumen
     p.add_argument("--target", type=float, default=None, help="target accuracy")
     p.add_argument("--target-frac", type=float, default=0.9)
     p.add_argument("--out", default=None, help="append JSON lines here (plot drawn next to it)")
+    p.add_argument("--all-seeds", action="store_true",
+                   help="with --from-rows: every stored run, also of seeds not every arm ran "
+                        "(a sweep); paired differences over the seeds both arms ran")
     p.add_argument("--from-rows", default=None,
                    help="summarize stored round rows (comma list of files) instead of running")
     return p
