@@ -360,6 +360,9 @@ def study_fortunes_fine(rows: Rows) -> str:
             f"{f3(r['final_accuracy_mean'])} {ci(r['final_accuracy_ci95'])}",
             f"{f3(r['last5_accuracy_mean'])} {ci(r['last5_accuracy_ci95'])}",
             _hf(r, "hfedmoe_minus_this_last5"), *_selection_cols(r),
+            f"{r.get('rounds_to_target_mean', '-')} ({r['seeds_reaching_target']} of "
+            f"{len(r['seeds'])})",
+            f"{r['bytes_to_target_mean'] / 1e6:.0f}" if "bytes_to_target_mean" in r else "-",
             f3(r["bytes_total_vs_fedavg_full"]) if "bytes_total_vs_fedavg_full" in r else "-"]
            for r in rows]
     return (f"Test split ({s['data']}), {s['num_experts']} experts/layer top-{s['top_k']}, "
@@ -369,6 +372,7 @@ def study_fortunes_fine(rows: Rows) -> str:
             "each strategy paired by seed, 95% t intervals (bold: excludes zero).\n\n"
             + table(["alpha", "strategy", "final accuracy [95% CI]", "last-5-round mean",
                      "HFedMoE minus this (last 5)", "Jaccard", "experts / round",
+                     f"rounds to {rows[0]['target_accuracy']:.3f} (seeds)", "MB to target",
                      "uploaded bytes x fedavg-full"], out))
 
 
