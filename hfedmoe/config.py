@@ -87,6 +87,9 @@ class DataConfig:
     # held out of the clients' pool after the test split (hfedmoe.data.task.load_task)
     validation_fraction: float = 0.0
     eval_split: Literal["test", "validation"] = "test"  # the split the server evaluates on
+    # causal-lm: a prompt that leaves no room for its response within model.max_length is an
+    # error naming it ("error"), or its pair is left out ("drop")
+    long_prompts: Literal["error", "drop"] = "error"
     seed: int = 0
 
     def __post_init__(self) -> None:

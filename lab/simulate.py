@@ -193,7 +193,7 @@ def check_devices(cfg: Any, num_devices: int, profiles: list[str]) -> None:
 def _setup(cfg: Any, num_devices: int, profiles: list[str], measure_repeats: int,
            calibration: Calibration | None) -> _Simulation:
     """A fresh run directory, the task, the model and the devices with their budgets."""
-    from hfedmoe.data import load_task
+    from hfedmoe.data import fit_task, load_task
     from hfedmoe.lora import with_factors
     from hfedmoe.models.registry import build_model
     from hfedmoe.modelsync import build_shards
@@ -208,8 +208,9 @@ def _setup(cfg: Any, num_devices: int, profiles: list[str], measure_repeats: int
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     store = Store(run_dir)
     task = load_task(cfg.data)
-    shards = task.client_datasets(num_devices)
     model = build_model(cfg.model, cfg.data.task, task.num_labels)
+    task = fit_task(task, model.require_tokenizer(), cfg.model.max_length)
+    shards = task.client_datasets(num_devices)
     spec = spec_from_state(model.state())
     if _lora(cfg) is not None:  # updates carry factors; the server averages their products
         spec = with_factors(spec, _lora(cfg))

@@ -136,6 +136,18 @@ class MoEModel:
                 self._params[shared_key(f"{path}.{name}")] = p
         self.set_trainable(())
 
+    def require_tokenizer(self) -> Any:
+        """The model's tokenizer; a :class:`ModelError` saying so when it has none (a
+        checkpoint directory without tokenizer files: the kit downloads nothing)."""
+        if self.tokenizer is None:
+            source = self.info.get("source", self.family)
+            why = self.info.get("tokenizer", "none")
+            raise ModelError(
+                f"{source}: the model has no tokenizer ({why}); save its tokenizer into the "
+                "checkpoint directory (tokenizer.save_pretrained(dir)), or use a registered "
+                "'<family>-tiny' model, which brings an offline byte-level tokenizer")
+        return self.tokenizer
+
     # --- structure -------------------------------------------------------------------------
     @property
     def num_layers(self) -> int:

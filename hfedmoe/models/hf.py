@@ -254,6 +254,11 @@ def build_hf_model(family_name: str, task: str = "causal-lm", num_labels: int = 
     return wrap_hf(model, family, task, impl, info={"source": "random-init tiny config"})
 
 
+# the files a saved tokenizer leaves in a checkpoint directory (any one of them)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "vocab.txt", "spiece.model")
+
+
 def load_hf_checkpoint(path: str | Path, task: str = "causal-lm", num_labels: int = 2,
                        impl: str = "grouped") -> MoEModel:
     """Load a real checkpoint from a local directory (no hub access) and convert it."""
@@ -276,8 +281,15 @@ def load_hf_checkpoint(path: str | Path, task: str = "causal-lm", num_labels: in
     except ValueError as exc:  # e.g. no causal-LM class for this model_type
         raise ModelError(f"{path}: transformers cannot build a {task} model of "
                          f"{cfg.model_type!r}: {str(exc).splitlines()[0]}") from exc
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
-        tokenizer = None
-    return wrap_hf(model, family, task, impl, tokenizer, info={"source": str(path)})
+    info: dict[str, Any] = {"source": str(path)}
+    tokenizer = None
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        # (transformers 5 would build an empty tokenizer of the family's class)
+        info["tokenizer"] = f"none of {', '.join(TOKENIZER_FILES)} in the directory"
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError, TypeError) as exc:
+            info["tokenizer"] = ("transformers cannot load it: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    return wrap_hf(model, family, task, impl, tokenizer, info=info)
