@@ -384,11 +384,9 @@ def _train(sim: _Simulation, r: int, base_hash: str, jobs: list[DeviceJob],
 
 def _evaluate(sim: _Simulation) -> dict[str, Any]:
     """The held-out evaluation (``data.eval_split``), with the split's name."""
-    from server.evaluate import evaluate
+    from server.evaluate import held_out_metrics
 
-    cfg = sim.cfg
-    return {**evaluate(sim.model, sim.task.held_out, cfg.eval_batch_size, cfg.model.max_length,
-                       cfg.max_eval_examples), "eval_split": cfg.data.eval_split}
+    return held_out_metrics(sim.model, sim.task.held_out, sim.cfg)
 
 
 def _checkpoint(sim: _Simulation, r: int, metrics: dict[str, float]) -> int:
@@ -396,7 +394,8 @@ def _checkpoint(sim: _Simulation, r: int, metrics: dict[str, float]) -> int:
     from hfedmoe.modelsync import build_shards
 
     new_manifest, _ = build_shards(sim.global_state)
-    sim.store.save_checkpoint(r, sim.global_state, {"accuracy": metrics.get("accuracy")},
+    sim.store.save_checkpoint(r, sim.global_state, {"accuracy": metrics.get("accuracy"),
+                                                    "loss": metrics.get("loss")},
                               new_manifest.state_hash)
     ret = sim.cfg.retention
     sim.store.prune(r, ret.keep_updates, ret.keep_checkpoints, ret.keep_best)

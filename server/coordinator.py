@@ -33,7 +33,7 @@ from hfedmoe.transport.base import Message, Transport
 from hfedmoe.transport.chunks import BlobReceiver
 from hfedmoe.transport.topics import Topics
 from server.config import ServerConfig
-from server.evaluate import evaluate
+from server.evaluate import held_out_metrics
 from server.ingest import IngestLink
 from server.intake import LATE_SEP, Intake
 from server.metrics import Prometheus
@@ -332,9 +332,7 @@ class Coordinator:
     def _evaluate(self) -> dict[str, Any]:
         if self.test_data is None or len(self.test_data) == 0:
             return {}
-        return {**evaluate(self.model, self.test_data, self.cfg.eval_batch_size,
-                           self.cfg.model.max_length, self.cfg.max_eval_examples),
-                "eval_split": self.cfg.data.eval_split}
+        return held_out_metrics(self.model, self.test_data, self.cfg)
 
     def _write_metrics(self, row: dict[str, Any]) -> dict[str, Any]:
         row = {"time": self.clock(), **row}

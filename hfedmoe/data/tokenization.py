@@ -37,7 +37,8 @@ from hfedmoe.errors import DataError, ModelError
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["IGNORE_INDEX", "causal_lm_batch", "classification_batch", "collate", "fit_prompts"]
+__all__ = ["IGNORE_INDEX", "causal_lm_batch", "classification_batch", "collate", "fit_prompts",
+           "special_prefix"]
 
 IGNORE_INDEX = -100  # labels with this value take no loss (torch CrossEntropyLoss default)
 _PROBE = "probe"
@@ -73,7 +74,8 @@ def classification_batch(texts: Sequence[str], labels: Sequence[int],
             "labels": torch.as_tensor(list(labels), dtype=torch.long)}  # (B,)
 
 
-def _special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The token ids the tokenizer puts before a single text (e.g. ``[bos]``; maybe none)."""
     full = tokenizer(_PROBE, add_special_tokens=True)["input_ids"]
     core = tokenizer(_PROBE, add_special_tokens=False)["input_ids"]
     for start in range(len(full) - len(core) + 1):
@@ -112,7 +114,7 @@ def fit_prompts(data: PairDataset, tokenizer: PreTrainedTokenizerBase, max_lengt
         raise ModelError("the model has no tokenizer, so its examples cannot be tokenised")
     if not len(data):
         return data
-    prefix = len(_special_prefix(tokenizer))
+    prefix = len(special_prefix(tokenizer))
     lengths = [prefix + len(ids) for ids in
                tokenizer(list(data.prompts), add_special_tokens=False)["input_ids"]]
     long = [i for i, n in enumerate(lengths) if n >= max_length]
@@ -146,7 +148,7 @@ def causal_lm_batch(prompts: Sequence[str], responses: Sequence[str],
     _check_length(max_length)
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    prefix = _special_prefix(tokenizer)
+    prefix = special_prefix(tokenizer)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     p_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     r_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
