@@ -27,6 +27,7 @@ from typing import Any
 from hfedmoe.data import PairDataset, TextDataset
 from hfedmoe.models.base import MoEModel
 from hfedmoe.modelsync import build_shards
+from hfedmoe.names import ExpertId
 from hfedmoe.protocol import Done, RoundAnnouncement
 from hfedmoe.strategies import get_strategy
 from hfedmoe.transport.base import Message, Transport
@@ -38,7 +39,6 @@ from server.ingest import IngestLink
 from server.intake import LATE_SEP, Intake
 from server.metrics import Prometheus
 from server.registry import DeclaredExamples, Registry, UnknownClientError
-from hfedmoe.names import ExpertId
 from server.rounds import (
     RoundState,
     choose_participants,
