@@ -54,9 +54,16 @@ class ModelConfig:
     # expert w_in/w_out and the other frozen nn.Linear weights; needs train.adapter = "lora".
     # The server keeps and aggregates fp32 whatever this says.
     quantize: Literal["none", "int8", "int4"] = "none"
+    # base linears that carry LoRA factors in a LoRA round besides the selected experts and
+    # the shared experts (hfedmoe.models.lora_targets): "attention" (every attention
+    # projection) or module names / path suffixes ("q_proj", "self_attn.v_proj"). They never
+    # train in full; a name that matches nothing is an error
+    lora_targets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name must not be empty")
+        _check(all(isinstance(t, str) and t.strip() for t in self.lora_targets),
+               f"model.lora_targets must be non-empty names, got {list(self.lora_targets)}")
         _check(self.quantize in ("none", "int8", "int4"),
                f"model.quantize must be 'none', 'int8' or 'int4', got {self.quantize!r}")
         _check(self.num_experts >= 1, f"model.num_experts must be >= 1, got {self.num_experts}")

@@ -213,7 +213,7 @@ def _setup(cfg: Any, num_devices: int, profiles: list[str], measure_repeats: int
     shards = task.client_datasets(num_devices)
     spec = spec_from_state(model.state())
     if _lora(cfg) is not None:  # updates carry factors; the server averages their products
-        spec = with_factors(spec, _lora(cfg))
+        spec = with_factors(spec, _lora(cfg), model.lora_bases)
     if calibration is None:
         calibration = calibrate(cfg, measure_repeats, model)
     devices = _register_devices(cfg, profiles, shards, calibration, store)

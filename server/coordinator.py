@@ -92,7 +92,8 @@ class Coordinator:
         self._prom = Prometheus(cfg.prometheus_port)
         declared = DeclaredExamples(self.store)
         self.intake = Intake(cfg, transport, self.store, self.global_state, self,
-                             strategy=self.strategy, declared=declared, prom=self._prom)
+                             strategy=self.strategy, declared=declared, prom=self._prom,
+                             lora_bases=model.lora_bases)
         self.registry = Registry(cfg, transport, self.store, self, self.intake.reject, declared,
                                  clock)
         self.ingest = IngestLink(cfg, transport, self.store, self.intake)  # ingest workers

@@ -6,7 +6,9 @@ fused 3-D tensors (``gate_up_proj`` (E, 2F, d), ``down_proj`` (E, d, F)) and cal
 per-expert ``nn.Linear`` modules called with a one-hot dispatch mask. Both are converted in place
 into :class:`~hfedmoe.experts.ExpertBank` (per-expert parameters, same numbers), which is what lets
 a budget freeze experts without gradient masks or optimizer state for them. The routers are
-left untouched, so routing is exactly the family's own.
+left untouched, so routing is exactly the family's own. Shared experts (the blocks' ``*shared*``
+children) are shared parts (``shared.*`` keys) and LoRA bases
+(:mod:`hfedmoe.models.lora_targets`), as in the generic adapter.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import nn
 from hfedmoe.errors import ModelError
 from hfedmoe.experts import ExpertBank, ExpertShape
 from hfedmoe.models.base import MoELayer, MoEModel, ScoreFn, decode_topk_router
+from hfedmoe.models.lora_targets import add_shared_expert_bases
 from hfedmoe.models.minilm import SequenceClassifier
 
 
@@ -218,9 +221,17 @@ def wrap_hf(model: nn.Module, family: Family, task: str, impl: str = "grouped",
         if any(isinstance(layer.bank.experts[0], FamilyExpert) for layer in layers):
             info["expert_activation"] = "the family's own (its _apply_gate / act_fn)"
     else:
+        from hfedmoe.models.generic import shared_parts
+
         layers = convert_moe_blocks(inner, family, impl, prefix=prefix)
-    return MoEModel(model, family.name, task, layers, shared=shared, tokenizer=tokenizer,
-                    info=info)
+        shared_experts = {k: v for layer in layers
+                          for k, v in shared_parts(model.get_submodule(layer.path),
+                                                   layer.path).items()}
+        shared = {**shared_experts, **shared}
+    out = MoEModel(model, family.name, task, layers, shared=shared, tokenizer=tokenizer,
+                   info=info)
+    add_shared_expert_bases(out, shared_experts)  # LoRA rounds adapt them through factors
+    return out
 
 
 def _classifier(cfg: Any, family: Family, num_labels: int, backbone: nn.Module) -> nn.Module:

@@ -15,6 +15,7 @@ from hfedmoe.errors import ModelError
 from hfedmoe.models.attention import use_kit_attention
 from hfedmoe.models.base import MoEModel
 from hfedmoe.models.hf import FAMILIES, build_hf_model, load_hf_checkpoint
+from hfedmoe.models.lora_targets import add_lora_targets
 from hfedmoe.models.minilm import build_minilm_moe
 from hfedmoe.models.tokenizer import BOS_ID, EOS_ID, PAD_ID, byte_tokenizer
 
@@ -73,4 +74,5 @@ def build_model(cfg: ModelConfig, task: str = "classification",
         raise ModelError(f"unknown model {name!r}: not a registered name "
                          f"({', '.join(model_names())}) nor a local directory")
     use_kit_attention(model.module)  # sdpa in fp32 under bf16/fp16 on a CPU (its backward)
+    add_lora_targets(model, cfg.lora_targets)  # LoRA-only bases (attention projections)
     return model
