@@ -105,7 +105,7 @@ def test_the_server_merges_the_products_into_the_base_weights():
         agg.add(u)
     new = agg.finalize(state)
     weights = [u.num_examples for u in ups]
-    expected = state[q] + sum(w * u.deltas[q] for w, u in zip(weights, ups)) / sum(weights)
+    expected = state[q] + sum(w * u.deltas[q] for w, u in zip(weights, ups, strict=True)) / sum(weights)
     torch.testing.assert_close(new[q], expected)
 
 
