@@ -147,3 +147,15 @@ def test_quantized_bases_train_factors_and_reload_the_global_weights():
     layer = model.module.get_submodule("model.layers.0.self_attn.q_proj")
     assert layer.weight is model.parameter(q)
     torch.testing.assert_close(dequantize_weight(layer.weight), new[q], atol=0.05, rtol=0)
+
+
+def test_the_executorch_runtime_refuses_lora_bases():
+    from hfedmoe.errors import ConfigError
+
+    from hfedmoe.data import TextDataset
+
+    model = build_model(ModelConfig(name="qwen2-moe-tiny", max_length=16), "classification", 2)
+    texts = TextDataset(("a b", "c d", "e f", "g h"), (0, 1, 0, 1), ("x", "y"))
+    with pytest.raises(ConfigError, match="LoRA bases.*use the eager runtime"):
+        train_round(RoundContext(model, texts, strategy=get_strategy("hfedmoe"), budget=2,
+                                 train=LORA_CFG, max_length=16, runtime="executorch"))

@@ -66,3 +66,28 @@ def test_fit_task_checks_every_split(tmp_path):
     dropped = fit_task(load_task(DataConfig(**{**cfg.__dict__, "long_prompts": "drop"})),
                        byte_tokenizer(), 32)
     assert len(dropped.train) + len(dropped.test) == 19
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "arrow"])
+def test_pairs_with_a_domain_column_from_every_format(tmp_path, fmt):
+    rows = {"prompt": ["p1", "p2", "p3"], "response": ["r1", "r2", "r3"],
+            "domain": ["x", "y", "x"]}
+    if fmt == "csv":
+        path = tmp_path / "d.csv"
+        path.write_text("prompt,response,domain\n" + "".join(
+            f"{p},{r},{d}\n" for p, r, d in zip(*rows.values(), strict=True)))
+    else:
+        pa = pytest.importorskip("pyarrow")
+        table = pa.table(rows)
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            path = tmp_path / "d.parquet"
+            pq.write_table(table, path)
+        else:
+            datasets = pytest.importorskip("datasets")
+            path = tmp_path / "saved"
+            datasets.Dataset(table).save_to_disk(str(path))
+    ds = load_pair_file(path, label_column="domain", text_column="text")
+    assert ds.prompts == ("p1", "p2", "p3") and ds.responses == ("r1", "r2", "r3")
+    assert ds.label_names == ("x", "y") and ds.labels == (0, 1, 0)

@@ -74,3 +74,12 @@ def test_the_report_shows_loss_and_rouge_per_domain():
     assert "<td class='num'>0.2500</td>" in html and "<td class='num'>5.4000</td>" in html
     assert "Generations after round 1" in html
     assert lm_section([{"round": 0, "phase": "round", "accuracy": 0.5}]) == ""
+
+
+def test_the_dashboard_history_keeps_perplexity_and_rouge():
+    from server.dashboard.app import _compact
+
+    row = _compact({"round": 0, "phase": "round", "loss": 4.0, "perplexity": 54.6,
+                    "rougeL": 0.25, "per_domain": {"ai": {"loss": 3.9}}, "samples": []})
+    assert (row["loss"], row["perplexity"], row["rougeL"]) == (4.0, 54.6, 0.25)
+    assert "accuracy" not in row and "per_domain" not in row
