@@ -13,6 +13,7 @@ from hfedmoe.config import (
     ModelConfig,
     TrainConfig,
     check_quantize_adapter,
+    resolve_adapter,
 )
 from hfedmoe.eligibility import EligibilityConfig
 from hfedmoe.errors import ConfigError
@@ -246,6 +247,7 @@ class ServerConfig:
                               f"{self.eval_generate_examples} and {self.eval_max_new_tokens}")
         if self.eval_every < 1:
             raise ConfigError(f"eval_every must be >= 1 (1: every round), got {self.eval_every}")
+        object.__setattr__(self, "train", resolve_adapter(self.train, self.data.task))
         check_quantize_adapter(self.model, self.train)  # devices quantize, LoRA trains
         if not 0 <= self.dashboard_port <= 65535:
             raise ConfigError("dashboard_port must be in [0, 65535] (0: off)")

@@ -91,3 +91,16 @@ def test_pairs_with_a_domain_column_from_every_format(tmp_path, fmt):
     ds = load_pair_file(path, label_column="domain", text_column="text")
     assert ds.prompts == ("p1", "p2", "p3") and ds.responses == ("r1", "r2", "r3")
     assert ds.label_names == ("x", "y") and ds.labels == (0, 1, 0)
+
+
+def test_a_language_model_trains_lora_by_default():
+    from device_agent.config import AgentConfig
+    from hfedmoe.config import KitConfig, TrainConfig
+    from server.config import ServerConfig
+
+    lm, cls = DataConfig(task="causal-lm"), DataConfig()
+    for make in (KitConfig, ServerConfig, AgentConfig):
+        assert make(data=lm).train.adapter == "lora"
+        assert make(data=cls).train.adapter == "full"
+        assert make(data=lm, train=TrainConfig(adapter="full")).train.adapter == "full"
+    assert TrainConfig().adapter == "auto"

@@ -52,3 +52,23 @@ def test_a_model_without_a_tokenizer_says_so(tmp_path):
         loaded.require_tokenizer()
     with pytest.raises(ModelError, match="no tokenizer"):
         collate(PAIRS, [0], loaded.tokenizer, 32)
+
+
+def test_a_local_checkpoint_with_its_tokenizer_is_a_causal_lm_of_the_kit(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hfedmoe.generation import greedy_generate
+
+    cfg = build_config(FAMILIES["qwen2-moe"], vocab_size=BYTE_VOCAB_SIZE)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    byte_tokenizer().save_pretrained(tmp_path)
+    model = build_model(ModelConfig(name=str(tmp_path), max_length=32,
+                                    lora_targets=("q_proj",)), "causal-lm")
+    tok = model.require_tokenizer()
+    assert tok("ab")["input_ids"] == [BOS_ID, 3 + ord("a"), 3 + ord("b")]
+    assert model.info["source"] == str(tmp_path)
+    assert any(".shared_expert." in k for k in model.lora_bases)  # a LoRA base like the tiny one
+    batch = collate(PAIRS, [0, 1], tok, 32)
+    with torch.no_grad():
+        assert torch.isfinite(model.module(**batch).loss)
+    assert len(greedy_generate(model, list(PAIRS.prompts), 32, max_new_tokens=4)) == 2
