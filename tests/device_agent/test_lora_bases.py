@@ -150,9 +150,8 @@ def test_quantized_bases_train_factors_and_reload_the_global_weights():
 
 
 def test_the_executorch_runtime_refuses_lora_bases():
-    from hfedmoe.errors import ConfigError
-
     from hfedmoe.data import TextDataset
+    from hfedmoe.errors import ConfigError
 
     model = build_model(ModelConfig(name="qwen2-moe-tiny", max_length=16), "classification", 2)
     texts = TextDataset(("a b", "c d", "e f", "g h"), (0, 1, 0, 1), ("x", "y"))
