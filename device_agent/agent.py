@@ -26,6 +26,7 @@ from device_agent.config import AgentConfig
 from device_agent.link import AgentStopped, ServerLink
 from hfedmoe.config import MethodConfig, TrainConfig, from_dict
 from hfedmoe.modelsync import ShardCache
+from hfedmoe.names import ExpertId
 from hfedmoe.protocol import Registration, RoundAnnouncement
 from hfedmoe.transport.base import Transport
 from hfedmoe.wire import encode
@@ -230,8 +231,6 @@ class DeviceAgent:
         """fedmoe: the fixed sub-model from a forward-only usage pass over the local data."""
         saved = self.local.get("assignment")
         if saved is not None:
-            from hfedmoe.names import ExpertId
-
             return frozenset(ExpertId.parse(s) for s in saved)
         from device_agent.train import usage_profile
 
@@ -268,10 +267,14 @@ def round_row(round_idx: int, status: str, bytes_up: int, bytes_down: int, budge
 def load_local(cfg: AgentConfig) -> tuple[Any, Any]:
     """``(data, model)``: this device's examples (:func:`local_data`) and the model, on
     ``train.device``."""
+    from hfedmoe.data import PairDataset, fit_prompts
     from hfedmoe.models.registry import build_model
 
     data, num_labels = local_data(cfg)
     model = build_model(cfg.model, cfg.data.task, num_labels)
+    if isinstance(data, PairDataset):  # every prompt must leave room for its response
+        data = fit_prompts(data, model.require_tokenizer(), cfg.model.max_length,
+                           cfg.data.long_prompts, "local")
     model.module.to(resolve_device(cfg.train.device))
     return data, model
 

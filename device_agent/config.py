@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from hfedmoe.config import DataConfig, ModelConfig, TrainConfig, load_config
+from hfedmoe.config import DataConfig, ModelConfig, TrainConfig, load_config, resolve_adapter
 from hfedmoe.eligibility import EligibilityConfig
 from hfedmoe.errors import ConfigError
 from hfedmoe.transport.config import TransportConfig
@@ -61,6 +61,7 @@ class AgentConfig:
     wire: WireConfig = field(default_factory=WireConfig)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "train", resolve_adapter(self.train, self.data.task))
         check_device_id(self.device_id)  # ReservedIdError for "server" and the like
         check_id(self.run_id, "run id")
         if not 0 <= self.shard < self.num_shards:

@@ -152,6 +152,15 @@ def _non_expert_activation_bytes(model: MoEModel, base: str, rows: int, trainabl
             + expert_state_bytes(trainable_rest, optimizer))
 
 
+def _lora_rest(model: MoEModel, trainable_rest: int, rank: int) -> int:
+    """The trainable non-expert elements of a LoRA round: those of a full one less the LoRA
+    bases' weights (shared experts), plus the rank-``rank`` factors of every base."""
+    trained = model.trainable_parameters()
+    frozen = sum(trained[k].numel() for k in model.lora_bases if k in trained)
+    factors = sum(rank * sum(model.parameter(k).shape) for k in model.lora_bases)
+    return trainable_rest - frozen + factors
+
+
 def _lora_trained_params(shape: ExpertShape, rank: int) -> int:
     """Elements a LoRA-trained expert trains: its rank-``rank`` factors and its biases."""
     d_in = shape.d_ff * (2 if shape.gated else 1)
@@ -199,6 +208,7 @@ def cost_models(model: MoEModel, times: dict[str, float], batch: int, seq: int,
     flops_per_s, rest_seconds, routing_seconds = _step_seconds(model, times, batch, seq, tokens,
                                                                trainable_rest)
     lora_trained = _lora_trained_params(shape, rank)
+    rest = {"full": trainable_rest, "lora": _lora_rest(model, trainable_rest, rank)}
     out = {}
     for adapter, base in MODES:
         e_weight = expert_weight_bytes(model, base)
@@ -209,7 +219,7 @@ def cost_models(model: MoEModel, times: dict[str, float], batch: int, seq: int,
             expert_weight_bytes=e_weight,
             **_trained_expert_bytes(shape, adapter, base, tokens, optimizer, rank, lora_trained),
             non_expert_activation_bytes=_non_expert_activation_bytes(
-                model, base, rows, trainable_rest, optimizer),
+                model, base, rows, rest[adapter], optimizer),
             rest_step_seconds=rest_seconds,
             expert_frozen_seconds=times["frozen"],
             expert_trained_seconds=max(seconds, times["frozen"]),

@@ -406,6 +406,12 @@ def _make_trainer(ctx: RoundContext, rt: _Runtime, ranked: Sequence[ExpertId],
     if rt.name == "executorch":
         if not (ranked and batches):
             return None
+        if cfg.adapter == "lora" and ctx.model.lora_bases:
+            raise ConfigError(
+                f"the ExecuTorch training programs put LoRA factors on the experts only, but "
+                f"{ctx.model.family} has {len(ctx.model.lora_bases)} more LoRA bases (shared "
+                f"experts, model.lora_targets) that must not train in full: use the eager "
+                f"runtime")
         lora = LoRASpec(cfg.lora_rank, cfg.lora_alpha) if cfg.adapter == "lora" else None
         return ExecuTorchTrainer(ctx.model, sorted(ranked), (cfg.batch_size, ctx.max_length),
                                  cfg.lr, bucket=rt.budget, backend=ctx.backend, lora=lora,

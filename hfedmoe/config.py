@@ -54,9 +54,16 @@ class ModelConfig:
     # expert w_in/w_out and the other frozen nn.Linear weights; needs train.adapter = "lora".
     # The server keeps and aggregates fp32 whatever this says.
     quantize: Literal["none", "int8", "int4"] = "none"
+    # base linears that carry LoRA factors in a LoRA round besides the selected experts and
+    # the shared experts (hfedmoe.models.lora_targets): "attention" (every attention
+    # projection) or module names / path suffixes ("q_proj", "self_attn.v_proj"). They never
+    # train in full; a name that matches nothing is an error
+    lora_targets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name must not be empty")
+        _check(all(isinstance(t, str) and t.strip() for t in self.lora_targets),
+               f"model.lora_targets must be non-empty names, got {list(self.lora_targets)}")
         _check(self.quantize in ("none", "int8", "int4"),
                f"model.quantize must be 'none', 'int8' or 'int4', got {self.quantize!r}")
         _check(self.num_experts >= 1, f"model.num_experts must be >= 1, got {self.num_experts}")
@@ -87,6 +94,9 @@ class DataConfig:
     # held out of the clients' pool after the test split (hfedmoe.data.task.load_task)
     validation_fraction: float = 0.0
     eval_split: Literal["test", "validation"] = "test"  # the split the server evaluates on
+    # causal-lm: a prompt that leaves no room for its response within model.max_length is an
+    # error naming it ("error"), or its pair is left out ("drop")
+    long_prompts: Literal["error", "drop"] = "error"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -185,9 +195,12 @@ class TrainConfig:
     # when the window cannot fit every step with this many experts, train fewer steps instead
     min_experts: int = 1
     # "full": the selected experts' weights train; "lora": rank-r factors on their w_in/w_out
-    # (delta W = lora_alpha / lora_rank * B A; hfedmoe.lora), biases, gates and shared parts
-    # train as in "full"
-    adapter: Literal["full", "lora"] = "full"
+    # (delta W = lora_alpha / lora_rank * B A; hfedmoe.lora) and on the model's LoRA bases
+    # (shared experts, model.lora_targets; hfedmoe.models.lora_targets); biases, gates and what
+    # is genuinely small train as in "full". "auto": "lora" for a causal LM (QLoRA-style over
+    # a frozen base, docs/method.md "Language models"), "full" for classification; resolved by
+    # the config that knows data.task (resolve_adapter)
+    adapter: Literal["auto", "full", "lora"] = "auto"
     lora_rank: int = 8
     lora_alpha: float = 16.0
     # the ExecuTorch runtime's training programs (agent runtime = "executorch"): unset, every
@@ -205,7 +218,8 @@ class TrainConfig:
         _check(self.threads >= 0, "train.threads must be >= 0")
         _check(self.selection_batches >= 0, "train.selection_batches must be >= 0 (0: all)")
         _check(self.min_experts >= 0, "train.min_experts must be >= 0")
-        _check(self.adapter in ("full", "lora"), "train.adapter must be 'full' or 'lora'")
+        _check(self.adapter in ("auto", "full", "lora"),
+               "train.adapter must be 'auto', 'full' or 'lora'")
         _check(self.lora_rank >= 1, "train.lora_rank must be >= 1")
         _check(self.lora_alpha > 0, "train.lora_alpha must be > 0")
         _check(self.executorch_capacity_factor is None
@@ -226,7 +240,16 @@ class KitConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "train", resolve_adapter(self.train, self.data.task))
         check_quantize_adapter(self.model, self.train)
+
+
+def resolve_adapter(train: TrainConfig, task: str) -> TrainConfig:
+    """``train`` with ``adapter = "auto"`` made ``"lora"`` for a causal LM and ``"full"``
+    for classification (an explicit adapter is kept)."""
+    if train.adapter != "auto":
+        return train
+    return dataclasses.replace(train, adapter="lora" if task == "causal-lm" else "full")
 
 
 def quantize_adapter_problem(quantize: str, adapter: str) -> str | None:

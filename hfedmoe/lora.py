@@ -10,8 +10,11 @@ with ``delta W = (lora_alpha / r) * B @ A`` (Hu et al. 2021). Averaging A and B 
 not the average of the clients' updates (mean(B) @ mean(A) != mean(B @ A)), so the server
 expands every pair into its product with :func:`expand` before aggregation: the weighted sums
 of Eq. 17 then average exactly the products, the result merges into the global expert, and
-the next round starts from fresh factors. Only ``w_in`` and ``w_out`` carry factors; biases,
-gates and shared parts travel as dense deltas as before.
+the next round starts from fresh factors. An expert's ``w_in`` and ``w_out`` carry factors,
+and so do the frozen linear weights of the base a model lists as its ``lora_bases`` (shared
+experts' projections, targeted attention projections; :mod:`hfedmoe.models.lora_targets`)
+under ``shared.{path}.weight.lora_A``/``lora_B``; biases, gates and what is genuinely small
+(a task head, a shared expert's scalar gate) travel as dense deltas as before.
 
 Malformed factors (a missing partner, a rank or inner dimension that does not match, a factor
 sent together with a dense delta of the same weight) raise :class:`~hfedmoe.errors.WireError`
@@ -89,6 +92,36 @@ class ExpertFactors:
         return w + (b @ a).to(w.dtype) * self.scale
 
 
+class LinearFactors:
+    """The LoRA factors of one frozen ``nn.Linear`` of the base (a shared expert's projection,
+    an attention projection) for one round: ``A`` (r, in) Kaiming-uniform from ``generator``,
+    ``B`` (out, r) zero, applied by a forward hook that adds ``scale * x A^T B^T`` to the
+    layer's output (no gradient of the weight is formed). :meth:`remove` takes the hook off:
+    the layer is its base weight again."""
+
+    def __init__(self, linear: torch.nn.Module, lora: LoRASpec,
+                 generator: torch.Generator | None = None) -> None:
+        self.scale = lora.scale
+        w = linear.weight
+        out_f, in_f = w.shape
+        bound = 1.0 / math.sqrt(in_f)
+        a = (torch.rand(lora.rank, in_f, generator=generator) * 2 - 1) * bound
+        self.factors: dict[str, torch.Tensor] = {
+            LORA_A: a.to(w.device, torch.float32).requires_grad_(),
+            LORA_B: torch.zeros(out_f, lora.rank, device=w.device, dtype=torch.float32,
+                                requires_grad=True)}
+        self._handle = linear.register_forward_hook(self._hook)
+
+    def _hook(self, _module: torch.nn.Module, inputs: tuple[Any, ...],
+              output: torch.Tensor) -> torch.Tensor:
+        x = inputs[0]
+        a, b = self.factors[LORA_A], self.factors[LORA_B]
+        return output + F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)) * self.scale
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
 def factor_params(d_model: int, d_in: int, d_ff: int, lora: LoRASpec) -> int:
     """Factor elements of one expert: ``w_in`` (d_in, d_model) and ``w_out`` (d_model, d_ff)."""
     return lora.rank * (d_in + d_model) + lora.rank * (d_model + d_ff)
@@ -119,7 +152,9 @@ def factor_keys(weight_key: str) -> tuple[str, str]:
 
 
 def split_factor_key(key: str) -> tuple[str, str] | None:
-    """``(weight_key, "lora_A" | "lora_B")`` for a factor key of an expert weight, else None."""
+    """``(weight_key, "lora_A" | "lora_B")`` for a factor key of an expert weight or of a
+    shared (base) weight, else None. Which shared weights may carry factors is the wire
+    spec's to say (:func:`with_factors`)."""
     base, _, part = key.rpartition(".")
     if part not in (LORA_A, LORA_B) or not base:
         return None
@@ -127,21 +162,26 @@ def split_factor_key(key: str) -> tuple[str, str] | None:
         pk = parse_key(base)
     except ModelError:
         return None
-    if pk.kind != "expert" or pk.param not in FACTOR_PARAMS:
-        return None
-    return base, part
+    if pk.kind == "expert" and pk.param in FACTOR_PARAMS:
+        return base, part
+    if pk.kind == "shared" and pk.param.endswith("weight"):
+        return base, part
+    return None
 
 
-def with_factors(spec: ModelSpec, lora: LoRASpec) -> ModelSpec:
-    """``spec`` plus the factor keys of every expert ``w_in``/``w_out`` (what a LoRA update
-    may carry); the factors' shapes fix the rank."""
+def with_factors(spec: ModelSpec, lora: LoRASpec, bases: Iterable[str] = ()) -> ModelSpec:
+    """``spec`` plus the factor keys of every expert ``w_in``/``w_out`` and of the shared base
+    weights ``bases`` (a model's ``lora_bases``: shared experts' and targeted attention
+    projections' weights): what a LoRA update may carry; the factors' shapes fix the rank."""
     params: dict[str, ParamSpec] = dict(spec.params)
+    extra = set(bases)
     for key, p in spec.params.items():
         try:
             pk = parse_key(key)
         except ModelError:
             continue
-        if pk.kind != "expert" or pk.param not in FACTOR_PARAMS or len(p.shape) != 2:
+        expert = pk.kind == "expert" and pk.param in FACTOR_PARAMS
+        if not (expert or key in extra) or len(p.shape) != 2:
             continue
         out_f, in_f = p.shape
         a, b = factor_keys(key)
@@ -190,6 +230,7 @@ def factor_bytes(shapes: Mapping[str, tuple[int, ...]], lora: LoRASpec,
     return sum((lora.rank * (s[0] + s[1])) * itemsize for s in shapes.values())
 
 
-__all__ = ["FACTOR_PARAMS", "LORA_A", "LORA_B", "ExpertFactors", "LoRASpec", "attach_factors",
+__all__ = ["FACTOR_PARAMS", "LORA_A", "LORA_B", "ExpertFactors", "LinearFactors", "LoRASpec",
+           "attach_factors",
            "detach_factors", "expand", "factor_bytes", "factor_keys", "factor_params", "product",
            "split_factor_key", "with_factors"]

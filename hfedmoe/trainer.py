@@ -20,7 +20,7 @@ import torch
 
 from hfedmoe.config import MethodConfig, TrainConfig
 from hfedmoe.importance import compute_batch_stats
-from hfedmoe.lora import ExpertFactors, LoRASpec
+from hfedmoe.lora import ExpertFactors, LinearFactors, LoRASpec, split_factor_key
 from hfedmoe.models.base import MoEModel
 from hfedmoe.models.quantize import quantized_keys
 from hfedmoe.names import ExpertId, expert_key, parse_key
@@ -67,9 +67,10 @@ def make_optimizer(params: dict[str, torch.Tensor], cfg: TrainConfig
     fused = bool(plist) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
                                 for p in plist)
     groups: list[dict[str, Any]] = [{"params": plist}]
-    if cfg.head_lr:
-        head = [p for k, p in params.items() if k.startswith("shared.")]
-        rest = [p for k, p in params.items() if not k.startswith("shared.")]
+    if cfg.head_lr:  # (LoRA factors of shared base weights are not a head: cfg.lr)
+        head_keys = {k for k in params if k.startswith("shared.") and split_factor_key(k) is None}
+        head = [p for k, p in params.items() if k in head_keys]
+        rest = [p for k, p in params.items() if k not in head_keys]
         groups = [g for g in ({"params": rest}, {"params": head, "lr": cfg.head_lr})
                   if g["params"]] or [{"params": []}]
     if cfg.optimizer == "sgd":
@@ -143,32 +144,48 @@ class EagerTrainer:
         # to fp32 (the optimizer's masters) before anything holds it
         self.low = low
         model.set_trainable(frozenset(experts))
-        # LoRA: the selected experts' w_in/w_out stay frozen and carry factors for the round
+        # LoRA: the selected experts' w_in/w_out and the model's LoRA bases (shared experts,
+        # attention targets) stay frozen and carry factors for the round
         self.factors: dict[ExpertId, ExpertFactors] = {}
+        self.base_factors: dict[str, LinearFactors] = {}
         if train_cfg.adapter == "lora":
-            lora = LoRASpec(train_cfg.lora_rank, train_cfg.lora_alpha)
-            gen = torch.Generator().manual_seed(seed)
-            for e in sorted(experts):
-                expert = model.layer(e.layer_idx).bank.experts[e.expert_idx]
-                expert.w_in.requires_grad_(False)
-                expert.w_out.requires_grad_(False)
-                expert.factors = self.factors[e] = ExpertFactors(expert.w_in, expert.w_out,
-                                                                 lora, gen)
+            self._attach_lora(sorted(experts), seed)
         self._restore_trainable()  # (a LoRA expert's base weights stay frozen, and lowered)
         # the starting values of what may train (its experts, gates, shared parts), for the
         # deltas: a copy of the whole model would hold every expert twice
         self.initial = {k: p.detach().clone() for k, p in model.trainable_parameters().items()}
         self.active = frozenset(experts)
         params: dict[str, torch.Tensor] = dict(model.trainable_parameters())
-        for e, f in self.factors.items():
-            params.update({expert_key(e.layer_idx, e.expert_idx, n): t
-                           for n, t in f.factors.items()})
+        params.update(self.factor_tensors())
         self.optimizer = make_optimizer(params, train_cfg)
         self.acc = RoundAccumulator()
         self.trained: set[ExpertId] = set()  # active experts that received a gradient
         self.steps = 0
         self.max_state_experts = 0
         self.phases: list[dict[str, float]] = []  # per step: forward/backward/optimizer seconds
+
+    def _attach_lora(self, experts: Sequence[ExpertId], seed: int) -> None:
+        """Fresh factors (A drawn from ``seed``: experts in order, then the bases by key) on
+        the experts and on the model's LoRA bases, whose weights are frozen for the round."""
+        lora = LoRASpec(self.cfg.lora_rank, self.cfg.lora_alpha)
+        gen = torch.Generator().manual_seed(seed)
+        for e in experts:
+            expert = self.model.layer(e.layer_idx).bank.experts[e.expert_idx]
+            expert.w_in.requires_grad_(False)
+            expert.w_out.requires_grad_(False)
+            expert.factors = self.factors[e] = ExpertFactors(expert.w_in, expert.w_out, lora,
+                                                             gen)
+        for key, linear in sorted(self.model.lora_bases.items()):
+            self.model.parameter(key).requires_grad_(False)
+            self.base_factors[key] = LinearFactors(linear, lora, gen)
+
+    def factor_tensors(self) -> dict[str, torch.Tensor]:
+        """The round's LoRA factors by the keys they travel under."""
+        out = {expert_key(e.layer_idx, e.expert_idx, n): t
+               for e, f in self.factors.items() for n, t in f.factors.items()}
+        out.update({f"{key}.{n}": t for key, f in self.base_factors.items()
+                    for n, t in f.factors.items()})
+        return out
 
     def _restore_trainable(self) -> None:
         if self.low is not None:
@@ -238,7 +255,11 @@ class EagerTrainer:
                 out.update({expert_key(e.layer_idx, e.expert_idx, n): t.detach().clone()
                             for n, t in f.factors.items()})
             self.model.layer(e.layer_idx).bank.experts[e.expert_idx].factors = None
-        self.factors = {}
+        for key, lf in self.base_factors.items():
+            if self.steps > 0:
+                out.update({f"{key}.{n}": t.detach().clone() for n, t in lf.factors.items()})
+            lf.remove()
+        self.factors, self.base_factors = {}, {}
         return out
 
 

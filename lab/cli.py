@@ -15,6 +15,10 @@ def register(sub: Any) -> None:
     d.add_argument("--broker", default="", help="use this broker (mqtt://host:port) instead of "
                                                 "starting the embedded one")
     d.add_argument("--strategy", default="hfedmoe")
+    d.add_argument("--task", choices=("classification", "causal-lm"), default="classification",
+                   help="classification: MiniLM-MoE topic classification (accuracy); causal-lm: "
+                        "a tiny Qwen2-MoE fine-tuned with LoRA on the bundled prompt/response "
+                        "pairs (loss, perplexity, ROUGE-L)")
     d.add_argument("--rounds", type=int, default=3)
     d.add_argument("--devices", type=int, default=6)
     d.add_argument("--run-dir", default="runs/demo")

@@ -38,6 +38,17 @@ DEMO_SERVER = {
 }
 
 
+# ``--task causal-lm``: the bundled prompt/response pairs (non-IID by topic), loss on the
+# responses, HFedMoE with LoRA on the experts, the shared experts and the attention of a frozen
+# tiny Qwen2-MoE (offline byte-level tokenizer); held-out loss, perplexity and ROUGE-L
+DEMO_CAUSAL_LM = {
+    "max_eval_examples": 128, "eval_generate_examples": 32, "eval_max_new_tokens": 32,
+    "model": {"name": "qwen2-moe-tiny", "max_length": 160, "lora_targets": ["attention"]},
+    "data": {"task": "causal-lm"},
+    "train": {"adapter": "lora", "lr": 1e-2, "max_steps": 8},
+}
+
+
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in extra.items():
@@ -58,7 +69,9 @@ def write_configs(run_dir: Path, broker_url: str, args: argparse.Namespace,
     """The server's and every device's TOML config, written into the run directory."""
     from hfedmoe.config import apply_overrides
 
-    server = _merge(DEMO_SERVER, {
+    base = (_merge(DEMO_SERVER, DEMO_CAUSAL_LM) if getattr(args, "task", "") == "causal-lm"
+            else DEMO_SERVER)
+    server = _merge(base, {
         "run_id": run_id, "run_dir": str(run_dir), "transport": {"url": broker_url},
         "method": {"strategy": args.strategy},
         "rounds": {"rounds": args.rounds, "deadline_s": args.deadline,
@@ -173,6 +186,8 @@ def _progress(row: dict[str, Any], rounds: int) -> str:
     what = label if initial else f"round {label}/{rounds}"
     acc = f"accuracy {row['accuracy']:.3f}" if "accuracy" in row else \
         f"loss {row.get('loss', float('nan')):.3f}"
+    if "rougeL" in row:
+        acc += f", ROUGE-L {row['rougeL']:.3f}"
     extra = "" if initial else (
         f", {row['accepted']}/{row['participants']} updates, "
         f"{row['experts_updated']} experts aggregated, {_sets(row)}, {_updates_vs_dense(row)}, "
@@ -215,7 +230,7 @@ def _summary(console: Any, table_cls: Any, run_dir: Path, seconds: float) -> Non
 
     rows = _rows(run_dir)
     t = table_cls(title="Rounds")
-    for col in ("round", "accuracy", "loss", "participants", "accepted", "Jaccard",
+    for col in ("round", "accuracy", "loss", "ROUGE-L", "participants", "accepted", "Jaccard",
                 "experts trained", "MB updates", "dense fedavg-full MB", "share", "MB out",
                 "seconds"):
         t.add_column(col)
@@ -224,6 +239,7 @@ def _summary(console: Any, table_cls: Any, run_dir: Path, seconds: float) -> Non
         sel = r.get("selection") or {}
         t.add_row(round_label(r),
                   f"{r.get('accuracy', float('nan')):.3f}", f"{r.get('loss', float('nan')):.3f}",
+                  f"{r['rougeL']:.3f}" if "rougeL" in r else "-",
                   "" if initial else str(r["participants"]), "" if initial else str(r["accepted"]),
                   f"{sel['jaccard']:.2f}" if sel.get("jaccard") is not None else "",
                   str(sel.get("union", "")),

@@ -193,7 +193,7 @@ def check_devices(cfg: Any, num_devices: int, profiles: list[str]) -> None:
 def _setup(cfg: Any, num_devices: int, profiles: list[str], measure_repeats: int,
            calibration: Calibration | None) -> _Simulation:
     """A fresh run directory, the task, the model and the devices with their budgets."""
-    from hfedmoe.data import load_task
+    from hfedmoe.data import fit_task, load_task
     from hfedmoe.lora import with_factors
     from hfedmoe.models.registry import build_model
     from hfedmoe.modelsync import build_shards
@@ -208,11 +208,12 @@ def _setup(cfg: Any, num_devices: int, profiles: list[str], measure_repeats: int
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     store = Store(run_dir)
     task = load_task(cfg.data)
-    shards = task.client_datasets(num_devices)
     model = build_model(cfg.model, cfg.data.task, task.num_labels)
+    task = fit_task(task, model.require_tokenizer(), cfg.model.max_length)
+    shards = task.client_datasets(num_devices)
     spec = spec_from_state(model.state())
     if _lora(cfg) is not None:  # updates carry factors; the server averages their products
-        spec = with_factors(spec, _lora(cfg))
+        spec = with_factors(spec, _lora(cfg), model.lora_bases)
     if calibration is None:
         calibration = calibrate(cfg, measure_repeats, model)
     devices = _register_devices(cfg, profiles, shards, calibration, store)
@@ -383,11 +384,9 @@ def _train(sim: _Simulation, r: int, base_hash: str, jobs: list[DeviceJob],
 
 def _evaluate(sim: _Simulation) -> dict[str, Any]:
     """The held-out evaluation (``data.eval_split``), with the split's name."""
-    from server.evaluate import evaluate
+    from server.evaluate import held_out_metrics
 
-    cfg = sim.cfg
-    return {**evaluate(sim.model, sim.task.held_out, cfg.eval_batch_size, cfg.model.max_length,
-                       cfg.max_eval_examples), "eval_split": cfg.data.eval_split}
+    return held_out_metrics(sim.model, sim.task.held_out, sim.cfg)
 
 
 def _checkpoint(sim: _Simulation, r: int, metrics: dict[str, float]) -> int:
@@ -395,7 +394,8 @@ def _checkpoint(sim: _Simulation, r: int, metrics: dict[str, float]) -> int:
     from hfedmoe.modelsync import build_shards
 
     new_manifest, _ = build_shards(sim.global_state)
-    sim.store.save_checkpoint(r, sim.global_state, {"accuracy": metrics.get("accuracy")},
+    sim.store.save_checkpoint(r, sim.global_state, {"accuracy": metrics.get("accuracy"),
+                                                    "loss": metrics.get("loss")},
                               new_manifest.state_hash)
     ret = sim.cfg.retention
     sim.store.prune(r, ret.keep_updates, ret.keep_checkpoints, ret.keep_best)

@@ -26,13 +26,14 @@ def register(sub: Any) -> None:
 def build_server(cfg: Any) -> Any:
     """The coordinator for ``cfg`` with its model, held-out data (``data.eval_split``) and
     transport."""
-    from hfedmoe.data import load_task
+    from hfedmoe.data import fit_task, load_task
     from hfedmoe.models.registry import build_model
     from hfedmoe.transport.mqtt import open_transport
     from server.coordinator import Coordinator
 
     task = load_task(cfg.data)
     model = build_model(cfg.model, cfg.data.task, task.num_labels)
+    task = fit_task(task, model.require_tokenizer(), cfg.model.max_length)
     transport, broker = open_transport(cfg.transport, f"server-{cfg.run_id}")
     coordinator = Coordinator(cfg, transport, model, task.held_out)
     return coordinator, transport, broker

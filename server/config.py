@@ -13,6 +13,7 @@ from hfedmoe.config import (
     ModelConfig,
     TrainConfig,
     check_quantize_adapter,
+    resolve_adapter,
 )
 from hfedmoe.eligibility import EligibilityConfig
 from hfedmoe.errors import ConfigError
@@ -212,6 +213,10 @@ class ServerConfig:
     run_dir: str = "runs/hfedmoe"
     eval_batch_size: int = 32
     max_eval_examples: int = 0  # 0: the whole held-out split
+    # causal LM: ROUGE-L of the greedy continuations of this many held-out prompts (taken
+    # domain by domain in turn; 0: no generation), each at most eval_max_new_tokens tokens
+    eval_generate_examples: int = 32
+    eval_max_new_tokens: int = 32
     # evaluate after every eval_every-th round and after each of the last EVAL_TAIL rounds
     # (server.rounds.evaluates); 1: every round
     eval_every: int = 1
@@ -236,8 +241,13 @@ class ServerConfig:
         check_id(self.run_id, "run id")
         if self.eval_batch_size < 1 or self.max_eval_examples < 0:
             raise ConfigError("eval_batch_size must be >= 1 and max_eval_examples >= 0")
+        if self.eval_generate_examples < 0 or not 1 <= self.eval_max_new_tokens <= 4096:
+            raise ConfigError(f"eval_generate_examples must be >= 0 (0: no ROUGE-L) and "
+                              f"eval_max_new_tokens in [1, 4096], got "
+                              f"{self.eval_generate_examples} and {self.eval_max_new_tokens}")
         if self.eval_every < 1:
             raise ConfigError(f"eval_every must be >= 1 (1: every round), got {self.eval_every}")
+        object.__setattr__(self, "train", resolve_adapter(self.train, self.data.task))
         check_quantize_adapter(self.model, self.train)  # devices quantize, LoRA trains
         if not 0 <= self.dashboard_port <= 65535:
             raise ConfigError("dashboard_port must be in [0, 65535] (0: off)")

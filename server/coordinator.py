@@ -27,18 +27,18 @@ from typing import Any
 from hfedmoe.data import PairDataset, TextDataset
 from hfedmoe.models.base import MoEModel
 from hfedmoe.modelsync import build_shards
+from hfedmoe.names import ExpertId
 from hfedmoe.protocol import Done, RoundAnnouncement
 from hfedmoe.strategies import get_strategy
 from hfedmoe.transport.base import Message, Transport
 from hfedmoe.transport.chunks import BlobReceiver
 from hfedmoe.transport.topics import Topics
 from server.config import ServerConfig
-from server.evaluate import evaluate
+from server.evaluate import held_out_metrics
 from server.ingest import IngestLink
 from server.intake import LATE_SEP, Intake
 from server.metrics import Prometheus
 from server.registry import DeclaredExamples, Registry, UnknownClientError
-from hfedmoe.names import ExpertId
 from server.rounds import (
     RoundState,
     choose_participants,
@@ -92,7 +92,8 @@ class Coordinator:
         self._prom = Prometheus(cfg.prometheus_port)
         declared = DeclaredExamples(self.store)
         self.intake = Intake(cfg, transport, self.store, self.global_state, self,
-                             strategy=self.strategy, declared=declared, prom=self._prom)
+                             strategy=self.strategy, declared=declared, prom=self._prom,
+                             lora_bases=model.lora_bases)
         self.registry = Registry(cfg, transport, self.store, self, self.intake.reject, declared,
                                  clock)
         self.ingest = IngestLink(cfg, transport, self.store, self.intake)  # ingest workers
@@ -332,9 +333,7 @@ class Coordinator:
     def _evaluate(self) -> dict[str, Any]:
         if self.test_data is None or len(self.test_data) == 0:
             return {}
-        return {**evaluate(self.model, self.test_data, self.cfg.eval_batch_size,
-                           self.cfg.model.max_length, self.cfg.max_eval_examples),
-                "eval_split": self.cfg.data.eval_split}
+        return held_out_metrics(self.model, self.test_data, self.cfg)
 
     def _write_metrics(self, row: dict[str, Any]) -> dict[str, Any]:
         row = {"time": self.clock(), **row}

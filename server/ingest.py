@@ -81,7 +81,7 @@ class IngestWorker:
         self.aggregator = self.strategy.make_aggregator()
         self.intake = Intake(self.cfg, transport, self.store, model.state(), self,
                              strategy=self.strategy, declared=DeclaredExamples(self.store),
-                             notify=self._notify)
+                             notify=self._notify, lora_bases=model.lora_bases)
         self.stop_requested = False
         self.partials_written = 0
         self._receiver: BlobReceiver | None = None

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from hfedmoe.errors import (
@@ -69,12 +69,15 @@ class Intake:
         declared: the ``local_examples`` devices declared (the weighting policy's input).
         prom: the Prometheus counters (disabled when None).
         notify: told of every outcome (accepted, rejected, late); an ingest worker publishes it.
+        lora_bases: the model's shared base weights that LoRA updates carry factors of
+            (``MoEModel.lora_bases``).
     """
 
     def __init__(self, cfg: ServerConfig, transport: Transport, store: Store,
                  state: Mapping[str, Any], holder: RoundHolder, *, strategy: Strategy,
                  declared: DeclaredExamples, prom: Prometheus | None = None,
-                 notify: Callable[[IngestEvent], None] | None = None) -> None:
+                 notify: Callable[[IngestEvent], None] | None = None,
+                 lora_bases: Iterable[str] = ()) -> None:
         self.cfg = cfg
         self.transport = transport
         self.store = store
@@ -89,7 +92,7 @@ class Intake:
                      if cfg.train.adapter == "lora" else None)
         self.spec = spec_from_state(state)
         if self.lora is not None:
-            self.spec = with_factors(self.spec, self.lora)
+            self.spec = with_factors(self.spec, self.lora, lora_bases)
 
     # --- an update's path --------------------------------------------------------------------
     def receive(self, prefix: str, blob: bytes) -> None:

@@ -4,7 +4,9 @@ Reads ``metrics.jsonl`` (one row per round, plus the initial evaluation) and ``r
 (devices with their reports and budgets, rejections). Plots: accuracy/loss per round and per
 wall-clock second, bytes per round, per-device budgets and measured step times, a heatmap of
 the experts each device trained, and accepted/rejected/late counts. Per round, which device
-trained which expert and how the devices' sets overlap (:mod:`server.selection_view`).
+trained which expert and how the devices' sets overlap (:mod:`server.selection_view`). A
+causal LM's loss, perplexity and ROUGE-L, overall and per domain, with its last generations
+(:mod:`server.lm_view`).
 
 The page is ``server/dashboard/templates/report.html`` (:mod:`server.pages`), styled by the
 live dashboard's stylesheet, inlined. Rounds are numbered as the console numbers them
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from hfedmoe.errors import StoreError
+from server.lm_view import lm_section
 from server.pages import stylesheet, template
 from server.rounds import INITIAL, round_label
 from server.selection_view import selection_section
@@ -62,7 +65,8 @@ def _round_axis(ax: Any, rows: list[dict[str, Any]]) -> list[int]:
 
 
 def _evaluation_plot(evals: list[dict[str, Any]]) -> str:
-    """Accuracy (else loss) per round and per wall-clock second; loss on a twin axis."""
+    """Accuracy (else loss) per round and per wall-clock second; loss (else ROUGE-L) on a
+    twin axis."""
     fig, axes = _pyplot().subplots(1, 2, figsize=(11, 3.6), layout="constrained")
     metric = "accuracy" if any("accuracy" in r for r in evals) else "loss"
     t0 = evals[0]["time"]
@@ -73,10 +77,13 @@ def _evaluation_plot(evals: list[dict[str, Any]]) -> str:
             x = [r["time"] - t0 for r in evals]
             ax.set_xlabel("wall-clock seconds")
         ax.plot(x, [r.get(metric) for r in evals], "o-", label=metric)
-        if metric == "accuracy":
+        # classification: loss beside the accuracy; causal LM: ROUGE-L beside the loss
+        twin = "loss" if metric == "accuracy" else (
+            "rougeL" if any("rougeL" in r for r in evals) else None)
+        if twin is not None:
             ax2 = ax.twinx()
-            ax2.plot(x, [r.get("loss") for r in evals], "s--", color="tab:red", label="loss")
-            ax2.set_ylabel("loss")
+            ax2.plot(x, [r.get(twin) for r in evals], "s--", color="tab:red", label=twin)
+            ax2.set_ylabel("ROUGE-L" if twin == "rougeL" else twin)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
     fig.suptitle("held-out evaluation (initial = before training)")
@@ -184,7 +191,7 @@ def _img(png: str) -> str:
 
 ROUND_COLS = ["round", "participants", "accepted", "rejected", "late", "experts_updated",
               "bytes_in", "dense_bytes", "bytes_out", "aggregation_s", "round_s", "accuracy",
-              "loss", "perplexity"]
+              "loss", "perplexity", "rougeL"]
 PLOT_TITLES = {"evaluation": "Held-out evaluation", "bytes": "Bytes per round",
                "outcomes": "Accepted / rejected / late updates", "devices": "Devices",
                "experts": "Experts trained per device"}
@@ -300,7 +307,7 @@ def render_report(run_name: str, rows: list[dict[str, Any]], stored: dict[str, A
                   latency_rows: list[dict[str, Any]]) -> str:
     """The report page: ``templates/report.html`` filled with its sections."""
     devices = stored["devices"]
-    sections = [_rounds_section(rows),
+    sections = [_rounds_section(rows), lm_section(rows),
                 *_plot_sections(_plots(rows, devices), _device_rows(rows, devices)),
                 selection_section(rows), _budget_section(rows), _privacy_section(rows), _latency_section(latency_rows),
                 _skips_section(stored["skips"]), _rejections_section(stored["rejections"])]

@@ -15,3 +15,6 @@ def test_example_configs_load():
     sim = load_config(ServerConfig, EXAMPLES / "simulate.toml")
     assert server.model == agent.model  # a device must build the server's model
     assert agent.runtime == "eager" and sim.data.alpha == 0.1
+    lm = load_config(ServerConfig, EXAMPLES / "simulate-causal-lm.toml")
+    assert lm.data.task == "causal-lm" and lm.train.adapter == "lora"
+    assert lm.model.lora_targets == ("attention",)

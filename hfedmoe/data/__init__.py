@@ -28,12 +28,13 @@ from hfedmoe.data.partition import (
     stratified_split,
 )
 from hfedmoe.data.readers import detect_format, load_pair_file, load_text_file, read_records
-from hfedmoe.data.task import Task, iter_minibatches, load_dataset, load_task
+from hfedmoe.data.task import Task, fit_task, iter_minibatches, load_dataset, load_task
 from hfedmoe.data.tokenization import (
     IGNORE_INDEX,
     causal_lm_batch,
     classification_batch,
     collate,
+    fit_prompts,
 )
 
 __all__ = [
@@ -43,6 +44,8 @@ __all__ = [
     "TextDataset",
     "build_label_vocab",
     "causal_lm_batch",
+    "fit_prompts",
+    "fit_task",
     "chatterbot_classification",
     "chatterbot_pairs",
     "classification_batch",

@@ -310,21 +310,57 @@ def load_text_file(path: str | Path, text_column: str = "text",
     return TextDataset(tuple(texts), ids, names)
 
 
+def _response(rec: Record, col: str) -> str:
+    text = _text(rec, col)
+    if not text.strip():
+        raise rec.error(f"empty response in column {col!r}: the loss is taken on the "
+                        "response, so every pair needs one")
+    return text
+
+
+def _missing_pair_columns(path: str | Path, prompt_column: str, response_column: str,
+                          text_column: str) -> None:
+    """Raise the reader's missing-column error (file, line, the file's columns) with what
+    causal-LM data needs."""
+    plain = (f", or a {text_column!r} column for plain text (data.text_column)"
+             if text_column else "")
+    try:
+        read_records(path, [prompt_column, response_column])
+    except DataError as exc:
+        raise DataError(f"{exc} (causal-LM data needs the columns {prompt_column!r} and "
+                        f"{response_column!r}: data.prompt_column, data.response_column"
+                        f"{plain})") from None
+    raise AssertionError("the columns were missing a moment ago")  # pragma: no cover
+
+
 def load_pair_file(path: str | Path, prompt_column: str = "prompt",
                    response_column: str = "response",
-                   label_column: str = "label") -> PairDataset:
-    """Load prompt/response pairs from a file or a save_to_disk directory.
+                   label_column: str = "label", text_column: str = "") -> PairDataset:
+    """Load prompt/response pairs, or plain text, from a file or a save_to_disk directory.
 
-    The label column is optional here: when present it groups the pairs (for partitioning and
-    the stratified test split); otherwise every pair is in the single group ``"all"``.
+    Pairs need both ``prompt_column`` and ``response_column``. A file that has neither but has
+    ``text_column`` (when given) is plain text: every text is a response with an empty prompt,
+    so the loss is taken on all of it. The label column (the domain) is optional: when present
+    it groups the examples (for partitioning, the stratified test split and the per-domain
+    evaluation); otherwise every example is in the single group ``"all"``.
 
     Raises:
-        DataError: A bad file, naming the file and the line/row.
+        DataError: A bad file, a missing column, or an empty response (or text), naming the
+            file and the line/row.
     """
-    records = read_records(path, [prompt_column, response_column], optional=[label_column])
-    prompts = [_text(r, prompt_column) for r in records]
-    responses = [_text(r, response_column) for r in records]
-    if label_column in records[0].values:
+    records = read_records(path, [], optional=[prompt_column, response_column, label_column]
+                           + ([text_column] if text_column else []))
+    have = records[0].values
+    if text_column and text_column in have and not (prompt_column in have
+                                                    or response_column in have):
+        prompts = [""] * len(records)
+        responses = [_response(r, text_column) for r in records]
+    else:
+        if prompt_column not in have or response_column not in have:
+            _missing_pair_columns(path, prompt_column, response_column, text_column)
+        prompts = [_text(r, prompt_column) for r in records]
+        responses = [_response(r, response_column) for r in records]
+    if label_column in have:
         ids, names = encode_labels(read_labels(records, label_column))
     else:
         ids, names = (0,) * len(records), ("all",)

@@ -18,8 +18,10 @@ training split over the clients with ``cfg.partition``, ``cfg.alpha`` and
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -29,9 +31,10 @@ from hfedmoe.data.dataset import PairDataset, TextDataset
 from hfedmoe.data.fortunes import fortunes_classification
 from hfedmoe.data.partition import partition, stratified_split
 from hfedmoe.data.readers import load_pair_file, load_text_file
+from hfedmoe.data.tokenization import fit_prompts
 from hfedmoe.errors import DataError
 
-__all__ = ["BUILTIN_SOURCES", "Task", "iter_minibatches", "load_dataset", "load_task",
+__all__ = ["BUILTIN_SOURCES", "Task", "fit_task", "iter_minibatches", "load_dataset", "load_task",
            "validation_seed"]
 
 BUILTIN_SOURCES = ("chatterbot", "fortunes")
@@ -93,7 +96,8 @@ def load_dataset(cfg: DataConfig) -> TextDataset | PairDataset:
         return fortunes_classification()
     if cfg.task == "classification":
         return load_text_file(cfg.source, cfg.text_column, cfg.label_column)
-    return load_pair_file(cfg.source, cfg.prompt_column, cfg.response_column, cfg.label_column)
+    return load_pair_file(cfg.source, cfg.prompt_column, cfg.response_column, cfg.label_column,
+                          cfg.text_column)
 
 
 def validation_seed(seed: int) -> int:
@@ -125,6 +129,23 @@ def load_task(cfg: DataConfig) -> Task:
     fraction = cfg.validation_fraction / (1.0 - cfg.test_fraction)
     keep_idx, val_idx = stratified_split(pool.labels, fraction, validation_seed(cfg.seed))
     return Task(pool.subset(keep_idx), test, pool.subset(val_idx), data.label_names, cfg)
+
+
+def fit_task(task: Task, tokenizer: Any, max_length: int) -> Task:
+    """``task`` with every causal-LM split checked against ``max_length``
+    (:func:`~hfedmoe.data.tokenization.fit_prompts`, policy ``data.long_prompts``); a
+    classification task as it is.
+
+    Raises:
+        DataError: a prompt that leaves no room for its response (policy ``"error"``).
+    """
+    if task.cfg.task != "causal-lm":
+        return task
+    policy = task.cfg.long_prompts
+    return dataclasses.replace(
+        task, train=fit_prompts(task.train, tokenizer, max_length, policy, "training"),
+        test=fit_prompts(task.test, tokenizer, max_length, policy, "test"),
+        validation=fit_prompts(task.validation, tokenizer, max_length, policy, "validation"))
 
 
 def iter_minibatches(num_examples: int, batch_size: int, *, seed: int = 0, epoch: int = 0,

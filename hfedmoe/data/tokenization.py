@@ -32,11 +32,13 @@ import numpy as np
 import torch
 
 from hfedmoe.data.dataset import PairDataset, TextDataset
+from hfedmoe.errors import DataError, ModelError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["IGNORE_INDEX", "causal_lm_batch", "classification_batch", "collate"]
+__all__ = ["IGNORE_INDEX", "causal_lm_batch", "classification_batch", "collate", "fit_prompts",
+           "special_prefix"]
 
 IGNORE_INDEX = -100  # labels with this value take no loss (torch CrossEntropyLoss default)
 _PROBE = "probe"
@@ -72,7 +74,8 @@ def classification_batch(texts: Sequence[str], labels: Sequence[int],
             "labels": torch.as_tensor(list(labels), dtype=torch.long)}  # (B,)
 
 
-def _special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The token ids the tokenizer puts before a single text (e.g. ``[bos]``; maybe none)."""
     full = tokenizer(_PROBE, add_special_tokens=True)["input_ids"]
     core = tokenizer(_PROBE, add_special_tokens=False)["input_ids"]
     for start in range(len(full) - len(core) + 1):
@@ -86,6 +89,45 @@ def _truncate(prompt: list[int], response: list[int], max_length: int) -> tuple[
         return prompt, response
     keep = max(max_length - len(response), min(len(prompt), max_length // 2))
     return prompt[:keep], response[:max_length - keep]
+
+
+def fit_prompts(data: PairDataset, tokenizer: PreTrainedTokenizerBase, max_length: int,
+                policy: str = "error", split: str = "training") -> PairDataset:
+    """``data`` where every prompt leaves room for its response within ``max_length``.
+
+    A prompt fits when its tokens, with the tokenizer's special prefix, are fewer than
+    ``max_length`` (at least one response token is left to take the loss on).
+
+    Args:
+        data: Prompt/response pairs.
+        tokenizer: The model's tokenizer.
+        max_length: ``model.max_length``.
+        policy: ``"error"`` raises on the first prompt that does not fit; ``"drop"`` leaves
+            such pairs out (``data.long_prompts``).
+        split: The split's name, for the error message.
+
+    Raises:
+        DataError: (policy ``"error"``) a prompt that does not fit, naming its position in the
+            split, its domain, its start, its length and the settings that fix it.
+    """
+    if tokenizer is None:
+        raise ModelError("the model has no tokenizer, so its examples cannot be tokenised")
+    if not len(data):
+        return data
+    prefix = len(special_prefix(tokenizer))
+    lengths = [prefix + len(ids) for ids in
+               tokenizer(list(data.prompts), add_special_tokens=False)["input_ids"]]
+    long = [i for i, n in enumerate(lengths) if n >= max_length]
+    if not long or policy == "drop":
+        return data.subset([i for i in range(len(data)) if i not in set(long)]) if long else data
+    i = long[0]
+    start = data.prompts[i][:60] + ("..." if len(data.prompts[i]) > 60 else "")
+    raise DataError(f"example {i} of the {split} split (domain "
+                    f"{data.label_names[data.labels[i]]!r}, prompt {start!r}): the prompt is "
+                    f"{lengths[i]} tokens, which leaves no room for its response within "
+                    f"model.max_length = {max_length} ({len(long)} prompt(s) of {len(data)} "
+                    f"are that long, the longest {max(lengths)} tokens); raise "
+                    f"model.max_length or set data.long_prompts = \"drop\" to leave them out")
 
 
 def causal_lm_batch(prompts: Sequence[str], responses: Sequence[str],
@@ -106,7 +148,7 @@ def causal_lm_batch(prompts: Sequence[str], responses: Sequence[str],
     _check_length(max_length)
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    prefix = _special_prefix(tokenizer)
+    prefix = special_prefix(tokenizer)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     p_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     r_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
@@ -144,7 +186,14 @@ def collate(dataset: TextDataset | PairDataset, indices: Sequence[int] | np.ndar
 
     Returns:
         :func:`classification_batch` or :func:`causal_lm_batch` of those examples.
+
+    Raises:
+        ModelError: ``tokenizer`` is None (a model without a tokenizer).
     """
+    if tokenizer is None:
+        raise ModelError("the model has no tokenizer, so its examples cannot be tokenised; "
+                         "save the tokenizer into the checkpoint directory "
+                         "(tokenizer.save_pretrained(dir)): the kit downloads nothing")
     idx = [int(i) for i in indices]
     if isinstance(dataset, TextDataset):
         return classification_batch([dataset.texts[i] for i in idx],

@@ -134,7 +134,23 @@ class MoEModel:
         for path, mod in (shared or {}).items():
             for name, p in mod.named_parameters():
                 self._params[shared_key(f"{path}.{name}")] = p
+        # canonical key of a frozen base weight that may carry LoRA factors -> its linear
+        # (shared experts' projections, targeted attention; hfedmoe.models.lora_targets)
+        self.lora_bases: dict[str, nn.Module] = {}
+        self.lora_only: set[str] = set()  # keys that never train in full (attention targets)
         self.set_trainable(())
+
+    def require_tokenizer(self) -> Any:
+        """The model's tokenizer; a :class:`ModelError` saying so when it has none (a
+        checkpoint directory without tokenizer files: the kit downloads nothing)."""
+        if self.tokenizer is None:
+            source = self.info.get("source", self.family)
+            why = self.info.get("tokenizer", "none")
+            raise ModelError(
+                f"{source}: the model has no tokenizer ({why}); save its tokenizer into the "
+                "checkpoint directory (tokenizer.save_pretrained(dir)), or use a registered "
+                "'<family>-tiny' model, which brings an offline byte-level tokenizer")
+        return self.tokenizer
 
     # --- structure -------------------------------------------------------------------------
     @property
@@ -206,7 +222,9 @@ class MoEModel:
                 p = self.parameter(key)
                 if tuple(value.shape) != tuple(p.shape):
                     raise ModelError(f"{key}: shape {tuple(value.shape)} != model {tuple(p.shape)}")
-                if is_quantized(p):
+                if is_quantized(p) and key in self.lora_bases:
+                    self.lora_bases[key].weight = self._params[key] = requantize(p, value)
+                elif is_quantized(p):
                     self.replace_expert_weight(key, requantize(p, value))
                 else:
                     p.copy_(value.to(p.dtype))
@@ -222,6 +240,26 @@ class MoEModel:
         expert = self.layer(pk.expert.layer_idx).bank.experts[pk.expert.expert_idx]
         setattr(expert, pk.param, param)
         self._params[key] = param
+
+    def add_lora_base(self, path: str, linear: nn.Module, lora_only: bool) -> str:
+        """List the weight of the base linear at module path ``path`` as a LoRA base under
+        ``shared.{path}.weight`` (registered as a federated tensor if it is not one yet;
+        ``lora_only``: it never trains in full). Returns the key."""
+        key = shared_key(f"{path}.weight")
+        self._params.setdefault(key, linear.weight)
+        self.lora_bases[key] = linear
+        if lora_only:
+            self.lora_only.add(key)
+            linear.weight.requires_grad_(False)
+        return key
+
+    def replace_base_linear(self, key: str, linear: nn.Module) -> None:
+        """Put ``linear`` (e.g. its quantized form, already in the network) in place of the
+        LoRA base ``key``'s linear."""
+        if key not in self.lora_bases:
+            raise ModelError(f"{key}: not a LoRA base of {self.family}")
+        self.lora_bases[key] = linear
+        self._params[key] = linear.weight
 
     def state_hash(self) -> str:
         """sha256 over the canonical state (sorted keys, shapes, raw bytes)."""
@@ -250,7 +288,7 @@ class MoEModel:
             elif pk.kind == "gate":
                 p.requires_grad_(gates)
             else:
-                p.requires_grad_(shared)
+                p.requires_grad_(shared and key not in self.lora_only)
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {k: p for k, p in self._params.items() if p.requires_grad}

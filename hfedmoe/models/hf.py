@@ -6,7 +6,9 @@ fused 3-D tensors (``gate_up_proj`` (E, 2F, d), ``down_proj`` (E, d, F)) and cal
 per-expert ``nn.Linear`` modules called with a one-hot dispatch mask. Both are converted in place
 into :class:`~hfedmoe.experts.ExpertBank` (per-expert parameters, same numbers), which is what lets
 a budget freeze experts without gradient masks or optimizer state for them. The routers are
-left untouched, so routing is exactly the family's own.
+left untouched, so routing is exactly the family's own. Shared experts (the blocks' ``*shared*``
+children) are shared parts (``shared.*`` keys) and LoRA bases
+(:mod:`hfedmoe.models.lora_targets`), as in the generic adapter.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import nn
 from hfedmoe.errors import ModelError
 from hfedmoe.experts import ExpertBank, ExpertShape
 from hfedmoe.models.base import MoELayer, MoEModel, ScoreFn, decode_topk_router
+from hfedmoe.models.lora_targets import add_shared_expert_bases
 from hfedmoe.models.minilm import SequenceClassifier
 
 
@@ -218,9 +221,17 @@ def wrap_hf(model: nn.Module, family: Family, task: str, impl: str = "grouped",
         if any(isinstance(layer.bank.experts[0], FamilyExpert) for layer in layers):
             info["expert_activation"] = "the family's own (its _apply_gate / act_fn)"
     else:
+        from hfedmoe.models.generic import shared_parts
+
         layers = convert_moe_blocks(inner, family, impl, prefix=prefix)
-    return MoEModel(model, family.name, task, layers, shared=shared, tokenizer=tokenizer,
-                    info=info)
+        shared_experts = {k: v for layer in layers
+                          for k, v in shared_parts(model.get_submodule(layer.path),
+                                                   layer.path).items()}
+        shared = {**shared_experts, **shared}
+    out = MoEModel(model, family.name, task, layers, shared=shared, tokenizer=tokenizer,
+                   info=info)
+    add_shared_expert_bases(out, shared_experts)  # LoRA rounds adapt them through factors
+    return out
 
 
 def _classifier(cfg: Any, family: Family, num_labels: int, backbone: nn.Module) -> nn.Module:
@@ -254,6 +265,11 @@ def build_hf_model(family_name: str, task: str = "causal-lm", num_labels: int = 
     return wrap_hf(model, family, task, impl, info={"source": "random-init tiny config"})
 
 
+# the files a saved tokenizer leaves in a checkpoint directory (any one of them)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "vocab.txt", "spiece.model")
+
+
 def load_hf_checkpoint(path: str | Path, task: str = "causal-lm", num_labels: int = 2,
                        impl: str = "grouped") -> MoEModel:
     """Load a real checkpoint from a local directory (no hub access) and convert it."""
@@ -276,8 +292,15 @@ def load_hf_checkpoint(path: str | Path, task: str = "causal-lm", num_labels: in
     except ValueError as exc:  # e.g. no causal-LM class for this model_type
         raise ModelError(f"{path}: transformers cannot build a {task} model of "
                          f"{cfg.model_type!r}: {str(exc).splitlines()[0]}") from exc
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
-        tokenizer = None
-    return wrap_hf(model, family, task, impl, tokenizer, info={"source": str(path)})
+    info: dict[str, Any] = {"source": str(path)}
+    tokenizer = None
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        # (transformers 5 would build an empty tokenizer of the family's class)
+        info["tokenizer"] = f"none of {', '.join(TOKENIZER_FILES)} in the directory"
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError, TypeError) as exc:
+            info["tokenizer"] = ("transformers cannot load it: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    return wrap_hf(model, family, task, impl, tokenizer, info=info)

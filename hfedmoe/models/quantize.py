@@ -45,11 +45,13 @@ class QuantizeReport:
 
 
 def _protected(model: MoEModel) -> set[int]:
-    """ids of what must stay float: every federated tensor but the expert weights."""
+    """ids of what must stay float: every federated tensor but the expert weights and the
+    LoRA bases (frozen in the LoRA rounds a quantized base needs)."""
     keep = set()
     for key in model.keys():
         pk = parse_key(key)
-        if not (pk.kind == "expert" and pk.param in EXPERT_WEIGHTS):
+        if not (pk.kind == "expert" and pk.param in EXPERT_WEIGHTS) \
+                and key not in model.lora_bases:
             keep.add(id(model.parameter(key)))
     return keep
 
@@ -102,13 +104,17 @@ def quantize_model(model: MoEModel, mode: str) -> QuantizeReport:
                     report.int8_fallback.append(key)
                 model.replace_expert_weight(key, nn.Parameter(q, requires_grad=False))
                 report.experts += 1
+    bases = {id(lin.weight): key for key, lin in model.lora_bases.items()}
     for name, mod in frozen_linears(model):
         q = quantize_weight(mod.weight, mode)
         if mode == "int4" and weight_mode(q) == "int8":
             report.int8_fallback.append(name)
         parent_name, _, child = name.rpartition(".")
         parent = model.module.get_submodule(parent_name) if parent_name else model.module
-        setattr(parent, child, QuantizedLinear(q, mod.bias))
+        qlinear = QuantizedLinear(q, mod.bias)
+        setattr(parent, child, qlinear)
+        if id(mod.weight) in bases:  # a LoRA base: its key now names the quantized weight
+            model.replace_base_linear(bases[id(mod.weight)], qlinear)
         report.linears += 1
     report.bytes_after = weight_bytes(model.module)
     release_freed_memory()

@@ -2,7 +2,8 @@
 
 ``minilm-moe`` (the default) is pretrained MiniLM-L6 upcycled into an MoE classifier.
 ``<family>-tiny`` names build a random-init tiny model of a transformers family (tests,
-simulation). Any other name is taken as a local checkpoint directory.
+simulation), with the offline byte-level tokenizer (:mod:`hfedmoe.models.tokenizer`). Any other
+name is taken as a local checkpoint directory, whose tokenizer files must be in it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from hfedmoe.errors import ModelError
 from hfedmoe.models.attention import use_kit_attention
 from hfedmoe.models.base import MoEModel
 from hfedmoe.models.hf import FAMILIES, build_hf_model, load_hf_checkpoint
+from hfedmoe.models.lora_targets import add_lora_targets
 from hfedmoe.models.minilm import build_minilm_moe
+from hfedmoe.models.tokenizer import BOS_ID, EOS_ID, PAD_ID, byte_tokenizer
 
 DEFAULT_MODEL = "minilm-moe"
 
@@ -42,6 +45,17 @@ def family_paths() -> dict[str, str]:
     return paths
 
 
+def _tiny_model(family: str, task: str, labels: int, cfg: ModelConfig) -> MoEModel:
+    """A random-init tiny model with the offline byte tokenizer, its vocabulary sized to it."""
+    tokenizer = byte_tokenizer()
+    model = build_hf_model(family, task, labels, cfg.seed, cfg.expert_impl,
+                           vocab_size=len(tokenizer), pad_token_id=PAD_ID, bos_token_id=BOS_ID,
+                           eos_token_id=EOS_ID)
+    model.tokenizer = tokenizer
+    model.info["tokenizer"] = "byte-level (offline, 256 bytes + <pad> <bos> <eos>)"
+    return model
+
+
 def build_model(cfg: ModelConfig, task: str = "classification",
                 num_labels: int | None = None) -> MoEModel:
     """Build the model ``cfg.name`` for ``task`` with ``num_labels`` classes."""
@@ -53,11 +67,12 @@ def build_model(cfg: ModelConfig, task: str = "classification",
         model = build_minilm_moe(labels, cfg.num_experts, cfg.top_k, cfg.upcycle,
                                  cfg.router_jitter, cfg.seed, cfg.expert_impl)
     elif name.endswith("-tiny") and name[:-5] in FAMILIES:
-        model = build_hf_model(name[:-5], task, labels, cfg.seed, cfg.expert_impl)
+        model = _tiny_model(name[:-5], task, labels, cfg)
     elif Path(name).is_dir():
         model = load_hf_checkpoint(name, task, labels, cfg.expert_impl)
     else:
         raise ModelError(f"unknown model {name!r}: not a registered name "
                          f"({', '.join(model_names())}) nor a local directory")
     use_kit_attention(model.module)  # sdpa in fp32 under bf16/fp16 on a CPU (its backward)
+    add_lora_targets(model, cfg.lora_targets)  # LoRA-only bases (attention projections)
     return model

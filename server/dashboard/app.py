@@ -311,7 +311,7 @@ def _strings(v: Any) -> list[str]:
 
 def _compact(row: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"round": _num(row.get("round")), "phase": _text(row.get("phase"))}
-    for k in ("time", "accuracy", "loss", "perplexity", "bytes_in", "bytes_out",
+    for k in ("time", "accuracy", "loss", "perplexity", "rougeL", "bytes_in", "bytes_out",
               "dense_bytes", "participants", "accepted", "rejected", "late", "round_s"):
         if _num(row.get(k)) is not None:
             out[k] = row[k]

@@ -143,3 +143,27 @@ def test_simulate_default_model_budgets_bind_the_round(tmp_path):
     budgets = set(rows[0]["budgets"].values())
     assert len(budgets) >= 4 and all(1 <= b <= 47 for b in budgets)
     assert rows[0]["bytes_in"] <= 0.35 * rows[0]["dense_bytes"]
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_causal_lm_demo_over_mosquitto_lowers_the_loss(tmp_path, mosquitto):
+    """``hfedmoe demo --task causal-lm``: three devices fine-tune the tiny Qwen2-MoE with LoRA
+    for two rounds; the held-out loss falls and ROUGE-L is reported every round."""
+    pytest.importorskip("rouge_score")
+    run_dir = tmp_path / "lm"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "hfedmoe.cli", "demo", "--task", "causal-lm", "--broker",
+         mosquitto, "--devices", "3", "--rounds", "2", "--run-dir", str(run_dir),
+         "--set", "max_eval_examples=48", "--set", "eval_generate_examples=8"],
+        capture_output=True, text=True, env=env, timeout=880)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = metrics(run_dir)
+    assert [r["phase"] for r in rows] == ["initial", "round", "round"]
+    assert all(r["accepted"] == 3 for r in rows[1:])
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert all(0.0 <= r["rougeL"] <= 1.0 and r["rougeL_examples"] == 8 for r in rows)
+    assert "ROUGE-L" in proc.stdout and "<h2>Language model</h2>" in (
+        run_dir / "report.html").read_text()

@@ -159,22 +159,25 @@ function renderEval() {
   const svg = $("eval-chart");
   if (!rows.length) { svg.replaceChildren(svgEl("text", {x: 220, y: 100, "text-anchor": "middle"}, "no evaluation yet")); $("eval-legend").replaceChildren(); return; }
   const xs = rows.map(h => h.round);
-  const series = [["accuracy", "var(--acc)"], ["loss", "var(--loss)"]].filter(([k]) => rows.some(h => h[k] !== undefined));
-  // accuracy on [0, 1]; loss scaled onto the same axis, its range in the legend
+  const has = (k) => rows.some(h => h[k] !== undefined);
   const loss = rows.map(h => h.loss).filter(v => v !== undefined);
   const lmax = loss.length ? Math.max(...loss) * 1.05 || 1 : 1;
-  const hasAcc = series.some(([k]) => k === "accuracy");
-  const twin = hasAcc && loss.length ? {hi: lmax, fmt: (v) => v.toFixed(2), color: "var(--loss)"} : null;
-  const a = axes(svg, xs, 0, hasAcc ? 1 : lmax, (v) => v.toFixed(2), 0, twin);
+  // classification: accuracy on [0, 1], loss on the right axis; causal LM: loss on the left,
+  // ROUGE-L on [0, 1] on the right. The right-axis series is scaled onto the left axis.
+  const [left, right] = has("accuracy") ? ["accuracy", "loss"] : ["loss", "rougeL"];
+  const hi = {accuracy: 1, loss: lmax, rougeL: 1};
+  const color = {accuracy: "var(--acc)", loss: "var(--loss)", rougeL: "var(--acc)"};
+  const twin = has(right) ? {hi: hi[right], fmt: (v) => v.toFixed(2), color: color[right]} : null;
+  const a = axes(svg, xs, 0, hi[left], (v) => v.toFixed(2), 0, twin);
   const legend = [];
-  for (const [k, color] of series) {
-    const scale = (k === "loss" && hasAcc) ? 1 / lmax : 1;
+  for (const k of [left, right].filter(has)) {
+    const scale = k === right ? hi[left] / hi[right] : 1;
     const pts = rows.filter(h => h[k] !== undefined).map(h => [a.sx(h.round), a.sy(h[k] * scale)]);
-    svg.appendChild(svgEl("polyline", {points: pts.map(p => p.join(",")).join(" "), fill: "none", stroke: color, "stroke-width": 2}));
-    for (const [x, y] of pts) svg.appendChild(svgEl("circle", {cx: x, cy: y, r: 3, fill: color}));
+    svg.appendChild(svgEl("polyline", {points: pts.map(p => p.join(",")).join(" "), fill: "none", stroke: color[k], "stroke-width": 2}));
+    for (const [x, y] of pts) svg.appendChild(svgEl("circle", {cx: x, cy: y, r: 3, fill: color[k]}));
     const last = rows.filter(h => h[k] !== undefined).slice(-1)[0][k];
-    const s = el("span"); const i = el("i"); i.style.background = color; s.appendChild(i);
-    s.appendChild(document.createTextNode(k + " " + last.toFixed(4) + ((k === "loss" && hasAcc) ? " (right axis)" : "")));
+    const s = el("span"); const i = el("i"); i.style.background = color[k]; s.appendChild(i);
+    s.appendChild(document.createTextNode(k + " " + last.toFixed(4) + (k === right ? " (right axis)" : "")));
     legend.push(s);
   }
   $("eval-legend").replaceChildren(...legend);
@@ -204,6 +207,8 @@ function renderRounds() {
     tr.appendChild(el("td", roundLabel(h.round, h.phase)));
     tr.appendChild(el("td", fmtNum(h.accuracy, 4), "num"));
     tr.appendChild(el("td", fmtNum(h.loss, 4), "num"));
+    tr.appendChild(el("td", fmtNum(h.perplexity, 2), "num"));
+    tr.appendChild(el("td", fmtNum(h.rougeL, 4), "num"));
     tr.appendChild(el("td", initial ? "" : (h.accepted ?? "–"), "num"));
     tr.appendChild(el("td", initial ? "" : (h.participants ?? "–"), "num"));
     tr.appendChild(el("td", initial ? "" : fmtBytes(h.bytes_in), "num"));
