@@ -318,15 +318,19 @@ def learning_verdict(rows: Rows) -> str:
                                      "last-5-round mean"], out))
 
 
-SWEEP = ("python -m benchmarks.learning --data fortunes --devices 30 --fraction 0.1 --rounds 30 "
-         "--max-steps 5 --max-length 32 --num-experts 32 --top-k 4 --eval-every 10 "
-         "--budget-share 0.25 --test-fraction 0.15 --validation-fraction 0.1 --split validation "
-         "--alphas 0.1 --seeds 0,1 --jobs 2 --threads 1 --strategies ARMS "
-         "--out benchmarks/results/learning-sweep.jsonl")
-FINE = ("python -m benchmarks.learning --data fortunes --devices 30 --fraction 0.1 --rounds 50 "
-        "--max-steps 5 --max-length 32 --num-experts 32 --top-k 4 --eval-every 25 "
-        "--budget-share 0.25 --test-fraction 0.15 --validation-fraction 0.1 --alphas 0.1 "
-        "--seeds 0,1,2,3,4 --jobs 2 --threads 1 --strategies STRATEGIES "
+_FORTUNES = ("python -m benchmarks.learning --data fortunes --devices 30 --fraction 0.1 "
+             "--max-steps 5 --max-length 32 --num-experts 32 --top-k 4 --budget-share 0.25 "
+             "--test-fraction 0.15 --validation-fraction 0.1 --alphas 0.1 --jobs 2 --threads 1 ")
+SWEEP = (_FORTUNES + "--rounds 30 --eval-every 10 --split validation --seeds 0,1 --strategies "
+         "'hfedmoe@specificity=1;tau=0.01,hfedmoe@specificity=0;tau=0.01,...' (the arms in the "
+         "table; seeds as listed) --out benchmarks/results/learning-sweep-rounds.jsonl; then "
+         "python -m benchmarks.learning --from-rows benchmarks/results/learning-sweep-rounds.jsonl "
+         "--all-seeds --out benchmarks/results/learning-sweep.jsonl")
+FINE = (_FORTUNES + "--rounds 50 --eval-every 25 --seeds 0,1,2 --strategies "
+        "hfedmoe,fedavg-random,fedmoe,fedavg-full,budget-zero,hfedmoe-anti,hfedmoe-other "
+        "(the controls: seeds 0,1) --out benchmarks/results/learning-fortunes-fine-rounds.jsonl; "
+        "then python -m benchmarks.learning --from-rows "
+        "benchmarks/results/learning-fortunes-fine-rounds.jsonl --all-seeds "
         "--out benchmarks/results/learning-fortunes-fine.jsonl")
 
 
@@ -356,7 +360,7 @@ def study_sweep(rows: Rows) -> str:
         select=lambda r: r.get("kind") == "summary")
 def study_fortunes_fine(rows: Rows) -> str:
     s = rows[0]["settings"]
-    out = [[r["alpha"], r["strategy"],
+    out = [[r["alpha"], r["strategy"], ", ".join(map(str, r["seeds"])),
             f"{f3(r['final_accuracy_mean'])} {ci(r['final_accuracy_ci95'])}",
             f"{f3(r['last5_accuracy_mean'])} {ci(r['last5_accuracy_ci95'])}",
             _hf(r, "hfedmoe_minus_this_last5"), *_selection_cols(r),
@@ -368,11 +372,12 @@ def study_fortunes_fine(rows: Rows) -> str:
     return (f"Test split ({s['data']}), {s['num_experts']} experts/layer top-{s['top_k']}, "
             f"{s['devices']} devices with {s['fraction']:g} sampled per round, {s['rounds']} "
             f"rounds of {s['max_steps']} local steps, budgets a {s['budget_share']:g} share of "
-            f"the experts x the profile's memory, {len(rows[0]['seeds'])} seeds; HFedMoE minus "
-            "each strategy paired by seed, 95% t intervals (bold: excludes zero).\n\n"
-            + table(["alpha", "strategy", "final accuracy [95% CI]", "last-5-round mean",
-                     "HFedMoE minus this (last 5)", "Jaccard", "experts / round",
-                     f"rounds to {rows[0]['target_accuracy']:.3f} (seeds)", "MB to target",
+            f"the experts x the profile's memory; seeds per strategy as listed; HFedMoE minus "
+            "each strategy paired over the seeds both ran, 95% t intervals (bold: excludes "
+            "zero).\n\n"
+            + table(["alpha", "strategy", "seeds", "final accuracy [95% CI]",
+                     "last-5-round mean", "HFedMoE minus this (last 5)", "Jaccard",
+                     "experts / round", f"rounds to {rows[0]['target_accuracy']:.3f} (seeds)", "MB to target",
                      "uploaded bytes x fedavg-full"], out))
 
 
