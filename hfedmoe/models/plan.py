@@ -64,18 +64,15 @@ def _meta_conversion() -> Iterator[None]:
 
 def build_meta_model(path: str | Path, task: str = "causal-lm", num_labels: int = 2) -> MoEModel:
     """The kit's MoE view of the model in ``path`` (a ``config.json``), on the meta device."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM
 
-    from hfedmoe.models.hf import _classifier, config_error, family_for_model_type, wrap_hf
+    from hfedmoe.models.hf import _classifier, family_for_model_type, read_config, wrap_hf
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ModelError(f"{path}: not a model directory (no config.json)")
-    try:
-        cfg = AutoConfig.from_pretrained(path)
-    except (ValueError, KeyError, OSError, TypeError) as exc:
-        raise ModelError(f"{path}: {config_error(path, exc)}") from exc
+    cfg = read_config(path)
     family = family_for_model_type(cfg.model_type)  # ModelError for an unsupported family
     try:
         with _meta_conversion():
