@@ -277,26 +277,46 @@ def _classifier(cfg: Any, family: Family, num_labels: int, backbone: nn.Module) 
     return model
 
 
+TASKS = ("classification", "causal-lm", "seq2seq")
+
+
+def module_for_task(cfg: Any, family: Family, task: str, num_labels: int = 2) -> nn.Module:
+    """A new transformers model of ``family`` for ``task`` from ``cfg`` (random init, or shapes
+    only under the meta device): a causal LM (decoder-only families), a text-to-text
+    encoder-decoder (``"seq2seq"``: Switch Transformers, experts in encoder and decoder), or
+    the backbone under a classification head."""
+    from transformers import (
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        SwitchTransformersEncoderModel,
+    )
+
+    if task == "causal-lm":
+        if not family.causal:
+            raise ModelError(f"{family.name} is an encoder-decoder family: classification or "
+                             "seq2seq (text-to-text), not causal-lm")
+        return AutoModelForCausalLM.from_config(cfg)
+    if task == "seq2seq":
+        if family.causal:
+            raise ModelError(f"{family.name} is decoder-only: causal-lm, not seq2seq")
+        return AutoModelForSeq2SeqLM.from_config(cfg)
+    if task == "classification":
+        backbone = (AutoModel.from_config(cfg) if family.causal
+                    else SwitchTransformersEncoderModel(cfg))
+        return _classifier(cfg, family, num_labels, backbone)
+    raise ModelError(f"unknown task {task!r} ({', '.join(TASKS)})")
+
+
 def build_hf_model(family_name: str, task: str = "causal-lm", num_labels: int = 2,
                    seed: int = 0, impl: str = "grouped", **config_overrides: Any) -> MoEModel:
     """A random-init model of a family from its tiny config (tests, simulation)."""
-    from transformers import AutoModel, AutoModelForCausalLM, SwitchTransformersEncoderModel
-
     family = FAMILIES.get(family_name)
     if family is None:
         raise ModelError(f"unknown family {family_name!r}; known: {sorted(FAMILIES)}")
     torch.manual_seed(seed)
     cfg = build_config(family, **config_overrides)
-    if task == "causal-lm":
-        if not family.causal:
-            raise ModelError(f"{family.name} is an encoder-decoder family: classification only")
-        model = AutoModelForCausalLM.from_config(cfg)
-    elif task == "classification":
-        model = _classifier(cfg, family, num_labels,
-                            AutoModel.from_config(cfg) if family.causal
-                            else SwitchTransformersEncoderModel(cfg))
-    else:
-        raise ModelError(f"unknown task {task!r} (classification, causal-lm)")
+    model = module_for_task(cfg, family, task, num_labels)
     return wrap_hf(model, family, task, impl, info={"source": "random-init tiny config"})
 
 
@@ -308,7 +328,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 def load_hf_checkpoint(path: str | Path, task: str = "causal-lm", num_labels: int = 2,
                        impl: str = "grouped") -> MoEModel:
     """Load a real checkpoint from a local directory (no hub access) and convert it."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = Path(path)
@@ -316,9 +336,15 @@ def load_hf_checkpoint(path: str | Path, task: str = "causal-lm", num_labels: in
         raise ModelError(f"{path}: not a model directory (no config.json)")
     cfg = read_config(path)
     family = family_for_model_type(cfg.model_type)
+    if task == "causal-lm" and not family.causal:
+        raise ModelError(f"{path}: {family.name} is an encoder-decoder family: classification, "
+                         "or seq2seq as a model (rounds are decoder-only causal-lm or "
+                         "classification: docs/models.md)")
     try:
         if task == "classification":
             model = _classifier(cfg, family, num_labels, AutoModel.from_pretrained(path))
+        elif task == "seq2seq":
+            model = AutoModelForSeq2SeqLM.from_pretrained(path)
         else:
             model = AutoModelForCausalLM.from_pretrained(path)
     except ValueError as exc:  # e.g. no causal-LM class for this model_type
