@@ -7,25 +7,18 @@ transformers, under another name: the language model of DeepSeek-OCR-2
 (``transformers.models.deepseek_ocr2``, ``DeepseekOcr2TextModel``) is the same architecture,
 piece for piece, as ``modeling_deepseek.py`` of DeepSeekMoE:
 
-==========================  ===============================  ===================================
-piece                       DeepSeekMoE (modeling_deepseek)  DeepseekOcr2Text*
-==========================  ===============================  ===================================
-attention                   Llama MHA, RoPE (rotate_half)    ``DeepseekOcr2TextAttention``: same
-router                      ``MoEGate``: softmax over all    ``DeepseekOcr2TextTopkRouter``
-                            routed experts, top-k, no        (``topk_method="greedy"``): softmax,
-                            renormalisation                  top-k, times
-                            (``norm_topk_prob: false``)      ``routed_scaling_factor`` (= 1.0)
-routed experts              SiLU-gated MLPs of width         ``DeepseekOcr2TextExperts``: fused
-                            ``moe_intermediate_size``        ``gate_up_proj`` / ``down_proj``
-shared experts              one SiLU-gated MLP of width      ``shared_experts``: the same, added
-                            ``n_shared_experts * moe_``      without a gate
-                            ``intermediate_size``, added
-dense layers                layer i dense unless ``i >=      ``mlp_layer_types[i]``
-                            first_k_dense_replace and i %    (``"dense"`` / ``"sparse"``), set
-                            moe_layer_freq == 0``            from the same rule
-norms, embeddings, head     RMSNorm, untied ``lm_head``      the same (head: :class:`DeepseekMoe`
-                                                             ``ForCausalLM` below)
-==========================  ===============================  ===================================
+- attention: Llama multi-head attention with ``rotate_half`` RoPE
+  (``DeepseekAttention`` = ``DeepseekOcr2TextAttention``);
+- router: softmax over all routed experts, top-k (unsorted), no renormalisation when
+  ``norm_topk_prob`` is false (``MoEGate`` = ``DeepseekOcr2TextTopkRouter`` with
+  ``topk_method="greedy"`` and ``routed_scaling_factor`` 1.0);
+- routed experts: SiLU-gated MLPs of width ``moe_intermediate_size`` (stored fused in
+  ``DeepseekOcr2TextExperts``);
+- shared experts: one SiLU-gated MLP of width ``n_shared_experts * moe_intermediate_size``,
+  added without a gate (``shared_experts`` in both);
+- dense layers: layer i is an MoE layer iff ``i >= first_k_dense_replace`` and
+  ``i % moe_layer_freq == 0`` (the family's ``mlp_layer_types``, set from that rule);
+- RMSNorm, embeddings, an untied ``lm_head`` (:class:`DeepseekMoeForCausalLM` below).
 
 So the conversion is a config mapping (:class:`DeepseekMoeConfig`, registered with
 ``AutoConfig`` as ``"deepseek"``) and a state-dict mapping: every checkpoint name is the
