@@ -17,7 +17,8 @@ What is counted, not measured (an estimate, stated in every result):
   input gradient, 2 more for trained gates and shared parts, plus attention scores) at the
   throughput the timed frozen expert achieved here;
 - the non-expert activations: ``8 x hidden`` elements per token per layer (attention inputs,
-  projections, norms) plus fp32 logits and their gradient for a causal LM, plus gradients and
+  projections, norms; encoder and decoder blocks of a text-to-text model) plus fp32 logits and
+  their gradient for a language model (causal or text-to-text), plus gradients and
   AdamW state of the trainable non-expert parts (routers, shared experts) in fp32.
 
 Run ``python -m benchmarks.plan --out benchmarks/results/plan.jsonl`` to write one JSON
@@ -46,7 +47,13 @@ from device_agent.costs import _optimizer, decide_budget
 from hfedmoe.experts import Expert, ExpertShape
 from hfedmoe.lora import ExpertFactors, LoRASpec, factor_params
 from hfedmoe.models.base import MoEModel
-from hfedmoe.models.plan import MODES, QUANT_NOTE, expert_weight_bytes, weight_bytes_by_dtype
+from hfedmoe.models.plan import (
+    MODES,
+    QUANT_NOTE,
+    expert_weight_bytes,
+    transformer_layers,
+    weight_bytes_by_dtype,
+)
 
 
 def _median_seconds(fn: Any, repeats: int) -> float:
@@ -119,7 +126,7 @@ def _step_seconds(model: MoEModel, times: dict[str, float], batch: int, seq: int
     cfg = getattr(model.module, "config", None)
     # throughput the frozen expert achieved (forward + input gradient: 2x forward FLOPs)
     flops_per_s = 2 * shape.flops_per_token() * tokens / max(times["frozen"], 1e-9)
-    n_layers = getattr(cfg, "num_hidden_layers", model.num_layers)
+    n_layers = transformer_layers(model)
     hidden = shape.d_model
     heads = getattr(cfg, "num_attention_heads", 0) or 0
     head_dim = getattr(cfg, "head_dim", None) or (hidden // heads if heads else hidden)
@@ -141,13 +148,13 @@ def _activation_dtype_bytes(base: str) -> int:
 def _non_expert_activation_bytes(model: MoEModel, base: str, rows: int, trainable_rest: int,
                                  optimizer: str) -> int:
     """Memory of the non-expert part of a step: ``8 x hidden`` activations per token per
-    layer, a causal LM's fp32 logits and their gradient, and the gradients and optimizer
+    layer, a language model's fp32 logits and their gradient, and the gradients and optimizer
     state of the trainable non-expert parts (routers, shared experts)."""
     cfg = getattr(model.module, "config", None)
-    n_layers = getattr(cfg, "num_hidden_layers", model.num_layers)
+    n_layers = transformer_layers(model)
     hidden = model.layers[0].bank.shape.d_model
     vocab = getattr(cfg, "vocab_size", 0) or 0
-    logits = 2 * rows * vocab * 4 if model.task == "causal-lm" else 0
+    logits = 2 * rows * vocab * 4 if model.task in ("causal-lm", "seq2seq") else 0
     return (_activation_dtype_bytes(base) * rows * 8 * hidden * n_layers + logits
             + expert_state_bytes(trainable_rest, optimizer))
 

@@ -107,7 +107,8 @@ class MoEModel:
     Args:
         module: the runnable model (``module(**batch)`` returns an output with ``.loss``).
         family: model family name (``hfedmoe models``).
-        task: ``"classification"`` or ``"causal-lm"``.
+        task: ``"classification"``, ``"causal-lm"`` or ``"seq2seq"`` (an encoder-decoder's
+            text-to-text model; its MoE layers are the encoder's then the decoder's).
         layers: the MoE layers in forward order.
         shared: canonical-path -> module of the shared trainable parts (e.g. the task head).
         info: free-form facts for ``hfedmoe models inspect``.

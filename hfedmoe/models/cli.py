@@ -11,7 +11,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     msub = p.add_subparsers(dest="models_command")
     ins = msub.add_parser("inspect", help="layers, experts, top-k, parameters of a model")
     ins.add_argument("name", help="registered name (see 'hfedmoe models') or local checkpoint dir")
-    ins.add_argument("--task", default="classification", choices=["classification", "causal-lm"])
+    ins.add_argument("--task", default="classification",
+                     choices=["classification", "causal-lm", "seq2seq"])
     ins.add_argument("--num-labels", type=int, default=0)
     ins.add_argument("--experts", type=int, default=None, help="experts per layer (upcycling)")
     ins.add_argument("--top-k", type=int, default=None)

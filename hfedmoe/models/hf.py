@@ -70,12 +70,31 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
                               n_group=1, topk_group=1, first_k_dense_replace=0, num_key_value_heads=4,
                               kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
                               qk_nope_head_dim=8, v_head_dim=8, head_dim=None)),
+    # DeepSeekMoE (model_type "deepseek", remote code on the hub) mapped exactly onto
+    # transformers' DeepSeek-OCR-2 text decoder; its fused experts go through the generic adapter
+    Family("deepseek-moe", "deepseek", "DeepseekMoeConfig", "interface",
+           tiny=lambda: deepseek_tiny_config()),
     Family("switch", "switch_transformers", "SwitchTransformersConfig", "switch", causal=False,
            tiny=lambda: dict(vocab_size=512, d_model=32, d_kv=8, d_ff=64, num_layers=2,
                              num_decoder_layers=2, num_heads=4, num_experts=4,
                              encoder_sparse_step=1, decoder_sparse_step=1,
                              decoder_start_token_id=0, pad_token_id=0, expert_capacity=64)),
 ]}
+
+
+def deepseek_tiny_config() -> dict[str, Any]:
+    from hfedmoe.models.deepseek_moe import tiny_config
+
+    return tiny_config()
+
+
+def register_converted_families() -> None:
+    """Register the model types the kit maps onto a transformers family itself
+    (``"deepseek"``: :mod:`hfedmoe.models.deepseek_moe`) with transformers' Auto classes.
+    Idempotent; called before any config is read or built."""
+    from hfedmoe.models.deepseek_moe import register
+
+    register()
 
 
 def interface_family(model_type: str, config_class: str = "") -> Family:
@@ -113,6 +132,21 @@ def config_error(path: Path, exc: Exception) -> str:
     unknown = unknown_model_type(model_type) if isinstance(model_type, str) else None
     return unknown or ("transformers cannot read this config: "
                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+
+
+def read_config(path: Path) -> Any:
+    """transformers' config of the checkpoint directory ``path`` (offline), or a
+    :class:`ModelError` saying why it cannot be read."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
+    register_converted_families()
+    try:
+        return AutoConfig.from_pretrained(path)
+    except ModelError as exc:  # a config class of the kit refusing it (deepseek_moe)
+        raise ModelError(f"{path}: {exc}") from exc
+    except (ValueError, KeyError, OSError, TypeError, StrictDataclassError) as exc:
+        raise ModelError(f"{path}: {config_error(path, exc)}") from exc
 
 
 def family_path(model_type: str) -> str:
@@ -196,13 +230,14 @@ def convert_moe_blocks(model: nn.Module, family: Family, impl: str = "grouped",
 
 
 def build_config(family: Family, **overrides: Any) -> Any:
-    import transformers
+    from transformers import AutoConfig
 
     if family.tiny is None:
         raise ModelError(f"{family.name} has no built-in config; give a checkpoint directory")
+    register_converted_families()
     kwargs = family.tiny()
     kwargs.update(overrides)
-    return getattr(transformers, family.config_class)(**kwargs)
+    return AutoConfig.for_model(family.model_type, **kwargs)
 
 
 def wrap_hf(model: nn.Module, family: Family, task: str, impl: str = "grouped",
@@ -242,26 +277,46 @@ def _classifier(cfg: Any, family: Family, num_labels: int, backbone: nn.Module) 
     return model
 
 
+TASKS = ("classification", "causal-lm", "seq2seq")
+
+
+def module_for_task(cfg: Any, family: Family, task: str, num_labels: int = 2) -> nn.Module:
+    """A new transformers model of ``family`` for ``task`` from ``cfg`` (random init, or shapes
+    only under the meta device): a causal LM (decoder-only families), a text-to-text
+    encoder-decoder (``"seq2seq"``: Switch Transformers, experts in encoder and decoder), or
+    the backbone under a classification head."""
+    from transformers import (
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        SwitchTransformersEncoderModel,
+    )
+
+    if task == "causal-lm":
+        if not family.causal:
+            raise ModelError(f"{family.name} is an encoder-decoder family: classification or "
+                             "seq2seq (text-to-text), not causal-lm")
+        return AutoModelForCausalLM.from_config(cfg)
+    if task == "seq2seq":
+        if family.causal:
+            raise ModelError(f"{family.name} is decoder-only: causal-lm, not seq2seq")
+        return AutoModelForSeq2SeqLM.from_config(cfg)
+    if task == "classification":
+        backbone = (AutoModel.from_config(cfg) if family.causal
+                    else SwitchTransformersEncoderModel(cfg))
+        return _classifier(cfg, family, num_labels, backbone)
+    raise ModelError(f"unknown task {task!r} ({', '.join(TASKS)})")
+
+
 def build_hf_model(family_name: str, task: str = "causal-lm", num_labels: int = 2,
                    seed: int = 0, impl: str = "grouped", **config_overrides: Any) -> MoEModel:
     """A random-init model of a family from its tiny config (tests, simulation)."""
-    from transformers import AutoModel, AutoModelForCausalLM, SwitchTransformersEncoderModel
-
     family = FAMILIES.get(family_name)
     if family is None:
         raise ModelError(f"unknown family {family_name!r}; known: {sorted(FAMILIES)}")
     torch.manual_seed(seed)
     cfg = build_config(family, **config_overrides)
-    if task == "causal-lm":
-        if not family.causal:
-            raise ModelError(f"{family.name} is an encoder-decoder family: classification only")
-        model = AutoModelForCausalLM.from_config(cfg)
-    elif task == "classification":
-        model = _classifier(cfg, family, num_labels,
-                            AutoModel.from_config(cfg) if family.causal
-                            else SwitchTransformersEncoderModel(cfg))
-    else:
-        raise ModelError(f"unknown task {task!r} (classification, causal-lm)")
+    model = module_for_task(cfg, family, task, num_labels)
     return wrap_hf(model, family, task, impl, info={"source": "random-init tiny config"})
 
 
@@ -273,20 +328,23 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 def load_hf_checkpoint(path: str | Path, task: str = "causal-lm", num_labels: int = 2,
                        impl: str = "grouped") -> MoEModel:
     """Load a real checkpoint from a local directory (no hub access) and convert it."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ModelError(f"{path}: not a model directory (no config.json)")
-    try:
-        cfg = AutoConfig.from_pretrained(path)
-    except (ValueError, KeyError) as exc:
-        raise ModelError(f"{path}: {config_error(path, exc)}") from exc
+    cfg = read_config(path)
     family = family_for_model_type(cfg.model_type)
+    if task == "causal-lm" and not family.causal:
+        raise ModelError(f"{path}: {family.name} is an encoder-decoder family: classification, "
+                         "or seq2seq as a model (rounds are decoder-only causal-lm or "
+                         "classification: docs/models.md)")
     try:
         if task == "classification":
             model = _classifier(cfg, family, num_labels, AutoModel.from_pretrained(path))
+        elif task == "seq2seq":
+            model = AutoModelForSeq2SeqLM.from_pretrained(path)
         else:
             model = AutoModelForCausalLM.from_pretrained(path)
     except ValueError as exc:  # e.g. no causal-LM class for this model_type

@@ -64,30 +64,19 @@ def _meta_conversion() -> Iterator[None]:
 
 def build_meta_model(path: str | Path, task: str = "causal-lm", num_labels: int = 2) -> MoEModel:
     """The kit's MoE view of the model in ``path`` (a ``config.json``), on the meta device."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
-    from hfedmoe.models.hf import _classifier, config_error, family_for_model_type, wrap_hf
+    from hfedmoe.models.hf import family_for_model_type, module_for_task, read_config, wrap_hf
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ModelError(f"{path}: not a model directory (no config.json)")
-    try:
-        cfg = AutoConfig.from_pretrained(path)
-    except (ValueError, KeyError, OSError, TypeError) as exc:
-        raise ModelError(f"{path}: {config_error(path, exc)}") from exc
+    cfg = read_config(path)
     family = family_for_model_type(cfg.model_type)  # ModelError for an unsupported family
+    if task == "causal-lm" and not family.causal:
+        task = "seq2seq"  # an encoder-decoder's language model is text-to-text
     try:
         with _meta_conversion():
-            if task == "causal-lm" and family.causal:
-                module = AutoModelForCausalLM.from_config(cfg)
-            elif family.causal:
-                module = _classifier(cfg, family, num_labels, AutoModel.from_config(cfg))
-            else:
-                from transformers import SwitchTransformersEncoderModel
-
-                module = _classifier(cfg, family, num_labels, SwitchTransformersEncoderModel(cfg))
-                task = "classification"
+            module = module_for_task(cfg, family, task, num_labels)
             model = wrap_hf(module, family, task, "grouped", info={"source": f"{path} (meta)"})
     except ModelError:
         raise
@@ -154,12 +143,22 @@ def expert_weight_bytes(model: MoEModel, base: str) -> int:
             + _quantized_bytes(tuple(e.w_out.shape), base) + 4 * biases)
 
 
+def transformer_layers(model: MoEModel) -> int:
+    """Transformer blocks the model runs: its config's layer count, plus the decoder's of a
+    text-to-text encoder-decoder (``task="seq2seq"``)."""
+    cfg = getattr(model.module, "config", None)
+    layers = next((getattr(cfg, a) for a in ("num_hidden_layers", "num_layers", "n_layer")
+                   if isinstance(getattr(cfg, a, None), int)), model.num_layers)
+    if model.task == "seq2seq":
+        layers += getattr(cfg, "num_decoder_layers", None) or layers
+    return int(layers)
+
+
 def plan_model(model: MoEModel) -> dict[str, Any]:
     """Everything ``hfedmoe models inspect`` prints for a planned (or real) model."""
     info = model.summary()
     cfg = getattr(model.module, "config", None)
-    layers = next((getattr(cfg, a) for a in ("num_hidden_layers", "num_layers", "n_layer")
-                   if isinstance(getattr(cfg, a, None), int)), model.num_layers)
+    layers = transformer_layers(model)
     shared = shared_expert_params(model)
     total = info["total_params"]
     plan = {

@@ -27,7 +27,8 @@ def model_names() -> dict[str, str]:
     names = {DEFAULT_MODEL: "pretrained MiniLM-L6 (BERT 6x384, from the assets wheel) "
                             "upcycled to an MoE text classifier"}
     for fam in FAMILIES.values():
-        tasks = "classification, causal-lm" if fam.causal else "classification"
+        tasks = ("classification, causal-lm" if fam.causal else
+                 "classification; seq2seq as a model (not in rounds: docs/models.md)")
         names[f"{fam.name}-tiny"] = (f"random-init tiny {fam.config_class[:-6]} "
                                      f"({fam.layout} experts; {tasks})")
     return names

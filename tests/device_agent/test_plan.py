@@ -24,7 +24,7 @@ def _config_dir(tmp_path: Path, family: str, **overrides: object) -> Path:
     return d
 
 
-@pytest.mark.parametrize("family", ["qwen2-moe", "olmoe", "deepseek-v3"])
+@pytest.mark.parametrize("family", ["qwen2-moe", "olmoe", "deepseek-v3", "deepseek-moe"])
 def test_meta_plan_equals_real_model(tmp_path: Path, family: str) -> None:
     d = _config_dir(tmp_path, family)
     meta = build_meta_model(d)
@@ -36,7 +36,7 @@ def test_meta_plan_equals_real_model(tmp_path: Path, family: str) -> None:
         assert got[key] == want[key], key
     assert got["weight_bytes"]["fp32"] == 4 * want["total_params"]
     assert got["weight_bytes"]["int4"] < got["weight_bytes"]["int8"] < got["weight_bytes"]["bf16"]
-    if family == "qwen2-moe":
+    if family in ("qwen2-moe", "deepseek-moe"):
         assert got["shared_expert_params"] > 0
 
 
