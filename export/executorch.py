@@ -188,7 +188,8 @@ def _example_train_args(model: MoEModel, program: TrainingProgram | LoRATraining
                         experts: Sequence[ExpertId]) -> tuple[torch.Tensor, ...]:
     b = example_inputs(model, batch, seq)
     if "labels" not in b:
-        raise ExportError(f"{model.family}: no classification head to train")
+        raise ExportError(f"{model.family}: no classification head and not a causal LM: "
+                          "nothing to train")
     return (b["input_ids"], b["attention_mask"], b["labels"],
             flat_expert_index(model, experts, program.bucket))
 
