@@ -18,10 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from hfedmoe.lora import LoRASpec
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -55,20 +51,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _lora(args: argparse.Namespace) -> LoRASpec | None:
-    """The train-pte adapter: ``--lora-rank`` if given (0: full experts), else what
-    ``train.adapter = "auto"`` picks for ``--task`` (LoRA at the default rank for a causal
-    LM, full experts for a classifier)."""
-    from hfedmoe.config import TrainConfig, resolve_adapter
-    from hfedmoe.lora import LoRASpec
-
-    rank = args.lora_rank
-    if rank is None:
-        auto = resolve_adapter(TrainConfig(), args.task)
-        rank = auto.lora_rank if auto.adapter == "lora" else 0
-    return LoRASpec(rank, args.lora_alpha) if rank else None
-
-
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -91,10 +73,10 @@ def run(args: argparse.Namespace) -> int:
         report = export_onnx(model, out / f"{stem}.onnx", args.batch, args.seq,
                              dynamic_seq=not args.static_seq)
     else:
-        from export.training import export_training_pte
+        from export.training import adapter_for, export_training_pte
 
         experts = [ExpertId.parse(t) for t in args.experts.split(",") if t.strip()]
-        lora = _lora(args)
+        lora = adapter_for(args.task, args.lora_rank, args.lora_alpha)
         report = export_training_pte(model, experts, args.batch, args.seq, out,
                                      mode=args.mode, backend=args.backend or "portable",
                                      lora=lora, capacity_factor=args.capacity_factor)

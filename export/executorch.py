@@ -14,7 +14,9 @@ Training (the recipe of executorch's ``extension/training`` examples)::
 Only parameters with ``requires_grad=True`` get gradients in the joint graph, so a program
 trains exactly its slots plus the gates and shared head. ``lora=LoRASpec(...)`` exports the
 LoRA variant (:class:`~export.programs.LoRATrainingProgram`: factor slots, base expert
-weights as constants) through the same route. The experts run the ``"dense"`` path (every
+weights as constants) through the same route. A causal LM's program takes ``labels`` (B, S)
+and computes its response-only next-token loss inside (:func:`export.programs.task_forward`;
+``pad``, ``log_softmax`` and ``nll_loss`` with ignore index -100 are core ATen). The experts run the ``"dense"`` path (every
 expert on every token), or with ``capacity_factor=f`` the ``"capacity"`` path (each expert on a
 fixed block of ``min(T, ceil(f * T * k / E))`` rows, pairs past it dropped; see
 :mod:`export.programs`). Two things the model needs for this:

@@ -37,6 +37,11 @@ LoRA factors (``slot_lora_A_in`` (B, r, d_model), ``slot_lora_B_in`` (B, d_in, r
 experts have biases), placed by the same one-hot selection; every expert's ``w_in``/``w_out``
 is a constant of the program and the expert computes ``x W^T + scale * x A^T B^T``
 (:meth:`hfedmoe.lora.ExpertFactors.apply`, the eager LoRA's own ops). Frozen mode only.
+
+Both serve a classifier (``labels`` (B,) class ids, cross-entropy of the head's logits) and a
+causal LM (``labels`` (B, S): the token ids with ``-100`` on the prompt and padding; the loss is
+the model's own response-only next-token cross-entropy), the loss the eager trainer takes
+(:func:`task_forward`).
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from hfedmoe.data.tokenization import IGNORE_INDEX  # noqa: E402
 from hfedmoe.lora import LORA_A, LORA_B, LoRASpec  # noqa: E402
 from hfedmoe.models.registry import build_model  # noqa: E402
 from hfedmoe.names import ExpertId, expert_key  # noqa: E402
+from tests.export.test_export_lora import _check_parity  # noqa: E402
 
 E = ExpertId
 LORA = LoRASpec(2, 4.0)
@@ -40,15 +41,6 @@ def causal(name: str = "qwen3-moe-tiny"):
 @pytest.fixture(scope="module")
 def qwen():
     return causal()
-
-
-def _check_parity(parity, steps=5):
-    assert len(parity.losses_executorch) == steps
-    for got, want in zip(parity.losses_executorch, parity.losses_eager, strict=True):
-        assert abs(got - want) <= TRAIN_TOL * max(1.0, abs(want))
-    assert set(parity.deltas_executorch) == set(parity.deltas_eager)
-    for key, value in parity.deltas_executorch.items():
-        torch.testing.assert_close(value, parity.deltas_eager[key], rtol=0, atol=TRAIN_TOL)
 
 
 def _response_loss(logits, labels):
@@ -155,3 +147,35 @@ def test_cli_exports_a_causal_lm_training_program_that_runs(tmp_path, capsys):
     assert main(argv[:-1] + ["--lora-rank", "0"]) == 0  # the full-expert program too
     out = capsys.readouterr().out
     assert "adapter            full" in out and "FAIL" not in out
+
+
+@pytest.mark.slow
+def test_executorch_causal_lm_round_sends_what_the_eager_round_sends():
+    """``train_round(runtime="executorch")`` on a causal LM with LoRA: the round trains through
+    the causal-LM program (batches padded to its static shape) and sends the eager round's
+    update (same selection, losses and factors within the parity tolerance)."""
+    from device_agent.train import RoundContext, RoundIds, train_round
+    from hfedmoe.config import TrainConfig
+    from hfedmoe.data import PairDataset
+    from hfedmoe.strategies import get_strategy
+
+    data = PairDataset(("hi there", "what is up", "reset router", "who wrote hamlet", "a poem",
+                        "rules of cricket"),
+                       ("hello", "not much", "unplug it", "shakespeare", "the sea",
+                        "bat and ball"), (0,) * 6, ("all",))
+    cfg = TrainConfig(batch_size=2, lr=1e-1, head_lr=0.0, optimizer="sgd", adapter="lora",
+                      lora_rank=LORA.rank, lora_alpha=LORA.alpha)
+
+    def run(runtime):
+        return train_round(RoundContext(
+            causal(), data, strategy=get_strategy("hfedmoe"), budget=2, train=cfg,
+            max_length=24, runtime=runtime, ids=RoundIds(client_id="c1")))
+
+    res, eager = run("executorch"), run("eager")
+    assert res.steps == 3 and res.update.meta["runtime"] == "executorch"
+    assert res.selected == eager.selected and set(res.update.deltas) == set(eager.update.deltas)
+    assert any(k.endswith(LORA_B) for k in res.update.deltas)
+    for got, want in zip(res.losses, eager.losses, strict=True):
+        assert abs(got - want) <= TRAIN_TOL * max(1.0, abs(want))
+    for key, value in res.update.deltas.items():  # measured: 2e-9
+        torch.testing.assert_close(value, eager.update.deltas[key], rtol=0, atol=TRAIN_TOL)
