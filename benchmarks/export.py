@@ -15,9 +15,16 @@ like ratio (``ratio_to_eager_capacity``). Every row records ``capacity_factor`` 
 ``dropped_fraction``: the routed token-expert pairs that path drops in an eager forward of the
 benchmark batch (0 without a factor); ``expert_path`` says which path the row ran.
 
+``--task causal-lm`` builds the model as a causal LM (a ``<family>-tiny`` name): the training
+rows then take its response-only next-token loss, and train LoRA factors (rank ``--lora-rank``,
+default ``train.lora_rank``'s, as ``train.adapter = "auto"`` does for a causal LM) in both the
+eager row (the kit's ``EagerTrainer``, SGD) and the program (``--lora-rank 0``: full experts).
+Every row records ``model_task`` and ``adapter``.
+
     python -m benchmarks.export --quick --out results.jsonl   # tiny model, seconds
     python -m benchmarks.export                               # minilm-moe, batch 8 x seq 64
     python -m benchmarks.export --capacity-factor 1.25        # capacity-padded programs
+    python -m benchmarks.export --quick --task causal-lm      # tiny causal LM, LoRA programs
 """
 
 from __future__ import annotations
@@ -115,55 +122,73 @@ def dropped_fraction(model: Any, batch: dict[str, torch.Tensor],
     return dropped / routed if routed else 0.0
 
 
+def _eager_step(ref: Any, b: dict[str, torch.Tensor], experts: list[Any], lr: float,
+                lora: Any) -> tuple[Callable[[], Any], int]:
+    """One eager SGD step on ``b`` and the trainable parameter count: plain SGD on the
+    experts, gates and head, or (``lora``) the kit's eager LoRA trainer with SGD."""
+    if lora is not None:
+        from hfedmoe.config import MethodConfig, TrainConfig
+        from hfedmoe.trainer import EagerTrainer
+
+        cfg = TrainConfig(lr=lr, head_lr=0.0, optimizer="sgd", weight_decay=0.0,
+                          adapter="lora", lora_rank=lora.rank, lora_alpha=lora.alpha)
+        trainer = EagerTrainer(ref, experts, cfg, MethodConfig())
+        tensors = [*ref.trainable_parameters().values(), *trainer.factor_tensors().values()]
+        return (lambda: trainer.step(b)), sum(p.numel() for p in tensors)
+    ref.set_trainable(experts, gates=True, shared=True)
+    params = list(ref.trainable_parameters().values())
+    opt = torch.optim.SGD(params, lr=lr)
+
+    def step() -> None:
+        opt.zero_grad()
+        ref.module(**b).loss.backward()
+        opt.step()
+
+    return step, sum(p.numel() for p in params)
+
+
 def _eager_train_row(model: Any, b: dict[str, torch.Tensor], k: int, experts: list[Any],
                      warmup: int, repeats: int, lr: float, runtime: str,
-                     capacity_factor: float | None) -> dict[str, Any]:
+                     capacity_factor: float | None, lora: Any = None) -> dict[str, Any]:
     import copy
 
     ref = copy.deepcopy(model)
     if capacity_factor is not None:
         ref.set_expert_impl("capacity", capacity_factor=capacity_factor)
     path = ref.layers[0].bank.impl
-    ref.set_trainable(experts, gates=True, shared=True)
-    params = list(ref.trainable_parameters().values())
-    opt = torch.optim.SGD(params, lr=lr)
-
-    def eager_step() -> None:
-        opt.zero_grad()
-        ref.module(**b).loss.backward()
-        opt.step()
-
+    eager_step, trainable = _eager_step(ref, b, experts, lr, lora)
     rss0 = _rss()
     stats = _time(eager_step, warmup, repeats)
     return {"task": "train", "experts": k, "runtime": runtime, "expert_path": path, **stats,
-            "rss_growth_mib": _rss() - rss0,
-            "trainable_params": sum(p.numel() for p in params)}
+            "rss_growth_mib": _rss() - rss0, "trainable_params": trainable}
 
 
 def bench_training(model: Any, batch: int, seq: int, k: int, backends: Sequence[str],
                    warmup: int, repeats: int, lr: float = 1e-3,
-                   capacity_factor: float | None = None) -> list[dict[str, Any]]:
+                   capacity_factor: float | None = None, lora: Any = None
+                   ) -> list[dict[str, Any]]:
     """Eager rows (the model's own path; with ``capacity_factor`` also ``eager-capacity``) and
-    one ExecuTorch row per backend (``"dense"`` programs, or ``"capacity"`` ones)."""
+    one ExecuTorch row per backend (``"dense"`` programs, or ``"capacity"`` ones); with
+    ``lora`` (a ``LoRASpec``) both train LoRA factors of the experts."""
     from export.common import example_inputs
     from export.programs import expert_path
     from export.runtime import ExecuTorchTrainer, ProgramCache, bucket_holding
 
     b = example_inputs(model, batch, seq)
     experts = _experts(model, k)
-    rows = [_eager_train_row(model, b, k, experts, warmup, repeats, lr, "eager", None)]
+    rows = [_eager_train_row(model, b, k, experts, warmup, repeats, lr, "eager", None, lora)]
     if capacity_factor is not None:
         rows.append(_eager_train_row(model, b, k, experts, warmup, repeats, lr,
-                                     "eager-capacity", capacity_factor))
+                                     "eager-capacity", capacity_factor, lora))
     for backend in backends:
         cache = ProgramCache()
         trainer_bucket = bucket_holding(k)
         cache.get(model, trainer_bucket, batch, seq, backend=backend,  # type: ignore[arg-type]
-                  capacity_factor=capacity_factor)  # export outside the RSS
+                  lora=lora, capacity_factor=capacity_factor)  # export outside the RSS
         t0 = time.perf_counter()
         rss0 = _rss()
         trainer = ExecuTorchTrainer(model, experts, (batch, seq), lr, backend=backend,  # type: ignore[arg-type]
-                                    cache=cache, capacity_factor=capacity_factor)
+                                    cache=cache, lora=lora, capacity_factor=capacity_factor)
         setup_s = time.perf_counter() - t0
         stats = _time(lambda t=trainer: t.step(b), warmup, repeats)
         rows.append({"task": "train", "experts": k, "runtime": f"executorch-{backend}",
@@ -204,7 +229,8 @@ def _print(rows: list[dict[str, Any]], title: str) -> None:
               f"{r['ratio_to_eager']:>9.2f}{r['rss_growth_mib']:>10.1f}{prog:>13}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """The command line (``main``)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny model (qwen3-moe-tiny), 2 x 16")
     p.add_argument("--model", default=None, help="model name (default minilm-moe; quick: tiny)")
@@ -218,11 +244,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--capacity-factor", type=float, default=None,
                    help="training programs (and an eager-capacity row) on the 'capacity' "
                         "expert path with this factor (default: dense programs)")
+    p.add_argument("--task", choices=["classification", "causal-lm"], default="classification",
+                   help="the model's head (causal-lm: a <family>-tiny name or causal checkpoint)")
+    p.add_argument("--lora-rank", type=int, default=None,
+                   help="training rows train LoRA factors of this rank (0: full experts; "
+                        "default: as train.adapter 'auto' for --task)")
     p.add_argument("--out", default=None, help="append JSON lines here")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = _parser()
     args = p.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from hfedmoe.config import ModelConfig
+    from hfedmoe.config import ModelConfig, TrainConfig
     from hfedmoe.models.registry import build_model
 
     name = args.model or ("qwen3-moe-tiny" if args.quick else "minilm-moe")
@@ -233,13 +269,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     backends = [b for b in args.backends.split(",") if b]
     if args.capacity_factor is not None and not args.capacity_factor > 0:
         p.error(f"--capacity-factor must be > 0, got {args.capacity_factor}")
-    model = build_model(ModelConfig(name=name), num_labels=4)
+    model = build_model(ModelConfig(name=name), args.task, num_labels=4)
     from export.common import example_inputs
+    from export.training import adapter_for
 
+    lora = adapter_for(args.task, args.lora_rank, TrainConfig().lora_alpha)
     dropped = dropped_fraction(model, example_inputs(model, batch, seq), args.capacity_factor)
     env = {**_env(), "model": name, "batch": batch, "seq": seq, "warmup": warmup,
            "repeats": repeats, "capacity_factor": args.capacity_factor,
-           "dropped_fraction": dropped}
+           "dropped_fraction": dropped, "model_task": args.task,
+           "adapter": f"lora r={lora.rank} alpha={lora.alpha:g}" if lora else "full"}
     print(json.dumps(env))
     rows = bench_inference(model, batch, seq, backends, warmup, repeats)
     for r in rows:
@@ -248,11 +287,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.skip_training:
         for k in (int(x) for x in args.experts.split(",")):
             new = bench_training(model, batch, seq, k, backends, warmup, repeats,
-                                 capacity_factor=args.capacity_factor)
+                                 capacity_factor=args.capacity_factor, lora=lora)
             rows += new
             print(json.dumps(new), flush=True)
     rows = _with_ratios(rows)
-    title = f"{name} batch {batch} x seq {seq}: median of {repeats} after {warmup} warm-up"
+    title = (f"{name} ({args.task}, {env['adapter']} training) batch {batch} x seq {seq}: "
+             f"median of {repeats} after {warmup} warm-up")
     if args.capacity_factor is not None:
         title += (f"; training programs on the capacity path, factor {args.capacity_factor:g} "
                   f"({100 * dropped:.1f}% of routed pairs dropped on the benchmark batch)")

@@ -44,7 +44,7 @@ from typing import Any, Literal
 
 import torch
 
-from export.programs import bucket_for
+from export.programs import bucket_for, check_task
 from export.runtime import ExecuTorchTrainer
 from hfedmoe.config import MethodConfig, TrainConfig
 from hfedmoe.data import PairDataset, TextDataset, collate, iter_minibatches
@@ -338,13 +338,12 @@ def _run(ctx: RoundContext, low: LowPrecisionFrozen | None) -> RoundResult:
 
 
 def _runtime(ctx: RoundContext) -> _Runtime:
-    """Eager PyTorch, or the ExecuTorch program: classification only, static batch shape,
-    the budget rounded down to a program bucket, one expert set for the round."""
+    """Eager PyTorch, or the ExecuTorch program (a classifier or a causal LM): static batch
+    shape, the budget rounded down to a program bucket, one expert set for the round."""
     if ctx.runtime == "eager":
         return _Runtime("eager", ctx.budget, pad=False, full_batches_only=False,
                         per_batch=ctx.train.reselect == "batch" and ctx.strategy.uses_budget)
-    if ctx.model.task != "classification":
-        raise ValueError("ExecuTorch training programs support classification models only")
+    check_task(ctx.model)
     return _Runtime("executorch", bucket_for(ctx.budget) if ctx.budget else 0, pad=True,
                     full_batches_only=True, per_batch=False)
 

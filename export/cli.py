@@ -6,6 +6,11 @@ holds ``--experts`` (e.g. ``0:1,3:5``), checked by a few SGD steps against eager
 (``--lora-rank R``: the program with LoRA factor slots, checked against the eager LoRA trainer;
 ``--capacity-factor F``: the experts on the ``"capacity"`` path, checked against eager PyTorch on
 the same path).
+``--task causal-lm`` builds the model as a causal LM (a ``<family>-tiny`` name or a causal
+checkpoint): its training program's loss is the next-token cross-entropy on the response tokens
+(labels ``-100`` elsewhere), and without ``--lora-rank`` it trains LoRA factors of rank
+``train.lora_rank``'s default, as ``train.adapter = "auto"`` does for a causal LM
+(``--lora-rank 0``: full experts).
 Each export prints its size, trainable parameter count and parity report.
 """
 
@@ -24,14 +29,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="train-pte: comma-separated layer:expert ids (default 0:0)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--task", choices=["classification", "causal-lm"], default="classification",
+                   help="the model's head: a classifier, or a causal LM (train-pte: response-only "
+                        "next-token loss)")
     p.add_argument("--num-labels", type=int, default=2)
     p.add_argument("--backend", choices=["portable", "xnnpack"], default=None,
                    help="ExecuTorch kernels (default: xnnpack for pte, portable for train-pte)")
     p.add_argument("--mode", choices=["frozen", "dropped"], default="frozen",
                    help="train-pte: other experts kept as frozen constants or dropped")
-    p.add_argument("--lora-rank", type=int, default=0,
+    p.add_argument("--lora-rank", type=int, default=None,
                    help="train-pte: LoRA factor slots of this rank instead of expert weights "
-                        "(0: full experts)")
+                        "(0: full experts; default: full for classification, LoRA of "
+                        "train.lora_rank's default for causal-lm, as train.adapter 'auto')")
     p.add_argument("--lora-alpha", type=float, default=16.0, help="train-pte: LoRA alpha")
     p.add_argument("--capacity-factor", type=float, default=None,
                    help="train-pte: experts on the static 'capacity' path with this factor "
@@ -49,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from hfedmoe.models.registry import build_model
     from hfedmoe.names import ExpertId
 
-    model = build_model(ModelConfig(name=args.model), num_labels=args.num_labels)
+    model = build_model(ModelConfig(name=args.model), args.task, num_labels=args.num_labels)
     out = Path(args.out)
     stem = Path(args.model).name
     if args.target == "pte":
@@ -64,11 +73,10 @@ def run(args: argparse.Namespace) -> int:
         report = export_onnx(model, out / f"{stem}.onnx", args.batch, args.seq,
                              dynamic_seq=not args.static_seq)
     else:
-        from export.training import export_training_pte
-        from hfedmoe.lora import LoRASpec
+        from export.training import adapter_for, export_training_pte
 
         experts = [ExpertId.parse(t) for t in args.experts.split(",") if t.strip()]
-        lora = LoRASpec(args.lora_rank, args.lora_alpha) if args.lora_rank else None
+        lora = adapter_for(args.task, args.lora_rank, args.lora_alpha)
         report = export_training_pte(model, experts, args.batch, args.seq, out,
                                      mode=args.mode, backend=args.backend or "portable",
                                      lora=lora, capacity_factor=args.capacity_factor)

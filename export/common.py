@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from hfedmoe.data.tokenization import IGNORE_INDEX
 from hfedmoe.errors import ExportError
 from hfedmoe.models.base import MoEModel
 
@@ -25,7 +26,10 @@ def vocab_size(model: MoEModel) -> int:
 
 def example_inputs(model: MoEModel, batch: int, seq: int, seed: int = 0,
                    num_labels: int | None = None) -> dict[str, torch.Tensor]:
-    """Random token ids, an attention mask with padding on the last row, and labels."""
+    """Random token ids, an attention mask with padding on the last row, and labels.
+
+    A causal LM's labels are :func:`causal_lm_labels`; a classifier's are (B,) class ids.
+    """
     if batch < 1 or seq < 2:
         raise ExportError(f"need batch >= 1 and seq >= 2, got batch={batch} seq={seq}")
     g = torch.Generator().manual_seed(seed)
@@ -35,10 +39,28 @@ def example_inputs(model: MoEModel, batch: int, seq: int, seed: int = 0,
         mask[-1, seq // 2 + 1:] = 0
         ids[-1, seq // 2 + 1:] = 0
     out = {"input_ids": ids, "attention_mask": mask}
+    if model.task == "causal-lm":
+        out["labels"] = causal_lm_labels(ids, mask)
+        return out
     labels = num_labels or model.info.get("num_labels") or _num_labels(model)
     if labels:
         out["labels"] = torch.randint(0, labels, (batch,), generator=g)
     return out
+
+
+def causal_lm_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     prompt: float = 0.25) -> torch.Tensor:
+    """Labels of a causal-LM batch shaped like :func:`hfedmoe.data.tokenization.causal_lm_batch`'s:
+    the token ids, ``-100`` (no loss) on the first ``prompt`` fraction of every row (at least
+    one token: a prompt) and on padding, so the loss is on the "response" only."""
+    labels = input_ids.clone()  # (B, S)
+    labels[:, :max(1, int(prompt * input_ids.shape[1]))] = IGNORE_INDEX
+    return labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
+
+
+def label_shape(model: MoEModel, batch: int, seq: int) -> tuple[int, ...]:
+    """Shape of a training program's ``labels`` input: (B, S) for a causal LM, else (B,)."""
+    return (batch, seq) if model.task == "causal-lm" else (batch,)
 
 
 def _num_labels(model: MoEModel) -> int | None:

@@ -14,7 +14,9 @@ Training (the recipe of executorch's ``extension/training`` examples)::
 Only parameters with ``requires_grad=True`` get gradients in the joint graph, so a program
 trains exactly its slots plus the gates and shared head. ``lora=LoRASpec(...)`` exports the
 LoRA variant (:class:`~export.programs.LoRATrainingProgram`: factor slots, base expert
-weights as constants) through the same route. The experts run the ``"dense"`` path (every
+weights as constants) through the same route. A causal LM's program takes ``labels`` (B, S)
+and computes its response-only next-token loss inside (:func:`export.programs.task_forward`;
+``pad``, ``log_softmax`` and ``nll_loss`` with ignore index -100 are core ATen). The experts run the ``"dense"`` path (every
 expert on every token), or with ``capacity_factor=f`` the ``"capacity"`` path (each expert on a
 fixed block of ``min(T, ceil(f * T * k / E))`` rows, pairs past it dropped; see
 :mod:`export.programs`). Two things the model needs for this:
@@ -188,7 +190,8 @@ def _example_train_args(model: MoEModel, program: TrainingProgram | LoRATraining
                         experts: Sequence[ExpertId]) -> tuple[torch.Tensor, ...]:
     b = example_inputs(model, batch, seq)
     if "labels" not in b:
-        raise ExportError(f"{model.family}: no classification head to train")
+        raise ExportError(f"{model.family}: no classification head and not a causal LM: "
+                          "nothing to train")
     return (b["input_ids"], b["attention_mask"], b["labels"],
             flat_expert_index(model, experts, program.bucket))
 

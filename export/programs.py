@@ -37,6 +37,11 @@ LoRA factors (``slot_lora_A_in`` (B, r, d_model), ``slot_lora_B_in`` (B, d_in, r
 experts have biases), placed by the same one-hot selection; every expert's ``w_in``/``w_out``
 is a constant of the program and the expert computes ``x W^T + scale * x A^T B^T``
 (:meth:`hfedmoe.lora.ExpertFactors.apply`, the eager LoRA's own ops). Frozen mode only.
+
+Both serve a classifier (``labels`` (B,) class ids, cross-entropy of the head's logits) and a
+causal LM (``labels`` (B, S): the token ids with ``-100`` on the prompt and padding; the loss is
+the model's own response-only next-token cross-entropy), the loss the eager trainer takes
+(:func:`task_forward`).
 """
 
 from __future__ import annotations
@@ -220,6 +225,40 @@ def _check_maskable(model: MoEModel) -> None:
                               f"layer {layer.layer_idx} has {type(layer.router).__name__}")
 
 
+TASKS = ("classification", "causal-lm")
+
+
+def check_task(model: MoEModel) -> None:
+    """Training programs compute the loss of a classifier or of a causal LM (:data:`TASKS`)."""
+    if model.task not in TASKS:
+        raise ExportError(f"training programs support {', '.join(TASKS)}, not {model.task!r}")
+
+
+def task_forward(model: MoEModel, overrides: dict[str, torch.Tensor], input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor, labels: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``model.module`` with ``overrides`` in place of its tensors: ``(loss, logits)``.
+
+    The loss is what the eager trainer's ``model.module(**batch).loss`` computes:
+
+    - ``"classification"``: cross-entropy of the head's logits (B, num_labels) and ``labels``
+      (B,).
+    - ``"causal-lm"``: ``labels`` (B, S) go into the model, so the loss is the family's own
+      (transformers' ``ForCausalLMLoss``: labels shifted left by one, mean next-token
+      cross-entropy over the positions whose label is not ``-100``, the prompt and padding of
+      :func:`hfedmoe.data.tokenization.causal_lm_batch`; plus the router auxiliary loss when
+      the config asks for it). Its ops (``pad``, ``log_softmax``, ``nll_loss`` with an ignore
+      index) are core ATen, so the program exports as the classifier's does.
+    """
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if model.task == "causal-lm":
+        kwargs["labels"] = labels
+    out = torch.func.functional_call(model.module, overrides, (), kwargs, strict=False)
+    logits = out.logits  # (B, num_labels) or (B, S, vocab)
+    loss = out.loss if model.task == "causal-lm" else F.cross_entropy(logits, labels)
+    return loss, logits
+
+
 class TrainingProgram(nn.Module):
     """``forward(input_ids, attention_mask, labels, slot_expert_index) -> (loss, logits)``.
 
@@ -237,8 +276,7 @@ class TrainingProgram(nn.Module):
             raise ExportError(f"unknown expert mode {mode!r} (frozen, dropped)")
         expert_path(capacity_factor)  # checks the factor
         self.capacity_factor = capacity_factor
-        if model.task != "classification":
-            raise ExportError(f"training programs support classification, not {model.task!r}")
+        check_task(model)
         shapes = {(ly.num_experts, ly.bank.shape) for ly in model.layers}
         if len(shapes) != 1:
             raise ExportError(f"{model.family}: slots need the same experts in every layer")
@@ -315,11 +353,8 @@ class TrainingProgram(nn.Module):
                 slot_expert_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         overrides = self._overrides(slot_expert_index)
         with self._routing(), static_experts(self.model, self.capacity_factor):
-            out = torch.func.functional_call(
-                self.net, overrides, (),
-                {"input_ids": input_ids, "attention_mask": attention_mask}, strict=False)
-        logits = out.logits  # (B, num_labels)
-        loss = F.cross_entropy(logits, labels)
+            loss, logits = task_forward(self.model, overrides, input_ids, attention_mask,
+                                        labels)
         return loss, logits.detach()
 
     @contextlib.contextmanager
@@ -392,8 +427,7 @@ class LoRATrainingProgram(nn.Module):
     def __init__(self, model: MoEModel, bucket: int, lora: LoRASpec, gates: bool = True,
                  shared: bool = True, capacity_factor: float | None = None) -> None:
         super().__init__()
-        if model.task != "classification":
-            raise ExportError(f"training programs support classification, not {model.task!r}")
+        check_task(model)
         expert_path(capacity_factor)  # checks the factor
         self.capacity_factor = capacity_factor
         shapes = {(ly.num_experts, ly.bank.shape) for ly in model.layers}
@@ -464,12 +498,9 @@ class LoRATrainingProgram(nn.Module):
             ex.factors = f
         try:
             with static_experts(self.model, self.capacity_factor):
-                out = torch.func.functional_call(
-                    self.net, overrides, (),
-                    {"input_ids": input_ids, "attention_mask": attention_mask}, strict=False)
+                loss, logits = task_forward(self.model, overrides, input_ids, attention_mask,
+                                            labels)
         finally:
             for ex in experts:
                 ex.factors = None
-        logits = out.logits  # (B, num_labels)
-        loss = F.cross_entropy(logits, labels)
         return loss, logits.detach()

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from export.common import label_shape
 from export.executorch import (
     Backend,
     TrainingExport,
@@ -183,7 +184,7 @@ class ExecuTorchTrainer:
         # ExecuTorch's TrainingModule exposes its parameter tensors only after a first
         # forward_backward; run one on a dummy batch (no optimizer step follows it).
         ids = torch.zeros(self.batch_shape, dtype=torch.long)
-        labels = torch.zeros(self.batch_shape[0], dtype=torch.long)
+        labels = torch.zeros(label_shape(self.model, *self.batch_shape), dtype=torch.long)
         self.module.forward_backward("forward", (ids, torch.ones_like(ids), labels, self.index))
 
     def initial_factors(self) -> dict[str, torch.Tensor]:

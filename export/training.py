@@ -13,6 +13,11 @@ LoRA, :class:`hfedmoe.trainer.EagerTrainer` with ``train.adapter = "lora"`` and
 ``optimizer = "sgd"``, from the same factors (the same generator seed); the compared values
 are the factors themselves (what both send) and the deltas of biases, gates and head.
 
+Both work for a classifier and for a causal LM (``model.task``): the batches are
+:func:`~export.common.example_inputs` of the model's task, for a causal LM token ids with
+``-100`` labels on a prompt and on padding, so the compared losses are response-only
+next-token losses.
+
 With ``capacity_factor`` the program runs the ``"capacity"`` expert path
 (:func:`hfedmoe.experts.capacity_experts`) and so does the eager reference (its banks switched
 to the same path and factor), so both drop the same token-expert pairs and parity stays exact;
@@ -38,6 +43,7 @@ from export.programs import (
     flat_expert_index,
 )
 from export.runtime import ExecuTorchTrainer, ProgramCache
+from hfedmoe.config import TrainConfig, resolve_adapter
 from hfedmoe.errors import ExportError
 from hfedmoe.lora import LoRASpec
 from hfedmoe.models.base import MoEModel
@@ -87,6 +93,16 @@ def _record_drops(model: MoEModel, capacity_factor: float | None,
                   drops: list[tuple[int, int]] | None) -> None:
     if drops is not None and capacity_factor is not None:
         drops.append(model.capacity_drops())
+
+
+def adapter_for(task: str, lora_rank: int | None, lora_alpha: float) -> LoRASpec | None:
+    """A training program's adapter: LoRA of ``lora_rank`` if given (0: full experts, None),
+    else what ``train.adapter = "auto"`` picks for ``task`` (LoRA at ``train.lora_rank``'s
+    default for a causal LM, full experts for a classifier)."""
+    if lora_rank is None:
+        auto = resolve_adapter(TrainConfig(), task)
+        lora_rank = auto.lora_rank if auto.adapter == "lora" else 0
+    return LoRASpec(lora_rank, lora_alpha) if lora_rank else None
 
 
 def eager_sgd(model: MoEModel, experts: Sequence[ExpertId], batches: Sequence[dict],
