@@ -241,7 +241,8 @@ def server_config(args: argparse.Namespace, strategy: str, alpha: float, seed: i
                           selection_batches=args.selection_batches, adapter=adapter),
         rounds=RoundConfig(rounds=args.rounds, train_time_s=args.train_time_s,
                            deadline_s=max(120.0, args.train_time_s), seed=seed,
-                           fraction=args.fraction, budget_share=args.budget_share),
+                           fraction=args.fraction, budget_share=args.budget_share,
+                           emulate_reference=args.emulate_reference),
         wire=WireConfig())
 
 
@@ -580,6 +581,9 @@ def build_parser(description: str = __doc__.splitlines()[0]) -> argparse.Argumen
     p.add_argument("--budget-share", type=float, default=0.0,
                    help="rounds.budget_share: budgets as a share of the experts x the "
                         "profile's memory over the largest (0: the cost model and quotas)")
+    p.add_argument("--emulate-reference", default="olmoe-1b-7b-0924",
+                   help="rounds.emulate_reference: the model the profiles are scaled to with "
+                        "--budget-share 0 ('': the model at its own size)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads per run (0: the CPU count divided by --jobs)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (worker processes)")

@@ -143,7 +143,7 @@ class Capacity:
         kw: dict[str, Any] = {"cap": self.cfg.budget_cap or None, "min_experts": train.min_experts,
                               "routing_batches": min(train.selection_batches or steps, steps)}
         if self.report.emulated:
-            budget = self._planned_budget(deadline_s, steps, train, quota, kw)
+            budget = self._planned_budget(max(deadline_s, 1e-3), steps, train, quota, kw)
         else:
             budget = decide_budget(self.report, self.costs.cost, max(deadline_s, 1e-3), steps,
                                    host=self.host, quota_bytes=quota,

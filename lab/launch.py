@@ -77,8 +77,8 @@ def write_configs(run_dir: Path, broker_url: str, args: argparse.Namespace,
     """The server's and every device's TOML config, written into the run directory."""
     from hfedmoe.config import apply_overrides
 
-    base = (_merge(DEMO_SERVER, DEMO_CAUSAL_LM) if getattr(args, "task", "") == "causal-lm"
-            else DEMO_SERVER)
+    causal = getattr(args, "task", "") == "causal-lm"
+    base = _merge(DEMO_SERVER, DEMO_CAUSAL_LM) if causal else DEMO_SERVER
     server = _merge(base, {
         "run_id": run_id, "run_dir": str(run_dir), "transport": {"url": broker_url},
         "method": {"strategy": args.strategy},
@@ -98,7 +98,9 @@ def write_configs(run_dir: Path, broker_url: str, args: argparse.Namespace,
         profile = DEMO_PROFILES[i % len(DEMO_PROFILES)]
         device = f"dev{i}-{profile.split('-')[0]}"
         agent = {"device_id": device, "run_id": run_id, "emulate": profile,
-                 "emulate_reference": DEMO_REFERENCE,
+                 # the tiny causal LM (0.1 M parameters) is no stand-in for a real model's
+                 # memory: its devices plan it at its own size
+                 "emulate_reference": "" if causal else DEMO_REFERENCE,
                  "work_dir": str(run_dir / "agents" / device), "shard": i,
                  "num_shards": args.devices, "upload_margin_s": 10.0,
                  # the devices share this host: they time it one at a time

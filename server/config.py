@@ -58,8 +58,9 @@ class RoundConfig:
             the largest of the run's profiles, at least 1 (:func:`lab.simulate.share_cap`).
         emulate_reference: the simulator's emulation scale (with ``budget_share = 0``): the
             model whose size the profiles' memory and rates are scaled to, a shipped example's
-            name or a directory with a ``config.json`` (``device_agent.emulation``); "": the
-            model is planned at its own size.
+            name (``"olmoe-1b-7b-0924"``, as ``examples/simulate.toml`` sets) or a directory
+            with a ``config.json`` (``device_agent.emulation``); "" (the default): the model is
+            planned at its own size.
     """
 
     rounds: int = 3
@@ -74,7 +75,7 @@ class RoundConfig:
     allowed_devices: tuple[str, ...] = ()
     seed: int = 0
     budget_share: float = 0.0
-    emulate_reference: str = "olmoe-1b-7b-0924"
+    emulate_reference: str = ""
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
