@@ -172,7 +172,9 @@ def _limit_text(m: dict[str, Any]) -> str:
     if not m["runnable"]:
         return "cannot run: " + m["reason"].split(": ", 1)[-1]
     b = m["budget"]
-    return f"{b['limit']} (memory allows {b['memory_max']}, time {b['time_max']})"
+    mem = "nothing fits" if b["memory_max"] < 0 else f"memory allows {b['memory_max']}"
+    time_ = "no step fits" if b["time_max"] < 0 else f"time {b['time_max']}"
+    return f"{b['limit']} ({mem}, {time_})"
 
 
 def print_plan_costs(costs: dict[str, Any]) -> None:
