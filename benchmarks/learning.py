@@ -20,10 +20,13 @@ coefficient, distinct experts and their share of the model; :func:`server.rounds
 selection_measures`); the summary has their means over rounds (``selection_mean``).
 
 Budgets: ``--train-time-s`` is the compute window each device budgets for (emulated seconds).
-The default 600 is long enough for 2 steps that the profiles' training-memory quotas set the
-budgets (3-20 of 48 here, 8 of 10 devices at or below E/4); ``auto`` picks the shortest window
-in which the slowest profile can train at least E/8 experts, so that time binds instead. The
-budgets are printed and stored with every row.
+With ``--budget-share 0`` each device's budget is planned from its profile at the emulation
+scale (``rounds.emulate_reference``: the profiles' memory and rates multiplied by the model's
+parameters over OLMoE-1B-7B's), and the default 600 s is long enough for 2 steps that the scaled
+memory sets the budgets; ``auto`` picks the shortest window in which the slowest profile can
+train at least E/8 experts, so that time binds instead. ``--budget-share S`` caps each device at
+S x the experts x its profile's available memory over the largest (the scale does not enter).
+The budgets are printed and stored with every row.
 
 Arms: a strategy name (``hfedmoe``, its ablations and controls ``hfedmoe-paper``,
 ``hfedmoe-anti``, ``hfedmoe-other``, ``budget-zero``, and the baselines), optionally
@@ -125,21 +128,26 @@ def pinned_costs(cache: dict[str, Any] | None = None) -> Iterator[dict[str, Any]
 
 
 def measure_pins(args: argparse.Namespace) -> dict[str, Any]:
-    """Step costs and host throughput, measured as :func:`lab.simulate.simulate` does."""
+    """Step costs and host throughput, measured as :func:`lab.simulate.simulate` does, and the
+    model counted with its emulation scale (:func:`lab.devices.plan_model`)."""
     import device_agent.costs as costs
     import device_agent.resources as resources
     from hfedmoe.config import ModelConfig
     from hfedmoe.models.registry import build_model
+    from lab.devices import plan_model
 
     cfg = ModelConfig(num_experts=args.num_experts, top_k=args.top_k,
                       max_length=args.max_length, upcycle=args.upcycle)
     model = build_model(cfg, "classification", 2)
+    planned, scale = plan_model(server_config(argparse.Namespace(
+        **{**vars(args), "train_time_s": 0.0}), "hfedmoe", 0.5, 0, "unused"), model)
     return {"experts": len(model.expert_ids()),
             "descriptor": model_descriptor(cfg, built=model, batch_size=args.batch_size,
                                            lr=args.lr, head_lr=args.head_lr),
             "host": resources.probe_device(matmul_seconds=0.5),
             "costs": costs.measure_costs(model, args.batch_size, args.max_length, "adamw",
-                                         False, repeats=3)}
+                                         False, repeats=3),
+            "planned": planned, "scale": scale}
 
 
 def planned_budgets(args: argparse.Namespace, profiles: list[str], pins: dict[str, Any],
@@ -153,16 +161,25 @@ def planned_budgets(args: argparse.Namespace, profiles: list[str], pins: dict[st
     cfg = server_config(argparse.Namespace(**{**vars(args), "train_time_s": window}),
                         "hfedmoe", 0.5, 0, "unused")
     reports = [load_profile(p) for p in profiles]
-    calibration = Calibration(pins["host"], pins["costs"])
+    calibration = Calibration(pins["host"], pins["costs"], pins.get("planned"),
+                              pins.get("scale"))
     return [plan_budget(cfg, r, calibration, args.max_steps, reports).c_budget for r in reports]
 
 
 def auto_window(args: argparse.Namespace, profiles: list[str],
                 pins: dict[str, Any]) -> tuple[float, list[int]]:
     """The shortest window where the slowest profile's budget is >= E/8 (see the docstring)."""
+    from hfedmoe.errors import ConfigError
+
+    def smallest(window: float) -> int:
+        try:
+            return min(planned_budgets(args, profiles, pins, window))
+        except ConfigError:  # the window holds no step on some device
+            return -1
+
     want = max(1, pins["experts"] // 8)
     w = 0.5
-    while min(planned_budgets(args, profiles, pins, w)) < want and w < 600:
+    while smallest(w) < want and w < 600:
         w += 0.5
     return w, planned_budgets(args, profiles, pins, w)
 
@@ -224,7 +241,8 @@ def server_config(args: argparse.Namespace, strategy: str, alpha: float, seed: i
                           selection_batches=args.selection_batches, adapter=adapter),
         rounds=RoundConfig(rounds=args.rounds, train_time_s=args.train_time_s,
                            deadline_s=max(120.0, args.train_time_s), seed=seed,
-                           fraction=args.fraction, budget_share=args.budget_share),
+                           fraction=args.fraction, budget_share=args.budget_share,
+                           emulate_reference=args.emulate_reference),
         wire=WireConfig())
 
 
@@ -563,6 +581,9 @@ def build_parser(description: str = __doc__.splitlines()[0]) -> argparse.Argumen
     p.add_argument("--budget-share", type=float, default=0.0,
                    help="rounds.budget_share: budgets as a share of the experts x the "
                         "profile's memory over the largest (0: the cost model and quotas)")
+    p.add_argument("--emulate-reference", default="olmoe-1b-7b-0924",
+                   help="rounds.emulate_reference: the model the profiles are scaled to with "
+                        "--budget-share 0 ('': the model at its own size)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads per run (0: the CPU count divided by --jobs)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (worker processes)")

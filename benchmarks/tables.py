@@ -526,14 +526,30 @@ def device_install(rows: Rows) -> str:
                    "yes" if r["ok"] else f"no: {r.get('error', '')}"] for r in rows])
 
 
+def _plan_cell(r: dict[str, Any]) -> str:
+    """'123 of 1024, memory' (what limited it), or '- (no bfloat16)' for a mode the device
+    cannot run."""
+    if r.get("runnable") is False:
+        return f"- (no {r['dtype']})"
+    return f"{r['c_budget']} of {r['num_experts']}, {r['limit']}"
+
+
 @region("plan", "plan.jsonl", "python -m benchmarks.plan --out benchmarks/results/plan.jsonl")
 def plan(rows: Rows) -> str:
     modes = list(dict.fromkeys(r["mode"] for r in rows))
-    cells: dict[tuple[str, str], dict[str, int]] = {}
+    cells: dict[tuple[str, str], dict[str, str]] = {}
     for r in rows:
-        cells.setdefault((r["model"], r["profile"]), {})[r["mode"]] = r["c_budget"]
+        cells.setdefault((r["model"], r["profile"]), {})[r["mode"]] = _plan_cell(r)
+    first = rows[0] if rows else {}
+    note = (f"\n\nC_budget of E experts and what limited it, for a {first.get('window_min', '-'):g}"
+            f"-minute window of {first.get('steps', '-')} local steps at batch "
+            f"{first.get('batch', '-')} x {first.get('seq', '-')}, a "
+            f"{100 * first.get('margin', 0):.0f}% memory margin; each mode at the profile's "
+            f"rate for its dtype (fp32 and int8 bases compute in float32, bf16 and int4 in "
+            f"bfloat16); a dtype the device has no rate for is not planned."
+            if "window_min" in first else "")
     return table(["model", "profile", *(f"C ({m})" for m in modes)],
-                 [[m, p, *(c.get(x, "-") for x in modes)] for (m, p), c in cells.items()])
+                 [[m, p, *(c.get(x, "-") for x in modes)] for (m, p), c in cells.items()]) + note
 
 
 def headline(base: str) -> Callable[[Callable[[Rows], str]], Callable[[Rows], str]]:

@@ -23,6 +23,7 @@ from typing import Any
 from device_agent.capacity import Capacity, probe_host, quantize_base
 from device_agent.conditions import ConditionsBroke, JoinGate
 from device_agent.config import AgentConfig
+from device_agent.emulation import emulation_scale
 from device_agent.link import AgentStopped, ServerLink
 from hfedmoe.config import MethodConfig, TrainConfig, from_dict
 from hfedmoe.modelsync import ShardCache
@@ -66,13 +67,17 @@ class DeviceAgent:
         self.data, self.model = load_local(cfg)
         self.cache = ShardCache(self.model.spec())
         self.base_manifest = self.cache.add_state(self.model.state())
+        params = sum(p.numel() for p in self.model.module.parameters())  # before quantizing
+        scale = emulation_scale(cfg.model.name, params, cfg.emulate_reference,
+                                "agent.emulate_reference")
         quantize_base(self.model, cfg)  # model.quantize: the frozen base stored quantized
-        self.capacity = Capacity(cfg, self.model, len(self.data), host, report)
+        self.capacity = Capacity(cfg, self.model, len(self.data), host, report, scale)
         self.capacity.start()
         budget = self.capacity.budget
-        log.info("%s: %d local examples, budget %d experts (%s; %s)", cfg.device_id,
+        log.info("%s: %d local examples, budget %d experts (%s; %s%s)", cfg.device_id,
                  len(self.data), budget.c_budget, budget.limit,
-                 "emulated " + report.source if report.emulated else "measured")
+                 "emulated " + report.source if report.emulated else "measured",
+                 f", emulation scale {scale.describe()}" if scale else "")
 
     def _registration(self) -> Registration:
         cap = self.capacity
@@ -167,7 +172,9 @@ class DeviceAgent:
                 self.cfg.run_id, ann.round_idx, self.cfg.device_id, ann.model.state_hash),
             max_length=max_length, deadline_s=max(train_window, 0.0),
             assignment=assignment, on_step=self._on_step,
-            planner=make_planner(budget, enforce=strategy.uses_budget),
+            # an emulated device plans in its own (scaled) memory: the host's RSS is not it
+            planner=make_planner(budget, enforce=strategy.uses_budget,
+                                 resident=0 if self.capacity.report.emulated else None),
             runtime=self.cfg.runtime,
             prior={ExpertId.parse(e): v for e, v in ann.prior.items()} or None))
         blob = encode(self._stamped(result, down), method.tau, self.cfg.wire)

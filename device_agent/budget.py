@@ -6,7 +6,8 @@ METHOD.md section 4: C_budget(c) is the largest number of experts whose training
   weights stand in when it is not) + every expert's saved activations (exact path: a frozen
   expert keeps its pre-activation for the input gradient) + the non-expert part's activations
   and training state + C x (grads + optimizer state + saved activations of one trained expert)
-  <= the memory the device can give minus a safety margin, and what training adds stays within
+  <= the memory the device can give minus a safety margin (:data:`DEFAULT_MEMORY_MARGIN`,
+  configurable), and what training adds stays within
   the device's training-memory quota when it has one; and
 - time:    the round's routing pass (``routing_batches`` forwards without autograd) +
   steps_per_round x step_seconds(C) <= the round's compute window, with
@@ -39,6 +40,10 @@ if TYPE_CHECKING:
 
 Limit = Literal["memory", "time", "cap", "all-experts", "quota"]
 _REL_TOL = 1e-9  # float slack when a predicted round time equals the deadline
+# Share of the memory a plan keeps free (``Limits.margin_fraction``; ``agent.memory_margin``,
+# ``hfedmoe profile --margin``): the counted and measured peaks are estimates, and the device's
+# free memory moves while it trains.
+DEFAULT_MEMORY_MARGIN = 0.15
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -244,7 +249,8 @@ class Limits:
         available_bytes: memory the device can give the training process.
         deadline_seconds: the server's round deadline for local training.
         steps_per_round: local steps in a round.
-        margin_fraction: share of ``available_bytes`` kept free.
+        margin_fraction: share of ``available_bytes`` kept free (default
+            :data:`DEFAULT_MEMORY_MARGIN`, 15 %).
         margin_bytes: fixed bytes kept free, on top of the fraction.
         cap: configured maximum number of trained experts (None: no cap).
         training_quota_bytes: memory the training may add on top of the resident process
@@ -257,7 +263,7 @@ class Limits:
     available_bytes: int
     deadline_seconds: float
     steps_per_round: int
-    margin_fraction: float = 0.1
+    margin_fraction: float = DEFAULT_MEMORY_MARGIN
     margin_bytes: int = 0
     cap: int | None = None
     training_quota_bytes: int | None = None
@@ -312,6 +318,8 @@ class Budget:
     cost: CostModel
     limits: Limits
     steps: int = 0  # local steps planned (may be fewer than limits.steps_per_round)
+    # the emulation scale the device was planned at (device_agent.emulation); None: not scaled
+    emulation: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -373,6 +381,20 @@ def _quota_binds(cost: CostModel, limits: Limits) -> bool:
     return limits.usable_for(cost) < limits.usable_bytes
 
 
+def _nothing_fits(cost: CostModel, limits: Limits) -> str:
+    """Why no expert fits memory, in figures a user can check (GiB = 2**30 bytes)."""
+    def gib(n: float) -> str:
+        return f"{n / 2**30:.2f} GiB"
+
+    quota = (f", at most {gib(limits.training_quota_bytes)} added by training"
+             if limits.training_quota_bytes is not None else "")
+    return (f"nothing fits memory: the resident model ({gib(cost.resident_bytes)}) and the "
+            f"non-expert part's activations and state "
+            f"({gib(cost.base_bytes - cost.resident_bytes)}) need {gib(cost.base_bytes)}; "
+            f"{gib(limits.usable_for(cost))} usable of {gib(limits.available_bytes)} available "
+            f"({gib(limits.margin)} kept free{quota})")
+
+
 def compute_budget(cost: CostModel, limits: Limits) -> Budget:
     """C_budget: the most experts whose training fits memory and the round's window.
 
@@ -392,8 +414,7 @@ def compute_budget(cost: CostModel, limits: Limits) -> Budget:
     steps = limits.steps_per_round
     if mem_c < 0:
         c, limit = 0, "memory"
-        reason = (f"nothing fits memory: the resident model and non-expert part need "
-                  f"{cost.base_bytes} B, {limits.usable_for(cost)} B usable after the margin")
+        reason = _nothing_fits(cost, limits)
     else:
         floor = min(limits.min_experts, mem_c)
         if time_c < floor:  # fewer steps rather than fewer experts than the floor

@@ -2,6 +2,11 @@
 its model's measured step costs, and the expert budget it decides from them
 (:func:`device_agent.costs.measure_costs`, :func:`device_agent.costs.decide_budget`).
 
+An emulated device plans from its profile instead (:func:`device_agent.emulation.planned_budget`):
+the model's counted memory and work at the profile's rates for the dtype it trains in, scaled
+by ``agent.emulate_reference``'s emulation scale when one is set. No timing of the host enters,
+so an emulated device decides the same budget in every run.
+
 The costs are re-measured when a round announces another shape (batch size, max_length,
 adapter, LoRA rank) and when the device itself changed after a round (memory pressure,
 throttling, drifting step times: :class:`device_agent.monitor.BudgetMonitor`).
@@ -25,6 +30,9 @@ if TYPE_CHECKING:
     from hfedmoe.models.base import MoEModel
 
 log = logging.getLogger("hfedmoe.agent")
+
+# The window of the first budget, before a round announces its own (field trials have minutes).
+START_WINDOW_S = 600.0
 
 
 @contextlib.contextmanager
@@ -84,8 +92,9 @@ class Capacity:
     """
 
     def __init__(self, cfg: AgentConfig, model: MoEModel, num_examples: int,
-                 host: DeviceReport, report: DeviceReport) -> None:
+                 host: DeviceReport, report: DeviceReport, scale: Any = None) -> None:
         self.cfg = cfg
+        self.scale = scale  # device_agent.emulation.EmulationScale of an emulated device
         self.model = model
         self.num_examples = num_examples
         self.host = host
@@ -94,12 +103,13 @@ class Capacity:
         self.costs: Any = None
         self.budget: Any = None
         self.monitor: BudgetMonitor | None = None
+        self._planned: dict[tuple, Any] = {}  # emulated devices: counted modes by shape
 
     def start(self) -> None:
-        """Measure at the configured shape and decide a first budget (a 60 s round)."""
+        """Measure at the configured shape and decide a first budget (a 10-minute round)."""
         cfg = self.cfg
         self.costs = self.measure(cfg.train.batch_size, cfg.measure_seq_len or cfg.model.max_length)
-        self.budget = self.decide(deadline_s=60.0, train=cfg.train)
+        self.budget = self.decide(deadline_s=START_WINDOW_S, train=cfg.train)
         self.monitor = BudgetMonitor(self.budget)
 
     def measure(self, batch_size: int, seq_len: int, train: TrainConfig | None = None) -> Any:
@@ -130,10 +140,36 @@ class Capacity:
         steps = steps_per_round(self.num_examples, train.batch_size, train.local_epochs,
                                 train.max_steps)
         quota = int(self.cfg.training_memory_mib * 2**20) or None
-        return decide_budget(self.report, self.costs.cost, max(deadline_s, 1e-3), steps,
-                             host=self.host, cap=self.cfg.budget_cap or None,
-                             routing_batches=min(train.selection_batches or steps, steps),
-                             min_experts=train.min_experts, quota_bytes=quota)
+        kw: dict[str, Any] = {"cap": self.cfg.budget_cap or None, "min_experts": train.min_experts,
+                              "routing_batches": min(train.selection_batches or steps, steps)}
+        if self.report.emulated:
+            budget = self._planned_budget(max(deadline_s, 1e-3), steps, train, quota, kw)
+        else:
+            budget = decide_budget(self.report, self.costs.cost, max(deadline_s, 1e-3), steps,
+                                   host=self.host, quota_bytes=quota,
+                                   margin_fraction=self.cfg.memory_margin, **kw)
+        if budget.steps < 1:
+            log.warning("%s: a %.0f s window holds no step: %.3g s with %d expert(s)",
+                        self.cfg.device_id, deadline_s, budget.step_seconds, budget.c_budget)
+        return budget
+
+    def _planned_budget(self, window_s: float, steps: int, train: TrainConfig,
+                        quota: int | None, kw: dict[str, Any]) -> Any:
+        """An emulated device's budget: the model counted at the round's shape (once per
+        shape), planned at the profile's rates (:func:`device_agent.emulation.planned_budget`)."""
+        from device_agent.emulation import planned_budget
+        from device_agent.work import base_for, planned_mode
+
+        base = base_for(self.cfg.model.quantize, train.dtype)
+        dtype = "bfloat16" if base == "int4" else train.dtype  # int4's kernel runs on bf16
+        key = (self.costs.batch_size, self.costs.seq_len, train.adapter, base, dtype,
+               train.lora_rank, train.optimizer)
+        if key not in self._planned:
+            self._planned[key] = planned_mode(self.model, train.adapter, base, key[0], key[1],
+                                              train.optimizer, train.lora_rank, dtype)
+        return planned_budget(self._planned[key], self.report, window_s=window_s, steps=steps,
+                              scale=self.scale, margin=self.cfg.memory_margin, quota_bytes=quota,
+                              **kw)
 
     def fit_round(self, train: TrainConfig, max_length: int) -> None:
         """Take a round's recipe; re-measure when it announces another shape or adapter."""

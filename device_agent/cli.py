@@ -7,12 +7,16 @@ Examples::
     hfedmoe profile --emulate jetson-orin-nano-8gb   # a shipped profile
     hfedmoe profile --emulate ./my-phone.toml
     hfedmoe profile --list-profiles
+    hfedmoe profile --model examples/models/olmoe-1b-7b-0924 --emulate jetson-agx-orin-32gb
+        # every training mode's budget for a 10-minute window of 10 steps (--window, --steps)
 """
 
 from __future__ import annotations
 
 import argparse
 from typing import TYPE_CHECKING, Any
+
+from device_agent.budget import DEFAULT_MEMORY_MARGIN
 
 if TYPE_CHECKING:
     from device_agent.report import DeviceReport
@@ -39,9 +43,15 @@ def register(sub: Any) -> None:
                         "shape timed, the rest counted, a budget per mode")
     p.add_argument("--batch", type=int, default=8, help="batch size of the model timing")
     p.add_argument("--seq", type=int, default=128, help="sequence length of the model timing")
-    p.add_argument("--deadline", type=float, default=60.0,
-                   help="round deadline (s) the printed budget is computed for")
-    p.add_argument("--steps", type=int, default=10, help="local steps per round for the budget")
+    p.add_argument("--window", type=float, default=10.0, metavar="MIN",
+                   help="the round's training window in minutes (the server's "
+                        "rounds.train_time_s), default %(default)s")
+    p.add_argument("--steps", type=int, default=10,
+                   help="local steps per round (the server's train.max_steps), default "
+                        "%(default)s")
+    p.add_argument("--margin", type=float, default=DEFAULT_MEMORY_MARGIN, metavar="FRACTION",
+                   help="share of the memory kept free (agent.memory_margin), default "
+                        "%(default)s")
     p.set_defaults(func=run)
 
     a = sub.add_parser("agent", help="run a device agent: register, train rounds, send updates")
@@ -60,36 +70,56 @@ def run_agent(args: argparse.Namespace) -> int:
     return DeviceAgent(cfg).run()
 
 
+def _check_plan_args(args: argparse.Namespace) -> None:
+    from hfedmoe.errors import ConfigError
+
+    if not args.window > 0:
+        raise ConfigError(f"--window must be > 0 minutes, got {args.window}")
+    if args.steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {args.steps}")
+    if not 0 <= args.margin < 1:
+        raise ConfigError(f"--margin must be in [0, 1), got {args.margin}")
+
+
 def model_costs(report: DeviceReport, args: argparse.Namespace) -> dict[str, Any]:
-    """Time the real expert shape and the rest of a step, and the budget that follows."""
+    """The budget of every training mode of ``--model`` in a ``--window``-minute round of
+    ``--steps`` steps: planned from the profile's rates on an emulated device
+    (:func:`device_agent.plan.plan_costs`); on this device, a config-only directory has one
+    real-shape expert timed here, a built model its step costs measured.
+
+    Raises:
+        ConfigError: for a window, step count or margin that make no sense, and for a window
+            shorter than one step in every mode.
+    """
     import dataclasses
 
     from device_agent.costs import decide_budget, measure_costs
-    from device_agent.plan import plan_costs
+    from device_agent.plan import check_window, plan_costs
     from hfedmoe.config import ModelConfig
     from hfedmoe.models.plan import build_meta_model, is_config_only
     from hfedmoe.models.registry import build_model
 
-    host = None if not report.emulated else _host(args)
-    if is_config_only(args.model):  # config.json only: time one real-shape expert, count the rest
-        meta = build_meta_model(args.model)
-        return plan_costs(meta, report, args.batch, args.seq, args.deadline, args.steps,
-                          host=host)
+    _check_plan_args(args)
+    window = args.window * 60.0
+    config_only = is_config_only(args.model)
+    if config_only or report.emulated:  # planned per mode
+        model = (build_meta_model(args.model) if config_only
+                 else build_model(ModelConfig(name=args.model), "classification", 4))
+        costs = plan_costs(model, report, args.batch, args.seq, window, args.steps,
+                           margin=args.margin)
+        check_window(costs)
+        return costs
     model = build_model(ModelConfig(name=args.model), "classification", 4)
-    out: dict[str, Any] = {"model": args.model, "batch": args.batch, "seq": args.seq}
+    out: dict[str, Any] = {"model": args.model, "batch": args.batch, "seq": args.seq,
+                           "window_s": window, "steps": args.steps}
     for adapter in ("full", "lora"):  # train.adapter: whole experts, or LoRA factors
         measured = measure_costs(model, args.batch, args.seq, adapter=adapter)
-        budget = decide_budget(report, measured.cost, args.deadline, args.steps, host=host)
+        budget = decide_budget(report, measured.cost, window, args.steps,
+                               margin_fraction=args.margin)
         out[adapter] = {"tokens_per_expert": measured.tokens_per_expert,
                         "lora_rank": measured.lora_rank,
                         "steps": dataclasses.asdict(measured.steps), "budget": budget.to_dict()}
     return out
-
-
-def _host(args: argparse.Namespace) -> DeviceReport:
-    from device_agent.resources import probe_device
-
-    return probe_device(device=args.device, matmul_seconds=max(args.matmul_seconds, 0.3))
 
 
 def print_costs(costs: dict[str, Any]) -> None:
@@ -102,8 +132,9 @@ def print_costs(costs: dict[str, Any]) -> None:
         print_plan_costs(costs)
         return
     full, lora = costs["full"], costs["lora"]
-    table = Table(title=f"{costs['model']}: batch {costs['batch']} x seq {costs['seq']} "
-                        f"({full['tokens_per_expert']} tokens per expert)")
+    table = Table(title=f"{costs['model']}: a {costs['window_s'] / 60:g}-minute window of "
+                        f"{costs['steps']} local steps, batch {costs['batch']} x seq "
+                        f"{costs['seq']} ({full['tokens_per_expert']} tokens per expert)")
     table.add_column("")
     table.add_column("train.adapter = full")
     table.add_column(f"train.adapter = lora (rank {lora['lora_rank']})")
@@ -164,14 +195,34 @@ def report_rows(report: DeviceReport) -> list[tuple[str, str]]:
                 ("throttled", None if report.throttled is None else str(report.throttled))]
     rows += [(k, v) for k, v in optional if v is not None]
     for dtype, m in sorted(report.matmul.items()):
-        how = f"n={m.n}, {m.iterations} iters in {m.seconds:.2f} s" if m.iterations else "estimate"
+        how = (f"n={m.n}, {m.iterations} iters in {m.seconds:.2f} s" if m.iterations
+               else "sustained, planning figure")
         rows.append((f"matmul {dtype}", f"{m.gflops:.1f} GFLOP/s ({how})"))
-    if report.speed_factor is not None:
-        rows.append(("speed factor", f"{report.speed_factor:g}"))
+    rows += _profile_rows(report)
     rows += [("note", n) for n in report.notes]
     missing = [k for k, v in report.probes.items() if not v.get("ok")]
     if missing:
         rows.append(("unavailable probes", ", ".join(missing)))
+    return rows
+
+
+def _profile_rows(report: DeviceReport) -> list[tuple[str, str]]:
+    """What a profile adds: bandwidth, the per-app limit, peak rates, sources, the scale."""
+    rows = []
+    if report.memory_bandwidth_gbps:
+        rows.append(("memory bandwidth", f"{report.memory_bandwidth_gbps:g} GB/s"))
+    if report.app_memory_limit_bytes is not None:
+        rows.append(("per-app memory limit", _gib(report.app_memory_limit_bytes)))
+    for proc, rates in sorted(report.peak_gflops.items()):
+        rows.append((f"peak {proc}", ", ".join(f"{d} {r:g} GFLOP/s"
+                                                for d, r in sorted(rates.items()))))
+    if report.speed_factor is not None:
+        rows.append(("speed factor", f"{report.speed_factor:g}"))
+    rows += [(f"source: {k.replace('_', ' ')}", v) for k, v in sorted(report.sources.items())]
+    if report.emulation:
+        from device_agent.emulation import EmulationScale
+
+        rows.append(("emulation scale", EmulationScale.from_dict(report.emulation).describe()))
     return rows
 
 

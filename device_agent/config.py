@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from device_agent.budget import DEFAULT_MEMORY_MARGIN
 from hfedmoe.config import DataConfig, ModelConfig, TrainConfig, load_config, resolve_adapter
 from hfedmoe.eligibility import EligibilityConfig
 from hfedmoe.errors import ConfigError
@@ -21,6 +22,13 @@ class AgentConfig:
     Attributes:
         device_id: stable identity (also the MQTT client id).
         emulate: a device profile (name or file) standing in for live measurement.
+        emulate_reference: with ``emulate``, the model the profile's limits are scaled to
+            (a shipped example's name such as ``"olmoe-1b-7b-0924"``, or a directory with a
+            ``config.json``): the profile's memory and rates are multiplied by this model's
+            parameters over the reference's (:mod:`device_agent.emulation`; the demo sets it);
+            "" plans the model at its own size.
+        memory_margin: share of the device's memory a budget keeps free (default 0.15,
+            :data:`device_agent.budget.DEFAULT_MEMORY_MARGIN`).
         budget_cap: configured maximum experts per round (0: none); never raises the budget.
         training_memory_mib: memory training may add on top of the loaded model (an app's
             share; 0: the profile's figure, else no quota besides available memory).
@@ -41,6 +49,8 @@ class AgentConfig:
     run_id: str = "hfedmoe"
     work_dir: str = ""
     emulate: str = ""
+    emulate_reference: str = ""
+    memory_margin: float = DEFAULT_MEMORY_MARGIN
     budget_cap: int = 0
     training_memory_mib: float = 0.0
     shard: int = 0
@@ -70,6 +80,11 @@ class AgentConfig:
             raise ConfigError("budget_cap and upload_margin_s must be >= 0, ack_timeout_s > 0")
         if self.training_memory_mib < 0 or self.measure_seq_len < 0:
             raise ConfigError("training_memory_mib and measure_seq_len must be >= 0")
+        if not 0 <= self.memory_margin < 1:
+            raise ConfigError(f"agent.memory_margin must be in [0, 1), got {self.memory_margin}")
+        if self.emulate_reference and not self.emulate:
+            raise ConfigError("agent.emulate_reference scales an emulated profile: set "
+                              "agent.emulate too")
 
     @property
     def directory(self) -> Path:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from device_agent.budget import (
+    DEFAULT_MEMORY_MARGIN,
     Budget,
     CostModel,
     Limits,
@@ -356,7 +357,7 @@ def cost_model(model: MoEModel, steps: StepCosts, tokens: int, optimizer: str,
 
 def decide_budget(report: DeviceReport, cost: CostModel, deadline_s: float, steps_per_round: int,
                   host: DeviceReport | None = None, cap: int | None = None,
-                  margin_fraction: float = 0.1, routing_batches: int = 0,
+                  margin_fraction: float = DEFAULT_MEMORY_MARGIN, routing_batches: int = 0,
                   min_experts: int = 1, quota_bytes: int | None = None) -> Budget:
     """C_budget for ``report``'s device; times are scaled from ``host`` when emulating.
 

@@ -2,31 +2,44 @@
 
 A profile describes a device the kit should plan for without running on it (a Jetson Orin Nano,
 a mid-range phone) so that the simulator and the budget can be exercised with realistic
-heterogeneity on one machine. The profiles shipped in ``hfedmoe/profiles/*.toml`` are planning
-estimates from public specifications, not measurements; each file cites its sources.
+heterogeneity on one machine. A profile describes the device, never a model: its memory, its
+memory bandwidth and its processors' rates per dtype, each figure with the source it comes from.
+The profiles shipped in ``hfedmoe/profiles/*.toml`` derive their peak figures from vendor
+specifications; their sustained rates and the memory left to an application are planning
+assumptions, and each file says so.
 
-Profile keys (unknown keys are rejected)::
+Profile keys (unknown keys are rejected; a bad value is a :class:`~hfedmoe.errors.ConfigError`
+that names its key)::
 
     name, description, basis            strings; basis says where the numbers come from
     platform                            jetson | android | linux | macos | windows
-    accelerator                         cpu | cuda
-    board, cpu_model, power_mode        strings (optional)
+    accelerator                         cpu | cuda: the processor training runs on
+    board, cpu_model, power_mode, gpu_name   strings (optional)
     logical_cores, physical_cores       integers (optional)
-    memory_total_gib                    system memory
-    memory_available_gib                what a training process can take
     unified_memory                      true when the GPU shares system memory
-    gpu_name                            string (optional)
-    gpu_memory_total_gib, gpu_memory_free_gib   discrete GPUs only (optional)
-    training_memory_mib                 memory training may add on top of the loaded model
-                                        (the app's share; optional)
-    speed_factor                        fp32 matmul throughput / the reference's
-    reference                           what speed_factor is relative to
-    [matmul_gflops]                     sustained GFLOP/s per dtype: float32, bfloat16, float16
+    training_memory_mib                 optional, user profiles only: a cap on what training
+                                        may add on top of the loaded model (no shipped profile
+                                        has one: it would describe a model, not the device)
+    [memory]
+      total_gib, available_gib          system memory; what an application can take (> 0)
+      app_limit_gib                     the OS's per-application limit, where it has one
+      bandwidth_gbps                    memory bandwidth, GB/s (> 0)
+      source, available_source, app_limit_source   where each figure comes from
+    [cpu], [gpu]                        the processors; the one training runs on (``gpu``
+                                        with ``accelerator = "cuda"``, else ``cpu``) is required
+      peak_gflops                       {dtype = GFLOP/s}: float32 required; bfloat16, float16
+      sustained_gflops                  what training-shaped matmuls reach (the training
+                                        processor only; float32 required, each <= its peak)
+      source, sustained_source          where the figures come from
+
+A dtype a processor has no rate for is one the device cannot run
+(:func:`device_agent.plan.rate_for` refuses it).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from importlib import resources as _resources
 from pathlib import Path
@@ -39,16 +52,18 @@ else:  # Python 3.10 (JetPack 6)
 
 from device_agent.report import PLATFORMS, DeviceReport
 from device_agent.throughput import MatmulResult
-from hfedmoe.errors import DeviceError
+from hfedmoe.errors import ConfigError, DeviceError
 
 GIB = 1024**3
 
-_REQUIRED = {"name", "platform", "memory_total_gib", "memory_available_gib", "matmul_gflops"}
-_OPTIONAL = {"description", "basis", "accelerator", "board", "cpu_model", "power_mode",
-             "logical_cores", "physical_cores", "unified_memory", "gpu_name",
-             "gpu_memory_total_gib", "gpu_memory_free_gib", "speed_factor", "reference",
-             "training_memory_mib"}
-_DTYPES = {"float32", "bfloat16", "float16"}
+_TOP_REQUIRED = {"name", "platform", "memory"}
+_TOP_OPTIONAL = {"description", "basis", "accelerator", "board", "cpu_model", "power_mode",
+                 "logical_cores", "physical_cores", "unified_memory", "gpu_name",
+                 "training_memory_mib", "cpu", "gpu"}
+_MEMORY_REQUIRED = {"total_gib", "available_gib", "bandwidth_gbps", "source"}
+_MEMORY_OPTIONAL = {"available_source", "app_limit_gib", "app_limit_source"}
+_PROC_KEYS = {"peak_gflops", "sustained_gflops", "source", "sustained_source"}
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _profile_dir() -> Path:
@@ -68,9 +83,9 @@ def _read(path: Path) -> dict[str, Any]:
             with path.open("rb") as fh:
                 data = tomllib.load(fh)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise DeviceError(f"{path}: invalid profile file: {exc}") from exc
+        raise ConfigError(f"{path}: invalid profile file: {exc}") from exc
     if not isinstance(data, dict):
-        raise DeviceError(f"{path}: a profile is a table/object")
+        raise ConfigError(f"{path}: a profile is a table/object")
     return data
 
 
@@ -85,58 +100,132 @@ def _resolve(name_or_path: str | Path) -> tuple[Path, str]:
                       f"{list_profiles()}")
 
 
-def _gib(data: dict[str, Any], key: str, where: str) -> int | None:
-    value = data.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise DeviceError(f"{where}: {key} must be a non-negative number, got {value!r}")
-    return int(value * GIB)
+def _positive(value: Any, key: str, where: str) -> float:
+    """``value`` as a float > 0, else a ConfigError naming ``key``."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or value <= 0):
+        raise ConfigError(f"{where}: {key} must be a number > 0, got {value!r}")
+    return float(value)
+
+
+def _text(value: Any, key: str, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where}: {key} must name where its figures come from (a non-empty "
+                          f"string), got {value!r}")
+    return value
+
+
+def _table(data: dict[str, Any], key: str, required: set[str], optional: set[str],
+           where: str) -> dict[str, Any]:
+    table = data.get(key)
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: [{key}] must be a table")
+    missing = sorted(f"{key}.{k}" for k in required - set(table))
+    unknown = sorted(f"{key}.{k}" for k in set(table) - required - optional)
+    if missing or unknown:
+        raise ConfigError(f"{where}: missing profile key(s) {missing}, unknown {unknown}")
+    return table
+
+
+def _rates(table: dict[str, Any], key: str, where: str) -> dict[str, float]:
+    rates = table.get(key)
+    if not isinstance(rates, dict) or "float32" not in rates:
+        raise ConfigError(f"{where}: {key} must be a table with at least float32 "
+                          f"(GFLOP/s per dtype: {', '.join(DTYPES)})")
+    unknown = sorted(set(rates) - set(DTYPES))
+    if unknown:
+        raise ConfigError(f"{where}: {key} has unknown dtype(s) {unknown}; known: {DTYPES}")
+    return {dtype: _positive(v, f"{key}.{dtype}", where) for dtype, v in rates.items()}
+
+
+def _processor(data: dict[str, Any], name: str, trains: bool, where: str
+               ) -> tuple[dict[str, float], dict[str, float], dict[str, str]]:
+    """``(peak, sustained, sources)`` of the ``[cpu]`` or ``[gpu]`` table (sustained rates
+    only for the processor training runs on)."""
+    required = {"peak_gflops", "source"} | ({"sustained_gflops"} if trains else set())
+    table = _table(data, name, required, _PROC_KEYS - required, where)
+    peak = _rates(table, "peak_gflops", f"{where} [{name}]")
+    sources = {name: _text(table["source"], f"{name}.source", where)}
+    sustained: dict[str, float] = {}
+    if trains:
+        sustained = _rates(table, "sustained_gflops", f"{where} [{name}]")
+        sources[f"{name}_sustained"] = _text(table.get("sustained_source"),
+                                             f"{name}.sustained_source", where)
+        for dtype, rate in sustained.items():
+            if dtype not in peak or rate > peak[dtype]:
+                raise ConfigError(f"{where}: {name}.sustained_gflops.{dtype} = {rate:g} needs "
+                                  f"a peak_gflops.{dtype} at least as high")
+    elif "sustained_gflops" in table:
+        raise ConfigError(f"{where}: {name}.sustained_gflops is for the processor training runs "
+                          f"on (accelerator = {'cpu' if name == 'gpu' else 'cuda'})")
+    return peak, sustained, sources
+
+
+def _memory(data: dict[str, Any], where: str) -> tuple[dict[str, float], dict[str, str]]:
+    mem = _table(data, "memory", _MEMORY_REQUIRED, _MEMORY_OPTIONAL, where)
+    out = {k: _positive(mem[k], f"memory.{k}", where)
+           for k in ("total_gib", "available_gib", "bandwidth_gbps")}
+    if out["available_gib"] > out["total_gib"]:
+        raise ConfigError(f"{where}: memory.available_gib exceeds memory.total_gib")
+    if "app_limit_gib" in mem:
+        out["app_limit_gib"] = _positive(mem["app_limit_gib"], "memory.app_limit_gib", where)
+    sources = {"memory": _text(mem["source"], "memory.source", where)}
+    for key in ("available_source", "app_limit_source"):
+        if key in mem:
+            sources[f"memory_{key.removesuffix('_source')}"] = _text(mem[key], f"memory.{key}",
+                                                                     where)
+    return out, sources
+
+
+def _top_level(data: dict[str, Any], where: str) -> str:
+    """Check the top-level keys; the processor training runs on (``cpu`` or ``gpu``)."""
+    missing = sorted(_TOP_REQUIRED - set(data))
+    unknown = sorted(set(data) - _TOP_REQUIRED - _TOP_OPTIONAL)
+    if missing or unknown:
+        raise ConfigError(f"{where}: missing profile key(s) {missing}, unknown {unknown}")
+    if data["platform"] not in PLATFORMS:
+        raise ConfigError(f"{where}: platform must be one of {list(PLATFORMS)}")
+    accelerator = data.get("accelerator", "cpu")
+    if accelerator not in ("cpu", "cuda"):
+        raise ConfigError(f"{where}: accelerator must be 'cpu' or 'cuda', got {accelerator!r}")
+    return "gpu" if accelerator == "cuda" else "cpu"
 
 
 def profile_to_report(data: dict[str, Any], source: str) -> DeviceReport:
     """Build an emulated :class:`DeviceReport` from a parsed profile.
 
     Raises:
-        DeviceError: on missing or unknown keys and malformed values.
+        ConfigError: on missing or unknown keys and malformed values, naming the key.
     """
-    missing = sorted(_REQUIRED - set(data))
-    unknown = sorted(set(data) - _REQUIRED - _OPTIONAL)
-    if missing or unknown:
-        raise DeviceError(f"{source}: missing profile key(s) {missing}, unknown {unknown}")
-    if data["platform"] not in PLATFORMS:
-        raise DeviceError(f"{source}: platform must be one of {list(PLATFORMS)}")
-    gflops = data["matmul_gflops"]
-    if not isinstance(gflops, dict) or "float32" not in gflops or set(gflops) - _DTYPES:
-        raise DeviceError(f"{source}: matmul_gflops needs float32 and only {sorted(_DTYPES)}")
-    accelerator = data.get("accelerator", "cpu")
-    device = "cuda" if accelerator == "cuda" else "cpu"
-    matmul = {}
-    for dtype, value in gflops.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise DeviceError(f"{source}: matmul_gflops.{dtype} must be > 0")
-        matmul[dtype] = MatmulResult(dtype=dtype, device=device, n=0, iterations=0,
-                                     seconds=0.0, gflops=float(value))
-    total = _gib(data, "memory_total_gib", source)
-    avail = _gib(data, "memory_available_gib", source)
-    if avail is not None and total is not None and avail > total:
-        raise DeviceError(f"{source}: memory_available_gib exceeds memory_total_gib")
+    trains_on = _top_level(data, source)
+    memory, sources = _memory(data, source)
+    peaks: dict[str, dict[str, float]] = {}
+    sustained: dict[str, float] = {}
+    for proc in sorted(("cpu", "gpu"), key=lambda p: p != trains_on):  # the training one first
+        if proc in data or proc == trains_on:
+            peak, rates, srcs = _processor(data, proc, proc == trains_on, source)
+            peaks[proc] = peak
+            sustained = rates or sustained
+            sources.update(srcs)
+    device = "cuda" if trains_on == "gpu" else "cpu"
+    matmul = {dtype: MatmulResult(dtype=dtype, device=device, n=0, iterations=0, seconds=0.0,
+                                  gflops=rate) for dtype, rate in sustained.items()}
     notes = [data.get("basis", "planning estimates from public specs, not measurements")]
-    if data.get("reference"):
-        notes.append(f"speed_factor reference: {data['reference']}")
     if data.get("description"):
         notes.insert(0, data["description"])
+    app_limit = memory.get("app_limit_gib")
     return DeviceReport(
         platform=data["platform"], cpu_model=data.get("cpu_model"),
         logical_cores=data.get("logical_cores"), physical_cores=data.get("physical_cores"),
-        memory_total_bytes=total, memory_available_bytes=avail, accelerator=accelerator,
-        gpu_name=data.get("gpu_name"),
-        gpu_memory_total_bytes=_gib(data, "gpu_memory_total_gib", source),
-        gpu_memory_free_bytes=_gib(data, "gpu_memory_free_gib", source),
+        memory_total_bytes=int(memory["total_gib"] * GIB),
+        memory_available_bytes=int(memory["available_gib"] * GIB),
+        accelerator=data.get("accelerator", "cpu"), gpu_name=data.get("gpu_name"),
         unified_memory=bool(data.get("unified_memory", False)), board=data.get("board"),
         power_mode=data.get("power_mode"), matmul=matmul, emulated=True, source=source,
-        speed_factor=data.get("speed_factor"), notes=tuple(notes),
-        training_memory_quota_bytes=_quota(data, source),
+        notes=tuple(notes), training_memory_quota_bytes=_quota(data, source),
+        memory_bandwidth_gbps=memory["bandwidth_gbps"],
+        app_memory_limit_bytes=None if app_limit is None else int(app_limit * GIB),
+        peak_gflops=peaks, sources=sources,
         probes={"profile": {"ok": True, "value": data["name"]}},
     )
 
@@ -145,9 +234,7 @@ def _quota(data: dict[str, Any], source: str) -> int | None:
     value = data.get("training_memory_mib")
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise DeviceError(f"{source}: training_memory_mib must be > 0")
-    return int(value * 2**20)
+    return int(_positive(value, "training_memory_mib", source) * 2**20)
 
 
 def load_profile(name_or_path: str | Path) -> DeviceReport:
@@ -160,7 +247,8 @@ def load_profile(name_or_path: str | Path) -> DeviceReport:
         A report with ``emulated=True`` and ``source`` set to the name or path.
 
     Raises:
-        DeviceError: if the profile does not exist or is malformed.
+        DeviceError: if the profile does not exist.
+        ConfigError: if it is malformed (the message names the key).
     """
     path, source = _resolve(name_or_path)
     data = _read(path)

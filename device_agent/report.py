@@ -58,8 +58,17 @@ class DeviceReport:
         probes: probe name -> ``{"ok": bool, "value" | "error": ...}``.
         created: ISO-8601 time of the measurement ("" for profiles).
         training_memory_quota_bytes: memory training may add on top of the loaded model
-            (an app's share of a phone; profiles: ``training_memory_mib``); None: no quota.
+            (a user profile's ``training_memory_mib``; no shipped profile has one); None: no
+            quota.
         process_rss_bytes: this process's resident memory when the report was taken (live).
+        memory_bandwidth_gbps: memory bandwidth in GB/s (profiles; None where unknown).
+        app_memory_limit_bytes: the OS's per-application memory limit, where it has one
+            (profiles: ``memory.app_limit_gib``); the budget plans with the lower of it and
+            the available memory.
+        peak_gflops: processor (``cpu``, ``gpu``) -> dtype -> peak GFLOP/s (profiles).
+        sources: figure -> where it comes from (profiles: vendor data sheets, estimates).
+        emulation: the emulation scale the report's memory and rates were multiplied by
+            (:class:`device_agent.emulation.EmulationScale` as a dict); None: not scaled.
         schema_version: version of this JSON layout.
     """
 
@@ -89,6 +98,11 @@ class DeviceReport:
     speed_factor: float | None = None
     training_memory_quota_bytes: int | None = None
     process_rss_bytes: int | None = None
+    memory_bandwidth_gbps: float | None = None
+    app_memory_limit_bytes: int | None = None
+    peak_gflops: dict[str, dict[str, float]] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+    emulation: dict[str, Any] | None = None
     notes: tuple[str, ...] = ()
     probes: dict[str, dict[str, Any]] = field(default_factory=dict)
     created: str = ""
@@ -105,11 +119,14 @@ class DeviceReport:
         """The memory a training budget may plan with.
 
         Free GPU memory on a discrete CUDA GPU; system available memory on CPU and on
-        unified-memory devices (Jetson), where the GPU allocates from system RAM.
+        unified-memory devices (Jetson), where the GPU allocates from system RAM; never more
+        than the OS's per-application limit where it has one.
         """
         if (self.accelerator == "cuda" and not self.unified_memory
                 and self.gpu_memory_free_bytes is not None):
             return self.gpu_memory_free_bytes
+        if self.app_memory_limit_bytes is not None and self.memory_available_bytes is not None:
+            return min(self.memory_available_bytes, self.app_memory_limit_bytes)
         return self.memory_available_bytes
 
     def gflops(self, dtype: str = "float32") -> float | None:

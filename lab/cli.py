@@ -22,7 +22,9 @@ def register(sub: Any) -> None:
     d.add_argument("--rounds", type=int, default=3)
     d.add_argument("--devices", type=int, default=6)
     d.add_argument("--run-dir", default="runs/demo")
-    d.add_argument("--deadline", type=float, default=240.0, help="round deadline in seconds")
+    d.add_argument("--deadline", type=float, default=900.0,
+                   help="round deadline in seconds (it bounds the devices' 15-minute emulated "
+                        "training window; a round closes once every update is in)")
     d.add_argument("--dashboard-port", type=int, default=0, metavar="PORT",
                    help="serve the live dashboard on http://127.0.0.1:PORT/ (e.g. 8765; "
                         "0: off)")

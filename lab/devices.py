@@ -13,8 +13,10 @@ from typing import Any
 import torch
 
 from device_agent.costs import make_planner, measure_costs
+from device_agent.emulation import emulation_scale
 from device_agent.resources import probe_device
 from device_agent.train import RoundContext, RoundIds, train_round, usage_profile
+from device_agent.work import base_for, planned_mode
 from hfedmoe.data import load_task
 from hfedmoe.lora import LoRASpec
 from hfedmoe.models.quantize import quantize_model
@@ -24,17 +26,33 @@ from hfedmoe.wire import encode
 
 @dataclasses.dataclass(frozen=True)
 class Calibration:
-    """What the budgets are decided from: the host's probe and the costs measured on it.
-
-    Both are timing measurements, so two runs decide different budgets unless they share one
-    calibration (:func:`calibrate`, ``simulate(..., calibration=...)``)."""
+    """What the budgets are decided from: the model counted at the configured shape with the
+    emulation scale (budgets planned from the profiles, the same in every run), and the host's
+    probe and the costs measured on it (``rounds.budget_share`` > 0 and the emulated round
+    times: timing measurements, so two runs agree only when they share one calibration:
+    :func:`calibrate`, ``simulate(..., calibration=...)``)."""
 
     host: Any  # device_agent.resources.DeviceReport of this machine
     costs: Any  # device_agent.costs.measure_costs(...) of the model at the configured shape
+    planned: Any = None  # device_agent.work.PlannedMode of the configured mode
+    scale: Any = None  # device_agent.emulation.EmulationScale (rounds.emulate_reference)
+
+
+def plan_model(cfg: Any, model: Any) -> tuple[Any, Any]:
+    """``(planned mode, emulation scale)`` of ``cfg``'s model: its memory and work counted at
+    the configured shape and mode, and the scale of ``rounds.emulate_reference`` (None: "")."""
+    base = base_for(cfg.model.quantize, cfg.train.dtype)
+    dtype = "bfloat16" if base == "int4" else cfg.train.dtype  # int4's kernel runs on bf16
+    planned = planned_mode(model, cfg.train.adapter, base, cfg.train.batch_size,
+                           cfg.model.max_length, cfg.train.optimizer, cfg.train.lora_rank, dtype)
+    scale = emulation_scale(cfg.model.name, sum(p.numel() for p in model.module.parameters()),
+                            cfg.rounds.emulate_reference, "rounds.emulate_reference")
+    return planned, scale
 
 
 def calibrate(cfg: Any, measure_repeats: int = 3, model: Any = None) -> Calibration:
-    """Probe this host and measure the training costs of ``cfg``'s model (built if not given)."""
+    """Probe this host, measure the training costs of ``cfg``'s model (built if not given) and
+    count it (:func:`plan_model`)."""
     if model is None:
         torch.manual_seed(cfg.rounds.seed)
         model = build_model(cfg.model, cfg.data.task, load_task(cfg.data).num_labels)
@@ -42,7 +60,7 @@ def calibrate(cfg: Any, measure_repeats: int = 3, model: Any = None) -> Calibrat
     costs = measure_costs(model, cfg.train.batch_size, cfg.model.max_length, cfg.train.optimizer,
                           cfg.train.detach_frozen, repeats=measure_repeats,
                           adapter=cfg.train.adapter, lora=_lora(cfg))
-    return Calibration(host, costs)
+    return Calibration(host, costs, *plan_model(cfg, model))
 
 
 def device_seed(seed: int, round_idx: int, device_idx: int) -> int:

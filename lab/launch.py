@@ -2,8 +2,11 @@
 
 Each device runs ``hfedmoe agent`` in its own process with its own config file, emulating a
 shipped device profile (phone, Jetson, Raspberry Pi, laptop), so budgets differ; everything is
-stated as emulated in the output. The demo shows progress as rounds finish and ends with a
-summary and the path of the HTML report.
+stated as emulated in the output. The demo's small model stands in for a real one: every
+profile's memory, bandwidth and rates are scaled by the demo model's parameters over
+OLMoE-1B-7B's (:data:`DEMO_REFERENCE`, ``device_agent.emulation``), so its budgets bind and
+differ as a real model's would, and are the same in every run. The demo prints that scale and
+the budgets, and ends with a summary and the path of the HTML report.
 """
 
 from __future__ import annotations
@@ -25,14 +28,19 @@ DEMO_PROFILES = ("phone-midrange-6gb", "jetson-orin-nano-8gb", "phone-flagship-1
                  "raspberry-pi-5-8gb", "laptop-cpu-16gb", "jetson-agx-orin-32gb",
                  "phone-midrange-6gb", "jetson-orin-nano-8gb")
 
+# The model the demo's small model stands in for: the profiles are scaled by the demo model's
+# parameters over this one's (device_agent.emulation.REFERENCE_MODELS).
+DEMO_REFERENCE = "olmoe-1b-7b-0924"
+DEMO_WINDOW_S = 900.0  # a 15-minute training window, in each device's own (emulated) time
+
 # Demo defaults: short questions; the learning rates are the kit's (chosen by
 # benchmarks/lr_sweep.py: 1e-3 for experts and gates, 3e-2 for the fresh head).
 DEMO_SERVER = {
     "model": {"max_length": 64},
     "train": {"batch_size": 8, "local_epochs": 1, "threads": 1},
-    # Devices budget their experts for a 12 s local compute window (in their own, emulated time):
-    # slow phones then train a subset of experts per batch, Jetson-class boards all of them.
-    "rounds": {"registration_timeout_s": 300.0, "train_time_s": 12.0},
+    # Devices budget their experts for a 15-minute window of their own (emulated) time, in
+    # which every one fits its local steps: their scaled memory sets the budgets.
+    "rounds": {"registration_timeout_s": 300.0, "train_time_s": DEMO_WINDOW_S},
     # bf16 deltas on the wire: half the upload of fp32 (decoded back to fp32 on the server)
     "wire": {"dtype": "bfloat16"},
 }
@@ -69,13 +77,16 @@ def write_configs(run_dir: Path, broker_url: str, args: argparse.Namespace,
     """The server's and every device's TOML config, written into the run directory."""
     from hfedmoe.config import apply_overrides
 
-    base = (_merge(DEMO_SERVER, DEMO_CAUSAL_LM) if getattr(args, "task", "") == "causal-lm"
-            else DEMO_SERVER)
+    causal = getattr(args, "task", "") == "causal-lm"
+    base = _merge(DEMO_SERVER, DEMO_CAUSAL_LM) if causal else DEMO_SERVER
     server = _merge(base, {
         "run_id": run_id, "run_dir": str(run_dir), "transport": {"url": broker_url},
         "method": {"strategy": args.strategy},
         "rounds": {"rounds": args.rounds, "deadline_s": args.deadline,
-                   "min_devices": args.devices}})
+                   "min_devices": args.devices,
+                   # the window is emulated time; the deadline bounds it (a round still closes
+                   # as soon as every update is in)
+                   "train_time_s": min(DEMO_WINDOW_S, args.deadline)}})
     if getattr(args, "dashboard_port", 0):
         server["dashboard_port"] = args.dashboard_port  # on loopback: no token needed
     server = apply_overrides(server, args.overrides)
@@ -87,6 +98,9 @@ def write_configs(run_dir: Path, broker_url: str, args: argparse.Namespace,
         profile = DEMO_PROFILES[i % len(DEMO_PROFILES)]
         device = f"dev{i}-{profile.split('-')[0]}"
         agent = {"device_id": device, "run_id": run_id, "emulate": profile,
+                 # the tiny causal LM (0.1 M parameters) is no stand-in for a real model's
+                 # memory: its devices plan it at its own size
+                 "emulate_reference": "" if causal else DEMO_REFERENCE,
                  "work_dir": str(run_dir / "agents" / device), "shard": i,
                  "num_shards": args.devices, "upload_margin_s": 10.0,
                  # the devices share this host: they time it one at a time
@@ -157,7 +171,9 @@ def _start(args: argparse.Namespace, console: Any, run_dir: Path, server_cfg: Pa
     for path in agent_cfgs:
         procs.append(_spawn(["agent", "--config", str(path)], path.with_suffix(".log")))
     console.print(f"{len(agent_cfgs)} device agents started (budgets come from emulated "
-                  f"device profiles: {', '.join(DEMO_PROFILES[:len(agent_cfgs)])})")
+                  f"device profiles: {', '.join(DEMO_PROFILES[:len(agent_cfgs)])}; each "
+                  f"profile's memory, bandwidth and rates scaled to the demo model's size over "
+                  f"{DEMO_REFERENCE}'s)")
     return procs
 
 
@@ -254,8 +270,8 @@ def _summary(console: Any, table_cls: Any, run_dir: Path, seconds: float) -> Non
     devices = store.devices()
     store.close()
     d = table_cls(title="Devices (emulated profiles)")
-    for col in ("device", "profile", "budget", "limited by", "experts sent / round",
-                "with optimizer state", "steps", "last loss"):
+    for col in ("device", "profile", "budget", "limited by", "emulated memory",
+                "experts sent / round", "with optimizer state", "steps", "last loss"):
         d.add_column(col)
     for name, info in sorted(devices.items()):
         agent_rows = []
@@ -265,17 +281,40 @@ def _summary(console: Any, table_cls: Any, run_dir: Path, seconds: float) -> Non
         held = [r["held"][name] for r in rows if name in r.get("held", {})]
         rep = info["report"]
         d.add_row(name, str(rep.get("source", "")), str(info["budget"]),
-                  str(rep.get("budget", {}).get("limit", "")),
+                  str(rep.get("budget", {}).get("limit", "")), _emulated_memory(rep),
                   "/".join(str(h["experts_sent"]) for h in held) or "-",
                   "/".join(str(h["optimizer_experts"]) for h in held) or "-",
                   str(sum(r.get("steps", 0) for r in agent_rows)),
                   f"{agent_rows[-1]['loss']:.3f}" if agent_rows and "loss" in agent_rows[-1]
                   else "-")
     console.print(d)
+    console.print(_scale_line(devices))
     size = sum(p.stat().st_size for p in Path(run_dir).rglob("*") if p.is_file())
     console.print(f"finished in {seconds:.0f} s; report: {write_report(run_dir)}; run directory "
                   f"{size / 1e6:.0f} MB (spooled updates deleted once their round is durable, "
                   f"the last checkpoints and the best kept: the server's retention settings)")
+
+
+def _emulated_memory(rep: dict[str, Any]) -> str:
+    """'13.4 MiB of 4.5 GiB': a device's memory at its emulation scale, before the margin."""
+    scale = (rep.get("budget") or {}).get("emulation")
+    avail = rep.get("memory_available_bytes")
+    if not scale or not avail:
+        return "-"
+    return f"{avail * scale['factor'] / 2**20:.1f} MiB of {avail / 2**30:.1f} GiB"
+
+
+def _scale_line(devices: dict[str, Any]) -> str:
+    """The emulation scale the devices' budgets were planned at, as stored with the run."""
+    from device_agent.emulation import EmulationScale
+
+    scales = {json.dumps(s, sort_keys=True): s for s in
+              ((i["report"].get("budget") or {}).get("emulation") for i in devices.values()) if s}
+    if not scales:
+        return "emulation scale: none (the devices planned the model at its own size)"
+    return "; ".join(f"emulation scale {EmulationScale.from_dict(s).describe()}: each "
+                     f"profile's memory, bandwidth and rates multiplied by it (stored with "
+                     f"each device's budget in run.db)" for s in scales.values())
 
 
 def simulate(args: argparse.Namespace) -> int:

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from hfedmoe.errors import ConfigError
 from lab.devices import Calibration, DeviceJob, SequentialBackend, _lora, calibrate
 from server.rounds import (
     choose_participants,
@@ -239,8 +240,10 @@ def _register_devices(cfg: Any, profiles: list[str], shards: list[Any],
         steps = steps_per_round(len(shards[i]), cfg.train.batch_size, cfg.train.local_epochs,
                                 cfg.train.max_steps)
         budget = plan_budget(cfg, report, calibration, steps, reports)
-        dev = SimDevice(i, f"sim{i:03d}-{name}", budget, time_scale(calibration.host, report),
-                        set())
+        scale = time_scale(calibration.host, report)  # host seconds -> the device's
+        if budget.emulation:  # the device's rates were scaled down by the emulation scale
+            scale /= budget.emulation["factor"]
+        dev = SimDevice(i, f"sim{i:03d}-{name}", budget, scale, set())
         store.upsert_device(dev.id, {**report.to_dict(), "budget": budget.to_dict(),
                                      "local_examples": len(shards[i])}, budget.c_budget)
         devices.append(dev)
@@ -257,20 +260,31 @@ def share_cap(share: float, num_experts: int, report: Any, reports: Sequence[Any
 
 def plan_budget(cfg: Any, report: Any, calibration: Calibration, steps: int,
                 reports: Sequence[Any]) -> Any:
-    """An emulated device's budget: the cost model's plan within the window (and the
-    profile's training-memory quota), or with ``rounds.budget_share`` > 0 the share cap, the
-    quota lifted to the profile's available memory."""
+    """An emulated device's budget: planned from its profile's memory and rates at the
+    emulation scale (:func:`device_agent.emulation.planned_budget`: the same in every run), or
+    with ``rounds.budget_share`` > 0 the share cap over the measured cost model's plan, the
+    memory the profile's available memory unscaled (a quota lifted to it).
+
+    Raises:
+        ConfigError: naming the window's setting when it cannot hold one local step.
+    """
     from device_agent.costs import decide_budget
+    from device_agent.emulation import planned_budget
 
     window = cfg.rounds.train_time_s or cfg.rounds.deadline_s
-    kw: dict[str, Any] = {}
+    routing = min(cfg.train.selection_batches or steps, steps)
     if cfg.rounds.budget_share > 0:
-        kw = {"cap": share_cap(cfg.rounds.budget_share, calibration.costs.cost.num_experts,
-                               report, reports),
-              "quota_bytes": report.memory_available_bytes}
-    return decide_budget(report, calibration.costs.cost, window, steps, host=calibration.host,
-                         routing_batches=min(cfg.train.selection_batches or steps, steps),
-                         min_experts=cfg.train.min_experts, **kw)
+        return decide_budget(
+            report, calibration.costs.cost, window, steps, host=calibration.host,
+            routing_batches=routing, min_experts=cfg.train.min_experts,
+            cap=share_cap(cfg.rounds.budget_share, calibration.costs.cost.num_experts, report,
+                          reports), quota_bytes=report.memory_available_bytes)
+    if calibration.planned is None:
+        raise ConfigError("this calibration has no planned model (lab.devices.plan_model)")
+    field = "rounds.train_time_s" if cfg.rounds.train_time_s else "rounds.deadline_s"
+    return planned_budget(calibration.planned, report, window_s=window, steps=steps,
+                          scale=calibration.scale, routing_batches=routing,
+                          min_experts=cfg.train.min_experts, window_field=field)
 
 
 def _runner(sim: _Simulation, backend: str, ray_address: str, ray_workers: int) -> Any:

@@ -52,10 +52,15 @@ class RoundConfig:
             the next round's aggregation.
         allowed_devices: if set, only these device ids may register.
         seed: participant sampling seed.
-        budget_share: the simulator's budgets (0: planned by the cost model from each
-            profile's quota and rates): each emulated device trains at most this share of the
-            model's experts x its profile's available memory over the largest of the run's
-            profiles, at least 1 (:func:`lab.simulate.share_cap`).
+        budget_share: the simulator's budgets (0: planned from each profile's memory and
+            rates at the emulation scale, ``emulate_reference``): each emulated device trains
+            at most this share of the model's experts x its profile's available memory over
+            the largest of the run's profiles, at least 1 (:func:`lab.simulate.share_cap`).
+        emulate_reference: the simulator's emulation scale (with ``budget_share = 0``): the
+            model whose size the profiles' memory and rates are scaled to, a shipped example's
+            name (``"olmoe-1b-7b-0924"``, as ``examples/simulate.toml`` sets) or a directory
+            with a ``config.json`` (``device_agent.emulation``); "" (the default): the model is
+            planned at its own size.
     """
 
     rounds: int = 3
@@ -70,6 +75,7 @@ class RoundConfig:
     allowed_devices: tuple[str, ...] = ()
     seed: int = 0
     budget_share: float = 0.0
+    emulate_reference: str = ""
 
     def __post_init__(self) -> None:
         if self.rounds < 1:

@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from device_agent.budget import (
+    DEFAULT_MEMORY_MARGIN,
     Budget,
     CostModel,
     Limits,
@@ -144,9 +145,13 @@ def test_budget_from_emulated_report() -> None:
                                expert_state_bytes=gib // 16, expert_activation_bytes=gib // 16)
     budget = budget_from_report(phone, cost, deadline_seconds=1000.0, steps_per_round=10)
 
-    # usable 1.8 GiB; base 0.75 GiB + 200 B; each trained expert 0.125 GiB -> all 8 fit
+    # the default 15 % margin: usable 1.7 GiB; base 0.75 GiB + 200 B; each trained expert
+    # 0.125 GiB -> 7 fit
     assert budget.limits.available_bytes == 2 * gib
-    assert budget.c_budget == 8 and budget.limit == "all-experts"
+    assert budget.limits.margin_fraction == DEFAULT_MEMORY_MARGIN == 0.15
+    assert (budget.c_budget, budget.limit) == (7, "memory")
+    loose = budget_from_report(phone, cost, 1000.0, 10, margin_fraction=0.1)
+    assert (loose.c_budget, loose.limit) == (8, "all-experts")  # usable 1.8 GiB: all 8 fit
     tight = budget_from_report(phone, cost, 1000.0, 10, margin_fraction=0.5)
     # usable 1 GiB; free = 0.25 GiB - 200 B -> 1 trained expert of 0.125 GiB
     assert (tight.c_budget, tight.limit) == (1, "memory")

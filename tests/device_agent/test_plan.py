@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
 from benchmarks.plan import EXAMPLES_DIR
-from device_agent.plan import plan_costs
-from hfedmoe.errors import ModelError
+from device_agent.plan import plan_costs, timed_cost
+from device_agent.work import COMPUTE_DTYPE, planned_mode
+from hfedmoe.errors import ConfigError, ModelError
 from hfedmoe.models.hf import FAMILIES, build_config, build_hf_model
 from hfedmoe.models.plan import MODES, build_meta_model, is_config_only, plan_model
 
@@ -72,15 +74,44 @@ def test_profile_plans_every_mode(tmp_path: Path) -> None:
 
     d = _config_dir(tmp_path, "olmoe")
     report = load_profile("jetson-orin-nano-8gb")
-    costs = plan_costs(build_meta_model(d), report, 2, 16, 60.0, 2,
-                       times={"full": 2e-3, "lora": 1.5e-3, "frozen": 1e-3})
+    costs = plan_costs(build_meta_model(d), report, 2, 16, 60.0, 2)
     assert set(costs["modes"]) == {f"{a}-{b}" for a, b in MODES}
     for m in costs["modes"].values():
-        assert m["budget"]["c_budget"] >= 0 and m["budget"]["limit"]
+        assert m["runnable"] and m["budget"]["c_budget"] >= 0 and m["budget"]["limit"]
     modes = costs["modes"]
     assert (modes["lora-fp32"]["per_trained_expert_bytes"]
             < modes["full-fp32"]["per_trained_expert_bytes"])
     assert modes["lora-int8"]["weight_bytes"] < modes["lora-fp32"]["weight_bytes"]
+    assert costs["expert_seconds"] is None  # an emulated device: nothing timed here
+
+
+def test_planning_uses_the_rate_of_the_dtype_the_mode_computes_in(tmp_path: Path) -> None:
+    from device_agent.profiles import load_profile
+
+    model = build_meta_model(_config_dir(tmp_path, "olmoe"))
+    orin = load_profile("jetson-agx-orin-32gb")
+    costs = plan_costs(model, orin, 2, 16, 600.0, 10)
+    modes = costs["modes"]
+    assert [modes[f"{a}-{b}"]["dtype"] for a, b in MODES] == [COMPUTE_DTYPE[b] for _, b in MODES]
+    for name, rate in (("lora-fp32", 2300e9), ("lora-bf16", 12000e9), ("lora-int8", 2300e9),
+                       ("lora-int4", 12000e9)):  # the profile's sustained GFLOP/s per dtype
+        adapter, base = name.split("-")
+        want = planned_mode(model, adapter, base, 2, 16).cost(rate, 204.8e9)
+        assert modes[name]["budget"]["cost"] == dataclasses.asdict(want), name
+    assert plan_costs(model, orin, 2, 16, 600.0, 10) == costs  # no clock: the same every time
+
+
+def test_a_mode_the_device_cannot_run_is_not_planned(tmp_path: Path) -> None:
+    from device_agent.profiles import load_profile
+
+    model = build_meta_model(_config_dir(tmp_path, "olmoe"))
+    costs = plan_costs(model, load_profile("raspberry-pi-5-8gb"), 2, 16, 600.0, 10)
+    for name, m in costs["modes"].items():  # Cortex-A76: no bf16 rate, so no bf16 or int4 mode
+        assert m["runnable"] == (m["dtype"] == "float32"), name
+        if not m["runnable"]:
+            assert "no bfloat16 rate" in m["reason"] and "cannot run" in m["reason"]
+    with pytest.raises(ConfigError, match=r"train.dtype = 'bfloat16'.*no bfloat16 rate"):
+        planned_mode(model, "lora", "bf16", 2, 16).cost_on(load_profile("raspberry-pi-5-8gb"))
 
 
 def test_profile_cli_on_config_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -88,14 +119,33 @@ def test_profile_cli_on_config_dir(tmp_path: Path, capsys: pytest.CaptureFixture
     from device_agent.profiles import load_profile
 
     d = _config_dir(tmp_path, "qwen2-moe")
-    args = argparse.Namespace(model=str(d), batch=2, seq=8, deadline=60.0, steps=2,
+    args = argparse.Namespace(model=str(d), batch=2, seq=8, window=1.0, steps=2, margin=0.15,
                               device="cpu", matmul_seconds=0.0)
     costs = model_costs(load_profile("laptop-cpu-16gb"), args)
     assert costs["planned"] and len(costs["modes"]) == len(MODES)
-    assert costs["expert_seconds"]["full"] > 0
+    assert (costs["window_s"], costs["steps"], costs["margin"]) == (60.0, 2, 0.15)
     print_costs(costs)
     out = capsys.readouterr().out
     assert "lora-int8" in out and "quantized base" in out
+    assert "1-minute window of 2 local steps" in out
+
+
+@pytest.mark.parametrize(("flag", "value", "match"), [
+    ("window", 1e-7, r"--window = 1e-07 min is shorter than one step in every mode"),
+    ("window", 0.0, r"--window must be > 0"),
+    ("steps", 0, r"--steps must be >= 1"),
+    ("margin", 1.0, r"--margin must be in \[0, 1\)"),
+])
+def test_profile_cli_refuses_a_window_shorter_than_a_step(tmp_path: Path, flag: str,
+                                                          value: float, match: str) -> None:
+    from device_agent.cli import model_costs
+    from device_agent.profiles import load_profile
+
+    d = _config_dir(tmp_path, "qwen2-moe")
+    args = argparse.Namespace(model=str(d), batch=2, seq=8, window=1.0, steps=2, margin=0.15)
+    setattr(args, flag, value)
+    with pytest.raises(ConfigError, match=match):
+        model_costs(load_profile("phone-midrange-6gb"), args)
 
 
 def test_inspect_cli_on_config_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -109,37 +159,58 @@ def test_inspect_cli_on_config_dir(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 # (weights, expert weight, state, activations, non-expert activations, frozen activations,
-#  grads, snapshot, trained seconds) of each mode of qwen2-moe's test config at batch 2 x seq 16
+#  grads, snapshot, trained seconds, non-expert step seconds) of each mode of qwen2-moe's test
+#  config at batch 2 x seq 16, one expert timed at 2 ms trained, 1.5 ms with LoRA, 1 ms frozen
 PINNED_QWEN2_COSTS = {  # its shared experts train in full (full) or through factors (lora)
-    "full-fp32": (207232, 18432, 55296, 11264, 347904, 6144, 18432, 18432, 0.002),
-    "full-bf16": (103616, 9216, 46080, 5632, 315136, 3072, 9216, 9216, 0.002),
-    "lora-fp32": (207232, 18432, 9984, 11776, 228096, 6144, 3328, 3328, 0.0015),
-    "lora-bf16": (103616, 9216, 9984, 5888, 195328, 3072, 3328, 3328, 0.0015),
-    "lora-int8": (106880, 5120, 9984, 11776, 228096, 6144, 3328, 3328, 0.0015),
-    "lora-int4": (89728, 3584, 9984, 5888, 195328, 3072, 3328, 3328, 0.0015),
+    "full-fp32": (207232, 18432, 55296, 11264, 347904, 6144, 18432, 18432, 0.002,
+                  0.01876388888888889),
+    "full-bf16": (103616, 9216, 46080, 5632, 315136, 3072, 9216, 9216, 0.002,
+                  0.01876388888888889),
+    "lora-fp32": (207232, 18432, 9984, 11776, 228096, 6144, 3328, 3328, 0.0015,
+                  0.01659722222222222),
+    "lora-bf16": (103616, 9216, 9984, 5888, 195328, 3072, 3328, 3328, 0.0015,
+                  0.01659722222222222),
+    "lora-int8": (106880, 5120, 9984, 11776, 228096, 6144, 3328, 3328, 0.0015,
+                  0.01659722222222222),
+    "lora-int4": (89728, 3584, 9984, 5888, 195328, 3072, 3328, 3328, 0.0015,
+                  0.01659722222222222),
 }
 
 
 def test_cost_models_of_a_planned_model_are_pinned(tmp_path: Path) -> None:
-    from device_agent.plan import cost_models
-
     model = build_meta_model(_config_dir(tmp_path, "qwen2-moe"))
+    times = {"full": 2e-3, "lora": 1.5e-3, "frozen": 1e-3}
 
-    built = cost_models(model, {"full": 2e-3, "lora": 1.5e-3, "frozen": 1e-3}, 2, 16,
-                        "adamw", 4)
-
-    assert (built["tokens_per_expert"], built["lora_rank"]) == (16, 4)
-    assert built["flops_per_second"] == pytest.approx(294912000.0, rel=1e-12)
-    assert list(built["costs"]) == [f"{a}-{b}" for a, b in MODES]
-    for name, cost in built["costs"].items():
+    for adapter, base in MODES:
+        name = f"{adapter}-{base}"
+        planned = planned_mode(model, adapter, base, 2, 16, "adamw", 4)
+        cost = timed_cost(planned, times)
         fields = (cost.non_expert_weight_bytes, cost.expert_weight_bytes,
                   cost.expert_state_bytes, cost.expert_activation_bytes,
                   cost.non_expert_activation_bytes, cost.expert_frozen_activation_bytes,
                   cost.expert_grad_bytes, cost.expert_snapshot_bytes)
-        assert fields == PINNED_QWEN2_COSTS[name][:-1], name
-        assert cost.expert_trained_seconds == pytest.approx(PINNED_QWEN2_COSTS[name][-1])
+        assert fields == PINNED_QWEN2_COSTS[name][:-2], name
+        assert cost.expert_trained_seconds == pytest.approx(PINNED_QWEN2_COSTS[name][-2])
+        assert cost.rest_step_seconds == pytest.approx(PINNED_QWEN2_COSTS[name][-1], rel=1e-12)
         assert (cost.num_experts, cost.expert_rows, cost.batch_rows) == (8, 16, 32)
         assert (cost.process_baseline_bytes, cost.expert_optimizer_seconds) == (0, 0.0)
         assert cost.expert_frozen_seconds == 1e-3
-        assert cost.rest_step_seconds == pytest.approx(0.01876388888888889, rel=1e-12)
+        # the frozen expert's 294,912 FLOPs in 1 ms: the routing pass's FLOPs at that rate
         assert cost.routing_seconds == pytest.approx(0.012013888888888888, rel=1e-12)
+
+
+def test_times_at_a_rate_are_a_roofline(tmp_path: Path) -> None:
+    model = build_meta_model(_config_dir(tmp_path, "qwen2-moe"))
+    planned = planned_mode(model, "full", "fp32", 2, 16, "adamw", 4)
+    w = planned.work  # hand-counted: one expert 16 x 2 x (2 x 64 x 72 ... ) FLOPs
+    assert (w.frozen_flops, w.frozen_bytes, w.trained_flops) == (294912.0, 36864.0, 442368.0)
+    assert w.optimizer_bytes == 4608 * 28  # AdamW moves 28 B per fp32 parameter
+    cost = planned.cost(1e9, 1e8)  # 1 GFLOP/s, 0.1 GB/s
+    assert cost.expert_frozen_seconds == pytest.approx(36864 / 1e8)  # bandwidth binds
+    assert cost.expert_optimizer_seconds == pytest.approx(4608 * 28 / 1e8)
+    assert cost.expert_trained_seconds == pytest.approx(55296 / 1e8 + 4608 * 28 / 1e8)
+    assert cost.rest_step_seconds == pytest.approx(w.rest_flops / 1e9 + w.rest_optimizer_bytes
+                                                   / 1e8)  # compute binds, plus its optimizer
+    fast = planned.cost(1e12, None)  # no bandwidth figure: FLOPs only, no optimizer time
+    assert fast.expert_frozen_seconds == pytest.approx(294912 / 1e12)
+    assert fast.expert_optimizer_seconds == 0.0

@@ -293,7 +293,16 @@ def test_shipped_profiles_load_and_say_emulated(name: str) -> None:
     assert report.emulated and report.source == name
     assert report.budget_memory_bytes and report.budget_memory_bytes > 0
     assert report.memory_available_bytes <= report.memory_total_bytes
-    assert report.gflops("float32") and report.speed_factor
+    assert report.memory_bandwidth_gbps and report.memory_bandwidth_gbps > 0
+    assert report.training_memory_quota_bytes is None  # a profile describes the device only
+    trains_on = "gpu" if report.accelerator == "cuda" else "cpu"
+    for dtype, m in report.matmul.items():  # sustained rates of the training processor
+        assert 0 < m.gflops <= report.peak_gflops[trains_on][dtype], dtype
+    assert report.gflops("float32")
+    # every figure names its source: the memory, each processor, the sustained assumption
+    assert {"memory", "memory_available", "memory_app_limit", trains_on,
+            f"{trains_on}_sustained"} <= set(report.sources)
+    assert all(len(v) > 20 for v in report.sources.values())
     assert any("not measurements" in n for n in report.notes)
     assert DeviceReport.from_dict(json.loads(json.dumps(report.to_dict()))) == report
 
@@ -304,33 +313,13 @@ def test_profile_set_covers_the_planned_devices() -> None:
     assert load_profile("jetson-orin-nano-8gb").unified_memory
 
 
-def test_profile_from_file_and_saved_report(tmp_path: Path) -> None:
-    toml = tmp_path / "tiny.toml"
-    toml.write_text('name = "tiny"\nplatform = "linux"\nmemory_total_gib = 2\n'
-                    'memory_available_gib = 1.5\n[matmul_gflops]\nfloat32 = 10.0\n')
-    tiny = load_profile(toml)
-    assert tiny.emulated and tiny.source == str(toml)
-    assert tiny.memory_available_bytes == int(1.5 * GIB)
-
-    saved = tmp_path / "phone.json"
-    load_profile("phone-midrange-6gb").save(saved)
-    again = load_profile(saved)
-    assert again.emulated and again.source == str(saved)
-
-    toml.write_text('name = "x"\nplatform = "linux"\nmemory_total_gib = 2\n'
-                    'memory_available_gib = 1\nram = 3\n[matmul_gflops]\nfloat32 = 1.0\n')
-    with pytest.raises(DeviceError, match="unknown"):
-        load_profile(toml)
-    with pytest.raises(DeviceError, match="no device profile"):
-        load_profile("no-such-device")
-
-
 def test_time_scale_uses_throughput_ratio() -> None:
     host = load_profile("laptop-cpu-16gb")
     target = load_profile("raspberry-pi-5-8gb")
     assert time_scale(host, target) == pytest.approx(450.0 / 75.0)
     bare = DeviceReport(platform="linux")
-    assert time_scale(bare, target) == pytest.approx(1 / 0.36)
+    old_style = DeviceReport(platform="linux", speed_factor=0.36)  # a saved older report
+    assert time_scale(bare, old_style) == pytest.approx(1 / 0.36)
     with pytest.raises(DeviceError):
         time_scale(bare, bare)
 
@@ -410,6 +399,8 @@ def test_probe_order_and_report_of_a_fake_jetson_are_pinned(jetson_root: Path) -
         "battery_percent": None, "battery_plugged": None, "temperature_c": 52.25,
         "cpufreq_ratio": 0.5, "throttled": True, "matmul": {}, "emulated": False,
         "source": "live", "speed_factor": None, "training_memory_quota_bytes": None,
+        "memory_bandwidth_gbps": None, "app_memory_limit_bytes": None, "peak_gflops": {},
+        "sources": {}, "emulation": None,
         "notes": ["unified memory: the GPU allocates from system RAM; the budget uses system "
                   "available memory"], "schema_version": 1}
 

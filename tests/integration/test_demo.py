@@ -127,10 +127,12 @@ def test_simulate_writes_a_run_directory_the_report_reads(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_simulate_default_model_budgets_bind_the_round(tmp_path):
-    """The default model and the shipped profiles: budgets spread below E and bind."""
+    """The default model and the shipped profiles at the emulation scale: budgets spread
+    below E and bind."""
     cfg = {"run_dir": str(tmp_path / "sim"), "max_eval_examples": 32,
            "model": {"max_length": 64}, "train": {"lr": 1e-3, "max_steps": 2, "threads": 2},
-           "rounds": {"rounds": 1, "train_time_s": 12.0, "fraction": 1.0}}
+           "rounds": {"rounds": 1, "train_time_s": 600.0, "deadline_s": 600.0,
+                      "fraction": 1.0, "emulate_reference": "olmoe-1b-7b-0924"}}
     path = tmp_path / "sim.toml"
     path.write_text(tomli_w.dumps(cfg))
     proc = subprocess.run(

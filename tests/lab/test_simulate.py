@@ -65,3 +65,63 @@ def test_a_run_evaluates_on_the_split_eval_split_names(tmp_path, minilm_availabl
     assert [r["phase"] for r in written] == [r["phase"] for r in rows] == ["initial", "round"]
     for r in (*rows, *written):
         assert r["eval_split"] == "validation" and r["examples"] == len(task.validation)
+
+
+STUDY_PROFILES = ("phone-midrange-6gb", "raspberry-pi-5-8gb", "jetson-orin-nano-8gb",
+                  "phone-flagship-12gb", "laptop-cpu-16gb", "jetson-agx-orin-32gb")
+
+
+def _calibration(planned=None, scale=None):
+    from types import SimpleNamespace
+
+    from device_agent.budget import CostModel
+    from device_agent.report import DeviceReport
+    from device_agent.throughput import MatmulResult
+    from lab.devices import Calibration
+
+    # about what the fine-grained study measures: 192 experts, a 650 MB process, 0.6 MB each
+    cost = CostModel(num_experts=192, non_expert_weight_bytes=0, expert_weight_bytes=0,
+                     expert_state_bytes=590_000, expert_activation_bytes=0,
+                     non_expert_activation_bytes=50_000_000, rest_step_seconds=0.2,
+                     expert_frozen_seconds=0.001, expert_trained_seconds=0.002,
+                     process_baseline_bytes=650_000_000)
+    host = DeviceReport(platform="linux", matmul={"float32": MatmulResult(
+        "float32", "cpu", 1024, 10, 1.0, 200.0)})
+    return Calibration(host, SimpleNamespace(cost=cost), planned, scale)
+
+
+def test_budget_share_keeps_the_study_budgets():
+    """``benchmarks.learning --budget-share 0.25`` at 32 experts x 6 layers: a quarter of the
+    192 experts x each profile's available memory over the largest (27 GiB), at least 1; the
+    profiles' available memory is what it was, the emulation scale does not enter."""
+    from device_agent.profiles import load_profile
+    from lab.simulate import plan_budget
+
+    cfg = load_config(ServerConfig, None, [
+        "rounds.budget_share=0.25", "rounds.train_time_s=600", "rounds.deadline_s=600",
+        "train.max_steps=5", "train.selection_batches=2"])
+    reports = [load_profile(p) for p in STUDY_PROFILES]
+    budgets = [plan_budget(cfg, r, _calibration(), 5, reports) for r in reports]
+    assert [b.c_budget for b in budgets] == [4, 12, 11, 8, 16, 48]
+    assert {b.limit for b in budgets} == {"cap"} and all(b.emulation is None for b in budgets)
+
+
+def test_planned_budgets_refuse_a_window_shorter_than_one_step():
+    from device_agent.budget import CostModel
+    from device_agent.emulation import emulation_scale
+    from device_agent.profiles import load_profile
+    from device_agent.work import PlannedMode, StepWork
+    from lab.simulate import plan_budget
+
+    memory = CostModel(num_experts=8, non_expert_weight_bytes=1, expert_weight_bytes=1,
+                       expert_state_bytes=1000, expert_activation_bytes=0)
+    work = StepWork(1e9, 0, 0, 0, 0, 1e8, 0, 2e8, 0, 0)  # 1.8 GFLOP with no expert trained
+    planned = PlannedMode("full", "fp32", "float32", memory, work, 10_000_000)
+    calibration = _calibration(planned, emulation_scale("m", 10_000_000, "olmoe-1b-7b-0924"))
+    phone = load_profile("phone-midrange-6gb")  # 60 GFLOP/s x 0.001445 = 87 MFLOP/s: 21 s
+    ok = load_config(ServerConfig, None, ["rounds.train_time_s=120", "train.max_steps=2"])
+    budget = plan_budget(ok, phone, calibration, 2, [phone])
+    assert budget.emulation["reference"] == "OLMoE-1B-7B-0924" and budget.steps == 2
+    short = load_config(ServerConfig, None, ["rounds.train_time_s=12", "train.max_steps=2"])
+    with pytest.raises(ConfigError, match=r"rounds.train_time_s = 12 s is shorter than one step"):
+        plan_budget(short, phone, calibration, 2, [phone])
