@@ -195,6 +195,24 @@ def comm_plan(rows: Rows) -> str:
                   for r in rows])
 
 
+@region("update-bytes", "update-bytes.jsonl",
+        "python -m benchmarks.update_bytes --threads 1 --out benchmarks/results/update-bytes.jsonl")
+def update_bytes(rows: Rows) -> str:
+    def part(r: dict[str, Any], name: str) -> str:
+        n = r["params_by_part"][name]
+        return mb(n * (4 if r["wire_dtype"] == "float32" else 2)) if n else "-"
+
+    return table(["model", "mode", "wire", "experts MB", "shared experts MB", "attention MB",
+                  "gates MB", "whole update MB", "x FedAvg full model", "x FedAvg dense LoRA",
+                  "= full-depth keys"],
+                 [[r["model"], r["mode"], "fp32" if r["wire_dtype"] == "float32" else "bf16",
+                   part(r, "experts"), part(r, "shared_experts"), part(r, "attention"),
+                   part(r, "gates"), mb(r["whole_update_bytes"]),
+                   f"{100 * r['vs_full_model']:.3f}%",
+                   "-" if r["mode"] == "full" else f"{100 * r['vs_dense_lora']:.1f}%",
+                   "yes" if r["planned_matches"] else "no"] for r in rows])
+
+
 @region("aggregation", "aggregation.jsonl",
         "python -m benchmarks.aggregation --out benchmarks/results/aggregation.jsonl",
         default=DEFAULT_MODEL)
@@ -639,6 +657,16 @@ def comm_plan_h(rows: Rows) -> str:
     return ("a rank-8 LoRA expert is " + span([100 * r["lora_vs_full_bytes"] for r in rows],
                                               lambda x: f"{x:.1f}")
             + "% of a whole expert's bytes at real models' expert shapes")
+
+
+@headline("update-bytes")
+def update_bytes_h(rows: Rows) -> str:
+    lora = pick(rows, mode="lora", wire_dtype="float32")
+    return (f"a whole LoRA-r{lora[0]['lora_rank']} update at C = {lora[0]['budget']} is "
+            + span([100 * r["vs_full_model"] for r in lora], lambda x: f"{x:.3f}")
+            + "% of a full-model FedAvg update and "
+            + span([100 * r["vs_dense_lora"] for r in lora], lambda x: f"{x:.1f}")
+            + "% of a dense-LoRA one (" + ", ".join(r["model"] for r in lora) + ")")
 
 
 @headline("signals")
