@@ -37,6 +37,8 @@ REFERENCE_MODELS: dict[str, tuple[str, int]] = {
     "qwen1.5-moe-a2.7b": ("Qwen1.5-MoE-A2.7B", 14_315_784_192),
     "deepseek-v2-lite": ("DeepSeek-V2-Lite", 15_706_484_224),
     "gpt-oss-20b": ("gpt-oss-20b", 20_914_757_184),
+    "deepseek-moe-16b": ("DeepSeekMoE-16B", 16_375_728_128),
+    "switch-base-64": ("Switch-base-64", 3_790_748_928),
 }
 DEFAULT_REFERENCE = "olmoe-1b-7b-0924"
 

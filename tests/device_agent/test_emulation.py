@@ -32,9 +32,10 @@ GIB, MIB = 1024**3, 1024**2
 def test_reference_sizes_are_the_examples_counted() -> None:
     from hfedmoe.models.plan import build_meta_model, plan_model
 
-    meta = build_meta_model(EXAMPLES_DIR / DEFAULT_REFERENCE)
-    assert plan_model(meta)["total_params"] == REFERENCE_MODELS[DEFAULT_REFERENCE][1]
     assert {p.name for p in EXAMPLES_DIR.iterdir()} == set(REFERENCE_MODELS)
+    assert DEFAULT_REFERENCE in REFERENCE_MODELS
+    for name, (_, params) in REFERENCE_MODELS.items():
+        assert plan_model(build_meta_model(EXAMPLES_DIR / name))["total_params"] == params, name
 
 
 def test_the_scale_multiplies_memory_bandwidth_and_rates() -> None:
