@@ -33,7 +33,8 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -146,16 +147,47 @@ def epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
 
 @functools.lru_cache(maxsize=1024)
 def _rdp_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
+    dp_accounting = _dp_accounting()
+    accountant = dp_accounting.rdp.RdpAccountant()
+    accountant.compose(dp_accounting.GaussianDpEvent(noise_multiplier), count=rounds)
+    return float(accountant.get_epsilon(delta))
+
+
+def epsilon_of_rounds(rounds: Sequence[tuple[float, float]], delta: float) -> float:
+    """Epsilon at ``delta`` of a sequence of noised updates, each ``(noise_multiplier,
+    sampling_probability)`` as it actually ran (the RDP accountant of ``dp-accounting``): a
+    Gaussian mechanism per round, amplified by Poisson sampling where the probability is below
+    1. 0 for no rounds; inf when any round had no noise.
+
+    Raises:
+        AlgorithmError: ``delta`` outside (0, 1), a negative noise or a probability outside
+            (0, 1].
+    """
+    if not 0 < delta < 1:
+        raise AlgorithmError(f"epsilon needs 0 < delta < 1, got {delta}")
+    if any(z < 0 or not 0 < q <= 1 for z, q in rounds):
+        raise AlgorithmError("each round needs noise_multiplier >= 0 and 0 < sampling <= 1")
+    if not rounds:
+        return 0.0
+    if any(z == 0 for z, _ in rounds):
+        return math.inf
+    dp_accounting = _dp_accounting()
+    accountant = dp_accounting.rdp.RdpAccountant()
+    for (z, q), count in sorted(Counter((float(z), float(q)) for z, q in rounds).items()):
+        event = dp_accounting.GaussianDpEvent(z)
+        if q < 1:
+            event = dp_accounting.PoissonSampledDpEvent(q, event)
+        accountant.compose(event, count=count)
+    return float(accountant.get_epsilon(delta))
+
+
+def _dp_accounting():
     try:
         import dp_accounting
     except ImportError as exc:  # a phone that could not build dm-tree (docs/field-trials.md)
         raise ConfigError("DP noise needs epsilon accounting, which needs dp-accounting "
-                          "(pip install dp-accounting); or set method.dp_noise_multiplier = 0"
-                          ) from exc
-
-    accountant = dp_accounting.rdp.RdpAccountant()
-    accountant.compose(dp_accounting.GaussianDpEvent(noise_multiplier), count=rounds)
-    return float(accountant.get_epsilon(delta))
+                          "(pip install dp-accounting); or turn the noise off") from exc
+    return dp_accounting
 
 
 def rounds_within(noise_multiplier: float, max_epsilon: float, delta: float,
