@@ -17,15 +17,18 @@ Neither the pre-clip norm nor the clipping factor leaves the device (both would 
 update's norm). Only keys that are sent get noise: which experts were updated is not hidden.
 
 **Threat model.** The mechanism protects a device's local data against whoever sees its
-updates -- the server, the broker, anyone on the path -- at the level of the device's whole
+updates -- the server, the broker, anyone on the path -- as far as the settings it runs with
+go. The server announces them; a device applies the stricter of those and its own
+(:mod:`device_agent.privacy`), so a server that announces no noise gets none only from a
+device with no floor of its own. Protection is at the level of the device's whole
 dataset (an update and the same device's update without its data differ by at most
 ``dp_clip`` in L2 after clipping): every round a device takes part in is one Gaussian
 mechanism with noise multiplier ``z = dp_noise_multiplier`` and sensitivity ``dp_clip``.
-:func:`epsilon` composes those rounds with the RDP accountant of ``dp-accounting`` (no
-amplification by sampling: the server knows who took part) into (epsilon, delta)-DP at
-``method.dp_delta``.
-It does not hide participation, the set of updated experts, usage and importance vectors or
-the number of examples, which travel in the clear.
+:func:`epsilon_of_rounds` composes the rounds as they ran (each at its own noise) with the
+RDP accountant of ``dp-accounting`` (no amplification by sampling: the server knows who took
+part) into (epsilon, delta)-DP; :func:`epsilon` is the same for rounds at one noise.
+It does not hide participation, the set of updated experts or the number of examples; usage,
+importance and the loss travel as the device's metadata settings say.
 """
 
 from __future__ import annotations
