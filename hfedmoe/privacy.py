@@ -218,14 +218,24 @@ def may_take_part(noised_rounds: int, cfg: MethodConfig) -> bool:
     return epsilon(cfg.dp_noise_multiplier, noised_rounds + 1, cfg.dp_delta) <= cfg.dp_max_epsilon
 
 
-def privacy_report(noised_rounds: Mapping[str, int], cfg: MethodConfig) -> dict | None:
-    """Per device, the epsilon its noised updates have spent at ``cfg.dp_delta`` (None with
-    noise off): what the server's metrics and report show after every round."""
-    if cfg.dp_noise_multiplier <= 0:
+def privacy_report(noised_rounds: Mapping[str, int | Sequence[float]],
+                   cfg: MethodConfig) -> dict | None:
+    """Per device, the epsilon its noised updates have spent at ``cfg.dp_delta``: what the
+    server's metrics and report show after every round.
+
+    ``noised_rounds`` gives per device either a count of updates at ``cfg``'s noise, or the
+    noise multiplier each of its updates reported it ran at (a device may add more noise than
+    the round asked for: device_agent.privacy), each accounted at its own. None when nothing
+    was noised.
+    """
+    lists = {d: ([float(cfg.dp_noise_multiplier)] * n if isinstance(n, int) else
+                 [float(z) for z in n]) for d, n in sorted(noised_rounds.items())}
+    lists = {d: zs for d, zs in lists.items() if zs and all(z > 0 for z in zs)}
+    if cfg.dp_noise_multiplier <= 0 and not lists:
         return None
-    eps = {d: round(epsilon(cfg.dp_noise_multiplier, n, cfg.dp_delta), 4)
-           for d, n in sorted(noised_rounds.items())}
+    eps = {d: round(epsilon_of_rounds([(z, 1.0) for z in zs], cfg.dp_delta), 4)
+           for d, zs in lists.items()}
     return {"delta": cfg.dp_delta, "noise_multiplier": cfg.dp_noise_multiplier,
             "clip": cfg.dp_clip, "max_epsilon": cfg.dp_max_epsilon or None,
-            "rounds": dict(sorted(noised_rounds.items())), "epsilon": eps,
+            "rounds": {d: len(zs) for d, zs in lists.items()}, "epsilon": eps,
             "epsilon_max": max(eps.values(), default=0.0)}
