@@ -25,7 +25,7 @@ from device_agent.conditions import ConditionsBroke, JoinGate, privacy_reason
 from device_agent.config import AgentConfig
 from device_agent.emulation import emulation_scale
 from device_agent.link import AgentStopped, ServerLink
-from device_agent.privacy import DevicePrivacy, PrivacyLedger
+from device_agent.privacy import DevicePrivacy, LegacyCount, PrivacyLedger
 from hfedmoe.config import MethodConfig, TrainConfig, from_dict
 from hfedmoe.errors import PrivacyRefused
 from hfedmoe.modelsync import ShardCache
@@ -54,7 +54,9 @@ class DeviceAgent:
         self.rounds_done = 0
         self.link = ServerLink(cfg, transport, clock, stopped=lambda: self.stop_requested)
         # the device's own DP floor and its epsilon ledger (durable: privacy.sqlite)
-        self.privacy = DevicePrivacy(cfg.privacy, PrivacyLedger(self.dir / "privacy.sqlite"))
+        self.privacy = DevicePrivacy(cfg.privacy, PrivacyLedger(self.dir / "privacy.sqlite"),
+                                     LegacyCount(int(self.local.get("dp_rounds", 0)),
+                                                 self._drop_legacy_count))
         self.gate = JoinGate(cfg.device_id, cfg.eligibility, cfg.conditions_file, self.local,
                              self.link.publish_status, clock, privacy=self.privacy)
         self._round_idx: int | None = None  # the round being trained (conditions checks)
@@ -238,6 +240,10 @@ class DeviceAgent:
         device (its status already says why)."""
         self._finish_round(round_idx)
         self._log_round({"round": round_idx, "status": "dropped", "reasons": reasons})
+
+    def _drop_legacy_count(self) -> None:
+        self.local.pop("dp_rounds", None)  # now rows of the privacy ledger
+        self._save_state()
 
     def _save_state(self) -> None:
         _atomic_write(self.state_path, json.dumps(self.local).encode())

@@ -46,7 +46,7 @@ import math
 import random
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -136,12 +136,23 @@ class PrivacyLedger:
         self.db.close()
 
 
+@dataclass
+class LegacyCount:
+    """Noised updates an agent counted before it kept a ledger (``dp_rounds`` in its state
+    file), and what to call once they are in the ledger (drop the count, save the state)."""
+
+    count: int
+    done: Callable[[], None]
+
+
 class DevicePrivacy:
     """A device's privacy settings applied to a round's method and to its update."""
 
-    def __init__(self, cfg: DevicePrivacyConfig, ledger: PrivacyLedger) -> None:
+    def __init__(self, cfg: DevicePrivacyConfig, ledger: PrivacyLedger,
+                 legacy: LegacyCount | None = None) -> None:
         self.cfg = cfg
         self.ledger = ledger
+        self.legacy = legacy
         self.rng = random.SystemRandom()  # the OS's CSPRNG: nobody can regenerate the noise
 
     def settings(self, method: MethodConfig) -> MethodConfig:
@@ -174,7 +185,10 @@ class DevicePrivacy:
             PrivacyRefused: as :meth:`settings`, or ``"epsilon-budget"``.
         """
         chosen = self.settings(method)
-        if chosen.dp_max_epsilon <= 0 or chosen.dp_noise_multiplier <= 0:
+        if chosen.dp_noise_multiplier <= 0:
+            return chosen
+        self._migrate(chosen)
+        if chosen.dp_max_epsilon <= 0:
             return chosen
         spent = self.ledger.rounds()
         after = epsilon_of_rounds([*spent, (chosen.dp_noise_multiplier, SAMPLING)],
@@ -186,6 +200,17 @@ class DevicePrivacy:
                 f"{chosen.dp_delta:g}; one more at noise {chosen.dp_noise_multiplier:g} "
                 f"would reach {after:.3f} > {chosen.dp_max_epsilon:g}")
         return chosen
+
+    def _migrate(self, chosen: MethodConfig) -> None:
+        """Noised updates counted before the ledger existed (a number, no noise recorded)
+        enter it at this round's noise, as the old count was accounted, then the count goes."""
+        legacy = self.legacy
+        if legacy is None or legacy.count <= 0:
+            return
+        for _ in range(legacy.count):
+            self.ledger.record(-1, chosen.dp_noise_multiplier, chosen.dp_clip)
+        legacy.done()
+        self.legacy = None
 
     def record(self, round_idx: int, method: MethodConfig) -> None:
         """An update made with ``method`` (from :meth:`admit`) is about to leave."""

@@ -138,3 +138,24 @@ def test_bad_settings_are_config_errors():
     with pytest.raises(ConfigError):
         DevicePrivacyConfig(min_noise_multiplier=-1.0)
     assert dataclasses.replace(DevicePrivacyConfig(), loss="withheld").loss == "withheld"
+
+
+def test_a_count_from_before_the_ledger_enters_it_once_at_the_rounds_noise(tmp_path):
+    import json
+
+    work = tmp_path / "dev"
+    work.mkdir()
+    (work / "agent_state.json").write_text(json.dumps({"dp_rounds": 2, "last_round": 4}))
+    cfg = AgentConfig(device_id="dev", work_dir=str(work))
+    agent = DeviceAgent(cfg)
+    assert agent.privacy.ledger.rounds() == []
+    agent.privacy.admit(MethodConfig())  # no noise this round: nothing to account it at yet
+    assert agent.privacy.ledger.rounds() == []
+    agent.privacy.admit(MethodConfig(dp_clip=1.0, dp_noise_multiplier=1.5))
+    assert agent.privacy.ledger.rounds() == [(1.5, 1.0), (1.5, 1.0)]
+    state = json.loads((work / "agent_state.json").read_text())
+    assert "dp_rounds" not in state and state["last_round"] == 4
+    agent.privacy.ledger.close()
+    again = DeviceAgent(cfg)
+    again.privacy.admit(MethodConfig(dp_clip=1.0, dp_noise_multiplier=1.5))
+    assert again.privacy.ledger.rounds() == [(1.5, 1.0), (1.5, 1.0)]  # not twice
