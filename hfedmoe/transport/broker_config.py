@@ -52,6 +52,9 @@ from hfedmoe.transport.topics import ROOT, SERVER_ACCOUNT, VERSION, check_device
 MOSQUITTO_PASSWD = "/usr/bin/mosquitto_passwd"
 MOSQUITTO_USER = "mosquitto"  # the account Mosquitto drops to when started as root
 PBKDF2_ITERATIONS = 101
+# a listener's lines with pin_client_ids: the broker replaces each client id with the account
+PIN_CLIENT_IDS = ["# the client id is the account: no session takeover by client id",
+                  "use_username_as_clientid true"]
 
 
 def hash_password(password: str, salt: bytes | None = None,
@@ -333,11 +336,7 @@ def write_mosquitto_config(out_dir: str | Path, devices: Iterable[str], *,
         run_as_user: mosquitto's ``user`` option, the account it switches to when started as
             root. None: decide (see the module doc); "": write no ``user`` line.
         use_passwd_tool: hash with ``mosquitto_passwd`` instead of directly.
-        pin_client_ids: every listener replaces the client id a client sends with its account
-            name (``use_username_as_clientid``), so no client can take over, or disconnect,
-            another account's MQTT session by sending its client id. Each account may then
-            hold one connection: the coordinator alone as ``server`` (sharded-ingestion
-            workers, which share the ``server`` account, would disconnect each other).
+        pin_client_ids: each client id becomes the account name (module doc).
 
     Raises:
         ReservedIdError: a device id is a reserved account name (``server``).
@@ -359,8 +358,7 @@ def write_mosquitto_config(out_dir: str | Path, devices: Iterable[str], *,
         data_dir.mkdir(parents=True, exist_ok=True)
     lines = _common_lines(passwd, acl, data_dir)
     reads = _BrokerReads([p for p in [passwd] if p is not None], [acl], {out})
-    pin = ["# the client id is the account: no session takeover by client id",
-           "use_username_as_clientid true"] if pin_client_ids else []
+    pin = PIN_CLIENT_IDS if pin_client_ids else []
     if certs is not None and tls_port is not None:
         lines += _tls_listener(certs, tls_port, bind, reads) + pin
     else:
