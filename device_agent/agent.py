@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from device_agent.capacity import Capacity, probe_host, quantize_base
-from device_agent.conditions import ConditionsBroke, JoinGate
+from device_agent.conditions import ConditionsBroke, JoinGate, privacy_reason
 from device_agent.config import AgentConfig
 from device_agent.emulation import emulation_scale
 from device_agent.link import AgentStopped, ServerLink
+from device_agent.privacy import DevicePrivacy, LegacyCount, PrivacyLedger
 from hfedmoe.config import MethodConfig, TrainConfig, from_dict
+from hfedmoe.errors import PrivacyRefused
 from hfedmoe.modelsync import ShardCache
 from hfedmoe.names import ExpertId
 from hfedmoe.protocol import Registration, RoundAnnouncement
@@ -51,8 +53,12 @@ class DeviceAgent:
         self.stop_requested = False
         self.rounds_done = 0
         self.link = ServerLink(cfg, transport, clock, stopped=lambda: self.stop_requested)
+        # the device's own DP floor and its epsilon ledger (durable: privacy.sqlite)
+        self.privacy = DevicePrivacy(cfg.privacy, PrivacyLedger(self.dir / "privacy.sqlite"),
+                                     LegacyCount(int(self.local.get("dp_rounds", 0)),
+                                                 self._drop_legacy_count))
         self.gate = JoinGate(cfg.device_id, cfg.eligibility, cfg.conditions_file, self.local,
-                             self.link.publish_status, clock)
+                             self.link.publish_status, clock, privacy=self.privacy)
         self._round_idx: int | None = None  # the round being trained (conditions checks)
 
     # --- setup -------------------------------------------------------------------------------
@@ -109,6 +115,7 @@ class DeviceAgent:
             log.info("%s: stopped by SIGTERM", self.cfg.device_id)
         finally:
             link.close()
+            self.privacy.ledger.close()
         return 0
 
     def _sigterm(self, *_: Any) -> None:
@@ -129,6 +136,9 @@ class DeviceAgent:
                 result, blob = self._train(ann, down)
             except ConditionsBroke as exc:  # on_break = "drop": nothing leaves the device
                 self._skip_round(ann.round_idx, exc.reasons)
+                return
+            except PrivacyRefused as exc:  # the gate admitted it; refused all the same
+                self._skip_round(ann.round_idx, [privacy_reason(exc)])
                 return
             _atomic_write(pending, blob)
         status = self._send(ann, blob)
@@ -157,7 +167,8 @@ class DeviceAgent:
         from device_agent.train import RoundContext, RoundIds, train_round
         from hfedmoe.strategies import get_strategy
 
-        method = from_dict(MethodConfig, dict(ann.method))
+        # the stricter of the round's DP settings and the device's own (PrivacyRefused)
+        method = self.privacy.admit(from_dict(MethodConfig, dict(ann.method)))
         strategy = get_strategy(ann.strategy, method)
         train = dataclasses.replace(self.cfg.train, **ann.server_train())
         max_length = ann.max_length or self.cfg.model.max_length
@@ -177,10 +188,9 @@ class DeviceAgent:
                                  resident=0 if self.capacity.report.emulated else None),
             runtime=self.cfg.runtime,
             prior={ExpertId.parse(e): v for e, v in ann.prior.items()} or None))
-        blob = encode(self._stamped(result, down), method.tau, self.cfg.wire)
-        if method.dp_noise_multiplier > 0:  # a noised update is about to leave the device
-            self.local["dp_rounds"] = int(self.local.get("dp_rounds", 0)) + 1
-            self._save_state()
+        update = self.privacy.release(self._stamped(result, down))  # the metadata policy
+        blob = encode(update, method.tau, self.cfg.wire)
+        self.privacy.record(ann.round_idx, method)  # committed before the update leaves
         return result, blob
 
     def _size_round(self, ann: RoundAnnouncement, train: TrainConfig, max_length: int) -> float:
@@ -230,6 +240,10 @@ class DeviceAgent:
         device (its status already says why)."""
         self._finish_round(round_idx)
         self._log_round({"round": round_idx, "status": "dropped", "reasons": reasons})
+
+    def _drop_legacy_count(self) -> None:
+        self.local.pop("dp_rounds", None)  # now rows of the privacy ledger
+        self._save_state()
 
     def _save_state(self) -> None:
         _atomic_write(self.state_path, json.dumps(self.local).encode())

@@ -20,10 +20,11 @@ from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
+from device_agent.privacy import DevicePrivacy, DevicePrivacyConfig, PrivacyLedger
 from device_agent.resources import probe_battery_temperature
 from hfedmoe.config import MethodConfig, from_dict
 from hfedmoe.eligibility import Conditions, EligibilityConfig, check, combine
-from hfedmoe.errors import ConfigError, HFedMoEError, TransportError
+from hfedmoe.errors import ConfigError, HFedMoEError, PrivacyRefused, TransportError
 from hfedmoe.protocol import DeviceStatus, RoundAnnouncement
 
 log = logging.getLogger("hfedmoe.agent")
@@ -93,6 +94,11 @@ def _idle() -> bool | None:
     return {"yes": True, "no": False}.get(value)
 
 
+def privacy_reason(exc: PrivacyRefused) -> str:
+    """The status reason of a round refused for privacy: ``"privacy:<code>: <why>"``."""
+    return f"privacy:{exc.reason}: {exc}"
+
+
 class ConditionsBroke(Exception):
     """Raised inside training when the device stopped being eligible and drops its work."""
 
@@ -104,8 +110,8 @@ class ConditionsBroke(Exception):
 class JoinGate:
     """Whether this device joins an announced round, and whether it may go on training.
 
-    A device joins a round that names it, newer than its last one and still open, when one
-    more noised update keeps it within ``method.dp_max_epsilon`` and the round's eligibility
+    A device joins a round that names it, newer than its last one and still open, when its
+    privacy settings allow it (:mod:`device_agent.privacy`) and the round's eligibility
     rules (the server's combined with its own: the stricter of each) hold now. Every change of
     its eligibility is published as a :class:`DeviceStatus` through ``publish``.
 
@@ -113,16 +119,20 @@ class JoinGate:
         device_id: this device (the participant name and the log prefix).
         own_rules: the device's own eligibility rules.
         conditions_file: emulated readings (:func:`read_conditions`); "" reads the probes.
-        local: the device's persisted state: ``last_round`` and ``dp_rounds`` are read,
-            ``dp_refused_round`` is written (the caller saves it).
+        local: the device's persisted state: ``last_round`` is read, ``dp_refused_round``
+            is written (the caller saves it).
         publish: sends a status to the server; may raise :class:`TransportError`.
         clock: wall-clock seconds (the announcement's deadline is one).
+        privacy: the device's privacy settings and epsilon ledger (None: no settings of its
+            own, a ledger in memory).
     """
 
     def __init__(self, device_id: str, own_rules: EligibilityConfig, conditions_file: str,
                  local: MutableMapping[str, Any], publish: Callable[[DeviceStatus], None],
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 privacy: DevicePrivacy | None = None) -> None:
         self.device_id = device_id
+        self.privacy = privacy or DevicePrivacy(DevicePrivacyConfig(), PrivacyLedger(":memory:"))
         self.own_rules = own_rules
         self.conditions_file = conditions_file
         self.local = local
@@ -140,25 +150,25 @@ class JoinGate:
         return join and self.within_privacy_budget(ann) and self.eligible_now(ann)
 
     def within_privacy_budget(self, ann: RoundAnnouncement) -> bool:
-        """One more noised update must keep this device within ``method.dp_max_epsilon``;
-        otherwise it sits the round out (once per round, logged) and sends nothing."""
-        from hfedmoe.privacy import epsilon, may_take_part
-
+        """The device's privacy settings allow the round (:meth:`DevicePrivacy.admit`: the
+        stricter of its own and the server's, and one more noised update within its epsilon
+        budget); otherwise it sits the round out, sends nothing, and its status says why
+        (once per round)."""
         try:
             method = from_dict(MethodConfig, dict(ann.method))
         except HFedMoEError:
             return True  # the round itself rejects a malformed announcement
-        spent = int(self.local.get("dp_rounds", 0))
-        if may_take_part(spent, method):
-            return True
-        if self.local.get("dp_refused_round") != ann.round_idx:
-            self.local["dp_refused_round"] = ann.round_idx
-            log.warning("%s: sits out round %s: its %d noised updates spent epsilon %.3f at "
-                        "delta %g; one more would pass method.dp_max_epsilon = %g",
-                        self.device_id, ann.round_idx, spent,
-                        epsilon(method.dp_noise_multiplier, spent, method.dp_delta),
-                        method.dp_delta, method.dp_max_epsilon)
-        return False
+        try:
+            self.privacy.admit(method)
+        except PrivacyRefused as exc:
+            if self.local.get("dp_refused_round") != ann.round_idx:
+                self.local["dp_refused_round"] = ann.round_idx
+                log.warning("%s: sits out round %s: privacy (%s): %s", self.device_id,
+                            ann.round_idx, exc.reason, exc)
+                self.reported = (ann.round_idx, (privacy_reason(exc),))
+                self._report(ann.round_idx, [privacy_reason(exc)], {})
+            return False
+        return True
 
     def eligible_now(self, ann: RoundAnnouncement) -> bool:
         """The round's eligibility rules hold now (checked every ``check_every_s`` while the

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from device_agent.budget import DEFAULT_MEMORY_MARGIN
+from device_agent.privacy import DevicePrivacyConfig
 from hfedmoe.config import DataConfig, ModelConfig, TrainConfig, load_config, resolve_adapter
 from hfedmoe.eligibility import EligibilityConfig
 from hfedmoe.errors import ConfigError
@@ -43,6 +44,8 @@ class AgentConfig:
         measure_lock: a file that the agents sharing one host lock while they measure it (the
             demo and emulated fleets set it), so one agent's timings do not include another's
             work; "" measures without a lock.
+        privacy: the device's own floor under the round's DP settings, its epsilon budget
+            and how its loss, usage and importance leave it (:mod:`device_agent.privacy`).
     """
 
     device_id: str = "device-0"
@@ -64,6 +67,7 @@ class AgentConfig:
     measure_lock: str = ""
     conditions_file: str = ""  # emulated battery/charging/temperature/metered/idle (JSON)
     eligibility: EligibilityConfig = field(default_factory=EligibilityConfig)
+    privacy: DevicePrivacyConfig = field(default_factory=DevicePrivacyConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -506,7 +506,8 @@ def _round_meta(ctx: RoundContext, rt: _Runtime, choice: _Choice, done: _Progres
             cfg.dtype if low is not None and low.lowered_total else "float32"),
         plan=choice.plan.to_dict() if choice.plan is not None else None,
         dp_noise_std=dp_noise_std,
-        dp_clip=ctx.mcfg.dp_clip if dp_noise_std is not None else None)
+        dp_clip=ctx.mcfg.dp_clip if dp_noise_std is not None else None,
+        dp_noise_multiplier=ctx.mcfg.dp_noise_multiplier if dp_noise_std is not None else None)
 
 
 def _privatize(mcfg: MethodConfig, deltas: dict[str, torch.Tensor]

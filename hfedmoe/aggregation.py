@@ -84,15 +84,23 @@ class ClientSummary:
 
 
 def usage_set(update: SparseUpdate, tau: float) -> frozenset[ExpertId]:
-    """S_c of Eq. 18: ``{e : u_c(e) >= tau}`` over the experts the update reports usage for."""
+    """S_c of Eq. 18: ``{e : u_c(e) >= tau}`` over the experts the update reports usage for
+    (a client that withheld its usage: the experts it updated)."""
+    if update.withholds("usage"):
+        return frozenset(update.updated)
     return frozenset(e for e, u in update.usage.items() if u >= tau)
 
 
 def gate_mass(update: SparseUpdate, tau: float) -> float:
     """``P(c) = sum_{e in S_c} p_c(e)`` with ``p_c(e) = u_c(e) * s^c(e)`` (Eq. 19-20 numerator).
 
-    ``s^c(e)`` missing from ``update.importance`` counts as 0.
+    ``s^c(e)`` missing from ``update.importance`` counts as 0. A client that withheld its usage
+    or its importance has no gate mass: it does not steer the importance-weighted gates (its
+    gate deltas count only where no sender of the key has gate mass, through the data-size
+    fallback); its experts still aggregate by data size.
     """
+    if update.withholds("usage") or update.withholds("importance"):
+        return 0.0
     return float(sum(update.usage[e] * update.importance.get(e, 0.0)
                      for e in sorted(usage_set(update, tau))))
 

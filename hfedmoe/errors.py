@@ -23,6 +23,7 @@ error message on the wire::
     ├── TransportError           broker unreachable, transfer failed or timed out
     │   └── TransferError        chunk manifest/hash verification failed
     ├── DeviceError              probing or budgeting the device failed
+    ├── PrivacyRefused           a device declines a round its privacy settings forbid
     ├── StoreError               durable state is unreadable or inconsistent
     └── ExportError              ExecuTorch/ONNX export or parity failure
 """
@@ -129,3 +130,13 @@ class BudgetExceededError(WireError):
 
 class PolicyError(WireError):
     """An update's self-reported weights (examples, usage) are outside the server's policy."""
+
+
+class PrivacyRefused(HFedMoEError):
+    """A device declines a round: taking part would pass its privacy budget or could not be
+    made as private as its own settings demand. ``reason`` is a short code
+    (``"epsilon-budget"``, ``"no-clip-bound"``) the device also puts on its status."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason

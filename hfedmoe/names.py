@@ -79,10 +79,10 @@ def shared_key(path: str) -> str:
 
 def parse_key(key: str) -> ParamKey:
     """Parse a canonical key; raise :class:`ModelError` if it is not one."""
-    if m := _EXPERT.match(key):
+    if m := _EXPERT.fullmatch(key):
         return ParamKey("expert", m.group(3), int(m.group(1)), int(m.group(2)))
-    if m := _GATE.match(key):
+    if m := _GATE.fullmatch(key):
         return ParamKey("gate", m.group(2), int(m.group(1)))
-    if m := _SHARED.match(key):
+    if m := _SHARED.fullmatch(key):
         return ParamKey("shared", m.group(1))
     raise ModelError(f"not a canonical parameter name: {key!r}")

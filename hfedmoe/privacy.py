@@ -17,15 +17,18 @@ Neither the pre-clip norm nor the clipping factor leaves the device (both would 
 update's norm). Only keys that are sent get noise: which experts were updated is not hidden.
 
 **Threat model.** The mechanism protects a device's local data against whoever sees its
-updates -- the server, the broker, anyone on the path -- at the level of the device's whole
+updates -- the server, the broker, anyone on the path -- as far as the settings it runs with
+go. The server announces them; a device applies the stricter of those and its own
+(:mod:`device_agent.privacy`), so a server that announces no noise gets none only from a
+device with no floor of its own. Protection is at the level of the device's whole
 dataset (an update and the same device's update without its data differ by at most
 ``dp_clip`` in L2 after clipping): every round a device takes part in is one Gaussian
 mechanism with noise multiplier ``z = dp_noise_multiplier`` and sensitivity ``dp_clip``.
-:func:`epsilon` composes those rounds with the RDP accountant of ``dp-accounting`` (no
-amplification by sampling: the server knows who took part) into (epsilon, delta)-DP at
-``method.dp_delta``.
-It does not hide participation, the set of updated experts, usage and importance vectors or
-the number of examples, which travel in the clear.
+:func:`epsilon_of_rounds` composes the rounds as they ran (each at its own noise) with the
+RDP accountant of ``dp-accounting`` (no amplification by sampling: the server knows who took
+part) into (epsilon, delta)-DP; :func:`epsilon` is the same for rounds at one noise.
+It does not hide participation, the set of updated experts or the number of examples; usage,
+importance and the loss travel as the device's metadata settings say.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -146,16 +150,47 @@ def epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
 
 @functools.lru_cache(maxsize=1024)
 def _rdp_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
+    dp_accounting = _dp_accounting()
+    accountant = dp_accounting.rdp.RdpAccountant()
+    accountant.compose(dp_accounting.GaussianDpEvent(noise_multiplier), count=rounds)
+    return float(accountant.get_epsilon(delta))
+
+
+def epsilon_of_rounds(rounds: Sequence[tuple[float, float]], delta: float) -> float:
+    """Epsilon at ``delta`` of a sequence of noised updates, each ``(noise_multiplier,
+    sampling_probability)`` as it actually ran (the RDP accountant of ``dp-accounting``): a
+    Gaussian mechanism per round, amplified by Poisson sampling where the probability is below
+    1. 0 for no rounds; inf when any round had no noise.
+
+    Raises:
+        AlgorithmError: ``delta`` outside (0, 1), a negative noise or a probability outside
+            (0, 1].
+    """
+    if not 0 < delta < 1:
+        raise AlgorithmError(f"epsilon needs 0 < delta < 1, got {delta}")
+    if any(z < 0 or not 0 < q <= 1 for z, q in rounds):
+        raise AlgorithmError("each round needs noise_multiplier >= 0 and 0 < sampling <= 1")
+    if not rounds:
+        return 0.0
+    if any(z == 0 for z, _ in rounds):
+        return math.inf
+    dp_accounting = _dp_accounting()
+    accountant = dp_accounting.rdp.RdpAccountant()
+    for (z, q), count in sorted(Counter((float(z), float(q)) for z, q in rounds).items()):
+        event = dp_accounting.GaussianDpEvent(z)
+        if q < 1:
+            event = dp_accounting.PoissonSampledDpEvent(q, event)
+        accountant.compose(event, count=count)
+    return float(accountant.get_epsilon(delta))
+
+
+def _dp_accounting():
     try:
         import dp_accounting
     except ImportError as exc:  # a phone that could not build dm-tree (docs/field-trials.md)
         raise ConfigError("DP noise needs epsilon accounting, which needs dp-accounting "
-                          "(pip install dp-accounting); or set method.dp_noise_multiplier = 0"
-                          ) from exc
-
-    accountant = dp_accounting.rdp.RdpAccountant()
-    accountant.compose(dp_accounting.GaussianDpEvent(noise_multiplier), count=rounds)
-    return float(accountant.get_epsilon(delta))
+                          "(pip install dp-accounting); or turn the noise off") from exc
+    return dp_accounting
 
 
 def rounds_within(noise_multiplier: float, max_epsilon: float, delta: float,
@@ -183,14 +218,24 @@ def may_take_part(noised_rounds: int, cfg: MethodConfig) -> bool:
     return epsilon(cfg.dp_noise_multiplier, noised_rounds + 1, cfg.dp_delta) <= cfg.dp_max_epsilon
 
 
-def privacy_report(noised_rounds: Mapping[str, int], cfg: MethodConfig) -> dict | None:
-    """Per device, the epsilon its noised updates have spent at ``cfg.dp_delta`` (None with
-    noise off): what the server's metrics and report show after every round."""
-    if cfg.dp_noise_multiplier <= 0:
+def privacy_report(noised_rounds: Mapping[str, int | Sequence[float]],
+                   cfg: MethodConfig) -> dict | None:
+    """Per device, the epsilon its noised updates have spent at ``cfg.dp_delta``: what the
+    server's metrics and report show after every round.
+
+    ``noised_rounds`` gives per device either a count of updates at ``cfg``'s noise, or the
+    noise multiplier each of its updates reported it ran at (a device may add more noise than
+    the round asked for: device_agent.privacy), each accounted at its own. None when nothing
+    was noised.
+    """
+    lists = {d: ([float(cfg.dp_noise_multiplier)] * n if isinstance(n, int) else
+                 [float(z) for z in n]) for d, n in sorted(noised_rounds.items())}
+    lists = {d: zs for d, zs in lists.items() if zs and all(z > 0 for z in zs)}
+    if cfg.dp_noise_multiplier <= 0 and not lists:
         return None
-    eps = {d: round(epsilon(cfg.dp_noise_multiplier, n, cfg.dp_delta), 4)
-           for d, n in sorted(noised_rounds.items())}
+    eps = {d: round(epsilon_of_rounds([(z, 1.0) for z in zs], cfg.dp_delta), 4)
+           for d, zs in lists.items()}
     return {"delta": cfg.dp_delta, "noise_multiplier": cfg.dp_noise_multiplier,
             "clip": cfg.dp_clip, "max_epsilon": cfg.dp_max_epsilon or None,
-            "rounds": dict(sorted(noised_rounds.items())), "epsilon": eps,
+            "rounds": {d: len(zs) for d, zs in lists.items()}, "epsilon": eps,
             "epsilon_max": max(eps.values(), default=0.0)}

@@ -536,7 +536,7 @@ class PartialNotice:
     MAX_BYTES: ClassVar[int] = 64 << 10
 
     def __post_init__(self) -> None:
-        _check(bool(_HEX64.match(self.sha256)), "partial notice: sha256 must be 64 hex digits")
+        _check(bool(_HEX64.fullmatch(self.sha256)), "partial notice: sha256 must be 64 hex digits")
         _check(0 < len(self.path) <= 4096, "partial notice: path must be 1-4096 characters")
 
     def to_bytes(self) -> bytes:

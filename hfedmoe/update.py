@@ -27,7 +27,10 @@ _META_TYPES: dict[str, tuple[type, ...]] = {
     "capacity_factor": _NUMBER, "plan": (dict,), "dp_noise_std": _NUMBER, "dp_clip": _NUMBER,
     "budget_limit": (str,), "budget_reason": (str,), "predicted_step_s": _NUMBER,
     "emulated": (bool,), "bytes_down": (int,), "upload_prev": (dict,), "swarm": (bool,),
+    "dp_noise_multiplier": _NUMBER, "withheld": (list,),
 }
+# the statistics a device may withhold (``meta.withheld``; device_agent.privacy)
+WITHHOLDABLE = ("loss", "usage", "importance")
 MAX_LATENCY_BYTES = 4096  # a device's timing summary the server records, at most
 MAX_UPLOAD_PREV_BYTES = 512  # its previous upload's summary, at most
 
@@ -74,6 +77,8 @@ class UpdateMeta(Mapping):
     bytes_down: int | None = None
     upload_prev: Mapping[str, Any] | None = None  # the previous round's upload summary
     swarm: bool | None = None
+    dp_noise_multiplier: float | None = None  # the noise the device actually applied
+    withheld: list[str] | None = None  # statistics the device kept to itself (WITHHOLDABLE)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -167,6 +172,15 @@ class SparseUpdate:
         if not isinstance(self.meta, UpdateMeta):
             object.__setattr__(self, "meta", UpdateMeta.from_dict(self.meta))
 
+    def withholds(self, name: str) -> bool:
+        """Whether the device withheld statistic ``name`` (``"usage"``, ``"importance"``,
+        ``"loss"``): an absent value then means "not said", not 0."""
+        return name in (self.meta.withheld or ())
+
     def aggregated(self, tau: float) -> frozenset[ExpertId]:
-        """Experts this client contributes to aggregation: updated and u_c(e) >= tau (Eq. 17)."""
+        """Experts this client contributes to aggregation: updated and u_c(e) >= tau (Eq. 17).
+        A client that withheld its usage contributes every expert it updated (it trained them
+        on its data; the threshold cannot be checked)."""
+        if self.withholds("usage"):
+            return frozenset(self.updated)
         return frozenset(e for e in self.updated if self.usage.get(e, 0.0) >= tau)

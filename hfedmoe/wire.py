@@ -334,9 +334,16 @@ def _parse_header(text: Any, spec: ModelSpec) -> WireHeader:
         if total > 1.0 + _USAGE_SUM_TOLERANCE:
             raise SchemaError(f"usage of layer {layer} sums to {total:.6f} > 1 (Eq. 16 averages "
                               f"gate probabilities, which sum to 1 over a layer's experts)")
-    want_agg = frozenset(e for e in header.updated if usage.get(e, 0.0) >= header.tau)
+    withheld = header.meta.get("withheld") if isinstance(header.meta, dict) else None
+    if isinstance(withheld, list) and "usage" in withheld:  # nothing to threshold: all count
+        if usage:
+            raise SchemaError("usage is withheld (meta.withheld) but the header carries usage")
+        want_agg = header.updated
+    else:
+        want_agg = frozenset(e for e in header.updated if usage.get(e, 0.0) >= header.tau)
     if header.aggregated != want_agg:
-        raise SchemaError("aggregated set is not {updated with usage >= tau}")
+        raise SchemaError("aggregated set is not {updated with usage >= tau} (or, with usage "
+                          "withheld, updated)")
     return header
 
 

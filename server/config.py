@@ -213,6 +213,9 @@ class ServerConfig:
     (port 0: off). On a non-loopback host it needs a token: ``dashboard_token``, or the
     environment variable ``HFEDMOE_DASHBOARD_TOKEN`` (so the secret stays out of config files);
     every request must then carry it (``?token=...`` or ``Authorization: Bearer ...``).
+    Every request's ``Host`` must name the dashboard: an IP literal, ``localhost``, the bind
+    address, or one of ``dashboard_hostnames`` (else 421), so a page on another DNS name that
+    was rebound to this address cannot read it.
     """
 
     run_id: str = "hfedmoe"
@@ -230,6 +233,9 @@ class ServerConfig:
     dashboard_port: int = 0  # 0: no dashboard
     dashboard_host: str = "127.0.0.1"
     dashboard_token: str = ""  # or $HFEDMOE_DASHBOARD_TOKEN; required off loopback
+    # DNS names the dashboard is reached by besides its bind address, localhost and IP literals
+    # (a request with any other Host header is refused: DNS rebinding)
+    dashboard_hostnames: tuple[str, ...] = ()
     max_register_bytes: int = 1 << 20
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -19,7 +19,6 @@ import json
 import logging
 import shutil
 import time
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from server.rounds import (
     dense_update_bytes,
     evaluates,
     initial_row,
+    noised_updates,
     round_row,
     routing_prior,
     updates_expected,
@@ -307,8 +307,7 @@ class Coordinator:
                    agg_s: float) -> dict[str, Any]:
         """The round's metrics row (:func:`server.rounds.round_row`) from the open round and
         the participation records stored for it (by this process or an ingest worker)."""
-        noised = (Counter(p["client"] for p in self.store.participation())
-                  if self.cfg.method.dp_noise_multiplier > 0 else {})
+        noised = noised_updates(self.store.participation(), self.cfg.method.dp_noise_multiplier)
         round_s = self.clock() - r.started
         return round_row(
             r.round_idx, participants=r.participants, accepted=r.accepted, report=report,

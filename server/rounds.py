@@ -150,6 +150,7 @@ class Participation:
     stopped_by: str | None = None
     budget_limit: str | None = None
     latency: dict[str, Any] | None = None  # the device's step timings (see TIMINGS)
+    dp_noise_multiplier: float | None = None  # the noise the device says it applied
 
     def info(self) -> dict[str, Any]:
         """What the participation store keeps besides budget, experts_sent and
@@ -173,13 +174,29 @@ def participation_record(budget: int, update: SparseUpdate, nbytes: int) -> Part
         optimizer_experts=state if state is not None else -1, bytes=nbytes, expert_ids=ids,
         steps=meta.steps, selected=meta.selected, limit=meta.limit, reason=meta.reason,
         stopped_by=meta.stopped_by, budget_limit=meta.budget_limit,
-        latency=meta.recorded_latency())
+        latency=meta.recorded_latency(), dp_noise_multiplier=meta.dp_noise_multiplier)
+
+
+def noised_updates(records: Iterable[Mapping[str, Any]], announced: float
+                   ) -> dict[str, list[float]]:
+    """Per device, the noise multiplier of each accepted update, from the participation
+    records: what the update said it ran at; a record without it (a device that said nothing,
+    or a record from before devices said it) counts at the ``announced`` noise. Updates with
+    no noise are left out."""
+    out: dict[str, list[float]] = {}
+    for p in records:
+        z = p.get("dp_noise_multiplier")
+        z = float(z) if isinstance(z, (int, float)) and not isinstance(z, bool) else announced
+        if z > 0:
+            out.setdefault(p["client"], []).append(z)
+    return out
 
 
 def held_entry(record: Mapping[str, Any]) -> dict[str, Any]:
     """A participation record as a row's ``held`` shows it: without its round, device and
     timings (a stored record carries ``round`` and ``client``)."""
-    return {k: v for k, v in record.items() if k not in ("round", "client", *TIMINGS)}
+    return {k: v for k, v in record.items()
+            if k not in ("round", "client", "dp_noise_multiplier", *TIMINGS)}
 
 
 # --- what the round's clients selected -------------------------------------------------------
@@ -290,7 +307,8 @@ def round_row(round_idx: int, *, participants: Sequence[str], accepted: Mapping[
         usage, disagreement: per device, for :func:`~hfedmoe.signals.round_signals`.
         dense_bytes: what one dense (fedavg-full) update weighs on the wire.
         method: the method config (``tau``, the privacy settings).
-        noised_updates: device -> its updates accepted so far (for the privacy report).
+        noised_updates: device -> its noised updates accepted so far, as a count at
+            ``method``'s noise or the noise multiplier of each (for the privacy report).
         aggregation_s: seconds the aggregation took.
         round_s: the round's time (wall time live, emulated device time simulated).
         wall_s: the round's wall time on the driver.

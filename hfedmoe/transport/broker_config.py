@@ -9,6 +9,14 @@ everything under ``hfedmoe/``; each device may *publish* only to its own ``regis
 ``status`` and ``update`` trees and may *read* only its own ``ack`` tree plus the broadcast
 ``round`` and ``model`` topics (see :mod:`hfedmoe.transport.topics`).
 
+The MQTT client id is not part of that identity: by default a client chooses it, and a device
+that connects with another device's client id makes the broker disconnect that device (MQTT
+session takeover; the ACL still keys on the account, so it reads none of the other device's
+messages). ``pin_client_ids`` (``hfedmoe certs --pin-client-ids``) closes this with Mosquitto's
+``use_username_as_clientid``: the broker replaces every client id with the account name. It is
+off by default because sharded-ingestion workers share the coordinator's ``server`` account
+and would then disconnect each other.
+
 An optional plain-TCP listener (tests, a trusted loopback) has no certificates, so there the
 account is the username and a password proves it: only then is a password file written, in
 Mosquitto 2's ``$7$`` format (PBKDF2-SHA512, 101 iterations, 12-byte salt), directly or with
@@ -44,6 +52,9 @@ from hfedmoe.transport.topics import ROOT, SERVER_ACCOUNT, VERSION, check_device
 MOSQUITTO_PASSWD = "/usr/bin/mosquitto_passwd"
 MOSQUITTO_USER = "mosquitto"  # the account Mosquitto drops to when started as root
 PBKDF2_ITERATIONS = 101
+# a listener's lines with pin_client_ids: the broker replaces each client id with the account
+PIN_CLIENT_IDS = ["# the client id is the account: no session takeover by client id",
+                  "use_username_as_clientid true"]
 
 
 def hash_password(password: str, salt: bytes | None = None,
@@ -307,7 +318,8 @@ def write_mosquitto_config(out_dir: str | Path, devices: Iterable[str], *,
                            passwords: Mapping[str, str] | None = None,
                            persistence_dir: str | Path | None = None,
                            run_as_user: str | None = None,
-                           use_passwd_tool: bool = False) -> BrokerFiles:
+                           use_passwd_tool: bool = False,
+                           pin_client_ids: bool = False) -> BrokerFiles:
     """Write ``mosquitto.conf`` and ``acl`` (and ``passwd`` for a plain listener) into ``out_dir``.
 
     Args:
@@ -324,6 +336,7 @@ def write_mosquitto_config(out_dir: str | Path, devices: Iterable[str], *,
         run_as_user: mosquitto's ``user`` option, the account it switches to when started as
             root. None: decide (see the module doc); "": write no ``user`` line.
         use_passwd_tool: hash with ``mosquitto_passwd`` instead of directly.
+        pin_client_ids: each client id becomes the account name (module doc).
 
     Raises:
         ReservedIdError: a device id is a reserved account name (``server``).
@@ -345,12 +358,13 @@ def write_mosquitto_config(out_dir: str | Path, devices: Iterable[str], *,
         data_dir.mkdir(parents=True, exist_ok=True)
     lines = _common_lines(passwd, acl, data_dir)
     reads = _BrokerReads([p for p in [passwd] if p is not None], [acl], {out})
+    pin = PIN_CLIENT_IDS if pin_client_ids else []
     if certs is not None and tls_port is not None:
-        lines += _tls_listener(certs, tls_port, bind, reads)
+        lines += _tls_listener(certs, tls_port, bind, reads) + pin
     else:
         tls_port = None
     if plain_port is not None:
-        lines += ["", f"listener {plain_port} {bind}"]
+        lines += ["", f"listener {plain_port} {bind}", *pin]
     conf = out / "mosquitto.conf"
     user, notes, user_lines = _user_section(run_as_user, conf, data_dir, reads)
     lines[2:2] = user_lines

@@ -80,7 +80,7 @@ class Manifest:
             raise TransferError("manifest is not a version-1 object")
         digest, size, chunk_size, chunks = (raw.get(k) for k in ("sha256", "size", "chunk_size",
                                                                   "chunks"))
-        if not (isinstance(digest, str) and _HEX64.match(digest)):
+        if not (isinstance(digest, str) and _HEX64.fullmatch(digest)):
             raise TransferError("manifest sha256 malformed")
         if type(size) is not int or not 0 <= size <= max_bytes:
             raise TransferError(f"manifest size {size!r} outside [0, {max_bytes}]")
@@ -88,7 +88,7 @@ class Manifest:
             raise TransferError(f"manifest chunk_size {chunk_size!r} outside [1, {max_chunk_size}]")
         want = -(-size // chunk_size)
         if not (isinstance(chunks, list) and len(chunks) == want
-                and all(isinstance(c, str) and _HEX64.match(c) for c in chunks)):
+                and all(isinstance(c, str) and _HEX64.fullmatch(c) for c in chunks)):
             raise TransferError(f"manifest must list {want} chunk hashes")
         return cls(digest, size, chunk_size, tuple(chunks))
 
@@ -295,7 +295,7 @@ class BlobReceiver:
         topic = message.topic
         if topic.endswith("/manifest"):
             self._on_manifest(topic[: -len("/manifest")], message.payload)
-        elif m := _CHUNK_TOPIC.match(topic):
+        elif m := _CHUNK_TOPIC.fullmatch(topic):
             self._on_chunk(m.group("prefix"), int(m.group("idx")), message.payload)
         elif topic.endswith("/whole"):
             self._on_whole(topic[: -len("/whole")], message.payload)

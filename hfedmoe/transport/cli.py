@@ -32,6 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="account mosquitto switches to when started as root (default: you, "
                         "or 'mosquitto' when run as root and it can reach the files, else "
                         "root)")
+    p.add_argument("--pin-client-ids", action="store_true",
+                   help="the broker replaces each client id with the account name "
+                        "(use_username_as_clientid): no device can take over another's "
+                        "session; one connection per account (no sharded-ingestion workers)")
     p.add_argument("--no-broker-config", action="store_true",
                    help="certificates only, no mosquitto.conf/passwd/acl")
     p.set_defaults(func=run)
@@ -50,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
         files = write_mosquitto_config(args.out_dir / "mosquitto", args.devices, certs=bundle,
                                        tls_port=args.port, plain_port=args.plain_port,
                                        bind=args.bind, persistence_dir=args.persistence_dir,
-                                       run_as_user=args.broker_user)
+                                       run_as_user=args.broker_user,
+                                       pin_client_ids=args.pin_client_ids)
         print(f"mosquitto     {files.conf}")
         print(f"start with    mosquitto -c {files.conf}"
               + (f"  (as root it runs as '{files.user}')" if files.user else ""))

@@ -29,8 +29,8 @@ from hfedmoe.errors import ConfigError, ReservedIdError, TransportError
 
 ROOT = "hfedmoe"
 VERSION = "v1"
-_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
-_SHA = re.compile(r"^[0-9a-f]{64}$")
+_ID = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+_SHA = re.compile(r"[0-9a-f]{64}")
 
 SERVER_ACCOUNT = "server"
 # Names no device may take: the coordinator's account (the ACL gives it every topic). Compared
@@ -40,7 +40,7 @@ RESERVED_IDS = frozenset({SERVER_ACCOUNT})
 
 def check_id(value: str, what: str = "id") -> str:
     """Validate a run/device id: 1-64 of ``[A-Za-z0-9_.-]`` (so never ``/``, ``+``, ``#``)."""
-    if not isinstance(value, str) or not _ID.match(value):
+    if not isinstance(value, str) or not _ID.fullmatch(value):
         raise ConfigError(f"invalid {what} {value!r}: use 1-64 characters of A-Z a-z 0-9 _ . -")
     return value
 
@@ -60,7 +60,7 @@ def check_device_id(value: str, what: str = "device id") -> str:
 
 
 def check_sha(value: str) -> str:
-    if not isinstance(value, str) or not _SHA.match(value):
+    if not isinstance(value, str) or not _SHA.fullmatch(value):
         raise ConfigError(f"not a lowercase hex sha256: {value!r}")
     return value
 

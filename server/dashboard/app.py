@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import logging
 import math
@@ -254,6 +255,24 @@ class Dashboard:
         with self._lock:
             return self._state
 
+    def host_allowed(self, header: str | None) -> bool:
+        """Whether a request's ``Host`` header names this dashboard: an IP literal (a browser
+        sends one only to the address it connected to), ``localhost``, the bind address or a
+        configured ``dashboard_hostnames`` entry. Any other name is a page whose DNS name was
+        rebound to this address (DNS rebinding): refused, token or not. No header: refused."""
+        name = host_name(header)
+        if name is None:
+            return False
+        allowed = {"localhost", self.host.strip("[]").lower(),
+                   *(h.lower() for h in self.coordinator.cfg.dashboard_hostnames)}
+        if name in allowed:
+            return True
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            return False
+        return True
+
     def authorized(self, header: str, query_tokens: list[str]) -> bool:
         """No token configured, or one of the request's tokens matches (constant time)."""
         if not self.token:
@@ -319,3 +338,21 @@ def _compact(row: dict[str, Any]) -> dict[str, Any]:
     if isinstance(skipped, dict) and skipped:
         out["skipped"] = {_text(k): _strings(v) for k, v in list(skipped.items())[:200]}
     return out
+
+
+def host_name(header: str | None) -> str | None:
+    """The host of a ``Host`` header, lowercased, without port, brackets or a final dot
+    (None: absent or malformed)."""
+    if not header or any(c.isspace() or c in "/@?#" for c in header.strip()):
+        return None
+    value = header.strip().lower()
+    if value.startswith("["):  # [v6]:port
+        end = value.find("]")
+        rest = value[end + 1:]
+        if end < 0 or (rest and not rest.startswith(":")):
+            return None
+        return value[1:end] or None
+    if value.count(":") > 1:  # an unbracketed v6 literal is not a valid Host
+        return None
+    name = value.partition(":")[0].rstrip(".")
+    return name or None

@@ -37,6 +37,8 @@ class Source(Protocol):
 
     def authorized(self, header: str, query_tokens: list[str]) -> bool: ...
 
+    def host_allowed(self, header: str | None) -> bool: ...
+
     def state_bytes(self) -> bytes: ...
 
     def report(self) -> tuple[int, bytes, str]: ...
@@ -61,6 +63,10 @@ class Handler(BaseHTTPRequestHandler):
         d = self.server.dashboard
         url = urlsplit(self.path)
         tokens = parse_qs(url.query).get("token", [])
+        if not d.host_allowed(self.headers.get("Host")):  # DNS rebinding: another site's name
+            self._send(421, b"421: this dashboard does not answer to that Host name\n",
+                       "text/plain", head)
+            return
         if url.path not in PUBLIC and not d.authorized(self.headers.get("Authorization", ""),
                                                        tokens):
             self._send(401, b"401: this dashboard needs its token (?token=... or "

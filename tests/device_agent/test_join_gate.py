@@ -105,13 +105,28 @@ def test_the_device_rules_add_to_the_servers(world):
 @pytest.mark.parametrize("spent, joins", [(0, True), (1, True), (2, False)])
 def test_a_spent_privacy_budget_sits_the_round_out(world, spent, joins):
     gate, _, sent, _, local = world
-    local["dp_rounds"] = spent  # at noise 1.0, delta 1e-5: epsilon 4.73, 7.08, 9.01 after 1-3
     g = gate()
+    for r in range(spent):  # at noise 1.0, delta 1e-5: epsilon 4.73, 7.08, 9.01 after 1-3
+        g.privacy.ledger.record(r, 1.0, 1.0)
     assert g.admits(announce(method=DP)) is joins
     if joins:
         assert "dp_refused_round" not in local and len(sent) == 1
-    else:  # refused before the conditions are read: the server hears nothing
-        assert local["dp_refused_round"] == 3 and sent == []
+    else:  # refused before the conditions are read; the status says why
+        assert local["dp_refused_round"] == 3 and len(sent) == 1
+        assert sent[0].eligible is False and sent[0].round_idx == 3
+        assert sent[0].reasons[0].startswith("privacy:epsilon-budget: 2 noised updates")
+        assert g.admits(announce(method=DP)) is False and len(sent) == 1  # said once
+
+
+def test_a_device_floor_without_a_clip_bound_refuses_and_says_so(world):
+    from device_agent.privacy import DevicePrivacy, DevicePrivacyConfig, PrivacyLedger
+
+    gate, _, sent, _, _ = world
+    g = gate()
+    g.privacy = DevicePrivacy(DevicePrivacyConfig(min_noise_multiplier=1.0),
+                              PrivacyLedger(":memory:"))
+    assert g.admits(announce()) is False  # the server announces no DP at all
+    assert [s.reasons[0].split(":")[1] for s in sent] == ["no-clip-bound"]
 
 
 def test_a_malformed_method_or_rules_table_does_not_block_the_join(world):

@@ -337,3 +337,38 @@ def test_importance_size_gate_weights_are_alpha_times_data_size():
     w = key_weights(_clients(), rule)
     assert w[GATE] == pytest.approx({"A": 0.25 / 1.9, "B": 1.65 / 1.9})
     assert w[K00] == key_weights(_clients(), RULE)[K00]  # experts: Eq. 17 either way
+
+
+def _withholding(update: SparseUpdate, *names: str) -> SparseUpdate:
+    """``update`` as a device that withheld ``names`` sends it (absent, marked in meta)."""
+    import dataclasses
+
+    cut = {"usage": {}, "importance": {}}
+    fields = {n: cut[n] for n in names if n in cut}
+    return dataclasses.replace(update, **fields,
+                               meta=update.meta.replace(withheld=sorted(names)))
+
+
+def test_withheld_usage_and_importance_aggregate_by_data_size_without_gate_mass():
+    # B withholds both: every expert it updated counts (e02 too: 5 - 7 = -2), with |D| weights;
+    # it has no gate mass, so the gate takes A's delta alone: [1 + 4, 1 + 0].
+    a, b = _clients()
+    clients = [a, _withholding(b, "usage", "importance")]
+    expected = {K00: [2.75, 2.25], K01: [4.0, 8.0], K02: [-2.0, -2.0], GATE: [5.0, 1.0],
+                HEAD_W: [4.0], HEAD_B: [10.0]}
+    _assert_values(aggregate(_global(), clients, RULE), expected)
+    agg = Aggregator(RULE)
+    for update in reversed(clients):
+        agg.add(update)
+    _assert_values(agg.finalize(_global()), expected)
+
+
+def test_withheld_importance_alone_leaves_experts_to_usage():
+    a, b = _clients()
+    new = aggregate(_global(), [_withholding(a, "importance"), b], RULE)
+    # experts as in the worked round (usage still says e02 is under tau); gate: B's alone
+    _assert_values(new, {K00: [2.75, 2.25], K01: [4.0, 8.0], K02: [5.0, 5.0],
+                         GATE: [1.0, 5.0], HEAD_W: [4.0], HEAD_B: [10.0]})
+    both = aggregate(_global(), [_withholding(a, "importance"), _withholding(b, "importance")],
+                     RULE)
+    assert both[GATE].tolist() == pytest.approx([2.0, 4.0])  # nobody has mass: data size

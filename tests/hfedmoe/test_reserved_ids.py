@@ -94,3 +94,32 @@ def test_server_rejects_registration_as_reserved_id(tmp_path):
         coordinator.close()
         impostor.close()
         device.close()
+
+
+@pytest.mark.parametrize("name", ["dev1\n", "dev1\r", "dev1\nuser server", "\ndev1", "dev 1"])
+def test_an_id_with_a_line_break_is_refused_and_never_splits_an_acl_line(name):
+    from hfedmoe.transport.broker_config import acl_text
+    from hfedmoe.transport.topics import check_id
+
+    with pytest.raises(ConfigError):
+        check_device_id(name)
+    with pytest.raises(ConfigError):
+        check_id(name, "run id")
+    with pytest.raises(ConfigError):
+        acl_text(["dev0", name])
+
+
+def test_digests_and_parameter_names_do_not_take_a_trailing_newline():
+    from hfedmoe.errors import ModelError, ProtocolError
+    from hfedmoe.names import parse_key
+    from hfedmoe.protocol import PartialNotice
+    from hfedmoe.transport.topics import check_sha
+
+    with pytest.raises(ConfigError):
+        check_sha("a" * 64 + "\n")
+    with pytest.raises(ModelError):
+        parse_key("layers.0.experts.1.w1\n")
+    assert parse_key("layers.0.experts.1.w1").expert is not None
+    with pytest.raises(ProtocolError):
+        PartialNotice(0, "p", "a" * 64 + "\n")
+    assert PartialNotice(0, "p", "a" * 64).sha256 == "a" * 64

@@ -272,3 +272,18 @@ def test_fuzz_header_field_values(value, name):
 def test_fuzz_safetensors_table(table):
     text = json.dumps(table).encode()
     _decode_or_wire_error(struct.pack("<Q", len(text)) + text + b"\0" * 64)
+
+
+def test_withheld_usage_round_trips_and_every_updated_expert_is_aggregated():
+    blob = wire.encode(_update(usage={}, importance={}, routed=frozenset({E00, E10}),
+                               meta={"steps": 4, "withheld": ["importance", "loss", "usage"]}),
+                       0.01)
+    got = wire.decode(blob, SPEC)
+    assert got.usage == {} and got.importance == {} and got.meta.loss is None
+    assert got.withholds("usage") and got.aggregated(0.01) == {E00, E10}  # E10 under tau too
+    lying = _resave(blob, lambda h: h.update(usage={"0:0": 0.5}))  # withheld, yet sent
+    with pytest.raises(SchemaError):
+        wire.decode(lying, SPEC)
+    short = _resave(blob, lambda h: h.update(aggregated=["0:0"]))
+    with pytest.raises(SchemaError):
+        wire.decode(short, SPEC)

@@ -325,3 +325,52 @@ def test_an_installed_kit_ships_the_page_files():
         f.name for f in files}
     for f in files:
         assert any(fnmatch.fnmatch(f.as_posix(), p) for p in patterns), f
+
+
+def host_get(url: str, host: str | None) -> int:
+    """GET /api/state with ``Host: host`` (None: no Host header at all)."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        conn.putrequest("GET", "/api/state", skip_host=True)
+        if host is not None:
+            conn.putheader("Host", host)
+        conn.endheaders()
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("host, code", [
+    ("evil.example", 421), ("evil.example:8080", 421), ("localhost.evil.example", 421),
+    ("127.0.0.1.nip.io", 421), (None, 421), ("a b", 421),
+    ("127.0.0.1", 200), ("localhost", 200), ("LOCALHOST.", 200), ("[::1]", 200),
+    ("10.1.2.3:99", 200),  # an IP literal is the address the browser connected to
+])
+def test_a_tokenless_dashboard_answers_only_to_its_own_names(served, host, code):
+    port = urlsplit(served).port
+    name = f"{host}:{port}" if host in ("127.0.0.1", "localhost") else host
+    assert host_get(served, name) == code
+
+
+def test_configured_names_are_allowed(tmp_path, monkeypatch):
+    from server.store import Store
+
+    monkeypatch.delenv(DASHBOARD_TOKEN_ENV, raising=False)
+    write_run(tmp_path)
+    store = Store(tmp_path)
+    c = SimpleNamespace(cfg=ServerConfig(run_id="two", run_dir=str(tmp_path),
+                                         rounds=RoundConfig(rounds=2),
+                                         dashboard_hostnames=("fl.lab.example",)),
+                        store=store, round=None, next_round=2, clock=lambda: 1.0,
+                        strategy=SimpleNamespace(name="hfedmoe"), hooks=[])
+    d = Dashboard(c, port=0).start()
+    try:
+        assert host_get(d.url, "fl.lab.example") == 200
+        assert host_get(d.url, "Fl.Lab.Example:443") == 200
+        assert host_get(d.url, "other.lab.example") == 421
+    finally:
+        d.close()
+        store.close()

@@ -150,3 +150,24 @@ def test_a_participant_that_is_not_eligible_sits_the_round_out(make):
     assert registry.eligibility["a"] == {"eligible": False, "reasons": ["battery 10%"],
                                          "conditions": {"battery": 10}, "round": 4, "at": 123.0}
     assert set(registry.eligibility) == {"a", "b", "c"}
+
+
+def test_an_oversized_status_is_dropped_before_any_json_is_parsed(make, monkeypatch):
+    import hfedmoe.protocol
+
+    registry, _, _, _ = make()
+    _register(registry, "a")
+    _status(registry, "a", DeviceStatus("online"))
+    parsed: list[int] = []
+    real = hfedmoe.protocol.json.loads
+
+    def counting(data, *a, **k):
+        parsed.append(len(data))
+        return real(data, *a, **k)
+
+    monkeypatch.setattr(hfedmoe.protocol.json, "loads", counting)
+    huge = b'{"state": "offline", "pad": "' + b"x" * DeviceStatus.MAX_BYTES + b'"}'
+    registry.on_status(Message(TOPICS.status("a"), huge))
+    assert parsed == [] and list(registry.online()) == ["a"]  # not parsed, not applied
+    _status(registry, "a", DeviceStatus("offline"))  # a status within the limit still counts
+    assert parsed and registry.online() == {}

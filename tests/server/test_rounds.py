@@ -88,7 +88,8 @@ def test_participation_record_reads_the_update_and_its_plan():
     # JSON-ready: the ids as a list, as the store reads them back
     assert rec.info() == {"bytes": 1234, "expert_ids": ["1:2", "1:3"], "steps": 3, "selected": 4,
                           "limit": "memory", "reason": "2 experts fit", "stopped_by": "plan",
-                          "budget_limit": "time", "latency": rec.latency}
+                          "budget_limit": "time", "latency": rec.latency,
+                          "dp_noise_multiplier": None}
     assert held_entry({"round": 0, "client": "d", **rec.to_dict()}) == {
         "budget": 5, "experts_sent": 2, "optimizer_experts": 2, "bytes": 1234,
         "expert_ids": ["1:2", "1:3"], "steps": 3, "selected": 4, "limit": "memory",
@@ -335,3 +336,23 @@ def test_rounds_evaluated(every, evaluated):
     from server.rounds import evaluates
 
     assert [r for r in range(12) if evaluates(r, 12, every)] == evaluated
+
+
+def test_epsilon_counts_the_noise_each_update_reported():
+    from hfedmoe.privacy import epsilon_of_rounds
+    from server.rounds import noised_updates
+
+    records = [{"client": "a", "dp_noise_multiplier": 0.8}, {"client": "a"},
+               {"client": "b", "dp_noise_multiplier": 2.0},
+               {"client": "c", "dp_noise_multiplier": 0.0}]
+    assert noised_updates(records, 1.0) == {"a": [0.8, 1.0], "b": [2.0]}
+    assert noised_updates(records, 0.0) == {"a": [0.8], "b": [2.0]}
+    # the server announced no noise; the devices added their own: still reported
+    privacy = _row(MethodConfig(), noised_updates=noised_updates(records, 0.0))["privacy"]
+    assert privacy["rounds"] == {"a": 1, "b": 1}
+    assert privacy["epsilon"]["a"] == pytest.approx(
+        epsilon_of_rounds([(0.8, 1.0)], 1e-5), abs=1e-4)
+    mixed = _row(MethodConfig(dp_clip=1.0, dp_noise_multiplier=1.0),
+                 noised_updates=noised_updates(records, 1.0))["privacy"]
+    assert mixed["epsilon"]["a"] == pytest.approx(
+        epsilon_of_rounds([(0.8, 1.0), (1.0, 1.0)], 1e-5), abs=1e-4)

@@ -95,12 +95,14 @@ class Mosquitto:
         return MqttTransport(self.cfg(account, **kw), client_id or f"{account}-client")
 
 
-def make_mosquitto(root: Path, persistence: bool = False) -> Mosquitto:
+def make_mosquitto(root: Path, persistence: bool = False,
+                   pin_client_ids: bool = False) -> Mosquitto:
     need_mosquitto()  # skips, or fails under HFEDMOE_REQUIRE_BROKER=1
     certs = make_certs(root / "pki", DEVICES)
     files = write_mosquitto_config(
         root / "broker", DEVICES, certs=certs, tls_port=free_port(), bind="127.0.0.1",
-        persistence_dir=(root / "data") if persistence else None)
+        persistence_dir=(root / "data") if persistence else None,
+        pin_client_ids=pin_client_ids)
     return Mosquitto(files, certs)
 
 
