@@ -374,9 +374,36 @@ def study_sweep(rows: Rows) -> str:
                      "Jaccard of the clients' sets", "distinct experts / round"], out))
 
 
+E8 = (_FORTUNES.replace("--num-experts 32 --top-k 4", "--num-experts 8 --top-k 2")
+      + "--rounds 50 --eval-every 25 --seeds 0,1,2 --strategies "
+      "hfedmoe,fedavg-random,fedmoe,fedavg-full "
+      "--out benchmarks/results/learning-fortunes-e8-rounds.jsonl; then python -m "
+      "benchmarks.learning --from-rows benchmarks/results/learning-fortunes-e8-rounds.jsonl "
+      "--all-seeds --out benchmarks/results/learning-fortunes-e8.jsonl")
+
+
 @region("study-fortunes-fine", "learning-fortunes-fine.jsonl", FINE,
         select=lambda r: r.get("kind") == "summary")
 def study_fortunes_fine(rows: Rows) -> str:
+    return _study_table(rows)
+
+
+@region("study-fortunes-e8", "learning-fortunes-e8.jsonl", E8,
+        select=lambda r: r.get("kind") == "summary")
+def study_fortunes_e8(rows: Rows) -> str:
+    return _study_table(rows)
+
+
+@region("study-fortunes-e8-verdict", "learning-fortunes-e8.jsonl", E8,
+        select=lambda r: r.get("kind") == "summary")
+def study_fortunes_e8_verdict(rows: Rows) -> str:
+    """:func:`learning_verdict` of the 8-expert cell."""
+    return learning_verdict(rows)
+
+
+def _study_table(rows: Rows) -> str:
+    """One cell of the selection study: per strategy, accuracy with intervals, the paired
+    difference to HFedMoE, overlap and coverage, and rounds / bytes to the target."""
     s = rows[0]["settings"]
     out = [[r["alpha"], r["strategy"], ", ".join(map(str, r["seeds"])),
             f"{f3(r['final_accuracy_mean'])} {ci(r['final_accuracy_ci95'])}",
