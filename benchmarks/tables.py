@@ -346,7 +346,7 @@ SWEEP = (_FORTUNES + "--rounds 30 --eval-every 10 --split validation --seeds 0,1
          "--all-seeds --out benchmarks/results/learning-sweep.jsonl")
 FINE = (_FORTUNES + "--rounds 50 --eval-every 25 --seeds 0,1,2,3,4 --strategies "
         "hfedmoe,fedavg-random,fedmoe,fedavg-full,budget-zero,hfedmoe-anti,hfedmoe-other "
-        "(the controls: seeds 0,1) --out benchmarks/results/learning-fortunes-fine-rounds.jsonl; "
+        "(the controls: seeds 0,1,2) --out benchmarks/results/learning-fortunes-fine-rounds.jsonl; "
         "then python -m benchmarks.learning --from-rows "
         "benchmarks/results/learning-fortunes-fine-rounds.jsonl --all-seeds "
         "--out benchmarks/results/learning-fortunes-fine.jsonl")
