@@ -11,7 +11,15 @@ predictions from the measured steps and the measured peak RSS? Target: within +-
 
     python -m benchmarks.budget [--quick] [--budgets 1,12,24,48] [--repeats 5] [--threads N]
                                 [--adapters full,lora] [--quantize none,int8]
+                                [--experts 32 --top-k 4] [--heap bounded,dynamic]
                                 [--out results.jsonl] [--plot budget.png]
+
+What training adds (``added_*``: the peak less the resident size just before training) is
+the figure a memory budget limits, and is compared on its own: the whole-process peak's error
+is diluted by the resident model. ``--experts 32 --top-k 4`` measures the fine-grained model
+(32 experts per layer, top-4; C in {1, E/4, E/2, E} of its 192). ``--heap`` measures under
+each C-heap policy (:mod:`device_agent.heap`): ``bounded`` (the kit's) and glibc's
+``dynamic`` default, whose fragmentation makes the resident size climb step after step.
 
 ``--adapters`` and ``--quantize`` measure the same rounds with LoRA factors instead of whole
 experts (``train.adapter``) and with the frozen base stored quantized (``model.quantize``),
@@ -65,6 +73,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quantize", default="none",
                    help="comma list of model.quantize values for the frozen base (none,int8)")
     p.add_argument("--impl", default=None, help="expert path (default: ModelConfig's)")
+    p.add_argument("--experts", type=int, default=0,
+                   help="experts per layer (default: the model's 8; the fine-grained: 32)")
+    p.add_argument("--top-k", type=int, default=0, help="experts per token (default 2)")
+    p.add_argument("--heap", default="bounded",
+                   help="comma list of C-heap policies to measure side by side (bounded,dynamic)")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads in every worker (0: torch's default)")
@@ -81,47 +94,52 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     impl = args.impl or ModelConfig().expert_impl
     model = QUICK_MODEL if args.quick else "minilm-moe"
-    num_experts = 8 if args.quick else 48
+    per_layer = args.experts or 8
+    num_experts = per_layer if args.quick else 6 * per_layer
     budgets = ([int(b) for b in args.budgets.split(",")] if args.budgets
                else [1, num_experts // 4, num_experts // 2, num_experts])
     batch_size, seq_len = (2, 16) if args.quick else (8, 128)
     batch_size, seq_len = args.batch_size or batch_size, args.seq_len or seq_len
     repeats = args.repeats or (2 if args.quick else 5)
     # a quantized base trains only through LoRA factors (model.quantize needs adapter = lora)
-    variants = [(a, q) for q in args.quantize.split(",") for a in args.adapters.split(",")
-                if q == "none" or a == "lora"]
+    variants = [(a, q, h) for h in args.heap.split(",") for q in args.quantize.split(",")
+                for a in args.adapters.split(",") if q == "none" or a == "lora"]
     env = environment()
     rows = []
-    for adapter, quantize in variants:
+    for adapter, quantize, heap in variants:
         for b in budgets:
             m = measure_in_subprocess({"mode": "round", "model": model, "path": impl,
-                                       "budget": b, "batch_size": batch_size,
+                                       "num_experts": args.experts, "top_k": args.top_k,
+                                       "heap": heap, "budget": b, "batch_size": batch_size,
                                        "seq_len": seq_len, "adapter": adapter,
                                        "quantize": quantize,
                                        "warmup": 1 if args.quick else 2, "repeats": repeats,
                                        "cost_repeats": 1 if args.quick else 7,
                                        "threads": args.threads}, isolate=not args.quick)
             rows.append(_row(m, model, impl, b, batch_size, seq_len, args.threads, env))
-            print(f"  done {adapter}/{quantize} C={b}", file=sys.stderr, flush=True)
+            print(f"  done {adapter}/{quantize}/{heap} C={b}", file=sys.stderr, flush=True)
     print(f"{model} path={impl} batch {batch_size}x{seq_len}, real routing; whole-process peak")
-    print(f"{'adapter':>8}{'base':>6}{'C':>4}{'rows':>7}{'pred s':>9}{'meas s':>9}"
+    print(f"{'adapter':>8}{'base':>6}{'heap':>8}{'C':>4}{'rows':>7}{'pred s':>9}{'meas s':>9}"
           f"{'[min, max]':>17}{'err':>8}{'balanced':>9}{'pred MB':>10}{'meas MB':>10}{'err':>8}"
-          f"{'MB/expert':>10}")
+          f"{'adds pred':>10}{'meas':>8}{'err':>8}{'MB/expert':>10}")
     for r in rows:
-        print(f"{r['adapter']:>8}{r['quantize']:>6}{r['budget']:>4}"
+        print(f"{r['adapter']:>8}{r['quantize']:>6}{r['heap']:>8}{r['budget']:>4}"
               f"{r['trained_row_fraction']:>7.2f}{r['predicted_step_s']:>9.3f}"
               f"{r['measured_step_s']:>9.3f}"
               f"  [{r['measured_step_min_s']:.3f}, {r['measured_step_max_s']:.3f}]"
               f"{100 * r['step_error']:>7.1f}%{100 * r['balanced_step_error']:>8.1f}%"
               f"{r['predicted_peak_bytes'] / 1e6:>10.1f}{r['measured_peak_bytes'] / 1e6:>10.1f}"
-              f"{100 * r['memory_error']:>7.1f}%{r['per_trained_expert_bytes'] / 1e6:>10.2f}")
-    ratios = side_by_side(rows, num_experts // 4)
+              f"{100 * r['memory_error']:>7.1f}%{r['predicted_added_bytes'] / 1e6:>10.1f}"
+              f"{r['measured_added_bytes'] / 1e6:>8.1f}{100 * r['added_error']:>7.1f}%"
+              f"{r['per_trained_expert_bytes'] / 1e6:>10.2f}")
+    first = [r for r in rows if r["heap"] == variants[0][2]]
+    ratios = side_by_side(first, num_experts // 4)
     for r in ratios:
         print(f"C = {r['budget']}: {r['adapter']}/{r['quantize']} measured peak "
               f"{r['measured_peak_bytes'] / 1e6:.1f} MB = {r['peak_vs_full_fp32']:.3f}x of "
               f"full/none; resident {r['resident_bytes'] / 1e6:.1f} MB = "
               f"{r['resident_vs_full_fp32']:.3f}x")
-    profiles = profile_budgets(rows, num_experts // 4, args.window, args.steps)
+    profiles = profile_budgets(first, num_experts // 4, args.window, args.steps)
     if profiles:
         names = list(dict.fromkeys(r["profile"] for r in profiles))
         keys = list(dict.fromkeys((r["adapter"], r["quantize"]) for r in profiles))
@@ -137,7 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                            rows[0]["env"] if rows else environment(),
                            rows[0].get("descriptor") if rows else None)  # ratios, profiles
     if args.plot:
-        plot([r for r in rows if (r["adapter"], r["quantize"]) == variants[0]], args.plot)
+        plot([r for r in rows if (r["adapter"], r["quantize"], r["heap"]) == variants[0]],
+             args.plot)
     return 0
 
 
@@ -146,7 +165,8 @@ def _row(m: dict[str, Any], model: str, impl: str, b: int, batch_size: int, seq_
     from device_agent.budget import CostModel
 
     row = {"bench": "budget", "kind": "round", "model": model, "impl": impl,
-           "adapter": m["adapter"], "quantize": m["quantize"], "budget": m["trained_experts"],
+           "adapter": m["adapter"], "quantize": m["quantize"], "heap": m["heap"],
+           "budget": m["trained_experts"],
            "requested_budget": b, "batch_size": batch_size, "seq_len": seq_len,
            "threads": threads,
            **{k: m[k] for k in ("optimizer_experts", "trained_row_fraction",
@@ -164,6 +184,11 @@ def _row(m: dict[str, Any], model: str, impl: str, b: int, batch_size: int, seq_
     row["balanced_step_error"] = round(row["balanced_step_s"] / row["measured_step_s"] - 1, 3)
     row["memory_error"] = round(row["predicted_peak_bytes"]
                                 / max(row["measured_peak_bytes"], 1) - 1, 3)
+    # what training adds: the peak over the resident size just before training
+    row["predicted_added_bytes"] = row["predicted_peak_bytes"] - row["resident_bytes"]
+    row["measured_added_bytes"] = row["measured_peak_bytes"] - row["resident_bytes"]
+    row["added_error"] = round(row["predicted_added_bytes"]
+                               / max(row["measured_added_bytes"], 1) - 1, 3)
     return row
 
 

@@ -77,20 +77,24 @@ def spread_experts(routed: dict[int, Any], budget: int) -> list[tuple[int, int]]
 
 
 def _build(spec: dict[str, Any]) -> Any:
-    from hfedmoe.config import ModelConfig
     from hfedmoe.models.registry import build_model
 
-    cfg = ModelConfig(name=spec.get("model", "minilm-moe"), expert_impl=spec["path"])
-    return build_model(cfg, "classification", spec.get("num_labels", 8))
+    return build_model(_model_config(spec), "classification", spec.get("num_labels", 8))
+
+
+def _model_config(spec: dict[str, Any]) -> Any:
+    """The spec's ModelConfig: its model, expert path and (when given) experts per layer and
+    top-k (the fine-grained model: 32 experts top-4)."""
+    from hfedmoe.config import ModelConfig
+
+    shape = {k: spec[k] for k in ("num_experts", "top_k") if spec.get(k)}
+    return ModelConfig(name=spec.get("model", "minilm-moe"), expert_impl=spec["path"], **shape)
 
 
 def _descriptor(model: Any, spec: dict[str, Any]) -> dict[str, Any]:
     """The row's model descriptor (:func:`benchmarks._common.model_descriptor`)."""
-    from hfedmoe.config import ModelConfig
-
-    return _common.model_descriptor(ModelConfig(name=spec.get("model", "minilm-moe")),
-                                    built=model, batch_size=spec["batch_size"],
-                                    seq_len=spec["seq_len"])
+    return _common.model_descriptor(_model_config({"path": "sorted", **spec}), built=model,
+                                    batch_size=spec["batch_size"], seq_len=spec["seq_len"])
 
 
 def _batch(model: Any, batch_size: int, seq_len: int, num_labels: int) -> dict[str, Any]:
@@ -256,6 +260,7 @@ def measure_round(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from device_agent.costs import measure_costs, release_freed_memory, resident_bytes
+    from device_agent.heap import heap_policy
     from device_agent.throughput import PeakRSSSampler
     from device_agent.train import round_batches, routing_pass, selection_sample
     from hfedmoe.config import DataConfig, MethodConfig, TrainConfig
@@ -301,14 +306,13 @@ def measure_round(spec: dict[str, Any]) -> dict[str, Any]:
     trainer = EagerTrainer(model, ranked, train_cfg, mcfg)
     encoded = [collate(task.train, idx, model.tokenizer, seq_len, pad_to_max_length=True)
                for idx in batches[: spec["warmup"] + spec["repeats"]]]
-    with PeakRSSSampler() as sampler:
-        for batch in encoded[: spec["warmup"]]:
-            trainer.step(batch)
     steps = []
-    for batch in encoded[spec["warmup"]:]:
-        t0 = time.perf_counter()
-        trainer.step(batch)
-        steps.append(time.perf_counter() - t0)
+    with PeakRSSSampler(interval=0.05) as sampler:  # the peak over every step of the round
+        for i, batch in enumerate(encoded):
+            t0 = time.perf_counter()
+            trainer.step(batch)
+            if i >= spec["warmup"]:
+                steps.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
     routing_pass(model, task.train, batches[:1], mcfg, train_cfg, seq_len, pad_to_max_length=True)
     return {
@@ -320,7 +324,8 @@ def measure_round(spec: dict[str, Any]) -> dict[str, Any]:
         "step_s": statistics.median(steps), "step_min_s": min(steps), "step_max_s": max(steps),
         "routing_batch_s": time.perf_counter() - t0,
         "predicted_peak_bytes": predicted_peak, "measured_peak_bytes": sampler.max_bytes,
-        "resident_bytes": resident, "step_samples_s": [round(t, 4) for t in steps],
+        "resident_bytes": resident, "heap": heap_policy(),
+        "step_samples_s": [round(t, 4) for t in steps],
         "cost": dataclasses.asdict(cost),
     }
 
@@ -336,6 +341,8 @@ def measure_in_subprocess(spec: dict[str, Any], timeout: float = 600,
         run = measure_round if spec.get("mode") == "round" else measure
         return {**spec, **run(spec), "isolated": False}
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    if spec.get("heap"):  # the C heap's policy of the worker (device_agent.heap)
+        env["HFEDMOE_HEAP"] = spec["heap"]
     proc = subprocess.run([sys.executable, "-m", "benchmarks.stepcost", json.dumps(spec)],
                           capture_output=True, text=True, timeout=timeout, env=env, check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]

@@ -42,6 +42,7 @@ from device_agent.budget import (
     plan_round,
     tokens_per_expert,
 )
+from device_agent.heap import bound_heap
 from device_agent.report import DeviceReport, time_scale
 from device_agent.throughput import StepCosts, _time_calls, measure_step_costs
 from hfedmoe.config import MethodConfig, TrainConfig
@@ -168,6 +169,7 @@ def measure_costs(model: MoEModel, batch_size: int, seq_len: int, optimizer: str
     ``adapter="lora"`` (with ``lora``, default rank 8) measures experts trained through LoRA
     factors instead of their weights.
     """
+    bound_heap()  # the resident size follows what training holds (device_agent.heap)
     lora = _lora_spec(adapter, lora)
     layer = model.layers[0]
     device = next(model.module.parameters()).device

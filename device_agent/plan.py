@@ -23,74 +23,24 @@ settings; ``hfedmoe profile`` prints them with the plan. Run
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
 from typing import Any
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
 from device_agent.budget import DEFAULT_MEMORY_MARGIN, CostModel, tokens_per_expert
-from device_agent.costs import _optimizer, decide_budget
+from device_agent.costs import decide_budget
 from device_agent.emulation import planned_budget
+from device_agent.timing import time_expert
 from device_agent.work import PlannedMode, planned_mode
 from hfedmoe.errors import ConfigError
-from hfedmoe.experts import Expert
-from hfedmoe.lora import ExpertFactors, LoRASpec
 from hfedmoe.models.base import MoEModel
 from hfedmoe.models.plan import MODES, QUANT_NOTE
 
 
-def _median_seconds(fn: Any, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def time_expert(model: MoEModel, tokens: int, optimizer: str = "adamw", rank: int = 8,
-                repeats: int = 3) -> dict[str, float]:
-    """Seconds of ONE expert of the model's real shape here: trained (forward, backward,
-    optimizer step), trained through rank-``rank`` LoRA factors, and frozen (forward and the
-    backward to its input), on ``tokens`` rows."""
-    with torch.device("cpu"):
-        expert = Expert(model.layers[0].bank.shape)
-    x = torch.randn(tokens, expert.shape.d_model)
-    full_opt = _optimizer(list(expert.parameters()), optimizer)
-    factors = ExpertFactors(expert.w_in, expert.w_out, LoRASpec(rank=rank))
-    lora_params = [p for n, p in expert.named_parameters() if n.startswith("b_")]
-    lora_params += list(factors.factors.values())
-    lora_opt = _optimizer(lora_params, optimizer)
-
-    def step(trained: list[torch.Tensor], opt: Any, with_factors: bool) -> None:
-        expert.requires_grad_(not with_factors)
-        for t in trained:
-            t.requires_grad_(True)
-        expert.factors = factors if with_factors else None
-        expert(x.clone().requires_grad_(True)).sum().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    def frozen() -> None:
-        expert.requires_grad_(False)
-        expert.factors = None
-        expert(x.clone().requires_grad_(True)).sum().backward()
-
-    out = {"full": _median_seconds(lambda: step(list(expert.parameters()), full_opt, False),
-                                   repeats),
-           "lora": _median_seconds(lambda: step(lora_params, lora_opt, True), repeats),
-           "frozen": _median_seconds(frozen, repeats)}
-    out["frozen"] = min(out["frozen"], out["full"], out["lora"])
-    return out
-
-
 def timed_cost(planned: PlannedMode, times: dict[str, float]) -> CostModel:
-    """A mode's cost model from one expert timed here (``time_expert``): the timed expert's
-    seconds, and the non-expert step and routing pass as their FLOPs at the rate the frozen
+    """A mode's cost model from one expert timed here over the mode's base
+    (:func:`device_agent.timing.time_expert`): the timed expert's seconds, and the non-expert step and routing pass as their FLOPs at the rate the frozen
     expert reached (forward and input gradient: its counted FLOPs over its time)."""
     work = planned.work
     flops_per_s = work.frozen_flops / max(times["frozen"], 1e-9)
@@ -121,11 +71,13 @@ def plan_costs(model: MoEModel, report: Any, batch: int, seq: int, window_s: flo
                margin: float = DEFAULT_MEMORY_MARGIN) -> dict[str, Any]:
     """The budget of every mode on ``report``'s device for a ``window_s`` round of ``steps``
     local steps: from the profile's rates when it is emulated, else from one expert timed here
-    (``times``, measured when not given)."""
+    over each mode's base (``times``: base -> :func:`~device_agent.timing.time_expert`'s
+    seconds, measured when not given)."""
     layer = model.layers[0]
     tokens = tokens_per_expert(batch, seq, layer.top_k, layer.num_experts)
-    if not report.emulated:
-        times = times or time_expert(model, tokens, optimizer, rank, repeats)
+    if not report.emulated and times is None:
+        times = {base: time_expert(layer.bank.shape, tokens, base, optimizer, rank, repeats)
+                 for base in dict.fromkeys(b for _, b in MODES)}
     modes = {}
     for adapter, base in MODES:
         planned = planned_mode(model, adapter, base, batch, seq, optimizer, rank)
@@ -138,12 +90,13 @@ def plan_costs(model: MoEModel, report: Any, batch: int, seq: int, window_s: flo
                 modes[name] = _not_runnable(planned, str(exc))
                 continue
         else:
-            budget = decide_budget(report, timed_cost(planned, times), window_s, steps,
+            budget = decide_budget(report, timed_cost(planned, times[base]), window_s, steps,
                                    host=host, margin_fraction=margin)
         modes[name] = _mode_row(planned, budget)
     how = ("every time from the profile's sustained rate for the mode's dtype and its memory "
            "bandwidth" if report.emulated else
-           "the non-expert step time from its FLOPs at the timed expert's rate")
+           "one expert timed here over each mode's base, the non-expert step time from its "
+           "FLOPs at that expert's rate")
     return {"model": str(model.info.get("source", model.family)), "family": model.family,
             "device": report.source, "batch": batch, "seq": seq, "tokens_per_expert": tokens,
             "lora_rank": rank, "window_s": window_s, "steps": steps, "margin": margin,
@@ -179,9 +132,10 @@ def _limit_text(m: dict[str, Any]) -> str:
 
 def print_plan_costs(costs: dict[str, Any]) -> None:
     t = costs["expert_seconds"]
-    timed = (f"; one expert here: full {t['full'] * 1e3:.1f} ms, LoRA r{costs['lora_rank']} "
-             f"{t['lora'] * 1e3:.1f} ms, frozen {t['frozen'] * 1e3:.1f} ms" if t else
-             f"; times from {costs['device']}'s rates")
+    timed = (f"; one expert timed here on {next(iter(t.values()))['device']}, LoRA "
+             f"r{costs['lora_rank']} / frozen per base: " + ", ".join(
+                 f"{b} {v['lora'] * 1e3:.1f} / {v['frozen'] * 1e3:.1f} ms" for b, v in t.items())
+             if t else f"; times from {costs['device']}'s rates")
     table = Table(title=f"{costs['model']} on {costs['device']}: a {costs['window_s'] / 60:g}-"
                         f"minute window of {costs['steps']} local steps, batch {costs['batch']} "
                         f"x seq {costs['seq']} ({costs['tokens_per_expert']} tokens per "

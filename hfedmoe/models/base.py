@@ -242,6 +242,13 @@ class MoEModel:
         setattr(expert, pk.param, param)
         self._params[key] = param
 
+    def rebind_parameters(self, fresh: Mapping[int, nn.Parameter]) -> None:
+        """Point every key whose tensor's ``id`` is in ``fresh`` at its new tensor (the
+        network already holds them: :func:`hfedmoe.models.materialize.materialize`)."""
+        for key, p in list(self._params.items()):
+            if id(p) in fresh:
+                self._params[key] = fresh[id(p)]
+
     def add_lora_base(self, path: str, linear: nn.Module, lora_only: bool) -> str:
         """List the weight of the base linear at module path ``path`` as a LoRA base under
         ``shared.{path}.weight`` (registered as a federated tensor if it is not one yet;

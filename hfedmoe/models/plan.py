@@ -95,7 +95,7 @@ def _quantized_bytes(shape: tuple[int, int], mode: str) -> int:
     rows, cols = shape
     if mode == "int4" and int4_packable(shape, torch.device("cpu")):
         return rows * cols // 2 + rows * (cols // INT4_GROUP_SIZE) * 2 * 2  # bf16 scale + zero
-    return rows * cols + rows * 4  # int8 + an fp32 scale per output row
+    return rows * cols + rows * 5  # int8, an fp32 scale and an int8 zero point per output row
 
 
 def _frozen_linear_weights(model: MoEModel) -> list[tuple[int, int]]:

@@ -256,6 +256,20 @@ def test_peak_sampler_sees_a_transient_peak() -> None:
     assert sampler.peak_bytes == 900
 
 
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux peak RSS only")
+def test_peak_rss_catches_a_spike_between_samples() -> None:
+    # a 64 MiB buffer written and freed while the sampling thread sleeps: only the kernel's
+    # high-water mark sees it
+    with PeakRSSSampler(interval=60.0) as sampler:
+        big = torch.ones(16 * 1024 * 1024)
+        del big
+    with PeakRSSSampler(interval=60.0, kernel_peak=False) as sampled:
+        big = torch.ones(16 * 1024 * 1024)
+        del big
+    assert sampler.peak_bytes >= 60 * 2**20
+    assert sampled.peak_bytes < 60 * 2**20
+
+
 def test_step_costs_of_an_mlp_closure() -> None:
     torch.manual_seed(0)
     mlp = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.SiLU(), torch.nn.Linear(64, 32))
