@@ -18,6 +18,11 @@ routed tokens) for real steps at a small batch, and compares with the plan for t
 
     python -m benchmarks.realsize [--model examples/models/olmoe-1b-7b-0924] [--quantize int4]
         [--budgets 16,128,1024] [--batch 1] [--seq 128] [--steps 3] [--threads 2] [--out F]
+        [--device cuda] [--layers N]
+
+``--device cuda`` builds and trains on the GPU (memory: the CUDA allocator's, and the process's
+RSS beside it); ``--layers N`` keeps the first N decoder layers at the real widths
+(``tools/gpu_check.py`` runs a tiny and a mid-size model this way).
 
 It needs about 8 GB of memory for OLMoE and minutes on a laptop CPU: it is not in the test run.
 """
@@ -37,10 +42,28 @@ from benchmarks import _common
 EXAMPLE = "examples/models/olmoe-1b-7b-0924"
 
 
-def build(path: str, quantize: str, seed: int) -> tuple[Any, dict[str, Any]]:
+def truncated_dir(path: str, layers: int, into: str) -> str:
+    """A copy of ``path``'s config.json with only its first ``layers`` decoder layers."""
+    import json
+    from pathlib import Path
+
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    full = cfg["num_hidden_layers"]
+    cfg = {k: (v[:layers] if isinstance(v, list) and len(v) == full else v)
+           for k, v in cfg.items()}
+    cfg["num_hidden_layers"] = layers
+    (Path(into) / "config.json").write_text(json.dumps(cfg))
+    return into
+
+
+def build(path: str, quantize: str, seed: int, device: str = "cpu"
+          ) -> tuple[Any, dict[str, Any]]:
     """The model of ``path`` at its real size with random weights, stored as a device holds it
-    with ``model.quantize = quantize``; the resident size before and after, the build's time."""
-    from device_agent.costs import release_freed_memory, resident_bytes
+    with ``model.quantize = quantize`` (``"none"``: fp32); what the process held before and
+    after (:func:`device_agent.costs.held_bytes`), the build's time."""
+    import torch
+
+    from device_agent.costs import held_bytes, release_freed_memory
     from device_agent.heap import bound_heap
     from hfedmoe.models.materialize import materialize
     from hfedmoe.models.plan import build_meta_model
@@ -48,29 +71,33 @@ def build(path: str, quantize: str, seed: int) -> tuple[Any, dict[str, Any]]:
 
     bound_heap()
     release_freed_memory()
-    before = resident_bytes()
+    dev = torch.device(device)
+    before = held_bytes(dev)
     t0 = time.perf_counter()
-    model = materialize(build_meta_model(path), quantize, seed)
+    model = materialize(build_meta_model(path), quantize, seed, device=dev)
     report = quantize_model(model, quantize)
     release_freed_memory()
     return model, {"resident_before_build_bytes": before, "resident_after_build_bytes":
-                   resident_bytes(), "build_s": round(time.perf_counter() - t0, 1),
+                   held_bytes(dev), "build_s": round(time.perf_counter() - t0, 1),
                    "quantized": report.to_dict()}
 
 
-def plan_here(path: str, quantize: str, batch: int, seq: int, rank: int) -> tuple[Any, Any,
-                                                                                 dict[str, Any]]:
+def plan_here(path: str, quantize: str, batch: int, seq: int, rank: int,
+              device: str = "cpu") -> tuple[Any, Any, dict[str, Any]]:
     """The plan of the LoRA-over-``quantize`` mode for this machine: the mode counted from the
     config, one expert timed here over that base."""
+    import torch
+
     from device_agent.plan import timed_cost
     from device_agent.timing import time_expert
     from device_agent.work import planned_mode
     from hfedmoe.models.plan import build_meta_model
 
     meta = build_meta_model(path)
-    planned = planned_mode(meta, "lora", quantize, batch, seq, rank=rank)
-    times = time_expert(meta.layers[0].bank.shape, planned.memory.expert_rows, quantize,
-                        rank=rank, repeats=5)
+    base = "fp32" if quantize == "none" else quantize
+    planned = planned_mode(meta, "lora", base, batch, seq, rank=rank)
+    times = time_expert(meta.layers[0].bank.shape, planned.memory.expert_rows, base,
+                        rank=rank, repeats=5, device=torch.device(device))
     return planned, timed_cost(planned, times), times
 
 
@@ -79,6 +106,7 @@ def random_batch(model: Any, batch: int, seq: int, seed: int) -> dict[str, Any]:
 
     vocab = model.module.config.vocab_size
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    ids = ids.to(next(model.module.parameters()).device)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
@@ -86,7 +114,8 @@ def routed_rows(model: Any, batch: dict[str, Any], dtype: Any) -> dict[Any, floa
     """Token rows each expert gets in one forward of ``batch`` (the round's routing pass)."""
     import torch
 
-    with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32), \
+    device = batch["input_ids"].device.type
+    with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32), \
             model.capture(batch["attention_mask"]) as cap:
         model.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     from hfedmoe.names import ExpertId
@@ -97,15 +126,23 @@ def routed_rows(model: Any, batch: dict[str, Any], dtype: Any) -> dict[Any, floa
 
 def measure(model: Any, chosen: list[Any], batches: list[dict[str, Any]], rank: int,
             dtype: str) -> dict[str, Any]:
-    """Train LoRA factors on ``chosen`` over ``batches`` (the first a warm-up): the resident
-    size before, the peak over every step, the steps' seconds."""
-    from device_agent.costs import release_freed_memory, resident_bytes
+    """Train LoRA factors on ``chosen`` over ``batches`` (the first a warm-up): what the
+    process held before, its peak over every step (on CUDA the allocator's, with the RSS peak
+    beside it), the steps' seconds."""
+    import torch
+
+    from device_agent.costs import held_bytes, release_freed_memory
     from device_agent.throughput import PeakRSSSampler
     from hfedmoe.config import MethodConfig, TrainConfig
     from hfedmoe.trainer import EagerTrainer
 
     release_freed_memory()
-    resident = resident_bytes()
+    device = batches[0]["input_ids"].device
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    resident = held_bytes(device)
     cfg = TrainConfig(batch_size=batches[0]["input_ids"].shape[0], lr=1e-4, adapter="lora",
                       lora_rank=rank, lora_alpha=2.0 * rank, dtype=dtype)
     steps = []
@@ -114,12 +151,16 @@ def measure(model: Any, chosen: list[Any], batches: list[dict[str, Any]], rank: 
         for i, b in enumerate(batches):
             t0 = time.perf_counter()
             trainer.step(b)
+            if cuda:
+                torch.cuda.synchronize(device)
             if i:
                 steps.append(time.perf_counter() - t0)
+    top = torch.cuda.max_memory_allocated(device) if cuda else peak.max_bytes
     trainer.deltas()  # the round ends: factors leave the model
     del trainer
-    return {"resident_bytes": resident, "measured_peak_bytes": peak.max_bytes,
-            "step_s": statistics.median(steps), "step_samples_s": [round(s, 2) for s in steps]}
+    return {"resident_bytes": resident, "measured_peak_bytes": top,
+            "process_peak_rss_bytes": peak.max_bytes, "device": device.type,
+            "step_s": statistics.median(steps), "step_samples_s": [round(s, 3) for s in steps]}
 
 
 def budget_row(model: Any, cost: Any, c: int, rows: dict[Any, float], batches: list[Any],
@@ -148,15 +189,22 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    planned, cost, times = plan_here(args.model, args.quantize, args.batch, args.seq, args.rank)
-    model, built = build(args.model, args.quantize, args.seed)
+    path = args.model
+    if args.layers:
+        import tempfile
+
+        path = truncated_dir(args.model, args.layers, tempfile.mkdtemp(prefix="realsize-"))
+    planned, cost, times = plan_here(path, args.quantize, args.batch, args.seq, args.rank,
+                                     args.device)
+    model, built = build(path, args.quantize, args.seed, args.device)
     weights = built["resident_after_build_bytes"] - built["resident_before_build_bytes"]
     batches = [random_batch(model, args.batch, args.seq, args.seed + i)
                for i in range(args.steps)]
     dtype = "bfloat16" if planned.dtype == "bfloat16" else "float32"
     rows = routed_rows(model, batches[0], getattr(torch, dtype))
     env = _common.environment()
-    head = {"bench": "realsize", "model": args.model, "quantize": args.quantize,
+    head = {"bench": "realsize", "model": args.model, "layers": args.layers or None,
+            "device": args.device, "quantize": args.quantize,
             "adapter": "lora", "lora_rank": args.rank, "batch_size": args.batch,
             "seq_len": args.seq, "train_dtype": dtype, "threads": args.threads,
             "params": planned.model_params, "expert_seconds": times,
@@ -174,7 +222,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=EXAMPLE, help="a model directory (config.json)")
-    p.add_argument("--quantize", default="int4", choices=("int8", "int4"))
+    p.add_argument("--quantize", default="int4", choices=("none", "int8", "int4"),
+                   help="how the frozen base is stored (none: fp32)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--layers", type=int, default=0,
+                   help="keep the first N decoder layers (0: all)")
     p.add_argument("--budgets", default="16,128,1024", help="comma list of C")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=128)

@@ -185,7 +185,9 @@ class DeviceAgent:
             assignment=assignment, on_step=self._on_step,
             # an emulated device plans in its own (scaled) memory: the host's RSS is not it
             planner=make_planner(budget, enforce=strategy.uses_budget,
-                                 resident=0 if self.capacity.report.emulated else None),
+                                 resident=0 if self.capacity.report.emulated else None,
+                                 device=next(self.model.module.parameters()).device,
+                                 unified_memory=self.capacity.report.unified_memory),
             runtime=self.cfg.runtime,
             prior={ExpertId.parse(e): v for e, v in ann.prior.items()} or None))
         update = self.privacy.release(self._stamped(result, down))  # the metadata policy

@@ -131,7 +131,8 @@ class Capacity:
                     next(self.model.module.parameters()).device, cfg.matmul_seconds))
             return measure_costs(self.model, batch_size, seq_len, train.optimizer,
                                  train.detach_frozen, adapter=train.adapter,
-                                 lora=LoRASpec(train.lora_rank, train.lora_alpha))
+                                 lora=LoRASpec(train.lora_rank, train.lora_alpha),
+                                 unified_memory=self.report.unified_memory)
 
     def decide(self, deadline_s: float, train: TrainConfig) -> Any:
         """The budget for a round of ``deadline_s`` seconds of training with ``train``."""

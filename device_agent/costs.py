@@ -163,11 +163,13 @@ def _model_steps(model: MoEModel, batch: dict[str, torch.Tensor], optimizer: str
 
 def measure_costs(model: MoEModel, batch_size: int, seq_len: int, optimizer: str = "adamw",
                   detach_frozen: bool = False, repeats: int = 5, adapter: str = "full",
-                  lora: LoRASpec | None = None) -> MeasuredCosts:
+                  lora: LoRASpec | None = None, unified_memory: bool = False) -> MeasuredCosts:
     """Time one expert (trained and frozen) and the non-expert step of ``model`` here.
 
     ``adapter="lora"`` (with ``lora``, default rank 8) measures experts trained through LoRA
-    factors instead of their weights.
+    factors instead of their weights. On CUDA the baseline and a step's growth are the
+    allocator's (:func:`held_bytes`; ``unified_memory`` adds the process's RSS, as on a
+    Jetson).
     """
     bound_heap()  # the resident size follows what training holds (device_agent.heap)
     lora = _lora_spec(adapter, lora)
@@ -176,7 +178,7 @@ def measure_costs(model: MoEModel, batch_size: int, seq_len: int, optimizer: str
     tokens = tokens_per_expert(batch_size, seq_len, layer.top_k, layer.num_experts)
     run_expert, run_frozen = _expert_steps(layer.bank.shape, tokens, device, optimizer,
                                            detach_frozen, lora)
-    baseline = resident_bytes()  # the process before any training state exists
+    baseline = held_bytes(device, unified_memory)  # before any training state exists
     batch = {k: v.to(device) for k, v in _sample_batch(model, batch_size, seq_len).items()}
     run_rest, run_routing, run_step = _model_steps(model, batch, optimizer)
 
@@ -294,6 +296,17 @@ def release_freed_memory() -> None:
         pass
 
 
+def held_bytes(device: torch.device | None = None, unified_memory: bool = False) -> int:
+    """What this process holds now in the memory its training budget is limited by: on a
+    discrete CUDA GPU the bytes its allocator has allocated there (weights and activations
+    live there; host RSS is another memory); elsewhere its resident memory, plus its CUDA
+    allocations on a unified-memory device (a Jetson's GPU allocates from the same RAM)."""
+    if device is not None and device.type == "cuda":
+        gpu = int(torch.cuda.memory_allocated(device))
+        return gpu if not unified_memory else resident_bytes() + gpu
+    return resident_bytes()
+
+
 def resident_bytes() -> int:
     """This process's resident memory now (0 where psutil cannot tell)."""
     try:
@@ -374,7 +387,7 @@ def decide_budget(report: DeviceReport, cost: CostModel, deadline_s: float, step
     return budget_from_report(report, cost, deadline_s, max(1, steps_per_round), cap=cap,
                               margin_fraction=margin_fraction, routing_batches=routing_batches,
                               min_experts=min_experts, training_quota_bytes=quota or None,
-                              held_bytes=0 if report.emulated else report.process_rss_bytes)
+                              held_bytes=0 if report.emulated else report.held_bytes())
 
 
 def steps_per_round(num_examples: int, batch_size: int, epochs: int, max_steps: int = 0) -> int:
@@ -391,18 +404,20 @@ def round_limits(budget: Budget, resident: int = 0) -> tuple[CostModel, Limits]:
     return cost, budget.limits
 
 
-def make_planner(budget: Budget, enforce: bool = True, resident: int | None = None
+def make_planner(budget: Budget, enforce: bool = True, resident: int | None = None,
+                 device: torch.device | None = None, unified_memory: bool = False
                  ) -> Callable[[Any, Any], RoundPlan]:
     """``planner(selection, routing_stats)`` for :func:`device_agent.train.train_round`:
     the prefix of the selection (and the steps) that fit memory and the window under the
     routing the round's routing pass measured (:func:`device_agent.budget.plan_round`).
 
-    ``resident`` is the process's resident memory before training (measured now when None;
-    0 keeps the budget's baseline, e.g. for an emulated device).
+    ``resident`` is what the process holds before training (measured now when None, in the
+    memory the budget plans with on ``device``: :func:`held_bytes`; 0 keeps the budget's
+    baseline, e.g. for an emulated device).
     """
     if resident is None:
         release_freed_memory()  # the last round's freed state is not resident any more
-        resident = resident_bytes()
+        resident = held_bytes(device, unified_memory)
     cost, limits = round_limits(budget, resident)
 
     def planner(selection: Any, stats: Any) -> RoundPlan:

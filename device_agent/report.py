@@ -41,6 +41,7 @@ class DeviceReport:
         gpu_name: CUDA device name.
         gpu_memory_total_bytes: CUDA memory in total.
         gpu_memory_free_bytes: CUDA memory free at probe time.
+        gpu_memory_held_bytes: CUDA memory this process's allocator held at probe time (live).
         unified_memory: the GPU shares system memory (Jetson): budget against system memory.
         board: board name from the device tree (Jetson, Raspberry Pi).
         power_mode: Jetson nvpmodel mode name or id.
@@ -84,6 +85,7 @@ class DeviceReport:
     gpu_name: str | None = None
     gpu_memory_total_bytes: int | None = None
     gpu_memory_free_bytes: int | None = None
+    gpu_memory_held_bytes: int | None = None
     unified_memory: bool = False
     board: str | None = None
     power_mode: str | None = None
@@ -128,6 +130,21 @@ class DeviceReport:
         if self.app_memory_limit_bytes is not None and self.memory_available_bytes is not None:
             return min(self.memory_available_bytes, self.app_memory_limit_bytes)
         return self.memory_available_bytes
+
+    @property
+    def discrete_gpu(self) -> bool:
+        """Training runs on a GPU with memory of its own (not a Jetson's shared RAM)."""
+        return self.accelerator == "cuda" and not self.unified_memory
+
+    def held_bytes(self) -> int | None:
+        """What this process held at probe time in the memory a budget plans with: its CUDA
+        allocations on a discrete GPU; its resident memory plus its CUDA allocations (which
+        come from the same RAM) elsewhere."""
+        if self.discrete_gpu and self.gpu_memory_free_bytes is not None:
+            return self.gpu_memory_held_bytes or 0
+        if self.process_rss_bytes is None:
+            return None
+        return self.process_rss_bytes + (self.gpu_memory_held_bytes or 0)
 
     def gflops(self, dtype: str = "float32") -> float | None:
         """Sustained matmul GFLOP/s for ``dtype``, or None if not measured."""

@@ -94,7 +94,8 @@ def _cuda_info() -> dict[str, Any]:
     if not torch.cuda.is_available():
         raise pr.ProbeUnavailable("CUDA not available")
     free, total = torch.cuda.mem_get_info()
-    return {"name": torch.cuda.get_device_name(), "free": int(free), "total": int(total)}
+    return {"name": torch.cuda.get_device_name(), "free": int(free), "total": int(total),
+            "held": int(torch.cuda.memory_allocated())}
 
 
 def _cores(log: pr.ProbeLog, live: bool, cpu: Mapping[str, Any]) -> tuple[int | None, int | None]:
@@ -171,7 +172,8 @@ def _compute(log: pr.ProbeLog, root: Path, env: Mapping[str, str], system: str,
 def _gpu(cuda: Mapping[str, Any] | None) -> dict[str, Any]:
     """The :class:`DeviceReport`'s GPU fields from the CUDA probe (None: no GPU)."""
     return {"gpu_name": cuda and cuda["name"], "gpu_memory_total_bytes": cuda and cuda["total"],
-            "gpu_memory_free_bytes": cuda and cuda["free"]}
+            "gpu_memory_free_bytes": cuda and cuda["free"],
+            "gpu_memory_held_bytes": cuda and cuda.get("held")}
 
 
 def _power_and_heat(log: pr.ProbeLog, root: Path, live: bool) -> dict[str, Any]:

@@ -28,8 +28,8 @@ def _expert_weights(model: MoEModel) -> set[int]:
 
 
 def _random(p: nn.Parameter, name: str, std: float, gen: torch.Generator,
-            dtype: torch.dtype) -> torch.Tensor:
-    t = torch.empty(p.shape, dtype=dtype)
+            dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    t = torch.empty(p.shape, dtype=dtype, device=device)
     if name.endswith("bias"):
         return t.zero_()
     if p.dim() == 1:  # norms' scales
@@ -37,7 +37,7 @@ def _random(p: nn.Parameter, name: str, std: float, gen: torch.Generator,
     return t.normal_(0.0, std, generator=gen)
 
 
-def _rebuild_buffers(model: MoEModel) -> None:
+def _rebuild_buffers(model: MoEModel, device: torch.device) -> None:
     """Modules whose buffers are still on the meta device (rotary frequencies, computed in
     ``__init__``), built again on the CPU from the model's config."""
     cfg = getattr(model.module, "config", None)
@@ -45,7 +45,7 @@ def _rebuild_buffers(model: MoEModel) -> None:
         if not any(b.is_meta for b in mod.buffers(recurse=False)):
             continue
         try:
-            with torch.device("cpu"):
+            with torch.device(device):
                 fresh = type(mod)(config=cfg)
         except Exception as exc:  # noqa: BLE001 - any constructor that cannot take the config
             raise ModelError(f"{path}: cannot rebuild its buffers on the CPU "
@@ -54,14 +54,16 @@ def _rebuild_buffers(model: MoEModel) -> None:
         setattr(model.module.get_submodule(parent) if parent else model.module, child, fresh)
 
 
-def materialize(model: MoEModel, quantize: str = "none", seed: int = 0) -> MoEModel:
+def materialize(model: MoEModel, quantize: str = "none", seed: int = 0,
+                device: str | torch.device = "cpu") -> MoEModel:
     """Give every meta tensor of ``model`` random values on the CPU, in place (module doc).
 
     Args:
         quantize: ``"none"``, ``"int8"`` or ``"int4"``: how expert weights are stored (frozen:
             they train only through LoRA factors then). Other weights are fp32; store them
             quantized with :func:`hfedmoe.models.quantize.quantize_model` afterwards.
-        seed: the random values' seed.
+        seed: the random values' seed (values differ between devices).
+        device: where the tensors live (``"cuda"``: on the GPU, with no host copy).
 
     Raises:
         ConfigError: a bad ``quantize``.  ModelError: a buffer that cannot be rebuilt.
@@ -69,7 +71,8 @@ def materialize(model: MoEModel, quantize: str = "none", seed: int = 0) -> MoEMo
     check_mode(quantize)
     cfg = getattr(model.module, "config", None)
     std = float(getattr(cfg, "initializer_range", 0.02) or 0.02)
-    gen = torch.Generator().manual_seed(seed)
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
     experts = _expert_weights(model) if quantize != "none" else set()
     fresh: dict[int, nn.Parameter] = {}
     for mod in model.module.modules():
@@ -79,15 +82,15 @@ def materialize(model: MoEModel, quantize: str = "none", seed: int = 0) -> MoEMo
             if id(p) not in fresh:  # a tied weight gets the tensor of its first use
                 if id(p) in experts:
                     w = _random(p, name, std, gen, torch.bfloat16 if quantize == "int4"
-                                else torch.float32)
+                                else torch.float32, device)
                     fresh[id(p)] = nn.Parameter(quantize_weight(w, quantize), requires_grad=False)
                     del w
                 else:
-                    fresh[id(p)] = nn.Parameter(_random(p, name, std, gen, torch.float32),
-                                                requires_grad=p.requires_grad)
+                    fresh[id(p)] = nn.Parameter(_random(p, name, std, gen, torch.float32,
+                                                        device), requires_grad=p.requires_grad)
             mod._parameters[name] = fresh[id(p)]
     model.rebind_parameters(fresh)
-    _rebuild_buffers(model)
+    _rebuild_buffers(model, device)
     release_freed_memory()
     model.info["weights"] = f"random (seed {seed}), experts stored {quantize}"
     return model
