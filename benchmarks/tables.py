@@ -145,6 +145,45 @@ def budget_lora(rows: Rows) -> str:
                   for (a, q), r in rnd.items()])
 
 
+@region("budget-adds", "budget-added.jsonl",
+        "python -m benchmarks.budget --adapters full,lora --threads 1 --seq-len 64 --repeats 4 "
+        "--heap bounded,dynamic --out benchmarks/results/budget-added.jsonl; the same with "
+        "--experts 32 --top-k 4 --heap bounded (the fine-grained model)",
+        select=lambda r: r.get("kind") == "round")
+def budget_adds(rows: Rows) -> str:
+    def experts(r: dict[str, Any]) -> str:
+        d = r.get("descriptor") or {}
+        return f"{d.get('experts_per_layer', '?')} top-{d.get('top_k', '?')}"
+
+    return table(["experts/layer", "adapter", "heap", "C", "adds: predicted MB",
+                  "measured MB", "error", "whole-process peak error", "step error"],
+                 [[experts(r), r["adapter"], r["heap"], r["budget"],
+                   mb(r["predicted_added_bytes"]), mb(r["measured_added_bytes"]),
+                   pct(r["added_error"]), pct(r["memory_error"]), pct(r["step_error"])]
+                  for r in rows])
+
+
+@region("realsize", "realsize.jsonl",
+        "python -m benchmarks.realsize --budgets 16,128,1024 --threads 2 --steps 3 "
+        "--out benchmarks/results/realsize.jsonl",
+        select=lambda r: r.get("kind") == "round")
+def realsize(rows: Rows) -> str:
+    r0 = rows[0]
+    head = (f"{Path(r0['model']).name}, {r0['params'] / 1e9:.2f} B parameters, LoRA "
+            f"r{r0['lora_rank']} over an {r0['quantize']} base on {r0['device']}, batch "
+            f"{r0['batch_size']} x {r0['seq_len']}, {r0['train_dtype']}; weights planned "
+            f"{r0['predicted_weight_bytes'] / 2**30:.2f} GiB, measured "
+            f"{r0['measured_weight_bytes'] / 2**30:.2f} GiB ({pct(r0['weight_error'])}).\n\n")
+    return head + table(
+        ["C", "adds: predicted MiB", "measured MiB", "error", "peak: predicted GiB",
+         "measured GiB", "error", "step: predicted s", "measured s", "error"],
+        [[r["budget"], f"{r['predicted_added_bytes'] / 2**20:.0f}",
+          f"{r['measured_added_bytes'] / 2**20:.0f}", pct(r["added_error"]),
+          f"{r['predicted_peak_bytes'] / 2**30:.2f}", f"{r['measured_peak_bytes'] / 2**30:.2f}",
+          pct(r["peak_error"]), f2(r["predicted_step_s"]), f2(r["step_s"]),
+          pct(r["step_error"])] for r in rows])
+
+
 @region("detach", "detach.jsonl",
         "python -m benchmarks.detach --steps 30 --out benchmarks/results/detach.jsonl",
         default=DEFAULT_MODEL)
