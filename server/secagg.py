@@ -98,10 +98,10 @@ class SecAggServer:
                allowed: Any) -> None:
         if round_key != self.round_key:
             raise ReplayError(f"{client}: round key is not this round's")
-        if self.phase != phase:
-            raise SecAggError(f"{client}: {phase} message while the round is in {self.phase}")
         if client in seen:
             raise ReplayError(f"{client}: second {phase} message")
+        if self.phase != phase:
+            raise SecAggError(f"{client}: {phase} message while the round is in {self.phase}")
         if allowed is not None and client not in allowed:
             raise SecAggError(f"{client}: not in this phase's set of clients")
 
