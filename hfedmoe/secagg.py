@@ -33,7 +33,6 @@ Shamir secret sharing is pycryptodome's (:class:`Crypto.Protocol.SecretSharing.S
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from dataclasses import dataclass
 from itertools import combinations
@@ -47,8 +46,9 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from hfedmoe.errors import ConfigError, SecAggError
+from hfedmoe.errors import SecAggError
 from hfedmoe.names import parse_key
+from hfedmoe.secagg_config import SecAggConfig
 
 KEY_BYTES = 32  # X25519 keys, seeds, AES-256 keys
 ROUND_KEY_BYTES = 16  # the server's fresh per-round nonce
@@ -57,60 +57,7 @@ _RAW = serialization.Encoding.Raw
 _RAW_PUB = serialization.PublicFormat.Raw
 _RAW_PRIV = serialization.PrivateFormat.Raw
 
-
-@dataclass(frozen=True)
-class SecAggConfig:
-    """Secure aggregation settings (``[secagg]``; off by default).
-
-    Attributes:
-        enabled: aggregate through the masked protocol instead of plain updates.
-        min_contributors: k, the fewest contributors a unit's sum is revealed for (>= 2).
-        dropout_fraction: the share of a client's n - 1 share holders that may drop before
-            unmasking; the Shamir threshold is ``t = h - floor(dropout_fraction * h)``. Below 0.5
-            so that t is a strict majority of the holders.
-        frac_bits: fixed-point fraction bits of the quantization.
-        clip: deltas are clipped element-wise to ``[-clip, clip]`` before weighting.
-        max_weight: the largest weight a client may use (|D_c|, P(c) or their product).
-        max_clients: the most contributors a unit may have; with the bounds above it must keep
-            every sum inside the 64-bit ring.
-        sim_drop_before_input: simulator only: clients per round that drop after sharing keys
-            and before sending their masked input (their update is lost).
-        sim_drop_before_unmask: simulator only: clients per round that drop after sending their
-            masked input and before unmasking (their update still counts).
-    """
-
-    enabled: bool = False
-    min_contributors: int = 3
-    dropout_fraction: float = 0.3
-    frac_bits: int = 32
-    clip: float = 4.0
-    max_weight: float = 131072.0
-    max_clients: int = 1024
-    sim_drop_before_input: int = 0
-    sim_drop_before_unmask: int = 0
-
-    def __post_init__(self) -> None:
-        if not 2 <= self.min_contributors <= 1 << 16:
-            raise ConfigError("secagg.min_contributors must be in [2, 65536]")
-        if not 0.0 <= self.dropout_fraction < 0.5:
-            raise ConfigError("secagg.dropout_fraction must be in [0, 0.5)")
-        if not 8 <= self.frac_bits <= 48:
-            raise ConfigError("secagg.frac_bits must be in [8, 48]")
-        if not (self.clip > 0 and self.max_weight >= 1 and self.max_clients >= 2):
-            raise ConfigError("secagg.clip must be > 0, secagg.max_weight >= 1 and "
-                              "secagg.max_clients >= 2")
-        bits = (math.log2(self.max_clients) + math.log2(self.max_weight)
-                + math.log2(max(self.clip, 1.0)) + self.frac_bits)
-        if bits > 62:
-            raise ConfigError(f"secagg: max_clients * max_weight * clip * 2^frac_bits needs "
-                              f"{bits:.1f} bits, more than the 62 a 64-bit sum may use")
-        if self.sim_drop_before_input < 0 or self.sim_drop_before_unmask < 0:
-            raise ConfigError("secagg.sim_drop_before_input and sim_drop_before_unmask must "
-                              "be >= 0")
-
-    def threshold(self, holders: int) -> int:
-        """Shamir threshold t for ``holders`` share holders (at least 1)."""
-        return max(1, holders - math.floor(self.dropout_fraction * holders))
+__all__ = ["SecAggConfig"]  # re-exported: the settings live in hfedmoe.secagg_config
 
 
 def unit_of(key: str) -> str:

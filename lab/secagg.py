@@ -155,6 +155,7 @@ class SecureAggregator:
             return {}
         return {"revealed_units": len(self.outcome.revealed),
                 "withheld": _count(self.outcome.withheld.values()),
+                "withheld_units": dict(sorted(self.outcome.withheld.items())),
                 "dropped": list(self.outcome.dropped), **self.cost.to_dict()}
 
 

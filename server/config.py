@@ -17,6 +17,7 @@ from hfedmoe.config import (
 )
 from hfedmoe.eligibility import EligibilityConfig
 from hfedmoe.errors import ConfigError
+from hfedmoe.secagg_config import SecAggConfig
 from hfedmoe.transport.config import TransportConfig
 from hfedmoe.transport.topics import check_id
 from hfedmoe.wire import WireConfig
@@ -248,6 +249,8 @@ class ServerConfig:
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     eligibility: EligibilityConfig = field(default_factory=EligibilityConfig)
+    # expert-level secure aggregation (off by default; docs/security.md)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
     def __post_init__(self) -> None:
         check_id(self.run_id, "run id")
