@@ -327,6 +327,7 @@ def _round(sim: _Simulation, r: int) -> dict[str, Any]:
     report = aggregator.report()
     if tally.accepted:  # every device may sit out (privacy budgets spent): the model stays
         sim.global_state = aggregator.finalize(sim.global_state)
+    if tally.accepted and not sim.cfg.secagg.enabled:  # the prior needs per-client usage
         sim.prior = routing_prior(sim.prior, tally.usage,
                                   {d.id: len(sim.shards[d.index]) for d in chosen})
     agg_s = time.perf_counter() - t0
