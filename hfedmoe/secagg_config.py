@@ -26,6 +26,9 @@ class SecAggConfig:
         max_weight: the largest weight a client may use (|D_c|, P(c) or their product).
         max_clients: the most contributors a unit may have; with the bounds above it must keep
             every sum inside the 64-bit ring.
+        phase_timeout_s: how long the server waits for a phase's messages after training
+            (advertisements are due by the round's deadline); who has not answered by then
+            counts as dropped.
         sim_drop_before_input: simulator only: clients per round that drop after sharing keys
             and before sending their masked input (their update is lost).
         sim_drop_before_unmask: simulator only: clients per round that drop after sending their
@@ -39,6 +42,7 @@ class SecAggConfig:
     clip: float = 4.0
     max_weight: float = 131072.0
     max_clients: int = 1024
+    phase_timeout_s: float = 60.0
     sim_drop_before_input: int = 0
     sim_drop_before_unmask: int = 0
 
@@ -57,6 +61,8 @@ class SecAggConfig:
         if bits > 62:
             raise ConfigError(f"secagg: max_clients * max_weight * clip * 2^frac_bits needs "
                               f"{bits:.1f} bits, more than the 62 a 64-bit sum may use")
+        if not self.phase_timeout_s > 0:
+            raise ConfigError("secagg.phase_timeout_s must be > 0")
         if self.sim_drop_before_input < 0 or self.sim_drop_before_unmask < 0:
             raise ConfigError("secagg.sim_drop_before_input and sim_drop_before_unmask must "
                               "be >= 0")

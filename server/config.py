@@ -254,6 +254,9 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         check_id(self.run_id, "run id")
+        if self.secagg.enabled and self.ingest.workers:
+            raise ConfigError("secagg.enabled needs ingest.workers = 0: the coordinator takes "
+                              "every message of a secure round itself")
         if self.eval_batch_size < 1 or self.max_eval_examples < 0:
             raise ConfigError("eval_batch_size must be >= 1 and max_eval_examples >= 0")
         if self.eval_generate_examples < 0 or not 1 <= self.eval_max_new_tokens <= 4096:
