@@ -182,6 +182,7 @@ class SecAggClient:
         if self.client not in survivors or survivors | dropped != self._u2:
             raise SecAggError(f"{self.client}: survivors and dropped do not split the round")
         seeds: list[tuple[str, str, bytes]] = []
+        own = []
         for unit in request.units:
             decl = self._units_any(unit)
             alive = [m for m in decl.members if m in survivors]
@@ -190,9 +191,11 @@ class SecAggClient:
                                   f"contributors (< k)")
             seeds += [(m, unit, dict(self._held[m].seed_shares)[unit]) for m in alive
                       if m != self.client and unit in dict(self._held[m].seed_shares)]
+            if self.client in alive:
+                own.append((unit, self._seeds[unit]))
         keys = tuple((d, self._held[d].key_share) for d in sorted(dropped) if d in self._held)
         self._next()
-        return UnmaskResponse(self.round_key, self.client, keys, tuple(seeds))
+        return UnmaskResponse(self.round_key, self.client, keys, tuple(seeds), tuple(own))
 
     def _units_any(self, unit: str) -> UnitDecl:
         assert self._roster is not None

@@ -383,6 +383,9 @@ class UnmaskResponse:
     client: str
     key_shares: tuple[tuple[str, bytes], ...]  # (dropped owner, share of its mask key)
     seed_shares: tuple[tuple[str, str, bytes], ...]  # (survivor owner, unit, share)
+    # the responder's own seeds of the units to reveal: the server checks them against their
+    # commitments and rebuilds from shares only the seeds of survivors that did not respond
+    own_seeds: tuple[tuple[str, bytes], ...] = ()
     KIND = 8
 
     def __repr__(self) -> str:
@@ -393,7 +396,8 @@ class UnmaskResponse:
         return _frame(self.KIND, {
             "round_key": self.round_key.hex(), "client": self.client,
             "keys": [[o, s.hex()] for o, s in self.key_shares],
-            "seeds": [[o, u, s.hex()] for o, u, s in self.seed_shares]})
+            "seeds": [[o, u, s.hex()] for o, u, s in self.seed_shares],
+            "own": [[u, s.hex()] for u, s in self.own_seeds]})
 
     @classmethod
     def from_bytes(cls, data: Any) -> UnmaskResponse:
@@ -412,4 +416,5 @@ class UnmaskResponse:
                           _hex(it[2], KEY_BYTES, "seed share")))
         if len({o for o, _ in keys}) != len(keys) or len({(o, u) for o, u, _ in seeds}) != len(seeds):
             raise SecAggError("a share repeats")
-        return cls(rk, client, tuple(keys), tuple(seeds))
+        own = _pairs(_get(h, "own", list), "own seed")
+        return cls(rk, client, tuple(keys), tuple(seeds), own)

@@ -236,6 +236,9 @@ class SecAggServer:
             if (unit not in req.units or owner == msg.client or owner not in req.survivors
                     or owner not in self._members[unit]):
                 raise SecAggError(f"{msg.client}: a seed share that was not asked for")
+        for unit, _ in msg.own_seeds:
+            if unit not in req.units or msg.client not in self._members[unit]:
+                raise SecAggError(f"{msg.client}: an own seed that was not asked for")
         self._responses[msg.client] = msg
 
     def finalize(self, global_state: Mapping[str, torch.Tensor]) -> SecAggOutcome:
@@ -276,14 +279,18 @@ def _recover_key(srv: SecAggServer, dropped: str) -> bytes | None:
 
 
 def _recover_seed(srv: SecAggServer, owner: str, unit: str) -> bytes | None:
-    """A survivor's self-mask seed of ``unit`` (checked against its commitment), or None."""
+    """A survivor's self-mask seed of ``unit`` (checked against its commitment): the one it
+    revealed itself, else rebuilt from the others' shares; None when neither works."""
+    commit = srv._commits[owner][unit]
+    own = dict(srv._responses[owner].own_seeds).get(unit) if owner in srv._responses else None
+    if own is not None and seed_commitment(own, srv.round_key, unit) == commit:
+        return own
     roster, t = srv.roster_value, srv.cfg.threshold(len(srv.roster_value.clients) - 1)
     shares = {}
     for c, r in srv._responses.items():
         for o, u, share in r.seed_shares:
             if (o, u) == (owner, unit):
                 shares[roster.index(c)] = share
-    commit = srv._commits[owner][unit]
     try:
         return recover_secret(shares, t,
                               lambda s: seed_commitment(s, srv.round_key, unit) == commit)
