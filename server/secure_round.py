@@ -231,6 +231,9 @@ class SecureRounds:
 
     def row(self) -> dict[str, Any]:
         """The closed secure round's part of the metrics row (``{}`` for a plain round)."""
-        out = {"secagg": self.round.summary()} if self.round is not None else {}
-        self.round = None
-        return out
+        if self.round is None:
+            return {}
+        summary = self.round.summary()
+        self.round = None  # experts aggregated: the revealed experts' sums
+        return {"secagg": summary,
+                "experts_updated": sum(1 for u in summary.get("revealed", {}) if u[:2] == "e:")}
