@@ -142,12 +142,13 @@ class DeviceAgent:
                 return
             if secure is None:  # a secure round cannot resume after a restart (fresh keys)
                 _atomic_write(pending, blob)
-        status = self._send(ann, blob) if secure is None else self._send_secure(ann, *secure)
+        status, up = (self._send(ann, blob), len(blob)) if secure is None else \
+            self._send_secure(ann, *secure)
         if result is not None and result.steps:
             self.capacity.watch(result)
         pending.unlink(missing_ok=True)
         self._finish_round(ann.round_idx)
-        row = round_row(ann.round_idx, status, len(blob), down, self.capacity.budget.c_budget,
+        row = round_row(ann.round_idx, status, up, down, self.capacity.budget.c_budget,
                         self.clock() - t0, result)
         self._log_round(row)
         log.info("%s: round %d %s: %s", self.cfg.device_id, ann.round_idx, status,
@@ -228,16 +229,19 @@ class DeviceAgent:
                                      "bytes": len(blob), "status": status}
         return status
 
-    def _send_secure(self, ann: RoundAnnouncement, update: Any, rule: Any) -> str:
+    def _send_secure(self, ann: RoundAnnouncement, update: Any, rule: Any) -> tuple[str, int]:
         """Take part in a secure round (:class:`SecureSession`) instead of sending the update;
-        ``"accepted"``, or ``"secagg-failed"`` (logged) when a phase failed."""
+        ``"accepted"`` or ``"secagg-failed"`` (logged) when a phase failed, and the bytes
+        sent."""
         from device_agent.secure_session import SecureSession
 
+        session = None
         try:
-            return SecureSession(self.link, ann, update, rule).run()
+            session = SecureSession(self.link, ann, update, rule)
+            return session.run(), session.bytes_up
         except (SecAggError, TransportError) as exc:
             log.warning("%s: secure round %d: %s", self.cfg.device_id, ann.round_idx, exc)
-            return "secagg-failed"
+            return "secagg-failed", session.bytes_up if session is not None else 0
 
     def _finish_round(self, round_idx: int) -> None:
         self.local["last_round"] = round_idx
