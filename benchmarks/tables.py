@@ -598,6 +598,11 @@ def plan(rows: Rows) -> str:
 
 
 
+def _loads(rows: Rows) -> str:
+    loads = [r["env"]["loadavg"][0] for r in rows if (r.get("env") or {}).get("loadavg")]
+    return f"{min(loads):.1f} to {max(loads):.1f}" if loads else "not recorded"
+
+
 @region("secagg", "secagg.jsonl",
         "python -m benchmarks.secagg --out benchmarks/results/secagg.jsonl",
         default=DEFAULT_MODEL, select=lambda r: r.get("bench") == "secagg")
@@ -608,7 +613,8 @@ def secagg(rows: Rows) -> str:
             f"client seconds per client, server seconds per round, medians of "
             f"{first.get('repeats', '-')}; 2 drops: one client before its masked input, one "
             f"before unmasking; max err: the largest difference between the secure and the "
-            f"plain global model over the revealed experts." if rows else "")
+            f"plain global model over the revealed experts. Timings on a shared machine: the "
+            f"1-minute load average at the rows was {_loads(rows)}." if rows else "")
     return table(["experts/client", "k", "drops", "experts revealed", "plain up KB",
                   "secure up KB", "up x", "secure down KB", "client s plain / secure",
                   "client x", "server s plain / secure", "server x", "max err"],
