@@ -87,9 +87,15 @@ def vector_length(keys: Sequence[str], shapes: Shapes, fallback: bool) -> int:
 
 
 def encode(deltas: Mapping[str, torch.Tensor], c: Contribution, cfg: SecAggConfig) -> np.ndarray:
-    """The unit's unmasked vector ``q(w clip(x)) || q(w) [|| q(fb clip(x)) || q(fb)]``."""
+    """The unit's unmasked vector ``q(w clip(x)) || q(w) [|| q(fb clip(x)) || q(fb)]``.
+
+    Raises:
+        AlgorithmError: a delta holds NaN or Inf.
+    """
     x = np.concatenate([deltas[k].detach().to("cpu", torch.float64).reshape(-1).numpy()
                         for k in c.keys])  # (numel,)
+    if not np.isfinite(x).all():
+        raise AlgorithmError(f"{c.unit}: a delta holds NaN or Inf (it would corrupt the sum)")
     x = np.clip(x, -cfg.clip, cfg.clip)
     parts = [x * c.weight, [c.weight]]
     if c.fallback is not None:

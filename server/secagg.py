@@ -120,6 +120,8 @@ class SecAggServer:
         """Take a client's AdvertiseKeys (bytes or value)."""
         msg: AdvertiseKeys = _parse(AdvertiseKeys, data)
         self._check("advertise", msg.round_key, msg.client, self._ads, None)
+        if len(self._ads) >= self.cfg.max_clients:  # more could wrap the 64-bit sums
+            raise SecAggError(f"{msg.client}: the round has secagg.max_clients already")
         if msg.enc_public == msg.mask_public or {msg.enc_public, msg.mask_public} & self.seen_keys:
             raise ReplayError(f"{msg.client}: a public key used before")
         for u in msg.units:

@@ -9,7 +9,7 @@ import pytest
 
 from device_agent.secagg import SecAggClient
 from hfedmoe.aggregation import AggregationRule
-from hfedmoe.errors import ReplayError, SecAggError
+from hfedmoe.errors import AlgorithmError, ReplayError, SecAggError
 from hfedmoe.secagg import SecAggConfig, new_keypair
 from hfedmoe.secagg_messages import (
     AdvertiseKeys,
@@ -190,3 +190,35 @@ def test_device_refuses_to_reveal_a_unit_below_k() -> None:
 
     with pytest.raises(SecAggError, match="< k"):
         r.clients["c2"].unmask(greedy)
+
+
+def test_a_non_finite_delta_never_leaves_the_device() -> None:
+    state = global_state()
+    update = ten_clients(state)[0]
+    key = next(k for k in update.deltas if ".experts." in k)
+    update.deltas[key][0, 0] = float("nan")
+    client = SecAggClient(update, RULE, CFG, os.urandom(16))
+    server = SecAggServer(CFG, RULE, client.round_key, {k: v.shape for k, v in state.items()})
+    others = [SecAggClient(u, RULE, CFG, client.round_key) for u in ten_clients(state)[1:]]
+    for c in [client, *others]:
+        server.advertise(c.advertise())
+    roster = server.roster()
+    for c in [client, *others]:
+        server.share_keys(c.share_keys(roster))
+    relays = server.relays()
+
+    with pytest.raises(AlgorithmError, match="NaN"):
+        client.masked_input(relays[client.client])
+
+
+def test_a_round_takes_at_most_max_clients() -> None:
+    cfg = dataclasses.replace(CFG, max_clients=2)
+    state = global_state()
+    updates = ten_clients(state)[:3]
+    server = SecAggServer(cfg, RULE, os.urandom(16), {k: v.shape for k, v in state.items()})
+    clients = [SecAggClient(u, RULE, cfg, server.round_key) for u in updates]
+    server.advertise(clients[0].advertise())
+    server.advertise(clients[1].advertise())
+
+    with pytest.raises(SecAggError, match="max_clients"):
+        server.advertise(clients[2].advertise())
