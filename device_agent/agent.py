@@ -171,6 +171,7 @@ class DeviceAgent:
         from hfedmoe.strategies import get_strategy
 
         # the stricter of the round's DP settings and the device's own (PrivacyRefused)
+        self.privacy.admit_secagg(ann.secagg)
         method = self.privacy.admit(from_dict(MethodConfig, dict(ann.method)))
         strategy = get_strategy(ann.strategy, method)
         train = dataclasses.replace(self.cfg.train, **ann.server_train())
