@@ -1,5 +1,5 @@
-"""Expert-level secure aggregation (SecAgg, Bonawitz et al. 2017; SecAgg+, Bell et al. 2020):
-the building blocks, pure (no I/O, no clock).
+"""Expert-level secure aggregation (SecAgg, Bonawitz et al. 2017, every client sharing with every
+other as in the original, not SecAgg+'s sparse graph): the building blocks, pure (no I/O, no clock).
 
 The server learns per *unit* (one expert, or one gate or shared parameter) only the sum of the
 contributors' weighted, quantized deltas and the sum of their weights, and only when at least
