@@ -636,6 +636,36 @@ def plan(rows: Rows) -> str:
                  [[m, p, *(c.get(x, "-") for x in modes)] for (m, p), c in cells.items()]) + note
 
 
+
+def _loads(rows: Rows) -> str:
+    loads = [r["env"]["loadavg"][0] for r in rows if (r.get("env") or {}).get("loadavg")]
+    return f"{min(loads):.1f} to {max(loads):.1f}" if loads else "not recorded"
+
+
+@region("secagg", "secagg.jsonl",
+        "python -m benchmarks.secagg --out benchmarks/results/secagg.jsonl",
+        default=DEFAULT_MODEL, select=lambda r: r.get("bench") == "secagg")
+def secagg(rows: Rows) -> str:
+    first = rows[0] if rows else {}
+    note = (f"\n\n{first.get('clients', '-')} clients; bytes per client per round (up: client to "
+            f"server; down: server to client; the model download, the same in both, left out); "
+            f"client seconds per client, server seconds per round, medians of "
+            f"{first.get('repeats', '-')}; 2 drops: one client before its masked input, one "
+            f"before unmasking; max err: the largest difference between the secure and the "
+            f"plain global model over the revealed experts. Timings on a shared machine: the "
+            f"1-minute load average at the rows was {_loads(rows)}." if rows else "")
+    return table(["experts/client", "k", "drops", "experts revealed", "plain up KB",
+                  "secure up KB", "up x", "secure down KB", "client s plain / secure",
+                  "client x", "server s plain / secure", "server x", "max err"],
+                 [[r["experts_per_client"], r["min_contributors"], r["dropouts"],
+                   f"{r['experts_revealed']} of {r['experts_trained']}",
+                   f"{r['plain_up_bytes'] / 1e3:.0f}", f"{r['secure_up_bytes'] / 1e3:.0f}",
+                   f2(r["ratio_up_bytes"]), f"{r['secure_down_bytes'] / 1e3:.0f}",
+                   f"{f3(r['plain_client_s'])} / {f3(r['secure_client_s'])}",
+                   f2(r["ratio_client_s"]),
+                   f"{f3(r['plain_server_s'])} / {f3(r['secure_server_s'])}",
+                   f2(r["ratio_server_s"]), f"{r['max_abs_err']:.1e}"] for r in rows]) + note
+
 def headline(base: str) -> Callable[[Callable[[Rows], str]], Callable[[Rows], str]]:
     """Register an inline region ``BASE-headline`` over region ``base``'s rows."""
     reg = REGIONS[base]

@@ -27,7 +27,7 @@ from device_agent.emulation import emulation_scale
 from device_agent.link import AgentStopped, ServerLink
 from device_agent.privacy import DevicePrivacy, LegacyCount, PrivacyLedger
 from hfedmoe.config import MethodConfig, TrainConfig, from_dict
-from hfedmoe.errors import PrivacyRefused
+from hfedmoe.errors import PrivacyRefused, SecAggError, TransportError
 from hfedmoe.modelsync import ShardCache
 from hfedmoe.names import ExpertId
 from hfedmoe.protocol import Registration, RoundAnnouncement
@@ -127,26 +127,28 @@ class DeviceAgent:
         self._round_idx = ann.round_idx
         t0 = self.clock()
         pending = self.dir / f"pending_r{ann.round_idx}.bin"
-        result, down = None, 0
-        if pending.exists():  # trained before a restart; send it again
+        result, down, secure = None, 0, None
+        if pending.exists() and not ann.secagg:  # trained before a restart; send it again
             blob = pending.read_bytes()
         else:
             down = self._fetch_global(ann)
             try:
-                result, blob = self._train(ann, down)
+                result, blob, secure = self._train(ann, down)
             except ConditionsBroke as exc:  # on_break = "drop": nothing leaves the device
                 self._skip_round(ann.round_idx, exc.reasons)
                 return
             except PrivacyRefused as exc:  # the gate admitted it; refused all the same
                 self._skip_round(ann.round_idx, [privacy_reason(exc)])
                 return
-            _atomic_write(pending, blob)
-        status = self._send(ann, blob)
+            if secure is None:  # a secure round cannot resume after a restart (fresh keys)
+                _atomic_write(pending, blob)
+        status, up = (self._send(ann, blob), len(blob)) if secure is None else \
+            self._send_secure(ann, *secure)
         if result is not None and result.steps:
             self.capacity.watch(result)
         pending.unlink(missing_ok=True)
         self._finish_round(ann.round_idx)
-        row = round_row(ann.round_idx, status, len(blob), down, self.capacity.budget.c_budget,
+        row = round_row(ann.round_idx, status, up, down, self.capacity.budget.c_budget,
                         self.clock() - t0, result)
         self._log_round(row)
         log.info("%s: round %d %s: %s", self.cfg.device_id, ann.round_idx, status,
@@ -161,13 +163,15 @@ class DeviceAgent:
         quantize_base(self.model, self.cfg)  # the round's weights, re-quantized (server: fp32)
         return down
 
-    def _train(self, ann: RoundAnnouncement, down: int) -> tuple[Any, bytes]:
-        """Train the announced round within its deadline; the result and the encoded update."""
+    def _train(self, ann: RoundAnnouncement, down: int) -> tuple[Any, bytes, Any]:
+        """Train the announced round within its deadline; the result, the encoded update and,
+        for a secure round, ``(update, rule)`` (the update then never leaves in the clear)."""
         from device_agent.costs import make_planner
         from device_agent.train import RoundContext, RoundIds, train_round
         from hfedmoe.strategies import get_strategy
 
         # the stricter of the round's DP settings and the device's own (PrivacyRefused)
+        self.privacy.admit_secagg(ann.secagg)
         method = self.privacy.admit(from_dict(MethodConfig, dict(ann.method)))
         strategy = get_strategy(ann.strategy, method)
         train = dataclasses.replace(self.cfg.train, **ann.server_train())
@@ -193,7 +197,7 @@ class DeviceAgent:
         update = self.privacy.release(self._stamped(result, down))  # the metadata policy
         blob = encode(update, method.tau, self.cfg.wire)
         self.privacy.record(ann.round_idx, method)  # committed before the update leaves
-        return result, blob
+        return result, blob, ((update, strategy.rule) if ann.secagg else None)
 
     def _size_round(self, ann: RoundAnnouncement, train: TrainConfig, max_length: int) -> float:
         """Measure the announced shape, decide the round's budget (the server hears of a new
@@ -227,6 +231,20 @@ class DeviceAgent:
                                      "seconds": round(self.clock() - up0, 3),
                                      "bytes": len(blob), "status": status}
         return status
+
+    def _send_secure(self, ann: RoundAnnouncement, update: Any, rule: Any) -> tuple[str, int]:
+        """Take part in a secure round (:class:`SecureSession`) instead of sending the update;
+        ``"accepted"`` or ``"secagg-failed"`` (logged) when a phase failed, and the bytes
+        sent."""
+        from device_agent.secure_session import SecureSession
+
+        session = None
+        try:
+            session = SecureSession(self.link, ann, update, rule)
+            return session.run(), session.bytes_up
+        except (SecAggError, TransportError) as exc:
+            log.warning("%s: secure round %d: %s", self.cfg.device_id, ann.round_idx, exc)
+            return "secagg-failed", session.bytes_up if session is not None else 0
 
     def _finish_round(self, round_idx: int) -> None:
         self.local["last_round"] = round_idx

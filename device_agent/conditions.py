@@ -150,8 +150,9 @@ class JoinGate:
         return join and self.within_privacy_budget(ann) and self.eligible_now(ann)
 
     def within_privacy_budget(self, ann: RoundAnnouncement) -> bool:
-        """The device's privacy settings allow the round (:meth:`DevicePrivacy.admit`: the
-        stricter of its own and the server's, and one more noised update within its epsilon
+        """The device's privacy settings allow the round (:meth:`DevicePrivacy.admit_secagg`:
+        secure aggregation with its own k where it demands it; :meth:`DevicePrivacy.admit`: the
+        stricter of its own and the server's DP, and one more noised update within its epsilon
         budget); otherwise it sits the round out, sends nothing, and its status says why
         (once per round)."""
         try:
@@ -159,6 +160,7 @@ class JoinGate:
         except HFedMoEError:
             return True  # the round itself rejects a malformed announcement
         try:
+            self.privacy.admit_secagg(ann.secagg)
             self.privacy.admit(method)
         except PrivacyRefused as exc:
             if self.local.get("dp_refused_round") != ann.round_idx:

@@ -49,6 +49,8 @@ class ServerLink:
         done: the server said the run is over.
         registered: the server acknowledged the latest registration.
         acks: the server's acks of this device's updates, by the update's sha256.
+        secagg: the server's latest secure-aggregation message of each kind (roster, share
+            relay, unmask request) by its kind byte (:mod:`device_agent.secure_session`).
     """
 
     def __init__(self, cfg: AgentConfig, transport: Transport | None = None,
@@ -66,6 +68,7 @@ class ServerLink:
         self.done = False
         self.registered = False
         self.acks: dict[str, UpdateAck] = {}
+        self.secagg: dict[int, bytes] = {}  # the server's secure-round messages, by kind byte
         self.receivers: list[BlobReceiver] = []  # open model-shard transfers
 
     def connect(self, registration: Callable[[], Registration]) -> None:
@@ -138,6 +141,10 @@ class ServerLink:
             self.announcement = msg
 
     def _on_ack(self, message: Message) -> None:
+        if message.topic == self.topics.secagg(self.device_id):  # checked by the session
+            if len(message.payload) > 4:
+                self.secagg[message.payload[4]] = bytes(message.payload)
+            return
         try:
             ack = decode_ack(message.payload)
         except ProtocolError as exc:

@@ -78,6 +78,9 @@ class DevicePrivacyConfig:
         stat_noise: std of the noise on each noised usage or importance value.
         loss_step: a coarsened loss is rounded to a multiple of this.
         stat_step: coarsened usage and importance are rounded down to a multiple of this.
+        min_secagg_contributors: 0: any round; k >= 2: only securely aggregated rounds
+            (docs/security.md) whose contributor threshold is at least k; any other round is
+            refused (``"no-secagg"``, ``"secagg-k"``) before training.
     """
 
     min_noise_multiplier: float = 0.0
@@ -91,6 +94,7 @@ class DevicePrivacyConfig:
     stat_noise: float = 0.02
     loss_step: float = 0.5
     stat_step: float = 0.1
+    min_secagg_contributors: int = 0
 
     def __post_init__(self) -> None:
         if min(self.min_noise_multiplier, self.max_clip, self.max_epsilon) < 0:
@@ -106,6 +110,8 @@ class DevicePrivacyConfig:
                                                            self.stat_step) <= 0:
             raise ConfigError("privacy.loss_noise and stat_noise must be >= 0, loss_step and "
                               "stat_step > 0")
+        if self.min_secagg_contributors < 0 or self.min_secagg_contributors == 1:
+            raise ConfigError("privacy.min_secagg_contributors must be 0 (any round) or >= 2")
 
 
 class PrivacyLedger:
@@ -176,6 +182,24 @@ class DevicePrivacy:
         return dataclasses.replace(
             method, dp_clip=clip, dp_noise_multiplier=noise,
             dp_delta=min(method.dp_delta, own.delta), dp_max_epsilon=min(budgets, default=0.0))
+
+    def admit_secagg(self, secagg: Mapping[str, object]) -> None:
+        """Refuse a round that is not securely aggregated with at least this device's
+        ``min_secagg_contributors`` (the announcement's ``secagg`` table; empty: a plain round).
+
+        Raises:
+            PrivacyRefused: ``"no-secagg"`` or ``"secagg-k"``.
+        """
+        floor = self.cfg.min_secagg_contributors
+        if floor <= 0:
+            return
+        if not secagg:
+            raise PrivacyRefused("no-secagg", f"the round is not securely aggregated and "
+                                 f"privacy.min_secagg_contributors = {floor}")
+        k = secagg.get("min_contributors")
+        if type(k) is not int or k < floor:
+            raise PrivacyRefused("secagg-k", f"the round reveals sums of {k!r} contributors, "
+                                 f"fewer than privacy.min_secagg_contributors = {floor}")
 
     def admit(self, method: MethodConfig) -> MethodConfig:
         """The round's settings (:meth:`settings`) when one more update at them keeps this

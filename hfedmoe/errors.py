@@ -19,7 +19,10 @@ error message on the wire::
     │   ├── NonFiniteError       NaN or Inf in a tensor
     │   ├── MismatchError        wrong run/round/client/base-model hash
     │   ├── BudgetExceededError  more experts than the device's registered budget
-    │   └── PolicyError         self-reported weights outside the server's policy
+    │   ├── PolicyError         self-reported weights outside the server's policy
+    │   └── SecAggError          a secure-aggregation message that fails validation or
+    │       │                    arrives out of phase (hfedmoe.secagg_messages)
+    │       └── ReplayError      a round key, public key or message seen before
     ├── TransportError           broker unreachable, transfer failed or timed out
     │   └── TransferError        chunk manifest/hash verification failed
     ├── DeviceError              probing or budgeting the device failed
@@ -130,6 +133,18 @@ class BudgetExceededError(WireError):
 
 class PolicyError(WireError):
     """An update's self-reported weights (examples, usage) are outside the server's policy."""
+
+
+class SecAggError(WireError):
+    """A secure-aggregation message (:mod:`hfedmoe.secagg_messages`) is malformed, names the
+    wrong round, comes from a client outside the phase's set, or cannot be used (a share that
+    does not reconstruct, a masked vector of the wrong length, a client that sends both a
+    masked and a plain update)."""
+
+
+class ReplayError(SecAggError):
+    """A secure-aggregation message repeats what was seen before: an old round key, a public
+    key already used, or a second message of the same phase from one client."""
 
 
 class PrivacyRefused(HFedMoEError):

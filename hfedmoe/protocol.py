@@ -382,6 +382,9 @@ class RoundAnnouncement:
     # the global routing prior u_global(e) by expert id "layer:expert" (server.rounds.
     # routing_prior); empty before the first round closes
     prior: Mapping[str, float] = field(default_factory=dict)
+    # secure aggregation (hfedmoe.secagg): the [secagg] settings and the round's fresh key
+    # ("round_key", hex); empty: a plain round
+    secagg: Mapping[str, Any] = field(default_factory=dict)
     MAX_BYTES: ClassVar[int] = 64 << 20
 
     def __post_init__(self) -> None:
@@ -409,6 +412,7 @@ class RoundAnnouncement:
             "participants": list(self.participants), "whole_max_bytes": self.whole_max_bytes,
             "eligibility": dict(self.eligibility), "budgets": dict(self.budgets),
             **({"prior": dict(self.prior)} if self.prior else {}),
+            **({"secagg": dict(self.secagg)} if self.secagg else {}),
             "model": self.model.to_dict()})
 
     @classmethod
@@ -440,7 +444,7 @@ class RoundAnnouncement:
             max_length=_int(raw, "max_length", w, None, lo=1, none=True),
             whole_max_bytes=_int(raw, "whole_max_bytes", w, 0),
             eligibility=_obj(raw, "eligibility", w, {}), budgets=budgets,
-            prior={k: float(v) for k, v in prior.items()})
+            prior={k: float(v) for k, v in prior.items()}, secagg=_obj(raw, "secagg", w, {}))
 
 
 @dataclass(frozen=True)

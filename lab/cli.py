@@ -19,6 +19,9 @@ def register(sub: Any) -> None:
                    help="classification: MiniLM-MoE topic classification (accuracy); causal-lm: "
                         "a tiny Qwen2-MoE fine-tuned with LoRA on the bundled prompt/response "
                         "pairs (loss, perplexity, ROUGE-L)")
+    d.add_argument("--secure-aggregation", action="store_true",
+                   help="aggregate through expert-level secure aggregation ([secagg], "
+                        "docs/security.md): the server learns only sums")
     d.add_argument("--rounds", type=int, default=3)
     d.add_argument("--devices", type=int, default=6)
     d.add_argument("--run-dir", default="runs/demo")

@@ -87,6 +87,8 @@ def write_configs(run_dir: Path, broker_url: str, args: argparse.Namespace,
                    # the window is emulated time; the deadline bounds it (a round still closes
                    # as soon as every update is in)
                    "train_time_s": min(DEMO_WINDOW_S, args.deadline)}})
+    if getattr(args, "secure_aggregation", False):
+        server["secagg"] = {"enabled": True}
     if getattr(args, "dashboard_port", 0):
         server["dashboard_port"] = args.dashboard_port  # on loopback: no token needed
     server = apply_overrides(server, args.overrides)
@@ -208,6 +210,10 @@ def _progress(row: dict[str, Any], rounds: int) -> str:
         f", {row['accepted']}/{row['participants']} updates, "
         f"{row['experts_updated']} experts aggregated, {_sets(row)}, {_updates_vs_dense(row)}, "
         f"{row['bytes_out'] / 1e6:.1f} MB of model shards out")
+    if row.get("secagg"):
+        sa = row["secagg"]
+        extra += (f"; secure aggregation: {sa.get('revealed_units', 0)} sums revealed, "
+                  f"withheld {sa.get('withheld') or 'none'}, dropped {sa.get('dropped') or 'none'}")
     return f"{what}: {acc}{extra}"
 
 

@@ -37,6 +37,7 @@ import torch
 
 from hfedmoe.errors import ConfigError
 from lab.devices import Calibration, DeviceJob, SequentialBackend, _lora, calibrate
+from lab.secagg import SecureAggregator
 from server.rounds import (
     choose_participants,
     dense_update_bytes,
@@ -150,6 +151,7 @@ class _Simulation:
     global_state: dict[str, torch.Tensor]
     runner: Any = None  # SequentialBackend or lab.ray_backend.RayBackend
     prior: dict = dataclasses.field(default_factory=dict)  # server.rounds.routing_prior
+    secagg_keys: set = dataclasses.field(default_factory=set)  # public keys of past rounds
 
 
 @dataclasses.dataclass
@@ -319,12 +321,13 @@ def _round(sim: _Simulation, r: int) -> dict[str, Any]:
     chosen = _choose(sim, r)
     sim.store.open_round(r, 0.0, [d.id for d in chosen], manifest.state_hash)
     jobs, skipped, bytes_out = _jobs(sim, r, chosen, manifest, blobs)
-    aggregator = sim.strategy.make_aggregator()
+    aggregator = _aggregator(sim)
     tally = _train(sim, r, manifest.state_hash, jobs, aggregator)
     t0 = time.perf_counter()
     report = aggregator.report()
     if tally.accepted:  # every device may sit out (privacy budgets spent): the model stays
         sim.global_state = aggregator.finalize(sim.global_state)
+    if tally.accepted and not sim.cfg.secagg.enabled:  # the prior needs per-client usage
         sim.prior = routing_prior(sim.prior, tally.usage,
                                   {d.id: len(sim.shards[d.index]) for d in chosen})
     agg_s = time.perf_counter() - t0
@@ -340,8 +343,18 @@ def _round(sim: _Simulation, r: int) -> dict[str, Any]:
         aggregation_s=agg_s, round_s=max(tally.device_s, default=0.0),
         wall_s=time.perf_counter() - wall0, num_experts=len(sim.model.expert_ids()),
         bytes_out=bytes_out, skipped=skipped)
+    if sim.cfg.secagg.enabled:
+        row["secagg"] = aggregator.summary()
     row["run_dir_bytes"] = _checkpoint(sim, r, metrics)
     return row
+
+
+def _aggregator(sim: _Simulation) -> Any:
+    """The strategy's streaming aggregator, or a secure round (``[secagg] enabled``,
+    :class:`lab.secagg.SecureAggregator`) over the same rule."""
+    if not sim.cfg.secagg.enabled:
+        return sim.strategy.make_aggregator()
+    return SecureAggregator(sim.strategy.rule, sim.cfg.secagg, sim.secagg_keys)
 
 
 def _jobs(sim: _Simulation, r: int, chosen: list[SimDevice], manifest: Any,

@@ -17,6 +17,7 @@ from hfedmoe.config import (
 )
 from hfedmoe.eligibility import EligibilityConfig
 from hfedmoe.errors import ConfigError
+from hfedmoe.secagg_config import SecAggConfig
 from hfedmoe.transport.config import TransportConfig
 from hfedmoe.transport.topics import check_id
 from hfedmoe.wire import WireConfig
@@ -248,9 +249,14 @@ class ServerConfig:
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     eligibility: EligibilityConfig = field(default_factory=EligibilityConfig)
+    # expert-level secure aggregation (off by default; docs/security.md)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
     def __post_init__(self) -> None:
         check_id(self.run_id, "run id")
+        if self.secagg.enabled and self.ingest.workers:
+            raise ConfigError("secagg.enabled needs ingest.workers = 0: the coordinator takes "
+                              "every message of a secure round itself")
         if self.eval_batch_size < 1 or self.max_eval_examples < 0:
             raise ConfigError("eval_batch_size must be >= 1 and max_eval_examples >= 0")
         if self.eval_generate_examples < 0 or not 1 <= self.eval_max_new_tokens <= 4096:

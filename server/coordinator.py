@@ -49,6 +49,7 @@ from server.rounds import (
     routing_prior,
     updates_expected,
 )
+from server.secure_round import SecureRounds
 from server.shards import ModelShards
 from server.store import Store
 
@@ -98,6 +99,8 @@ class Coordinator:
                                  clock)
         self.ingest = IngestLink(cfg, transport, self.store, self.intake)  # ingest workers
         self.shards = ModelShards(cfg, transport, self.registry.known)
+        self.secure = SecureRounds(cfg.secagg, self.strategy.rule, transport, self.topics, clock,
+                                   self.intake.reject)  # [secagg]: secure rounds
         self.on_tick: Callable[[], None] | None = None  # e.g. restarting ingest workers
         # called on this thread with "tick" (between pumps while waiting), "open" and "close"
         # (a round): the dashboard's snapshots
@@ -120,7 +123,7 @@ class Coordinator:
             self.ingest.subscribe()
         self._receiver = BlobReceiver(
             t, self.topics.all_update_pieces() if sharded else self.topics.all_updates(),
-            self.intake.receive,
+            self.secure.receiver(self.intake.receive),
             request_topic=self.topics.update_request_for,
             on_error=self.intake.on_transfer_error,
             retry_after=self.cfg.transport.retry_after, timeout=self.cfg.transport.transfer_timeout,
@@ -220,7 +223,8 @@ class Coordinator:
                 whole_max_bytes=self.cfg.transport.chunk_size,
                 eligibility=self.cfg.eligibility.to_dict(),
                 budgets={d: devices.get(d, {}).get("budget", 0) for d in participants},
-                prior={str(e): v for e, v in sorted(self.prior.items())}, model=manifest))
+                prior={str(e): v for e, v in sorted(self.prior.items())}, model=manifest,
+                secagg=self.secure.open(round_idx, participants, deadline, self.global_state)))
         self._prom.set_round(round_idx)
         log.info("round %d open: %d participant(s), wait for %d, deadline in %.0fs", round_idx,
                  len(participants), self.round.expected, deadline - self.clock())
@@ -231,6 +235,8 @@ class Coordinator:
         assert r is not None
 
         def finished() -> bool:
+            if self.secure.active:
+                return self.secure.finished()
             if len(r.accepted) >= r.expected:
                 return True
             online = self.registry.online()
@@ -261,7 +267,7 @@ class Coordinator:
         metrics = (self._evaluate() if evaluates(r.round_idx, self.cfg.rounds.rounds,
                                                   self.cfg.eval_every) else {})
         new_hash, _ = build_shards(self.global_state)
-        row = self._round_row(r, report, metrics, agg_s)
+        row = {**self._round_row(r, report, metrics, agg_s), **self.secure.row()}
         if "privacy" in row:
             log.info("round %d: privacy: epsilon <= %.3f at delta %g (max over devices)",
                      r.round_idx, row["privacy"]["epsilon_max"], row["privacy"]["delta"])
@@ -294,7 +300,9 @@ class Coordinator:
         if self.cfg.ingest.workers > 0:
             self.ingest.gather(r, self.aggregator)
         report = self.aggregator.report()
-        if self.aggregator.num_clients:
+        if self.secure.active:
+            new_state = self.secure.finalize(self.global_state, r.accepted)
+        elif self.aggregator.num_clients:
             new_state = self.aggregator.finalize(self.global_state)
         else:
             new_state = self.global_state

@@ -10,6 +10,8 @@
     hfedmoe/v1/{run}/update/{device}/fetch/{sha}    device -> server: resend model chunks
     hfedmoe/v1/{run}/ack/{device}                   server -> device: acks and errors
     hfedmoe/v1/{run}/ack/{device}/resend/{sha}      server -> device: resend update chunks
+    hfedmoe/v1/{run}/ack/{device}/secagg            server -> device: secure-aggregation
+                                                    roster, share relay, unmask request
     hfedmoe/v1/{run}/ingest/...                     coordinator <-> ingest workers (server only)
 
 A device's write set is its own register/status/update tree; its read set is its own ack tree
@@ -98,6 +100,11 @@ class Topics:
 
     def ack(self, device: str) -> str:
         return f"{self.base}/ack/{check_id(device, 'device id')}"
+
+    def secagg(self, device: str) -> str:
+        """Server -> device messages of a secure-aggregation round (the device's messages go
+        up as update transfers)."""
+        return f"{self.ack(device)}/secagg"
 
     def model(self, sha: str) -> TransferTopics:
         """A global-model blob; devices ask for missing chunks on their own fetch topic."""

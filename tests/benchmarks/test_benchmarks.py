@@ -175,3 +175,17 @@ def test_signals_quick(tmp_path, needs_minilm):
     for key in ("ib_disagreement", "below_tau", "tau_removed", "usage_spread", "alpha_cv"):
         assert row[key] >= 0
     assert 0 <= row["usage_min"] <= row["usage_max"] <= 1
+
+
+@pytest.mark.slow
+def test_secagg_quick(tmp_path, needs_minilm):
+    from benchmarks import secagg
+
+    assert secagg.main(["--quick", "--out", str(tmp_path / "r.jsonl")]) == 0
+    rows = _rows(tmp_path / "r.jsonl")
+    assert [r["dropouts"] for r in rows] == [0, 2]
+    for r in rows:
+        assert r["secure_up_bytes"] > 0 and r["plain_up_bytes"] > 0
+        assert 0 < r["experts_revealed"] <= r["experts_trained"]
+        assert r["max_abs_err"] < 1e-6  # quantization: far inside the float tolerance
+        assert r["ratio_up_bytes"] == round(r["secure_up_bytes"] / r["plain_up_bytes"], 2)

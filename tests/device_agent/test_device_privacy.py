@@ -159,3 +159,17 @@ def test_a_count_from_before_the_ledger_enters_it_once_at_the_rounds_noise(tmp_p
     again = DeviceAgent(cfg)
     again.privacy.admit(MethodConfig(dp_clip=1.0, dp_noise_multiplier=1.5))
     assert again.privacy.ledger.rounds() == [(1.5, 1.0), (1.5, 1.0)]  # not twice
+
+
+def test_a_device_can_demand_secure_aggregation_with_its_own_k():
+    strict = device(min_secagg_contributors=4)
+
+    device().admit_secagg({})  # no floor: a plain round is fine
+    strict.admit_secagg({"enabled": True, "min_contributors": 5})
+    with pytest.raises(PrivacyRefused) as plain:
+        strict.admit_secagg({})
+    with pytest.raises(PrivacyRefused) as low:
+        strict.admit_secagg({"enabled": True, "min_contributors": 3})
+    assert (plain.value.reason, low.value.reason) == ("no-secagg", "secagg-k")
+    with pytest.raises(ConfigError, match="min_secagg_contributors"):
+        DevicePrivacyConfig(min_secagg_contributors=1)

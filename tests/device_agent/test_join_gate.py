@@ -129,6 +129,23 @@ def test_a_device_floor_without_a_clip_bound_refuses_and_says_so(world):
     assert [s.reasons[0].split(":")[1] for s in sent] == ["no-clip-bound"]
 
 
+def test_a_device_that_demands_secure_aggregation_sits_out_a_plain_round(world):
+    import dataclasses
+
+    from device_agent.privacy import DevicePrivacy, DevicePrivacyConfig, PrivacyLedger
+
+    gate, _, sent, _, _ = world
+    g = gate()
+    g.privacy = DevicePrivacy(DevicePrivacyConfig(min_secagg_contributors=3),
+                              PrivacyLedger(":memory:"))
+    secure = dataclasses.replace(announce(round_idx=4),
+                                 secagg={"enabled": True, "min_contributors": 3})
+
+    assert g.admits(announce()) is False
+    assert [s.reasons[0].split(":")[1] for s in sent] == ["no-secagg"]
+    assert g.admits(secure) is True
+
+
 def test_a_malformed_method_or_rules_table_does_not_block_the_join(world):
     gate, _, _, _, _ = world
     ann = announce(method={"dp_delta": 2.0}, eligibility={"min_battery_pct": 500})
