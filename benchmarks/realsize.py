@@ -65,6 +65,7 @@ def build(path: str, quantize: str, seed: int, device: str = "cpu"
 
     from device_agent.costs import held_bytes, release_freed_memory
     from device_agent.heap import bound_heap
+    from hfedmoe.config import ModelConfig
     from hfedmoe.models.materialize import materialize
     from hfedmoe.models.plan import build_meta_model
     from hfedmoe.models.quantize import quantize_model
@@ -75,6 +76,7 @@ def build(path: str, quantize: str, seed: int, device: str = "cpu"
     before = held_bytes(dev)
     t0 = time.perf_counter()
     model = materialize(build_meta_model(path), quantize, seed, device=dev)
+    model.set_expert_impl(ModelConfig().expert_impl)  # the path a device trains with
     report = quantize_model(model, quantize)
     release_freed_memory()
     return model, {"resident_before_build_bytes": before, "resident_after_build_bytes":
@@ -204,6 +206,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = routed_rows(model, batches[0], getattr(torch, dtype))
     env = _common.environment()
     head = {"bench": "realsize", "model": args.model, "layers": args.layers or None,
+            "impl": model.layers[0].bank.impl,
             "device": args.device, "quantize": args.quantize,
             "adapter": "lora", "lora_rank": args.rank, "batch_size": args.batch,
             "seq_len": args.seq, "train_dtype": dtype, "threads": args.threads,

@@ -146,9 +146,9 @@ def budget_lora(rows: Rows) -> str:
 
 
 @region("budget-adds", "budget-added.jsonl",
-        "python -m benchmarks.budget --adapters full,lora --threads 1 --seq-len 64 --repeats 4 "
-        "--heap bounded,dynamic --out benchmarks/results/budget-added.jsonl; the same with "
-        "--experts 32 --top-k 4 --heap bounded (the fine-grained model)",
+        "python -m benchmarks.budget --adapters full,lora --threads 1 --seq-len 64 --repeats 3 "
+        "--out benchmarks/results/budget-added.jsonl; the same with --experts 32 --top-k 4 "
+        "(the fine-grained model)",
         select=lambda r: r.get("kind") == "round")
 def budget_adds(rows: Rows) -> str:
     def experts(r: dict[str, Any]) -> str:
