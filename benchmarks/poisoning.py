@@ -9,10 +9,11 @@ all of them together? The issue's target: with the defences on, one attacker amo
 moves final accuracy by at most 1 point against no attack.
 
 Runs: :func:`lab.simulate.simulate` at the demo's settings (``hfedmoe demo``: the MoEfied MiniLM,
-8 experts per layer, top-2, 64 tokens, batch 8, one local epoch, budgets planned from the
-demo's profiles at OLMoE-1B-7B's emulation scale for a 15-minute window, bf16 deltas on the
-wire), 10 devices all taking part, the bundled ChatterBot corpus with Dirichlet alpha 0.5,
-``--rounds`` rounds (3, the demo's). The attackers (:mod:`lab.attacks`) are the devices with the
+8 experts per layer, top-2, 64 tokens, batch 8, budgets planned from the demo's profiles at
+OLMoE-1B-7B's emulation scale for a 15-minute window, bf16 deltas on the wire), 10 devices all
+taking part, the bundled ChatterBot corpus with Dirichlet alpha 0.5, ``--rounds`` rounds (3,
+the demo's) of ``--max-steps`` local steps (3; the demo trains one local epoch, about 7 steps
+of a device's shard: shortened so that the benchmark fits its time). The attackers (:mod:`lab.attacks`) are the devices with the
 largest planned budgets (most experts trained, so some only they train); each multiplies every
 delta of its update (experts, gates, the shared head) by the attack's factor before encoding.
 
@@ -31,8 +32,8 @@ initial model) with its interval.
     python -m benchmarks.poisoning [--quick] [--seeds 0,1,2] [--attacks scale:10,sign-flip:10]
                                    [--attackers 1] [--arms none,clip,...] [--out FILE]
 
-The default (36 runs and a calibration run, 10 devices, 3 rounds) takes about 20 minutes
-with ``OMP_NUM_THREADS=1`` on one core; ``--quick`` is the test's short run (4 devices, one
+The default (36 runs and a calibration run) takes about 20 to 40 minutes with
+``OMP_NUM_THREADS=1`` on one core of a shared machine; ``--quick`` is the test's short run (4 devices, one
 round of one step, one seed).
 """
 
@@ -172,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trim-fraction", type=float, default=0.1)
     p.add_argument("--devices", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--max-steps", type=int, default=0, help="0: one local epoch (the demo)")
+    p.add_argument("--max-steps", type=int, default=3,
+                   help="local steps a round (0: one local epoch, as the demo)")
     p.add_argument("--max-eval", type=int, default=0, help="0: the whole test split")
     p.add_argument("--out", default=OUT)
     return p

@@ -597,6 +597,40 @@ def plan(rows: Rows) -> str:
                  [[m, p, *(c.get(x, "-") for x in modes)] for (m, p), c in cells.items()]) + note
 
 
+POISONING = "OMP_NUM_THREADS=1 python -m benchmarks.poisoning"
+
+
+def _poison_cell(r: dict[str, Any]) -> list[str]:
+    diff = (f"{r['diff_pt']:+.1f} pt [{r['diff_pt'] - r['diff_ci95_pt']:+.1f}, "
+            f"{r['diff_pt'] + r['diff_ci95_pt']:+.1f}]" if "diff_pt" in r else "-")
+    met = "-" if r["attack"] == "none" and r["defence"] == "none" else \
+        ("yes" if r.get("within_target") else "no")
+    return [r["attack"] if r["attack"] != "none" else "no attack",
+            str(r["attackers"]), r["defence"], f"{r['final_accuracy']:.3f} +/- {r['ci95']:.3f}",
+            diff, str(r["rejected"]), met]
+
+
+@region("poisoning", "poisoning.jsonl", POISONING, default=MODEL_KEYS,
+        select=lambda r: r.get("kind") in ("summary", "calibration"))
+def poisoning(rows: Rows) -> str:
+    """Final accuracy per (attack, attackers, defence): the last summary of each cell."""
+    cells: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for r in rows:
+        if r["kind"] == "summary":
+            cells[(r["attack"], r["attackers"], r["defence"])] = r
+    calib = [r for r in rows if r["kind"] == "calibration"][-1:]
+    seeds = sorted({len(r["seeds"]) for r in cells.values()})
+    bounds = (f"Norm bounds ({calib[0]['margin']:g} x the largest honest norms of an honest "
+              f"run on seed {calib[0]['calib_seed']}): update {calib[0]['bounds']['max_update_norm']:g}, "
+              f"expert {calib[0]['bounds']['max_expert_norm']:g}; attackers: device index "
+              f"{', '.join(map(str, calib[0]['attacker_ids']))}; "
+              f"{'/'.join(map(str, seeds))} seeds per cell.") if calib else ""
+    body = table(["attack", "attackers", "defence", "final accuracy (mean +/- 95% CI)",
+                  "vs no attack, paired (95% CI)", "updates refused", "within 1 pt"],
+                 [_poison_cell(r) for r in cells.values()])
+    return f"{body}\n\n{bounds}" if bounds else body
+
+
 def headline(base: str) -> Callable[[Callable[[Rows], str]], Callable[[Rows], str]]:
     """Register an inline region ``BASE-headline`` over region ``base``'s rows."""
     reg = REGIONS[base]

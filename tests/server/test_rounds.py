@@ -173,7 +173,8 @@ def _row(method: MethodConfig, **over):
 def test_round_row_from_hand_made_values():
     row = _row(MethodConfig(tau=0.3))
     held = {"budget": 3, "optimizer_experts": -1, "steps": 1, "selected": None, "limit": None,
-            "reason": None, "stopped_by": None, "budget_limit": None}
+            "reason": None, "stopped_by": None, "budget_limit": None, "norm": 0.0,
+            "max_expert_norm": 0.0}
     assert {k: v for k, v in row.items() if k not in ("devices", "signals")} == {
         "round": 3, "phase": "round", "participants": 3, "accepted": 2, "rejected": 1,
         "late": 2, "experts_updated": 1, "bytes_in": 150, "bytes_out": 70,
