@@ -25,12 +25,15 @@ Arms per attack: ``none`` (no defence), ``clip`` (both bounds, clipped), ``rejec
 bounds, refused), ``trimmed-mean``, ``norm-bounded``, ``all`` (bounds clipped + trimmed mean);
 and without attack: ``none`` and ``all`` (what the defences cost an honest federation).
 
-Statistics: per arm the mean final accuracy over seeds with a 95% t interval, and the paired
+Statistics: per arm the mean final accuracy over seeds with a 95% t interval, the paired
 difference to the no-attack, no-defence run of the same seed (same partition, budgets and
-initial model) with its interval.
+initial model) with its interval, and for the arms whose defences also ran without attack, the
+paired difference to that run (what the attack still does with the defences on; the defences
+themselves move an honest federation's accuracy too).
 
     python -m benchmarks.poisoning [--quick] [--seeds 0,1,2] [--attacks scale:10,sign-flip:10]
                                    [--attackers 1] [--arms none,clip,...] [--out FILE]
+    python -m benchmarks.poisoning --from-rows FILE --out FILE   # summarize stored runs again
 
 The default (36 runs and a calibration run) takes about 20 to 40 minutes with
 ``OMP_NUM_THREADS=1`` on one core of a shared machine; ``--quick`` is the test's short run (4 devices, one
@@ -40,7 +43,6 @@ round of one step, one seed).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -130,24 +132,40 @@ def run_row(rows: list[dict[str, Any]], *, seed: int, attack: str, attackers: li
             "rejected": sum(r.get("rejected", 0) for r in rounds), "wall_s": round(wall, 1)}
 
 
+def _paired(arm: Sequence[dict[str, Any]], base: dict[int, float]) -> tuple[float, float] | None:
+    """Mean and 95% half-width, in points, of the arm's final accuracy minus ``base`` by seed."""
+    diffs = [r["final_accuracy"] - base[r["seed"]] for r in arm if r["seed"] in base]
+    if not diffs:
+        return None
+    mean, half = ci95(diffs)
+    return round(100 * mean, 2), round(100 * half, 2)
+
+
 def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (attack, attackers, defence): mean final accuracy with its 95% interval and the
-    paired difference to the no-attack, no-defence run of each seed."""
-    base = {r["seed"]: r["final_accuracy"] for r in runs
-            if r["attack"] == "none" and r["defence"] == "none"}
+    """Per (attack, attackers, defence): mean final accuracy with its 95% interval, the paired
+    difference to the no-attack, no-defence run of each seed (``diff_pt``, the issue's
+    comparison) and to the no-attack run with the same defences where there is one
+    (``same_defence_pt``: what the attack still does once the defences are on)."""
+    def base_of(defence: str) -> dict[int, float]:
+        return {r["seed"]: r["final_accuracy"] for r in runs
+                if r["attack"] == "none" and r["defence"] == defence}
+
+    base = base_of("none")
     out = []
     for key in dict.fromkeys((r["attack"], r["attackers"], r["defence"]) for r in runs):
         arm = [r for r in runs if (r["attack"], r["attackers"], r["defence"]) == key]
         mean, half = ci95([r["final_accuracy"] for r in arm])
-        diffs = [r["final_accuracy"] - base[r["seed"]] for r in arm if r["seed"] in base]
         row = {"bench": "poisoning", "kind": "summary", "attack": key[0], "attackers": key[1],
                "defence": key[2], "seeds": sorted(r["seed"] for r in arm),
                "final_accuracy": round(mean, 4), "ci95": round(half, 4),
                "rejected": sum(r["rejected"] for r in arm)}
-        if diffs:
-            dm, dh = ci95(diffs)
-            row.update(diff_pt=round(100 * dm, 2), diff_ci95_pt=round(100 * dh, 2),
-                       within_target=abs(100 * dm) <= TARGET_PT)
+        paired = _paired(arm, base)
+        if paired is not None:
+            row.update(diff_pt=paired[0], diff_ci95_pt=paired[1],
+                       within_target=abs(paired[0]) <= TARGET_PT)
+        same = (_paired(arm, base_of(key[2])) if "none" not in (key[0], key[2]) else None)
+        if same is not None:
+            row.update(same_defence_pt=same[0], same_defence_ci95_pt=same[1])
         out.append(row)
     return out
 
@@ -177,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local steps a round (0: one local epoch, as the demo)")
     p.add_argument("--max-eval", type=int, default=0, help="0: the whole test split")
     p.add_argument("--out", default=OUT)
+    p.add_argument("--from-rows", default="",
+                   help="summarize the run rows of this file again (no run) into --out")
     return p
 
 
@@ -213,11 +233,36 @@ def calibrate_run(args: argparse.Namespace) -> tuple[Any, dict[str, float], list
     return calibration, honest_bounds(rows, args.margin), attackers_of(rows, args.attackers)
 
 
+def resummarize(args: argparse.Namespace, env: dict[str, Any]) -> int:
+    """``--from-rows``: the summaries of the stored run rows, appended to ``--out``."""
+    from benchmarks._common import read_rows
+
+    rows = read_rows(args.from_rows)
+    runs = [r for r in rows if r.get("kind") == "run"]
+    calib = [r for r in rows if r.get("kind") == "calibration"][-1]
+    summary = summarize(runs)
+    write_rows(args.out, [{**s, "bounds": calib["bounds"]} for s in summary], env,
+               runs[-1].get("descriptor"))
+    print_summary(summary)
+    return 0
+
+
+def print_summary(summary: Sequence[dict[str, Any]]) -> None:
+    for s in summary:
+        diff = (f"{s['diff_pt']:+.2f} pt +/- {s['diff_ci95_pt']:.2f}" if "diff_pt" in s else "")
+        same = (f"; same defences {s['same_defence_pt']:+.2f} pt +/- "
+                f"{s['same_defence_ci95_pt']:.2f}" if "same_defence_pt" in s else "")
+        print(f"{s['attack']:>14} x{s['attackers']} {s['defence']:>13}: "
+              f"{s['final_accuracy']:.4f} +/- {s['ci95']:.4f}  vs no attack {diff}{same}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from lab.attacks import parse_attack
 
     args = parse(argv)
     env = environment(command=command_line(argv))
+    if args.from_rows:
+        return resummarize(args, env)
     t0 = time.perf_counter()
     calibration, bounds, attackers = calibrate_run(args)
     cfg = server_config(args, 0, "unused")
@@ -243,10 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{row['wall_s']:.0f}s", flush=True)
     summary = summarize(runs)
     write_rows(args.out, [{**s, "bounds": bounds} for s in summary], env, descriptor)
-    for s in summary:
-        diff = (f"{s['diff_pt']:+.2f} pt +/- {s['diff_ci95_pt']:.2f}" if "diff_pt" in s else "")
-        print(f"{s['attack']:>14} x{s['attackers']} {s['defence']:>13}: "
-              f"{s['final_accuracy']:.4f} +/- {s['ci95']:.4f}  vs no attack {diff}")
+    print_summary(summary)
     print(f"{len(runs) + 1} runs in {time.perf_counter() - t0:.0f}s")
     return 0
 

@@ -600,14 +600,19 @@ def plan(rows: Rows) -> str:
 POISONING = "OMP_NUM_THREADS=1 python -m benchmarks.poisoning"
 
 
+def _pt(r: dict[str, Any], key: str) -> str:
+    if key not in r:
+        return "-"
+    mean, half = r[key], r[key.replace("_pt", "_ci95_pt")]
+    return f"{mean:+.1f} pt [{mean - half:+.1f}, {mean + half:+.1f}]"
+
+
 def _poison_cell(r: dict[str, Any]) -> list[str]:
-    diff = (f"{r['diff_pt']:+.1f} pt [{r['diff_pt'] - r['diff_ci95_pt']:+.1f}, "
-            f"{r['diff_pt'] + r['diff_ci95_pt']:+.1f}]" if "diff_pt" in r else "-")
     met = "-" if r["attack"] == "none" and r["defence"] == "none" else \
         ("yes" if r.get("within_target") else "no")
     return [r["attack"] if r["attack"] != "none" else "no attack",
             str(r["attackers"]), r["defence"], f"{r['final_accuracy']:.3f} +/- {r['ci95']:.3f}",
-            diff, str(r["rejected"]), met]
+            _pt(r, "diff_pt"), _pt(r, "same_defence_pt"), str(r["rejected"]), met]
 
 
 @region("poisoning", "poisoning.jsonl", POISONING, default=MODEL_KEYS,
@@ -626,7 +631,9 @@ def poisoning(rows: Rows) -> str:
               f"{', '.join(map(str, calib[0]['attacker_ids']))}; "
               f"{'/'.join(map(str, seeds))} seeds per cell.") if calib else ""
     body = table(["attack", "attackers", "defence", "final accuracy (mean +/- 95% CI)",
-                  "vs no attack, paired (95% CI)", "updates refused", "within 1 pt"],
+                  "vs no attack, no defence (paired, 95% CI)",
+                  "vs no attack, same defences (paired, 95% CI)", "updates refused",
+                  "mean move within 1 pt of no attack"],
                  [_poison_cell(r) for r in cells.values()])
     return f"{body}\n\n{bounds}" if bounds else body
 

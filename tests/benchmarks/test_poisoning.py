@@ -7,7 +7,7 @@ import json
 import pytest
 
 from benchmarks import poisoning
-from benchmarks._tables import REGIONS
+from benchmarks.tables import REGIONS
 from hfedmoe.errors import ConfigError
 
 
@@ -19,7 +19,8 @@ def _run(seed: int, attack: str, defence: str, acc: float, rejected: int = 0) ->
 def test_the_summary_pairs_each_arm_with_the_no_attack_run_of_its_seed():
     runs = [_run(0, "none", "none", 0.80), _run(1, "none", "none", 0.70),
             _run(0, "scale:10", "none", 0.50), _run(1, "scale:10", "none", 0.30),
-            _run(0, "scale:10", "all", 0.80, 3), _run(1, "scale:10", "all", 0.69, 3)]
+            _run(0, "scale:10", "all", 0.80, 3), _run(1, "scale:10", "all", 0.69, 3),
+            _run(0, "none", "all", 0.85), _run(1, "none", "all", 0.75)]
 
     summary = {(s["attack"], s["defence"]): s for s in poisoning.summarize(runs)}
 
@@ -31,6 +32,10 @@ def test_the_summary_pairs_each_arm_with_the_no_attack_run_of_its_seed():
     defended = summary[("scale:10", "all")]
     assert defended["diff_pt"] == -0.5 and defended["within_target"]
     assert defended["rejected"] == 6 and defended["seeds"] == [0, 1]
+    # against the honest run with the same defences: -5 and -6 points
+    assert defended["same_defence_pt"] == -5.5
+    assert "same_defence_pt" not in attacked  # no honest run without defences besides the base
+    assert "same_defence_pt" not in summary[("none", "all")]
 
 
 def test_bounds_come_from_the_largest_honest_norms_and_attackers_from_budgets():
@@ -52,7 +57,9 @@ def test_settings_that_make_no_sense_are_refused_before_anything_runs(argv):
 
 
 @pytest.mark.slow
-def test_a_quick_run_rejects_the_attacker_and_fills_the_table(tmp_path):
+def test_a_quick_run_rejects_the_attacker_and_fills_the_table(tmp_path, minilm_available):
+    if not minilm_available:
+        pytest.skip("the MiniLM assets wheel is not installed")
     out = tmp_path / "poisoning.jsonl"
 
     assert poisoning.main(["--quick", "--out", str(out)]) == 0
