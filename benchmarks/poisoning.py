@@ -37,7 +37,7 @@ themselves move an honest federation's accuracy too).
 
 The default (36 runs and a calibration run) takes about 20 to 40 minutes with
 ``OMP_NUM_THREADS=1`` on one core of a shared machine; ``--quick`` is the test's short run (4 devices, one
-round of one step, one seed).
+round of one step, one seed, the x10 attack against the bounds refusing it).
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.quick:
         args.seeds, args.devices, args.rounds, args.max_steps = "0", 4, 1, 1
-        args.attacks, args.arms = "scale:10", "none,reject,all"
+        args.attacks, args.arms = "scale:10", "reject"
     args.seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
     args.attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
     args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]

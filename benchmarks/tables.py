@@ -623,12 +623,15 @@ def poisoning(rows: Rows) -> str:
     for r in rows:
         if r["kind"] == "summary":
             cells[(r["attack"], r["attackers"], r["defence"])] = r
-    calib = [r for r in rows if r["kind"] == "calibration"][-1:]
+    calib = {len(r["attacker_ids"]): r for r in rows if r["kind"] == "calibration"}
     seeds = sorted({len(r["seeds"]) for r in cells.values()})
-    bounds = (f"Norm bounds ({calib[0]['margin']:g} x the largest honest norms of an honest "
-              f"run on seed {calib[0]['calib_seed']}): update {calib[0]['bounds']['max_update_norm']:g}, "
-              f"expert {calib[0]['bounds']['max_expert_norm']:g}; attackers: device index "
-              f"{', '.join(map(str, calib[0]['attacker_ids']))}; "
+    bounds = "; ".join(dict.fromkeys(
+        f"update {c['bounds']['max_update_norm']:g}, expert {c['bounds']['max_expert_norm']:g} "
+        f"({c['margin']:g} x the largest norms of an honest run on seed {c['calib_seed']})"
+        for c in calib.values()))
+    who = "; ".join(f"{n}: device index {', '.join(map(str, c['attacker_ids']))}"
+                    for n, c in sorted(calib.items()))
+    bounds = (f"Norm bounds: {bounds}. Attackers (the largest budgets): {who}. "
               f"{'/'.join(map(str, seeds))} seeds per cell.") if calib else ""
     body = table(["attack", "attackers", "defence", "final accuracy (mean +/- 95% CI)",
                   "vs no attack, no defence (paired, 95% CI)",

@@ -57,6 +57,7 @@ def test_settings_that_make_no_sense_are_refused_before_anything_runs(argv):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # three short simulations; minutes on a loaded 2-core machine
 def test_a_quick_run_rejects_the_attacker_and_fills_the_table(tmp_path, minilm_available):
     if not minilm_available:
         pytest.skip("the MiniLM assets wheel is not installed")
@@ -66,11 +67,11 @@ def test_a_quick_run_rejects_the_attacker_and_fills_the_table(tmp_path, minilm_a
 
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     runs = {(r["attack"], r["defence"]): r for r in rows if r["kind"] == "run"}
-    assert set(runs) == {("none", "none"), ("none", "all"), ("scale:10", "none"),
-                         ("scale:10", "reject"), ("scale:10", "all")}
-    # x10 is far over bounds of 1.5 x the honest norms: refused once per round, else kept
+    assert set(runs) == {("none", "none"), ("scale:10", "reject")}
+    # x10 is far over bounds of 1.5 x the honest norms: refused in the one round; the honest
+    # run refuses nothing
     assert runs[("scale:10", "reject")]["rejected"] == 1
-    assert runs[("scale:10", "none")]["rejected"] == runs[("none", "none")]["rejected"] == 0
+    assert runs[("none", "none")]["rejected"] == 0
     assert all(0.0 <= r["final_accuracy"] <= 1.0 for r in runs.values())
     [calib] = [r for r in rows if r["kind"] == "calibration"]
     assert calib["bounds"]["max_update_norm"] > 0 and calib["bounds"]["max_expert_norm"] > 0
