@@ -283,8 +283,10 @@ class Intake:
         if self.lora is not None:
             update = expand(update, self.lora)
         # the spool keeps the bytes as sent: an update clipped on arrival is clipped again
-        # (an update the bounds refuse never reaches the spool)
+        # (an update the bounds refuse never reaches the spool), and its num_examples is the
+        # one accepted (the weighting policy may have clipped it), as the store recorded it
         update = bound_norms(self.cfg.policy, device, update, mode="clip")
+        update = dataclasses.replace(update, num_examples=stored.num_examples)
         if stored.late:
             update = dataclasses.replace(update, client_id=stored.client_id)
         return update

@@ -192,6 +192,7 @@ def test_an_update_over_a_norm_bound_is_clipped_when_the_policy_says_clip(make, 
     [stored] = intake.store.updates(0)
     back = intake.read_back(stored)
     assert expert_norms(back)[E12] == pytest.approx(norm / 2, rel=1e-5)
+    assert back.num_examples == 4
     # the participation record keeps the norm as accepted
     [rec] = intake.store.participation(0)
     assert rec["max_expert_norm"] == pytest.approx(norm / 2, rel=1e-5)
@@ -248,3 +249,14 @@ def test_a_rejected_poisoned_update_leaves_the_model_and_the_server_running(tmp_
         torch.testing.assert_close(state[key], base_state[key] + delta)
     moved = {k for k in state if not torch.equal(state[k], base_state[k])}
     assert moved == set(honest.deltas)
+
+
+def test_an_update_read_back_from_the_spool_keeps_its_clipped_example_count(make, model):
+    intake, _, transport, base = make(policy=PolicyConfig(on_violation="clip"))
+    inflated = dataclasses.replace(_update(model, "phone", base), num_examples=10**9)
+
+    _send(intake, inflated)
+
+    assert [a.status for a in transport.acks("phone")] == ["accepted"]
+    [stored] = intake.store.updates(0)
+    assert intake.read_back(stored).num_examples == 4  # the cap, not the claim
