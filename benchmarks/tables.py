@@ -666,6 +666,51 @@ def secagg(rows: Rows) -> str:
                    f"{f3(r['plain_server_s'])} / {f3(r['secure_server_s'])}",
                    f2(r["ratio_server_s"]), f"{r['max_abs_err']:.1e}"] for r in rows]) + note
 
+
+POISONING = "OMP_NUM_THREADS=1 python -m benchmarks.poisoning"
+
+
+def _pt(r: dict[str, Any], key: str) -> str:
+    if key not in r:
+        return "-"
+    mean, half = r[key], r[key.replace("_pt", "_ci95_pt")]
+    return f"{mean:+.1f} pt [{mean - half:+.1f}, {mean + half:+.1f}]"
+
+
+def _poison_cell(r: dict[str, Any]) -> list[str]:
+    met = "-" if r["attack"] == "none" and r["defence"] == "none" else \
+        ("yes" if r.get("within_target") else "no")
+    return [r["attack"] if r["attack"] != "none" else "no attack",
+            str(r["attackers"]), r["defence"], f"{r['final_accuracy']:.3f} +/- {r['ci95']:.3f}",
+            _pt(r, "diff_pt"), _pt(r, "same_defence_pt"), str(r["rejected"]), met]
+
+
+@region("poisoning", "poisoning.jsonl", POISONING, default=MODEL_KEYS,
+        select=lambda r: r.get("kind") in ("summary", "calibration"))
+def poisoning(rows: Rows) -> str:
+    """Final accuracy per (attack, attackers, defence): the last summary of each cell."""
+    cells: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for r in rows:
+        if r["kind"] == "summary":
+            cells[(r["attack"], r["attackers"], r["defence"])] = r
+    calib = {len(r["attacker_ids"]): r for r in rows if r["kind"] == "calibration"}
+    seeds = sorted({len(r["seeds"]) for r in cells.values()})
+    bounds = "; ".join(dict.fromkeys(
+        f"update {c['bounds']['max_update_norm']:g}, expert {c['bounds']['max_expert_norm']:g} "
+        f"({c['margin']:g} x the largest norms of an honest run on seed {c['calib_seed']})"
+        for c in calib.values()))
+    who = "; ".join(f"{n}: device index {', '.join(map(str, c['attacker_ids']))}"
+                    for n, c in sorted(calib.items()))
+    bounds = (f"Norm bounds: {bounds}. Attackers (the largest budgets): {who}. "
+              f"{'/'.join(map(str, seeds))} seeds per cell.") if calib else ""
+    body = table(["attack", "attackers", "defence", "final accuracy (mean +/- 95% CI)",
+                  "vs no attack, no defence (paired, 95% CI)",
+                  "vs no attack, same defences (paired, 95% CI)", "updates refused",
+                  "mean move within 1 pt of no attack"],
+                 [_poison_cell(r) for r in cells.values()])
+    return f"{body}\n\n{bounds}" if bounds else body
+
+
 def headline(base: str) -> Callable[[Callable[[Rows], str]], Callable[[Rows], str]]:
     """Register an inline region ``BASE-headline`` over region ``base``'s rows."""
     reg = REGIONS[base]

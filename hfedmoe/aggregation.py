@@ -20,6 +20,10 @@ trained here", never a zero delta; a key nobody qualifies for keeps its previous
   r(c) of Eq. 18 does not enter alpha; it is computed for logging (:func:`round_report`).
 - **shared** ``shared.*``: data-size FedAvg over the senders.
 
+With ``AggregationRule.robust`` set, each key of the chosen kinds is aggregated over the same
+qualifying senders by a coordinate-wise trimmed mean or a norm-bounded mean instead
+(:mod:`hfedmoe.robust`); the streaming aggregator then buffers the round's updates.
+
 An :class:`AggregationRule` with ``"data-size"`` weighting instead averages every key over its
 senders by ``|D_c|`` (no tau, no alpha): the baselines' plain averaging of what was sent.
 Sums run in float64 for float64 globals and in float32 otherwise; the result takes the global
@@ -36,6 +40,7 @@ import torch
 
 from hfedmoe.errors import AlgorithmError
 from hfedmoe.names import ExpertId, ParamKey, parse_key
+from hfedmoe.robust import Robust, check_robust, robust_mean
 from hfedmoe.update import SparseUpdate
 
 Tensor = torch.Tensor
@@ -52,13 +57,26 @@ class AggregationRule:
         gate_weighting: "importance" (Eq. 18-21, normalised), "importance-size" (alpha(c) x
             |D_c|, normalised) or "data-size".
         tau: usage threshold of Eq. 16-18.
+        robust: ``"none"`` (the weighted means above), ``"trimmed-mean"`` or
+            ``"norm-bounded"`` (:mod:`hfedmoe.robust`), per key over the same qualifying
+            senders, for the key kinds in ``robust_kinds``.
+        trim_fraction: ``"trimmed-mean"``: the share of contributors dropped at each end.
+        robust_kinds: the key kinds the robust option applies to (the others keep the
+            weighted mean).
     """
 
     expert_weighting: Literal["usage-threshold", "data-size"] = "usage-threshold"
     gate_weighting: Literal["importance", "importance-size", "data-size"] = "importance"
     tau: float = 0.01
+    robust: Robust = "none"
+    trim_fraction: float = 0.1
+    robust_kinds: tuple[KeyKind, ...] = ALL_KINDS
 
     def __post_init__(self) -> None:
+        check_robust(self.robust, self.trim_fraction)
+        if not set(self.robust_kinds) <= set(ALL_KINDS):
+            raise AlgorithmError(f"robust_kinds must be among {ALL_KINDS}, got "
+                                 f"{self.robust_kinds}")
         if self.expert_weighting not in ("usage-threshold", "data-size"):
             raise AlgorithmError(f"unknown expert_weighting {self.expert_weighting!r}")
         if self.gate_weighting not in ("importance", "importance-size", "data-size"):
@@ -290,9 +308,15 @@ def aggregate(global_state: Mapping[str, Tensor], updates: Sequence[SparseUpdate
     for key, client_weights in weights.items():
         ref = global_state[key]
         acc = ref.detach().to(acc_dtype(ref)).clone()  # (*param_shape)
-        for client_id, w in client_weights.items():
-            delta = by_client[client_id].deltas[key].detach()  # (*param_shape)
-            acc += w * delta.to(device=acc.device, dtype=acc.dtype)
+        if rule.robust != "none" and parse_key(key).kind in rule.robust_kinds:
+            clients = list(client_weights)
+            mean = robust_mean(rule.robust, [by_client[c].deltas[key] for c in clients],
+                               [client_weights[c] for c in clients], rule.trim_fraction)
+            acc += mean.to(device=acc.device, dtype=acc.dtype)  # (*param_shape)
+        else:
+            for client_id, w in client_weights.items():
+                delta = by_client[client_id].deltas[key].detach()  # (*param_shape)
+                acc += w * delta.to(device=acc.device, dtype=acc.dtype)
         new_state[key] = acc.to(ref.dtype)
     return new_state
 

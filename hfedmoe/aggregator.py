@@ -19,6 +19,13 @@ Why every weight is known on arrival:
 
 r(c) of Eq. 18 needs S_global, so :meth:`Aggregator.report` computes it from the stored
 per-client sets at the end.
+
+A robust rule (``AggregationRule.robust`` other than ``"none"``: a coordinate-wise trimmed mean
+or a norm-bounded mean per key, :mod:`hfedmoe.robust`) needs every contributor's delta of a key
+at once, so the aggregator then *buffers* the round's updates (memory grows with the number of
+clients) and :meth:`Aggregator.finalize` runs the batch :func:`~hfedmoe.aggregation.aggregate`
+on them. A buffered aggregator merges with another buffered one but does not travel between
+processes (:meth:`Aggregator.to_bytes` refuses), so sharded ingestion cannot use it.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from hfedmoe.aggregation import (
     ClientSummary,
     KeyKind,
     acc_dtype,
+    aggregate,
     build_report,
     check_against_global,
     raw_weight,
@@ -80,6 +88,13 @@ class Aggregator:
         self._sums: dict[str, _KeySum] = {}
         self._shapes: dict[str, torch.Size] = {}
         self._summaries: dict[str, ClientSummary] = {}
+        # a robust rule: the updates themselves, aggregated in one batch by finalize
+        self._buffer: list[SparseUpdate] | None = [] if rule.robust != "none" else None
+
+    @property
+    def buffered(self) -> bool:
+        """True when the rule is robust and the updates are kept until :meth:`finalize`."""
+        return self._buffer is not None
 
     @property
     def num_clients(self) -> int:
@@ -106,6 +121,11 @@ class Aggregator:
             if known is not None and known != delta.shape:
                 raise AlgorithmError(f"{key}: client {update.client_id} sent shape "
                                      f"{tuple(delta.shape)}, earlier clients {tuple(known)}")
+        if self._buffer is not None:
+            self._shapes.update({k: d.shape for k, d in update.deltas.items()})
+            self._buffer.append(update)
+            self._summaries[update.client_id] = summary
+            return
         for key in sorted(update.deltas):
             delta = update.deltas[key]
             self._shapes[key] = delta.shape
@@ -134,6 +154,8 @@ class Aggregator:
         """
         for key, shape in self._shapes.items():
             check_against_global(key, shape, global_state)
+        if self._buffer is not None:
+            return aggregate(global_state, self._buffer, self.rule, self.kinds)
         new_state = dict(global_state)
         for key, slot in self._sums.items():
             if slot.weight > 0 and slot.total is not None:
@@ -170,7 +192,11 @@ class Aggregator:
             if known is not None and known != shape:
                 raise AlgorithmError(f"{key}: partial aggregates disagree on the shape "
                                      f"({tuple(known)} vs {tuple(shape)})")
+        if self.buffered != other.buffered:
+            raise AlgorithmError("cannot merge a buffered (robust) aggregator with a summing one")
         self._shapes.update(other._shapes)
+        if self._buffer is not None and other._buffer is not None:
+            self._buffer.extend(other._buffer)
         for key, theirs in other._sums.items():
             slot = self._sums.setdefault(key, _KeySum())
             if theirs.weight > 0 and theirs.total is not None:
@@ -187,6 +213,9 @@ class Aggregator:
         :meth:`from_bytes` in another process."""
         from safetensors.torch import save
 
+        if self._buffer is not None:
+            raise AlgorithmError(f"a robust aggregator ({self.rule.robust}) buffers whole "
+                                 f"updates and is not written as a partial aggregate")
         tensors: dict[str, Tensor] = {}
         sums = {}
         for key, slot in self._sums.items():

@@ -80,6 +80,7 @@ class DeviceJob:
     assignment: frozenset | None  # fedmoe's fixed sub-model once known, else None
     prior: dict | None = None  # the global routing prior (server.rounds.routing_prior)
     other: int | None = None  # the shard the hfedmoe-other control ranks experts on
+    attack: Any = None  # lab.attacks.Attack: this device poisons its update (simulator only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,8 +121,10 @@ def train_device(model: Any, data: Any, job: DeviceJob, state: dict[str, torch.T
         planner=make_planner(budget, enforce=strategy.uses_budget, resident=0),
         prior=job.prior, selection_data=other_data))
     meta = res.update.meta.replace(budget_limit=budget.limit, budget_reason=budget.reason)
-    res = dataclasses.replace(res, update=dataclasses.replace(res.update, meta=meta))
-    blob = encode(res.update, cfg.method.tau, cfg.wire)
+    update = dataclasses.replace(res.update, meta=meta)
+    if job.attack is not None:  # a poisoning device of benchmarks/poisoning.py
+        update = job.attack.apply(update)
+    blob = encode(update, cfg.method.tau, cfg.wire)
     return DeviceResult(job.index, blob, res.seconds, assignment)
 
 

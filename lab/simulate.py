@@ -36,8 +36,10 @@ from typing import Any
 import torch
 
 from hfedmoe.errors import ConfigError
+from lab.attacks import Attack
 from lab.devices import Calibration, DeviceJob, SequentialBackend, _lora, calibrate
 from lab.secagg import SecureAggregator
+from server.bounds import bound_norms, check_experts, round_strategy
 from server.rounds import (
     choose_participants,
     dense_update_bytes,
@@ -89,7 +91,8 @@ def run_simulation(args: argparse.Namespace) -> int:
 
 def simulate(cfg: Any, num_devices: int, profiles: list[str], measure_repeats: int = 3, *,
              backend: str = "sequential", ray_address: str = "", ray_workers: int = 0,
-             calibration: Calibration | None = None) -> list[dict[str, Any]]:
+             calibration: Calibration | None = None,
+             attack: Attack | None = None) -> list[dict[str, Any]]:
     """Run ``cfg.rounds.rounds`` rounds with ``num_devices`` emulated devices; metrics rows.
 
     Args:
@@ -102,10 +105,12 @@ def simulate(cfg: Any, num_devices: int, profiles: list[str], measure_repeats: i
             most the participants of a round.
         calibration: the host probe and measured costs budgets are decided from (measured
             now when None); give one to rerun with the same budgets.
+        attack: devices that poison their updates (:mod:`lab.attacks`; the simulator only).
     """
     _check_backend(backend, ray_workers)
     check_devices(cfg, num_devices, profiles)
     sim = _setup(cfg, num_devices, profiles, measure_repeats, calibration)
+    sim.attack = attack
     try:
         rows = [_write(sim.run_dir, initial_row(_evaluate(sim)))]
         # after the calibration: starting actors would skew its timings
@@ -150,6 +155,7 @@ class _Simulation:
     shards: list[Any]
     global_state: dict[str, torch.Tensor]
     runner: Any = None  # SequentialBackend or lab.ray_backend.RayBackend
+    attack: Attack | None = None  # poisoning devices (benchmarks/poisoning.py)
     prior: dict = dataclasses.field(default_factory=dict)  # server.rounds.routing_prior
     secagg_keys: set = dataclasses.field(default_factory=set)  # public keys of past rounds
 
@@ -163,6 +169,7 @@ class _Tally:
     usage: dict[str, Any] = dataclasses.field(default_factory=dict)
     disagreement: dict[str, float] = dataclasses.field(default_factory=dict)
     device_s: list[float] = dataclasses.field(default_factory=list)  # emulated seconds
+    rejected: int = 0  # updates the policy refused (server.bounds)
 
 
 def _check_backend(backend: str, ray_workers: int) -> None:
@@ -200,7 +207,6 @@ def _setup(cfg: Any, num_devices: int, profiles: list[str], measure_repeats: int
     from hfedmoe.lora import with_factors
     from hfedmoe.models.registry import build_model
     from hfedmoe.modelsync import build_shards
-    from hfedmoe.strategies import get_strategy
     from hfedmoe.wire import spec_from_state
     from server.store import Store
 
@@ -224,7 +230,7 @@ def _setup(cfg: Any, num_devices: int, profiles: list[str], measure_repeats: int
     for d in devices:
         d.have = set(base_manifest.shards.values())
     return _Simulation(cfg, run_dir, store, task, model,
-                       get_strategy(cfg.method.strategy, cfg.method), spec, devices, shards,
+                       round_strategy(cfg), spec, devices, shards,
                        model.state())
 
 
@@ -340,7 +346,7 @@ def _round(sim: _Simulation, r: int) -> dict[str, Any]:
         records=tally.records, usage=tally.usage, disagreement=tally.disagreement,
         dense_bytes=dense_update_bytes(sim.global_state, sim.cfg.wire.dtype),
         method=sim.cfg.method, noised_updates={d.id: d.dp_rounds for d in sim.devices},
-        aggregation_s=agg_s, round_s=max(tally.device_s, default=0.0),
+        aggregation_s=agg_s, round_s=max(tally.device_s, default=0.0), rejected=tally.rejected,
         wall_s=time.perf_counter() - wall0, num_experts=len(sim.model.expert_ids()),
         bytes_out=bytes_out, skipped=skipped)
     if sim.cfg.secagg.enabled:
@@ -376,7 +382,9 @@ def _jobs(sim: _Simulation, r: int, chosen: list[SimDevice], manifest: Any,
         bytes_out += sum(len(blobs[s]) for s in missing)
         d.have |= missing
         other = (d.index + 1) % len(sim.devices) if sim.strategy.other_data else None
-        jobs.append(DeviceJob(d.index, d.id, d.budget, d.assignment, dict(sim.prior), other))
+        attack = sim.attack if sim.attack is not None and sim.attack.hits(d.index) else None
+        jobs.append(DeviceJob(d.index, d.id, d.budget, d.assignment, dict(sim.prior), other,
+                              attack))
     return jobs, skipped, bytes_out
 
 
@@ -394,8 +402,13 @@ def _train(sim: _Simulation, r: int, base_hash: str, jobs: list[DeviceJob],
         d.assignment = out.assignment
         update = decode(out.blob, sim.spec, sim.cfg.wire, round_idx=r, client_id=d.id)
         update = expand(update, lora) if lora is not None else update
-        aggregator.add(update)
         d.dp_rounds += int(sim.cfg.method.dp_noise_multiplier > 0)
+        tally.device_s.append(out.seconds * d.scale)
+        update = _held_to_policy(sim, r, d, update)
+        if update is None:
+            tally.rejected += 1
+            continue
+        aggregator.add(update)
         rec = participation_record(d.budget.c_budget, update, len(out.blob))
         sim.store.record_participation(r, d.id, rec.budget, rec.experts_sent,
                                        rec.optimizer_experts, rec.info())
@@ -405,8 +418,25 @@ def _train(sim: _Simulation, r: int, base_hash: str, jobs: list[DeviceJob],
         dis = disagreement_of(update)
         if dis is not None:
             tally.disagreement[d.id] = dis
-        tally.device_s.append(out.seconds * d.scale)
     return tally
+
+
+def _held_to_policy(sim: _Simulation, r: int, d: SimDevice, update: Any) -> Any:
+    """The update as the server's intake would take it (:mod:`server.bounds`: the class cap,
+    the norm bounds), or None when it would refuse it (the refusal is stored as the server
+    stores one)."""
+    from hfedmoe.errors import BudgetExceededError, PolicyError
+
+    policy = sim.cfg.policy
+    try:
+        check_experts(policy, sim.store.devices()[d.id].get("report"), d.budget.c_budget,
+                      update, sim.strategy.uses_budget)
+        return bound_norms(policy, d.id, update)
+    except (BudgetExceededError, PolicyError) as exc:
+        log.warning("round %d: rejected update from %s: %s: %s", r, d.id,
+                    type(exc).__name__, exc)
+        sim.store.reject(r, d.id, type(exc).__name__, str(exc)[:500])
+        return None
 
 
 def _evaluate(sim: _Simulation) -> dict[str, Any]:

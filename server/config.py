@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -113,6 +114,16 @@ class PolicyConfig:
     off at 0 and a rule without declared counts does not apply. Usage and importance are
     range-checked on decode (every value in [0, 1], a layer's usage summing to at most 1).
 
+    Bounded updates (docs/deployment.md, "Bounded updates"; every rule off by default):
+    ``class_caps`` caps the experts one update of a device class may carry whatever budget
+    the device registered (a device's class is the ``platform`` its registration reports:
+    ``jetson``, ``android``, ``linux``, ``macos``, ``windows``, else ``unknown``;
+    :func:`server.bounds.device_class`). The class is self-reported, so against a lying device
+    the cap that holds is the largest in the table (or ``default_class_cap``). An update over
+    its cap is refused (BudgetExceededError). ``max_update_norm`` bounds the L2 norm of the
+    whole update (every delta), ``max_expert_norm`` that of each expert's deltas; an update
+    over either is refused (PolicyError) or scaled into them, by ``on_norm_violation``.
+
     Attributes:
         examples_vs_registered: cap as a multiple of the device's registered local examples.
         examples_vs_median: cap as a multiple of the median registered local examples.
@@ -120,6 +131,12 @@ class PolicyConfig:
         on_violation: ``"reject"`` the update (PolicyError, nothing of it is kept) or
             ``"clip"`` its count to the cap and accept it.
         max_registered_examples: a registration declaring more local examples is refused.
+        class_caps: device class -> the most experts one update may carry (0: no cap).
+        default_class_cap: the cap of a class not in ``class_caps`` (0: no cap).
+        max_update_norm: bound on the L2 norm of an update's deltas together (0: off).
+        max_expert_norm: bound on the L2 norm of each expert's deltas (0: off).
+        on_norm_violation: ``"reject"`` the update (PolicyError) or ``"clip"`` it into the
+            bounds (:func:`hfedmoe.robust.clip_update`) and accept it.
     """
 
     examples_vs_registered: float = 1.0
@@ -127,8 +144,28 @@ class PolicyConfig:
     max_examples: int = 0
     on_violation: Literal["reject", "clip"] = "reject"
     max_registered_examples: int = 10_000_000
+    class_caps: dict[str, int] = field(default_factory=dict)
+    default_class_cap: int = 0
+    max_update_norm: float = 0.0
+    max_expert_norm: float = 0.0
+    on_norm_violation: Literal["reject", "clip"] = "reject"
 
     def __post_init__(self) -> None:
+        for name, cap in self.class_caps.items():
+            if not isinstance(name, str) or not name or type(cap) is not int or cap < 0:
+                raise ConfigError(f"policy.class_caps.{name}: a class name and an integer "
+                                  f">= 0 (0: no cap), got {cap!r}")
+        if type(self.default_class_cap) is not int or self.default_class_cap < 0:
+            raise ConfigError(f"policy.default_class_cap must be an integer >= 0 (0: no cap), "
+                              f"got {self.default_class_cap!r}")
+        for name in ("max_update_norm", "max_expert_norm"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"policy.{name} must be a finite number >= 0 (0: off), "
+                                  f"got {value}")
+        if self.on_norm_violation not in ("reject", "clip"):
+            raise ConfigError(f"policy.on_norm_violation must be 'reject' or 'clip', got "
+                              f"{self.on_norm_violation!r}")
         if min(self.examples_vs_registered, self.examples_vs_median) < 0 \
                 or self.max_examples < 0 or self.max_registered_examples < 1:
             raise ConfigError("policy: caps must be >= 0 (0: off), max_registered_examples >= 1")
@@ -149,6 +186,38 @@ class PolicyConfig:
         if self.examples_vs_median and declared:
             caps.append(int(self.examples_vs_median * statistics.median(declared)))
         return max(1, min(caps)) if caps else None
+
+
+@dataclass(frozen=True)
+class AggregationConfig:
+    """The server's robust option for aggregation (:mod:`hfedmoe.robust`), next to the
+    strategy's weighting (Eq. 17-21).
+
+    Attributes:
+        robust: ``"none"`` (the strategy's weighted means, today's behaviour),
+            ``"trimmed-mean"`` (per key, the coordinate-wise mean over its qualifying senders
+            after dropping the ``trim_fraction`` largest and smallest values per element) or
+            ``"norm-bounded"`` (each sender's delta of a key clipped to the median norm among
+            the key's senders, then the weighted mean). Either buffers the round's updates in
+            memory until it closes, and needs ``ingest.workers = 0``.
+        trim_fraction: share of a key's senders dropped at each end (``"trimmed-mean"``).
+        kinds: the key kinds the option applies to (``expert``, ``gate``, ``shared``).
+    """
+
+    robust: Literal["none", "trimmed-mean", "norm-bounded"] = "none"
+    trim_fraction: float = 0.1
+    kinds: tuple[str, ...] = ("expert", "gate", "shared")
+
+    def __post_init__(self) -> None:
+        if self.robust not in ("none", "trimmed-mean", "norm-bounded"):
+            raise ConfigError(f"aggregation.robust must be 'none', 'trimmed-mean' or "
+                              f"'norm-bounded', got {self.robust!r}")
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise ConfigError(f"aggregation.trim_fraction must be in [0, 0.5), got "
+                              f"{self.trim_fraction}")
+        if not self.kinds or not set(self.kinds) <= {"expert", "gate", "shared"}:
+            raise ConfigError(f"aggregation.kinds must be among expert, gate, shared, got "
+                              f"{list(self.kinds)}")
 
 
 @dataclass(frozen=True)
@@ -246,6 +315,7 @@ class ServerConfig:
     transport: TransportConfig = field(default_factory=TransportConfig)
     wire: WireConfig = field(default_factory=WireConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     eligibility: EligibilityConfig = field(default_factory=EligibilityConfig)
@@ -267,6 +337,19 @@ class ServerConfig:
             raise ConfigError(f"eval_every must be >= 1 (1: every round), got {self.eval_every}")
         object.__setattr__(self, "train", resolve_adapter(self.train, self.data.task))
         check_quantize_adapter(self.model, self.train)  # devices quantize, LoRA trains
+        pol = self.policy
+        if self.secagg.enabled and (self.aggregation.robust != "none" or pol.max_update_norm
+                                    or pol.max_expert_norm or pol.class_caps
+                                    or pol.default_class_cap):
+            raise ConfigError("secagg.enabled hides each update from the server, and a secure "
+                              "round's intake does not check them: aggregation.robust, "
+                              "policy.max_update_norm, policy.max_expert_norm and the class "
+                              "caps need plain rounds (set them to 'none' / 0 / {}, or turn "
+                              "secure aggregation off)")
+        if self.aggregation.robust != "none" and self.ingest.workers > 0:
+            raise ConfigError(f"aggregation.robust = {self.aggregation.robust!r} buffers the "
+                              f"round's updates in the coordinator, so it needs "
+                              f"ingest.workers = 0 (partial aggregates are sums)")
         if not 0 <= self.dashboard_port <= 65535:
             raise ConfigError("dashboard_port must be in [0, 65535] (0: off)")
         if self.dashboard_port and not is_loopback(self.dashboard_host) \

@@ -28,10 +28,10 @@ from hfedmoe.models.base import MoEModel
 from hfedmoe.modelsync import build_shards
 from hfedmoe.names import ExpertId
 from hfedmoe.protocol import Done, RoundAnnouncement
-from hfedmoe.strategies import get_strategy
 from hfedmoe.transport.base import Message, Transport
 from hfedmoe.transport.chunks import BlobReceiver
 from hfedmoe.transport.topics import Topics
+from server.bounds import round_strategy
 from server.config import ServerConfig
 from server.evaluate import held_out_metrics
 from server.ingest import IngestLink
@@ -78,7 +78,7 @@ class Coordinator:
         self.clock = clock
         self.topics = Topics(cfg.run_id)
         self.store = Store(cfg.run_dir)
-        self.strategy = get_strategy(cfg.method.strategy, cfg.method)
+        self.strategy = round_strategy(cfg)
         self.global_state = model.state()
         # what one dense (fedavg-full) update of this model weighs on the wire, uncompressed
         self.dense_bytes = dense_update_bytes(self.global_state, cfg.wire.dtype)

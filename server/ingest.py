@@ -45,10 +45,10 @@ from hfedmoe.protocol import (
     PartialNotice,
     RoundAnnouncement,
 )
-from hfedmoe.strategies import get_strategy
 from hfedmoe.transport.base import Message, Transport
 from hfedmoe.transport.chunks import BlobReceiver
 from hfedmoe.transport.topics import Topics, check_id
+from server.bounds import round_strategy
 from server.config import ServerConfig
 from server.intake import Intake
 from server.registry import DeclaredExamples
@@ -75,7 +75,7 @@ class IngestWorker:
         self.worker_id = check_id(worker_id, "worker id")
         self.topics = Topics(cfg.run_id)
         self.store = Store(cfg.run_dir)
-        self.strategy = get_strategy(cfg.method.strategy, cfg.method)
+        self.strategy = round_strategy(cfg)
         self.round: RoundState | None = None
         self.next_round = 0
         self.aggregator = self.strategy.make_aggregator()

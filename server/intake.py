@@ -3,7 +3,8 @@
 An update that arrived whole (:class:`hfedmoe.transport.chunks.BlobReceiver`) is decoded and
 validated against the model (:func:`hfedmoe.wire.decode_full`; LoRA factors expanded to exact
 products), its ``num_examples`` held to the weighting policy, its experts to the device's
-registered budget, its round and base model to the open round's; the aggregator then checks it
+registered budget and the server's cap for its device class, its deltas to the policy's norm
+bounds (refused or clipped: :mod:`server.bounds`), its round and base model to the open round's; the aggregator then checks it
 against the updates already taken (:meth:`hfedmoe.aggregator.Aggregator.add`), and only then is
 it spooled durably (:mod:`server.store`), recorded and acknowledged on the device's ack topic.
 An update for an earlier round is late: folded into the open round under its own key
@@ -40,6 +41,7 @@ from hfedmoe.transport.base import Transport
 from hfedmoe.transport.topics import Topics
 from hfedmoe.update import SparseUpdate
 from hfedmoe.wire import decode, decode_full, spec_from_state
+from server.bounds import bound_norms, check_experts
 from server.config import ServerConfig
 from server.metrics import Prometheus
 from server.registry import DeclaredExamples, UnknownClientError
@@ -47,7 +49,6 @@ from server.rounds import (
     RoundHolder,
     RoundState,
     disagreement_of,
-    experts_in,
     participation_record,
 )
 from server.store import Store, StoredUpdate
@@ -108,6 +109,7 @@ class Intake:
                 update = expand(update, self.lora)
             round_idx = header.round_idx
             update = self.check_weights(device, update)
+            update = bound_norms(self.cfg.policy, device, update)
             if self.store.update(round_idx, device) is not None:  # a resend of an acked update
                 self._ack(device, UpdateAck(round_idx, sha, "accepted"))
                 return
@@ -171,14 +173,15 @@ class Intake:
 
     # --- the checks ----------------------------------------------------------------------------
     def check_budget(self, device: str, update: SparseUpdate) -> int:
-        """The device's registered budget; raises when the update carries more experts.
+        """The device's registered budget; raises BudgetExceededError when the update carries
+        more experts than it, or than the server's cap for the device's class
+        (:func:`server.bounds.check_experts`).
 
         fedavg-full ignores budgets by design (every device trains every expert)."""
-        budget = int(self.store.devices().get(device, {}).get("budget", 0))
-        sent = experts_in(update)
-        if self.strategy.uses_budget and len(sent) > budget:
-            raise BudgetExceededError(f"update carries {len(sent)} experts, the device's "
-                                      f"registered budget is {budget}")
+        info = self.store.devices().get(device, {})
+        budget = int(info.get("budget", 0))
+        check_experts(self.cfg.policy, info.get("report"), budget, update,
+                      self.strategy.uses_budget)
         return budget
 
     def check_room(self, nbytes: int) -> None:
@@ -279,6 +282,11 @@ class Intake:
                         run_id=self.cfg.run_id, client_id=device, base_model_hash=None)
         if self.lora is not None:
             update = expand(update, self.lora)
+        # the spool keeps the bytes as sent: an update clipped on arrival is clipped again
+        # (an update the bounds refuse never reaches the spool), and its num_examples is the
+        # one accepted (the weighting policy may have clipped it), as the store recorded it
+        update = bound_norms(self.cfg.policy, device, update, mode="clip")
+        update = dataclasses.replace(update, num_examples=stored.num_examples)
         if stored.late:
             update = dataclasses.replace(update, client_id=stored.client_id)
         return update

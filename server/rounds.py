@@ -33,6 +33,7 @@ from hfedmoe.aggregator import Aggregator
 from hfedmoe.modelsync import ModelManifest
 from hfedmoe.names import ExpertId, parse_key
 from hfedmoe.privacy import privacy_report
+from hfedmoe.robust import expert_norms, update_norm
 from hfedmoe.signals import round_signals
 from hfedmoe.update import SparseUpdate
 
@@ -151,6 +152,10 @@ class Participation:
     budget_limit: str | None = None
     latency: dict[str, Any] | None = None  # the device's step timings (see TIMINGS)
     dp_noise_multiplier: float | None = None  # the noise the device says it applied
+    # the L2 norm of the update's deltas as accepted, and the largest of its experts' (the
+    # figures policy.max_update_norm and policy.max_expert_norm bound: server.bounds)
+    norm: float | None = None
+    max_expert_norm: float | None = None
 
     def info(self) -> dict[str, Any]:
         """What the participation store keeps besides budget, experts_sent and
@@ -174,7 +179,14 @@ def participation_record(budget: int, update: SparseUpdate, nbytes: int) -> Part
         optimizer_experts=state if state is not None else -1, bytes=nbytes, expert_ids=ids,
         steps=meta.steps, selected=meta.selected, limit=meta.limit, reason=meta.reason,
         stopped_by=meta.stopped_by, budget_limit=meta.budget_limit,
-        latency=meta.recorded_latency(), dp_noise_multiplier=meta.dp_noise_multiplier)
+        latency=meta.recorded_latency(), dp_noise_multiplier=meta.dp_noise_multiplier,
+        norm=_sig(update_norm(update)),
+        max_expert_norm=_sig(max(expert_norms(update).values(), default=0.0)))
+
+
+def _sig(x: float) -> float:
+    """``x`` to 6 significant digits (a row shows norms, it does not carry them exactly)."""
+    return float(f"{x:.6g}")
 
 
 def noised_updates(records: Iterable[Mapping[str, Any]], announced: float

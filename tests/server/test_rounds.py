@@ -84,16 +84,18 @@ def test_participation_record_reads_the_update_and_its_plan():
     assert rec == Participation(budget=5, experts_sent=2, optimizer_experts=2, bytes=1234,
                                 expert_ids=("1:2", "1:3"), steps=3, selected=4, limit="memory",
                                 reason="2 experts fit", stopped_by="plan", budget_limit="time",
-                                latency={"step": {"median": 0.25}, "upload_prev": {"s": 1.5}})
+                                latency={"step": {"median": 0.25}, "upload_prev": {"s": 1.5}},
+                                norm=0.0, max_expert_norm=0.0)
     # JSON-ready: the ids as a list, as the store reads them back
     assert rec.info() == {"bytes": 1234, "expert_ids": ["1:2", "1:3"], "steps": 3, "selected": 4,
                           "limit": "memory", "reason": "2 experts fit", "stopped_by": "plan",
                           "budget_limit": "time", "latency": rec.latency,
-                          "dp_noise_multiplier": None}
+                          "dp_noise_multiplier": None, "norm": 0.0, "max_expert_norm": 0.0}
     assert held_entry({"round": 0, "client": "d", **rec.to_dict()}) == {
         "budget": 5, "experts_sent": 2, "optimizer_experts": 2, "bytes": 1234,
         "expert_ids": ["1:2", "1:3"], "steps": 3, "selected": 4, "limit": "memory",
-        "reason": "2 experts fit", "stopped_by": "plan", "budget_limit": "time"}
+        "reason": "2 experts fit", "stopped_by": "plan", "budget_limit": "time", "norm": 0.0,
+        "max_expert_norm": 0.0}
     assert disagreement_of(update) == 0.25
 
 
@@ -171,7 +173,8 @@ def _row(method: MethodConfig, **over):
 def test_round_row_from_hand_made_values():
     row = _row(MethodConfig(tau=0.3))
     held = {"budget": 3, "optimizer_experts": -1, "steps": 1, "selected": None, "limit": None,
-            "reason": None, "stopped_by": None, "budget_limit": None}
+            "reason": None, "stopped_by": None, "budget_limit": None, "norm": 0.0,
+            "max_expert_norm": 0.0}
     assert {k: v for k, v in row.items() if k not in ("devices", "signals")} == {
         "round": 3, "phase": "round", "participants": 3, "accepted": 2, "rejected": 1,
         "late": 2, "experts_updated": 1, "bytes_in": 150, "bytes_out": 70,
