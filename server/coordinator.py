@@ -50,7 +50,7 @@ from server.rounds import (
     updates_expected,
 )
 from server.shards import ModelShards
-from server.store import Store
+from server.store import open_store
 
 log = logging.getLogger("hfedmoe.server")
 
@@ -76,7 +76,7 @@ class Coordinator:
         self.test_data = test_data
         self.clock = clock
         self.topics = Topics(cfg.run_id)
-        self.store = Store(cfg.run_dir)
+        self.store = open_store(cfg)
         self.strategy = get_strategy(cfg.method.strategy, cfg.method)
         self.global_state = model.state()
         # what one dense (fedavg-full) update of this model weighs on the wire, uncompressed

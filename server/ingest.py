@@ -18,8 +18,10 @@ them (the sums are associative) and reads any acknowledged update that no partia
 worker that was killed) back from the spool. An acknowledged update is durable before its ack
 leaves the worker, so killing a worker loses nothing it acknowledged.
 
-Workers must share the run directory with the coordinator (same host, or storage that SQLite
-and atomic renames work on). For a broker cluster (EMQX) see docs/deployment.md.
+With the embedded store (SQLite) workers share the run directory with the coordinator (same
+host). With ``store.url`` (PostgreSQL) and ``store.spool_dir`` on a filesystem every host
+mounts, a worker needs neither: the database holds the registry and the acknowledged updates'
+rows, the spool directory their blobs and the partial aggregates. See docs/deployment.md.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from hfedmoe.aggregator import Aggregator
-from hfedmoe.errors import AlgorithmError, ConfigError, ProtocolError
+from hfedmoe.errors import AlgorithmError, ConfigError, ProtocolError, StoreError
 from hfedmoe.protocol import (
     CloseRound,
     DeviceStatus,
@@ -53,7 +55,8 @@ from server.config import ServerConfig
 from server.intake import Intake
 from server.registry import DeclaredExamples
 from server.rounds import RoundState
-from server.store import Store
+from server.store import StateStore, open_store
+from server.store.files import fsync_write
 
 log = logging.getLogger("hfedmoe.ingest")
 server_log = logging.getLogger("hfedmoe.server")
@@ -74,7 +77,7 @@ class IngestWorker:
         self.transport = transport
         self.worker_id = check_id(worker_id, "worker id")
         self.topics = Topics(cfg.run_id)
-        self.store = Store(cfg.run_dir)
+        self.store = open_store(cfg)
         self.strategy = get_strategy(cfg.method.strategy, cfg.method)
         self.round: RoundState | None = None
         self.next_round = 0
@@ -147,7 +150,7 @@ class IngestWorker:
             else self.strategy.make_aggregator()
         data = agg.to_bytes()
         rel = Path("partials") / f"r{idx}" / f"{self.worker_id}.safetensors"
-        _atomic_write(Path(self.cfg.run_dir) / rel, data)
+        fsync_write(self.store.spool_dir / rel, data)
         self.transport.publish(self.topics.ingest_partial(self.worker_id), PartialNotice(
             idx, str(rel), hashlib.sha256(data).hexdigest(), agg.num_clients).to_bytes())
         self.partials_written += 1
@@ -165,7 +168,11 @@ class IngestWorker:
         except Exception:  # noqa: BLE001 - the intake reports malformed prefixes
             device = None
         if device is not None:
-            self.store.refresh_device(device)  # registered (or re-budgeted) since we looked
+            try:
+                self.store.refresh_device(device)  # registered (or re-budgeted) since we looked
+            except StoreError as exc:  # no ack: the device sends it again
+                log.error("worker %s: not taking %s's update: %s", self.worker_id, device, exc)
+                return
         self.intake.receive(prefix, blob)
 
     def _notify(self, event: IngestEvent) -> None:
@@ -182,7 +189,7 @@ class IngestLink:
     in one file; the coordinator only calls :meth:`gather` at close.
     """
 
-    def __init__(self, cfg: ServerConfig, transport: Transport, store: Store,
+    def __init__(self, cfg: ServerConfig, transport: Transport, store: StateStore,
                  intake: Intake) -> None:
         self.cfg = cfg
         self.transport = transport
@@ -265,7 +272,7 @@ class IngestLink:
         rel = Path(notice.path)
         if rel.is_absolute() or ".." in rel.parts or rel.parts[:1] != ("partials",):
             raise AlgorithmError(f"partial aggregate path {rel} is not under partials/")
-        data = (Path(self.cfg.run_dir) / rel).read_bytes()
+        data = (self.store.spool_dir / rel).read_bytes()
         if hashlib.sha256(data).hexdigest() != notice.sha256:
             raise AlgorithmError("content does not match the announced sha256")
         partial = Aggregator.from_bytes(data, aggregator.rule, aggregator.kinds)
@@ -273,16 +280,6 @@ class IngestLink:
             # e.g. the coordinator restarted and re-read the spool: the spool wins
             raise AlgorithmError("it overlaps updates already aggregated")
         return partial
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
 
 
 class WorkerPool:
