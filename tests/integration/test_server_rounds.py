@@ -19,7 +19,8 @@ from hfedmoe.models import build_model
 from hfedmoe.names import ExpertId
 from hfedmoe.update import SparseUpdate
 from hfedmoe.wire import WireConfig, decode, encode, spec_from_state
-from server.store import Store
+from server.config import ServerConfig
+from server.store import Store, open_store
 from tests.integration.conftest import (
     SMALL,
     FakeDevice,
@@ -68,9 +69,14 @@ def round_of(dev: FakeDevice, idx: int) -> dict:
     return [r for r in dev.rounds if r.get("round") == idx][-1]
 
 
-def test_sigkill_after_ack_resumes_with_updates_counted_once(tmp_path, mosquitto, model):
+def test_sigkill_after_ack_resumes_with_updates_counted_once(tmp_path, mosquitto, model,
+                                                            store_config):
+    """On both stores (SQLite in the run directory, PostgreSQL): an acknowledged update
+    survives a SIGKILL of the server and is aggregated once."""
     run_id = "crash"
     cfg = server_cfg(tmp_path, mosquitto, run_id, rounds=1, min_devices=2, deadline_s=120.0)
+    if store_config.url:
+        cfg["store"] = {"url": store_config.url, "schema": store_config.schema}
     server = spawn("server", cfg, tmp_path / "server.toml")
     a, b = FakeDevice(mosquitto, run_id, "dev-a"), FakeDevice(mosquitto, run_id, "dev-b")
     try:
@@ -99,7 +105,9 @@ def test_sigkill_after_ack_resumes_with_updates_counted_once(tmp_path, mosquitto
     rows = [r for r in metrics(tmp_path / "run") if r.get("phase") == "round"]
     assert len(rows) == 1 and rows[0]["accepted"] == 2
     assert len([x for x in a.acks if x.get("sha") == sha_a]) == 1  # A never had to resend
-    store = Store(tmp_path / "run")
+    assert (tmp_path / "run" / "run.db").exists() == (not store_config.url)  # the store used
+    store = open_store(ServerConfig(run_id=run_id, run_dir=str(tmp_path / "run"),
+                                    store=store_config))
     assert [u.client_id for u in store.updates(0)] == ["dev-a", "dev-b"]
     _, state = store.latest_checkpoint()
     store.close()
