@@ -217,6 +217,11 @@ class StoreConfig:
 _SCHEMA = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (for logs and the kept config)."""
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+
+
 @dataclass(frozen=True)
 class IngestConfig:
     """Sharded ingestion: update validation and spooling in worker processes.
@@ -231,11 +236,16 @@ class IngestConfig:
         partial_timeout_s: at round close, how long the coordinator waits for the live
             workers' partial aggregates; what a missing one acknowledged is read back from the
             spool instead (an acknowledged update is never lost).
+        spawn: ``hfedmoe server`` starts the ``workers`` itself (on its host, in its run
+            directory). False: it runs sharded but starts none; start ``hfedmoe ingest
+            --worker wN --work-dir DIR`` on other hosts (needs ``store.url`` and
+            ``store.spool_dir``: docs/deployment.md).
     """
 
     workers: int = 0
     group: str = "hfedmoe-ingest"
     partial_timeout_s: float = 60.0
+    spawn: bool = True
 
     def __post_init__(self) -> None:
         if not 0 <= self.workers <= 64:

@@ -32,7 +32,7 @@ from hfedmoe.strategies import get_strategy
 from hfedmoe.transport.base import Message, Transport
 from hfedmoe.transport.chunks import BlobReceiver
 from hfedmoe.transport.topics import Topics
-from server.config import ServerConfig
+from server.config import ServerConfig, redact_url
 from server.evaluate import held_out_metrics
 from server.ingest import IngestLink
 from server.intake import LATE_SEP, Intake
@@ -126,7 +126,9 @@ class Coordinator:
             retry_after=self.cfg.transport.retry_after, timeout=self.cfg.transport.transfer_timeout,
             max_bytes=self.cfg.wire.max_payload_bytes)
         t.wait_subscribed()
-        self.store.set_meta("config", json.dumps(_jsonable(self.cfg)))
+        kept = _jsonable(self.cfg)
+        kept["store"]["url"] = redact_url(self.cfg.store.url)
+        self.store.set_meta("config", json.dumps(kept))
         self.resume()
         log.info("ready: run %s, %d device(s) known", self.cfg.run_id, len(self.store.devices()))
         if self.cfg.dashboard_port:

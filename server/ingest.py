@@ -18,10 +18,9 @@ them (the sums are associative) and reads any acknowledged update that no partia
 worker that was killed) back from the spool. An acknowledged update is durable before its ack
 leaves the worker, so killing a worker loses nothing it acknowledged.
 
-With the embedded store (SQLite) workers share the run directory with the coordinator (same
-host). With ``store.url`` (PostgreSQL) and ``store.spool_dir`` on a filesystem every host
-mounts, a worker needs neither: the database holds the registry and the acknowledged updates'
-rows, the spool directory their blobs and the partial aggregates. See docs/deployment.md.
+With SQLite, workers share the coordinator's run directory (same host). With ``store.url``
+(PostgreSQL) and ``store.spool_dir`` on storage every host mounts, a worker runs anywhere in a
+directory of its own (``--work-dir``; ``ingest.spawn = false``). See docs/deployment.md.
 """
 
 from __future__ import annotations
@@ -72,12 +71,16 @@ class IngestWorker:
     """
 
     def __init__(self, cfg: ServerConfig, transport: Transport, model: Any,
-                 worker_id: str) -> None:
+                 worker_id: str, work_dir: str | Path | None = None) -> None:
         self.cfg = dataclasses.replace(cfg, prometheus_port=0)  # one endpoint per run
         self.transport = transport
         self.worker_id = check_id(worker_id, "worker id")
         self.topics = Topics(cfg.run_id)
-        self.store = open_store(cfg)
+        if work_dir is not None and not (cfg.store.url and cfg.store.spool_dir):
+            raise ConfigError("a worker with a directory of its own (--work-dir) needs the "
+                              "coordinator's database and spool: set store.url (PostgreSQL) "
+                              "and store.spool_dir (shared storage)")
+        self.store = open_store(cfg, work_dir)
         self.strategy = get_strategy(cfg.method.strategy, cfg.method)
         self.round: RoundState | None = None
         self.next_round = 0
@@ -363,6 +366,8 @@ def register(sub: Any) -> None:
                                       "them when ingest.workers > 0)")
     add_config_args(s)
     s.add_argument("--worker", required=True, help="this worker's id (w0, w1, ...)")
+    s.add_argument("--work-dir", help="this worker's own directory (default: the config's "
+                                      "run_dir); needs store.url and store.spool_dir")
     s.set_defaults(func=_main)
 
 
@@ -382,7 +387,7 @@ def _main(args: argparse.Namespace) -> int:
     # a client id of its own per process: a restarted pool's worker never kicks an old one
     transport = MqttTransport(cfg.transport, f"server-{cfg.run_id}-ingest-{worker}-{os.getpid()}",
                               Topics(cfg.run_id).ingest_status(worker), persistent=False)
-    ingest = IngestWorker(cfg, transport, model, worker)
+    ingest = IngestWorker(cfg, transport, model, worker, args.work_dir)
 
     def stop(*_: Any) -> None:
         ingest.stop_requested = True
