@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.separate_dirs:
         points.append(("postgres", args.separate_dirs, True))
     for store, w, separate in points:  # data plane: every device a participant, uploads at once
+        load = loadavg()
         pg = _postgres_schema(args.postgres_url) if store == "postgres" else nullcontext()
         with pg as schema:
             section = {"url": args.postgres_url, "schema": schema} if schema else None
@@ -234,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                "worker_dirs": "separate" if separate else "shared",
                "ingest_workers": w, "ingest": rep["ingest"], "resources": rep["resources"],
                "bottleneck": _bottleneck(rep["resources"]), "timed_out": rep["timed_out"],
-               "server_round": rep["server_round"], "errors": rep["error_count"]}
+               "server_round": rep["server_round"], "errors": rep["error_count"],
+               "loadavg_before": load}
         rows.append(row)
         print(json.dumps(row), flush=True)
     for r in rows:

@@ -48,3 +48,15 @@ def test_the_store_schema_defaults_to_the_run_and_passwords_stay_out_of_logs():
     assert redact_url("postgresql://kit:s3cret@db:5432/fleet") == \
         "postgresql://kit:***@db:5432/fleet"
     assert redact_url("postgresql://kit@db/fleet") == "postgresql://kit@db/fleet"
+
+
+@pytest.mark.parametrize("store", [{}, {"url": "postgresql://db/fleet"},
+                                   {"spool_dir": "/mnt/spool"}])
+def test_a_worker_in_its_own_directory_needs_the_shared_database_and_spool(tmp_path, store):
+    from server.config import StoreConfig
+    from server.ingest import IngestWorker
+
+    cfg = ServerConfig(run_dir=str(tmp_path / "run"), store=StoreConfig(**store))
+    with pytest.raises(ConfigError, match="store.url .* and store.spool_dir"):
+        IngestWorker(cfg, None, None, "w0", work_dir=tmp_path / "host")
+    assert not (tmp_path / "host").exists() and not (tmp_path / "run").exists()
