@@ -140,8 +140,10 @@ class PostgresStore(SqlStore):
         lock = ("SELECT pg_advisory_xact_lock(hashtext(?::text))", ("hfedmoe-migrate:" + self.schema,))
         with self._atomic():
             self._run(*lock)
-            self._run(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
-                sql.Identifier(self.schema)).as_string(self.conn))
+            if not self._run("SELECT 1 FROM pg_namespace WHERE nspname = ?", (self.schema,)):
+                # (a role without CREATE on the database may still own an existing schema)
+                self._run(sql.SQL("CREATE SCHEMA {}").format(
+                    sql.Identifier(self.schema)).as_string(self.conn))
             self._run(migrations.VERSION_TABLE.format(real="DOUBLE PRECISION"))
         while True:
             with self._atomic():

@@ -102,3 +102,19 @@ def test_losing_the_database_mid_round_stops_acks_until_it_returns(tmp_path, pro
     assert [u.client_id for u in store.updates(0)] == ["a", "b"]
     assert [p["client"] for p in store.participation(0)] == ["a", "b"]
     store.close()
+
+
+def test_a_coordinator_and_its_workers_opening_at_once_migrate_once(tmp_path, pg_schema):
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, schema = pg_schema
+    cfg = ServerConfig(run_dir=str(tmp_path), store=StoreConfig(url=url, schema=schema))
+    with ThreadPoolExecutor(4) as pool:
+        stores = list(pool.map(lambda _: open_store(cfg), range(4)))
+    rows = stores[0]._run("SELECT version FROM schema_version")
+    assert rows == [(1,)]
+    stores[1].upsert_device("a", {}, budget=1)
+    stores[2].refresh_device("a")
+    assert stores[2].devices()["a"]["budget"] == 1
+    for store in stores:
+        store.close()
