@@ -156,7 +156,7 @@ def run_point(devices: int, fraction: float, workers: int, train_s: tuple[float,
                                        processes=swarm_processes, rounds=1, budgets=(2, 8),
                                        train_s=train_s, timeout_s=timeout,
                                        config=str(cfg_path)), watch=watch)
-        server.wait(120)
+        server.wait(timeout)  # a loaded machine: partial aggregates, evaluation, retention
         metrics = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text()
                    .splitlines() if x.strip()]
         row = [m for m in metrics if m.get("phase") == "round"][-1]
