@@ -500,10 +500,11 @@ def scale(rows: Rows) -> str:
                     r.get("announce_all_received_since_start_s", "-"),
                     (r.get("fanout_s") or {}).get("p99", "-"), rnd.get("accepted", "-"),
                     ing.get("updates_per_s", "-"),
-                    f"{rnd['round_s']:.1f}" if "round_s" in rnd else "-"])
+                    f"{rnd['round_s']:.1f}" if "round_s" in rnd else "-",
+                    (r.get("loadavg_before") or ["-"])[0]])
     return table(["question", "store", "ingest workers", "devices", "all registered s",
                   "announcement at all s", "fan-out p99 s", "updates accepted",
-                  "updates/s (swarm side)", "round s"], out)
+                  "updates/s (swarm side)", "round s", "load before (1 min)"], out)
 
 
 def last_run(rows: Rows) -> Rows:
