@@ -120,7 +120,7 @@ class Coordinator:
             self.ingest.subscribe()
         self._receiver = BlobReceiver(
             t, self.topics.all_update_pieces() if sharded else self.topics.all_updates(),
-            self.intake.receive,
+            self._on_update_blob,
             request_topic=self.topics.update_request_for,
             on_error=self.intake.on_transfer_error,
             retry_after=self.cfg.transport.retry_after, timeout=self.cfg.transport.transfer_timeout,
@@ -135,6 +135,10 @@ class Coordinator:
             from server.dashboard import Dashboard
 
             self.dashboard = Dashboard(self).start()
+
+    def _on_update_blob(self, prefix: str, blob: bytes) -> None:
+        if not self.intake.receive(prefix, blob) and self._receiver is not None:
+            self._receiver.forget(prefix)  # not stored, not acked: take the resend anew
 
     def resume(self) -> None:
         """Load the latest checkpoint; reopen an interrupted round with its spooled updates."""

@@ -175,8 +175,10 @@ class IngestWorker:
                 self.store.refresh_device(device)  # registered (or re-budgeted) since we looked
             except StoreError as exc:  # no ack: the device sends it again
                 log.error("worker %s: not taking %s's update: %s", self.worker_id, device, exc)
+                self._receiver.forget(prefix)
                 return
-        self.intake.receive(prefix, blob)
+        if not self.intake.receive(prefix, blob):
+            self._receiver.forget(prefix)  # not stored, not acked: take the resend anew
 
     def _notify(self, event: IngestEvent) -> None:
         self.transport.publish(self.topics.ingest_event(self.worker_id), event.to_bytes())

@@ -100,8 +100,10 @@ class Intake:
             self.spec = with_factors(self.spec, self.lora, lora_bases)
 
     # --- an update's path --------------------------------------------------------------------
-    def receive(self, prefix: str, blob: bytes) -> None:
-        """An update arrived whole on ``{prefix}``: take it in, or reject it, and ack."""
+    def receive(self, prefix: str, blob: bytes) -> bool:
+        """An update arrived whole on ``{prefix}``: take it in, or reject it, and ack.
+        False when the store failed and nothing was acknowledged: the caller's receiver must
+        then forget the transfer, so that the device's resend is taken in anew."""
         device, sha = self.topics.parse_update_prefix(prefix)
         round_idx = None
         try:
@@ -115,7 +117,7 @@ class Intake:
             update = self.check_weights(device, update)
             if self.store.update(round_idx, device) is not None:  # a resend of an acked update
                 self._ack(device, UpdateAck(round_idx, sha, "accepted"))
-                return
+                return True
             r = self.holder.round
             if r is not None and round_idx == r.round_idx:
                 self._accept(r, device, sha, blob, update)
@@ -127,8 +129,10 @@ class Intake:
             self.prom.count("unstored")
             log.error("not acknowledging the update from %s (round %s): the store failed: %s",
                       device, round_idx, exc)
+            return False
         except (HFedMoEError, AlgorithmError) as exc:
             self.reject(device, round_idx, exc, sha)
+        return True
 
     def _accept(self, r: RoundState, device: str, sha: str, blob: bytes,
                 update: SparseUpdate) -> None:

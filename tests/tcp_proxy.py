@@ -73,3 +73,16 @@ class TcpProxy:
             for s in (src, dst):
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
+
+
+def proxy_url(url: str) -> tuple[TcpProxy, str]:
+    """A proxy in front of the service of ``url`` (scheme://[user@]host:port/...), and the
+    same URL pointed at the proxy."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    user = f"{parts.username}@" if parts.username else ""
+    if parts.password:
+        user = f"{parts.username}:{parts.password}@"
+    return proxy, parts._replace(netloc=f"{user}127.0.0.1:{proxy.port}").geturl()

@@ -118,6 +118,45 @@ def test_sigkill_after_ack_resumes_with_updates_counted_once(tmp_path, mosquitto
     assert torch.equal(state[untouched], model.state()[untouched])
 
 
+def test_a_database_lost_mid_round_takes_the_update_once_it_is_back(tmp_path, mosquitto,
+                                                                    model, pg_schema):
+    """The server's PostgreSQL behind a proxy that is cut mid-round: an update sent meanwhile
+    is not acknowledged; resent once the database is back, it is taken in and aggregated."""
+    from tests.tcp_proxy import proxy_url
+
+    url, schema = pg_schema
+    proxy, proxied = proxy_url(url)
+    run_id = "dbloss"
+    cfg = server_cfg(tmp_path, mosquitto, run_id, rounds=1, min_devices=2, deadline_s=120.0)
+    cfg["store"] = {"url": proxied, "schema": schema, "connect_timeout_s": 2.0}
+    server = spawn("server", cfg, tmp_path / "server.toml")
+    a, b = FakeDevice(mosquitto, run_id, "dev-a"), FakeDevice(mosquitto, run_id, "dev-b")
+    try:
+        a.register()
+        b.register()
+        base = round_of(a, 0)["model"]["state_hash"]
+        sha_a = a.send(encode(make_update(model, run_id, 0, "dev-a", base, seed=1), 0.01))
+        a.wait(lambda: a.ack_for(sha_a) is not None, 60, "ack of A")
+        proxy.cut()
+        sha_b = b.send(encode(make_update(model, run_id, 0, "dev-b", base, seed=2), 0.01))
+        assert not b.t.run_until(lambda: b.ack_for(sha_b) is not None, 10.0)  # no ack
+        proxy.restore()
+        b.sender.publish_manifest()  # what an agent does while it has no ack
+        b.sender.resend(range(len(b.sender.manifest.chunks)), count=False)
+        b.wait(lambda: b.ack_for(sha_b) is not None, 60, "ack of B once the database is back")
+        assert b.ack_for(sha_b)["status"] == "accepted"
+        wait_for(lambda: server.poll() is not None, 120, "the server to finish")
+        assert server.returncode == 0
+    finally:
+        stop(server)
+        a.close()
+        b.close()
+        proxy.cut()
+    rows = [r for r in metrics(tmp_path / "run") if r.get("phase") == "round"]
+    assert len(rows) == 1 and rows[0]["accepted"] == 2 and rows[0]["rejected"] == 0
+    assert "the store failed" in (tmp_path / "server.log").read_text()
+
+
 @pytest.mark.parametrize("policy", ["drop", "fold"])
 def test_straggler_is_late_and_round_does_not_wait(tmp_path, mosquitto, model, policy):
     run_id = f"late-{policy}"

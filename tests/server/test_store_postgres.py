@@ -5,7 +5,6 @@ without a durable write, and updates are taken in again once it is back."""
 from __future__ import annotations
 
 import socket
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -19,7 +18,7 @@ from server.registry import DeclaredExamples
 from server.rounds import RoundState
 from server.store import open_store
 from tests.server.test_intake import RUN, Holder, Recorder, _blob, _send
-from tests.tcp_proxy import TcpProxy
+from tests.tcp_proxy import proxy_url
 
 
 def _closed_port() -> int:
@@ -44,11 +43,7 @@ def test_an_unreachable_database_at_start_is_a_store_error_naming_it(tmp_path):
 def proxied(pg_schema):
     """(proxy, StoreConfig) of the test database reached through a proxy that can be cut."""
     url, schema = pg_schema
-    parts = urlsplit(url)
-    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
-    proxied_url = parts._replace(netloc=f"{parts.username or ''}"
-                                        f"{'@' if parts.username else ''}"
-                                        f"127.0.0.1:{proxy.port}").geturl()
+    proxy, proxied_url = proxy_url(url)
     yield proxy, StoreConfig(url=proxied_url, schema=schema, connect_timeout_s=2)
     proxy.cut()
 
