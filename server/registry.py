@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from hfedmoe.errors import HFedMoEError, PolicyError, ProtocolError, WireError
+from hfedmoe.errors import HFedMoEError, PolicyError, ProtocolError, StoreError, WireError
 from hfedmoe.protocol import DeviceStatus, Registered, Registration
 from hfedmoe.transport.base import Message, Transport
 from hfedmoe.transport.topics import Topics, check_device_id
@@ -135,7 +135,11 @@ class Registry:
             return
         rows = list(self._pending.values())
         self._pending.clear()
-        self.store.upsert_devices(rows)
+        try:
+            self.store.upsert_devices(rows)
+        except StoreError as exc:  # not durable, not acked: the devices register again
+            log.error("%d registration(s) not recorded: %s", len(rows), exc)
+            return
         self.declared.invalidate()
         for device, _, budget in rows:
             log.debug("device %s registered (budget %d)", device, budget)
