@@ -11,10 +11,17 @@ Two questions, one run:
    MB/s and CPU seconds per process (coordinator, each worker, broker, swarm), so the
    saturated process shows.
 
+The data plane runs once per store (``--stores sqlite,postgres``: ``run.db`` in the run
+directory, or a fresh schema of the PostgreSQL at ``--postgres-url``), and with
+``--separate-dirs W`` once more on PostgreSQL with W workers that the benchmark starts itself
+(``ingest.spawn = false``), each in a directory of its own, sharing only the database, the
+broker and a spool directory (``store.spool_dir``) with the coordinator.
+
 Every point starts a fresh broker (persistence off) and server in a temporary run directory.
 The swarm is one process of paho clients on one selectors loop (``--swarm-processes`` to split).
 
     python -m benchmarks.scale --out benchmarks/results/scale.jsonl
+    python -m benchmarks.scale --devices "" --stores sqlite,postgres --separate-dirs 2
     python -m benchmarks.scale --quick                  # N = 50, 100 devices ingest, seconds
 """
 
@@ -23,12 +30,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -54,44 +64,80 @@ def _wait_port(port: int, timeout: float = 10.0) -> None:
 
 
 def _server_config(run_dir: Path, url: str, devices: int, fraction: float, workers: int,
-                   model: dict[str, Any]) -> dict[str, Any]:
+                   model: dict[str, Any], store: dict[str, Any] | None = None,
+                   spawn: bool = True) -> dict[str, Any]:
     return {"run_id": "scale", "run_dir": str(run_dir), "max_eval_examples": 16,
             "eval_batch_size": 16, "model": model,
             "train": {"adapter": "lora", "lora_rank": 8, "threads": 1},
             "transport": {"url": url, "protocol": "5", "keepalive": 60},
-            "ingest": {"workers": workers},
+            "ingest": {"workers": workers, "spawn": spawn}, "store": store or {},
             "rounds": {"rounds": 1, "min_devices": devices, "fraction": fraction,
                        "deadline_s": 300.0, "registration_timeout_s": 600.0}}
 
 
+def _spawn_workers(n: int, cfg_path: Path, tmp: Path, env: dict[str, str]
+                   ) -> list[subprocess.Popen]:
+    """``hfedmoe ingest`` x n, each in a directory of its own (as on other hosts)."""
+    procs = []
+    for i in range(n):
+        work = tmp / f"host{i}"
+        work.mkdir()
+        with open(work / "ingest.log", "w") as log:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "hfedmoe.cli", "ingest", "--config", str(cfg_path),
+                 "--worker", f"w{i}", "--work-dir", str(work)], cwd=work, stdout=log,
+                stderr=subprocess.STDOUT, env=env))
+    return procs
+
+
+@contextmanager
+def _postgres_schema(url: str) -> Iterator[str]:
+    """A fresh schema of the database at ``url``, dropped afterwards."""
+    import psycopg
+
+    schema = "scale_" + secrets.token_hex(4)
+    try:
+        yield schema
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
 def run_point(devices: int, fraction: float, workers: int, train_s: tuple[float, float],
-              swarm_processes: int, model: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """One broker + server (+ workers) + swarm; the swarm's report with process figures."""
+              swarm_processes: int, model: dict[str, Any], timeout: float,
+              store: dict[str, Any] | None = None, separate: bool = False) -> dict[str, Any]:
+    """One broker + server (+ workers) + swarm; the swarm's report with process figures.
+    ``separate``: the benchmark starts the workers, each in a directory of its own."""
     import psutil
     import tomli_w
 
     from lab.swarm import SwarmConfig, run_swarm
 
     tmp = Path(tempfile.mkdtemp(prefix="hfedmoe-scale-"))
+    if separate:
+        store = {**(store or {}), "spool_dir": str(tmp / "shared-spool")}
     port = _free_port()
     conf = tmp / "mosquitto.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
                     "max_queued_messages 1000000\nmax_inflight_messages 1000\n")
     broker = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
-    server = None
+    server, external = None, []
     try:
         _wait_port(port)
         url = f"mqtt://127.0.0.1:{port}"
         cfg_path = tmp / "server.toml"
         cfg_path.write_text(tomli_w.dumps(_server_config(tmp / "run", url, devices, fraction,
-                                                         workers, model)))
+                                                         workers, model, store,
+                                                         spawn=not separate)))
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
                "OMP_NUM_THREADS": "1"}
         with open(tmp / "server.log", "w") as log:
             server = subprocess.Popen([sys.executable, "-m", "hfedmoe.cli", "server", "--config",
                                        str(cfg_path)], stdout=log, stderr=subprocess.STDOUT,
                                       env=env)
+        if separate:
+            external = _spawn_workers(workers, cfg_path, tmp, env)
         # ready: the coordinator subscribed ("ready:") and every worker is online
         end = time.monotonic() + 180
         while time.monotonic() < end:
@@ -102,14 +148,15 @@ def run_point(devices: int, fraction: float, workers: int, train_s: tuple[float,
                 raise RuntimeError(f"the server exited: {text[-2000:]}")
             time.sleep(0.2)
         procs = [p for p in psutil.Process(server.pid).children(recursive=True)
-                 if "ingest" in " ".join(p.cmdline())]
+                 if "ingest" in " ".join(p.cmdline())] + [psutil.Process(p.pid)
+                                                          for p in external]
         watch = {"coordinator": server.pid, "broker": broker.pid,
                  **{f"worker{i}": p.pid for i, p in enumerate(procs)}}
         report = run_swarm(SwarmConfig(url=url, run_id="scale", devices=devices,
                                        processes=swarm_processes, rounds=1, budgets=(2, 8),
                                        train_s=train_s, timeout_s=timeout,
                                        config=str(cfg_path)), watch=watch)
-        server.wait(120)
+        server.wait(timeout)  # a loaded machine: partial aggregates, evaluation, retention
         metrics = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text()
                    .splitlines() if x.strip()]
         row = [m for m in metrics if m.get("phase") == "round"][-1]
@@ -120,6 +167,9 @@ def run_point(devices: int, fraction: float, workers: int, train_s: tuple[float,
         if server is not None and server.poll() is None:
             server.terminate()
             server.wait(30)
+        for proc in external:
+            proc.terminate()
+            proc.wait(30)
         broker.terminate()
         broker.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -141,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", default="1,2,4", help="ingest workers to compare (1: none)")
     p.add_argument("--swarm-processes", type=int, default=1)
     p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--stores", default="sqlite", help="data-plane stores: sqlite,postgres")
+    p.add_argument("--postgres-url", default=os.environ.get("HFEDMOE_TEST_POSTGRES_URL")
+                   or "postgresql://hfedmoe@127.0.0.1:5432/hfedmoe_test")
+    p.add_argument("--separate-dirs", type=int, default=0, metavar="W",
+                   help="also W workers in directories of their own (PostgreSQL; 0: no)")
     p.add_argument("--out", default=str(RESULTS / "scale.jsonl"))
     args = p.parse_args(argv)
     sizes = [50] if args.quick else [int(x) for x in args.devices.split(",") if x]
@@ -166,17 +221,27 @@ def main(argv: list[str] | None = None) -> int:
                "loadavg_before": loadavg()}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    for w in workers:  # data plane: every device a participant, uploads at once
-        rep = run_point(ingest_n, 1.0, 0 if w == 1 else w, (0.0, 0.0), args.swarm_processes,
-                        model, args.timeout)
-        row = {"bench": "scale", "question": "ingest", "devices": ingest_n,
+    points = [(st, w, False) for st in args.stores.split(",") if st for w in workers]
+    if args.separate_dirs:
+        points.append(("postgres", args.separate_dirs, True))
+    for store, w, separate in points:  # data plane: every device a participant, uploads at once
+        load = loadavg()
+        pg = _postgres_schema(args.postgres_url) if store == "postgres" else nullcontext()
+        with pg as schema:
+            section = {"url": args.postgres_url, "schema": schema} if schema else None
+            rep = run_point(ingest_n, 1.0, 0 if w == 1 and not separate else w, (0.0, 0.0),
+                            args.swarm_processes, model, args.timeout, section, separate)
+        row = {"bench": "scale", "question": "ingest", "devices": ingest_n, "store": store,
+               "worker_dirs": "separate" if separate else "shared",
                "ingest_workers": w, "ingest": rep["ingest"], "resources": rep["resources"],
                "bottleneck": _bottleneck(rep["resources"]), "timed_out": rep["timed_out"],
-               "server_round": rep["server_round"], "errors": rep["error_count"]}
+               "server_round": rep["server_round"], "errors": rep["error_count"],
+               "loadavg_before": load}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    base = next((r for r in rows if r.get("ingest_workers") == 1), None)
     for r in rows:
+        base = next((b for b in rows if b.get("ingest_workers") == 1
+                     and b.get("store") == r.get("store")), None)
         if r.get("question") == "ingest" and base and base["ingest"].get("updates_per_s"):
             r["speedup_vs_1"] = round(r["ingest"].get("updates_per_s", 0)
                                       / base["ingest"]["updates_per_s"], 2)
@@ -196,7 +261,8 @@ def _print(rows: list[dict[str, Any]]) -> None:
                   f"p99 {f.get('p99')} max {f.get('max')}), busiest {r['bottleneck']}")
         else:
             i = r["ingest"]
-            print(f"ingest x{r['ingest_workers']}: {i.get('updates_per_s')} updates/s, "
+            print(f"ingest {r['store']} x{r['ingest_workers']} ({r['worker_dirs']} dirs): "
+                  f"{i.get('updates_per_s')} updates/s, "
                   f"{i.get('mb_per_s')} MB/s ({r.get('speedup_vs_1')}x), cpu "
                   + ", ".join(f"{n} {v['cpu_s']}s" for n, v in r["resources"].items()))
 
@@ -223,9 +289,10 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
         axes[0].set_ylabel("seconds since swarm start / since opened")
         axes[0].legend()
     if ing:
-        w = [r["ingest_workers"] for r in ing]
-        axes[1].bar([str(x) for x in w], [r["ingest"].get("updates_per_s", 0) for r in ing])
-        axes[1].set_xlabel("ingest workers (1 = the coordinator alone)")
+        w = [f"{r.get('store', 'sqlite')}\nx{r['ingest_workers']}"
+             + (" sep." if r.get("worker_dirs") == "separate" else "") for r in ing]
+        axes[1].bar(w, [r["ingest"].get("updates_per_s", 0) for r in ing])
+        axes[1].set_xlabel("store, ingest workers (x1 = the coordinator alone)")
         axes[1].set_ylabel("updates/s")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -531,13 +531,19 @@ def scale(rows: Rows) -> str:
     out = []
     for r in rows:
         ing, rnd = r.get("ingest") or {}, r.get("server_round") or {}
-        out.append([r["question"], r["devices"], r.get("all_registered_s", "-"),
+        workers = r.get("ingest_workers", "-")
+        if r.get("worker_dirs") == "separate":
+            workers = f"{workers}, own dirs"
+        out.append([r["question"], r.get("store", "sqlite"), workers, r["devices"],
+                    r.get("all_registered_s", "-"),
                     r.get("announce_all_received_since_start_s", "-"),
                     (r.get("fanout_s") or {}).get("p99", "-"), rnd.get("accepted", "-"),
                     ing.get("updates_per_s", "-"),
-                    f"{rnd['round_s']:.1f}" if "round_s" in rnd else "-"])
-    return table(["question", "devices", "all registered s", "announcement at all s",
-                  "fan-out p99 s", "updates accepted", "updates/s (swarm side)", "round s"], out)
+                    f"{rnd['round_s']:.1f}" if "round_s" in rnd else "-",
+                    (r.get("loadavg_before") or ["-"])[0]])
+    return table(["question", "store", "ingest workers", "devices", "all registered s",
+                  "announcement at all s", "fan-out p99 s", "updates accepted",
+                  "updates/s (swarm side)", "round s", "load before (1 min)"], out)
 
 
 def last_run(rows: Rows) -> Rows:

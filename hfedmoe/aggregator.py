@@ -113,14 +113,7 @@ class Aggregator:
             AlgorithmError: duplicate client, inconsistent update, or a delta shaped differently
                 from an earlier client's delta for the same key.
         """
-        if update.client_id in self._summaries:
-            raise AlgorithmError(f"two updates from client {update.client_id!r}")
-        summary = summarize(update, self.rule.tau)
-        for key, delta in update.deltas.items():
-            known = self._shapes.get(key)
-            if known is not None and known != delta.shape:
-                raise AlgorithmError(f"{key}: client {update.client_id} sent shape "
-                                     f"{tuple(delta.shape)}, earlier clients {tuple(known)}")
+        summary = self.check(update)
         if self._buffer is not None:
             self._shapes.update({k: d.shape for k, d in update.deltas.items()})
             self._buffer.append(update)
@@ -142,6 +135,19 @@ class Aggregator:
                 slot.fb_total = _add_into(slot.fb_total, fallback, delta)
                 slot.fb_weight += fallback
         self._summaries[update.client_id] = summary
+
+    def check(self, update: SparseUpdate) -> ClientSummary:
+        """Raise what :meth:`add` would raise for ``update``, changing nothing (so a caller
+        can keep an update durably before folding it in); returns its summary."""
+        if update.client_id in self._summaries:
+            raise AlgorithmError(f"two updates from client {update.client_id!r}")
+        summary = summarize(update, self.rule.tau)
+        for key, delta in update.deltas.items():
+            known = self._shapes.get(key)
+            if known is not None and known != delta.shape:
+                raise AlgorithmError(f"{key}: client {update.client_id} sent shape "
+                                     f"{tuple(delta.shape)}, earlier clients {tuple(known)}")
+        return summary
 
     def finalize(self, global_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The new global state: ``global[key] + sum_c w_c delta_c[key] / sum_c w_c`` per key.

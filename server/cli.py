@@ -18,6 +18,8 @@ def register(sub: Any) -> None:
 
     r = sub.add_parser("report", help="write the HTML report of a run directory")
     r.add_argument("run_dir")
+    r.add_argument("--config", help="the run's server config (TOML): its [store] is read "
+                                    "(a PostgreSQL run); default: run.db in RUN_DIR")
     r.set_defaults(func=run_report)
 
     register_ingest(sub)
@@ -45,7 +47,7 @@ def run_server(args: argparse.Namespace) -> int:
     import torch
 
     from hfedmoe.config import load_config, to_dict
-    from server.config import ServerConfig
+    from server.config import ServerConfig, redact_url
 
     cfg = load_config(ServerConfig, args.config, args.overrides)
     if cfg.train.threads:
@@ -53,9 +55,10 @@ def run_server(args: argparse.Namespace) -> int:
     shown = to_dict(cfg)
     if shown.get("dashboard_token"):
         shown["dashboard_token"] = "***"
+    shown["store"]["url"] = redact_url(cfg.store.url)
     logging.getLogger("hfedmoe.server").info("config: %s", shown)
     pool = None
-    if cfg.ingest.workers:
+    if cfg.ingest.workers and cfg.ingest.spawn:
         from server.ingest import WorkerPool
 
         pool = WorkerPool(cfg)
@@ -74,16 +77,19 @@ def run_server(args: argparse.Namespace) -> int:
             broker.stop()
     from server.report import write_report
 
-    print(f"report: {write_report(cfg.run_dir)}")
+    print(f"report: {write_report(cfg.run_dir, cfg)}")
     return 0
 
 
 def run_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from hfedmoe.config import load_config
+    from server.config import ServerConfig
     from server.report import write_report
 
-    print(write_report(args.run_dir))
+    cfg = load_config(ServerConfig, args.config, []) if args.config else None
+    print(write_report(args.run_dir, cfg))
     csv_path = Path(args.run_dir) / "latency.csv"
     if csv_path.exists():
         print(f"per-device latency: {csv_path}")

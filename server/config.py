@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -248,6 +249,50 @@ class RetentionConfig:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    """Where the server's durable state lives (:mod:`server.store`).
+
+    Attributes:
+        url: "" (the default): SQLite, ``run.db`` in the run directory. ``postgresql://...``:
+            PostgreSQL through psycopg 3 (a libpq URL; keep the password out of it, in
+            ``PGPASSWORD`` or ``~/.pgpass``, since the resolved config is logged and kept).
+        schema: the PostgreSQL schema of this run's tables ("": ``hfedmoe_{run_id}``, lower
+            case, so runs sharing a database never mix).
+        spool_dir: the directory of this run's spooled updates, checkpoints and partial
+            aggregates ("": the run directory). Ingest workers on other hosts need it on a
+            filesystem they all mount (NFS or similar: atomic rename and fsync required).
+        connect_timeout_s: how long opening (or re-opening) the database may take.
+    """
+
+    url: str = ""
+    schema: str = ""
+    spool_dir: str = ""
+    connect_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.url and not self.url.startswith(("postgresql://", "postgres://")):
+            raise ConfigError(f"store.url must be empty (SQLite in the run directory) or a "
+                              f"postgresql:// URL, got {self.url.split('://')[0]!r}://...")
+        if self.schema and not _SCHEMA.fullmatch(self.schema):
+            raise ConfigError(f"store.schema must be 1-63 of a-z 0-9 _ (starting with a "
+                              f"letter or _), got {self.schema!r}")
+        if not 0 < self.connect_timeout_s <= 600:
+            raise ConfigError("store.connect_timeout_s must be in (0, 600]")
+
+    def schema_for(self, run_id: str) -> str:
+        """The PostgreSQL schema of run ``run_id``'s tables."""
+        return self.schema or ("hfedmoe_" + re.sub(r"[^a-z0-9_]", "_", run_id.lower()))[:63]
+
+
+_SCHEMA = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (for logs and the kept config)."""
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+
+
+@dataclass(frozen=True)
 class IngestConfig:
     """Sharded ingestion: update validation and spooling in worker processes.
 
@@ -261,11 +306,16 @@ class IngestConfig:
         partial_timeout_s: at round close, how long the coordinator waits for the live
             workers' partial aggregates; what a missing one acknowledged is read back from the
             spool instead (an acknowledged update is never lost).
+        spawn: ``hfedmoe server`` starts the ``workers`` itself (on its host, in its run
+            directory). False: it runs sharded but starts none; start ``hfedmoe ingest
+            --worker wN --work-dir DIR`` on other hosts (needs ``store.url`` and
+            ``store.spool_dir``: docs/deployment.md).
     """
 
     workers: int = 0
     group: str = "hfedmoe-ingest"
     partial_timeout_s: float = 60.0
+    spawn: bool = True
 
     def __post_init__(self) -> None:
         if not 0 <= self.workers <= 64:
@@ -318,6 +368,7 @@ class ServerConfig:
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     eligibility: EligibilityConfig = field(default_factory=EligibilityConfig)
     # expert-level secure aggregation (off by default; docs/security.md)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)

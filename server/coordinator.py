@@ -32,7 +32,7 @@ from hfedmoe.transport.base import Message, Transport
 from hfedmoe.transport.chunks import BlobReceiver
 from hfedmoe.transport.topics import Topics
 from server.bounds import round_strategy
-from server.config import ServerConfig
+from server.config import ServerConfig, redact_url
 from server.evaluate import held_out_metrics
 from server.ingest import IngestLink
 from server.intake import LATE_SEP, Intake
@@ -51,7 +51,7 @@ from server.rounds import (
 )
 from server.secure_round import SecureRounds
 from server.shards import ModelShards
-from server.store import Store
+from server.store import open_store
 
 log = logging.getLogger("hfedmoe.server")
 
@@ -77,7 +77,7 @@ class Coordinator:
         self.test_data = test_data
         self.clock = clock
         self.topics = Topics(cfg.run_id)
-        self.store = Store(cfg.run_dir)
+        self.store = open_store(cfg)
         self.strategy = round_strategy(cfg)
         self.global_state = model.state()
         # what one dense (fedavg-full) update of this model weighs on the wire, uncompressed
@@ -123,19 +123,25 @@ class Coordinator:
             self.ingest.subscribe()
         self._receiver = BlobReceiver(
             t, self.topics.all_update_pieces() if sharded else self.topics.all_updates(),
-            self.secure.receiver(self.intake.receive),
+            self.secure.receiver(self._on_update_blob),
             request_topic=self.topics.update_request_for,
             on_error=self.intake.on_transfer_error,
             retry_after=self.cfg.transport.retry_after, timeout=self.cfg.transport.transfer_timeout,
             max_bytes=self.cfg.wire.max_payload_bytes)
         t.wait_subscribed()
-        self.store.set_meta("config", json.dumps(_jsonable(self.cfg)))
+        kept = _jsonable(self.cfg)
+        kept["store"]["url"] = redact_url(self.cfg.store.url)
+        self.store.set_meta("config", json.dumps(kept))
         self.resume()
         log.info("ready: run %s, %d device(s) known", self.cfg.run_id, len(self.store.devices()))
         if self.cfg.dashboard_port:
             from server.dashboard import Dashboard
 
             self.dashboard = Dashboard(self).start()
+
+    def _on_update_blob(self, prefix: str, blob: bytes) -> None:
+        if not self.intake.receive(prefix, blob) and self._receiver is not None:
+            self._receiver.forget(prefix)  # not stored, not acked: take the resend anew
 
     def resume(self) -> None:
         """Load the latest checkpoint; reopen an interrupted round with its spooled updates."""

@@ -18,8 +18,9 @@ them (the sums are associative) and reads any acknowledged update that no partia
 worker that was killed) back from the spool. An acknowledged update is durable before its ack
 leaves the worker, so killing a worker loses nothing it acknowledged.
 
-Workers must share the run directory with the coordinator (same host, or storage that SQLite
-and atomic renames work on). For a broker cluster (EMQX) see docs/deployment.md.
+With SQLite, workers share the coordinator's run directory (same host). With ``store.url``
+(PostgreSQL) and ``store.spool_dir`` on storage every host mounts, a worker runs anywhere in a
+directory of its own (``--work-dir``; ``ingest.spawn = false``). See docs/deployment.md.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from hfedmoe.aggregator import Aggregator
-from hfedmoe.errors import AlgorithmError, ConfigError, ProtocolError
+from hfedmoe.errors import AlgorithmError, ConfigError, ProtocolError, StoreError
 from hfedmoe.protocol import (
     CloseRound,
     DeviceStatus,
@@ -53,7 +54,8 @@ from server.config import ServerConfig
 from server.intake import Intake
 from server.registry import DeclaredExamples
 from server.rounds import RoundState
-from server.store import Store
+from server.store import StateStore, open_store
+from server.store.files import fsync_write
 
 log = logging.getLogger("hfedmoe.ingest")
 server_log = logging.getLogger("hfedmoe.server")
@@ -69,12 +71,16 @@ class IngestWorker:
     """
 
     def __init__(self, cfg: ServerConfig, transport: Transport, model: Any,
-                 worker_id: str) -> None:
+                 worker_id: str, work_dir: str | Path | None = None) -> None:
         self.cfg = dataclasses.replace(cfg, prometheus_port=0)  # one endpoint per run
         self.transport = transport
         self.worker_id = check_id(worker_id, "worker id")
         self.topics = Topics(cfg.run_id)
-        self.store = Store(cfg.run_dir)
+        if work_dir is not None and not (cfg.store.url and cfg.store.spool_dir):
+            raise ConfigError("a worker with a directory of its own (--work-dir) needs the "
+                              "coordinator's database and spool: set store.url (PostgreSQL) "
+                              "and store.spool_dir (shared storage)")
+        self.store = open_store(cfg, work_dir)
         self.strategy = round_strategy(cfg)
         self.round: RoundState | None = None
         self.next_round = 0
@@ -147,7 +153,7 @@ class IngestWorker:
             else self.strategy.make_aggregator()
         data = agg.to_bytes()
         rel = Path("partials") / f"r{idx}" / f"{self.worker_id}.safetensors"
-        _atomic_write(Path(self.cfg.run_dir) / rel, data)
+        fsync_write(self.store.spool_dir / rel, data)
         self.transport.publish(self.topics.ingest_partial(self.worker_id), PartialNotice(
             idx, str(rel), hashlib.sha256(data).hexdigest(), agg.num_clients).to_bytes())
         self.partials_written += 1
@@ -165,8 +171,14 @@ class IngestWorker:
         except Exception:  # noqa: BLE001 - the intake reports malformed prefixes
             device = None
         if device is not None:
-            self.store.refresh_device(device)  # registered (or re-budgeted) since we looked
-        self.intake.receive(prefix, blob)
+            try:
+                self.store.refresh_device(device)  # registered (or re-budgeted) since we looked
+            except StoreError as exc:  # no ack: the device sends it again
+                log.error("worker %s: not taking %s's update: %s", self.worker_id, device, exc)
+                self._receiver.forget(prefix)
+                return
+        if not self.intake.receive(prefix, blob):
+            self._receiver.forget(prefix)  # not stored, not acked: take the resend anew
 
     def _notify(self, event: IngestEvent) -> None:
         self.transport.publish(self.topics.ingest_event(self.worker_id), event.to_bytes())
@@ -182,7 +194,7 @@ class IngestLink:
     in one file; the coordinator only calls :meth:`gather` at close.
     """
 
-    def __init__(self, cfg: ServerConfig, transport: Transport, store: Store,
+    def __init__(self, cfg: ServerConfig, transport: Transport, store: StateStore,
                  intake: Intake) -> None:
         self.cfg = cfg
         self.transport = transport
@@ -265,7 +277,7 @@ class IngestLink:
         rel = Path(notice.path)
         if rel.is_absolute() or ".." in rel.parts or rel.parts[:1] != ("partials",):
             raise AlgorithmError(f"partial aggregate path {rel} is not under partials/")
-        data = (Path(self.cfg.run_dir) / rel).read_bytes()
+        data = (self.store.spool_dir / rel).read_bytes()
         if hashlib.sha256(data).hexdigest() != notice.sha256:
             raise AlgorithmError("content does not match the announced sha256")
         partial = Aggregator.from_bytes(data, aggregator.rule, aggregator.kinds)
@@ -273,16 +285,6 @@ class IngestLink:
             # e.g. the coordinator restarted and re-read the spool: the spool wins
             raise AlgorithmError("it overlaps updates already aggregated")
         return partial
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
 
 
 class WorkerPool:
@@ -366,6 +368,8 @@ def register(sub: Any) -> None:
                                       "them when ingest.workers > 0)")
     add_config_args(s)
     s.add_argument("--worker", required=True, help="this worker's id (w0, w1, ...)")
+    s.add_argument("--work-dir", help="this worker's own directory (default: the config's "
+                                      "run_dir); needs store.url and store.spool_dir")
     s.set_defaults(func=_main)
 
 
@@ -385,7 +389,7 @@ def _main(args: argparse.Namespace) -> int:
     # a client id of its own per process: a restarted pool's worker never kicks an old one
     transport = MqttTransport(cfg.transport, f"server-{cfg.run_id}-ingest-{worker}-{os.getpid()}",
                               Topics(cfg.run_id).ingest_status(worker), persistent=False)
-    ingest = IngestWorker(cfg, transport, model, worker)
+    ingest = IngestWorker(cfg, transport, model, worker, args.work_dir)
 
     def stop(*_: Any) -> None:
         ingest.stop_requested = True

@@ -4,9 +4,13 @@ An update that arrived whole (:class:`hfedmoe.transport.chunks.BlobReceiver`) is
 validated against the model (:func:`hfedmoe.wire.decode_full`; LoRA factors expanded to exact
 products), its ``num_examples`` held to the weighting policy, its experts to the device's
 registered budget and the server's cap for its device class, its deltas to the policy's norm
-bounds (refused or clipped: :mod:`server.bounds`), its round and base model to the open round's; the aggregator then checks it
-against the updates already taken (:meth:`hfedmoe.aggregator.Aggregator.add`), and only then is
-it spooled durably (:mod:`server.store`), recorded and acknowledged on the device's ack topic.
+bounds (refused or clipped: :mod:`server.bounds`), its round and base model to the open round's;
+the aggregator then checks it against the updates already taken
+(:meth:`hfedmoe.aggregator.Aggregator.check`), and only then is it spooled durably and its
+participation recorded, in one transaction (:mod:`server.store`), folded into the aggregate and
+acknowledged on the device's ack topic. When the store fails (StoreError: a database gone away,
+a disk error) nothing is acknowledged and nothing is folded in: the device sends the update
+again until its ack comes, and it is taken in once the store is back.
 An update for an earlier round is late: folded into the open round under its own key
 (``late_policy = "fold"``, one round late at most) or dropped, and acknowledged as such. A
 rejected update (or registration) gets an error on the ack topic and a row in ``rejections``;
@@ -32,6 +36,7 @@ from hfedmoe.errors import (
     HFedMoEError,
     MismatchError,
     PolicyError,
+    StoreError,
 )
 from hfedmoe.lora import LoRASpec, expand, with_factors
 from hfedmoe.names import ExpertId
@@ -51,7 +56,7 @@ from server.rounds import (
     disagreement_of,
     participation_record,
 )
-from server.store import Store, StoredUpdate
+from server.store import StateStore, StoredUpdate
 
 log = logging.getLogger("hfedmoe.server")
 LATE_SEP = "~"  # "device~r3": a late update of round 3 folded into a later round
@@ -74,7 +79,7 @@ class Intake:
             (``MoEModel.lora_bases``).
     """
 
-    def __init__(self, cfg: ServerConfig, transport: Transport, store: Store,
+    def __init__(self, cfg: ServerConfig, transport: Transport, store: StateStore,
                  state: Mapping[str, Any], holder: RoundHolder, *, strategy: Strategy,
                  declared: DeclaredExamples, prom: Prometheus | None = None,
                  notify: Callable[[IngestEvent], None] | None = None,
@@ -96,8 +101,10 @@ class Intake:
             self.spec = with_factors(self.spec, self.lora, lora_bases)
 
     # --- an update's path --------------------------------------------------------------------
-    def receive(self, prefix: str, blob: bytes) -> None:
-        """An update arrived whole on ``{prefix}``: take it in, or reject it, and ack."""
+    def receive(self, prefix: str, blob: bytes) -> bool:
+        """An update arrived whole on ``{prefix}``: take it in, or reject it, and ack.
+        False when the store failed and nothing was acknowledged: the caller's receiver must
+        then forget the transfer, so that the device's resend is taken in anew."""
         device, sha = self.topics.parse_update_prefix(prefix)
         round_idx = None
         try:
@@ -112,7 +119,7 @@ class Intake:
             update = bound_norms(self.cfg.policy, device, update)
             if self.store.update(round_idx, device) is not None:  # a resend of an acked update
                 self._ack(device, UpdateAck(round_idx, sha, "accepted"))
-                return
+                return True
             r = self.holder.round
             if r is not None and round_idx == r.round_idx:
                 self._accept(r, device, sha, blob, update)
@@ -120,8 +127,14 @@ class Intake:
                 self._late(device, round_idx, sha, blob, update)
             else:
                 raise MismatchError(f"round: got {round_idx}, no such round is open")
+        except StoreError as exc:  # nothing durable: no ack, the device sends it again
+            self.prom.count("unstored")
+            log.error("not acknowledging the update from %s (round %s): the store failed: %s",
+                      device, round_idx, exc)
+            return False
         except (HFedMoEError, AlgorithmError) as exc:
             self.reject(device, round_idx, exc, sha)
+        return True
 
     def _accept(self, r: RoundState, device: str, sha: str, blob: bytes,
                 update: SparseUpdate) -> None:
@@ -133,9 +146,11 @@ class Intake:
                                 f"expected {r.base_hash[:12]}")
         budget = self.check_budget(device, update)
         self.check_room(len(blob))  # DiskFullError before anything is taken in
-        self.holder.aggregator.add(update)  # validates consistency before anything is kept
-        self.store.spool_update(r.round_idx, device, blob, update.num_examples)
-        self._record(r.round_idx, device, budget, update, len(blob))
+        self.holder.aggregator.check(update)  # consistency, before anything is kept
+        with self.store.transaction():  # the update and its record, or neither (no ack)
+            self.store.spool_update(r.round_idx, device, blob, update.num_examples)
+            self._record(r.round_idx, device, budget, update, len(blob))
+        self.holder.aggregator.add(update)
         r.accepted[device] = len(blob)
         r.usage[device] = update.usage
         dis = disagreement_of(update)
@@ -161,11 +176,13 @@ class Intake:
             try:
                 self.check_budget(device, update)
                 self.check_room(len(blob))
-                self.holder.aggregator.add(dataclasses.replace(update, client_id=key))
+                keyed = dataclasses.replace(update, client_id=key)
+                self.holder.aggregator.check(keyed)
             except (AlgorithmError, BudgetExceededError, DiskFullError) as exc:
                 self.reject(device, round_idx, exc, sha)
                 return
             self.store.spool_update(r.round_idx, key, blob, update.num_examples, late=True)
+            self.holder.aggregator.add(keyed)
         self._ack(device, UpdateAck(round_idx, sha, "late-folded" if fold else "late-dropped"))
         self.notify(IngestEvent("late", device, round_idx))
         log.info("late update from %s for round %d %s", device, round_idx,
@@ -230,7 +247,11 @@ class Intake:
         ``rejections`` and send the error on the device's ack topic."""
         self._count_rejected(device, round_idx, sha)
         self.notify(IngestEvent("rejected", device, round_idx, sha=sha))
-        self.store.reject(round_idx, device, type(exc).__name__, str(exc)[:500])
+        try:
+            self.store.reject(round_idx, device, type(exc).__name__, str(exc)[:500])
+        except StoreError as store_exc:  # the refusal still goes out; its row cannot
+            log.error("rejection of %s's %s not recorded: %s", device,
+                      "update" if sha else "message", store_exc)
         log.warning("rejected %s from %s: %s: %s", "update" if sha else "message", device,
                     type(exc).__name__, exc)
         try:

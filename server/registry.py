@@ -17,13 +17,13 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from hfedmoe.errors import HFedMoEError, PolicyError, ProtocolError, WireError
+from hfedmoe.errors import HFedMoEError, PolicyError, ProtocolError, StoreError, WireError
 from hfedmoe.protocol import DeviceStatus, Registered, Registration
 from hfedmoe.transport.base import Message, Transport
 from hfedmoe.transport.topics import Topics, check_device_id
 from server.config import ServerConfig
 from server.rounds import RoundHolder
-from server.store import Store
+from server.store import StateStore
 
 REGISTRATION_BATCH = 512  # registrations committed (one fsync) and acked together, at most
 
@@ -45,7 +45,7 @@ class DeclaredExamples:
     read from the store and recomputed only after registrations (:meth:`invalidate`) or when
     the number of known devices changed."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: StateStore) -> None:
         self.store = store
         self._declared: dict[str, int | None] | None = None
         self._dirty = True
@@ -77,7 +77,7 @@ class Registry:
         clock: wall clock (``time.time``).
     """
 
-    def __init__(self, cfg: ServerConfig, transport: Transport, store: Store,
+    def __init__(self, cfg: ServerConfig, transport: Transport, store: StateStore,
                  holder: RoundHolder, reject: Reject, declared: DeclaredExamples,
                  clock: Callable[[], float]) -> None:
         self.cfg = cfg
@@ -135,7 +135,11 @@ class Registry:
             return
         rows = list(self._pending.values())
         self._pending.clear()
-        self.store.upsert_devices(rows)
+        try:
+            self.store.upsert_devices(rows)
+        except StoreError as exc:  # not durable, not acked: the devices register again
+            log.error("%d registration(s) not recorded: %s", len(rows), exc)
+            return
         self.declared.invalidate()
         for device, _, budget in rows:
             log.debug("device %s registered (budget %d)", device, budget)

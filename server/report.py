@@ -292,10 +292,10 @@ def _rejections_section(rejections: list[dict[str, Any]]) -> str:
     return _section("Rejected messages", _table(rows, ["round", "client", "error", "reason"]))
 
 
-def _read_store(run_dir: Path) -> dict[str, Any]:
-    from server.store import Store
+def _read_store(run_dir: Path, cfg: Any = None) -> dict[str, Any]:
+    from server.store import Store, open_store
 
-    store = Store(run_dir)
+    store = Store(run_dir) if cfg is None else open_store(cfg, run_dir)
     try:
         return {"devices": dict(store.devices()), "rejections": store.rejections(),
                 "participation": store.participation(), "skips": store.skips()}
@@ -318,12 +318,13 @@ def render_report(run_name: str, rows: list[dict[str, Any]], stored: dict[str, A
         sections="\n".join(s for s in sections if s))
 
 
-def write_report(run_dir: str | Path) -> Path:
+def write_report(run_dir: str | Path, cfg: Any = None) -> Path:
     """Write ``RUN_DIR/report.html`` (and ``latency.csv`` where devices sent timings); returns
-    the report's path."""
+    the report's path. The run's store is the one ``cfg`` (a server config) names, else
+    ``run.db`` in the run directory."""
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
-    stored = _read_store(run_dir)
+    stored = _read_store(run_dir, cfg)
     latency_rows = latency_table(stored["participation"], stored["devices"])
     if latency_rows:
         write_latency_csv(latency_rows, run_dir / "latency.csv")

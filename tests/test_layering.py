@@ -51,7 +51,7 @@ def _append(path: Path, code: str) -> None:
     ("hfedmoe/names.py", "def _hidden():\n    from device_agent.budget import Budget\n"
                          "    return Budget", "Layers"),
     # siblings: the server importing the device agent
-    ("server/store.py", "def _hidden():\n    import device_agent.profiles\n"
+    ("server/store/sql.py", "def _hidden():\n    import device_agent.profiles\n"
                         "    return device_agent.profiles", "Layers"),
     # export importing the device agent (what export/training.py once did)
     ("export/common.py", "def _hidden():\n    from device_agent import train\n    return train",

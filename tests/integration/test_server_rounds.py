@@ -19,7 +19,8 @@ from hfedmoe.models import build_model
 from hfedmoe.names import ExpertId
 from hfedmoe.update import SparseUpdate
 from hfedmoe.wire import WireConfig, decode, encode, spec_from_state
-from server.store import Store
+from server.config import ServerConfig
+from server.store import Store, open_store
 from tests.integration.conftest import (
     SMALL,
     FakeDevice,
@@ -68,9 +69,14 @@ def round_of(dev: FakeDevice, idx: int) -> dict:
     return [r for r in dev.rounds if r.get("round") == idx][-1]
 
 
-def test_sigkill_after_ack_resumes_with_updates_counted_once(tmp_path, mosquitto, model):
+def test_sigkill_after_ack_resumes_with_updates_counted_once(tmp_path, mosquitto, model,
+                                                            store_config):
+    """On both stores (SQLite in the run directory, PostgreSQL): an acknowledged update
+    survives a SIGKILL of the server and is aggregated once."""
     run_id = "crash"
     cfg = server_cfg(tmp_path, mosquitto, run_id, rounds=1, min_devices=2, deadline_s=120.0)
+    if store_config.url:
+        cfg["store"] = {"url": store_config.url, "schema": store_config.schema}
     server = spawn("server", cfg, tmp_path / "server.toml")
     a, b = FakeDevice(mosquitto, run_id, "dev-a"), FakeDevice(mosquitto, run_id, "dev-b")
     try:
@@ -99,7 +105,9 @@ def test_sigkill_after_ack_resumes_with_updates_counted_once(tmp_path, mosquitto
     rows = [r for r in metrics(tmp_path / "run") if r.get("phase") == "round"]
     assert len(rows) == 1 and rows[0]["accepted"] == 2
     assert len([x for x in a.acks if x.get("sha") == sha_a]) == 1  # A never had to resend
-    store = Store(tmp_path / "run")
+    assert (tmp_path / "run" / "run.db").exists() == (not store_config.url)  # the store used
+    store = open_store(ServerConfig(run_id=run_id, run_dir=str(tmp_path / "run"),
+                                    store=store_config))
     assert [u.client_id for u in store.updates(0)] == ["dev-a", "dev-b"]
     _, state = store.latest_checkpoint()
     store.close()
@@ -108,6 +116,45 @@ def test_sigkill_after_ack_resumes_with_updates_counted_once(tmp_path, mosquitto
     torch.testing.assert_close(state[key], expected, rtol=1e-6, atol=1e-7)  # fp32 rounding
     untouched = "layers.0.experts.1.w_in"  # nobody updated it: bit-identical
     assert torch.equal(state[untouched], model.state()[untouched])
+
+
+def test_a_database_lost_mid_round_takes_the_update_once_it_is_back(tmp_path, mosquitto,
+                                                                    model, pg_schema):
+    """The server's PostgreSQL behind a proxy that is cut mid-round: an update sent meanwhile
+    is not acknowledged; resent once the database is back, it is taken in and aggregated."""
+    from tests.tcp_proxy import proxy_url
+
+    url, schema = pg_schema
+    proxy, proxied = proxy_url(url)
+    run_id = "dbloss"
+    cfg = server_cfg(tmp_path, mosquitto, run_id, rounds=1, min_devices=2, deadline_s=120.0)
+    cfg["store"] = {"url": proxied, "schema": schema, "connect_timeout_s": 2.0}
+    server = spawn("server", cfg, tmp_path / "server.toml")
+    a, b = FakeDevice(mosquitto, run_id, "dev-a"), FakeDevice(mosquitto, run_id, "dev-b")
+    try:
+        a.register()
+        b.register()
+        base = round_of(a, 0)["model"]["state_hash"]
+        sha_a = a.send(encode(make_update(model, run_id, 0, "dev-a", base, seed=1), 0.01))
+        a.wait(lambda: a.ack_for(sha_a) is not None, 60, "ack of A")
+        proxy.cut()
+        sha_b = b.send(encode(make_update(model, run_id, 0, "dev-b", base, seed=2), 0.01))
+        assert not b.t.run_until(lambda: b.ack_for(sha_b) is not None, 10.0)  # no ack
+        proxy.restore()
+        b.sender.publish_manifest()  # what an agent does while it has no ack
+        b.sender.resend(range(len(b.sender.manifest.chunks)), count=False)
+        b.wait(lambda: b.ack_for(sha_b) is not None, 60, "ack of B once the database is back")
+        assert b.ack_for(sha_b)["status"] == "accepted"
+        wait_for(lambda: server.poll() is not None, 120, "the server to finish")
+        assert server.returncode == 0
+    finally:
+        stop(server)
+        a.close()
+        b.close()
+        proxy.cut()
+    rows = [r for r in metrics(tmp_path / "run") if r.get("phase") == "round"]
+    assert len(rows) == 1 and rows[0]["accepted"] == 2 and rows[0]["rejected"] == 0
+    assert "the store failed" in (tmp_path / "server.log").read_text()
 
 
 @pytest.mark.parametrize("policy", ["drop", "fold"])

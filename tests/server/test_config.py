@@ -25,3 +25,38 @@ def test_a_round_setting_that_makes_no_sense_is_a_config_error(override, match):
 def test_the_edges_that_make_sense_load():
     cfg = load_config(ServerConfig, None, ["rounds.fraction=1", "rounds.seed=0"])
     assert (cfg.rounds.fraction, cfg.rounds.seed) == (1.0, 0)
+
+
+@pytest.mark.parametrize(("field", "value", "named"), [
+    ("url", "mysql://db/run", "store.url"),
+    ("url", "/var/run/run.db", "store.url"),
+    ("schema", "Run-1", "store.schema"),
+    ("connect_timeout_s", 0.0, "store.connect_timeout_s"),
+])
+def test_a_bad_store_section_names_its_field(field, value, named):
+    from server.config import StoreConfig
+
+    with pytest.raises(ConfigError, match=named):
+        StoreConfig(**{field: value})
+
+
+def test_the_store_schema_defaults_to_the_run_and_passwords_stay_out_of_logs():
+    from server.config import StoreConfig, redact_url
+
+    assert StoreConfig().schema_for("Field-Trial.2") == "hfedmoe_field_trial_2"
+    assert StoreConfig(schema="mine").schema_for("x") == "mine"
+    assert redact_url("postgresql://kit:s3cret@db:5432/fleet") == \
+        "postgresql://kit:***@db:5432/fleet"
+    assert redact_url("postgresql://kit@db/fleet") == "postgresql://kit@db/fleet"
+
+
+@pytest.mark.parametrize("store", [{}, {"url": "postgresql://db/fleet"},
+                                   {"spool_dir": "/mnt/spool"}])
+def test_a_worker_in_its_own_directory_needs_the_shared_database_and_spool(tmp_path, store):
+    from server.config import StoreConfig
+    from server.ingest import IngestWorker
+
+    cfg = ServerConfig(run_dir=str(tmp_path / "run"), store=StoreConfig(**store))
+    with pytest.raises(ConfigError, match="store.url .* and store.spool_dir"):
+        IngestWorker(cfg, None, None, "w0", work_dir=tmp_path / "host")
+    assert not (tmp_path / "host").exists() and not (tmp_path / "run").exists()

@@ -26,7 +26,7 @@ from server.config import PolicyConfig, RoundConfig, ServerConfig
 from server.intake import Intake
 from server.registry import DeclaredExamples
 from server.rounds import RoundState
-from server.store import Store
+from server.store import open_store
 
 RUN = "intake"
 E12, E13 = ExpertId(1, 2), ExpertId(1, 3)
@@ -58,14 +58,16 @@ def model():
 
 
 @pytest.fixture
-def make(tmp_path, model):
-    """An intake over a store where a (budget 1) and b (budget 2) registered with 4 local
-    examples each, round ``open_idx`` open with participants a and b."""
+def make(tmp_path, model, store_config):
+    """An intake over a store (each test runs on SQLite and on PostgreSQL) where a (budget 1)
+    and b (budget 2) registered with 4 local examples each, round ``open_idx`` open with
+    participants a and b."""
     made = []
 
     def build(open_idx: int | None = 0, **cfg_args):
+        cfg_args.setdefault("store", store_config)
         cfg = ServerConfig(run_id=RUN, run_dir=str(tmp_path), **cfg_args)
-        store = Store(tmp_path)
+        store = open_store(cfg)
         store.upsert_devices([("a", {"local_examples": 4}, 1), ("b", {"local_examples": 4}, 2),
                               ("c", {"local_examples": 4}, 2)])
         strategy = get_strategy(cfg.method.strategy, cfg.method)

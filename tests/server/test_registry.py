@@ -18,7 +18,7 @@ from hfedmoe.transport.topics import Topics
 from server.config import RoundConfig, ServerConfig
 from server.registry import REGISTRATION_BATCH, DeclaredExamples, Registry
 from server.rounds import RoundState
-from server.store import Store
+from server.store import open_store
 
 RUN = "reg"
 TOPICS = Topics(RUN)
@@ -50,14 +50,16 @@ class Holder:
 
 
 @pytest.fixture
-def make(tmp_path):
+def make(tmp_path, store_config):
+    """A registry over a store (each test runs on SQLite and on PostgreSQL)."""
     made = []
 
     def build(**cfg_args):
-        store = Store(tmp_path)
+        cfg = ServerConfig(run_id=RUN, run_dir=str(tmp_path), store=store_config, **cfg_args)
+        store = open_store(cfg)
         made.append(store)
         transport, refused, holder = Recorder(), [], Holder()
-        registry = Registry(ServerConfig(run_id=RUN, run_dir=str(tmp_path), **cfg_args),
+        registry = Registry(cfg,
                             transport, store, holder,
                             lambda d, r, exc: refused.append((d, r, type(exc).__name__)),
                             DeclaredExamples(store), clock=lambda: 123.0)
@@ -171,3 +173,21 @@ def test_an_oversized_status_is_dropped_before_any_json_is_parsed(make, monkeypa
     assert parsed == [] and list(registry.online()) == ["a"]  # not parsed, not applied
     _status(registry, "a", DeviceStatus("offline"))  # a status within the limit still counts
     assert parsed and registry.online() == {}
+
+
+def test_registrations_the_store_cannot_keep_are_not_acked_and_are_taken_later(make,
+                                                                                monkeypatch):
+    from hfedmoe.errors import StoreError
+
+    registry, transport, _, _ = make()
+    real = registry.store.upsert_devices
+
+    def down(rows, *args, **kwargs):
+        raise StoreError("database postgresql://db/fleet: connection lost")
+
+    monkeypatch.setattr(registry.store, "upsert_devices", down)
+    _register(registry, "a")  # flushed at once (nothing else queued): the store fails
+    assert transport.registered() == [] and not registry.known("a")
+    monkeypatch.setattr(registry.store, "upsert_devices", real)
+    _register(registry, "a")  # the device registers again
+    assert transport.registered() == ["a"] and registry.known("a")
