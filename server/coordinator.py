@@ -129,9 +129,7 @@ class Coordinator:
             retry_after=self.cfg.transport.retry_after, timeout=self.cfg.transport.transfer_timeout,
             max_bytes=self.cfg.wire.max_payload_bytes)
         t.wait_subscribed()
-        kept = _jsonable(self.cfg)
-        kept["store"]["url"] = redact_url(self.cfg.store.url)
-        self.store.set_meta("config", json.dumps(kept))
+        _keep_config(self.store, self.cfg)
         self.resume()
         log.info("ready: run %s, %d device(s) known", self.cfg.run_id, len(self.store.devices()))
         if self.cfg.dashboard_port:
@@ -344,15 +342,11 @@ class Coordinator:
             hook(event)
 
     def _evaluate(self) -> dict[str, Any]:
-        if self.test_data is None or len(self.test_data) == 0:
-            return {}
-        return held_out_metrics(self.model, self.test_data, self.cfg)
+        has_test = self.test_data is not None and len(self.test_data) > 0
+        return held_out_metrics(self.model, self.test_data, self.cfg) if has_test else {}
 
     def _write_metrics(self, row: dict[str, Any]) -> dict[str, Any]:
-        row = {"time": self.clock(), **row}
-        with open(self.metrics_path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        return row
+        return _append_row(self.metrics_path, {"time": self.clock(), **row})
 
     # --- messages ----------------------------------------------------------------------------
     def _announce(self, message: RoundAnnouncement | Done) -> None:
@@ -365,6 +359,20 @@ class Coordinator:
 
 
 __all__ = ["LATE_SEP", "Coordinator", "RoundState", "UnknownClientError"]
+
+
+def _keep_config(store: Any, cfg: ServerConfig) -> None:
+    """The run's config in the store's meta table, without secrets (the database password)."""
+    kept = _jsonable(cfg)
+    kept["store"]["url"] = redact_url(cfg.store.url)
+    store.set_meta("config", json.dumps(kept))
+
+
+def _append_row(path: Any, row: dict[str, Any]) -> dict[str, Any]:
+    """Append ``row`` to the metrics file as a JSON line; returns it."""
+    with open(path, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+    return row
 
 
 def _jsonable(cfg: Any) -> Any:
