@@ -408,7 +408,7 @@ def test_probe_order_and_report_of_a_fake_jetson_are_pinned(jetson_root: Path) -
         "platform": "jetson", "cpu_model": None, "logical_cores": 6, "physical_cores": None,
         "memory_total_bytes": 7800000 * 1024, "memory_available_bytes": 6000000 * 1024,
         "accelerator": "cpu", "gpu_name": None, "gpu_memory_total_bytes": None,
-        "gpu_memory_free_bytes": None, "unified_memory": True,
+        "gpu_memory_free_bytes": None, "gpu_memory_held_bytes": None, "unified_memory": True,
         "board": "NVIDIA Jetson Orin Nano Developer Kit", "power_mode": "mode 2",
         "battery_percent": None, "battery_plugged": None, "temperature_c": 52.25,
         "cpufreq_ratio": 0.5, "throttled": True, "matmul": {}, "emulated": False,
