@@ -85,6 +85,10 @@ def test_budget_quick(tmp_path: Path) -> None:
     for r in rows:
         assert {"predicted_step_s", "measured_step_s", "step_error", "predicted_peak_bytes",
                 "measured_peak_bytes", "memory_error", "cost"} <= r.keys()
+        # what training adds: the peak over the resident size just before training
+        assert r["measured_added_bytes"] == r["measured_peak_bytes"] - r["resident_bytes"]
+        assert r["predicted_added_bytes"] == r["predicted_peak_bytes"] - r["resident_bytes"]
+        assert r["heap"] in ("bounded", "libc")  # the kit trains under its heap policy
         assert r["cost"]["routing_seconds"] > 0  # the pre-pass is part of the prediction
         assert r["predicted_step_s"] > 0 and r["measured_step_s"] > 0
         assert ENV_FIELDS <= r["env"].keys()
