@@ -164,12 +164,13 @@ def budget_adds(rows: Rows) -> str:
 
 
 @region("realsize", "realsize.jsonl",
-        "python -m benchmarks.realsize --budgets 16,128,1024 --threads 2 --steps 3 "
-        "--out benchmarks/results/realsize.jsonl",
+        "python -m benchmarks.realsize --layers 4 --budgets 16,64,256 --threads 2 --steps 2 "
+        "--out benchmarks/results/realsize.jsonl (without --layers: all 16 layers)",
         select=lambda r: r.get("kind") == "round")
 def realsize(rows: Rows) -> str:
     r0 = rows[0]
-    head = (f"{Path(r0['model']).name}, {r0['params'] / 1e9:.2f} B parameters, LoRA "
+    depth = f" (its first {r0['layers']} decoder layers)" if r0.get("layers") else ""
+    head = (f"{Path(r0['model']).name}{depth}, {r0['params'] / 1e9:.2f} B parameters, LoRA "
             f"r{r0['lora_rank']} over an {r0['quantize']} base on {r0['device']}, batch "
             f"{r0['batch_size']} x {r0['seq_len']}, {r0['train_dtype']}; weights planned "
             f"{r0['predicted_weight_bytes'] / 2**30:.2f} GiB, measured "
