@@ -422,6 +422,42 @@ E8 = (_FORTUNES.replace("--num-experts 32 --top-k 4", "--num-experts 8 --top-k 2
       "--all-seeds --out benchmarks/results/learning-fortunes-e8.jsonl")
 
 
+_CHATTERBOT = _FORTUNES.replace("--data fortunes", "--data chatterbot")
+CB_FINE = (_CHATTERBOT + "--rounds 50 --eval-every 25 --seeds 0,1,2,3,4 --strategies "
+           "hfedmoe,fedavg-random,fedmoe,fedavg-full "
+           "--out benchmarks/results/learning-chatterbot-fine-rounds.jsonl; then python -m "
+           "benchmarks.learning --from-rows benchmarks/results/learning-chatterbot-fine-rounds.jsonl "
+           "--all-seeds --out benchmarks/results/learning-chatterbot-fine.jsonl")
+CB_E8 = (_CHATTERBOT.replace("--num-experts 32 --top-k 4", "--num-experts 8 --top-k 2")
+         + "--rounds 50 --eval-every 25 --seeds 0,1,2,3,4 --strategies "
+         "hfedmoe,fedavg-random,fedmoe,fedavg-full "
+         "--out benchmarks/results/learning-chatterbot-e8-rounds.jsonl; then python -m "
+         "benchmarks.learning --from-rows benchmarks/results/learning-chatterbot-e8-rounds.jsonl "
+         "--all-seeds --out benchmarks/results/learning-chatterbot-e8.jsonl")
+
+
+@region("study-chatterbot-fine", "learning-chatterbot-fine.jsonl", CB_FINE,
+        select=lambda r: r.get("kind") == "summary")
+def study_chatterbot_fine(rows: Rows) -> str:
+    """The bundled corpus at 32 experts per layer, top-4."""
+    return _study_table(rows)
+
+
+@region("study-chatterbot-e8", "learning-chatterbot-e8.jsonl", CB_E8,
+        select=lambda r: r.get("kind") == "summary")
+def study_chatterbot_e8(rows: Rows) -> str:
+    """The bundled corpus at 8 experts per layer, top-2."""
+    return _study_table(rows)
+
+
+@region("study-chatterbot-verdict", ("learning-chatterbot-fine.jsonl",
+                                     "learning-chatterbot-e8.jsonl"), CB_FINE + "; " + CB_E8,
+        select=lambda r: r.get("kind") == "summary")
+def study_chatterbot_verdict(rows: Rows) -> str:
+    """:func:`learning_verdict` of both bundled-corpus cells, one row per granularity."""
+    return _verdict_by_cell(rows)
+
+
 @region("study-fortunes-fine", "learning-fortunes-fine.jsonl", FINE,
         select=lambda r: r.get("kind") == "summary")
 def study_fortunes_fine(rows: Rows) -> str:
@@ -441,16 +477,38 @@ def study_fortunes_e8_verdict(rows: Rows) -> str:
     return learning_verdict(rows)
 
 
+def _verdict_by_cell(rows: Rows) -> str:
+    """:func:`learning_verdict` over several cells of the study (data x granularity), with
+    the cell named in each row."""
+    out, ahead = [], []
+    for r in rows:
+        if r["strategy"] == "hfedmoe":
+            continue
+        s = r["settings"]
+        cell = f"{s['data']}, {s['num_experts']} experts top-{s['top_k']}"
+        final = _verdict(r.get("hfedmoe_minus_this"), r.get("hfedmoe_minus_this_ci95"))
+        last5 = _verdict(r.get("hfedmoe_minus_this_last5"),
+                         r.get("hfedmoe_minus_this_last5_ci95"))
+        out.append([cell, r["alpha"], r["strategy"], final, last5])
+        if "ahead" in (final, last5):
+            ahead.append(f"{r['strategy']} ({cell}, alpha {r['alpha']})")
+    claim = ("**HFedMoE is shown ahead of: " + "; ".join(ahead) + ".**" if ahead else
+             "**HFedMoE is not shown to learn better than any strategy it was compared with.**")
+    return (claim + "\n\n" + table(["cell", "alpha", "HFedMoE against", "final round",
+                                     "last-5-round mean"], out))
+
+
 def _study_table(rows: Rows) -> str:
     """One cell of the selection study: per strategy, accuracy with intervals, the paired
     difference to HFedMoE, overlap and coverage, and rounds / bytes to the target."""
     s = rows[0]["settings"]
+    targets = sorted({r["target_accuracy"] for r in rows})
     out = [[r["alpha"], r["strategy"], ", ".join(map(str, r["seeds"])),
             f"{f3(r['final_accuracy_mean'])} {ci(r['final_accuracy_ci95'])}",
             f"{f3(r['last5_accuracy_mean'])} {ci(r['last5_accuracy_ci95'])}",
             _hf(r, "hfedmoe_minus_this_last5"), *_selection_cols(r),
             f"{r.get('rounds_to_target_mean', '-')} ({r['seeds_reaching_target']} of "
-            f"{len(r['seeds'])})",
+            f"{len(r['seeds'])})" + ("" if len(targets) == 1 else f" [{r['target_accuracy']:.3f}]"),
             f"{r['bytes_to_target_mean'] / 1e6:.0f}" if "bytes_to_target_mean" in r else "-",
             f3(r["bytes_total_vs_fedavg_full"]) if "bytes_total_vs_fedavg_full" in r else "-"]
            for r in rows]
@@ -462,7 +520,9 @@ def _study_table(rows: Rows) -> str:
             "zero).\n\n"
             + table(["alpha", "strategy", "seeds", "final accuracy [95% CI]",
                      "last-5-round mean", "HFedMoE minus this (last 5)", "Jaccard",
-                     "experts / round", f"rounds to {rows[0]['target_accuracy']:.3f} (seeds)", "MB to target",
+                     "experts / round",
+                     f"rounds to {targets[0]:.3f} (seeds)" if len(targets) == 1 else
+                     "rounds to target (seeds) [target]", "MB to target",
                      "uploaded bytes x fedavg-full"], out))
 
 
