@@ -211,11 +211,17 @@ def rounds_within(noise_multiplier: float, max_epsilon: float, delta: float,
     return lo
 
 
-def may_take_part(noised_rounds: int, cfg: MethodConfig) -> bool:
-    """Whether one more noised update keeps a device within ``cfg.dp_max_epsilon``."""
+def may_take_part(noised_rounds: int | Sequence[float], cfg: MethodConfig) -> bool:
+    """Whether one more noised update at ``cfg``'s noise keeps a device within
+    ``cfg.dp_max_epsilon``. ``noised_rounds`` is either a count of earlier updates at ``cfg``'s
+    noise or the noise multiplier each earlier update ran at, each accounted at its own."""
     if cfg.dp_max_epsilon <= 0 or cfg.dp_noise_multiplier <= 0:
         return True
-    return epsilon(cfg.dp_noise_multiplier, noised_rounds + 1, cfg.dp_delta) <= cfg.dp_max_epsilon
+    if isinstance(noised_rounds, int):
+        return (epsilon(cfg.dp_noise_multiplier, noised_rounds + 1, cfg.dp_delta)
+                <= cfg.dp_max_epsilon)
+    rounds = [(float(z), 1.0) for z in noised_rounds] + [(cfg.dp_noise_multiplier, 1.0)]
+    return epsilon_of_rounds(rounds, cfg.dp_delta) <= cfg.dp_max_epsilon
 
 
 def privacy_report(noised_rounds: Mapping[str, int | Sequence[float]],

@@ -137,7 +137,9 @@ class SimDevice:
     scale: float  # its profile's time over this host's
     have: set[str]  # model shards it holds
     assignment: frozenset | None = None  # fedmoe's fixed sub-model once known
-    dp_rounds: int = 0  # noised updates it has sent
+    # the noise multiplier of each noised update it has sent, as the update reported it (the
+    # announced noise where it said nothing): its epsilon is accounted round by round
+    dp_noises: list[float] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -345,7 +347,7 @@ def _round(sim: _Simulation, r: int) -> dict[str, Any]:
         metrics=metrics, budgets={d.id: d.budget.c_budget for d in sim.devices},
         records=tally.records, usage=tally.usage, disagreement=tally.disagreement,
         dense_bytes=dense_update_bytes(sim.global_state, sim.cfg.wire.dtype),
-        method=sim.cfg.method, noised_updates={d.id: d.dp_rounds for d in sim.devices},
+        method=sim.cfg.method, noised_updates={d.id: d.dp_noises for d in sim.devices},
         aggregation_s=agg_s, round_s=max(tally.device_s, default=0.0), rejected=tally.rejected,
         wall_s=time.perf_counter() - wall0, num_experts=len(sim.model.expert_ids()),
         bytes_out=bytes_out, skipped=skipped)
@@ -372,7 +374,7 @@ def _jobs(sim: _Simulation, r: int, chosen: list[SimDevice], manifest: Any,
     method = sim.cfg.method
     jobs, skipped, bytes_out = [], {}, 0
     for d in chosen:
-        if not may_take_part(d.dp_rounds, method):  # its epsilon budget is spent
+        if not may_take_part(d.dp_noises, method):  # its epsilon budget is spent
             why = (f"one more noised update would pass method.dp_max_epsilon = "
                    f"{method.dp_max_epsilon:g}")
             log.warning("%s: sits out round %d: %s", d.id, r, why)
@@ -402,7 +404,10 @@ def _train(sim: _Simulation, r: int, base_hash: str, jobs: list[DeviceJob],
         d.assignment = out.assignment
         update = decode(out.blob, sim.spec, sim.cfg.wire, round_idx=r, client_id=d.id)
         update = expand(update, lora) if lora is not None else update
-        d.dp_rounds += int(sim.cfg.method.dp_noise_multiplier > 0)
+        z = (update.dp_noise_multiplier if update.dp_noise_multiplier is not None
+             else sim.cfg.method.dp_noise_multiplier)
+        if z > 0:
+            d.dp_noises.append(float(z))
         tally.device_s.append(out.seconds * d.scale)
         update = _held_to_policy(sim, r, d, update)
         if update is None:

@@ -70,3 +70,18 @@ def test_epsilon_without_dp_accounting_is_a_config_error(monkeypatch):
         privacy.epsilon(1.0, 3, 1e-5)
     assert privacy.epsilon(0.0, 3, 1e-5) == float("inf")  # no noise: nothing imported
     privacy._rdp_epsilon.cache_clear()
+
+
+def test_taking_part_is_decided_on_the_noise_each_earlier_update_ran_at():
+    """A device that ran two earlier rounds at noise 4 has spent far less than two rounds at
+    the announced 0.8: the simulator's check accounts each update at its own noise."""
+    from hfedmoe.config import MethodConfig
+    from hfedmoe.privacy import epsilon_of_rounds, may_take_part
+
+    cfg = MethodConfig(dp_clip=1.0, dp_noise_multiplier=0.8, dp_max_epsilon=8.0)
+    at_announced = epsilon_of_rounds([(0.8, 1.0)] * 3, cfg.dp_delta)
+    at_own = epsilon_of_rounds([(4.0, 1.0), (4.0, 1.0), (0.8, 1.0)], cfg.dp_delta)
+    assert at_own < cfg.dp_max_epsilon < at_announced  # the case separates the two rules
+    assert may_take_part([4.0, 4.0], cfg)
+    assert not may_take_part(2, cfg) and not may_take_part([0.8, 0.8], cfg)
+    assert may_take_part([], cfg) == may_take_part(0, cfg)
