@@ -17,6 +17,10 @@ from safetensors.torch import load_file
 
 from hfedmoe.config import ModelConfig
 from hfedmoe.models import build_model
+from hfedmoe.protocol import Done, decode_round
+from hfedmoe.transport.config import TransportConfig
+from hfedmoe.transport.mqtt import MqttTransport
+from hfedmoe.transport.topics import Topics
 from lab.swarm import SwarmConfig, run_swarm
 from tests.integration.conftest import SMALL, merge, metrics, spawn, stop, wait_for
 
@@ -30,6 +34,18 @@ def _server_cfg(tmp_path, url: str, run_id: str, **rounds) -> dict:
                          "max_eval_examples": 32, "eval_batch_size": 32,
                          "transport": {"url": url, "keepalive": 10},
                          "rounds": {"registration_timeout_s": 120.0, **rounds}})
+
+
+def _retained_round(url: str, run_id: str) -> object:
+    """What a client that connects to ``url`` now gets on the run's round topic (retained)."""
+    got: list[bytes] = []
+    t = MqttTransport(TransportConfig(url=url), "late-reader", persistent=False)
+    try:
+        t.subscribe(Topics(run_id).round(), lambda m: got.append(m.payload) if m.retain else None)
+        assert t.run_until(lambda: bool(got), 30), "no retained message on the round topic"
+    finally:
+        t.close()
+    return decode_round(got[0])
 
 
 def test_a_round_with_the_coordinator_and_the_devices_on_different_nodes(tmp_path, nats_nodes):
@@ -72,6 +88,9 @@ def test_a_round_with_the_coordinator_and_the_devices_on_different_nodes(tmp_pat
     final = load_file(tmp_path / "run" / "checkpoints" / "global_r0.safetensors")
     moved = [k for k in initial if not torch.equal(initial[k], final[k])]
     assert any(".experts." in k for k in moved), moved
+    # the run's retained end-of-run message, published on node 0, reaches a client that
+    # connects to node 2 afterwards (NATS keeps retained messages cluster-wide)
+    assert isinstance(_retained_round(c.url, run_id), Done)
     print(f"nats round: {wall:.1f} s from server start to the end of the run; "
           f"round_s {row['round_s']:.1f}")
 
@@ -111,3 +130,18 @@ def test_swarm_spread_over_the_nodes_registers_and_hears_the_round(tmp_path, nat
     print(f"nats swarm: all {n} registered in {report['all_registered_s']} s; announcement "
           f"fan-out p50 {ann['fanout_s']['p50']} s, max {ann['fanout_s']['max']} s; "
           f"{ingest['updates_per_s']} updates/s; by node {by_url}")
+
+
+def test_a_subscription_the_broker_refuses_is_named(nats_nodes, caplog):
+    """A node that cannot take a subscription refuses it in its SUBACK (under load, when it
+    cannot create the subscription's consumer; here, deterministically, a filter NATS cannot
+    map to a subject): the transport names the filter instead of waiting in silence."""
+    t = MqttTransport(TransportConfig(url=nats_nodes[1].url), "refused", persistent=False)
+    try:
+        t.subscribe("hfedmoe/v1/bad run/round", lambda m: None)
+        t.wait_subscribed(10)
+    finally:
+        t.close()
+    assert t.refused == ["hfedmoe/v1/bad run/round"]
+    assert any("refused the subscription to hfedmoe/v1/bad run/round" in m
+               for m in caplog.messages)
