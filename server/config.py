@@ -301,7 +301,8 @@ class IngestConfig:
             coordinator ingests every update itself). Workers share the updates through an MQTT
             5 shared subscription (``$share/{group}/...``); an update of at most
             ``transport.chunk_size`` bytes travels as one message, so it lands on one worker.
-            Larger (multi-chunk) updates are still ingested by the coordinator.
+            Larger (multi-chunk) updates are still ingested by the coordinator. Needs
+            ``transport.protocol = "5"`` (:class:`ServerConfig` refuses 3.1.1).
         group: the shared-subscription group name.
         partial_timeout_s: at round close, how long the coordinator waits for the live
             workers' partial aggregates; what a missing one acknowledged is read back from the

@@ -103,7 +103,10 @@ def _mqtt_ready(node: NatsNode) -> bool:
 @contextmanager
 def nats_cluster(root: Path, size: int = 3, timeout: float = 60.0) -> Iterator[list[NatsNode]]:
     """Start ``size`` clustered nats-server nodes under ``root``; yield them once every node
-    accepts MQTT sessions; stop each by PID."""
+    accepts MQTT sessions; stop each by PID. (JetStream in cluster mode needs routes: at least
+    two nodes.)"""
+    if size < 2:
+        raise ValueError("a NATS cluster needs at least 2 nodes")
     binary = need_nats_server()
     nodes = []
     for i in range(size):
