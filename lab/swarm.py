@@ -19,7 +19,8 @@ What it reports (one JSON object): registration time (from the swarm's start to 
 receipt: p50/p99/max, and when the last device had it), update ingest (updates/s and MB/s from
 the first upload to the last ack, ack latency, accepted/rejected/late), drops and reconnects, and
 RSS and CPU of the processes given by ``--watch name=PID`` (the server, the broker) and of the
-swarm itself.
+swarm itself, and per broker of ``--url`` (the nodes of a cluster) its devices, how many
+registered and how many received a round announcement.
 
 Not simulated: model download (devices are assumed to hold the round's model; the broadcast
 of model shards is measured by the transport benchmark) and training compute.
@@ -70,7 +71,10 @@ _ONLINE, _OFFLINE = DeviceStatus("online").to_bytes(), DeviceStatus("offline").t
 
 @dataclass(frozen=True)
 class SwarmConfig:
-    """One swarm run (the CLI flags of ``hfedmoe swarm``)."""
+    """One swarm run (the CLI flags of ``hfedmoe swarm``).
+
+    ``url`` is one broker, or the nodes of a broker cluster separated by commas: device ``i``
+    connects to the ``i mod n``-th, so the devices spread evenly over the nodes."""
 
     url: str = "mqtt://127.0.0.1:1883"
     run_id: str = "hfedmoe"
@@ -97,6 +101,8 @@ class SwarmConfig:
     def __post_init__(self) -> None:
         check_id(self.run_id, "run id")
         check_id(f"{self.prefix}-0", "device id prefix")
+        for url in self.urls:
+            parse_url(url)
         if self.devices < 1 or self.processes < 1 or self.rounds < 0:
             raise ConfigError("swarm: devices and processes must be >= 1, rounds >= 0")
         if not 0.0 <= self.dropout <= 1.0:
@@ -104,6 +110,11 @@ class SwarmConfig:
         for lo, hi in (self.budgets, self.train_s, self.examples):
             if not 0 <= lo <= hi:
                 raise ConfigError(f"swarm: range {lo}-{hi} must satisfy 0 <= lo <= hi")
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """The brokers (cluster nodes) the devices spread over."""
+        return tuple(u.strip() for u in self.url.split(","))
 
 
 # --- canned updates -----------------------------------------------------------------------------
@@ -314,7 +325,7 @@ class SwarmProcess:
 
         self.cfg, self.t0, self.factory = cfg, t0, factory
         self.topics = Topics(cfg.run_id)
-        self.address = parse_url(cfg.url)
+        self.addresses = [parse_url(u) for u in cfg.urls]
         self.loop = _Loop()
         self.rng = random.Random(f"{cfg.seed}:{start}")
         profiles = list_profiles()
@@ -355,7 +366,8 @@ class SwarmProcess:
 
     def _connect(self, d: _Device) -> None:
         try:
-            d.client.connect(self.address.host, self.address.port, keepalive=self.cfg.keepalive)
+            address = self.addresses[d.index % len(self.addresses)]
+            d.client.connect(address.host, address.port, keepalive=self.cfg.keepalive)
         except OSError as exc:
             self.errors.append(f"{d.id}: connect: {exc}")
             self.loop.later(1.0 + self.rng.random(), lambda: self._connect(d))
@@ -561,7 +573,20 @@ class SwarmProcess:
             "reconnects": sum(d.reconnects for d in self.devices),
             "errors": self.errors[:20],
             "error_count": len(self.errors),
+            "by_url": self._by_url(),
         }
+
+    def _by_url(self) -> dict[str, dict[str, int]]:
+        """Per broker (cluster node): its devices, how many registered, how many received a
+        round announcement."""
+        urls = self.cfg.urls
+        out = {u: {"devices": 0, "registered": 0, "announced": 0} for u in urls}
+        for d in self.devices:
+            row = out[urls[d.index % len(urls)]]
+            row["devices"] += 1
+            row["registered"] += bool(d.registered_t)
+            row["announced"] += bool(d.rounds_seen)
+        return out
 
 
 # --- the whole swarm -------------------------------------------------------------------------
@@ -726,11 +751,22 @@ def _merge(cfg: SwarmConfig, parts: list[dict[str, Any]], t0: float, wall: float
         "announce": announce, "ingest": ingest,
         "drops": sum(part["drops"] for part in parts),
         "reconnects": sum(part["reconnects"] for part in parts),
+        "by_url": _sum_by_url(parts),
         "errors": [e for part in parts for e in part["errors"]][:20],
         "error_count": sum(part["error_count"] for part in parts),
         "resources": resources,
         **({"uploads": uploads} if cfg.keep_uploads else {}),
     }
+
+
+def _sum_by_url(parts: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for part in parts:
+        for url, row in part["by_url"].items():
+            total = out.setdefault(url, dict.fromkeys(row, 0))
+            for k, v in row.items():
+                total[k] += v
+    return out
 
 
 # --- CLI -----------------------------------------------------------------------------------------
@@ -747,7 +783,9 @@ def _range(text: str, kind: type) -> tuple[Any, Any]:
 
 def register(sub: Any) -> None:
     s = sub.add_parser("swarm", help="load-test a deployment with thousands of simulated devices")
-    s.add_argument("--url", default="mqtt://127.0.0.1:1883", help="the broker")
+    s.add_argument("--url", default="mqtt://127.0.0.1:1883",
+                   help="the broker, or a cluster's nodes separated by commas (the devices "
+                        "spread over them)")
     s.add_argument("--run-id", default="", help="the run (default: the server config's run_id)")
     s.add_argument("--config", default="", help="the server's config (model, adapter, wire); "
                                                "needed for uploads")

@@ -7,7 +7,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from hfedmoe.config import (
     DataConfig,
@@ -21,7 +21,7 @@ from hfedmoe.eligibility import EligibilityConfig
 from hfedmoe.errors import ConfigError
 from hfedmoe.secagg_config import SecAggConfig
 from hfedmoe.transport.config import TransportConfig
-from hfedmoe.transport.topics import check_id
+from hfedmoe.transport.topics import Topics, check_id
 from hfedmoe.wire import WireConfig
 
 DASHBOARD_TOKEN_ENV = "HFEDMOE_DASHBOARD_TOKEN"  # the dashboard's token, kept out of config files
@@ -301,7 +301,8 @@ class IngestConfig:
             coordinator ingests every update itself). Workers share the updates through an MQTT
             5 shared subscription (``$share/{group}/...``); an update of at most
             ``transport.chunk_size`` bytes travels as one message, so it lands on one worker.
-            Larger (multi-chunk) updates are still ingested by the coordinator.
+            Larger (multi-chunk) updates are still ingested by the coordinator. Needs
+            ``transport.protocol = "5"`` (:class:`ServerConfig` refuses 3.1.1).
         group: the shared-subscription group name.
         partial_timeout_s: at round close, how long the coordinator waits for the live
             workers' partial aggregates; what a missing one acknowledged is read back from the
@@ -323,6 +324,21 @@ class IngestConfig:
         check_id(self.group, "ingest.group")
         if self.partial_timeout_s <= 0:
             raise ConfigError("ingest.partial_timeout_s must be > 0")
+
+
+def ingestion_mode(cfg: ServerConfig) -> dict[str, Any]:
+    """Who takes in the updates, as the server logs it at start and the dashboard shows it:
+    ``mode`` ("coordinator" or "workers"), ``workers``, ``protocol`` and a one-line ``text``."""
+    protocol, ingest = cfg.transport.protocol, cfg.ingest
+    if ingest.workers == 0:
+        why = "no shared subscriptions" if protocol != "5" else "ingest.workers = 0"
+        return {"mode": "coordinator", "workers": 0, "protocol": protocol,
+                "text": f"ingestion: coordinator only (transport.protocol {protocol}: {why})"}
+    topic = Topics(cfg.run_id).shared_whole_updates(ingest.group)
+    where = "" if ingest.spawn else ", started outside the server (ingest.spawn = false)"
+    return {"mode": "workers", "workers": ingest.workers, "protocol": protocol,
+            "text": f"ingestion: {ingest.workers} workers on {topic} (MQTT 5){where}; "
+                    f"multi-chunk updates to the coordinator"}
 
 
 @dataclass(frozen=True)
@@ -401,6 +417,14 @@ class ServerConfig:
             raise ConfigError(f"aggregation.robust = {self.aggregation.robust!r} buffers the "
                               f"round's updates in the coordinator, so it needs "
                               f"ingest.workers = 0 (partial aggregates are sums)")
+        if self.ingest.workers > 0 and self.transport.protocol != "5":
+            raise ConfigError(f"ingest.workers = {self.ingest.workers} needs transport.protocol "
+                              f"= \"5\": the workers share the updates through an MQTT 5 shared "
+                              f"subscription ($share/...), and transport.protocol is "
+                              f"\"{self.transport.protocol}\". Set transport.protocol = \"5\" "
+                              f"(Mosquitto >= 2, EMQX) or ingest.workers = 0 (the coordinator "
+                              f"ingests every update; what an MQTT 3.1.1 broker such as NATS "
+                              f"or RabbitMQ needs)")
         if not 0 <= self.dashboard_port <= 65535:
             raise ConfigError("dashboard_port must be in [0, 65535] (0: off)")
         if self.dashboard_port and not is_loopback(self.dashboard_host) \

@@ -32,7 +32,7 @@ from hfedmoe.transport.base import Message, Transport
 from hfedmoe.transport.chunks import BlobReceiver
 from hfedmoe.transport.topics import Topics
 from server.bounds import round_strategy
-from server.config import ServerConfig, redact_url
+from server.config import ServerConfig, ingestion_mode, redact_url
 from server.evaluate import held_out_metrics
 from server.ingest import IngestLink
 from server.intake import LATE_SEP, Intake
@@ -118,8 +118,7 @@ class Coordinator:
         t = self.transport
         self.registry.subscribe()
         t.subscribe(self.topics.all_fetches(), self._on_fetch)
-        sharded = self.cfg.ingest.workers > 0
-        if sharded:
+        if sharded := self.cfg.ingest.workers > 0:
             self.ingest.subscribe()
         self._receiver = BlobReceiver(
             t, self.topics.all_update_pieces() if sharded else self.topics.all_updates(),
@@ -131,7 +130,8 @@ class Coordinator:
         t.wait_subscribed()
         _keep_config(self.store, self.cfg)
         self.resume()
-        log.info("ready: run %s, %d device(s) known", self.cfg.run_id, len(self.store.devices()))
+        log.info("ready: run %s, %d device(s) known; %s", self.cfg.run_id,
+                 len(self.store.devices()), ingestion_mode(self.cfg)["text"])
         if self.cfg.dashboard_port:
             from server.dashboard import Dashboard
 

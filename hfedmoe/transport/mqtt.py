@@ -56,6 +56,8 @@ class MqttTransport(Transport):
         self._subs: dict[str, int] = {}
         self._sub_pending: set[int] = set()
         self._sub_acked: set[int] = set()
+        self._sub_mids: dict[int, str] = {}  # SUBSCRIBE message id -> its filter
+        self.refused: list[str] = []  # filters the broker refused in its SUBACK
         self._sub_lock = threading.Lock()
         self._closed = False
         self.connects = 0
@@ -93,7 +95,7 @@ class MqttTransport(Transport):
         self._failure = None
         self.connects += 1
         for topic_filter, qos in list(self._subs.items()):
-            self._track(client.subscribe(topic_filter, qos))
+            self._track(client.subscribe(topic_filter, qos), topic_filter)
         if self.status_topic:
             client.publish(self.status_topic, status_payload("online"), qos=1, retain=True)
         self._connected.set()
@@ -104,13 +106,23 @@ class MqttTransport(Transport):
             log.info("%s: disconnected (%s), reconnecting", self.client_id, reason_code)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # noqa: ANN001
+        if any(rc.is_failure for rc in reason_codes):
+            # e.g. a NATS node that could not create the subscription's consumer in time:
+            # nothing will arrive on it, so say so (the device or server would wait forever)
+            with self._sub_lock:
+                topic_filter = self._sub_mids.get(mid, f"message {mid}")
+                self.refused.append(topic_filter)
+            log.error("%s: the broker refused the subscription to %s (%s): nothing will "
+                      "arrive on it", self.client_id, topic_filter,
+                      ", ".join(str(rc) for rc in reason_codes))
         with self._sub_lock:  # the SUBACK may beat _track to the lock
+            self._sub_mids.pop(mid, None)
             if mid in self._sub_pending:
                 self._sub_pending.discard(mid)
             else:
                 self._sub_acked.add(mid)
 
-    def _track(self, result: tuple[int, int | None]) -> None:
+    def _track(self, result: tuple[int, int | None], topic_filter: str) -> None:
         rc, mid = result
         if rc == mqtt.MQTT_ERR_SUCCESS and mid is not None:
             with self._sub_lock:
@@ -118,6 +130,7 @@ class MqttTransport(Transport):
                     self._sub_acked.discard(mid)
                 else:
                     self._sub_pending.add(mid)
+                    self._sub_mids[mid] = topic_filter
 
     def wait_subscribed(self, timeout: float = 5.0) -> bool:
         deadline = time.monotonic() + timeout
@@ -179,7 +192,7 @@ class MqttTransport(Transport):
 
     def _do_subscribe(self, topic_filter: str, qos: int) -> None:
         self._subs[topic_filter] = qos
-        self._track(self._client.subscribe(topic_filter, qos))  # NO_CONN: re-sent on connect
+        self._track(self._client.subscribe(topic_filter, qos), topic_filter)  # NO_CONN: re-sent
 
     def _do_unsubscribe(self, topic_filter: str) -> None:
         self._subs.pop(topic_filter, None)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hfedmoe.errors import ConfigError, HFedMoEError
+from server.config import ingestion_mode
 from server.dashboard.handler import DashboardServer, Handler
 from server.dashboard.selection import ExpertsTrained
 
@@ -172,6 +173,7 @@ class Dashboard:
             "run_id": cfg.run_id, "now": _num(c.clock()), "phase": phase,
             "rounds_total": total, "next_round": c.next_round, "strategy": c.strategy.name,
             "min_devices": cfg.rounds.min_devices, "max_temperature_c": max_temp or None,
+            "ingestion": ingestion_mode(cfg),
             "counts": {"devices": len(fleet), "online": online, "offline": len(fleet) - online},
             "round": round_state, "devices": fleet, "history": self._history[-HISTORY_ROWS:],
             "last_skipped": last.get("skipped", {}) if last else {},

@@ -351,6 +351,7 @@ def test_a_coordinator_survives_malformed_messages_of_every_kind(tmp_path):
     import torch
 
     from hfedmoe.models.hf import build_hf_model
+    from hfedmoe.transport.config import TransportConfig
     from hfedmoe.transport.memory import MemoryHub
     from hfedmoe.transport.topics import Topics
     from server.config import IngestConfig, RoundConfig, ServerConfig
@@ -360,6 +361,7 @@ def test_a_coordinator_survives_malformed_messages_of_every_kind(tmp_path):
     model = build_hf_model("qwen3-moe", "classification", num_labels=3)
     before = {k: v.clone() for k, v in model.state().items()}
     cfg = ServerConfig(run_id="bad", run_dir=str(tmp_path), ingest=IngestConfig(workers=1),
+                       transport=TransportConfig(protocol="5"),  # workers share by MQTT 5
                        rounds=RoundConfig(rounds=1, deadline_s=120, min_devices=1,
                                           registration_timeout_s=30))
     hub = MemoryHub()

@@ -62,6 +62,16 @@ def mosquitto(tmp_path: Path) -> Iterator[str]:
             proc.kill()
 
 
+@pytest.fixture
+def nats_nodes(tmp_path: Path) -> Iterator[list[Any]]:
+    """A 3-node NATS cluster with MQTT 3.1.1 on every node, of this test only
+    (:mod:`tests.nats_cluster`); each node's ``url`` is its MQTT listener."""
+    from tests.nats_cluster import nats_cluster
+
+    with nats_cluster(tmp_path / "nats", size=3) as nodes:
+        yield nodes
+
+
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in extra.items():

@@ -65,8 +65,9 @@ def wait_state(port: int, pred, what: str, timeout: float = 30.0) -> dict:
         time.sleep(0.1)
 
 
-def test_state_of_a_running_round(tmp_path, monkeypatch):
+def test_state_of_a_running_round(tmp_path, monkeypatch, caplog):
     monkeypatch.delenv(DASHBOARD_TOKEN_ENV, raising=False)  # loopback without a token: open
+    caplog.set_level("INFO", logger="hfedmoe.server")
     model = build_hf_model("qwen3-moe", "classification", num_labels=3)
     port = free_port()
     cfg = ServerConfig(run_id="dash", run_dir=str(tmp_path), dashboard_port=port,
@@ -105,6 +106,11 @@ def test_state_of_a_running_round(tmp_path, monkeypatch):
             assert b"http://" not in body.replace(b"http://www.w3.org/2000/svg", b"")
         s = wait_state(port, lambda s: s["phase"] == "waiting for devices", "the first state")
         assert s["devices"] == [] and s["round"] is None
+        # who takes in the updates: the coordinator (no ingest workers, MQTT 3.1.1)
+        mode = "ingestion: coordinator only (transport.protocol 3.1.1: no shared subscriptions)"
+        assert s["ingestion"] == {"mode": "coordinator", "workers": 0, "protocol": "3.1.1",
+                                  "text": mode}
+        assert any(m.startswith("ready: run dash") and m.endswith(mode) for m in caplog.messages)
         for budget, (d, t) in enumerate(devices.items(), start=1):
             t.subscribe(topics.ack(d), lambda m, d=d: acks[d].append(json.loads(m.payload)))
             t.publish(topics.status(d), b'{"state": "online"}', retain=True)

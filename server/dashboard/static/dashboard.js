@@ -39,6 +39,11 @@ function kv(parent, pairs) {
     const s = el("span", k + " "); const b = el("b", v, cls); s.appendChild(b); parent.appendChild(s);
   }
 }
+function ingestionLabel(ing) {
+  if (!ing) return "–";
+  return ing.mode === "workers" ? ing.workers + " workers (MQTT 5)"
+    : "coordinator (MQTT " + ing.protocol + ")";
+}
 function renderRound() {
   const r = state.round;
   if (!r) {
@@ -47,7 +52,7 @@ function renderRound() {
     $("round-bar").style.width = "0";
     kv($("round-kv"), [["next round", state.next_round < state.rounds_total ? "round " + roundLabel(state.next_round) : "–"],
       ["rounds", state.rounds_total], ["devices needed", state.min_devices],
-      ["online", state.counts.online]]);
+      ["online", state.counts.online], ["ingestion", ingestionLabel(state.ingestion)]]);
     return;
   }
   const left = r.deadline === null ? null : r.deadline - serverNow();
