@@ -19,11 +19,11 @@ Blocks under the threshold still come from the heap, whose free chunks (left by 
 model and measuring its costs, and trimmed before the round reads its baseline) a step's
 allocations land in all over; their pages stay resident after the step frees them, and the
 next step touches others. Measured on the default model (C = 1, batch 8 x 64, one thread):
-the resident size after a step was +39 to +62 MB over the baseline for 1-5 MB held live, and
+the resident size after a step was +39 to +58 MB over the baseline for 3-5 MB held live, and
 each step's peak rose with it, 75 MB after one step to 101 after six. Under the bounded policy
 the round therefore hands those pages back after every step (:func:`after_step`, glibc's
-``malloc_trim``: 6-17 ms a step there), and every step's peak is the first one's (76-81 MB over
-the same six steps). Set
+``malloc_trim``: 6-17 ms a step there), and every step's peak stays near the first one's
+(79-81 MB over the same six steps). Set
 ``HFEDMOE_HEAP=dynamic`` to keep glibc's default. Elsewhere (Android's bionic, macOS) this is a
 no-op and the C library's own policy holds.
 """
