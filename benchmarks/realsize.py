@@ -134,6 +134,7 @@ def measure(model: Any, chosen: list[Any], batches: list[dict[str, Any]], rank: 
     import torch
 
     from device_agent.costs import held_bytes, release_freed_memory
+    from device_agent.heap import after_step
     from device_agent.throughput import PeakRSSSampler
     from hfedmoe.config import MethodConfig, TrainConfig
     from hfedmoe.trainer import EagerTrainer
@@ -153,6 +154,7 @@ def measure(model: Any, chosen: list[Any], batches: list[dict[str, Any]], rank: 
         for i, b in enumerate(batches):
             t0 = time.perf_counter()
             trainer.step(b)
+            after_step()  # as the agent's round does (device_agent.train)
             if cuda:
                 torch.cuda.synchronize(device)
             if i:

@@ -260,7 +260,7 @@ def measure_round(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from device_agent.costs import measure_costs, release_freed_memory, resident_bytes
-    from device_agent.heap import heap_policy
+    from device_agent.heap import after_step, heap_policy
     from device_agent.throughput import PeakRSSSampler
     from device_agent.train import round_batches, routing_pass, selection_sample
     from hfedmoe.config import DataConfig, MethodConfig, TrainConfig
@@ -311,6 +311,7 @@ def measure_round(spec: dict[str, Any]) -> dict[str, Any]:
         for i, batch in enumerate(encoded):
             t0 = time.perf_counter()
             trainer.step(batch)
+            after_step()  # as the agent's round does (device_agent.train)
             if i >= spec["warmup"]:
                 steps.append(time.perf_counter() - t0)
     t0 = time.perf_counter()

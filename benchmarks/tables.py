@@ -155,10 +155,15 @@ def budget_adds(rows: Rows) -> str:
         d = r.get("descriptor") or {}
         return f"{d.get('experts_per_layer', '?')} top-{d.get('top_k', '?')}"
 
+    def fixed(r: dict[str, Any]) -> str:  # the trainer's calibrated fixed part, in the adds
+        got = r.get("cost", {}).get("trainer_fixed_bytes")
+        return "-" if got is None else mb(got)
+
     return table(["experts/layer", "adapter", "heap", "C", "adds: predicted MB",
-                  "measured MB", "error", "whole-process peak error", "step error"],
+                  "of which trainer's fixed part", "measured MB", "error",
+                  "whole-process peak error", "step error"],
                  [[experts(r), r["adapter"], r["heap"], r["budget"],
-                   mb(r["predicted_added_bytes"]), mb(r["measured_added_bytes"]),
+                   mb(r["predicted_added_bytes"]), fixed(r), mb(r["measured_added_bytes"]),
                    pct(r["added_error"]), pct(r["memory_error"]), pct(r["step_error"])]
                   for r in rows])
 

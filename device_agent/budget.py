@@ -5,7 +5,7 @@ METHOD.md section 4: C_budget(c) is the largest number of experts whose training
 - memory:  the whole process's peak, i.e. its resident memory before training (measured; the
   weights stand in when it is not) + every expert's saved activations (exact path: a frozen
   expert keeps its pre-activation for the input gradient) + the non-expert part's activations
-  and training state + C x (grads + optimizer state + saved activations of one trained expert)
+  and training state + the real trainer's calibrated fixed part + C x (grads + optimizer state + saved activations of one trained expert)
   <= the memory the device can give minus a safety margin (:data:`DEFAULT_MEMORY_MARGIN`,
   configurable), and what training adds stays within
   the device's training-memory quota when it has one; and
@@ -125,6 +125,11 @@ class CostModel:
         process_baseline_bytes: the training process's resident memory before training (the
             model loaded, nothing trained); 0 when unknown, then the weights stand in for it.
             With it, predictions are of the whole process's peak.
+        trainer_fixed_bytes: what a real trainer's step adds beyond the parts above, found by
+            calibration (``device_agent.costs.measure_costs`` trains the real trainer with one
+            expert and keeps its measured peak less the model's prediction, 0 when lower): the
+            heap pages a step's allocations touch besides what it holds live, the trainer's own
+            copies and buffers. Counted once per step, whatever C is; 0: not calibrated.
     """
 
     num_experts: int
@@ -144,6 +149,7 @@ class CostModel:
     process_baseline_bytes: int = 0
     expert_optimizer_seconds: float = 0.0
     expert_snapshot_bytes: int = 0
+    trainer_fixed_bytes: int = 0
 
     def __post_init__(self) -> None:
         _require(self.num_experts >= 1, "num_experts must be >= 1")
@@ -166,9 +172,9 @@ class CostModel:
     @property
     def base_bytes(self) -> int:
         """Memory with no expert trained: what is resident, what every expert saves when
-        frozen, and the non-expert part's needs."""
+        frozen, the non-expert part's needs and the trainer's calibrated fixed part."""
         return (self.resident_bytes + self.num_experts * self.expert_frozen_activation_bytes
-                + self.non_expert_activation_bytes)
+                + self.non_expert_activation_bytes + self.trainer_fixed_bytes)
 
     def _row_share(self, rows: float) -> float:
         return rows / self.expert_rows if self.expert_rows else 1.0
@@ -194,7 +200,7 @@ class CostModel:
         scale = batch_rows / self.batch_rows if self.batch_rows else 1.0
         frozen_act = self.expert_frozen_activation_bytes * self._row_share(all_rows)
         return int(self.resident_bytes + frozen_act + self.non_expert_activation_bytes * scale
-                   + sum(self._trained_extra(r) for r in trained_rows))
+                   + self.trainer_fixed_bytes + sum(self._trained_extra(r) for r in trained_rows))
 
     def routed_step_seconds(self, trained_rows: list[float], all_rows: float,
                             batch_rows: float) -> float:

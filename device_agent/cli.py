@@ -148,6 +148,8 @@ def print_costs(costs: dict[str, Any]) -> None:
     row("non-expert fwd+bwd", lambda c: f"{c['steps']['rest_seconds'] * 1e3:.1f} ms, peak "
         f"{c['steps']['rest_peak_bytes'] / 2**20:.1f} MiB")
     row("memory per trained expert", lambda c: f"{_per_expert_mib(c['budget']['cost']):.1f} MiB")
+    row("trainer's fixed part (calibrated)",
+        lambda c: f"{c['budget']['cost'].get('trainer_fixed_bytes', 0) / 2**20:.1f} MiB")
     row("C_budget", lambda c: f"{c['budget']['c_budget']} of "
         f"{c['budget']['cost']['num_experts']} experts ({c['budget']['limit']}: "
         f"{c['budget']['reason']})")

@@ -6,7 +6,8 @@ backward and its optimizer step) and frozen, the non-expert part of a training s
 embeddings, routers, head, and the optimizer step of gates and head) with the experts' compute
 removed, and the routing pre-pass (a forward of the whole model without autograd, plus the
 batch statistics) that ``train_round`` runs once per round. :func:`cost_model` combines them
-with the model's parameter counts; :func:`decide_budget` applies the device's memory and the
+with the model's parameter counts; two steps of the round's own trainer with one expert then
+calibrate what a real step adds beyond that (:func:`calibrate_trainer_bytes`); :func:`decide_budget` applies the device's memory and the
 round deadline (:func:`device_agent.budget.compute_budget`), scaling times when a profile
 emulates another device.
 
@@ -26,10 +27,11 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
+from device_agent import heap
 from device_agent.budget import (
     DEFAULT_MEMORY_MARGIN,
     Budget,
@@ -46,12 +48,13 @@ from device_agent.heap import bound_heap
 from device_agent.report import DeviceReport, time_scale
 from device_agent.throughput import StepCosts, _time_calls, measure_step_costs
 from hfedmoe.config import MethodConfig, TrainConfig
-from hfedmoe.errors import DeviceError
+from hfedmoe.errors import ConfigError, DeviceError
 from hfedmoe.experts import Expert, ExpertShape
 from hfedmoe.importance import compute_batch_stats
 from hfedmoe.lora import ExpertFactors, LoRASpec, attach_factors, detach_factors, factor_params
 from hfedmoe.models.base import MoEModel
 from hfedmoe.names import ExpertId
+from hfedmoe.trainer import EagerTrainer
 
 
 def _skip_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -190,9 +193,6 @@ def measure_costs(model: MoEModel, batch_size: int, seq_len: int, optimizer: str
     cost = cost_model(model, steps, tokens, optimizer, detach_frozen, lora=lora)
     cost = _anchor_on_whole_steps(model, batch, cost, statistics.median(whole0), optimizer,
                                   device, repeats, lora)
-    model.set_trainable(())
-    model.load_state(snapshot)  # the timing steps must not change the model
-    release_freed_memory()  # what the timing steps freed must not count as resident
     # What a real step adds with no expert trained, measured whole (the non-expert part's
     # activations and state, every expert's saved activations, the allocator's and autograd's
     # buffers): the frozen experts' share is modelled per row, the rest is the non-expert part.
@@ -200,6 +200,13 @@ def measure_costs(model: MoEModel, batch_size: int, seq_len: int, optimizer: str
     cost = dataclasses.replace(
         cost, batch_rows=batch_size * seq_len, process_baseline_bytes=baseline,
         non_expert_activation_bytes=max(cost.non_expert_activation_bytes, measured_rest))
+    cost = dataclasses.replace(cost, trainer_fixed_bytes=calibrate_trainer_bytes(
+        model, batch, cost, TrainConfig(batch_size=batch_size, optimizer=_optimizer_name(optimizer),
+                                        lr=1e-6, detach_frozen=detach_frozen,
+                                        **_adapter_fields(lora)), unified_memory))
+    model.set_trainable(())
+    model.load_state(snapshot)  # the timing steps must not change the model
+    release_freed_memory()  # what the timing steps freed must not count as resident
     return MeasuredCosts(cost, steps, tokens, batch_size, seq_len,
                          "full" if lora is None else "lora", 0 if lora is None else lora.rank)
 
@@ -208,6 +215,64 @@ def _lora_spec(adapter: str, lora: LoRASpec | None) -> LoRASpec | None:
     if adapter not in ("full", "lora"):
         raise DeviceError(f"unknown adapter {adapter!r}; known: full, lora")
     return (lora or LoRASpec()) if adapter == "lora" else None
+
+
+def _optimizer_name(name: str) -> Literal["adamw", "sgd"]:
+    return "sgd" if name == "sgd" else "adamw"
+
+
+def _adapter_fields(lora: LoRASpec | None) -> dict[str, Any]:
+    if lora is None:
+        return {"adapter": "full"}
+    return {"adapter": "lora", "lora_rank": lora.rank, "lora_alpha": lora.alpha}
+
+
+def calibrate_trainer_bytes(model: MoEModel, batch: dict[str, torch.Tensor], cost: CostModel,
+                            train_cfg: TrainConfig, unified_memory: bool = False,
+                            steps: int = 2) -> int:
+    """The trainer's fixed part (``CostModel.trainer_fixed_bytes``): what ``steps`` steps of
+    the round's own trainer (:class:`~hfedmoe.trainer.EagerTrainer`, the heap trimmed after
+    each step as the round does) add over the resident size with C = 1 (the expert that
+    computes the most rows of ``batch``), less what ``cost`` predicts for them; 0 when the
+    prediction is not lower, or when this trainer cannot train the model as configured (a
+    quantized base with ``adapter = "full"``).
+
+    The model's trainable set and LoRA factors are put back; its weights are not (the caller
+    restores them).
+    """
+    device = next(model.module.parameters()).device
+    with torch.no_grad(), model.capture(batch["attention_mask"]) as cap:
+        model.module(**{k: v for k, v in batch.items() if k != "labels"})
+    rows = {ExpertId(layer, e): float(n) for layer in sorted(cap.expert_rows)
+            for e, n in enumerate(cap.expert_rows[layer])}
+    chosen = max(rows, key=lambda e: rows[e])
+    release_freed_memory()  # as the round's planner does before reading its baseline
+    before = held_bytes(device, unified_memory)
+    held: list[EagerTrainer] = []
+    detached = [layer.bank.detach_frozen for layer in model.layers]
+
+    def run_round() -> None:  # what the round does from its baseline on (device_agent.train)
+        for layer in model.layers:
+            layer.bank.detach_frozen = train_cfg.detach_frozen
+        held.append(EagerTrainer(model, [chosen], train_cfg, MethodConfig()))
+        for _ in range(steps):
+            held[0].step(batch)
+            heap.after_step()
+
+    try:
+        growth = _time_calls(run_round, device, 1, 0)[1]
+    except ConfigError:  # e.g. a quantized base trains LoRA factors only: nothing to calibrate
+        return 0
+    finally:
+        if held:
+            held[0].deltas()  # ends the round: the trainable set and the factors come off
+        model.set_trainable(())
+        for layer, detach in zip(model.layers, detached, strict=True):
+            layer.bank.detach_frozen = detach
+    at_baseline = dataclasses.replace(cost, process_baseline_bytes=before)
+    predicted = at_baseline.routed_peak_bytes(
+        [rows[chosen]], sum(rows.values()), float(batch["attention_mask"].numel())) - before
+    return max(0, int(growth - predicted))
 
 
 def _anchor_on_whole_steps(model: MoEModel, batch: dict[str, torch.Tensor], cost: CostModel,
@@ -286,14 +351,7 @@ def release_freed_memory() -> None:
     stays hundreds of MB above what the process holds live, and a baseline read from it would
     count that twice. A no-op where glibc is not the allocator.
     """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    heap.release_freed_memory()
 
 
 def held_bytes(device: torch.device | None = None, unified_memory: bool = False) -> int:

@@ -44,6 +44,7 @@ from typing import Any, Literal
 
 import torch
 
+from device_agent.heap import after_step
 from export.programs import bucket_for, check_task
 from export.runtime import ExecuTorchTrainer
 from hfedmoe.config import MethodConfig, TrainConfig
@@ -439,6 +440,7 @@ def _loop(ctx: RoundContext, rt: _Runtime, trainer: Trainer, batches: Sequence[A
             trainer.set_active(_reselect(ctx, rt.budget, batch, union, trainer.device))
             union |= trainer.active
         done.losses.append(trainer.step(batch))
+        after_step()  # the heap pages the step freed go back (device_agent.heap)
         done.selections.append(sorted(str(e) for e in trainer.active))
         done.examples += len(idx)
         done.tokens += int(batch["attention_mask"].sum())

@@ -286,3 +286,28 @@ def test_gradients_and_activations_of_a_trained_expert_do_not_peak_together() ->
     assert dataclasses.replace(COST, expert_grad_bytes=250).per_trained_expert_bytes == 300
     with pytest.raises(DeviceError, match="expert_grad_bytes"):
         dataclasses.replace(COST, expert_grad_bytes=301)
+
+
+def test_trainer_fixed_part_counts_once_whatever_c() -> None:
+    cost = dataclasses.replace(COST, trainer_fixed_bytes=250)
+    # base = 2000 + 250; each trained expert still adds 500 B
+    assert (cost.base_bytes, cost.per_trained_expert_bytes) == (2250, 500)
+    assert [cost.peak_bytes(c) - COST.peak_bytes(c) for c in (0, 1, 4, 8)] == [250] * 4
+    assert (cost.routed_peak_bytes([16.0], 128.0, 32.0)
+            - COST.routed_peak_bytes([16.0], 128.0, 32.0)) == 250
+    budget = compute_budget(cost, limits(deadline_seconds=100.0))
+    assert (budget.c_budget, budget.limit) == (4, "memory")  # (4500 - 2250) // 500 = 4
+    with pytest.raises(DeviceError, match="trainer_fixed_bytes"):
+        dataclasses.replace(COST, trainer_fixed_bytes=-1)
+
+
+def test_a_cost_model_serialized_before_the_trainer_fixed_part_still_loads() -> None:
+    budget = compute_budget(dataclasses.replace(COST, trainer_fixed_bytes=250), limits())
+    data = json.loads(json.dumps(budget.to_dict()))
+    assert data["cost"]["trainer_fixed_bytes"] == 250
+    assert Budget.from_dict(data) == budget
+
+    del data["cost"]["trainer_fixed_bytes"]  # a budget stored by an older kit
+    old = Budget.from_dict(data)
+    assert old.cost.trainer_fixed_bytes == 0
+    assert old.cost.peak_bytes(1) == COST.peak_bytes(1)

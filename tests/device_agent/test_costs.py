@@ -31,17 +31,21 @@ PINNED_FULL = {
     "routing_seconds": 0.05, "expert_frozen_activation_bytes": 6144,
     "expert_grad_bytes": 18432, "expert_rows": 16, "batch_rows": 32,
     "process_baseline_bytes": 123456789, "expert_optimizer_seconds": 0.0003125,
-    "expert_snapshot_bytes": 18432,
+    "expert_snapshot_bytes": 18432, "trainer_fixed_bytes": 133184,
 }
+TRAINER_GROWTH = 2_200_000  # what the real trainer's calibration steps add (fixed reading)
 PINNED_LORA = {**PINNED_FULL, "expert_state_bytes": 4992, "expert_activation_bytes": 11520,
-               "expert_grad_bytes": 1664, "expert_snapshot_bytes": 1664}
+               "expert_grad_bytes": 1664, "expert_snapshot_bytes": 1664,
+               "trainer_fixed_bytes": 188960}
 
 
 @pytest.fixture
 def fixed_readings(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Replace the clock and memory readings; return the log of closures timed."""
     timed: list[str] = []
-    step_seconds = iter([0.4, 0.5, 0.9])  # no expert trained, then E/4 and all trained
+    # no expert trained, then E/4 and all trained, then the trainer's calibration steps
+    step_seconds = iter([0.4, 0.5, 0.9, 1.0])
+    growth = iter([2_000_000, 0, 0, TRAINER_GROWTH])
     now = [0.0]
 
     def perf_counter() -> float:
@@ -60,7 +64,7 @@ def fixed_readings(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         for _ in range(warmup + repeats):
             fn()
         timed.append("step")
-        return [next(step_seconds)] * repeats, 2_000_000
+        return [next(step_seconds)] * repeats, next(growth)
 
     monkeypatch.setattr(costs, "time", types.SimpleNamespace(perf_counter=perf_counter))
     monkeypatch.setattr(costs, "measure_step_costs", measure_step_costs)
@@ -75,7 +79,7 @@ def test_measured_costs_are_pinned(tokenizer, fixed_readings: list[str]) -> None
 
     got = costs.measure_costs(model, 2, 16, repeats=2)
 
-    assert fixed_readings == ["expert", "rest", "frozen", "routing", "step", "step", "step"]
+    assert fixed_readings == ["expert", "rest", "frozen", "routing"] + ["step"] * 4
     assert (got.steps, got.tokens_per_expert, got.batch_size, got.seq_len) == (STEPS, 16, 2, 16)
     assert (got.adapter, got.lora_rank) == ("full", 0)
     assert dataclasses.asdict(got.cost) == pytest.approx(PINNED_FULL)
@@ -93,3 +97,47 @@ def test_measured_lora_costs_are_pinned(tokenizer, fixed_readings: list[str]) ->
     assert (got.adapter, got.lora_rank) == ("lora", 2)
     assert dataclasses.asdict(got.cost) == pytest.approx(PINNED_LORA)
     assert all(e.factors is None for layer in model.layers for e in layer.bank.experts)
+
+
+@pytest.mark.parametrize("adapter", ["full", "lora"])
+def test_the_trainer_fixed_part_comes_from_real_trainer_steps(
+        tokenizer, monkeypatch: pytest.MonkeyPatch, adapter: str) -> None:
+    """Two steps of the round's own trainer with one expert, the heap trimmed after each as
+    the round does; the fixed part is their growth less the model's prediction at C = 1."""
+    from hfedmoe.config import TrainConfig
+    from hfedmoe.trainer import EagerTrainer
+
+    model = tiny(tokenizer)
+    batch = costs._sample_batch(model, 2, 16)
+    cost = costs.CostModel(**PINNED_FULL)
+    seen: list[tuple[str, int]] = []
+    real_step = EagerTrainer.step
+
+    def step(self: EagerTrainer, b: dict) -> float:
+        seen.append(("step", len(self.active)))
+        return real_step(self, b)
+
+    def time_calls(fn, dev, repeats, warmup):
+        fn()
+        return [0.1], 5_000_000
+
+    monkeypatch.setattr(EagerTrainer, "step", step)
+    monkeypatch.setattr(costs.heap, "after_step", lambda: seen.append(("trim", 0)))
+    monkeypatch.setattr(costs, "_time_calls", time_calls)
+    monkeypatch.setattr(costs, "resident_bytes", lambda: 123_456_789)
+
+    fixed = costs.calibrate_trainer_bytes(model, batch, cost,
+                                          TrainConfig(lr=1e-6, adapter=adapter))
+
+    assert seen == [("step", 1), ("trim", 0)] * 2
+    # the prediction at C = 1 under the batch's routing, without the fixed part
+    with torch.no_grad(), model.capture(batch["attention_mask"]) as cap:
+        model.module(**{k: v for k, v in batch.items() if k != "labels"})
+    rows = [float(n) for layer in sorted(cap.expert_rows) for n in cap.expert_rows[layer]]
+    added = cost.routed_peak_bytes([max(rows)], sum(rows), 32.0) - cost.resident_bytes
+    assert fixed == 5_000_000 - added > 0
+    # the trainer's round is over: nothing trains, no factors stay on the model
+    assert not any(e.trainable for layer in model.layers for e in layer.bank.experts)
+    assert all(e.factors is None for layer in model.layers for e in layer.bank.experts)
+    assert costs.calibrate_trainer_bytes(model, batch, dataclasses.replace(
+        cost, non_expert_activation_bytes=6_000_000), TrainConfig(lr=1e-6)) == 0
