@@ -404,7 +404,7 @@ def _train(sim: _Simulation, r: int, base_hash: str, jobs: list[DeviceJob],
         d.assignment = out.assignment
         update = decode(out.blob, sim.spec, sim.cfg.wire, round_idx=r, client_id=d.id)
         update = expand(update, lora) if lora is not None else update
-        z = (update.dp_noise_multiplier if update.dp_noise_multiplier is not None
+        z = (update.meta.dp_noise_multiplier if update.meta.dp_noise_multiplier is not None
              else sim.cfg.method.dp_noise_multiplier)
         if z > 0:
             d.dp_noises.append(float(z))
