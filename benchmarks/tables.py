@@ -456,7 +456,7 @@ def study_chatterbot_e8(rows: Rows) -> str:
 
 
 @region("study-chatterbot-verdict", ("learning-chatterbot-fine.jsonl",
-                                     "learning-chatterbot-e8.jsonl"), CB_FINE + "; " + CB_E8,
+                                     "learning-chatterbot-e8.jsonl"), CB_FINE + "; then " + CB_E8,
         select=lambda r: r.get("kind") == "summary")
 def study_chatterbot_verdict(rows: Rows) -> str:
     """:func:`learning_verdict` of both bundled-corpus cells, one row per granularity."""
