@@ -64,8 +64,11 @@ class DeviceWorker:
         self.round: int | None = None
         self.state: dict[str, torch.Tensor] | None = None
 
-    def ready(self) -> int:
-        return os.getpid()
+    def ready(self) -> tuple[int, str]:
+        """The actor's process id and the id of the Ray node it runs on."""
+        import ray
+
+        return os.getpid(), ray.get_runtime_context().get_node_id()
 
     def train(self, round_idx: int, state_box: list[Any], base_hash: str, job: Any) -> Any:
         """``state_box`` holds the round's state reference un-resolved, so an actor fetches
@@ -113,9 +116,11 @@ class RayBackend:
             shards_ref = ray.put(shards)
             self.actors = [actor.remote(cfg, num_labels, shards_ref, threads)
                            for _ in range(workers)]
-            pids = ray.get([a.ready.remote() for a in self.actors])
-            log.info("ray: %d worker(s) with %d torch thread(s) each ready in %.1f s (pids %s)",
-                     workers, threads, time.perf_counter() - start, pids)
+            placed = ray.get([a.ready.remote() for a in self.actors])
+            self.nodes = sorted({node for _, node in placed})  # the nodes the actors run on
+            log.info("ray: %d worker(s) with %d torch thread(s) each ready in %.1f s on %d "
+                     "node(s) (pids %s)", workers, threads, time.perf_counter() - start,
+                     len(self.nodes), [pid for pid, _ in placed])
         except BaseException:
             self.close()
             raise

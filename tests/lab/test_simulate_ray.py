@@ -4,6 +4,7 @@ before it; without Ray the backend fails with a typed error that names the extra
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import pytest
@@ -76,6 +77,50 @@ def test_ray_backend_gives_the_sequential_rows(tmp_path, calibration):
     assert (run_dir / "metrics.jsonl").is_file() and (run_dir / "run.db").is_file()
     assert main(["report", str(run_dir)]) == 0
     assert "Held-out evaluation" in (run_dir / "report.html").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # each actor builds the model; on a loaded 2-core host, minutes
+def test_a_run_across_a_two_node_ray_cluster_gives_the_sequential_rows(tmp_path, calibration,
+                                                                       caplog):
+    """``--ray-address``: the simulator joins a running cluster of two nodes (a head and a
+    worker node, each its own raylet with one CPU, so the two actors land on different nodes)
+    and gives the rows of the sequential backend."""
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    from lab.simulate import simulate
+
+    seq = simulate(_cfg(tmp_path / "seq"), 3, PROFILES, calibration=calibration)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        with caplog.at_level(logging.INFO, logger="hfedmoe.simulate"):
+            par = simulate(_cfg(tmp_path / "ray"), 3, PROFILES, calibration=calibration,
+                           backend="ray", ray_address=cluster.address, ray_workers=2)
+        assert not ray.is_initialized()  # the driver left the cluster; the cluster runs on
+        assert len([n for n in ray_nodes(cluster.address) if n["Alive"]]) == 2
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.shutdown()
+    assert "2 worker(s) with 1 torch thread(s) each" in caplog.text
+    assert "on 2 node(s)" in caplog.text  # one actor on each node
+    assert [r["round"] for r in par] == [-1, 0, 1]
+    for a, b in zip(seq, par, strict=True):
+        assert _bytes_free(a) == _bytes_free(b), a["round"]
+
+
+def ray_nodes(address: str) -> list[dict]:
+    """The cluster's nodes as a fresh driver sees them."""
+    import ray
+
+    ray.init(address=address, logging_level=logging.WARNING)
+    try:
+        return ray.nodes()
+    finally:
+        ray.shutdown()
 
 
 @pytest.mark.slow
