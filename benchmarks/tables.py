@@ -612,6 +612,40 @@ def scale(rows: Rows) -> str:
                   "updates/s (swarm side)", "round s", "load before (1 min)"], out)
 
 
+RAY_BREAKEVEN = "python -m benchmarks.ray_breakeven --out benchmarks/results/ray-breakeven.jsonl"
+
+
+def _from(n: Any, devices: Sequence[int]) -> str:
+    return f"from **{n}** devices per round" if n is not None else \
+        f"at no N from {min(devices)} to {max(devices)}"
+
+
+@region("ray-breakeven", "ray-breakeven.jsonl", RAY_BREAKEVEN,
+        select=lambda r: r.get("bench") == "ray-breakeven")
+def ray_breakeven(rows: Rows) -> str:
+    last = max(r["started_at"] for r in rows)  # the last run of the benchmark
+    rows = [r for r in rows if r["started_at"] == last]
+    s = one(rows, kind="summary")
+    by = {(r["devices"], r["backend"]): r for r in pick(rows, kind="run")}
+    out = []
+    for n in s["devices"]:
+        seq, ray = by[(n, "sequential")], by[(n, "ray")]
+        out.append([n, ray["ray_workers"], f"{seq['wall_s']:.1f}", f"{ray['wall_s']:.1f}",
+                    f"{ray['start_s']:.1f}", f2(seq["round_s_after_first"] or float("nan")),
+                    f2(ray["round_s_after_first"] or float("nan")),
+                    "yes" if seq["rows_equal"] else "**no**",
+                    " / ".join(str((r.get("loadavg_before") or (r.get("env") or {}).get(
+                        "loadavg") or ["-"])[0]) for r in (seq, ray))])
+    return (table(["devices per round", "Ray actors", "sequential: whole run s",
+                   "Ray: whole run s", "of which Ray's start s", "sequential: s per round",
+                   "Ray: s per round", "same rows", "load (1 min) seq / Ray"], out)
+            + f"\n\nRay beats sequential per round (the mean of the rounds after the first) "
+            f"{_from(s['ray_wins_per_round_from'], s['devices'])}, over the whole run, its "
+            f"start included, {_from(s['ray_wins_whole_run_from'], s['devices'])}; "
+            f"{s['rounds']} rounds, {s['steps']} local steps per device, one torch thread "
+            f"per device in both backends.")
+
+
 def last_run(rows: Rows) -> Rows:
     """The rows of the last demo run in ``rows`` (each run starts with its initial evaluation)."""
     starts = [i for i, r in enumerate(rows) if r.get("phase") == "initial"]

@@ -102,8 +102,10 @@ class RayBackend:
                                       "logging_level": logging.WARNING}
             if address:
                 ray.init(address=address, **kwargs)
-            else:  # a local Ray: the CPUs the workers asked for, or the ones Ray detects
-                ray.init(num_cpus=workers * threads or None, include_dashboard=False, **kwargs)
+            else:  # a new local Ray (never one already running on this machine, which
+                # ray.init() would join): the CPUs the workers asked for, or the ones it detects
+                ray.init(address="local", num_cpus=workers * threads or None,
+                         include_dashboard=False, **kwargs)
             self.started = True
         try:
             cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -160,3 +162,39 @@ class RayBackend:
         if self.started:
             self.ray.shutdown()
             self.started = False
+
+
+# measured: differ from run to run (the run directory holds the devices' step timings)
+TIMING_FIELDS = frozenset({"time", "wall_s", "round_s", "aggregation_s", "run_dir_bytes"})
+HEADER_ALIGN = 8  # bytes an update's size may move by: its header's safetensors alignment
+
+
+def comparable_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A metrics row without its timings and update sizes: every update's JSON header carries
+    the device's measured seconds, so its size may move by the header's 8-byte alignment."""
+    out = {k: v for k, v in row.items() if k not in TIMING_FIELDS | {"bytes_in"}}
+    if "held" in out:
+        out["held"] = {c: {k: v for k, v in h.items() if k != "bytes"}
+                       for c, h in out["held"].items()}
+    return out
+
+
+def row_differences(rows: list[dict[str, Any]], other: list[dict[str, Any]]) -> list[str]:
+    """Where two runs' metrics rows differ, timings aside (empty: the same rows), e.g. the
+    sequential and the Ray backend's for one seed and calibration: every field but the timings
+    equal, each update's size within :data:`HEADER_ALIGN` bytes."""
+    if len(rows) != len(other):
+        return [f"{len(rows)} rows against {len(other)}"]
+    out = []
+    for a, b in zip(rows, other, strict=True):
+        where = f"round {a.get('round')}"
+        ca, cb = comparable_row(a), comparable_row(b)
+        out += [f"{where}: {k}: {ca.get(k)!r} != {cb.get(k)!r}"
+                for k in sorted(ca.keys() | cb.keys()) if ca.get(k) != cb.get(k)]
+        held_a, held_b = a.get("held") or {}, b.get("held") or {}
+        if abs(a.get("bytes_in", 0) - b.get("bytes_in", 0)) > HEADER_ALIGN * len(held_a):
+            out.append(f"{where}: bytes_in: {a.get('bytes_in')} != {b.get('bytes_in')}")
+        out += [f"{where}: held.{c}.bytes: {h.get('bytes')} != {held_b[c].get('bytes')}"
+                for c, h in held_a.items() if c in held_b
+                and abs(h.get("bytes", 0) - held_b[c].get("bytes", 0)) > HEADER_ALIGN]
+    return out

@@ -91,38 +91,49 @@ def run_simulation(args: argparse.Namespace) -> int:
 
 def simulate(cfg: Any, num_devices: int, profiles: list[str], measure_repeats: int = 3, *,
              backend: str = "sequential", ray_address: str = "", ray_workers: int = 0,
-             calibration: Calibration | None = None,
-             attack: Attack | None = None) -> list[dict[str, Any]]:
+             calibration: Calibration | None = None, attack: Attack | None = None,
+             timings: dict[str, float] | None = None) -> list[dict[str, Any]]:
     """Run ``cfg.rounds.rounds`` rounds with ``num_devices`` emulated devices; metrics rows.
 
     Args:
         backend: ``"sequential"`` (one process) or ``"ray"`` (devices train in parallel on Ray
             actors; needs ``pip install "hfedmoe[ray]"``). Same rows for the same seed and
             calibration, timing fields aside.
-        ray_address: join this Ray cluster; empty: start a local Ray (unless this process
-            already has one).
+        ray_address: join this Ray cluster; empty: start a new local Ray (unless this process
+            already has one), never one already running on this machine.
         ray_workers: Ray actors (0: the CPUs Ray has over the threads each worker uses), at
             most the participants of a round.
         calibration: the host probe and measured costs budgets are decided from (measured
             now when None); give one to rerun with the same budgets.
         attack: devices that poison their updates (:mod:`lab.attacks`; the simulator only).
+        timings: filled, when given, with the seconds of the run's parts that no row holds:
+            ``setup_s`` (task, model, calibration when not given, devices), ``start_s`` (the
+            backend built: for Ray, its start and every actor ready) and ``close_s`` (the
+            backend closed: for a Ray this run started, its shutdown).
     """
     _check_backend(backend, ray_workers)
     check_devices(cfg, num_devices, profiles)
+    times = timings if timings is not None else {}
+    t0 = time.perf_counter()
     sim = _setup(cfg, num_devices, profiles, measure_repeats, calibration)
+    times["setup_s"] = time.perf_counter() - t0
     sim.attack = attack
     try:
         rows = [_write(sim.run_dir, initial_row(_evaluate(sim)))]
         # after the calibration: starting actors would skew its timings
+        t0 = time.perf_counter()
         sim.runner = _runner(sim, backend, ray_address, ray_workers)
+        times["start_s"] = time.perf_counter() - t0
         for r in range(cfg.rounds.rounds):
             row = _round(sim, r)
             rows.append(_write(sim.run_dir, row))
             log.info("round %d: %s", r, {k: v for k, v in row.items()
                                          if k not in ("devices", "budgets", "held")})
     finally:
+        t0 = time.perf_counter()
         if sim.runner is not None:
             sim.runner.close()
+            times["close_s"] = time.perf_counter() - t0
         sim.store.close()
     return rows
 
