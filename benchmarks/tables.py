@@ -391,7 +391,9 @@ SWEEP = (_FORTUNES + "--rounds 30 --eval-every 10 --split validation --seeds 0,1
          "--all-seeds --out benchmarks/results/learning-sweep.jsonl")
 FINE = (_FORTUNES + "--rounds 50 --eval-every 25 --seeds 0,1,2,3,4 --strategies "
         "hfedmoe,fedavg-random,fedmoe,fedavg-full,budget-zero,hfedmoe-anti,hfedmoe-other "
-        "(the controls: seeds 0,1,2) --out benchmarks/results/learning-fortunes-fine-rounds.jsonl; "
+        "(the controls: seeds 0,1,2), then --seeds 0,1,2 --strategies "
+        "'hfedmoe-paper,hfedmoe@gate_weighting=importance-size,hfedmoe@tau=0' (the ablations) "
+        "--out benchmarks/results/learning-fortunes-fine-rounds.jsonl; "
         "then python -m benchmarks.learning --from-rows "
         "benchmarks/results/learning-fortunes-fine-rounds.jsonl --all-seeds "
         "--out benchmarks/results/learning-fortunes-fine.jsonl")
