@@ -229,3 +229,13 @@ def test_bad_gpu_memory_is_a_config_error_naming_the_field(tmp_path: Path, old: 
     path.write_text(GPU_PROFILE.replace(old, new, 1))
     with pytest.raises(ConfigError, match=re.escape(field)):
         load_profile(path)
+
+
+def test_the_plan_table_names_both_pools() -> None:
+    from device_agent.plan import _limit_text
+
+    budget = budget_from_report(gpu_report(7000 * MIB, 2500 * MIB, rss=500 * MIB), COST, 1000.0,
+                                10, margin_fraction=0.0, host_held_bytes=500 * MIB)
+    text = _limit_text({"runnable": True, "budget": budget.to_dict()})
+
+    assert text == "host-memory (memory allows 8: gpu 32, host 8, time 32)"
