@@ -8,7 +8,10 @@ METHOD.md section 4: C_budget(c) is the largest number of experts whose training
   and training state + the real trainer's calibrated fixed part + C x (grads + optimizer state + saved activations of one trained expert)
   <= the memory the device can give minus a safety margin (:data:`DEFAULT_MEMORY_MARGIN`,
   configurable), and what training adds stays within
-  the device's training-memory quota when it has one; and
+  the device's training-memory quota when it has one; on a discrete GPU this is its own
+  memory, and a second pool, the host's, must hold the process's resident host memory
+  (measured) + C x what a trained expert adds there (its update's host copy and encoding);
+  the pool that runs out first limits C; and
 - time:    the round's routing pass (``routing_batches`` forwards without autograd) +
   steps_per_round x step_seconds(C) <= the round's compute window, with
   step_seconds(C) = rest + (E - C) x frozen expert + C x trained expert, where a trained
@@ -33,12 +36,14 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from hfedmoe.errors import DeviceError
+from hfedmoe.errors import ConfigError, DeviceError
 
 if TYPE_CHECKING:
     from device_agent.report import DeviceReport
 
-Limit = Literal["memory", "time", "cap", "all-experts", "quota"]
+# "memory": the memory the process plans in (a discrete GPU's own memory there); "host-memory":
+# the host's memory on a discrete GPU, when it runs out first
+Limit = Literal["memory", "host-memory", "time", "cap", "all-experts", "quota"]
 _REL_TOL = 1e-9  # float slack when a predicted round time equals the deadline
 # Share of the memory a plan keeps free (``Limits.margin_fraction``; ``agent.memory_margin``,
 # ``hfedmoe profile --margin``): the counted and measured peaks are estimates, and the device's
@@ -64,6 +69,18 @@ def expert_state_bytes(num_params: int, optimizer: str, *, param_dtype_bytes: in
     """Gradients plus optimizer state of one trained expert with ``num_params`` parameters."""
     return num_params * param_dtype_bytes + optimizer_state_bytes(
         num_params, optimizer, momentum=momentum, state_dtype_bytes=state_dtype_bytes)
+
+
+# Host buffers of a trained expert's update at once on a discrete GPU: its delta copied to the
+# host in the wire dtype, the safetensors blob, and the blob's zstd copy (hfedmoe.wire.encode).
+UPDATE_HOST_COPIES = 3
+
+
+def update_host_bytes(trained_params: int, wire_dtype_bytes: int = 4) -> int:
+    """Host memory one trained expert's update takes while it is encoded on a discrete GPU
+    (:data:`UPDATE_HOST_COPIES` buffers of its ``trained_params`` elements in the wire dtype,
+    fp32 by default; a compressed copy is at most about the blob's size, so an upper bound)."""
+    return UPDATE_HOST_COPIES * trained_params * wire_dtype_bytes
 
 
 def tokens_per_expert(batch_size: int, seq_len: int, top_k: int, experts_per_layer: int) -> int:
@@ -130,6 +147,12 @@ class CostModel:
             expert and keeps its measured peak less the model's prediction, 0 when lower): the
             heap pages a step's allocations touch besides what it holds live, the trainer's own
             copies and buffers. Counted once per step, whatever C is; 0: not calibrated.
+        host_resident_bytes: on a discrete GPU, the process's resident host memory (RSS)
+            before training: the interpreter, torch and the CUDA runtime, the tokenizer, the
+            data and whatever the model keeps on the host; the host pool's base. 0: not counted.
+        host_per_expert_bytes: on a discrete GPU, what one trained expert adds to host memory in
+            a round: its delta's host copy in the wire dtype and the encoded blob (and its
+            compressed copy). The other per-expert terms live in GPU memory. 0: not counted.
     """
 
     num_experts: int
@@ -150,6 +173,8 @@ class CostModel:
     expert_optimizer_seconds: float = 0.0
     expert_snapshot_bytes: int = 0
     trainer_fixed_bytes: int = 0
+    host_resident_bytes: int = 0
+    host_per_expert_bytes: int = 0
 
     def __post_init__(self) -> None:
         _require(self.num_experts >= 1, "num_experts must be >= 1")
@@ -229,6 +254,10 @@ class CostModel:
         """Predicted peak memory with ``c`` experts trained."""
         return self.base_bytes + c * self.per_trained_expert_bytes
 
+    def host_peak_bytes(self, c: int) -> int:
+        """Predicted host memory with ``c`` experts trained (discrete GPU: the host pool)."""
+        return self.host_resident_bytes + c * self.host_per_expert_bytes
+
     def step_seconds(self, c: int) -> float:
         """Predicted time of one step with ``c`` of the ``num_experts`` experts trained, under
         balanced routing (the round's routing pass is counted separately)."""
@@ -264,6 +293,11 @@ class Limits:
         routing_batches: batches of the round's routing pass (counted in the round's time).
         min_experts: when the window cannot fit every local step with this many experts,
             the device trains fewer steps instead of fewer experts.
+        host_available_bytes: on a discrete GPU, the host memory the process can have (its
+            resident size plus what the host has available); ``available_bytes`` is then the
+            GPU's. None: one pool (CPU, unified memory), as before.
+        host_margin_bytes: fixed host bytes kept free, on top of ``margin_fraction`` of
+            ``host_available_bytes``.
     """
 
     available_bytes: int
@@ -275,9 +309,14 @@ class Limits:
     training_quota_bytes: int | None = None
     routing_batches: int = 0
     min_experts: int = 1
+    host_available_bytes: int | None = None
+    host_margin_bytes: int = 0
 
     def __post_init__(self) -> None:
         _require(self.available_bytes >= 0, "available_bytes must be >= 0")
+        _require(self.host_available_bytes is None or self.host_available_bytes >= 0,
+                 "host_available_bytes must be >= 0 or None")
+        _require(self.host_margin_bytes >= 0, "host_margin_bytes must be >= 0")
         _require(self.deadline_seconds > 0, "deadline_seconds must be > 0")
         _require(self.steps_per_round >= 1, "steps_per_round must be >= 1")
         _require(0.0 <= self.margin_fraction < 1.0, "margin_fraction must be in [0, 1)")
@@ -296,6 +335,14 @@ class Limits:
     def usable_bytes(self) -> int:
         return self.available_bytes - self.margin
 
+    @property
+    def host_usable_bytes(self) -> int | None:
+        """Host bytes a plan may reach on a discrete GPU (None: one pool)."""
+        if self.host_available_bytes is None:
+            return None
+        host = self.host_available_bytes
+        return host - int(host * self.margin_fraction) - self.host_margin_bytes
+
     def usable_for(self, cost: CostModel) -> int:
         """Whole-process bytes a plan may reach: the margin kept free, and the quota (if any)
         on top of what is resident."""
@@ -310,7 +357,11 @@ class Budget:
     """The decided budget with the predictions and inputs behind it (logged and sent).
 
     ``memory_max`` / ``time_max`` are the largest counts each constraint allows on its own
-    (capped at ``num_experts``), -1 when even no trained expert fits.
+    (capped at ``num_experts``), -1 when even no trained expert fits. On a discrete GPU
+    (``limits.host_available_bytes`` set) ``memory_max`` is the lower of the two pools':
+    ``gpu_memory_max`` the GPU's, ``host_memory_max`` the host's, and ``limit`` is
+    ``"host-memory"`` when the host runs out first; ``host_peak_bytes`` is the predicted host
+    peak (``peak_bytes`` the GPU's). All three are None with one pool.
     """
 
     c_budget: int
@@ -326,6 +377,9 @@ class Budget:
     steps: int = 0  # local steps planned (may be fewer than limits.steps_per_round)
     # the emulation scale the device was planned at (device_agent.emulation); None: not scaled
     emulation: dict[str, Any] | None = None
+    gpu_memory_max: int | None = None
+    host_memory_max: int | None = None
+    host_peak_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -346,6 +400,41 @@ def memory_max_experts(cost: CostModel, limits: Limits) -> int:
         return -1
     per = cost.per_trained_expert_bytes
     return cost.num_experts if per <= 0 else min(cost.num_experts, free // per)
+
+
+def host_max_experts(cost: CostModel, limits: Limits) -> int | None:
+    """Largest trained-expert count that fits the host pool of a discrete GPU; -1 if the
+    process's resident host memory alone does not; None with one pool."""
+    usable = limits.host_usable_bytes
+    if usable is None:
+        return None
+    free = usable - cost.host_resident_bytes
+    if free < 0:
+        return -1
+    per = cost.host_per_expert_bytes
+    return cost.num_experts if per <= 0 else min(cost.num_experts, free // per)
+
+
+@dataclass(frozen=True)
+class _MemoryFit:
+    """What memory allows: the count over both pools, the limit it names and its pools."""
+
+    count: int
+    limit: Limit
+    gpu: int | None = None
+    host: int | None = None
+
+
+def _memory_fit(cost: CostModel, limits: Limits) -> _MemoryFit:
+    """The memory constraint: one pool, or on a discrete GPU whichever pool runs out first."""
+    pool = memory_max_experts(cost, limits)
+    named: Limit = "quota" if _quota_binds(cost, limits) else "memory"
+    host = host_max_experts(cost, limits)
+    if host is None:
+        return _MemoryFit(pool, named)
+    if host < pool:
+        return _MemoryFit(host, "host-memory", pool, host)
+    return _MemoryFit(pool, named, pool, host)
 
 
 def _round_seconds(cost: CostModel, limits: Limits, c: int, steps: int) -> float:
@@ -401,12 +490,21 @@ def _nothing_fits(cost: CostModel, limits: Limits) -> str:
             f"({gib(limits.margin)} kept free{quota})")
 
 
+def _host_nothing_fits(cost: CostModel, limits: Limits) -> str:
+    """Why no expert fits a discrete GPU's host pool (GiB = 2**30 bytes)."""
+    usable, available = limits.host_usable_bytes or 0, limits.host_available_bytes or 0
+    return (f"nothing fits host memory: the process's resident host memory "
+            f"({cost.host_resident_bytes / 2**30:.2f} GiB) exceeds the "
+            f"{usable / 2**30:.2f} GiB usable of {available / 2**30:.2f} GiB available")
+
+
 def compute_budget(cost: CostModel, limits: Limits) -> Budget:
     """C_budget: the most experts whose training fits memory and the round's window.
 
     When the window cannot fit every local step with ``limits.min_experts`` experts (but memory
     can), the device keeps ``min_experts`` and plans fewer steps (``Budget.steps``) rather than
-    falling to a budget of 0; the reason says so.
+    falling to a budget of 0; the reason says so. On a discrete GPU memory is two pools, the
+    GPU's and the host's (:func:`host_max_experts`), and the one that runs out first limits it.
 
     Args:
         cost: measured or estimated costs of the model on this device.
@@ -416,11 +514,12 @@ def compute_budget(cost: CostModel, limits: Limits) -> Budget:
         The budget, the constraint that set it, the planned steps and the predicted step time
         and whole-process peak memory.
     """
-    mem_c, time_c = memory_max_experts(cost, limits), time_max_experts(cost, limits)
-    steps = limits.steps_per_round
+    fit, time_c = _memory_fit(cost, limits), time_max_experts(cost, limits)
+    mem_c, steps = fit.count, limits.steps_per_round
     if mem_c < 0:
-        c, limit = 0, "memory"
-        reason = _nothing_fits(cost, limits)
+        c, limit = 0, fit.limit
+        reason = (_host_nothing_fits(cost, limits) if fit.limit == "host-memory"
+                  else _nothing_fits(cost, limits))
     else:
         floor = min(limits.min_experts, mem_c)
         if time_c < floor:  # fewer steps rather than fewer experts than the floor
@@ -433,7 +532,7 @@ def compute_budget(cost: CostModel, limits: Limits) -> Budget:
             if c == cost.num_experts:
                 limit, reason = "all-experts", f"all {c} experts fit memory and window"
             elif mem_c <= time_c:
-                limit = "quota" if _quota_binds(cost, limits) else "memory"
+                limit = fit.limit
                 reason = f"{limit} allows {mem_c} trained experts (time {time_c})"
             else:
                 limit, reason = "time", f"window allows {time_c} trained experts (memory {mem_c})"
@@ -443,11 +542,13 @@ def compute_budget(cost: CostModel, limits: Limits) -> Budget:
             steps = max(steps, steps_that_fit(cost, limits, c)) if steps else steps
         elif limits.cap is not None and limits.cap > c:
             reason += f"; configured cap {limits.cap} is above what was measured, ignored"
-    step = cost.step_seconds(c)
-    return Budget(c_budget=c, limit=limit, reason=reason, step_seconds=step,
+    if fit.host is not None:
+        reason += f" [pools: gpu memory allows {fit.gpu}, host memory {fit.host}]"
+    return Budget(c_budget=c, limit=limit, reason=reason, step_seconds=cost.step_seconds(c),
                   round_seconds=_round_seconds(cost, limits, c, steps),
                   peak_bytes=cost.peak_bytes(c), memory_max=mem_c, time_max=time_c, cost=cost,
-                  limits=limits, steps=steps)
+                  limits=limits, steps=steps, gpu_memory_max=fit.gpu, host_memory_max=fit.host,
+                  host_peak_bytes=None if fit.host is None else cost.host_peak_bytes(c))
 
 
 @dataclass(frozen=True)
@@ -458,7 +559,8 @@ class RoundPlan:
         experts: the experts trained for the whole round, most wanted first (a prefix of the
             strategy's selection, at most C_budget).
         steps: local steps planned.
-        limit: what set it ("budget": the selection as chosen, "memory", "quota", "time").
+        limit: what set it ("budget": the selection as chosen, "memory", "host-memory" (a
+            discrete GPU's host pool), "quota", "time").
         reason: one line for logs and the report.
         step_seconds: predicted seconds per step under the real routing.
         round_seconds: predicted seconds of the round (routing pass included).
@@ -504,11 +606,16 @@ def plan_round(cost: CostModel, limits: Limits, ranked: list, expert_rows: dict,
     steps = limits.steps_per_round
     c = len(ranked)
     limit, reason = "budget", f"{c} expert(s) selected within the budget"
+    host_usable = limits.host_usable_bytes
     if enforce:
         while c > 0 and predict(c, steps)[2] > usable:
             c -= 1
+        gpu_c = c
+        while host_usable is not None and c > 0 and cost.host_peak_bytes(c) > host_usable:
+            c -= 1
         if c < len(ranked):
-            limit = "quota" if _quota_binds(cost, limits) else "memory"
+            limit = ("host-memory" if c < gpu_c else
+                     "quota" if _quota_binds(cost, limits) else "memory")
             reason = f"{limit} fits {c} of the {len(ranked)} selected experts"
         mem_c = c
         while c > 0 and predict(c, steps)[1] > window:
@@ -530,17 +637,42 @@ def plan_round(cost: CostModel, limits: Limits, ranked: list, expert_rows: dict,
 
 def budget_from_report(report: DeviceReport, cost: CostModel, deadline_seconds: float,
                        steps_per_round: int, held_bytes: int | None = 0,
-                       **limits: Any) -> Budget:
+                       host_held_bytes: int | None = 0, **limits: Any) -> Budget:
     """:func:`compute_budget` with the available memory taken from a device report.
 
     ``held_bytes`` is what the process already held when the report's available memory was
-    read (the whole-process limit is their sum).
+    read (the whole-process limit is their sum). On a discrete GPU that is GPU memory, and the
+    host is a second pool: its available memory plus ``host_held_bytes`` (the process's RSS
+    then) bounds the host side (``cost.host_resident_bytes`` + C x
+    ``cost.host_per_expert_bytes``).
 
     Raises:
         DeviceError: if the report has no available-memory figure.
+        ConfigError: on a discrete GPU without a GPU memory figure, or with a negative one
+            (naming the field).
     """
     available = report.budget_memory_bytes
     _require(available is not None, "the device report has no available memory figure")
+    host = None
+    if report.discrete_gpu:
+        host = _host_pool(report, int(host_held_bytes or 0))
+        if host is not None and not cost.host_resident_bytes:  # not measured: the RSS then
+            cost = dataclasses.replace(cost, host_resident_bytes=int(host_held_bytes or 0))
     return compute_budget(cost, Limits(available_bytes=int(available) + int(held_bytes or 0),
                                        deadline_seconds=deadline_seconds,
-                                       steps_per_round=steps_per_round, **limits))
+                                       steps_per_round=steps_per_round,
+                                       host_available_bytes=host, **limits))
+
+
+def _host_pool(report: DeviceReport, held: int) -> int | None:
+    """A discrete GPU's host pool (its GPU memory checked): available host memory + ``held``;
+    None where the host's available memory is unknown (the GPU's pool alone then)."""
+    for name in ("gpu_memory_free_bytes", "gpu_memory_total_bytes"):
+        value = getattr(report, name)
+        if value is None or value < 0:
+            raise ConfigError(
+                f"device {report.source!r}: {name} = {value!r}: a discrete GPU (accelerator "
+                f"'cuda', unified_memory false) needs its own memory as a figure >= 0 to plan "
+                f"the GPU pool")
+    host = report.host_memory_bytes
+    return None if host is None else int(host) + held

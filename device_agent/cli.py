@@ -155,7 +155,16 @@ def print_costs(costs: dict[str, Any]) -> None:
         f"{c['budget']['reason']})")
     row("predicted step / peak", lambda c: f"{c['budget']['step_seconds']:.3f} s / "
         f"{c['budget']['peak_bytes'] / 2**30:.2f} GiB")
+    if full["budget"].get("host_memory_max") is not None:
+        row("memory pools: gpu / host", _pools)
     Console().print(table)
+
+
+def _pools(c: dict[str, Any]) -> str:
+    """A discrete GPU's two pools: the experts each allows, and the predicted peaks."""
+    b = c["budget"]
+    return (f"{b['gpu_memory_max']} / {b['host_memory_max']} experts, peak "
+            f"{b['peak_bytes'] / 2**30:.2f} / {b['host_peak_bytes'] / 2**30:.2f} GiB")
 
 
 def _per_expert_mib(cost: dict[str, Any]) -> float:
@@ -185,8 +194,12 @@ def report_rows(report: DeviceReport) -> list[tuple[str, str]]:
         rows += [("gpu", report.gpu_name or "-"),
                  ("gpu memory free/total", f"{_gib(report.gpu_memory_free_bytes)} / "
                                            f"{_gib(report.gpu_memory_total_bytes)}")]
-    rows += [("unified memory", "yes" if report.unified_memory else "no"),
-             ("budget memory", _gib(report.budget_memory_bytes))]
+    rows += [("unified memory", "yes" if report.unified_memory else "no")]
+    if report.discrete_gpu:  # two pools: the GPU's own memory and the host's
+        rows += [("budget memory: gpu pool", _gib(report.budget_memory_bytes)),
+                 ("budget memory: host pool", _gib(report.host_memory_bytes))]
+    else:
+        rows.append(("budget memory", _gib(report.budget_memory_bytes)))
     optional = [("power mode", report.power_mode),
                 ("battery", None if report.battery_percent is None else
                  f"{report.battery_percent:.0f} % (plugged: {report.battery_plugged})"),

@@ -43,6 +43,7 @@ from device_agent.budget import (
     expert_state_bytes,
     plan_round,
     tokens_per_expert,
+    update_host_bytes,
 )
 from device_agent.heap import bound_heap
 from device_agent.report import DeviceReport, time_scale
@@ -172,7 +173,8 @@ def measure_costs(model: MoEModel, batch_size: int, seq_len: int, optimizer: str
     ``adapter="lora"`` (with ``lora``, default rank 8) measures experts trained through LoRA
     factors instead of their weights. On CUDA the baseline and a step's growth are the
     allocator's (:func:`held_bytes`; ``unified_memory`` adds the process's RSS, as on a
-    Jetson).
+    Jetson); on a discrete GPU the process's RSS after the measurement is the host pool's
+    base (:func:`with_host_pool`).
     """
     bound_heap()  # the resident size follows what training holds (device_agent.heap)
     lora = _lora_spec(adapter, lora)
@@ -207,8 +209,19 @@ def measure_costs(model: MoEModel, batch_size: int, seq_len: int, optimizer: str
     model.set_trainable(())
     model.load_state(snapshot)  # the timing steps must not change the model
     release_freed_memory()  # what the timing steps freed must not count as resident
+    if device.type == "cuda" and not unified_memory:  # the host is a pool of its own
+        cost = with_host_pool(cost, resident_bytes())
     return MeasuredCosts(cost, steps, tokens, batch_size, seq_len,
                          "full" if lora is None else "lora", 0 if lora is None else lora.rank)
+
+
+def with_host_pool(cost: CostModel, host_resident: int) -> CostModel:
+    """``cost`` with a discrete GPU's host pool: the process's resident host memory and, per
+    trained expert, its update's host buffers (:func:`device_agent.budget.update_host_bytes`
+    of what it trains: ``expert_snapshot_bytes`` holds them at fp32)."""
+    return dataclasses.replace(cost, host_resident_bytes=int(host_resident),
+                               host_per_expert_bytes=update_host_bytes(
+                                   cost.expert_snapshot_bytes // 4))
 
 
 def _lora_spec(adapter: str, lora: LoRASpec | None) -> LoRASpec | None:
@@ -357,7 +370,8 @@ def release_freed_memory() -> None:
 def held_bytes(device: torch.device | None = None, unified_memory: bool = False) -> int:
     """What this process holds now in the memory its training budget is limited by: on a
     discrete CUDA GPU the bytes its allocator has allocated there (weights and activations
-    live there; host RSS is another memory); elsewhere its resident memory, plus its CUDA
+    live there; the host's RSS is the second pool, :func:`with_host_pool`); elsewhere its
+    resident memory, plus its CUDA
     allocations on a unified-memory device (a Jetson's GPU allocates from the same RAM)."""
     if device is not None and device.type == "cuda":
         gpu = int(torch.cuda.memory_allocated(device))
@@ -436,7 +450,8 @@ def decide_budget(report: DeviceReport, cost: CostModel, deadline_s: float, step
 
     The memory a live device can give is what was available when it was probed plus what
     this process already held then (the limit is on the whole process); an emulated device
-    gives its profile's figure. ``quota_bytes`` (or the profile's training-memory quota)
+    gives its profile's figure. On a discrete GPU the host's available memory plus the
+    process's RSS then is a second pool (:func:`device_agent.budget.budget_from_report`). ``quota_bytes`` (or the profile's training-memory quota)
     bounds what training may add on top of the resident process.
     """
     if report.emulated and host is not None:
@@ -445,7 +460,8 @@ def decide_budget(report: DeviceReport, cost: CostModel, deadline_s: float, step
     return budget_from_report(report, cost, deadline_s, max(1, steps_per_round), cap=cap,
                               margin_fraction=margin_fraction, routing_batches=routing_batches,
                               min_experts=min_experts, training_quota_bytes=quota or None,
-                              held_bytes=0 if report.emulated else report.held_bytes())
+                              held_bytes=0 if report.emulated else report.held_bytes(),
+                              host_held_bytes=0 if report.emulated else report.process_rss_bytes)
 
 
 def steps_per_round(num_examples: int, batch_size: int, epochs: int, max_steps: int = 0) -> int:
@@ -453,12 +469,16 @@ def steps_per_round(num_examples: int, batch_size: int, epochs: int, max_steps: 
     return min(steps, max_steps) if max_steps else steps
 
 
-def round_limits(budget: Budget, resident: int = 0) -> tuple[CostModel, Limits]:
+def round_limits(budget: Budget, resident: int = 0, host_resident: int = 0
+                 ) -> tuple[CostModel, Limits]:
     """The cost model and limits a round plan uses: the budget's, with the process's resident
-    memory measured now (before training) as the baseline when known."""
+    memory measured now (before training) as the baseline when known (``host_resident``: its
+    host RSS, the host pool's base on a discrete GPU)."""
     cost = budget.cost
     if resident:
         cost = dataclasses.replace(cost, process_baseline_bytes=resident)
+    if host_resident and budget.limits.host_available_bytes is not None:
+        cost = dataclasses.replace(cost, host_resident_bytes=host_resident)
     return cost, budget.limits
 
 
@@ -473,10 +493,12 @@ def make_planner(budget: Budget, enforce: bool = True, resident: int | None = No
     memory the budget plans with on ``device``: :func:`held_bytes`; 0 keeps the budget's
     baseline, e.g. for an emulated device).
     """
+    host_resident = 0
     if resident is None:
         release_freed_memory()  # the last round's freed state is not resident any more
         resident = held_bytes(device, unified_memory)
-    cost, limits = round_limits(budget, resident)
+        host_resident = resident_bytes()  # the host pool's base on a discrete GPU
+    cost, limits = round_limits(budget, resident, host_resident)
 
     def planner(selection: Any, stats: Any) -> RoundPlan:
         return plan_round(cost, limits, list(selection.ranked()), dict(stats.expert_rows),

@@ -23,7 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from device_agent.budget import DEFAULT_MEMORY_MARGIN, Budget, Limits, compute_budget
+from device_agent.budget import (
+    DEFAULT_MEMORY_MARGIN,
+    Budget,
+    CostModel,
+    Limits,
+    compute_budget,
+)
 from hfedmoe.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -139,6 +145,25 @@ def window_problem(budget: Budget, window_field: str) -> str | None:
                f"{budget.cost.routing_seconds:.3g} s)" if budget.limits.routing_batches else ""))
 
 
+def _host_pool(cost: CostModel, device: DeviceReport, *, scaled: bool, margin: float
+               ) -> tuple[CostModel, dict[str, Any]]:
+    """A discrete GPU's host pool as planned: the model's weights pass through host memory
+    as it loads (its base), and each trained expert's update is encoded there
+    (:func:`device_agent.budget.update_host_bytes`); against the profile's available host
+    memory (``cost.host_per_expert_bytes`` is counted by :mod:`device_agent.work`). Nothing
+    for one pool (CPU, unified memory). The interpreter and libraries are not
+    counted: the margin covers them, a live device measures them (its RSS)."""
+    if not device.discrete_gpu or device.host_memory_bytes is None:
+        return cost, {}
+    weights = cost.non_expert_weight_bytes + cost.num_experts * cost.expert_weight_bytes
+    cost = dataclasses.replace(cost, host_resident_bytes=weights)
+    host = int(device.host_memory_bytes)
+    if not scaled:
+        return cost, {"host_available_bytes": host}
+    # as the GPU pool under a scale: the host holds the stand-in; the scaled memory the rest
+    return cost, {"host_available_bytes": weights + host, "host_margin_bytes": int(host * margin)}
+
+
 def planned_budget(planned: PlannedMode, report: DeviceReport, *, window_s: float,
                    steps: int, scale: EmulationScale | None = None,
                    margin: float = DEFAULT_MEMORY_MARGIN, cap: int | None = None,
@@ -168,6 +193,8 @@ def planned_budget(planned: PlannedMode, report: DeviceReport, *, window_s: floa
                               "steps_per_round": max(1, steps), "cap": cap,
                               "training_quota_bytes": quota_bytes or None,
                               "routing_batches": routing_batches, "min_experts": min_experts}
+    cost, host = _host_pool(cost, device, scaled=scale is not None, margin=margin)
+    common.update(host)
     if scale is None:
         limits = Limits(available_bytes=int(available), margin_fraction=margin, **common)
     else:  # the host holds the stand-in's base; the scaled memory holds the trained experts

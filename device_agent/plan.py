@@ -126,6 +126,8 @@ def _limit_text(m: dict[str, Any]) -> str:
         return "cannot run: " + m["reason"].split(": ", 1)[-1]
     b = m["budget"]
     mem = "nothing fits" if b["memory_max"] < 0 else f"memory allows {b['memory_max']}"
+    if b.get("host_memory_max") is not None:  # a discrete GPU: both pools
+        mem += f": gpu {b['gpu_memory_max']}, host {b['host_memory_max']}"
     time_ = "no step fits" if b["time_max"] < 0 else f"time {b['time_max']}"
     return f"{b['limit']} ({mem}, {time_})"
 

@@ -31,6 +31,10 @@ that names its key)::
       sustained_gflops                  what training-shaped matmuls reach (the training
                                         processor only; float32 required, each <= its peak)
       source, sustained_source          where the figures come from
+    [gpu] of a discrete GPU (accelerator = "cuda", unified_memory false) also has its own memory,
+    planned as a pool of its own beside the host's ``[memory]``:
+      memory_total_gib, memory_available_gib   the GPU's memory; what training can take (> 0)
+      memory_source, memory_available_source   where each comes from
 
 A dtype a processor has no rate for is one the device cannot run
 (:func:`device_agent.plan.rate_for` refuses it).
@@ -63,6 +67,8 @@ _TOP_OPTIONAL = {"description", "basis", "accelerator", "board", "cpu_model", "p
 _MEMORY_REQUIRED = {"total_gib", "available_gib", "bandwidth_gbps", "source"}
 _MEMORY_OPTIONAL = {"available_source", "app_limit_gib", "app_limit_source"}
 _PROC_KEYS = {"peak_gflops", "sustained_gflops", "source", "sustained_source"}
+_GPU_MEMORY_KEYS = {"memory_total_gib", "memory_available_gib", "memory_source",
+                    "memory_available_source"}
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -143,7 +149,8 @@ def _processor(data: dict[str, Any], name: str, trains: bool, where: str
     """``(peak, sustained, sources)`` of the ``[cpu]`` or ``[gpu]`` table (sustained rates
     only for the processor training runs on)."""
     required = {"peak_gflops", "source"} | ({"sustained_gflops"} if trains else set())
-    table = _table(data, name, required, _PROC_KEYS - required, where)
+    optional = _PROC_KEYS - required | (_GPU_MEMORY_KEYS if name == "gpu" else set())
+    table = _table(data, name, required, optional, where)
     peak = _rates(table, "peak_gflops", f"{where} [{name}]")
     sources = {name: _text(table["source"], f"{name}.source", where)}
     sustained: dict[str, float] = {}
@@ -177,6 +184,33 @@ def _memory(data: dict[str, Any], where: str) -> tuple[dict[str, float], dict[st
     return out, sources
 
 
+def _gpu_memory(data: dict[str, Any], where: str) -> tuple[dict[str, int], dict[str, str]]:
+    """A discrete GPU's own memory (``[gpu] memory_*``) as report fields, and its sources;
+    nothing for a CPU or a unified-memory device (whose GPU allocates from ``[memory]``)."""
+    gpu = data.get("gpu") if isinstance(data.get("gpu"), dict) else {}
+    if data.get("accelerator", "cpu") != "cuda" or data.get("unified_memory", False):
+        given = sorted(f"gpu.{k}" for k in _GPU_MEMORY_KEYS & set(gpu))
+        if given:
+            raise ConfigError(f"{where}: {given} describe a discrete GPU's own memory "
+                              f"(accelerator = 'cuda', unified_memory = false)")
+        return {}, {}
+    for key in ("memory_total_gib", "memory_available_gib", "memory_source"):
+        if key not in gpu:
+            raise ConfigError(f"{where}: gpu.{key} is required for a discrete GPU "
+                              f"(accelerator = 'cuda', unified_memory = false): its own memory "
+                              f"is planned as a pool beside the host's")
+    total = _positive(gpu["memory_total_gib"], "gpu.memory_total_gib", where)
+    free = _positive(gpu["memory_available_gib"], "gpu.memory_available_gib", where)
+    if free > total:
+        raise ConfigError(f"{where}: gpu.memory_available_gib exceeds gpu.memory_total_gib")
+    sources = {"gpu_memory": _text(gpu["memory_source"], "gpu.memory_source", where)}
+    if "memory_available_source" in gpu:
+        sources["gpu_memory_available"] = _text(gpu["memory_available_source"],
+                                                "gpu.memory_available_source", where)
+    return ({"gpu_memory_total_bytes": int(total * GIB),
+             "gpu_memory_free_bytes": int(free * GIB)}, sources)
+
+
 def _top_level(data: dict[str, Any], where: str) -> str:
     """Check the top-level keys; the processor training runs on (``cpu`` or ``gpu``)."""
     missing = sorted(_TOP_REQUIRED - set(data))
@@ -207,6 +241,8 @@ def profile_to_report(data: dict[str, Any], source: str) -> DeviceReport:
             peaks[proc] = peak
             sustained = rates or sustained
             sources.update(srcs)
+    gpu_memory, gpu_sources = _gpu_memory(data, source)
+    sources.update(gpu_sources)
     device = "cuda" if trains_on == "gpu" else "cpu"
     matmul = {dtype: MatmulResult(dtype=dtype, device=device, n=0, iterations=0, seconds=0.0,
                                   gflops=rate) for dtype, rate in sustained.items()}
@@ -226,7 +262,7 @@ def profile_to_report(data: dict[str, Any], source: str) -> DeviceReport:
         memory_bandwidth_gbps=memory["bandwidth_gbps"],
         app_memory_limit_bytes=None if app_limit is None else int(app_limit * GIB),
         peak_gflops=peaks, sources=sources,
-        probes={"profile": {"ok": True, "value": data["name"]}},
+        probes={"profile": {"ok": True, "value": data["name"]}}, **gpu_memory,
     )
 
 

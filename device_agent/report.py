@@ -127,6 +127,13 @@ class DeviceReport:
         if (self.accelerator == "cuda" and not self.unified_memory
                 and self.gpu_memory_free_bytes is not None):
             return self.gpu_memory_free_bytes
+        return self.host_memory_bytes
+
+    @property
+    def host_memory_bytes(self) -> int | None:
+        """The host memory the process may take: system available memory, never more than
+        the OS's per-application limit. On a discrete GPU this is the host pool, beside the
+        GPU's own (:attr:`budget_memory_bytes`); elsewhere the two are the same."""
         if self.app_memory_limit_bytes is not None and self.memory_available_bytes is not None:
             return min(self.memory_available_bytes, self.app_memory_limit_bytes)
         return self.memory_available_bytes

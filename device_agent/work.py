@@ -36,6 +36,7 @@ from device_agent.budget import (
     expert_activation_bytes,
     expert_state_bytes,
     tokens_per_expert,
+    update_host_bytes,
 )
 from hfedmoe.errors import ConfigError
 from hfedmoe.experts import ExpertShape
@@ -268,7 +269,8 @@ def _trained_expert_bytes(shape: ExpertShape, adapter: str, base: str, tokens: i
                           optimizer: str, rank: int, lora_trained: int) -> dict[str, int]:
     """Memory terms of one expert in a mode: what a trained one holds (optimizer state,
     gradients, the starting values for the delta, saved activations with LoRA's rank-r
-    intermediates) and what a frozen one saves, as :class:`CostModel` fields."""
+    intermediates), what a frozen one saves, and its update's host buffers (a discrete GPU's
+    host pool), as :class:`CostModel` fields."""
     act = _activation_dtype_bytes(base)
     pbytes = 2 if base == "bf16" else 4
     if adapter == "full":
@@ -286,6 +288,7 @@ def _trained_expert_bytes(shape: ExpertShape, adapter: str, base: str, tokens: i
                 tokens, shape.d_model, shape.d_ff, dtype_bytes=act, gated=shape.gated)
             + rank_act,
             "expert_grad_bytes": grad_b * trained, "expert_snapshot_bytes": snapshot,
+            "host_per_expert_bytes": update_host_bytes(trained),
             "expert_frozen_activation_bytes": tokens * d_in * act}
 
 

@@ -32,6 +32,7 @@ PINNED_FULL = {
     "expert_grad_bytes": 18432, "expert_rows": 16, "batch_rows": 32,
     "process_baseline_bytes": 123456789, "expert_optimizer_seconds": 0.0003125,
     "expert_snapshot_bytes": 18432, "trainer_fixed_bytes": 133184,
+    "host_resident_bytes": 0, "host_per_expert_bytes": 0,  # one pool on a CPU
 }
 TRAINER_GROWTH = 2_200_000  # what the real trainer's calibration steps add (fixed reading)
 PINNED_LORA = {**PINNED_FULL, "expert_state_bytes": 4992, "expert_activation_bytes": 11520,
