@@ -519,25 +519,37 @@ def print_summary(summary: list[dict]) -> None:
 
 def summarize_stored(args: argparse.Namespace) -> int:
     """``--from-rows``: the summary of stored round rows (several files are merged, e.g. one
-    per alpha or per batch of seeds), appended to ``--out`` and printed."""
+    per alpha or per batch of seeds), appended to ``--out`` and printed. Rows run with
+    different settings (a learning-rate sweep in one file) are summarized apart, each summary
+    row carrying its own settings."""
+    import json
+
     from benchmarks._common import read_rows
 
-    rows = [r for path in args.from_rows.split(",") for r in read_rows(path)
-            if r.get("kind") == "round"]
-    strategies = list(dict.fromkeys(r["strategy"] for r in rows))
-    done = {(r["alpha"], r["seed"], r["strategy"]) for r in rows}  # runs with stored rows
-    whole = {(a, sd) for a, sd, _ in done if all((a, sd, s) in done for s in strategies)}
-    if not args.all_seeds:
-        rows = [r for r in rows if (r["alpha"], r["seed"]) in whole]  # seeds every arm ran
-    summary = summarize(rows, strategies, args.target, args.target_frac)
-    for r in summary:
-        r.update(settings=rows[0]["settings"], profiles=rows[0]["profiles"],
-                 from_rows=args.from_rows)
+    stored = [r for path in args.from_rows.split(",") for r in read_rows(path)
+              if r.get("kind") == "round"]
+    groups: dict[str, list[dict]] = {}
+    for r in stored:
+        groups.setdefault(json.dumps(r["settings"], sort_keys=True), []).append(r)
+    summary: list[dict] = []
+    for rows in groups.values():
+        strategies = list(dict.fromkeys(r["strategy"] for r in rows))
+        done = {(r["alpha"], r["seed"], r["strategy"]) for r in rows}  # runs with stored rows
+        whole = {(a, sd) for a, sd, _ in done if all((a, sd, s) in done for s in strategies)}
+        if not args.all_seeds:
+            rows = [r for r in rows if (r["alpha"], r["seed"]) in whole]  # seeds every arm ran
+        if not rows:
+            continue
+        part = summarize(rows, strategies, args.target, args.target_frac)
+        for r in part:
+            r.update(settings=rows[0]["settings"], profiles=rows[0]["profiles"],
+                     from_rows=args.from_rows)
+        summary += part
+        print(f"settings: {rows[0]['settings']}")
     write_rows(args.out, summary, environment(benchmark="learning", device="cpu"))
-    print(f"settings: {rows[0]['settings']}")
     print_summary(summary)
-    if args.out:
-        plot(rows, str(plot_path(args.out, "learning.png")))
+    if args.out and len(groups) == 1:  # one curve per strategy: one setting's runs
+        plot(stored, str(plot_path(args.out, "learning.png")))
     return 0
 
 

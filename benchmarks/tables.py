@@ -484,6 +484,36 @@ def study_fortunes_e8_verdict(rows: Rows) -> str:
     return learning_verdict(rows)
 
 
+SGD_SWEEP = (_FORTUNES + "--rounds 30 --eval-every 10 --split validation --seeds 0,1 "
+             "--optimizer sgd --lr LR --head-lr HEAD --strategies hfedmoe "
+             "--out learning-sgd-LR-HEAD-rounds.jsonl for LR in 0.03, 0.3, 3 and HEAD in 0.1, 1; "
+             "then, per pair, python -m benchmarks.learning --from-rows "
+             "learning-sgd-LR-HEAD-rounds.jsonl --all-seeds "
+             "--out benchmarks/results/learning-sgd-sweep.jsonl")
+
+
+@region("study-sgd-sweep", "learning-sgd-sweep.jsonl", SGD_SWEEP,
+        select=lambda r: r.get("kind") == "summary")
+def study_sgd_sweep(rows: Rows) -> str:
+    """Plain SGD's learning rates for the experts and gates and for the head, on the
+    validation split: the optimizer whose update size follows the gradients."""
+    s = rows[0]["settings"]
+    out = [[f"{r['settings']['lr']:g}", f"{r['settings']['head_lr']:g}",
+            ", ".join(map(str, r["seeds"])),
+            f"{f3(r['last5_accuracy_mean'])} {ci(r['last5_accuracy_ci95'])}",
+            f"{f3(r['final_accuracy_mean'])} {ci(r['final_accuracy_ci95'])}",
+            *_selection_cols(r)]
+           for r in sorted(rows, key=lambda r: -r["last5_accuracy_mean"])]
+    return (f"Validation split ({s['data']}, {s['num_experts']} experts/layer top-{s['top_k']}), "
+            f"HFedMoE with plain SGD (no momentum, no state kept between steps), "
+            f"{s['devices']} devices, {s['fraction']:g} sampled per round, {s['rounds']} rounds "
+            f"of {s['max_steps']} steps, Dirichlet {rows[0]['alpha']}; mean over seeds, 95% t "
+            "interval; best last-5 accuracy first.\n\n"
+            + table(["lr (experts, gates)", "lr (head)", "seeds",
+                     "last-5 accuracy (validation)", "final accuracy (validation)",
+                     "Jaccard of the clients' sets", "distinct experts / round"], out))
+
+
 def _verdict_by_cell(rows: Rows) -> str:
     """:func:`learning_verdict` over several cells of the study (data x granularity), with
     the cell named in each row."""
@@ -519,8 +549,10 @@ def _study_table(rows: Rows) -> str:
             f"{r['bytes_to_target_mean'] / 1e6:.0f}" if "bytes_to_target_mean" in r else "-",
             f3(r["bytes_total_vs_fedavg_full"]) if "bytes_total_vs_fedavg_full" in r else "-"]
            for r in rows]
+    opt = ("AdamW restarted every round" if s.get("optimizer", "adamw") == "adamw" else
+           "plain SGD")
     return (f"Test split ({s['data']}), {s['num_experts']} experts/layer top-{s['top_k']}, "
-            f"{s['devices']} devices with {s['fraction']:g} sampled per round, {s['rounds']} "
+            f"{opt} at lr {s['lr']:g} (head {s['head_lr']:g}), {s['devices']} devices with {s['fraction']:g} sampled per round, {s['rounds']} "
             f"rounds of {s['max_steps']} local steps, budgets a {s['budget_share']:g} share of "
             f"the experts x the profile's memory; seeds per strategy as listed; HFedMoE minus "
             "each strategy paired over the seeds both ran, 95% t intervals (bold: excludes "

@@ -97,3 +97,29 @@ def test_a_study_setting_that_makes_no_sense_is_a_config_error(argv, match):
     with pytest.raises(ConfigError, match=match):
         learning.main(argv)  # refused before anything is measured
 
+
+
+def test_stored_rows_run_with_different_settings_are_summarized_apart(tmp_path):
+    """``--from-rows`` over one file holding a learning-rate sweep: one summary row per
+    setting, each with its own settings and its own runs' accuracy."""
+    import json
+
+    from benchmarks._common import read_rows
+
+    stored = tmp_path / "rounds.jsonl"
+    with stored.open("w") as f:
+        for lr, shift in ((0.1, 0.0), (1.0, 0.25)):
+            for seed in (0, 1):
+                for r in learning.study_rows(_sim_rows(ROUNDS), "hfedmoe", 0.1, seed, 1.0):
+                    if r["round"] >= 0:
+                        r["accuracy"] += shift
+                    r.update(settings={"lr": lr, "optimizer": "sgd"}, profiles=["p"])
+                    f.write(json.dumps(r) + "\n")
+    out = tmp_path / "summary.jsonl"
+    assert learning.main(["--from-rows", str(stored), "--all-seeds", "--out", str(out)]) == 0
+    summary = [r for r in read_rows(out) if r.get("kind") == "summary"]
+    assert [(r["settings"]["lr"], r["seeds"]) for r in summary] == [(0.1, [0, 1]),
+                                                                    (1.0, [0, 1])]
+    # rounds 0 and 1 at 0.5 and 0.625: the last-5 mean of two rounds, then +0.25
+    assert [r["last5_accuracy_mean"] for r in summary] == [0.5625, 0.8125]
+    assert not (tmp_path / "summary.png").exists()  # no curve mixes two settings
