@@ -486,9 +486,9 @@ def study_fortunes_e8_verdict(rows: Rows) -> str:
 
 SGD_SWEEP = (_FORTUNES + "--rounds 30 --eval-every 10 --split validation --seeds 0,1 "
              "--optimizer sgd --lr LR --head-lr HEAD --strategies hfedmoe "
-             "--out learning-sgd-LR-HEAD-rounds.jsonl for LR in 0.03, 0.3, 3 and HEAD in 0.1, 1; "
-             "then, per pair, python -m benchmarks.learning --from-rows "
-             "learning-sgd-LR-HEAD-rounds.jsonl --all-seeds "
+             "--out benchmarks/results/learning-sgd-sweep-rounds.jsonl for LR in 0.03, 0.3, 3 "
+             "and HEAD in 0.1, 1; then python -m benchmarks.learning --from-rows "
+             "benchmarks/results/learning-sgd-sweep-rounds.jsonl --all-seeds "
              "--out benchmarks/results/learning-sgd-sweep.jsonl")
 
 
