@@ -422,7 +422,7 @@ def study_sweep(rows: Rows) -> str:
 
 
 E8 = (_FORTUNES.replace("--num-experts 32 --top-k 4", "--num-experts 8 --top-k 2")
-      + "--rounds 50 --eval-every 25 --seeds 0,1,2,3 --strategies "
+      + "--rounds 50 --eval-every 25 --seeds 0,1,2,3,4 --strategies "
       "hfedmoe,fedavg-random,fedmoe,fedavg-full "
       "--out benchmarks/results/learning-fortunes-e8-rounds.jsonl; then python -m "
       "benchmarks.learning --from-rows benchmarks/results/learning-fortunes-e8-rounds.jsonl "
