@@ -514,6 +514,37 @@ def study_sgd_sweep(rows: Rows) -> str:
                      "Jaccard of the clients' sets", "distinct experts / round"], out))
 
 
+STUDY_ROUNDS = ("learning-sweep-rounds.jsonl", "learning-fortunes-fine-rounds.jsonl",
+                "learning-fortunes-e8-rounds.jsonl", "learning-chatterbot-fine-rounds.jsonl",
+                "learning-chatterbot-e8-rounds.jsonl", "learning-sgd-sweep-rounds.jsonl",
+                "learning-fortunes-sgd-rounds.jsonl")
+
+
+@region("study-cost", STUDY_ROUNDS,
+        "the commands of the study's cells above; each run's wall time is its rows' run_wall_s",
+        select=lambda r: r.get("kind") == "round" and r.get("round") == -1)
+def study_cost(rows: Rows) -> str:
+    """What the study's runs cost on this machine: per cell, the runs, one run's wall time
+    (median and range) and the sum over the runs, as each run recorded it."""
+    cells: dict[tuple, dict[tuple, float]] = {}
+    for r in rows:
+        s = r["settings"]
+        key = (s["data"], s["num_experts"], s["top_k"], s["split"], s.get("optimizer", "adamw"),
+               s["rounds"])
+        cells.setdefault(key, {})[(r["alpha"], r["strategy"], r["seed"])] = r["run_wall_s"]
+    out = []
+    for (data, e, k, split, opt, rounds), runs in cells.items():
+        v = sorted(runs.values())
+        out.append([f"{data}, {e} experts top-{k}, {split}, {opt}", rounds, len(v),
+                    f"{v[len(v) // 2] / 60:.1f} ({v[0] / 60:.1f}-{v[-1] / 60:.1f})",
+                    f"{sum(v) / 3600:.1f}"])
+    total = sum(sum(runs.values()) for runs in cells.values()) / 3600
+    return (table(["cell", "rounds", "runs", "minutes per run: median (range)",
+                   "hours, all runs"], out)
+            + f"\n\nAll cells: {total:.1f} hours of runs, one core each; with `--jobs 2` on "
+            f"this machine's two cores, about {total / 2:.1f} hours of wall time.")
+
+
 def _verdict_by_cell(rows: Rows) -> str:
     """:func:`learning_verdict` over several cells of the study (data x granularity), with
     the cell named in each row."""
