@@ -28,7 +28,8 @@ differentiable to its input, but autograd then keeps an fp32 copy of every weigh
 graph until the backward (the weight cast of its matmul), which undoes the saving; int4's
 kernel has no derivative. :func:`frozen_linear` therefore runs torchao's kernel in an
 ``autograd.Function`` that keeps only the quantized weight and forms ``grad_x = grad_y @ W``
-from a dequantized weight in the backward, one layer at a time; no weight gradient exists.
+in the backward from the weight dequantized a slice at a time (:func:`grad_input`); no weight
+gradient exists.
 
 The server never quantizes: it keeps and aggregates fp32. A device quantizes its copy after
 loading the global weights (:meth:`hfedmoe.models.MoEModel.load_state` re-quantizes a weight
@@ -149,12 +150,70 @@ def dequantize_weight(w: torch.Tensor) -> torch.Tensor:
     if not is_quantized(w):
         return w.detach().float()
     if weight_mode(w) == "int4":
-        # torchao gives Int4OpaqueTensor no dequantize op; its own kernel applied to the
-        # identity returns W^T exactly (the way torchao's tinygemm linears unpack weights)
         out_f, in_f = w.shape
+        unpacked = _int4_rows(w, 0, out_f)
+        if unpacked is not None:
+            return unpacked.float()
+        # torchao gives Int4OpaqueTensor no dequantize op; its own kernel applied to the
+        # identity returns W^T exactly (the way torchao's tinygemm linears unpack weights),
+        # at in x in x out multiply-adds
         eye = torch.eye(in_f, dtype=w.scale_and_zero.dtype, device=w.device)
         return F.linear(eye, w).t().float().contiguous()  # (out, in)
     return w.dequantize().float()
+
+
+# torch's CPU int4 pack (``_convert_weight_to_int4pack_for_cpu``, the layout torchao's
+# Int4OpaqueTensor holds) stores the rows in blocks whose size depends on the kernel's ISA: per
+# block and input column, block/2 bytes; byte d holds row d in its low nibble and row d +
+# block/2 in its high one. A value q stands for (q - 8) * scale + zero, with scale and zero per
+# row and group of INT4_GROUP_SIZE columns ([in / group, out, 2], bf16).
+_INT4_BLOCK_ROWS = {"AVX512": 64, "AVX2": 32}
+_int4_layout_checked: dict[str, bool] = {}
+
+
+def _int4_rows(w: torch.Tensor, r0: int, r1: int) -> torch.Tensor | None:
+    """Rows ``r0:r1`` of an int4 weight, unpacked at ``(r1 - r0) x in`` work: the values the
+    kernel computes with, in its output dtype (bf16) as the identity trick gives them; or None where the pack's layout is not one this module reads: another ISA, a
+    partial block, or a layout that failed its check against the kernel. ``r0`` and ``r1``
+    must be multiples of the block (or ``r1`` the number of rows)."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    block = _INT4_BLOCK_ROWS.get(cap)
+    out_f, in_f = w.shape
+    if block is None or w.device.type != "cpu" or out_f % block or r0 % block \
+            or (r1 % block and r1 != out_f) or _int4_layout_checked.get(cap) is False:
+        return None
+    if cap not in _int4_layout_checked:  # once per process: the decoded rows against the kernel
+        _int4_layout_checked[cap] = _int4_layout_matches(w, block)
+        if not _int4_layout_checked[cap]:
+            return None
+    return _unpack_int4(w, block, r0, r1)
+
+
+def _unpack_int4(w: torch.Tensor, block: int, r0: int, r1: int) -> torch.Tensor:
+    """Rows ``r0:r1`` unpacked in the kernel's output dtype (bf16), each group's scale and zero
+    broadcast rather than repeated: about 7 bytes of transients per element."""
+    out_f, in_f = w.shape
+    packed = w.qdata.reshape(out_f // block, in_f, block // 2)[r0 // block:r1 // block]
+    q = torch.cat([packed & 0xF, packed >> 4], dim=2)  # (blocks, in, block): rows d, d + b/2
+    sz = w.scale_and_zero[:, r0:r1]  # (in / group, rows, 2)
+    groups = sz.shape[0]
+    # (rows, groups, group) in float32: q - 8, times the scale, plus the zero, in place
+    x = q.permute(0, 2, 1).reshape(r1 - r0, groups, in_f // groups).float()
+    del q
+    x.sub_(8).mul_(sz[..., 0].t().float().unsqueeze(-1)).add_(sz[..., 1].t().float().unsqueeze(-1))
+    return x.reshape(r1 - r0, in_f).to(w.scale_and_zero.dtype)
+
+
+def _int4_layout_matches(w: torch.Tensor, block: int) -> bool:
+    """Whether the unpacked weight equals the kernel's own output on rows of the identity, at
+    the first group of input columns and the last column (every row; ``33 x in x out`` work,
+    once per process)."""
+    out_f, in_f = w.shape
+    cols = torch.tensor([*range(min(INT4_GROUP_SIZE, in_f)), in_f - 1], device=w.device)
+    probe = torch.zeros(len(cols), in_f, dtype=w.scale_and_zero.dtype, device=w.device)
+    probe[torch.arange(len(cols)), cols] = 1
+    kernel = F.linear(probe, w).t().float()  # W[:, cols] through the kernel
+    return torch.equal(_unpack_int4(w, block, 0, out_f)[:, cols].float(), kernel)
 
 
 def plain_weight(w: torch.Tensor) -> torch.Tensor:
@@ -181,8 +240,57 @@ class _FrozenQuantizedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        w = dequantize_weight(ctx.weight)
-        return (grad @ w.to(grad.dtype)).to(ctx.x_dtype), None
+        return grad_input(grad, ctx.weight).to(ctx.x_dtype), None
+
+
+DEQUANT_SLICE_BYTES = 8 << 20  # what one slice of a dequantized weight may hold in the backward
+
+
+def grad_input(grad: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``grad @ W`` for a quantized ``W`` (out, in), dequantized a slice of rows at a time, so
+    the backward's transient memory is bounded by :data:`DEQUANT_SLICE_BYTES` plus the result
+    rather than a float32 copy of the whole weight (a 50k-token LM head over 2048 features:
+    412 MB, with the casts about 800 MB, in every step). The products of each slice are summed
+    in float32 and rounded to ``grad``'s dtype once, as one matmul would.
+
+    int8 slices and int4 slices unpacked from the CPU pack (:func:`_int4_rows`) cost their
+    size; where the int4 pack cannot be read, columns ``j..j+k`` of W come from torchao's
+    kernel on rows of the identity, at ``k x in x out`` work per slice."""
+    out_f, in_f = w.shape
+    g = grad.reshape(-1, out_f)
+    item = max(g.element_size(), 2)
+    mode = weight_mode(w)
+    block = _INT4_BLOCK_ROWS.get(torch.backends.cpu.get_cpu_capability(), 0)
+    if mode == "int4" and (not block or _int4_rows(w, 0, min(block, out_f)) is None):
+        return _grad_input_by_probes(grad, g, w, item)
+    step = block if mode == "int4" else 1
+    k = max(step, DEQUANT_SLICE_BYTES // (in_f * item) // step * step)
+    if k >= out_f:
+        whole = _int4_rows(w, 0, out_f) if mode == "int4" else dequantize_weight(w)
+        return grad @ whole.to(grad.dtype)
+    out = g.new_zeros(g.shape[0], in_f, dtype=torch.float32)
+    for r in range(0, out_f, k):
+        rows = (_int4_rows(w, r, min(r + k, out_f)) if mode == "int4"
+                else dequantize_weight(w[r:r + k]))
+        out += g[:, r:r + k].float() @ rows.to(g.dtype).float()
+    return out.to(grad.dtype).reshape(*grad.shape[:-1], in_f)
+
+
+def _grad_input_by_probes(grad: torch.Tensor, g: torch.Tensor, w: torch.Tensor,
+                          item: int) -> torch.Tensor:
+    """:func:`grad_input` for an int4 pack this module cannot read: ``W^T[j:j+k]`` is the
+    kernel's output on rows ``j..j+k`` of the identity."""
+    out_f, in_f = w.shape
+    k = max(1, min(in_f, DEQUANT_SLICE_BYTES // (out_f * item)))
+    if k >= in_f:
+        return grad @ dequantize_weight(w).to(grad.dtype)
+    out = g.new_empty(g.shape[0], in_f)
+    for j in range(0, in_f, k):
+        n = min(k, in_f - j)
+        probe = torch.zeros(n, in_f, dtype=w.scale_and_zero.dtype, device=w.device)
+        probe[torch.arange(n), torch.arange(j, j + n)] = 1
+        out[:, j:j + n] = g @ F.linear(probe, w).to(g.dtype).t()  # W^T[j:j+n] -> W[:, j:j+n]
+    return out.reshape(*grad.shape[:-1], in_f)
 
 
 def frozen_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None
@@ -255,7 +363,8 @@ def weight_bytes(module: nn.Module) -> int:
     return total
 
 
-__all__ = ["EXPERT_WEIGHTS", "INT4_GROUP_SIZE", "QUANTIZE_MODES", "QuantizedLinear",
-           "check_mode", "dequantize_weight", "frozen_linear", "int4_packable", "is_quantized",
-           "plain_weight", "quantize_weight", "release_freed_memory", "require_eager",
-           "require_lora", "requantize", "tensor_bytes", "weight_bytes", "weight_mode"]
+__all__ = ["DEQUANT_SLICE_BYTES", "EXPERT_WEIGHTS", "INT4_GROUP_SIZE", "QUANTIZE_MODES",
+           "QuantizedLinear", "check_mode", "dequantize_weight", "frozen_linear", "grad_input",
+           "int4_packable", "is_quantized", "plain_weight", "quantize_weight",
+           "release_freed_memory", "require_eager", "require_lora", "requantize",
+           "tensor_bytes", "weight_bytes", "weight_mode"]

@@ -12,7 +12,7 @@ from hfedmoe.models.hf import FAMILIES, build_config
 from hfedmoe.models.materialize import materialize
 from hfedmoe.models.plan import build_meta_model, weight_bytes_by_dtype
 from hfedmoe.models.quantize import quantize_model
-from hfedmoe.quantize import is_quantized, weight_mode, weight_bytes
+from hfedmoe.quantize import is_quantized, weight_bytes, weight_mode
 
 
 def _meta(tmp_path: Path, family: str = "olmoe") -> object:

@@ -171,6 +171,83 @@ def test_frozen_linear_backpropagates_to_its_input_without_a_float_copy(mode):
         assert frozen_linear(x, q).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4", "int4-probes"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_backward_dequantizes_a_bounded_slice_at_a_time(mode, dtype, monkeypatch):
+    """The input gradient through a frozen quantized weight is ``grad @ W`` whether the weight
+    is dequantized whole or a slice at a time, and with a small slice budget no step of the
+    backward materializes more of the weight than the budget (int4 unpacked: one block of
+    rows at least): a real LM head (50k x 2048) would otherwise hold its float32 copy and
+    casts, about 800 MB, in every step. ``int4-probes``: a pack this module cannot read, whose
+    columns come from the kernel on rows of the identity."""
+    import hfedmoe.quantize as quantize
+
+    torch.manual_seed(0)
+    q = quantize_weight(torch.randn(256, 128) * 0.05, mode[:4])
+    grad = torch.randn(3, 5, 256).to(dtype)  # (batch, seq, out): the shape a layer sees
+    whole = grad @ dequantize_weight(q).to(dtype)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {}
+    assert_close(quantize.grad_input(grad, q), whole, **tol)  # the default budget
+    if mode == "int4-probes":
+        monkeypatch.setattr(quantize, "_INT4_BLOCK_ROWS", {})
+    monkeypatch.setattr(quantize, "DEQUANT_SLICE_BYTES", 4096)
+    slices = []
+    real_linear, real_rows, real_dequantize = F.linear, quantize._int4_rows, dequantize_weight
+
+    def linear(x, w, *args):
+        if is_quantized(w):
+            slices.append(x.shape[0] * w.shape[0])  # probes: rows x out = the slice
+        return real_linear(x, w, *args)
+
+    def rows(w, r0, r1):
+        out = real_rows(w, r0, r1)
+        slices.append(out.numel())
+        return out
+
+    def dequantize(w):
+        slices.append(w.numel())  # int8: the rows dequantized at once
+        return real_dequantize(w)
+
+    monkeypatch.setattr(quantize.F, "linear", linear)
+    monkeypatch.setattr(quantize, "_int4_rows", rows)
+    monkeypatch.setattr(quantize, "dequantize_weight", dequantize)
+    sliced = quantize.grad_input(grad, q)
+    assert sliced.shape == (3, 5, 128) and sliced.dtype == dtype
+    assert_close(sliced, whole, **tol)
+    item = max(torch.empty(0, dtype=dtype).element_size(), 2)
+    per_slice = 4096 // item
+    block = quantize._INT4_BLOCK_ROWS.get(torch.backends.cpu.get_cpu_capability())
+    if mode == "int4" and block:  # unpacked: whole blocks of rows
+        per_slice = max(per_slice, block * 128)
+        slices = slices[1:]  # the call that finds the pack readable: one block
+    assert len(slices) == 256 * 128 // per_slice  # the weight, in slices of the budget
+    assert max(slices) <= per_slice
+
+
+@pytest.mark.parametrize("rows", [256, 48])
+def test_an_int4_weight_is_unpacked_to_what_the_kernel_computes_with(rows):
+    """The int4 weight unpacked from the CPU pack equals the kernel's own output on the
+    identity (the values it multiplies with), for every row and column; a weight whose rows
+    do not fill the pack's blocks is read through the kernel instead, to the same values."""
+    import hfedmoe.quantize as quantize
+
+    torch.manual_seed(1)
+    q = quantize_weight(torch.randn(rows, 256) * 0.05, "int4")
+    assert quantize.weight_mode(q) == "int4"
+    eye = torch.eye(256, dtype=torch.bfloat16)
+    kernel = F.linear(eye, q).t().float()  # (out, in) through the kernel
+    assert torch.equal(dequantize_weight(q), kernel)
+    block = quantize._INT4_BLOCK_ROWS.get(torch.backends.cpu.get_cpu_capability())
+    unpacked = quantize._int4_rows(q, 0, rows)
+    if block and rows % block == 0:
+        assert unpacked is not None and unpacked.dtype == torch.bfloat16  # the kernel's output
+        assert torch.equal(unpacked.float(), kernel)
+        assert torch.equal(quantize._int4_rows(q, block, 2 * block).float(),
+                           kernel[block:2 * block])
+    else:
+        assert unpacked is None
+
+
 def _bank(mode: str, quantized: bool, impl: str
           ) -> tuple[ExpertBank, dict[str, torch.Tensor]]:
     """A bank whose frozen base is quantized, or holds the same weights dequantized in fp32,

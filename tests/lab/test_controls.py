@@ -29,9 +29,9 @@ def _cfg(tmp_path, strategy: str, *extra: str) -> ServerConfig:
 def calibration(minilm_available):
     if not minilm_available:
         pytest.skip("assets extra not installed")
-    from lab.devices import calibrate
-
     import tempfile
+
+    from lab.devices import calibrate
 
     with tempfile.TemporaryDirectory() as tmp:
         from pathlib import Path

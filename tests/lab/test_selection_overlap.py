@@ -57,10 +57,10 @@ def disjoint_clients() -> tuple[dict[str, object], int]:
 
 
 def selected(strategy_name: str, model, clients: dict[str, object],
-             method: MethodConfig = MethodConfig(), prior=None) -> dict[str, list[str]]:
+             method: MethodConfig | None = None, prior=None) -> dict[str, list[str]]:
     """Each client's trained experts in one round from the same global model, as the
     participation record keeps them (after the wire)."""
-    strategy = get_strategy(strategy_name, method)
+    strategy = get_strategy(strategy_name, method or MethodConfig())
     state = model.state()
     spec = spec_from_state(state)
     out = {}
