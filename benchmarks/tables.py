@@ -169,8 +169,8 @@ def budget_adds(rows: Rows) -> str:
 
 
 @region("realsize", "realsize.jsonl",
-        "python -m benchmarks.realsize --layers 4 --budgets 16,64,256 --threads 2 --steps 2 "
-        "--out benchmarks/results/realsize.jsonl (without --layers: all 16 layers)",
+        "python -m benchmarks.realsize --budgets 16,64,256 --threads 1 --steps 3 "
+        "--out benchmarks/results/realsize.jsonl",
         select=lambda r: r.get("kind") == "round")
 def realsize(rows: Rows) -> str:
     r0 = rows[0]
@@ -392,7 +392,9 @@ SWEEP = (_FORTUNES + "--rounds 30 --eval-every 10 --split validation --seeds 0,1
 FINE = (_FORTUNES + "--rounds 50 --eval-every 25 --seeds 0,1,2,3,4 --strategies "
         "hfedmoe,fedavg-random,fedmoe,fedavg-full,budget-zero,hfedmoe-anti,hfedmoe-other "
         "(the controls: seeds 0,1,2), then --seeds 0,1,2 --strategies "
-        "'hfedmoe-paper,hfedmoe@gate_weighting=importance-size,hfedmoe@tau=0' (the ablations) "
+        "'hfedmoe-paper,hfedmoe@gate_weighting=importance-size,hfedmoe@tau=0' (the ablations), "
+        "then --alphas 0.5 --seeds 0,1,2,3,4 --strategies hfedmoe,fedavg-random,fedmoe,"
+        "fedavg-full (Dirichlet 0.5) "
         "--out benchmarks/results/learning-fortunes-fine-rounds.jsonl; "
         "then python -m benchmarks.learning --from-rows "
         "benchmarks/results/learning-fortunes-fine-rounds.jsonl --all-seeds "
