@@ -347,6 +347,8 @@ def summarize(rows: list[dict], strategies: Sequence[str], target: float | None,
             tgt = target_frac * max(final(s, sd)["accuracy"] for s, sd in ran)
         for s in strategies:
             mine = [sd for sd in seeds if (s, sd) in ran]  # an arm may have fewer seeds
+            if not mine:  # an arm run at another alpha only
+                continue
             finals = [final(s, sd)["accuracy"] for sd in mine]
             initial = [r["accuracy"] for r in rows if (r["alpha"], r["strategy"]) == (alpha, s)
                        and r["round"] == -1]

@@ -123,3 +123,15 @@ def test_stored_rows_run_with_different_settings_are_summarized_apart(tmp_path):
     # rounds 0 and 1 at 0.5 and 0.625: the last-5 mean of two rounds, then +0.25
     assert [r["last5_accuracy_mean"] for r in summary] == [0.5625, 0.8125]
     assert not (tmp_path / "summary.png").exists()  # no curve mixes two settings
+
+
+def test_an_arm_run_at_one_alpha_only_is_summarized_at_that_alpha():
+    """Controls run at Dirichlet 0.1 only, next to the four strategies at 0.1 and 0.5 in one
+    file: each alpha's summary has the arms that ran there, and the paired differences."""
+    rows = [r for alpha, arms in ((0.1, ("hfedmoe", "budget-zero")), (0.5, ("hfedmoe",)))
+            for s in arms for seed in (0, 1)
+            for r in learning.study_rows(_sim_rows(ROUNDS), s, alpha, seed, 1.0)]
+    summary = learning.summarize(rows, ["hfedmoe", "budget-zero"], None, 0.9)
+    assert [(r["alpha"], r["strategy"]) for r in summary] == [
+        (0.1, "hfedmoe"), (0.1, "budget-zero"), (0.5, "hfedmoe")]
+    assert summary[1]["hfedmoe_minus_this"] == 0.0  # the same rows: paired difference 0
