@@ -516,6 +516,20 @@ def study_sgd_sweep(rows: Rows) -> str:
                      "Jaccard of the clients' sets", "distinct experts / round"], out))
 
 
+SGD_CELL = (_FORTUNES + "--rounds 50 --eval-every 25 --seeds 0,1,2 --optimizer sgd --lr 0.03 "
+            "--head-lr 1 --strategies hfedmoe,fedavg-random "
+            "--out benchmarks/results/learning-fortunes-sgd-rounds.jsonl; then python -m "
+            "benchmarks.learning --from-rows benchmarks/results/learning-fortunes-sgd-rounds.jsonl "
+            "--all-seeds --out benchmarks/results/learning-fortunes-sgd.jsonl")
+
+
+@region("study-fortunes-sgd", "learning-fortunes-sgd.jsonl", SGD_CELL,
+        select=lambda r: r.get("kind") == "summary")
+def study_fortunes_sgd(rows: Rows) -> str:
+    """The fine-grained fortunes cell with plain SGD at the sweep's learning rates."""
+    return _study_table(rows)
+
+
 STUDY_ROUNDS = ("learning-sweep-rounds.jsonl", "learning-fortunes-fine-rounds.jsonl",
                 "learning-fortunes-e8-rounds.jsonl", "learning-chatterbot-fine-rounds.jsonl",
                 "learning-chatterbot-e8-rounds.jsonl", "learning-sgd-sweep-rounds.jsonl",
