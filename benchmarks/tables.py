@@ -434,7 +434,8 @@ E8 = (_FORTUNES.replace("--num-experts 32 --top-k 4", "--num-experts 8 --top-k 2
 
 _CHATTERBOT = _FORTUNES.replace("--data fortunes", "--data chatterbot")
 CB_FINE = (_CHATTERBOT + "--rounds 50 --eval-every 25 --seeds 0,1,2,3,4 --strategies "
-           "hfedmoe,fedavg-random,fedmoe,fedavg-full "
+           "hfedmoe,fedavg-random,fedmoe,fedavg-full, then --seeds 0,1,2 --strategies "
+           "budget-zero,hfedmoe-anti,hfedmoe-other (the controls) "
            "--out benchmarks/results/learning-chatterbot-fine-rounds.jsonl; then python -m "
            "benchmarks.learning --from-rows benchmarks/results/learning-chatterbot-fine-rounds.jsonl "
            "--all-seeds --out benchmarks/results/learning-chatterbot-fine.jsonl")
@@ -517,8 +518,8 @@ def study_sgd_sweep(rows: Rows) -> str:
                      "Jaccard of the clients' sets", "distinct experts / round"], out))
 
 
-SGD_CELL = (_FORTUNES + "--rounds 50 --eval-every 25 --seeds 0,1,2 --optimizer sgd --lr 0.03 "
-            "--head-lr 1 --strategies hfedmoe,fedavg-random "
+SGD_CELL = (_FORTUNES + "--rounds 50 --eval-every 25 --seeds 0,1,2,3,4 --optimizer sgd "
+            "--lr 0.03 --head-lr 1 --strategies hfedmoe,fedavg-random,fedmoe (seeds as listed) "
             "--out benchmarks/results/learning-fortunes-sgd-rounds.jsonl; then python -m "
             "benchmarks.learning --from-rows benchmarks/results/learning-fortunes-sgd-rounds.jsonl "
             "--all-seeds --out benchmarks/results/learning-fortunes-sgd.jsonl")
