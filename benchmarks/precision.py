@@ -146,7 +146,9 @@ def op_timings(rounds: int, quick: bool) -> list[dict[str, Any]]:
                                "ms": round(1e3 * statistics.median(ts), 3)}
         if name.startswith("gemm"):
             row.update(shape=[rows_, d, f],
-                       gflops=round(2 * rows_ * d * f / statistics.median(ts) / 1e9, 1))
+                       # 3 significant digits: a quick run's small GEMM on a loaded host
+                       # runs under 0.05 GFLOP/s, which one decimal rounded to 0
+                       gflops=float(f"{2 * rows_ * d * f / statistics.median(ts) / 1e9:.3g}"))
         else:
             row["shape"] = [b, h, s, hd]
         out.append(row)
