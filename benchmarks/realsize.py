@@ -170,12 +170,15 @@ def measure(model: Any, chosen: list[Any], batches: list[dict[str, Any]], rank: 
 def budget_row(model: Any, cost: Any, c: int, rows: dict[Any, float], batches: list[Any],
                rank: int, dtype: str, built: dict[str, Any]) -> dict[str, Any]:
     """Plan against measurement with the ``c`` most-routed experts trained."""
+    from device_agent.budget import layers_of
+
     ranked = sorted(rows, key=lambda e: (-rows[e], e))[:c]
     all_rows, batch_rows = sum(rows.values()), batches[0]["attention_mask"].numel()
     trained = [rows[e] for e in ranked]
     m = measure(model, ranked, batches, rank, dtype)
     here = dataclasses.replace(cost, process_baseline_bytes=m["resident_bytes"])
-    added = here.routed_peak_bytes(trained, all_rows, batch_rows) - m["resident_bytes"]
+    added = (here.routed_peak_bytes(trained, all_rows, batch_rows, layers_of(ranked))
+             - m["resident_bytes"])
     whole = built["resident_before_build_bytes"] + cost.resident_bytes + added
     step = here.routed_step_seconds(trained, all_rows, batch_rows)
     measured_added = m["measured_peak_bytes"] - m["resident_bytes"]

@@ -259,6 +259,7 @@ def measure_round(spec: dict[str, Any]) -> dict[str, Any]:
 
     import torch
 
+    from device_agent.budget import layers_of
     from device_agent.costs import measure_costs, release_freed_memory, resident_bytes
     from device_agent.heap import after_step, heap_policy
     from device_agent.throughput import PeakRSSSampler
@@ -302,7 +303,8 @@ def measure_round(spec: dict[str, Any]) -> dict[str, Any]:
     all_rows = sum(rows.values())
     trained_rows = [rows.get(e, 0.0) for e in ranked]
     predicted_step = cost.routed_step_seconds(trained_rows, all_rows, stats.batch_rows)
-    predicted_peak = cost.routed_peak_bytes(trained_rows, all_rows, stats.batch_rows)
+    predicted_peak = cost.routed_peak_bytes(trained_rows, all_rows, stats.batch_rows,
+                                            layers_of(ranked))
     trainer = EagerTrainer(model, ranked, train_cfg, mcfg)
     encoded = [collate(task.train, idx, model.tokenizer, seq_len, pad_to_max_length=True)
                for idx in batches[: spec["warmup"] + spec["repeats"]]]

@@ -41,6 +41,8 @@ from device_agent.budget import (
     budget_from_report,
     expert_activation_bytes,
     expert_state_bytes,
+    frozen_activation_bytes,
+    layer_input_bytes,
     plan_round,
     tokens_per_expert,
     update_host_bytes,
@@ -284,7 +286,7 @@ def calibrate_trainer_bytes(model: MoEModel, batch: dict[str, torch.Tensor], cos
             layer.bank.detach_frozen = detach
     at_baseline = dataclasses.replace(cost, process_baseline_bytes=before)
     predicted = at_baseline.routed_peak_bytes(
-        [rows[chosen]], sum(rows.values()), float(batch["attention_mask"].numel())) - before
+        [rows[chosen]], sum(rows.values()), float(batch["attention_mask"].numel()), 1) - before
     return max(0, int(growth - predicted))
 
 
@@ -427,12 +429,16 @@ def cost_model(model: MoEModel, steps: StepCosts, tokens: int, optimizer: str,
         non_expert_weight_bytes=4 * (total - num_experts * per_expert),
         expert_weight_bytes=4 * per_expert,
         expert_state_bytes=expert_state_bytes(trained, optimizer),
-        expert_activation_bytes=expert_activation_bytes(tokens, shape.d_model, shape.d_ff,
-                                                        gated=shape.gated) + rank_act,
+        expert_activation_bytes=expert_activation_bytes(
+            tokens, shape.d_model, shape.d_ff, gated=shape.gated, with_input=False,
+            activation=shape.activation) + rank_act,
+        num_layers=len(model.layers),
+        layer_input_bytes=layer_input_bytes(tokens, model.layers[0].num_experts, shape.d_model),
         expert_grad_bytes=4 * trained,
         expert_snapshot_bytes=4 * held,
         expert_frozen_activation_bytes=0 if detach_frozen
-        else tokens * shape.d_ff * (2 if shape.gated else 1) * 4,
+        else frozen_activation_bytes(tokens, shape.d_ff, gated=shape.gated,
+                                     activation=shape.activation),
         non_expert_activation_bytes=steps.rest_peak_bytes
         + expert_state_bytes(trainable_rest, optimizer),
         rest_step_seconds=steps.rest_seconds,

@@ -35,6 +35,8 @@ from device_agent.budget import (
     CostModel,
     expert_activation_bytes,
     expert_state_bytes,
+    frozen_activation_bytes,
+    layer_input_bytes,
     tokens_per_expert,
     update_host_bytes,
 )
@@ -224,7 +226,9 @@ def planned_mode(model: MoEModel, adapter: str, base: str, batch: int, seq: int,
                                 _lora_trained_params(shape, rank)),
         non_expert_activation_bytes=_non_expert_activation_bytes(model, base, batch * seq,
                                                                  rest, optimizer),
-        expert_rows=tokens, batch_rows=batch * seq)
+        expert_rows=tokens, batch_rows=batch * seq, num_layers=len(model.layers),
+        layer_input_bytes=layer_input_bytes(tokens, layer.num_experts, shape.d_model,
+                                            dtype_bytes=_activation_dtype_bytes(base)))
     return PlannedMode(adapter, base, dtype or COMPUTE_DTYPE[base], memory,
                        step_work(model, adapter, base, batch, seq, optimizer, rank, rest),
                        sum(p.numel() for p in model.module.parameters()))
@@ -291,13 +295,14 @@ def _trained_expert_bytes(shape: ExpertShape, adapter: str, base: str, tokens: i
         trained, grad_b = lora_trained, 4
         state = expert_state_bytes(trained, optimizer)
         snapshot, rank_act = 4 * trained, tokens * 2 * rank * act
-    d_in = shape.d_ff * (2 if shape.gated else 1)
     return {"expert_state_bytes": state,
             "expert_activation_bytes": expert_activation_bytes(
-                tokens, shape.d_model, shape.d_ff, dtype_bytes=act, gated=shape.gated)
-            + rank_act,
+                tokens, shape.d_model, shape.d_ff, dtype_bytes=act, gated=shape.gated,
+                with_input=False, activation=shape.activation) + rank_act,
             "expert_grad_bytes": grad_b * trained, "expert_snapshot_bytes": snapshot,
             "host_per_expert_bytes": update_host_bytes(trained),
-            "expert_frozen_activation_bytes": tokens * d_in * act}
+            "expert_frozen_activation_bytes": frozen_activation_bytes(
+                tokens, shape.d_ff, gated=shape.gated, activation=shape.activation,
+                dtype_bytes=act)}
 
 

@@ -23,6 +23,9 @@ from device_agent.budget import (
     compute_budget,
     expert_activation_bytes,
     expert_state_bytes,
+    layer_input_bytes,
+    layers_of,
+    memory_max_experts,
     tokens_per_expert,
 )
 from device_agent.monitor import BudgetMonitor, MonitorConfig, Observation
@@ -311,3 +314,91 @@ def test_a_cost_model_serialized_before_the_trainer_fixed_part_still_loads() -> 
     old = Budget.from_dict(data)
     assert old.cost.trainer_fixed_bytes == 0
     assert old.cost.peak_bytes(1) == COST.peak_bytes(1)
+
+
+# The layered peak: 8 experts in 2 layers, 16 rows each (balanced); a trained expert keeps
+# 200 (optimizer state) + 100 (starting values) = 300 B all round, writes 100 B of gradients
+# and saves 150 B of activations beyond its frozen 50; a layer with a trained expert keeps its
+# gathered input, 400 B.
+LAYERED = dataclasses.replace(COST, expert_state_bytes=300, expert_grad_bytes=100,
+                              expert_snapshot_bytes=100, expert_activation_bytes=200,
+                              expert_frozen_activation_bytes=50, expert_rows=16,
+                              batch_rows=64, num_layers=2, layer_input_bytes=400)
+
+
+def test_a_layer_keeps_its_gathered_input_once_whatever_its_trained_experts() -> None:
+    # base: 1000 + 800 weights + 8 x 50 frozen + 200 non-expert = 2400
+    assert LAYERED.base_bytes == LAYERED.peak_bytes(0) == 2400
+    # one expert: kept 300; activations 600 + 150 + 400 (its layer) = 1150 > grads 100, which
+    # count one layer's share: 2400 - 600 + 300 + 1150 + 100 / 2 = 3300
+    assert LAYERED.routed_peak_bytes([16.0], 128.0, 64.0, layers=1) == 3300
+    # a second expert in the same layer adds no second gathered input: 300 + 150 + 50
+    assert LAYERED.routed_peak_bytes([16.0] * 2, 128.0, 64.0, layers=1) == 3300 + 500
+    # in the other layer it does: + 400
+    assert LAYERED.routed_peak_bytes([16.0] * 2, 128.0, 64.0, layers=2) == 3300 + 900
+    # not told: as many layers as can be (min(C, layers))
+    assert LAYERED.peak_bytes(2) == LAYERED.routed_peak_bytes([16.0] * 2, 128.0, 64.0, 2)
+    # a batch of half the rows halves the activations, not what is kept
+    assert LAYERED.routed_peak_bytes([8.0], 64.0, 32.0, layers=1) == 2400 - 600 + 300 + 575 + 50
+
+
+def test_gradients_count_whole_only_when_they_outgrow_the_activations() -> None:
+    big = dataclasses.replace(LAYERED, expert_state_bytes=2100, expert_grad_bytes=2000)
+    # kept 100 + 100; activations 600 + 8 x 150 + 2 x 400 = 2600 < grads 8 x 2000 = 16000
+    assert big.peak_bytes(8) == 1800 + 8 * 200 + 16000 + 2600 // 2
+    # and the marginal expert, once every layer trains one: kept + activations + grad / L
+    assert LAYERED.per_trained_expert_bytes == 300 + 150 + 50
+    assert LAYERED.peak_bytes(8) - LAYERED.peak_bytes(7) == 500
+
+
+def test_the_memory_bound_of_a_layered_model_is_the_largest_c_that_fits() -> None:
+    lim = limits(available_bytes=6000, margin_fraction=0.0)
+    c = memory_max_experts(LAYERED, lim)
+    assert LAYERED.peak_bytes(c) <= 6000 < LAYERED.peak_bytes(c + 1)
+    assert compute_budget(LAYERED, limits(available_bytes=6000, margin_fraction=0.0,
+                                          deadline_seconds=1e6)).c_budget == c
+    assert memory_max_experts(LAYERED, limits(available_bytes=2000, margin_fraction=0.0)) == -1
+
+
+def test_a_cost_model_without_layers_sums_per_expert_as_before() -> None:
+    flat = dataclasses.replace(LAYERED, num_layers=0)
+    # per expert: state 300 - grad 100 + max(grad 100, activations 200) - frozen 50 + start 100
+    assert flat.per_trained_expert_bytes == 300 - 100 + 200 - 50 + 100
+    assert flat.peak_bytes(3) == 2400 + 3 * 450
+    assert layer_input_bytes(16, 4, 32) == 16 * 4 * 32 * 4
+    assert layers_of([(0, 1), (0, 2), (1, 0)]) == 2 and layers_of([3, 4]) is None
+
+
+def test_the_saved_activations_follow_what_autograd_keeps() -> None:
+    """Counted with saved-tensor hooks on a real expert, frozen and trained."""
+    import torch
+
+    from device_agent.budget import frozen_activation_bytes, saved_ffn_rows
+    from hfedmoe.experts import Expert, ExpertShape
+
+    for gated, act in [(True, "silu"), (False, "gelu"), (True, "gelu")]:
+        shape = ExpertShape(d_model=16, d_ff=24, activation=act, gated=gated)
+        for trained in (False, True):
+            expert = Expert(shape)
+            for p in expert.parameters():
+                p.requires_grad_(trained)
+            x = torch.randn(10, 16, requires_grad=True)
+            skip = {p.untyped_storage().data_ptr() for p in expert.parameters()}
+            skip.add(x.untyped_storage().data_ptr())  # the input: the layer's gathered rows
+            saved: dict[int, int] = {}
+
+            def pack(t: torch.Tensor, saved=saved, skip=skip) -> torch.Tensor:
+                if t.untyped_storage().data_ptr() not in skip:
+                    saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                expert(x)
+            assert sum(saved.values()) == 10 * 24 * 4 * saved_ffn_rows(
+                gated, act, trained=trained), (gated, act, trained)
+            if not trained:
+                assert sum(saved.values()) == frozen_activation_bytes(
+                    10, 24, gated=gated, activation=act)
+            else:
+                assert sum(saved.values()) == expert_activation_bytes(
+                    10, 16, 24, gated=gated, with_input=False, activation=act)

@@ -25,19 +25,21 @@ STEPS = StepCosts(device="cpu", repeats=2, expert_seconds=0.02, rest_seconds=0.3
 # fixed whole steps (0.4 s with no expert trained; 0.5 s and 0.9 s with E/4 and all trained)
 PINNED_FULL = {
     "num_experts": 8, "non_expert_weight_bytes": 3933580, "expert_weight_bytes": 18432,
-    "expert_state_bytes": 55296, "expert_activation_bytes": 11264,
+    "expert_state_bytes": 55296, "expert_activation_bytes": 9216,
     "non_expert_activation_bytes": 1950848, "rest_step_seconds": 0.32,
     "expert_frozen_seconds": 0.01, "expert_trained_seconds": 0.07176470588235294,
     "routing_seconds": 0.05, "expert_frozen_activation_bytes": 6144,
     "expert_grad_bytes": 18432, "expert_rows": 16, "batch_rows": 32,
     "process_baseline_bytes": 123456789, "expert_optimizer_seconds": 0.0003125,
-    "expert_snapshot_bytes": 18432, "trainer_fixed_bytes": 133184,
+    "expert_snapshot_bytes": 18432, "trainer_fixed_bytes": 123840,
     "host_resident_bytes": 0, "host_per_expert_bytes": 0,  # one pool on a CPU
+    # 2 MoE layers; one's gathered input: 16 rows x 4 experts x d_model 32 x 4 bytes
+    "num_layers": 2, "layer_input_bytes": 8192,
 }
 TRAINER_GROWTH = 2_200_000  # what the real trainer's calibration steps add (fixed reading)
-PINNED_LORA = {**PINNED_FULL, "expert_state_bytes": 4992, "expert_activation_bytes": 11520,
+PINNED_LORA = {**PINNED_FULL, "expert_state_bytes": 4992, "expert_activation_bytes": 9472,
                "expert_grad_bytes": 1664, "expert_snapshot_bytes": 1664,
-               "trainer_fixed_bytes": 188960}
+               "trainer_fixed_bytes": 182240}
 
 
 @pytest.fixture

@@ -153,8 +153,7 @@ def test_lora_cost_model_counts_factors_not_whole_experts(tokenizer):
     after = model.state()
     assert all(torch.equal(before[k], after[k]) for k in before)
     # the same memory quota admits more LoRA experts than whole experts
-    quota = full.cost.base_bytes - full.cost.resident_bytes \
-        + 3 * full.cost.per_trained_expert_bytes
+    quota = full.cost.peak_bytes(3) - full.cost.resident_bytes
     budgets = [compute_budget(m.cost, Limits(available_bytes=10**12, deadline_seconds=1e6,
                                               steps_per_round=1, margin_fraction=0.0,
                                               training_quota_bytes=quota)).c_budget

@@ -161,19 +161,21 @@ def test_inspect_cli_on_config_dir(tmp_path: Path, capsys: pytest.CaptureFixture
 # (weights, expert weight, state, activations, non-expert activations, frozen activations,
 #  grads, snapshot, trained seconds, non-expert step seconds) of each mode of qwen2-moe's test
 #  config at batch 2 x seq 16, one expert timed at 2 ms trained, 1.5 ms with LoRA, 1 ms frozen;
-#  the non-expert activations hold 32 x 512 logits at 17 B (fp32 compute) or 20 B (bf16)
+#  the non-expert activations hold 32 x 512 logits at 17 B (fp32 compute) or 20 B (bf16);
+#  its SiLU experts (d_ff 48) save 4 x 48 values per row frozen and 5 x 48 trained
+#  (device_agent.budget.saved_ffn_rows), plus 2 x rank 4 with LoRA
 PINNED_QWEN2_COSTS = {  # its shared experts train in full (full) or through factors (lora)
-    "full-fp32": (207232, 18432, 55296, 11264, 495360, 6144, 18432, 18432, 0.002,
+    "full-fp32": (207232, 18432, 55296, 15360, 495360, 12288, 18432, 18432, 0.002,
                   0.01876388888888889),
-    "full-bf16": (103616, 9216, 46080, 5632, 511744, 3072, 9216, 9216, 0.002,
+    "full-bf16": (103616, 9216, 46080, 7680, 511744, 6144, 9216, 9216, 0.002,
                   0.01876388888888889),
-    "lora-fp32": (207232, 18432, 9984, 11776, 375552, 6144, 3328, 3328, 0.0015,
+    "lora-fp32": (207232, 18432, 9984, 15872, 375552, 12288, 3328, 3328, 0.0015,
                   0.01659722222222222),
-    "lora-bf16": (103616, 9216, 9984, 5888, 391936, 3072, 3328, 3328, 0.0015,
+    "lora-bf16": (103616, 9216, 9984, 7936, 391936, 6144, 3328, 3328, 0.0015,
                   0.01659722222222222),
-    "lora-int8": (107904, 5248, 9984, 11776, 375552, 6144, 3328, 3328, 0.0015,
+    "lora-int8": (107904, 5248, 9984, 15872, 375552, 12288, 3328, 3328, 0.0015,
                   0.01659722222222222),
-    "lora-int4": (89728, 3616, 9984, 5888, 391936, 3072, 3328, 3328, 0.0015,
+    "lora-int4": (89728, 3616, 9984, 7936, 391936, 6144, 3328, 3328, 0.0015,
                   0.01659722222222222),
 }
 
@@ -194,6 +196,10 @@ def test_cost_models_of_a_planned_model_are_pinned(tmp_path: Path) -> None:
         assert cost.expert_trained_seconds == pytest.approx(PINNED_QWEN2_COSTS[name][-2])
         assert cost.rest_step_seconds == pytest.approx(PINNED_QWEN2_COSTS[name][-1], rel=1e-12)
         assert (cost.num_experts, cost.expert_rows, cost.batch_rows) == (8, 16, 32)
+        # each layer's gathered input: 16 rows x its experts x d_model 32, at the compute dtype
+        act = 2 if base in ("bf16", "int4") else 4
+        assert (cost.num_layers, cost.layer_input_bytes) == (
+            len(model.layers), 16 * model.layers[0].num_experts * 32 * act)
         assert (cost.process_baseline_bytes, cost.expert_optimizer_seconds) == (0, 0.0)
         assert cost.expert_frozen_seconds == 1e-3
         # the frozen expert's 294,912 FLOPs in 1 ms: the routing pass's FLOPs at that rate
