@@ -519,7 +519,8 @@ def study_sgd_sweep(rows: Rows) -> str:
 
 
 SGD_CELL = (_FORTUNES + "--rounds 50 --eval-every 25 --seeds 0,1,2,3,4 --optimizer sgd "
-            "--lr 0.03 --head-lr 1 --strategies hfedmoe,fedavg-random,fedmoe (seeds as listed) "
+            "--lr 0.03 --head-lr 1 --strategies hfedmoe,fedavg-random,fedmoe,fedavg-full,budget-zero,"
+            "hfedmoe-anti,hfedmoe-other (seeds as listed) "
             "--out benchmarks/results/learning-fortunes-sgd-rounds.jsonl; then python -m "
             "benchmarks.learning --from-rows benchmarks/results/learning-fortunes-sgd-rounds.jsonl "
             "--all-seeds --out benchmarks/results/learning-fortunes-sgd.jsonl")

@@ -199,6 +199,11 @@ class CostModel:
             (:func:`layer_input_bytes`), at ``batch_rows``; a trained expert's
             ``expert_activation_bytes`` then leaves its input rows out. Counted only with
             ``num_layers``.
+        trainer_row_bytes: what a real trainer's step adds per trained row (per
+            ``expert_rows``) beyond the parts above, found by calibration at C = E/4
+            (``device_agent.costs.calibrate_trainer_rows``): the C heap's pages the step's many
+            small allocations touch beyond what they hold. Counted only with ``num_layers``;
+            0: not calibrated.
 
     The layered peak (``num_layers`` > 0): what a trained expert keeps all round (its optimizer
     state, its starting values) adds up; of what a step allocates and frees, the activations
@@ -233,6 +238,7 @@ class CostModel:
     host_per_expert_bytes: int = 0
     num_layers: int = 0
     layer_input_bytes: int = 0
+    trainer_row_bytes: int = 0
 
     def __post_init__(self) -> None:
         _require(self.num_experts >= 1, "num_experts must be >= 1")
@@ -303,7 +309,8 @@ class CostModel:
                 + min(layers, self.num_layers) * self.layer_input_bytes * scale)
         grads = self.expert_grad_bytes * len(trained_rows)
         transient = max(acts, grads) + min(acts, grads) / self.num_layers
-        return int(fixed + self._kept_per_expert * len(trained_rows) + transient)
+        heap_pages = self.trainer_row_bytes * self._row_share(sum(trained_rows))
+        return int(fixed + self._kept_per_expert * len(trained_rows) + transient + heap_pages)
 
     def routed_step_seconds(self, trained_rows: list[float], all_rows: float,
                             batch_rows: float) -> float:

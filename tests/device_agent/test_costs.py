@@ -25,30 +25,34 @@ STEPS = StepCosts(device="cpu", repeats=2, expert_seconds=0.02, rest_seconds=0.3
 # fixed whole steps (0.4 s with no expert trained; 0.5 s and 0.9 s with E/4 and all trained)
 PINNED_FULL = {
     "num_experts": 8, "non_expert_weight_bytes": 3933580, "expert_weight_bytes": 18432,
-    "expert_state_bytes": 55296, "expert_activation_bytes": 9216,
-    "non_expert_activation_bytes": 1950848, "rest_step_seconds": 0.32,
+    "expert_state_bytes": 55296, "expert_activation_bytes": 15360,
+    "non_expert_activation_bytes": 1901696, "rest_step_seconds": 0.32,
     "expert_frozen_seconds": 0.01, "expert_trained_seconds": 0.07176470588235294,
-    "routing_seconds": 0.05, "expert_frozen_activation_bytes": 6144,
+    "routing_seconds": 0.05, "expert_frozen_activation_bytes": 12288,
     "expert_grad_bytes": 18432, "expert_rows": 16, "batch_rows": 32,
     "process_baseline_bytes": 123456789, "expert_optimizer_seconds": 0.0003125,
     "expert_snapshot_bytes": 18432, "trainer_fixed_bytes": 123840,
     "host_resident_bytes": 0, "host_per_expert_bytes": 0,  # one pool on a CPU
     # 2 MoE layers; one's gathered input: 16 rows x 4 experts x d_model 32 x 4 bytes
     "num_layers": 2, "layer_input_bytes": 8192,
+    # the C = E/4 calibration's growth less its prediction, per balanced expert's rows
+    "trainer_row_bytes": 143928,
 }
 TRAINER_GROWTH = 2_200_000  # what the real trainer's calibration steps add (fixed reading)
-PINNED_LORA = {**PINNED_FULL, "expert_state_bytes": 4992, "expert_activation_bytes": 9472,
+TRAINER_ROWS_GROWTH = 2_600_000  # the same at C = E/4
+PINNED_LORA = {**PINNED_FULL, "expert_state_bytes": 4992, "expert_activation_bytes": 15616,
                "expert_grad_bytes": 1664, "expert_snapshot_bytes": 1664,
-               "trainer_fixed_bytes": 182240}
+               "trainer_fixed_bytes": 182240, "trainer_row_bytes": 169884}
 
 
 @pytest.fixture
 def fixed_readings(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Replace the clock and memory readings; return the log of closures timed."""
     timed: list[str] = []
-    # no expert trained, then E/4 and all trained, then the trainer's calibration steps
-    step_seconds = iter([0.4, 0.5, 0.9, 1.0])
-    growth = iter([2_000_000, 0, 0, TRAINER_GROWTH])
+    # no expert trained, then E/4 and all trained, then the trainer's calibration steps (C = 1,
+    # then C = E/4)
+    step_seconds = iter([0.4, 0.5, 0.9, 1.0, 1.0])
+    growth = iter([2_000_000, 0, 0, TRAINER_GROWTH, TRAINER_ROWS_GROWTH])
     now = [0.0]
 
     def perf_counter() -> float:
@@ -82,7 +86,7 @@ def test_measured_costs_are_pinned(tokenizer, fixed_readings: list[str]) -> None
 
     got = costs.measure_costs(model, 2, 16, repeats=2)
 
-    assert fixed_readings == ["expert", "rest", "frozen", "routing"] + ["step"] * 4
+    assert fixed_readings == ["expert", "rest", "frozen", "routing"] + ["step"] * 5
     assert (got.steps, got.tokens_per_expert, got.batch_size, got.seq_len) == (STEPS, 16, 2, 16)
     assert (got.adapter, got.lora_rank) == ("full", 0)
     assert dataclasses.asdict(got.cost) == pytest.approx(PINNED_FULL)
@@ -144,3 +148,44 @@ def test_the_trainer_fixed_part_comes_from_real_trainer_steps(
     assert all(e.factors is None for layer in model.layers for e in layer.bank.experts)
     assert costs.calibrate_trainer_bytes(model, batch, dataclasses.replace(
         cost, non_expert_activation_bytes=6_000_000), TrainConfig(lr=1e-6)) == 0
+
+
+def test_the_row_part_is_what_the_trainer_adds_at_e4_beyond_the_prediction(
+        tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two steps of the round's trainer with the E/4 experts that compute the most rows; the
+    row part is their growth less the prediction (fixed part included), per expert-row share."""
+    from hfedmoe.config import TrainConfig
+    from hfedmoe.trainer import EagerTrainer
+
+    model = tiny(tokenizer)
+    batch = costs._sample_batch(model, 2, 16)
+    cost = costs.CostModel(**{**PINNED_FULL, "trainer_row_bytes": 0})
+    seen: list[int] = []
+    real_step = EagerTrainer.step
+
+    def step(self: EagerTrainer, b: dict) -> float:
+        seen.append(len(self.active))
+        return real_step(self, b)
+
+    monkeypatch.setattr(EagerTrainer, "step", step)
+    monkeypatch.setattr(costs, "_time_calls", lambda fn, dev, r, w: (fn(), ([0.1], 6_000_000))[1])
+    monkeypatch.setattr(costs, "resident_bytes", lambda: 123_456_789)
+
+    per_row = costs.calibrate_trainer_rows(model, batch, cost, TrainConfig(lr=1e-6))
+
+    assert seen == [2, 2]  # E/4 of 8 experts, at least 2
+    rows = costs._batch_rows(model, batch)
+    chosen = sorted(rows, key=lambda e: (-rows[e], e))[:2]
+    share = sum(rows[e] for e in chosen) / cost.expert_rows
+    added = cost.routed_peak_bytes([rows[e] for e in chosen], sum(rows.values()), 32.0,
+                                   len({e.layer_idx for e in chosen})) - cost.resident_bytes
+    assert per_row == int((6_000_000 - added) / share) > 0
+    # with the row part in the model, the same growth is predicted: nothing left over
+    fitted = dataclasses.replace(cost, trainer_row_bytes=per_row)
+    assert costs.calibrate_trainer_rows(model, batch, fitted, TrainConfig(lr=1e-6)) <= 1
+    # a prediction at or above the growth, or a model without layers: 0
+    assert costs.calibrate_trainer_rows(model, batch, dataclasses.replace(
+        cost, non_expert_activation_bytes=9_000_000), TrainConfig(lr=1e-6)) == 0
+    assert costs.calibrate_trainer_rows(model, batch, dataclasses.replace(
+        cost, num_layers=0), TrainConfig(lr=1e-6)) == 0
+    assert not any(e.trainable for layer in model.layers for e in layer.bank.experts)
