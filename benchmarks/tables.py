@@ -159,12 +159,19 @@ def budget_adds(rows: Rows) -> str:
         got = r.get("cost", {}).get("trainer_fixed_bytes")
         return "-" if got is None else mb(got)
 
+    def per_row(r: dict[str, Any]) -> str:  # the calibrated row part at the trained rows
+        c = r.get("cost", {})
+        if "trainer_row_bytes" not in c:
+            return "-"  # measured before the row part existed
+        return mb(c["trainer_row_bytes"] * r["trained_row_fraction"] * c["num_experts"])
+
     return table(["experts/layer", "adapter", "heap", "C", "adds: predicted MB",
-                  "of which trainer's fixed part", "measured MB", "error",
-                  "whole-process peak error", "step error"],
+                  "of which trainer's fixed part", "of which trainer's row part",
+                  "measured MB", "error", "whole-process peak error", "step error"],
                  [[experts(r), r["adapter"], r["heap"], r["budget"],
-                   mb(r["predicted_added_bytes"]), fixed(r), mb(r["measured_added_bytes"]),
-                   pct(r["added_error"]), pct(r["memory_error"]), pct(r["step_error"])]
+                   mb(r["predicted_added_bytes"]), fixed(r), per_row(r),
+                   mb(r["measured_added_bytes"]), pct(r["added_error"]),
+                   pct(r["memory_error"]), pct(r["step_error"])]
                   for r in rows])
 
 
@@ -188,6 +195,16 @@ def realsize(rows: Rows) -> str:
           f"{r['predicted_peak_bytes'] / 2**30:.2f}", f"{r['measured_peak_bytes'] / 2**30:.2f}",
           pct(r["peak_error"]), f2(r["predicted_step_s"]), f2(r["step_s"]),
           pct(r["step_error"])] for r in rows])
+
+
+@region("realsize-2layers", "realsize-2layers.jsonl",
+        "python -m benchmarks.realsize --layers 2 --budgets 16,64 --threads 1 --steps 3 "
+        "--out benchmarks/results/realsize-2layers.jsonl",
+        select=lambda r: r.get("kind") == "round")
+def realsize_2layers(rows: Rows) -> str:
+    """The same at the real widths with the first two decoder layers, planned by the layered
+    peak model."""
+    return realsize(rows)
 
 
 @region("detach", "detach.jsonl",
