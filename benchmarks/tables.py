@@ -550,6 +550,13 @@ def study_fortunes_sgd(rows: Rows) -> str:
     return _study_table(rows)
 
 
+@region("study-fortunes-sgd-verdict", "learning-fortunes-sgd.jsonl", SGD_CELL,
+        select=lambda r: r.get("kind") == "summary")
+def study_fortunes_sgd_verdict(rows: Rows) -> str:
+    """:func:`learning_verdict` of the fine-grained fortunes cell with plain SGD."""
+    return learning_verdict(rows)
+
+
 STUDY_ROUNDS = ("learning-sweep-rounds.jsonl", "learning-fortunes-fine-rounds.jsonl",
                 "learning-fortunes-e8-rounds.jsonl", "learning-chatterbot-fine-rounds.jsonl",
                 "learning-chatterbot-e8-rounds.jsonl", "learning-sgd-sweep-rounds.jsonl",
