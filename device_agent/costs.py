@@ -57,6 +57,7 @@ from hfedmoe.importance import compute_batch_stats
 from hfedmoe.lora import ExpertFactors, LoRASpec, attach_factors, detach_factors, factor_params
 from hfedmoe.models.base import MoEModel
 from hfedmoe.names import ExpertId
+from hfedmoe.quantize import is_quantized
 from hfedmoe.trainer import EagerTrainer
 
 
@@ -189,7 +190,7 @@ def measure_costs(model: MoEModel, batch_size: int, seq_len: int, optimizer: str
     batch = {k: v.to(device) for k, v in _sample_batch(model, batch_size, seq_len).items()}
     run_rest, run_routing, run_step = _model_steps(model, batch, optimizer)
 
-    snapshot = model.state()
+    snapshot = _FlatSnapshot(model)
     steps = measure_step_costs(run_expert, run_rest, device, repeats,
                                run_expert_frozen=run_frozen, run_routing=run_routing)
     release_freed_memory()  # the step's growth is measured as training will see it
@@ -204,6 +205,7 @@ def measure_costs(model: MoEModel, batch_size: int, seq_len: int, optimizer: str
     cost = dataclasses.replace(
         cost, batch_rows=batch_size * seq_len, process_baseline_bytes=baseline,
         non_expert_activation_bytes=max(cost.non_expert_activation_bytes, measured_rest))
+    del run_expert, run_frozen, run_rest, run_routing, run_step  # their buffers go first
     trainer_cfg = TrainConfig(batch_size=batch_size, optimizer=_optimizer_name(optimizer),
                               lr=1e-6, detach_frozen=detach_frozen, **_adapter_fields(lora))
     cost = dataclasses.replace(cost, trainer_fixed_bytes=calibrate_trainer_bytes(
@@ -211,12 +213,46 @@ def measure_costs(model: MoEModel, batch_size: int, seq_len: int, optimizer: str
     cost = dataclasses.replace(cost, trainer_row_bytes=calibrate_trainer_rows(
         model, batch, cost, trainer_cfg, unified_memory))
     model.set_trainable(())
-    model.load_state(snapshot)  # the timing steps must not change the model
+    snapshot.restore(model)  # the timing and calibration steps must not change the model
+    del snapshot
     release_freed_memory()  # what the timing steps freed must not count as resident
     if device.type == "cuda" and not unified_memory:  # the host is a pool of its own
         cost = with_host_pool(cost, resident_bytes())
     return MeasuredCosts(cost, steps, tokens, batch_size, seq_len,
                          "full" if lora is None else "lora", 0 if lora is None else lora.rank)
+
+
+class _FlatSnapshot:
+    """The tensors of a model that training can change (a quantized weight never trains),
+    copied into one buffer per dtype.
+
+    One clone per tensor (``MoEModel.state``) leaves thousands of small blocks in the C heap
+    between the blocks the timing steps free; the calibration's trainer then reuses those
+    freed blocks instead of growing, and read 0 MB where the same steps after
+    :func:`measure_costs` returned read 8-15 MB (32-expert model, LoRA, C = 1). A few large
+    buffers are mapped apart from the heap.
+    """
+
+    def __init__(self, model: MoEModel) -> None:
+        self.layout: list[tuple[str, torch.dtype, int, int]] = []  # key, dtype, offset, numel
+        sizes: dict[torch.dtype, int] = {}
+        for key in model.keys():
+            p = model.parameter(key)
+            if is_quantized(p):
+                continue
+            self.layout.append((key, p.dtype, sizes.get(p.dtype, 0), p.numel()))
+            sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
+        device = next(model.module.parameters()).device
+        self.flat = {dt: torch.empty(n, dtype=dt, device=device) for dt, n in sizes.items()}
+        with torch.no_grad():
+            for key, dt, off, n in self.layout:
+                self.flat[dt][off:off + n].copy_(model.parameter(key).reshape(-1))
+
+    def restore(self, model: MoEModel) -> None:
+        with torch.no_grad():
+            for key, dt, off, n in self.layout:
+                p = model.parameter(key)
+                p.copy_(self.flat[dt][off:off + n].view(p.shape))
 
 
 def with_host_pool(cost: CostModel, host_resident: int) -> CostModel:

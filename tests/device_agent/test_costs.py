@@ -189,3 +189,34 @@ def test_the_row_part_is_what_the_trainer_adds_at_e4_beyond_the_prediction(
     assert costs.calibrate_trainer_rows(model, batch, dataclasses.replace(
         cost, num_layers=0), TrainConfig(lr=1e-6)) == 0
     assert not any(e.trainable for layer in model.layers for e in layer.bank.experts)
+
+
+@pytest.mark.parametrize("adapter", ["full", "lora"])
+def test_measuring_costs_leaves_the_model_as_it_was(tokenizer, adapter: str) -> None:
+    """The timing and calibration steps train the real model (gates, head, experts or their
+    factors); the flat snapshot puts every tensor back bit for bit."""
+    model = tiny(tokenizer)
+    before = model.state_hash()
+    costs.measure_costs(model, 2, 16, repeats=1, adapter=adapter)
+    assert model.state_hash() == before
+
+
+def test_the_flat_snapshot_holds_one_buffer_per_dtype_and_skips_quantized_weights(
+        tokenizer) -> None:
+    from hfedmoe.models.quantize import quantize_model
+    from hfedmoe.quantize import is_quantized
+
+    model = tiny(tokenizer)
+    quantize_model(model, "int8")
+    quantized = [k for k in model.keys() if is_quantized(model.parameter(k))]
+    assert quantized  # the experts are stored int8
+    snap = costs._FlatSnapshot(model)
+    assert set(snap.flat) == {torch.float32}
+    assert {k for k, *_ in snap.layout} == set(model.keys()) - set(quantized)
+    saved = {k: model.parameter(k).detach().clone() for k, *_ in snap.layout}
+    with torch.no_grad():
+        for k in saved:
+            model.parameter(k).add_(1.0)
+    snap.restore(model)
+    for k, v in saved.items():
+        assert torch.equal(model.parameter(k), v), k
