@@ -246,45 +246,56 @@ class DevicePrivacy:
 
     # --- metadata ------------------------------------------------------------------------
     def release(self, update: SparseUpdate) -> SparseUpdate:
-        """``update`` with its loss, usage and importance as the config says (module
-        docstring)."""
-        cfg, meta = self.cfg, update.meta
-        withheld = sorted(n for n in ("loss", "usage", "importance")
-                          if getattr(cfg, n) == "withheld")
-        usage = self._stats(update.usage, cfg.usage, per_layer_sum=True)
-        importance = self._stats(update.importance, cfg.importance, per_layer_sum=False)
-        changes = dict(loss=self._loss(meta.loss), withheld=withheld or None)
-        if cfg.importance != "exact":
-            changes["ib_vs_importance"] = None
-        routed = update.routed if cfg.usage == "exact" else frozenset(update.updated)
-        return dataclasses.replace(update, usage=usage, importance=importance, routed=routed,
-                                   meta=meta.replace(**changes))
+        """``update`` with its loss, usage and importance as the config says
+        (:func:`release_metadata`)."""
+        return release_metadata(self.cfg, update, self.rng)
 
-    def _loss(self, loss: float | None) -> float | None:
-        how = self.cfg.loss
-        if loss is None or how == "exact":
-            return loss
-        if how == "withheld":
-            return None
-        if how == "noised":
-            return loss + self.rng.gauss(0.0, self.cfg.loss_noise)
-        return round(loss / self.cfg.loss_step) * self.cfg.loss_step
 
-    def _stats(self, values: Mapping[ExpertId, float], how: str,
-               per_layer_sum: bool) -> dict[ExpertId, float]:
-        if how == "exact":
-            return dict(values)
-        if how == "withheld":
-            return {}
-        if how == "coarsened":
-            step = self.cfg.stat_step
-            return {e: math.floor(v / step + 1e-9) * step for e, v in values.items()}
-        out = {e: min(1.0, max(0.0, v + self.rng.gauss(0.0, self.cfg.stat_noise)))
-               for e, v in values.items()}
-        if per_layer_sum:  # usage: a layer's shares sum to at most 1
-            sums: dict[int, float] = {}
-            for e, v in out.items():
-                sums[e.layer_idx] = sums.get(e.layer_idx, 0.0) + v
-            out = {e: v / sums[e.layer_idx] if sums[e.layer_idx] > 1 else v
-                   for e, v in out.items()}
-        return out
+def release_metadata(cfg: DevicePrivacyConfig, update: SparseUpdate,
+                     rng: random.Random | None = None) -> SparseUpdate:
+    """``update`` with its loss, usage and importance as ``cfg`` says (module docstring); the
+    noise of ``"noised"`` values from ``rng`` (None: the OS's randomness). Needs no ledger: a
+    simulated device's update is released where it trains (:mod:`lab.devices`)."""
+    rng = rng if rng is not None else random.SystemRandom()
+    meta = update.meta
+    withheld = sorted(n for n in ("loss", "usage", "importance")
+                      if getattr(cfg, n) == "withheld")
+    usage = _stats(cfg, rng, update.usage, cfg.usage, per_layer_sum=True)
+    importance = _stats(cfg, rng, update.importance, cfg.importance, per_layer_sum=False)
+    changes = dict(loss=_loss(cfg, rng, meta.loss), withheld=withheld or None)
+    if cfg.importance != "exact":
+        changes["ib_vs_importance"] = None
+    routed = update.routed if cfg.usage == "exact" else frozenset(update.updated)
+    return dataclasses.replace(update, usage=usage, importance=importance, routed=routed,
+                               meta=meta.replace(**changes))
+
+
+def _loss(cfg: DevicePrivacyConfig, rng: random.Random, loss: float | None) -> float | None:
+    how = cfg.loss
+    if loss is None or how == "exact":
+        return loss
+    if how == "withheld":
+        return None
+    if how == "noised":
+        return loss + rng.gauss(0.0, cfg.loss_noise)
+    return round(loss / cfg.loss_step) * cfg.loss_step
+
+
+def _stats(cfg: DevicePrivacyConfig, rng: random.Random, values: Mapping[ExpertId, float],
+           how: str, per_layer_sum: bool) -> dict[ExpertId, float]:
+    if how == "exact":
+        return dict(values)
+    if how == "withheld":
+        return {}
+    if how == "coarsened":
+        step = cfg.stat_step
+        return {e: math.floor(v / step + 1e-9) * step for e, v in values.items()}
+    out = {e: min(1.0, max(0.0, v + rng.gauss(0.0, cfg.stat_noise)))
+           for e, v in values.items()}
+    if per_layer_sum:  # usage: a layer's shares sum to at most 1
+        sums: dict[int, float] = {}
+        for e, v in out.items():
+            sums[e.layer_idx] = sums.get(e.layer_idx, 0.0) + v
+        out = {e: v / sums[e.layer_idx] if sums[e.layer_idx] > 1 else v
+               for e, v in out.items()}
+    return out

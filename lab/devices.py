@@ -14,6 +14,7 @@ import torch
 
 from device_agent.costs import make_planner, measure_costs
 from device_agent.emulation import emulation_scale
+from device_agent.privacy import release_metadata
 from device_agent.resources import probe_device
 from device_agent.train import RoundContext, RoundIds, train_round, usage_profile
 from device_agent.work import base_for, planned_mode
@@ -81,6 +82,10 @@ class DeviceJob:
     prior: dict | None = None  # the global routing prior (server.rounds.routing_prior)
     other: int | None = None  # the shard the hfedmoe-other control ranks experts on
     attack: Any = None  # lab.attacks.Attack: this device poisons its update (simulator only)
+    # the round's method as this device applies it (the stricter of its own privacy and the
+    # announced: lab.device_privacy.admit_round); None: the config's
+    method: Any = None  # hfedmoe.config.MethodConfig
+    privacy: Any = None  # device_agent.privacy.DevicePrivacyConfig: how its metadata leaves
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,9 +110,13 @@ def train_device(model: Any, data: Any, job: DeviceJob, state: dict[str, torch.T
     """One device's round on ``model`` (the device's copy, overwritten with ``state``): the
     fedmoe assignment pass if it needs one, local training within the driver's budget, the
     encoded update. Its randomness is seeded from ``(seed, round, device index)`` first.
-    ``other_data`` is the shard ``job.other`` (the hfedmoe-other control ranks on it)."""
+    ``other_data`` is the shard ``job.other`` (the hfedmoe-other control ranks on it). The
+    update is clipped and noised at ``job.method``'s DP settings and its loss, usage and
+    importance leave as ``job.privacy`` says (:func:`device_agent.privacy.release_metadata`),
+    before it is encoded, as on a live device."""
     torch.manual_seed(device_seed(cfg.rounds.seed, round_idx, job.index))
     budget = job.budget
+    method = job.method if job.method is not None else cfg.method
     model.load_state(state)
     quantize_model(model, cfg.model.quantize)  # "none": nothing
     assignment = job.assignment
@@ -116,15 +125,17 @@ def train_device(model: Any, data: Any, job: DeviceJob, state: dict[str, torch.T
         assignment = strategy.assign(usage, budget.c_budget)
     res = train_round(RoundContext(
         model, data, strategy=strategy, budget=budget.c_budget, train=cfg.train,
-        method=cfg.method, ids=RoundIds(cfg.run_id, round_idx, job.device_id, base_hash),
+        method=method, ids=RoundIds(cfg.run_id, round_idx, job.device_id, base_hash),
         max_length=cfg.model.max_length, assignment=assignment,
         planner=make_planner(budget, enforce=strategy.uses_budget, resident=0),
         prior=job.prior, selection_data=other_data))
     meta = res.update.meta.replace(budget_limit=budget.limit, budget_reason=budget.reason)
     update = dataclasses.replace(res.update, meta=meta)
+    if job.privacy is not None:  # its metadata policy
+        update = release_metadata(job.privacy, update)
     if job.attack is not None:  # a poisoning device of benchmarks/poisoning.py
         update = job.attack.apply(update)
-    blob = encode(update, cfg.method.tau, cfg.wire)
+    blob = encode(update, method.tau, cfg.wire)
     return DeviceResult(job.index, blob, res.seconds, assignment)
 
 

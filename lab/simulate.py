@@ -9,6 +9,12 @@ in emulated device time: the slowest participant's measured local time scaled to
 The run directory has the same ``metrics.jsonl``/``run.db`` layout as a server's, so
 ``hfedmoe report`` works on it.
 
+Its config is the server's plus ``[devices]`` (:class:`lab.device_privacy.SimulationConfig`):
+each simulated device's own ``[privacy]`` section, applied through the live agent's
+:class:`~device_agent.privacy.DevicePrivacy` (the stricter of it and the announced DP
+settings, its metadata released as it says, a round it refuses sat out with the reason, its
+epsilon over the noise of each update it sent).
+
 Both backends give the same rows for the same seed and :class:`~lab.devices.Calibration`, timing fields
 aside: the driver decides every budget (from the costs it measured) and every participant; a
 device's training randomness depends only on ``(rounds.seed, round, device index)``
@@ -35,8 +41,17 @@ from typing import Any
 
 import torch
 
-from hfedmoe.errors import ConfigError
+from device_agent.conditions import privacy_reason
+from device_agent.privacy import DevicePrivacy
+from hfedmoe.errors import ConfigError, PrivacyRefused
 from lab.attacks import Attack
+from lab.device_privacy import (
+    SimulationConfig,
+    admit_round,
+    check_overrides,
+    devices_of,
+    new_device_privacy,
+)
 from lab.devices import Calibration, DeviceJob, SequentialBackend, _lora, calibrate
 from lab.secagg import SecureAggregator
 from server.bounds import bound_norms, check_experts, round_strategy
@@ -72,9 +87,8 @@ def _profiles(spec: str, n: int, seed: int) -> list[str]:
 
 def run_simulation(args: argparse.Namespace) -> int:
     from hfedmoe.config import load_config
-    from server.config import ServerConfig
 
-    cfg = load_config(ServerConfig, args.config, args.overrides)
+    cfg = load_config(SimulationConfig, args.config, args.overrides)
     if args.run_dir:
         cfg = dataclasses.replace(cfg, run_dir=args.run_dir)
     rows = simulate(cfg, args.devices, _profiles(args.profiles, args.devices, cfg.rounds.seed),
@@ -135,6 +149,8 @@ def simulate(cfg: Any, num_devices: int, profiles: list[str], measure_repeats: i
             sim.runner.close()
             times["close_s"] = time.perf_counter() - t0
         sim.store.close()
+        for d in sim.devices:
+            d.privacy.ledger.close()
     return rows
 
 
@@ -147,10 +163,15 @@ class SimDevice:
     budget: Any  # device_agent.budget.Budget, decided once from the calibration
     scale: float  # its profile's time over this host's
     have: set[str]  # model shards it holds
+    profile: str  # its profile's name
+    # its own privacy settings ([devices] of the simulation config: lab.device_privacy) and
+    # its ledger: the noise multiplier of each noised update it sent, accounted one by one
+    privacy: DevicePrivacy
     assignment: frozenset | None = None  # fedmoe's fixed sub-model once known
-    # the noise multiplier of each noised update it has sent, as the update reported it (the
-    # announced noise where it said nothing): its epsilon is accounted round by round
-    dp_noises: list[float] = dataclasses.field(default_factory=list)
+
+    def dp_noises(self) -> list[float]:
+        """The noise multiplier of each noised update it has sent, oldest first."""
+        return [z for z, _ in self.privacy.ledger.rounds()]
 
 
 @dataclasses.dataclass
@@ -200,8 +221,9 @@ def _check_backend(backend: str, ray_workers: int) -> None:
 
 def check_devices(cfg: Any, num_devices: int, profiles: list[str]) -> None:
     """Refuse a simulation whose devices make no sense, before anything is built: no device,
-    a profile list that does not give each device one, or more updates asked of a round
-    (``rounds.min_updates``) than there are devices."""
+    a profile list that does not give each device one, more updates asked of a round
+    (``rounds.min_updates``) than there are devices, or a ``[[devices.overrides]]`` entry
+    naming a device index or profile the run has none of."""
     from hfedmoe.errors import ConfigError
 
     if num_devices < 1:
@@ -211,6 +233,7 @@ def check_devices(cfg: Any, num_devices: int, profiles: list[str]) -> None:
     if cfg.rounds.min_updates > num_devices:
         raise ConfigError(f"rounds.min_updates = {cfg.rounds.min_updates} asks each round for "
                           f"more updates than the {num_devices} simulated devices")
+    check_overrides(devices_of(cfg), num_devices, profiles)
 
 
 def _setup(cfg: Any, num_devices: int, profiles: list[str], measure_repeats: int,
@@ -256,6 +279,7 @@ def _register_devices(cfg: Any, profiles: list[str], shards: list[Any],
     from device_agent.report import time_scale
 
     reports = [load_profile(name) for name in profiles]
+    own = devices_of(cfg)
     devices = []
     for i, (name, report) in enumerate(zip(profiles, reports, strict=True)):
         steps = steps_per_round(len(shards[i]), cfg.train.batch_size, cfg.train.local_epochs,
@@ -264,7 +288,8 @@ def _register_devices(cfg: Any, profiles: list[str], shards: list[Any],
         scale = time_scale(calibration.host, report)  # host seconds -> the device's
         if budget.emulation:  # the device's rates were scaled down by the emulation scale
             scale /= budget.emulation["factor"]
-        dev = SimDevice(i, f"sim{i:03d}-{name}", budget, scale, set())
+        dev = SimDevice(i, f"sim{i:03d}-{name}", budget, scale, set(), name,
+                        new_device_privacy(own, i, name))
         store.upsert_device(dev.id, {**report.to_dict(), "budget": budget.to_dict(),
                                      "local_examples": len(shards[i])}, budget.c_budget)
         devices.append(dev)
@@ -358,7 +383,7 @@ def _round(sim: _Simulation, r: int) -> dict[str, Any]:
         metrics=metrics, budgets={d.id: d.budget.c_budget for d in sim.devices},
         records=tally.records, usage=tally.usage, disagreement=tally.disagreement,
         dense_bytes=dense_update_bytes(sim.global_state, sim.cfg.wire.dtype),
-        method=sim.cfg.method, noised_updates={d.id: d.dp_noises for d in sim.devices},
+        method=sim.cfg.method, noised_updates={d.id: d.dp_noises() for d in sim.devices},
         aggregation_s=agg_s, round_s=max(tally.device_s, default=0.0), rejected=tally.rejected,
         wall_s=time.perf_counter() - wall0, num_experts=len(sim.model.expert_ids()),
         bytes_out=bytes_out, skipped=skipped)
@@ -379,17 +404,23 @@ def _aggregator(sim: _Simulation) -> Any:
 def _jobs(sim: _Simulation, r: int, chosen: list[SimDevice], manifest: Any,
           blobs: dict[str, bytes]) -> tuple[list[DeviceJob], dict[str, list[str]], int]:
     """The chosen devices' jobs, the devices that sit out and why, and the model bytes the
-    jobs' devices fetch (the shards they lack)."""
-    from hfedmoe.privacy import may_take_part
+    jobs' devices fetch (the shards they lack).
 
-    method = sim.cfg.method
+    Each device takes the round's settings as a live agent does (:func:`lab.device_privacy.
+    admit_round`: the stricter of its own and the announced); one that refuses the round sits
+    it out, and the skip is recorded with the reason its status would give."""
+    cfg = sim.cfg
+    secagg = dataclasses.asdict(cfg.secagg) if cfg.secagg.enabled else {}
     jobs, skipped, bytes_out = [], {}, 0
     for d in chosen:
-        if not may_take_part(d.dp_noises, method):  # its epsilon budget is spent
-            why = (f"one more noised update would pass method.dp_max_epsilon = "
-                   f"{method.dp_max_epsilon:g}")
+        try:
+            method = admit_round(d.privacy, devices_of(cfg), d.index, d.profile, r, cfg.method,
+                                 secagg)
+        except PrivacyRefused as exc:
+            why = privacy_reason(exc)
             log.warning("%s: sits out round %d: %s", d.id, r, why)
             skipped[d.id] = [why]
+            sim.store.record_skip(r, d.id, [why], {})
             continue
         missing = set(manifest.shards.values()) - d.have
         bytes_out += sum(len(blobs[s]) for s in missing)
@@ -397,7 +428,7 @@ def _jobs(sim: _Simulation, r: int, chosen: list[SimDevice], manifest: Any,
         other = (d.index + 1) % len(sim.devices) if sim.strategy.other_data else None
         attack = sim.attack if sim.attack is not None and sim.attack.hits(d.index) else None
         jobs.append(DeviceJob(d.index, d.id, d.budget, d.assignment, dict(sim.prior), other,
-                              attack))
+                              attack, method=method, privacy=d.privacy.cfg))
     return jobs, skipped, bytes_out
 
 
@@ -409,16 +440,14 @@ def _train(sim: _Simulation, r: int, base_hash: str, jobs: list[DeviceJob],
     from hfedmoe.wire import decode
 
     lora, tally = _lora(sim.cfg), _Tally()
+    methods = {job.index: job.method for job in jobs}
     # results come back in the order of ``jobs``, whatever order they trained in
     for out in sim.runner.run(r, sim.global_state, base_hash, jobs):
         d = sim.devices[out.index]
         d.assignment = out.assignment
+        d.privacy.record(r, methods[out.index])  # the noise it applied, in its ledger
         update = decode(out.blob, sim.spec, sim.cfg.wire, round_idx=r, client_id=d.id)
         update = expand(update, lora) if lora is not None else update
-        z = (update.meta.dp_noise_multiplier if update.meta.dp_noise_multiplier is not None
-             else sim.cfg.method.dp_noise_multiplier)
-        if z > 0:
-            d.dp_noises.append(float(z))
         tally.device_s.append(out.seconds * d.scale)
         update = _held_to_policy(sim, r, d, update)
         if update is None:
