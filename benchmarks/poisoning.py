@@ -34,6 +34,8 @@ themselves move an honest federation's accuracy too).
     python -m benchmarks.poisoning [--quick] [--seeds 0,1,2] [--attacks scale:10,sign-flip:10]
                                    [--attackers 1] [--arms none,clip,...] [--out FILE]
     python -m benchmarks.poisoning --from-rows FILE --out FILE   # summarize stored runs again
+    python -m benchmarks.poisoning --data fortunes --seeds 0,1,2,3,4 --arms all \
+        --rounds 5 --max-steps 5 --max-eval 1500 --out benchmarks/results/poisoning-fortunes.jsonl
 
 The default (36 runs and a calibration run) takes about 20 to 40 minutes with
 ``OMP_NUM_THREADS=1`` on one core of a shared machine; ``--quick`` is the test's short run (4 devices, one
@@ -80,7 +82,7 @@ def server_config(args: argparse.Namespace, seed: int, run_dir: str, defence: st
     return ServerConfig(
         run_id="poison", run_dir=run_dir, max_eval_examples=args.max_eval,
         model=ModelConfig(max_length=64, seed=seed),
-        data=DataConfig(alpha=0.5, seed=seed),
+        data=DataConfig(source=args.data, alpha=0.5, seed=seed),
         method=MethodConfig(strategy="hfedmoe", seed=seed),
         train=TrainConfig(batch_size=8, local_epochs=1, threads=1, max_steps=args.max_steps),
         rounds=RoundConfig(rounds=args.rounds, train_time_s=DEMO_WINDOW_S,
@@ -194,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=3,
                    help="local steps a round (0: one local epoch, as the demo)")
     p.add_argument("--max-eval", type=int, default=0, help="0: the whole test split")
+    p.add_argument("--data", default="chatterbot",
+                   help="the data source (data.source): chatterbot, the bundled corpus, or "
+                        "fortunes, whose larger test split resolves smaller differences")
     p.add_argument("--out", default=OUT)
     p.add_argument("--from-rows", default="",
                    help="summarize the run rows of this file again (no run) into --out")
@@ -267,7 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     calibration, bounds, attackers = calibrate_run(args)
     cfg = server_config(args, 0, "unused")
     descriptor = model_descriptor(cfg.model, cfg.train, devices=args.devices,
-                                  rounds=args.rounds)
+                                  rounds=args.rounds, data=args.data,
+                                  max_steps=args.max_steps)
     print(f"bounds (x{args.margin:g} the honest maxima of seed {args.calib_seed}): {bounds}; "
           f"attackers: {attackers}", flush=True)
     write_rows(args.out, [{"bench": "poisoning", "kind": "calibration", "bounds": bounds,
