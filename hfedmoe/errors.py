@@ -28,6 +28,7 @@ error message on the wire::
     ├── DeviceError              probing or budgeting the device failed
     ├── PrivacyRefused           a device declines a round its privacy settings forbid
     ├── StoreError               durable state is unreadable or inconsistent
+    │   └── StoreUnavailableError  the store kept failing past ``store.outage_limit_s``
     └── ExportError              ExecuTorch/ONNX export or parity failure
 """
 
@@ -121,6 +122,14 @@ class DiskFullError(HFedMoEError):
 
 class StoreError(HFedMoEError):
     """Durable state is unreadable or inconsistent."""
+
+
+class StoreUnavailableError(StoreError):
+    """The store (a database gone away, a failing disk) kept failing a write the coordinator
+    cannot do without (opening or closing a round) for longer than ``store.outage_limit_s``;
+    the server stops, and a restart resumes from what is stored."""
+
+    exit_code = 7
 
 
 class ExportError(HFedMoEError):

@@ -262,12 +262,18 @@ class StoreConfig:
             aggregates ("": the run directory). Ingest workers on other hosts need it on a
             filesystem they all mount (NFS or similar: atomic rename and fsync required).
         connect_timeout_s: how long opening (or re-opening) the database may take.
+        outage_limit_s: how long the coordinator keeps trying a write that opens or closes
+            a round (the round row, the checkpoint) while the store fails, with a backoff of
+            0.5 s doubling up to 10 s between tries (:mod:`server.store.outage`); past it the
+            server stops with StoreUnavailableError (exit code 7), and a restart resumes the
+            round. 0: keep trying for as long as it takes.
     """
 
     url: str = ""
     schema: str = ""
     spool_dir: str = ""
     connect_timeout_s: float = 10.0
+    outage_limit_s: float = 600.0
 
     def __post_init__(self) -> None:
         if self.url and not self.url.startswith(("postgresql://", "postgres://")):
@@ -278,6 +284,8 @@ class StoreConfig:
                               f"letter or _), got {self.schema!r}")
         if not 0 < self.connect_timeout_s <= 600:
             raise ConfigError("store.connect_timeout_s must be in (0, 600]")
+        if not 0 <= self.outage_limit_s <= 7 * 86400:
+            raise ConfigError("store.outage_limit_s must be in [0, 604800] (0: no limit)")
 
     def schema_for(self, run_id: str) -> str:
         """The PostgreSQL schema of run ``run_id``'s tables."""

@@ -9,7 +9,10 @@ ack), the model's shards (:mod:`server.shards`), the Prometheus endpoint
 wait for the updates until the deadline, fold them into the global model, evaluate,
 checkpoint and write the metrics row (:mod:`server.rounds`). Every update is spooled before
 it is acknowledged (:mod:`server.store`), so a SIGKILL at any point is recovered by
-:meth:`Coordinator.resume`.
+:meth:`Coordinator.resume`. A store that fails while a round opens or closes (a database gone
+away) is waited out: each write is tried again with a bounded backoff for up to
+``store.outage_limit_s`` (:mod:`server.store.outage`), and what was computed once (the
+aggregate, the metrics row) is not computed again.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from hfedmoe.data import PairDataset, TextDataset
+from hfedmoe.errors import StoreError
 from hfedmoe.models.base import MoEModel
 from hfedmoe.modelsync import build_shards
 from hfedmoe.names import ExpertId
@@ -52,6 +56,7 @@ from server.rounds import (
 from server.secure_round import SecureRounds
 from server.shards import ModelShards
 from server.store import open_store
+from server.store.outage import Durable
 
 log = logging.getLogger("hfedmoe.server")
 
@@ -76,6 +81,7 @@ class Coordinator:
         self.model = model
         self.test_data = test_data
         self.clock = clock
+        self.durably = Durable(cfg.store.outage_limit_s)  # opening/closing waits out outages
         self.topics = Topics(cfg.run_id)
         self.store = open_store(cfg)
         self.strategy = round_strategy(cfg)
@@ -173,8 +179,7 @@ class Coordinator:
         while self.next_round < self.cfg.rounds.rounds or self.round is not None:
             if self.round is None:
                 participants = self._choose_participants()
-                deadline = self.clock() + self.cfg.rounds.deadline_s
-                self._open_round(self.next_round, participants, deadline, announce=True)
+                self._open_round(self.next_round, participants, None, announce=True)
             self._collect()
             rows.append(self._close_round())
         self._announce(Done(self.cfg.rounds.rounds))
@@ -192,29 +197,26 @@ class Coordinator:
     # --- rounds ------------------------------------------------------------------------------
     def _choose_participants(self) -> list[str]:
         rc = self.cfg.rounds
-        ok = self.transport.run_until(lambda: len(self.registry.online()) >= rc.min_devices,
-                                      timeout=rc.registration_timeout_s,
-                                      tick=self._tick)
-        while not self.registry.online():  # a round without devices is pointless: keep waiting
-            log.info("waiting for a device to register")
-            self.transport.run_until(lambda: bool(self.registry.online()), timeout=30.0,
-                                     tick=self._tick)
-        online = self.registry.online()
-        if not ok:
-            log.warning("only %d of %d devices online after %.0fs; starting anyway",
-                        len(online), rc.min_devices, rc.registration_timeout_s)
+        online = self.registry.wait_online(rc.min_devices, rc.registration_timeout_s, self._tick)
         return choose_participants(online, self.next_round, fraction=rc.fraction, seed=rc.seed,
                                    over_select=rc.over_select)
 
-    def _open_round(self, round_idx: int, participants: list[str], deadline: float,
+    def _open_round(self, round_idx: int, participants: list[str], deadline: float | None,
                     announce: bool) -> None:
+        """Its row in the store, then the announcement; a new round (``deadline`` None) gets
+        its deadline when the row is written: a store outage does not eat the devices' time."""
         manifest = self.shards.publish(self.global_state)
         rc = self.cfg.rounds
+
+        def write_row() -> float:
+            due = self.clock() + rc.deadline_s if deadline is None else deadline
+            self.store.open_round(round_idx, due, participants, manifest.state_hash)
+            return due
+        deadline = self.durably(f"opening round {round_idx}", write_row)
         self.round = RoundState(round_idx, participants, deadline, manifest.state_hash, manifest,
                                 updates_expected(len(participants), rc.min_updates,
                                                  rc.over_select))
         self.aggregator = self.strategy.make_aggregator()
-        self.store.open_round(round_idx, deadline, participants, manifest.state_hash)
         if announce:
             devices = self.store.devices()
             self._announce(RoundAnnouncement(
@@ -258,10 +260,12 @@ class Coordinator:
                 self._receiver.poll()
 
     def _close_round(self) -> dict[str, Any]:
+        """Aggregate (once), evaluate, checkpoint, write the row; store outages waited out."""
         r = self.round
         assert r is not None
-        self.store.set_round_state(r.round_idx, "aggregating")
-        report, agg_s = self._aggregate(r)
+        closing = f"closing round {r.round_idx}"
+        self.durably(closing, lambda: self.store.set_round_state(r.round_idx, "aggregating"))
+        report, agg_s = self.durably(closing, lambda: self._aggregate(r))
         if r.accepted:
             devices = self.store.devices()
             self.prior = routing_prior(self.prior, {d: r.usage[d] for d in r.accepted
@@ -271,17 +275,17 @@ class Coordinator:
         metrics = (self._evaluate() if evaluates(r.round_idx, self.cfg.rounds.rounds,
                                                   self.cfg.eval_every) else {})
         new_hash, _ = build_shards(self.global_state)
-        row = {**self._round_row(r, report, metrics, agg_s), **self.secure.row()}
+        row = {**self.durably(closing, lambda: self._round_row(r, report, metrics, agg_s)),
+               **self.secure.row()}
         if "privacy" in row:
             log.info("round %d: privacy: epsilon <= %.3f at delta %g (max over devices)",
                      r.round_idx, row["privacy"]["epsilon_max"], row["privacy"]["delta"])
-        self.store.save_checkpoint(r.round_idx, self.global_state, {
-            k: v for k, v in row.items() if k not in ("devices",)}, new_hash.state_hash)
+        kept = {k: v for k, v in row.items() if k not in ("devices",)}
+        self.durably(closing, lambda: self.store.save_checkpoint(
+            r.round_idx, self.global_state, kept, new_hash.state_hash))
         shutil.rmtree(Path(self.cfg.run_dir) / "partials" / f"r{r.round_idx}",
                       ignore_errors=True)  # the checkpoint holds the round now
-        ret = self.cfg.retention
-        freed = self.store.prune(r.round_idx, ret.keep_updates, ret.keep_checkpoints,
-                                 ret.keep_best)
+        freed = _retain(self.store, self.cfg, r.round_idx)
         row["run_dir_bytes"] = self.store.size_bytes()
         if freed:
             log.info("round %d: retention freed %.1f MB; run directory %.1f MB", r.round_idx,
@@ -299,7 +303,8 @@ class Coordinator:
         return row
 
     def _aggregate(self, r: RoundState) -> tuple[dict[str, Any], float]:
-        """Fold the round's updates into the global model; its report and the seconds taken."""
+        """Fold the round's updates into the global model; its report and the seconds taken.
+        Repeatable after a StoreError (the store is read before anything is folded)."""
         t0 = time.perf_counter()
         if self.cfg.ingest.workers > 0:
             self.ingest.gather(r, self.aggregator)
@@ -366,6 +371,17 @@ def _keep_config(store: Any, cfg: ServerConfig) -> None:
     kept = _jsonable(cfg)
     kept["store"]["url"] = redact_url(cfg.store.url)
     store.set_meta("config", json.dumps(kept))
+
+
+def _retain(store: Any, cfg: ServerConfig, done_round: int) -> int:
+    """Retention after a durable round; the bytes freed. A store failure defers it to the
+    next round's close (pruning covers every round up to the one it is given)."""
+    ret = cfg.retention
+    try:
+        return store.prune(done_round, ret.keep_updates, ret.keep_checkpoints, ret.keep_best)
+    except StoreError as exc:
+        log.warning("round %d: retention deferred to the next round: %s", done_round, exc)
+        return 0
 
 
 def _append_row(path: Any, row: dict[str, Any]) -> dict[str, Any]:

@@ -253,6 +253,9 @@ class IngestLink:
             lambda: all((r.round_idx, w) in self.partials or w not in self.workers_online
                         for w in waiting),
             timeout=self.cfg.ingest.partial_timeout_s)
+        # read before anything is merged: a StoreError here leaves the aggregate untouched,
+        # so the coordinator can call this again once the store is back
+        spooled = self.store.updates(r.round_idx)
         for (round_idx, worker), notice in sorted(self.partials.items()):
             if round_idx != r.round_idx:
                 continue
@@ -262,7 +265,7 @@ class IngestLink:
                 server_log.warning("round %d: partial aggregate of %s unusable (%s); its "
                                    "updates are read from the spool", r.round_idx, worker, exc)
         covered = set(aggregator.summaries)
-        for stored in self.store.updates(r.round_idx):
+        for stored in spooled:
             if not stored.late:
                 r.accepted[stored.client_id] = stored.num_bytes
             if stored.client_id in covered:

@@ -100,6 +100,22 @@ class Registry:
         """The registered devices whose last status is online."""
         return {d: info for d, info in self.store.devices().items() if info["status"] == "online"}
 
+    def wait_online(self, min_devices: int, timeout: float,
+                    tick: Callable[[], None]) -> dict[str, dict[str, Any]]:
+        """The online devices once ``min_devices`` are online or ``timeout`` seconds pass
+        (pumping the transport, ``tick`` between pumps); with none online, it keeps waiting:
+        a round without devices is pointless."""
+        ok = self.transport.run_until(lambda: len(self.online()) >= min_devices,
+                                      timeout=timeout, tick=tick)
+        while not self.online():
+            log.info("waiting for a device to register")
+            self.transport.run_until(lambda: bool(self.online()), timeout=30.0, tick=tick)
+        online = self.online()
+        if not ok:
+            log.warning("only %d of %d devices online after %.0fs; starting anyway",
+                        len(online), min_devices, timeout)
+        return online
+
     def known(self, device: str) -> bool:
         return device in self.store.devices()
 
