@@ -280,9 +280,15 @@ def _adapter_fields(lora: LoRASpec | None) -> dict[str, Any]:
     return {"adapter": "lora", "lora_rank": lora.rank, "lora_alpha": lora.alpha}
 
 
+# Readings per calibration, their median kept: one reading of the same steps moves by several
+# MB with the heap's state (8-expert model, LoRA, C = 1: 5.4-6.6 MB in three readings, 0-15 MB
+# between processes), as much as the term it calibrates.
+CALIBRATION_REPEATS = 3
+
+
 def calibrate_trainer_bytes(model: MoEModel, batch: dict[str, torch.Tensor], cost: CostModel,
                             train_cfg: TrainConfig, unified_memory: bool = False,
-                            steps: int = 2) -> int:
+                            steps: int = 2, repeats: int = CALIBRATION_REPEATS) -> int:
     """The trainer's fixed part (``CostModel.trainer_fixed_bytes``): what ``steps`` steps of
     the round's own trainer (:class:`~hfedmoe.trainer.EagerTrainer`, the heap trimmed after
     each step as the round does) add over the resident size with C = 1 (the expert that
@@ -294,14 +300,15 @@ def calibrate_trainer_bytes(model: MoEModel, batch: dict[str, torch.Tensor], cos
     restores them).
     """
     rows = _batch_rows(model, batch)
-    residual = _trainer_residual(model, batch, cost, train_cfg, rows,
-                                 [max(rows, key=lambda e: rows[e])], unified_memory, steps)
+    residual = _median_residual(model, batch, cost, train_cfg, rows,
+                                [max(rows, key=lambda e: rows[e])], unified_memory, steps,
+                                repeats)
     return 0 if residual is None else max(0, residual)
 
 
 def calibrate_trainer_rows(model: MoEModel, batch: dict[str, torch.Tensor], cost: CostModel,
                            train_cfg: TrainConfig, unified_memory: bool = False,
-                           steps: int = 2) -> int:
+                           steps: int = 2, repeats: int = CALIBRATION_REPEATS) -> int:
     """What a real trainer's step adds per trained row (``CostModel.trainer_row_bytes``, per
     balanced expert's rows) beyond ``cost`` with its fixed part: ``steps`` steps of the round's
     trainer with the E/4 experts that compute the most rows of ``batch``, their growth less the
@@ -318,12 +325,27 @@ def calibrate_trainer_rows(model: MoEModel, batch: dict[str, torch.Tensor], cost
         return 0
     rows = _batch_rows(model, batch)
     chosen = sorted(rows, key=lambda e: (-rows[e], e))[:max(2, cost.num_experts // 4)]
-    residual = _trainer_residual(model, batch, cost, train_cfg, rows, chosen, unified_memory,
-                                 steps)
+    residual = _median_residual(model, batch, cost, train_cfg, rows, chosen, unified_memory,
+                                steps, repeats)
     share = sum(rows[e] for e in chosen) / max(cost.expert_rows, 1)
     if residual is None or residual <= 0 or share <= 0:
         return 0
     return int(residual / share)
+
+
+def _median_residual(model: MoEModel, batch: dict[str, torch.Tensor], cost: CostModel,
+                     train_cfg: TrainConfig, rows: dict[ExpertId, float],
+                     chosen: list[ExpertId], unified_memory: bool, steps: int,
+                     repeats: int) -> int | None:
+    """The median of ``repeats`` readings of :func:`_trainer_residual` (None: this trainer
+    cannot train the model)."""
+    readings = []
+    for _ in range(max(1, repeats)):
+        r = _trainer_residual(model, batch, cost, train_cfg, rows, chosen, unified_memory, steps)
+        if r is None:
+            return None
+        readings.append(r)
+    return int(statistics.median(readings))
 
 
 def _batch_rows(model: MoEModel, batch: dict[str, torch.Tensor]) -> dict[ExpertId, float]:
