@@ -18,9 +18,11 @@ What is counted (an estimate, stated in every plan):
   weight, gradient and both moments: 28 B per fp32 parameter; SGD 12 B);
 - the non-expert step: 4 FLOPs per dense weight per token (forward and input gradient), 2
   more per trainable non-expert parameter, attention scores; the routing pass: a forward;
-- the non-expert activations: ``8 x hidden`` elements per token per layer plus, for a causal
-  LM, what the loss holds per logit at its peak (:data:`LOGIT_PEAK_BYTES`), plus gradients and
-  AdamW state of the trainable non-expert parts (routers, shared experts) in fp32.
+- the non-expert activations: ``8 x hidden`` elements per token per layer, the k expert
+  outputs per token of each MoE layer (kept for the gates' gradients), a float32 row per token
+  of each normalization layer's input plus, for a causal LM, what the loss holds per logit at
+  its peak (:data:`LOGIT_PEAK_BYTES`), plus gradients and AdamW state of the trainable
+  non-expert parts (routers, shared experts) in fp32.
 """
 
 from __future__ import annotations
@@ -250,16 +252,34 @@ LOGIT_PEAK_BYTES = {4: 17, 2: 20}
 def _non_expert_activation_bytes(model: MoEModel, base: str, rows: int, trainable_rest: int,
                                  optimizer: str) -> int:
     """Memory of the non-expert part of a step: ``8 x hidden`` activations per token per
-    layer, a causal LM's logits as its loss holds them at the peak, and the gradients and optimizer
-    state of the trainable non-expert parts (routers, shared experts)."""
+    layer; each MoE layer's k expert outputs per token, which the combine keeps for the
+    gates' gradients; each norm's input, upcast to fp32 and kept (:func:`norm_modules`); a
+    causal LM's logits as its loss holds them at the peak; and the gradients and optimizer
+    state of the trainable non-expert parts (routers, shared experts).
+
+    The combine and the norms were measured with saved-tensor hooks on OLMoE-1B-7B's first two
+    decoder layers at the real widths (batch 1 x 128, bf16): per decoder layer 4.2 MB of
+    expert outputs (128 x 8 x 2048 in bf16) and four fp32 norm inputs of 1.05 MB each, where
+    ``8 x hidden`` alone counted 4.2 MB per layer."""
     cfg = getattr(model.module, "config", None)
     n_layers = transformer_layers(model)
     hidden = model.layers[0].bank.shape.d_model
+    act = _activation_dtype_bytes(base)
     vocab = getattr(cfg, "vocab_size", 0) or 0
-    logits = (rows * vocab * LOGIT_PEAK_BYTES[_activation_dtype_bytes(base)]
+    logits = (rows * vocab * LOGIT_PEAK_BYTES[act]
               if model.task in ("causal-lm", "seq2seq") else 0)
-    return (_activation_dtype_bytes(base) * rows * 8 * hidden * n_layers + logits
+    combine = act * rows * hidden * sum(layer.top_k for layer in model.layers)
+    norms = 4 * rows * hidden * norm_modules(model)
+    return (act * rows * 8 * hidden * n_layers + combine + norms + logits
             + expert_state_bytes(trainable_rest, optimizer))
+
+
+def norm_modules(model: MoEModel) -> int:
+    """The network's normalization layers (RMSNorm and LayerNorm of any family, by class
+    name): each keeps its input as a float32 row per token for the backward (transformers'
+    RMSNorm upcasts; autocast runs layer_norm in float32)."""
+    return sum(1 for m in model.module.modules()
+               if type(m).__name__.endswith("Norm"))
 
 
 def _lora_rest(model: MoEModel, trainable_rest: int, rank: int) -> int:

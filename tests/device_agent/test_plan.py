@@ -161,21 +161,23 @@ def test_inspect_cli_on_config_dir(tmp_path: Path, capsys: pytest.CaptureFixture
 # (weights, expert weight, state, activations, non-expert activations, frozen activations,
 #  grads, snapshot, trained seconds, non-expert step seconds) of each mode of qwen2-moe's test
 #  config at batch 2 x seq 16, one expert timed at 2 ms trained, 1.5 ms with LoRA, 1 ms frozen;
-#  the non-expert activations hold 32 x 512 logits at 17 B (fp32 compute) or 20 B (bf16);
+#  the non-expert activations hold 32 x 512 logits at 17 B (fp32 compute) or 20 B (bf16),
+#  the 2 MoE layers' top-2 expert outputs per row (4 x 32 x d_model 32 at the compute dtype)
+#  and the 5 norms' float32 inputs (5 x 32 rows x 32 x 4 B);
 #  its SiLU experts (d_ff 48) save 4 x 48 values per row frozen and 5 x 48 trained
 #  (device_agent.budget.saved_ffn_rows), plus 2 x rank 4 with LoRA
 PINNED_QWEN2_COSTS = {  # its shared experts train in full (full) or through factors (lora)
-    "full-fp32": (207232, 18432, 55296, 15360, 495360, 12288, 18432, 18432, 0.002,
+    "full-fp32": (207232, 18432, 55296, 15360, 532224, 12288, 18432, 18432, 0.002,
                   0.01876388888888889),
-    "full-bf16": (103616, 9216, 46080, 7680, 511744, 6144, 9216, 9216, 0.002,
+    "full-bf16": (103616, 9216, 46080, 7680, 540416, 6144, 9216, 9216, 0.002,
                   0.01876388888888889),
-    "lora-fp32": (207232, 18432, 9984, 15872, 375552, 12288, 3328, 3328, 0.0015,
+    "lora-fp32": (207232, 18432, 9984, 15872, 412416, 12288, 3328, 3328, 0.0015,
                   0.01659722222222222),
-    "lora-bf16": (103616, 9216, 9984, 7936, 391936, 6144, 3328, 3328, 0.0015,
+    "lora-bf16": (103616, 9216, 9984, 7936, 420608, 6144, 3328, 3328, 0.0015,
                   0.01659722222222222),
-    "lora-int8": (107904, 5248, 9984, 15872, 375552, 12288, 3328, 3328, 0.0015,
+    "lora-int8": (107904, 5248, 9984, 15872, 412416, 12288, 3328, 3328, 0.0015,
                   0.01659722222222222),
-    "lora-int4": (89728, 3616, 9984, 7936, 391936, 6144, 3328, 3328, 0.0015,
+    "lora-int4": (89728, 3616, 9984, 7936, 420608, 6144, 3328, 3328, 0.0015,
                   0.01659722222222222),
 }
 
@@ -221,3 +223,14 @@ def test_times_at_a_rate_are_a_roofline(tmp_path: Path) -> None:
     fast = planned.cost(1e12, None)  # no bandwidth figure: FLOPs only, no optimizer time
     assert fast.expert_frozen_seconds == pytest.approx(294912 / 1e12)
     assert fast.expert_optimizer_seconds == 0.0
+
+
+def test_every_normalization_layer_is_counted(tmp_path: Path) -> None:
+    """Two per decoder layer and the final one in qwen2-moe's test config; OLMoE's q and k
+    norms make four per layer."""
+    from device_agent.work import norm_modules
+
+    model = build_meta_model(_config_dir(tmp_path, "qwen2-moe"))
+    assert norm_modules(model) == 2 * len(model.layers) + 1
+    olmoe = build_meta_model("examples/models/olmoe-1b-7b-0924")
+    assert norm_modules(olmoe) == 4 * 16 + 1
