@@ -89,6 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=8, help="local steps of the per-profile budgets")
     p.add_argument("--out", default=None, help="append JSON lines here")
     p.add_argument("--plot", default=None, help="write a PNG of the results here")
+    p.add_argument("--processes", type=int, default=1,
+                   help="fresh processes per configuration, each predicting and measuring on "
+                        "its own (what the C heap holds moves by several MB between them)")
     args = p.parse_args(argv)
     from hfedmoe.config import ModelConfig
 
@@ -108,16 +111,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for adapter, quantize, heap in variants:
         for b in budgets:
-            m = measure_in_subprocess({"mode": "round", "model": model, "path": impl,
-                                       "num_experts": args.experts, "top_k": args.top_k,
-                                       "heap": heap, "budget": b, "batch_size": batch_size,
-                                       "seq_len": seq_len, "adapter": adapter,
-                                       "quantize": quantize,
-                                       "warmup": 1 if args.quick else 2, "repeats": repeats,
-                                       "cost_repeats": 1 if args.quick else 7,
-                                       "threads": args.threads}, isolate=not args.quick)
-            rows.append(_row(m, model, impl, b, batch_size, seq_len, args.threads, env))
-            print(f"  done {adapter}/{quantize}/{heap} C={b}", file=sys.stderr, flush=True)
+            for process in range(max(1, args.processes)):
+                m = measure_in_subprocess({"mode": "round", "model": model, "path": impl,
+                                           "num_experts": args.experts, "top_k": args.top_k,
+                                           "heap": heap, "budget": b,
+                                           "batch_size": batch_size, "seq_len": seq_len,
+                                           "adapter": adapter, "quantize": quantize,
+                                           "warmup": 1 if args.quick else 2,
+                                           "repeats": repeats,
+                                           "cost_repeats": 1 if args.quick else 7,
+                                           "threads": args.threads}, isolate=not args.quick)
+                row = _row(m, model, impl, b, batch_size, seq_len, args.threads, env)
+                rows.append({**row, "process": process} if args.processes > 1 else row)
+                print(f"  done {adapter}/{quantize}/{heap} C={b} ({process + 1})",
+                      file=sys.stderr, flush=True)
     print(f"{model} path={impl} batch {batch_size}x{seq_len}, real routing; whole-process peak")
     print(f"{'adapter':>8}{'base':>6}{'heap':>8}{'C':>4}{'rows':>7}{'pred s':>9}{'meas s':>9}"
           f"{'[min, max]':>17}{'err':>8}{'balanced':>9}{'pred MB':>10}{'meas MB':>10}{'err':>8}"
@@ -132,7 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{100 * r['memory_error']:>7.1f}%{r['predicted_added_bytes'] / 1e6:>10.1f}"
               f"{r['measured_added_bytes'] / 1e6:>8.1f}{100 * r['added_error']:>7.1f}%"
               f"{r['per_trained_expert_bytes'] / 1e6:>10.2f}")
-    first = [r for r in rows if r["heap"] == variants[0][2]]
+    first = [r for r in rows  # one process per configuration (the first)
+             if r["heap"] == variants[0][2] and r.get("process", 0) == 0]
     ratios = side_by_side(first, num_experts // 4)
     for r in ratios:
         print(f"C = {r['budget']}: {r['adapter']}/{r['quantize']} measured peak "

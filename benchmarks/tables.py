@@ -21,6 +21,7 @@ only that it is stale, what its rows were measured on and the command that re-me
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -173,6 +174,35 @@ def budget_adds(rows: Rows) -> str:
                    mb(r["measured_added_bytes"]), pct(r["added_error"]),
                    pct(r["memory_error"]), pct(r["step_error"])]
                   for r in rows])
+
+
+@region("budget-adds-processes", "budget-added-processes.jsonl",
+        "python -m benchmarks.budget --adapters full,lora --threads 1 --seq-len 64 --repeats 3 "
+        "--processes 3 --out benchmarks/results/budget-added-processes.jsonl; the same with "
+        "--experts 32 --top-k 4 (the fine-grained model)",
+        select=lambda r: r.get("kind") == "round")
+def budget_adds_processes(rows: Rows) -> str:
+    """What training adds, each configuration predicted and measured in several fresh
+    processes: the median error and the range over them."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in rows:
+        d = r.get("descriptor") or {}
+        key = (f"{d.get('experts_per_layer', '?')} top-{d.get('top_k', '?')}", r["adapter"],
+               r["requested_budget"])
+        groups.setdefault(key, []).append(r)
+    out = []
+    for (experts, adapter, _), got in groups.items():
+        errs = sorted(r["added_error"] for r in got)
+        mid = statistics.median
+        out.append([experts, adapter, got[0]["budget"], len(got),
+                    mb(mid([r["predicted_added_bytes"] for r in got])),
+                    mb(mid([r["measured_added_bytes"] for r in got])), pct(mid(errs)),
+                    f"{pct(errs[0])} to {pct(errs[-1])}",
+                    sum(abs(e) <= 0.10 for e in errs),
+                    pct(mid([r["memory_error"] for r in got]))])
+    return table(["experts/layer", "adapter", "C", "processes", "adds: predicted MB (median)",
+                  "measured MB (median)", "error (median)", "error range",
+                  "processes within +-10%", "whole-process peak error (median)"], out)
 
 
 @region("realsize", "realsize.jsonl",
