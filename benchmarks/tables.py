@@ -237,6 +237,16 @@ def realsize_2layers(rows: Rows) -> str:
     return realsize(rows)
 
 
+@region("realsize-layered", "realsize-layered.jsonl",
+        "python -m benchmarks.realsize --budgets 16,64 --threads 1 --steps 3 "
+        "--out benchmarks/results/realsize-layered.jsonl",
+        select=lambda r: r.get("kind") == "round")
+def realsize_layered(rows: Rows) -> str:
+    """All 16 decoder layers again, planned by the layered peak model with the combine's
+    expert outputs and the norms' float32 inputs counted."""
+    return realsize(rows)
+
+
 @region("detach", "detach.jsonl",
         "python -m benchmarks.detach --steps 30 --out benchmarks/results/detach.jsonl",
         default=DEFAULT_MODEL)
