@@ -965,6 +965,18 @@ def poisoning(rows: Rows) -> str:
     return f"{body}\n\n{bounds}" if bounds else body
 
 
+POISONING_FORTUNES = ("OMP_NUM_THREADS=1 python -m benchmarks.poisoning --data fortunes --seeds "
+                      "0,1,2,3,4 --arms all --rounds 3 --max-steps 5 --max-eval 1000 --out "
+                      "benchmarks/results/poisoning-fortunes.jsonl")
+
+
+@region("poisoning-fortunes", "poisoning-fortunes.jsonl", POISONING_FORTUNES,
+        default=MODEL_KEYS, select=lambda r: r.get("kind") in ("summary", "calibration"))
+def poisoning_fortunes(rows: Rows) -> str:
+    """The same on fortunes (40 categories, 1,000 test examples), with all defences on."""
+    return poisoning(rows)
+
+
 def headline(base: str) -> Callable[[Callable[[Rows], str]], Callable[[Rows], str]]:
     """Register an inline region ``BASE-headline`` over region ``base``'s rows."""
     reg = REGIONS[base]
