@@ -25,7 +25,7 @@ import dataclasses
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -58,11 +58,7 @@ from hfedmoe.lora import ExpertFactors, LoRASpec, attach_factors, detach_factors
 from hfedmoe.models.base import MoEModel
 from hfedmoe.names import ExpertId
 from hfedmoe.quantize import is_quantized
-from hfedmoe.round_stats import RoundAccumulator
-from hfedmoe.strategies import get_strategy
 from hfedmoe.trainer import EagerTrainer
-
-Batches = dict[str, torch.Tensor] | Sequence[dict[str, torch.Tensor]]  # one batch or several
 
 
 def _skip_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -93,10 +89,9 @@ class MeasuredCosts:
     lora_rank: int = 0
 
 
-def _sample_batch(model: MoEModel, batch_size: int, seq_len: int, seed: int = 0
-                  ) -> dict[str, torch.Tensor]:
+def _sample_batch(model: MoEModel, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
     vocab = getattr(model.tokenizer, "vocab_size", None) or 512
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(0)
     ids = torch.randint(min(1000, vocab - 1), vocab, (batch_size, seq_len), generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if model.task == "classification":
@@ -213,14 +208,10 @@ def measure_costs(model: MoEModel, batch_size: int, seq_len: int, optimizer: str
     del run_expert, run_frozen, run_rest, run_routing, run_step  # their buffers go first
     trainer_cfg = TrainConfig(batch_size=batch_size, optimizer=_optimizer_name(optimizer),
                               lr=1e-6, detach_frozen=detach_frozen, **_adapter_fields(lora))
-    batches = [batch] + [{k: v.to(device) for k, v in
-                          _sample_batch(model, batch_size, seq_len, seed).items()}
-                         for seed in range(1, CALIBRATION_STEPS)]
     cost = dataclasses.replace(cost, trainer_fixed_bytes=calibrate_trainer_bytes(
-        model, batches, cost, trainer_cfg, unified_memory))
+        model, batch, cost, trainer_cfg, unified_memory))
     cost = dataclasses.replace(cost, trainer_row_bytes=calibrate_trainer_rows(
-        model, batches, cost, trainer_cfg, unified_memory))
-    del batches
+        model, batch, cost, trainer_cfg, unified_memory))
     model.set_trainable(())
     snapshot.restore(model)  # the timing and calibration steps must not change the model
     del snapshot
@@ -294,46 +285,35 @@ def _adapter_fields(lora: LoRASpec | None) -> dict[str, Any]:
 # between processes), as much as the term it calibrates.
 CALIBRATION_REPEATS = 3
 
-# Steps per calibration reading, each on a batch of its own: a round's peak climbs over its
-# first steps as batches that route differently reshape the heap, and a reading of one batch
-# stepped twice stays at the first step's peak. Measured on the 32-expert model, LoRA, C = 48,
-# batch 8 x 64 (kernel high-water mark over the resident size): one batch stepped 12 times
-# 119 -> 122 MB; 12 real batches 108 -> 119 MB, then 113 -> 129 MB over 40 in another process,
-# most of the climb in the first 6-8 steps.
-CALIBRATION_STEPS = 6
 
-
-def calibrate_trainer_bytes(model: MoEModel, batches: Batches, cost: CostModel,
+def calibrate_trainer_bytes(model: MoEModel, batch: dict[str, torch.Tensor], cost: CostModel,
                             train_cfg: TrainConfig, unified_memory: bool = False,
-                            steps: int | None = None, repeats: int = CALIBRATION_REPEATS) -> int:
-    """The trainer's fixed part (``CostModel.trainer_fixed_bytes``): what ``steps`` steps
-    (default: one per batch of ``batches``, a batch or a list of them, taken in turn) of the
-    round's own trainer (:class:`~hfedmoe.trainer.EagerTrainer`, the heap trimmed after each
-    step as the round does) add over the resident size with C = 1 (the expert that computes
-    the most rows of the batches), less what ``cost`` predicts for them; 0 when the
+                            steps: int = 2, repeats: int = CALIBRATION_REPEATS) -> int:
+    """The trainer's fixed part (``CostModel.trainer_fixed_bytes``): what ``steps`` steps of
+    the round's own trainer (:class:`~hfedmoe.trainer.EagerTrainer`, the heap trimmed after
+    each step as the round does) add over the resident size with C = 1 (the expert that
+    computes the most rows of ``batch``), less what ``cost`` predicts for them; 0 when the
     prediction is not lower, or when this trainer cannot train the model as configured (a
     quantized base with ``adapter = "full"``).
 
     The model's trainable set and LoRA factors are put back; its weights are not (the caller
     restores them).
     """
-    batches = _as_list(batches)
-    rows = _batch_rows(model, batches)
-    residual = _median_residual(model, batches, cost, train_cfg, rows,
-                                [max(rows, key=lambda e: rows[e])], unified_memory,
-                                steps or len(batches), repeats)
+    rows = _batch_rows(model, batch)
+    residual = _median_residual(model, batch, cost, train_cfg, rows,
+                                [max(rows, key=lambda e: rows[e])], unified_memory, steps,
+                                repeats)
     return 0 if residual is None else max(0, residual)
 
 
-def calibrate_trainer_rows(model: MoEModel, batches: Batches, cost: CostModel,
+def calibrate_trainer_rows(model: MoEModel, batch: dict[str, torch.Tensor], cost: CostModel,
                            train_cfg: TrainConfig, unified_memory: bool = False,
-                           steps: int | None = None, repeats: int = CALIBRATION_REPEATS) -> int:
+                           steps: int = 2, repeats: int = CALIBRATION_REPEATS) -> int:
     """What a real trainer's step adds per trained row (``CostModel.trainer_row_bytes``, per
-    balanced expert's rows) beyond ``cost`` with its fixed part: ``steps`` steps (default one
-    per batch of ``batches``) of the round's trainer with the E/4 experts that compute the
-    most rows of the batches, their growth less the prediction, over the rows they train; 0
-    when the prediction is not lower, without layers (``num_layers`` 0) or when this trainer
-    cannot train the model as configured.
+    balanced expert's rows) beyond ``cost`` with its fixed part: ``steps`` steps of the round's
+    trainer with the E/4 experts that compute the most rows of ``batch``, their growth less the
+    prediction, over the rows they train; 0 when the prediction is not lower, without layers
+    (``num_layers`` 0) or when this trainer cannot train the model as configured.
 
     What it catches: the C heap's pages that a step's many small allocations (each trained
     expert's factor gradients, optimizer moments and row blocks, under the bounded heap's
@@ -343,21 +323,17 @@ def calibrate_trainer_rows(model: MoEModel, batches: Batches, cost: CostModel,
     """
     if not cost.num_layers:
         return 0
-    batches = _as_list(batches)
-    rows, chosen = _selected(model, batches, max(2, cost.num_experts // 4))
-    residual = _median_residual(model, batches, cost, train_cfg, rows, chosen, unified_memory,
-                                steps or len(batches), repeats)
+    rows = _batch_rows(model, batch)
+    chosen = sorted(rows, key=lambda e: (-rows[e], e))[:max(2, cost.num_experts // 4)]
+    residual = _median_residual(model, batch, cost, train_cfg, rows, chosen, unified_memory,
+                                steps, repeats)
     share = sum(rows[e] for e in chosen) / max(cost.expert_rows, 1)
     if residual is None or residual <= 0 or share <= 0:
         return 0
     return int(residual / share)
 
 
-def _as_list(batches: Batches) -> list[dict[str, torch.Tensor]]:
-    return [batches] if isinstance(batches, dict) else list(batches)
-
-
-def _median_residual(model: MoEModel, batches: list[dict[str, torch.Tensor]], cost: CostModel,
+def _median_residual(model: MoEModel, batch: dict[str, torch.Tensor], cost: CostModel,
                      train_cfg: TrainConfig, rows: dict[ExpertId, float],
                      chosen: list[ExpertId], unified_memory: bool, steps: int,
                      repeats: int) -> int | None:
@@ -365,55 +341,26 @@ def _median_residual(model: MoEModel, batches: list[dict[str, torch.Tensor]], co
     cannot train the model)."""
     readings = []
     for _ in range(max(1, repeats)):
-        r = _trainer_residual(model, batches, cost, train_cfg, rows, chosen, unified_memory,
-                              steps)
+        r = _trainer_residual(model, batch, cost, train_cfg, rows, chosen, unified_memory, steps)
         if r is None:
             return None
         readings.append(r)
     return int(statistics.median(readings))
 
 
-def _selected(model: MoEModel, batches: list[dict[str, torch.Tensor]], n: int
-              ) -> tuple[dict[ExpertId, float], list[ExpertId]]:
-    """The mean token rows per expert over ``batches`` and the ``n`` experts HFedMoE's
-    selection (Eq. 15 on the batches' I_b) trains on them: a round's set, whose memory the
-    calibration must match. Measured on the 32-expert model, LoRA, C = 48, real routing: the
-    round's selection computes 61% of the rows spread unevenly over the layers; after a
-    calibration with the 48 experts of most rows, the same steps with that selection read
-    9-15 MB above the prediction."""
-    acc = RoundAccumulator()
-    mcfg = MethodConfig()
-    with torch.no_grad():
-        for batch in batches:
-            mask = batch["attention_mask"]
-            with model.capture(mask) as cap:
-                model.module(input_ids=batch["input_ids"], attention_mask=mask)
-            acc.add(compute_batch_stats(cap.scores, cap.routed, mcfg), (),
-                    expert_rows=cap.expert_rows, batch_rows=mask.numel())
-    stats = acc.result()
-    chosen = list(get_strategy("hfedmoe", mcfg).select(stats, n).ranked())
-    return {e: float(stats.expert_rows.get(e, 0.0)) for e in model.expert_ids()}, chosen
+def _batch_rows(model: MoEModel, batch: dict[str, torch.Tensor]) -> dict[ExpertId, float]:
+    """Token rows each expert computes in one forward of ``batch``."""
+    with torch.no_grad(), model.capture(batch["attention_mask"]) as cap:
+        model.module(**{k: v for k, v in batch.items() if k != "labels"})
+    return {ExpertId(layer, e): float(n) for layer in sorted(cap.expert_rows)
+            for e, n in enumerate(cap.expert_rows[layer])}
 
 
-def _batch_rows(model: MoEModel, batches: Batches) -> dict[ExpertId, float]:
-    """Token rows each expert computes in one forward of a batch (the mean over ``batches``)."""
-    batches = _as_list(batches)
-    total: dict[ExpertId, float] = {}
-    for batch in batches:
-        with torch.no_grad(), model.capture(batch["attention_mask"]) as cap:
-            model.module(**{k: v for k, v in batch.items() if k != "labels"})
-        for layer in sorted(cap.expert_rows):
-            for e, n in enumerate(cap.expert_rows[layer]):
-                total[ExpertId(layer, e)] = total.get(ExpertId(layer, e), 0.0) + float(n)
-    return {e: n / len(batches) for e, n in total.items()}
-
-
-def _trainer_residual(model: MoEModel, batches: list[dict[str, torch.Tensor]],
-                      cost: CostModel, train_cfg: TrainConfig, rows: dict[ExpertId, float],
+def _trainer_residual(model: MoEModel, batch: dict[str, torch.Tensor], cost: CostModel,
+                      train_cfg: TrainConfig, rows: dict[ExpertId, float],
                       chosen: list[ExpertId], unified_memory: bool, steps: int) -> int | None:
-    """What ``steps`` steps of the round's trainer on ``chosen`` (over ``batches`` in turn)
-    add over the resident size, less what ``cost`` predicts for them at the batches' mean
-    routing ``rows`` (None: this trainer cannot train the model)."""
+    """What ``steps`` steps of the round's trainer on ``chosen`` add over the resident size,
+    less what ``cost`` predicts for them (None: this trainer cannot train the model)."""
     device = next(model.module.parameters()).device
     release_freed_memory()  # as the round's planner does before reading its baseline
     before = held_bytes(device, unified_memory)
@@ -424,8 +371,8 @@ def _trainer_residual(model: MoEModel, batches: list[dict[str, torch.Tensor]],
         for layer in model.layers:
             layer.bank.detach_frozen = train_cfg.detach_frozen
         held.append(EagerTrainer(model, chosen, train_cfg, MethodConfig()))
-        for i in range(steps):
-            held[0].step(batches[i % len(batches)])
+        for _ in range(steps):
+            held[0].step(batch)
             heap.after_step()
 
     try:
@@ -440,7 +387,7 @@ def _trainer_residual(model: MoEModel, batches: list[dict[str, torch.Tensor]],
             layer.bank.detach_frozen = detach
     at_baseline = dataclasses.replace(cost, process_baseline_bytes=before)
     predicted = at_baseline.routed_peak_bytes(
-        [rows[e] for e in chosen], sum(rows.values()), float(batches[0]["attention_mask"].numel()),
+        [rows[e] for e in chosen], sum(rows.values()), float(batch["attention_mask"].numel()),
         len({e.layer_idx for e in chosen})) - before
     return int(growth - predicted)
 
