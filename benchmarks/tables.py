@@ -205,6 +205,15 @@ def budget_adds_processes(rows: Rows) -> str:
                   "processes within +-10%", "whole-process peak error (median)"], out)
 
 
+@region("budget-adds-round-calibration", "budget-added-round-calibration.jsonl",
+        "the same two commands at commit f669387, whose trainer calibration stepped six "
+        "batches of their own with the set HFedMoE's selection trains on them (reverted)",
+        select=lambda r: r.get("kind") == "round")
+def budget_adds_round_calibration(rows: Rows) -> str:
+    """The same measurement under a calibration that steps like a round (tried, not kept)."""
+    return budget_adds_processes(rows)
+
+
 @region("realsize", "realsize.jsonl",
         "python -m benchmarks.realsize --budgets 16,64,256 --threads 1 --steps 3 "
         "--out benchmarks/results/realsize.jsonl",
