@@ -261,7 +261,7 @@ def measure_round(spec: dict[str, Any]) -> dict[str, Any]:
 
     from device_agent.budget import layers_of
     from device_agent.costs import measure_costs, release_freed_memory, resident_bytes
-    from device_agent.heap import after_step, heap_policy
+    from device_agent.heap import after_step, heap_policy, training_kernels
     from device_agent.throughput import PeakRSSSampler
     from device_agent.train import round_batches, routing_pass, selection_sample
     from hfedmoe.config import DataConfig, MethodConfig, TrainConfig
@@ -309,7 +309,8 @@ def measure_round(spec: dict[str, Any]) -> dict[str, Any]:
     encoded = [collate(task.train, idx, model.tokenizer, seq_len, pad_to_max_length=True)
                for idx in batches[: spec["warmup"] + spec["repeats"]]]
     steps = []
-    with PeakRSSSampler(interval=0.05) as sampler:  # the peak over every step of the round
+    with training_kernels("float32", "cpu"), PeakRSSSampler(interval=0.05) as sampler:
+        # the peak over every step of the round, on the kernels the agent's round uses
         for i, batch in enumerate(encoded):
             t0 = time.perf_counter()
             trainer.step(batch)

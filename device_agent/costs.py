@@ -180,9 +180,17 @@ def measure_costs(model: MoEModel, batch_size: int, seq_len: int, optimizer: str
     base (:func:`with_host_pool`).
     """
     bound_heap()  # the resident size follows what training holds (device_agent.heap)
+    device = next(model.module.parameters()).device
+    with heap.training_kernels("float32", device):  # as a float32 round trains
+        return _measure_costs(model, batch_size, seq_len, optimizer, detach_frozen, repeats,
+                              adapter, lora, unified_memory, device)
+
+
+def _measure_costs(model: MoEModel, batch_size: int, seq_len: int, optimizer: str,
+                   detach_frozen: bool, repeats: int, adapter: str, lora: LoRASpec | None,
+                   unified_memory: bool, device: torch.device) -> MeasuredCosts:
     lora = _lora_spec(adapter, lora)
     layer = model.layers[0]
-    device = next(model.module.parameters()).device
     tokens = tokens_per_expert(batch_size, seq_len, layer.top_k, layer.num_experts)
     run_expert, run_frozen = _expert_steps(layer.bank.shape, tokens, device, optimizer,
                                            detach_frozen, lora)

@@ -44,7 +44,7 @@ from typing import Any, Literal
 
 import torch
 
-from device_agent.heap import after_step
+from device_agent.heap import after_step, training_kernels
 from export.programs import bucket_for, check_task
 from export.runtime import ExecuTorchTrainer
 from hfedmoe.config import MethodConfig, TrainConfig
@@ -312,10 +312,12 @@ def train_round(ctx: RoundContext) -> RoundResult:
     """
     check_quantized(ctx.model, ctx.train, ctx.runtime)
     train = ctx.train
-    if train.dtype == "float32" or ctx.runtime != "eager" or not train.hold_frozen_lowp:
-        return _run(ctx, None)
-    with LowPrecisionFrozen(ctx.model.module, DTYPES[train.dtype]) as low:
-        return _run(ctx, low)
+    device = next(ctx.model.module.parameters()).device
+    with training_kernels(train.dtype, device):  # as measure_costs measured (device_agent.heap)
+        if train.dtype == "float32" or ctx.runtime != "eager" or not train.hold_frozen_lowp:
+            return _run(ctx, None)
+        with LowPrecisionFrozen(ctx.model.module, DTYPES[train.dtype]) as low:
+            return _run(ctx, low)
 
 
 def _run(ctx: RoundContext, low: LowPrecisionFrozen | None) -> RoundResult:

@@ -1,0 +1,72 @@
+"""float32 training on a CPU runs its matmuls without oneDNN, whose per-shape primitive cache
+grows with a round's routing (device_agent.heap.training_kernels); other dtypes, devices and
+the dynamic heap policy keep it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from device_agent import costs, heap
+from device_agent.train import RoundContext, RoundIds, train_round
+from hfedmoe.config import TrainConfig
+from hfedmoe.strategies import get_strategy
+from hfedmoe.trainer import EagerTrainer
+from tests.device_agent.test_train import text_data, tiny
+
+
+@pytest.fixture
+def bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(heap, "_applied", "bounded")
+    assert torch.backends.mkldnn.enabled
+
+
+@pytest.mark.parametrize(("policy", "dtype", "device", "inside"), [
+    ("bounded", "float32", "cpu", False),
+    ("bounded", "bfloat16", "cpu", True),
+    ("bounded", "float16", "cpu", True),
+    ("bounded", "float32", "cuda", True),
+    ("dynamic", "float32", "cpu", True),
+])
+def test_only_float32_on_a_cpu_under_the_bounded_policy_turns_onednn_off(
+        monkeypatch: pytest.MonkeyPatch, policy: str, dtype: str, device: str,
+        inside: bool) -> None:
+    monkeypatch.setattr(heap, "_applied", policy)
+    with heap.training_kernels(dtype, device):
+        assert torch.backends.mkldnn.enabled is inside
+    assert torch.backends.mkldnn.enabled
+    with pytest.raises(RuntimeError), heap.training_kernels(dtype, device):
+        raise RuntimeError("a failed step")
+    assert torch.backends.mkldnn.enabled  # restored when the block fails too
+
+
+@pytest.mark.parametrize(("dtype", "onednn"), [("float32", False), ("bfloat16", True)])
+def test_a_round_trains_on_the_kernels_of_its_dtype_and_restores_them(
+        tokenizer, bounded: None, monkeypatch: pytest.MonkeyPatch, dtype: str,
+        onednn: bool) -> None:
+    seen: list[bool] = []
+    real_step = EagerTrainer.step
+
+    def step(self: EagerTrainer, batch: dict) -> float:
+        seen.append(torch.backends.mkldnn.enabled)
+        return real_step(self, batch)
+
+    monkeypatch.setattr(EagerTrainer, "step", step)
+    res = train_round(RoundContext(tiny(tokenizer), text_data(), strategy=get_strategy("hfedmoe"),
+                                   budget=2, train=TrainConfig(batch_size=2, dtype=dtype),
+                                   ids=RoundIds(client_id="c1")))
+    assert res.steps > 0 and seen == [onednn] * res.steps
+    assert torch.backends.mkldnn.enabled
+
+
+def test_costs_are_measured_on_the_kernels_a_float32_round_uses(
+        tokenizer, bounded: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[bool] = []
+
+    def measure(*args: object) -> str:
+        seen.append(torch.backends.mkldnn.enabled)
+        return "measured"
+
+    monkeypatch.setattr(costs, "_measure_costs", measure)
+    assert costs.measure_costs(tiny(tokenizer), 2, 16) == "measured"
+    assert seen == [False] and torch.backends.mkldnn.enabled
