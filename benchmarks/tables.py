@@ -205,6 +205,16 @@ def budget_adds_processes(rows: Rows) -> str:
                   "processes within +-10%", "whole-process peak error (median)"], out)
 
 
+@region("budget-adds-blas", "budget-added-blas.jsonl",
+        "python -m benchmarks.budget --adapters full,lora --threads 1 --seq-len 64 --repeats 3 "
+        "--processes 3 --out benchmarks/results/budget-added-blas.jsonl; the same with "
+        "--experts 32 --top-k 4 (the fine-grained model)",
+        select=lambda r: r.get("kind") == "round")
+def budget_adds_blas(rows: Rows) -> str:
+    """The same measurement with float32 training on the BLAS's matmuls instead of oneDNN's."""
+    return budget_adds_processes(rows)
+
+
 @region("budget-adds-round-calibration", "budget-added-round-calibration.jsonl",
         "the same two commands at commit f669387, whose trainer calibration stepped six "
         "batches of their own with the set HFedMoE's selection trains on them (reverted)",
