@@ -1046,6 +1046,21 @@ def budget_round_h(rows: Rows) -> str:
             f"{', '.join(str(b) for b in dict.fromkeys(r['budget'] for r in rows))}")
 
 
+@headline("budget-adds-blas")
+def budget_adds_blas_h(rows: Rows) -> str:
+    groups: dict[tuple[Any, ...], list[float]] = {}
+    for r in rows:
+        d = r.get("descriptor") or {}
+        groups.setdefault((d.get("experts_per_layer"), r["adapter"], r["requested_budget"]),
+                          []).append(r["added_error"])
+    medians = [statistics.median(e) for e in groups.values()]
+    return (f"what training adds within +-10% on the median of {max(map(len, groups.values()))} "
+            f"processes in {sum(abs(m) <= 0.10 for m in medians)} of {len(medians)} "
+            f"configurations (medians {span(medians, pct)}), "
+            f"{sum(abs(r['added_error']) <= 0.10 for r in rows)} of {len(rows)} processes; "
+            f"peak within {span([r['memory_error'] for r in rows], pct)}")
+
+
 @headline("budget-lora")
 def budget_lora_h(rows: Rows) -> str:
     per = {r["adapter"]: r for r in pick(rows, kind="round", quantize="none")}
