@@ -64,6 +64,35 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     plt.close(fig)
 
 
+def matmul_ratios(rows: list[dict[str, Any]], matmuls: list[str]) -> list[dict[str, Any]]:
+    """Each later ``--cpu-matmul`` choice against the first, per configuration: the median
+    measured step and what training adds over its processes, as ratios."""
+    import statistics
+
+    if len(matmuls) < 2:
+        return []
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["adapter"], r["quantize"], r["heap"], r["requested_budget"],
+                           r["cpu_matmul"]), []).append(r)
+    out = []
+    for (adapter, quantize, heap, b, matmul), got in groups.items():
+        base = groups.get((adapter, quantize, heap, b, matmuls[0]))
+        if matmul == matmuls[0] or not base:
+            continue
+        step = statistics.median(r["measured_step_s"] for r in got)
+        base_step = statistics.median(r["measured_step_s"] for r in base)
+        added = statistics.median(r["measured_added_bytes"] for r in got)
+        base_added = statistics.median(r["measured_added_bytes"] for r in base)
+        out.append({"bench": "budget", "kind": "matmul-ratio", "adapter": adapter,
+                    "quantize": quantize, "heap": heap, "budget": b, "cpu_matmul": matmul,
+                    "baseline": matmuls[0], "processes": len(got), "step_s": step,
+                    "baseline_step_s": base_step, "step_ratio": round(step / base_step, 3),
+                    "added_bytes": added, "baseline_added_bytes": base_added,
+                    "added_ratio": round(added / max(base_added, 1), 3)})
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny model, few repeats (smoke test)")
@@ -78,6 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=0, help="experts per token (default 2)")
     p.add_argument("--heap", default="bounded",
                    help="comma list of C-heap policies to measure side by side (bounded,dynamic)")
+    p.add_argument("--cpu-matmul", default="blas",
+                   help="comma list of where float32 rounds run their CPU matmuls, measured "
+                        "side by side, interleaved (blas,onednn; device_agent.heap)")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads in every worker (0: torch's default)")
@@ -111,8 +143,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for adapter, quantize, heap in variants:
         for b in budgets:
-            for process in range(max(1, args.processes)):
+            for process, matmul in [(i, k) for i in range(max(1, args.processes))
+                                    for k in args.cpu_matmul.split(",")]:
                 m = measure_in_subprocess({"mode": "round", "model": model, "path": impl,
+                                           "cpu_matmul": matmul,
                                            "num_experts": args.experts, "top_k": args.top_k,
                                            "heap": heap, "budget": b,
                                            "batch_size": batch_size, "seq_len": seq_len,
@@ -123,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                            "threads": args.threads}, isolate=not args.quick)
                 row = _row(m, model, impl, b, batch_size, seq_len, args.threads, env)
                 rows.append({**row, "process": process} if args.processes > 1 else row)
-                print(f"  done {adapter}/{quantize}/{heap} C={b} ({process + 1})",
+                print(f"  done {adapter}/{quantize}/{heap}/{matmul} C={b} ({process + 1})",
                       file=sys.stderr, flush=True)
     print(f"{model} path={impl} batch {batch_size}x{seq_len}, real routing; whole-process peak")
     print(f"{'adapter':>8}{'base':>6}{'heap':>8}{'C':>4}{'rows':>7}{'pred s':>9}{'meas s':>9}"
@@ -139,10 +173,18 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{100 * r['memory_error']:>7.1f}%{r['predicted_added_bytes'] / 1e6:>10.1f}"
               f"{r['measured_added_bytes'] / 1e6:>8.1f}{100 * r['added_error']:>7.1f}%"
               f"{r['per_trained_expert_bytes'] / 1e6:>10.2f}")
+    matmuls = args.cpu_matmul.split(",")
     first = [r for r in rows  # one process per configuration (the first)
-             if r["heap"] == variants[0][2] and r.get("process", 0) == 0]
-    ratios = side_by_side(first, num_experts // 4)
+             if r["heap"] == variants[0][2] and r.get("process", 0) == 0
+             and r["cpu_matmul"] == matmuls[0]]
+    ratios = side_by_side(first, num_experts // 4) + matmul_ratios(rows, matmuls)
     for r in ratios:
+        if r["kind"] == "matmul-ratio":
+            print(f"C = {r['budget']}: {r['adapter']} step on {r['cpu_matmul']} "
+                  f"{r['step_s']:.3f} s = {r['step_ratio']:.3f}x of {r['baseline']} "
+                  f"({r['baseline_step_s']:.3f} s); what training adds {r['added_ratio']:.3f}x "
+                  f"(medians of {r['processes']} processes each)")
+            continue
         print(f"C = {r['budget']}: {r['adapter']}/{r['quantize']} measured peak "
               f"{r['measured_peak_bytes'] / 1e6:.1f} MB = {r['peak_vs_full_fp32']:.3f}x of "
               f"full/none; resident {r['resident_bytes'] / 1e6:.1f} MB = "
@@ -174,6 +216,7 @@ def _row(m: dict[str, Any], model: str, impl: str, b: int, batch_size: int, seq_
 
     row = {"bench": "budget", "kind": "round", "model": model, "impl": impl,
            "adapter": m["adapter"], "quantize": m["quantize"], "heap": m["heap"],
+           "cpu_matmul": m.get("cpu_matmul", "onednn"),
            "budget": m["trained_experts"],
            "requested_budget": b, "batch_size": batch_size, "seq_len": seq_len,
            "threads": threads,

@@ -261,7 +261,7 @@ def measure_round(spec: dict[str, Any]) -> dict[str, Any]:
 
     from device_agent.budget import layers_of
     from device_agent.costs import measure_costs, release_freed_memory, resident_bytes
-    from device_agent.heap import after_step, heap_policy, training_kernels
+    from device_agent.heap import after_step, cpu_matmul, heap_policy, training_kernels
     from device_agent.throughput import PeakRSSSampler
     from device_agent.train import round_batches, routing_pass, selection_sample
     from hfedmoe.config import DataConfig, MethodConfig, TrainConfig
@@ -328,7 +328,7 @@ def measure_round(spec: dict[str, Any]) -> dict[str, Any]:
         "step_s": statistics.median(steps), "step_min_s": min(steps), "step_max_s": max(steps),
         "routing_batch_s": time.perf_counter() - t0,
         "predicted_peak_bytes": predicted_peak, "measured_peak_bytes": sampler.max_bytes,
-        "resident_bytes": resident, "heap": heap_policy(),
+        "resident_bytes": resident, "heap": heap_policy(), "cpu_matmul": cpu_matmul(),
         "step_samples_s": [round(t, 4) for t in steps],
         "cost": dataclasses.asdict(cost),
     }
@@ -343,10 +343,21 @@ def measure_in_subprocess(spec: dict[str, Any], timeout: float = 600,
     """
     if not isolate:
         run = measure_round if spec.get("mode") == "round" else measure
-        return {**spec, **run(spec), "isolated": False}
+        before = os.environ.get("HFEDMOE_CPU_MATMUL")
+        if spec.get("cpu_matmul"):  # read at each round, so it applies in this process too
+            os.environ["HFEDMOE_CPU_MATMUL"] = spec["cpu_matmul"]
+        try:
+            return {**spec, **run(spec), "isolated": False}
+        finally:
+            if before is None:
+                os.environ.pop("HFEDMOE_CPU_MATMUL", None)
+            else:
+                os.environ["HFEDMOE_CPU_MATMUL"] = before
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     if spec.get("heap"):  # the C heap's policy of the worker (device_agent.heap)
         env["HFEDMOE_HEAP"] = spec["heap"]
+    if spec.get("cpu_matmul"):  # a float32 round's CPU matmuls (device_agent.heap)
+        env["HFEDMOE_CPU_MATMUL"] = spec["cpu_matmul"]
     proc = subprocess.run([sys.executable, "-m", "benchmarks.stepcost", json.dumps(spec)],
                           capture_output=True, text=True, timeout=timeout, env=env, check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]

@@ -99,8 +99,10 @@ def training_kernels(dtype: str = "float32", device: torch.device | str = "cpu"
     three processes' round peaks spread over 124-147 MB against predictions of 120-138 with
     it. float32 falls back to the BLAS's sgemm; bf16 and fp16 keep oneDNN (the fallback ran a
     bf16 linear 50x slower here), as do other devices and the dynamic policy.
+    ``HFEDMOE_CPU_MATMUL=onednn`` keeps oneDNN for float32 too (:func:`cpu_matmul`;
+    ``benchmarks/budget.py --cpu-matmul blas,onednn`` measures both side by side).
     """
-    if (_applied != "bounded" or dtype != "float32"
+    if (_applied != "bounded" or dtype != "float32" or cpu_matmul() == "onednn"
             or torch.device(device).type != "cpu" or not torch.backends.mkldnn.enabled):
         yield
         return
@@ -109,3 +111,12 @@ def training_kernels(dtype: str = "float32", device: torch.device | str = "cpu"
         yield
     finally:
         torch.backends.mkldnn.enabled = True
+
+
+def cpu_matmul() -> str:
+    """Where a float32 round's matmuls run on a CPU under the bounded policy: ``"blas"`` (the
+    default) or ``"onednn"`` (``HFEDMOE_CPU_MATMUL``)."""
+    choice = os.environ.get("HFEDMOE_CPU_MATMUL", "blas")
+    if choice not in ("blas", "onednn"):
+        raise ValueError(f"HFEDMOE_CPU_MATMUL must be 'blas' or 'onednn', got {choice!r}")
+    return choice

@@ -70,3 +70,32 @@ def test_costs_are_measured_on_the_kernels_a_float32_round_uses(
     monkeypatch.setattr(costs, "_measure_costs", measure)
     assert costs.measure_costs(tiny(tokenizer), 2, 16) == "measured"
     assert seen == [False] and torch.backends.mkldnn.enabled
+
+
+def test_the_float32_matmuls_can_stay_on_onednn_and_a_bad_choice_is_named(
+        bounded: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HFEDMOE_CPU_MATMUL", "onednn")
+    with heap.training_kernels("float32", "cpu"):
+        assert torch.backends.mkldnn.enabled
+    monkeypatch.setenv("HFEDMOE_CPU_MATMUL", "mkl")
+    with pytest.raises(ValueError, match="HFEDMOE_CPU_MATMUL"), \
+            heap.training_kernels("float32", "cpu"):
+        pass
+    assert torch.backends.mkldnn.enabled
+
+
+def test_the_budget_benchmark_sets_each_matmul_choice_against_the_first() -> None:
+    from benchmarks.budget import matmul_ratios
+
+    def row(matmul: str, step: float, added: int, b: int = 12) -> dict:
+        return {"adapter": "lora", "quantize": "none", "heap": "bounded", "requested_budget": b,
+                "cpu_matmul": matmul, "measured_step_s": step, "measured_added_bytes": added}
+
+    rows = [row("blas", 0.30, 100), row("blas", 0.40, 120), row("blas", 0.50, 110),
+            row("onednn", 0.20, 130), row("onednn", 0.30, 150), row("onednn", 0.90, 140),
+            row("blas", 1.0, 10, b=1)]  # no oneDNN rows at C = 1: no ratio
+    got = matmul_ratios(rows, ["blas", "onednn"])
+    assert len(got) == 1 and got[0]["budget"] == 12 and got[0]["processes"] == 3
+    assert got[0]["step_ratio"] == pytest.approx(0.30 / 0.40, abs=1e-3)
+    assert got[0]["added_ratio"] == pytest.approx(140 / 110, abs=1e-3)
+    assert matmul_ratios(rows, ["blas"]) == []
