@@ -215,6 +215,21 @@ def budget_adds_blas(rows: Rows) -> str:
     return budget_adds_processes(rows)
 
 
+@region("budget-matmul", "budget-matmul.jsonl",
+        "python -m benchmarks.budget --adapters full,lora --budgets 12 --threads 1 --seq-len 64 "
+        "--repeats 5 --processes 3 --cpu-matmul blas,onednn "
+        "--out benchmarks/results/budget-matmul.jsonl",
+        select=lambda r: r.get("kind") == "matmul-ratio")
+def budget_matmul(rows: Rows) -> str:
+    """float32 rounds with oneDNN against the BLAS, side by side, interleaved per process."""
+    return table(["adapter", "C", "processes each", "step on the BLAS s (median)",
+                  "on oneDNN s (median)", "oneDNN / BLAS", "adds on the BLAS MB (median)",
+                  "on oneDNN MB (median)", "oneDNN / BLAS"],
+                 [[r["adapter"], r["budget"], r["processes"], f3(r["baseline_step_s"]),
+                   f3(r["step_s"]), f"{r['step_ratio']:.2f}x", mb(r["baseline_added_bytes"]),
+                   mb(r["added_bytes"]), f"{r['added_ratio']:.2f}x"] for r in rows])
+
+
 @region("budget-adds-round-calibration", "budget-added-round-calibration.jsonl",
         "the same two commands at commit f669387, whose trainer calibration stepped six "
         "batches of their own with the set HFedMoE's selection trains on them (reverted)",
