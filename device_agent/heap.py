@@ -97,12 +97,14 @@ def training_kernels(dtype: str = "float32", device: torch.device | str = "cpu"
     resident size, grow step after step: measured on the 32-expert model, LoRA, C = 96, batch
     8 x 64, the heap's live bytes rose 16 MB over ten steps with it and 7.8 MB without, and
     three processes' round peaks spread over 124-147 MB against predictions of 120-138 with
-    it. float32 falls back to the BLAS's sgemm; bf16 and fp16 keep oneDNN (the fallback ran a
+    it. The choice follows the requested policy (``HFEDMOE_HEAP``), not whether this process
+    has applied it yet, so a worker process computes what the process that measured computes.
+    float32 falls back to the BLAS's sgemm; bf16 and fp16 keep oneDNN (the fallback ran a
     bf16 linear 50x slower here), as do other devices and the dynamic policy.
     ``HFEDMOE_CPU_MATMUL=onednn`` keeps oneDNN for float32 too (:func:`cpu_matmul`;
     ``benchmarks/budget.py --cpu-matmul blas,onednn`` measures both side by side).
     """
-    if (_applied != "bounded" or dtype != "float32" or cpu_matmul() == "onednn"
+    if (_requested_policy() == "dynamic" or dtype != "float32" or cpu_matmul() == "onednn"
             or torch.device(device).type != "cpu" or not torch.backends.mkldnn.enabled):
         yield
         return
@@ -120,3 +122,7 @@ def cpu_matmul() -> str:
     if choice not in ("blas", "onednn"):
         raise ValueError(f"HFEDMOE_CPU_MATMUL must be 'blas' or 'onednn', got {choice!r}")
     return choice
+
+
+def _requested_policy() -> str:
+    return os.environ.get("HFEDMOE_HEAP", "bounded")

@@ -17,7 +17,8 @@ from tests.device_agent.test_train import text_data, tiny
 
 @pytest.fixture
 def bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(heap, "_applied", "bounded")
+    monkeypatch.delenv("HFEDMOE_HEAP", raising=False)  # the default policy
+    monkeypatch.delenv("HFEDMOE_CPU_MATMUL", raising=False)
     assert torch.backends.mkldnn.enabled
 
 
@@ -31,7 +32,8 @@ def bounded(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_only_float32_on_a_cpu_under_the_bounded_policy_turns_onednn_off(
         monkeypatch: pytest.MonkeyPatch, policy: str, dtype: str, device: str,
         inside: bool) -> None:
-    monkeypatch.setattr(heap, "_applied", policy)
+    monkeypatch.setenv("HFEDMOE_HEAP", policy)
+    monkeypatch.setattr(heap, "_applied", None)  # a worker that has not applied it yet
     with heap.training_kernels(dtype, device):
         assert torch.backends.mkldnn.enabled is inside
     assert torch.backends.mkldnn.enabled
